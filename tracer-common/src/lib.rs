@@ -1,0 +1,212 @@
+//! Record layouts shared by the kernel programs and the `ctdrop` collector.
+//!
+//! Every struct here crosses the kernel/user boundary as raw bytes, so each is
+//! `#[repr(C)]`, has no implicit padding (bytemuck's `Pod` derive refuses it)
+//! and has its size pinned by a compile-time assertion. Nothing else belongs
+//! in this crate: policy lives in userspace.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Bytes of the dropped packet's network header copied after a record when
+/// header capture is on (pcap export); a fixed size keeps the verifier happy.
+pub const HEADER_CAPTURE_LEN: usize = 128;
+
+/// Which kernel program produced a record.
+pub mod source {
+    /// `kfree_skb` tracepoint: the packet was freed as a drop.
+    pub const KFREE_SKB: u8 = 1;
+    /// conntrack allocation failed (table full, nothing evictable).
+    pub const CT_ALLOC_FAIL: u8 = 2;
+    /// `__nf_conntrack_confirm` returned NF_DROP (insert clash not resolved).
+    pub const CT_CONFIRM_DROP: u8 = 3;
+    /// `nf_conntrack_in` returned a drop verdict.
+    pub const CT_IN_DROP: u8 = 4;
+    /// `nf_ct_resolve_clash` resolved a clash (not a drop).
+    pub const CT_CLASH_RESOLVED: u8 = 5;
+    /// `early_drop` evicted (or failed to evict) an entry to make room.
+    pub const CT_EARLY_DROP: u8 = 6;
+}
+
+/// Bits of [`DropRecord::flags`]: which optional parts of a record are valid.
+pub mod flags {
+    pub const HAS_DEV: u16 = 1 << 0;
+    pub const HAS_NETNS: u16 = 1 << 1;
+    pub const HAS_L3: u16 = 1 << 2;
+    pub const HAS_L4: u16 = 1 << 3;
+    /// The skb carried a conntrack reference (`_nfct != 0`).
+    pub const HAS_CT: u16 = 1 << 4;
+    /// `icmp_id`/`icmp_seq` hold an echo request/reply's identifiers.
+    pub const ICMP_ECHO: u16 = 1 << 5;
+    /// `ct_count`/`ct_max` were read in the kernel at the drop instant.
+    pub const CT_FILL_KERNEL: u16 = 1 << 6;
+    /// The L3/L4 headers could not be read completely.
+    pub const TRUNCATED: u16 = 1 << 7;
+    /// `ct_status` holds the entry's status bits.
+    pub const HAS_CT_STATUS: u16 = 1 << 8;
+    /// The record is followed by [`crate::HEADER_CAPTURE_LEN`] header bytes.
+    pub const HAS_HEADER: u16 = 1 << 9;
+}
+
+/// One dropped packet (or one conntrack-path event) as seen in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct DropRecord {
+    /// `bpf_ktime_get_ns`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the code that dropped the packet.
+    pub location: u64,
+    /// The skb's kernel address: joins conntrack-path records to the
+    /// `kfree_skb` record of the same packet.
+    pub skb: u64,
+    /// Source address; IPv4 uses the first four bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Network namespace inode number (`ns.inum`).
+    pub netns: u32,
+    pub ifindex: u32,
+    /// Raw `enum skb_drop_reason` value of the running kernel.
+    pub reason: u32,
+    /// `nf_conn.status` bits when `HAS_CT_STATUS`.
+    pub ct_status: u32,
+    pub ct_count: u32,
+    pub ct_max: u32,
+    pub skb_len: u32,
+    pub cpu: u32,
+    /// Ethertype in host order (0x0800, 0x86dd), 0 when unknown.
+    pub l3_proto: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub icmp_id: u16,
+    pub icmp_seq: u16,
+    /// Conntrack zone id (0 when zones are not in use or unknown).
+    pub zone: u16,
+    pub flags: u16,
+    /// IP protocol number (6 tcp, 17 udp, 1 icmp, 58 icmpv6).
+    pub l4_proto: u8,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    /// One of [`source`].
+    pub source: u8,
+    /// `ctinfo` (low three bits of `_nfct`); 7 is IP_CT_UNTRACKED (NOTRACK).
+    pub ct_info: u8,
+    /// Kernel-side verdict detail for conntrack-path records (e.g. the
+    /// `early_drop` result); 0 otherwise.
+    pub detail: u8,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<DropRecord>() == 112);
+
+/// A record followed by the first bytes of the packet's network header.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct DropRecordWithHeader {
+    pub rec: DropRecord,
+    pub header: [u8; HEADER_CAPTURE_LEN],
+}
+
+/// Key of the in-kernel per-flow counters (count mode: exact counts, no
+/// per-packet ring-buffer traffic).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub netns: u32,
+    pub reason: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub l3_proto: u16,
+    pub l4_proto: u8,
+    /// 1 when the skb had a conntrack reference.
+    pub has_ct: u8,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+pub struct FlowCount {
+    pub packets: u64,
+    pub bytes: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Indices of the per-CPU statistics array.
+pub mod stat {
+    /// `kfree_skb` hits seen by the program (before filtering).
+    pub const SEEN: u32 = 0;
+    /// Records written to the ring buffer.
+    pub const SENT: u32 = 1;
+    /// Records that matched the filter but found no room in the ring buffer.
+    pub const LOST: u32 = 2;
+    /// Drops counted in the per-flow map (count mode).
+    pub const COUNTED: u32 = 3;
+    /// Count-mode flows that found the map full.
+    pub const FLOW_MAP_FULL: u32 = 4;
+    pub const LEN: u32 = 8;
+}
+
+/// Kernel struct field offsets, resolved from the running kernel's BTF in
+/// userspace and handed to the programs as a read-only global (Rust eBPF has
+/// no CO-RE). A field of `u32::MAX` means "not present on this kernel".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct Offsets {
+    pub skb_dev: u32,
+    pub skb_nfct: u32,
+    pub skb_len: u32,
+    pub skb_protocol: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    /// Fallback for the namespace when `skb->dev` is not yet set (locally
+    /// generated packets dropped in OUTPUT): `skb->sk->__sk_common.skc_net`.
+    pub skb_sk: u32,
+    pub sk_net: u32,
+    pub dev_ifindex: u32,
+    pub dev_nd_net: u32,
+    /// Offset of `ns.inum` inside `struct net`.
+    pub net_inum: u32,
+    pub conn_status: u32,
+    /// Offset of `zone.id` inside `struct nf_conn` (u32::MAX without zones).
+    pub conn_zone_id: u32,
+}
+
+pub const OFFSET_ABSENT: u32 = u32::MAX;
+
+/// What the kernel side sends and which packets it considers; set once at
+/// load time as a read-only global so the verifier prunes what is unused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct FilterConfig {
+    /// Address to match at either end (when `host_len` is 4 or 16).
+    pub host: [u8; 16],
+    /// Only drops with this reason, unless `all_reasons` is set.
+    pub netfilter_drop_reason: u32,
+    /// 0 = any namespace.
+    pub netns: u32,
+    /// 0 = any port; matched at either end.
+    pub port: u16,
+    /// 0 = any protocol.
+    pub l4_proto: u8,
+    pub all_reasons: u8,
+    /// 0 = any host, 4 = IPv4, 16 = IPv6.
+    pub host_len: u8,
+    /// 1 = copy header bytes after each record.
+    pub capture_headers: u8,
+    /// 1 = count in the per-flow map instead of sending records.
+    pub count_only: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32);
+
+#[cfg(feature = "user")]
+mod user_pod {
+    // aya's own marker trait is separate from bytemuck's: both are needed.
+    unsafe impl aya::Pod for super::DropRecord {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowCount {}
+    unsafe impl aya::Pod for super::Offsets {}
+    unsafe impl aya::Pod for super::FilterConfig {}
+}

@@ -1,0 +1,122 @@
+//! `tp_btf/kfree_skb`: every freed-as-dropped skb, with its drop reason.
+
+use aya_ebpf::{
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use tracer_common::{flags, source, stat, DropRecord, DropRecordWithHeader, FilterConfig, FlowCount, FlowKey};
+
+use crate::{bump, filter, offsets, skb, EVENTS, FLOWS};
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    unsafe { handle(&ctx) };
+    0
+}
+
+#[inline(always)]
+fn matches(f: &FilterConfig, r: &DropRecord) -> bool {
+    if f.netns != 0 && r.netns != f.netns {
+        return false;
+    }
+    if f.l4_proto != 0 && r.l4_proto != f.l4_proto {
+        return false;
+    }
+    if f.port != 0 && r.sport != f.port && r.dport != f.port {
+        return false;
+    }
+    if f.host_len == 4 {
+        let h = &f.host[..4];
+        if r.l3_proto != 0x0800 || (&r.saddr[..4] != h && &r.daddr[..4] != h) {
+            return false;
+        }
+    } else if f.host_len == 16 {
+        if r.l3_proto != 0x86dd || (r.saddr != f.host && r.daddr != f.host) {
+            return false;
+        }
+    }
+    true
+}
+
+#[inline(always)]
+unsafe fn handle(ctx: &BtfTracePointContext) {
+    bump(stat::SEEN);
+    let f = filter();
+    let reason: u32 = ctx.arg::<u64>(2) as u32;
+    // Cheapest test first: most drops on a busy host are not netfilter's.
+    if f.all_reasons == 0 && reason != f.netfilter_drop_reason {
+        return;
+    }
+    let o = offsets();
+    let skb_ptr: *const u8 = ctx.arg(0);
+    let mut rec = DropRecord {
+        ts_ns: bpf_ktime_get_ns(),
+        location: ctx.arg::<u64>(1),
+        reason,
+        cpu: bpf_get_smp_processor_id(),
+        source: source::KFREE_SKB,
+        ..bytemuck_zeroed()
+    };
+    skb::fill(&o, skb_ptr, &mut rec, true);
+    if !matches(&f, &rec) {
+        return;
+    }
+    if f.count_only != 0 {
+        count(&rec);
+        return;
+    }
+    if f.capture_headers != 0 {
+        match EVENTS.reserve::<DropRecordWithHeader>(0) {
+            Some(mut entry) => {
+                let out = entry.as_mut_ptr();
+                rec.flags |= flags::HAS_HEADER;
+                (*out).rec = rec;
+                if !skb::copy_header(&o, skb_ptr, &mut (*out).header) {
+                    (*out).rec.flags &= !flags::HAS_HEADER;
+                }
+                entry.submit(0);
+                bump(stat::SENT);
+            }
+            None => bump(stat::LOST),
+        }
+        return;
+    }
+    match EVENTS.output::<DropRecord>(&rec, 0) {
+        Ok(()) => bump(stat::SENT),
+        Err(_) => bump(stat::LOST),
+    }
+}
+
+#[inline(always)]
+fn bytemuck_zeroed() -> DropRecord {
+    // SAFETY: DropRecord is Pod; all-zero is a valid value.
+    unsafe { core::mem::zeroed() }
+}
+
+#[inline(always)]
+unsafe fn count(rec: &DropRecord) {
+    let key = FlowKey {
+        saddr: rec.saddr,
+        daddr: rec.daddr,
+        netns: rec.netns,
+        reason: rec.reason,
+        sport: rec.sport,
+        dport: rec.dport,
+        l3_proto: rec.l3_proto,
+        l4_proto: rec.l4_proto,
+        has_ct: (rec.flags & flags::HAS_CT != 0) as u8,
+    };
+    bump(stat::COUNTED);
+    // Per-CPU values: no atomics, no shared cache lines; userspace sums.
+    if let Some(v) = FLOWS.get_ptr_mut(&key) {
+        (*v).packets += 1;
+        (*v).bytes += rec.skb_len as u64;
+        (*v).last_ns = rec.ts_ns;
+        return;
+    }
+    let v = FlowCount { packets: 1, bytes: rec.skb_len as u64, first_ns: rec.ts_ns, last_ns: rec.ts_ns };
+    if FLOWS.insert(&key, &v, 0).is_err() {
+        bump(stat::FLOW_MAP_FULL);
+    }
+}

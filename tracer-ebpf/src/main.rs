@@ -1,0 +1,82 @@
+//! Kernel programs of ctdrop. They report; userspace decides. Every struct
+//! offset comes from the `OFFSETS` global that userspace resolves from BTF.
+#![no_std]
+#![no_main]
+
+mod kfree_skb;
+mod skb;
+
+use aya_ebpf::{
+    macros::map,
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use tracer_common::{stat, FilterConfig, FlowCount, FlowKey, Offsets, OFFSET_ABSENT};
+
+/// Filled in by userspace at load time (`EbpfLoader::set_global`); the
+/// verifier then sees the values as constants.
+#[no_mangle]
+static OFFSETS: Offsets = Offsets {
+    skb_dev: OFFSET_ABSENT,
+    skb_nfct: OFFSET_ABSENT,
+    skb_len: OFFSET_ABSENT,
+    skb_protocol: OFFSET_ABSENT,
+    skb_head: OFFSET_ABSENT,
+    skb_network_header: OFFSET_ABSENT,
+    skb_transport_header: OFFSET_ABSENT,
+    skb_sk: OFFSET_ABSENT,
+    sk_net: OFFSET_ABSENT,
+    dev_ifindex: OFFSET_ABSENT,
+    dev_nd_net: OFFSET_ABSENT,
+    net_inum: OFFSET_ABSENT,
+    conn_status: OFFSET_ABSENT,
+    conn_zone_id: OFFSET_ABSENT,
+};
+
+#[no_mangle]
+static FILTER: FilterConfig = FilterConfig {
+    host: [0; 16],
+    netfilter_drop_reason: 0,
+    netns: 0,
+    port: 0,
+    l4_proto: 0,
+    all_reasons: 0,
+    host_len: 0,
+    capture_headers: 0,
+    count_only: 0,
+    _pad: 0,
+};
+
+/// Userspace resizes this at load (`--ring-size`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::LEN, 0);
+
+/// Count mode: exact per-flow counters instead of per-packet records.
+#[map]
+static FLOWS: PerCpuHashMap<FlowKey, FlowCount> = PerCpuHashMap::with_max_entries(65536, 0);
+
+#[inline(always)]
+fn offsets() -> Offsets {
+    // Volatile so the compiler cannot fold the placeholder values in.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+fn filter() -> FilterConfig {
+    unsafe { core::ptr::read_volatile(&FILTER) }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        unsafe { *p += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,162 @@
+//! Readers for `struct sk_buff` and the packet headers it points at.
+//! All reads go through `bpf_probe_read_kernel`, which works the same in
+//! tp_btf, kprobe and fentry programs on every kernel we target.
+
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use tracer_common::{flags, DropRecord, Offsets, OFFSET_ABSENT};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+
+#[inline(always)]
+pub unsafe fn read<T>(base: *const u8, off: u32) -> Option<T> {
+    if off == OFFSET_ABSENT || base.is_null() {
+        return None;
+    }
+    bpf_probe_read_kernel(base.add(off as usize) as *const T).ok()
+}
+
+/// Network namespace inode of a `struct net *`.
+#[inline(always)]
+unsafe fn net_inum(o: &Offsets, net: *const u8) -> Option<u32> {
+    read::<u32>(net, o.net_inum)
+}
+
+/// Fills device, namespace, conntrack and header fields of `rec` from `skb`.
+#[inline(always)]
+pub unsafe fn fill(o: &Offsets, skb: *const u8, rec: &mut DropRecord, conn_status: bool) {
+    rec.skb = skb as u64;
+    if let Some(len) = read::<u32>(skb, o.skb_len) {
+        rec.skb_len = len;
+    }
+    let dev: *const u8 = read::<u64>(skb, o.skb_dev).unwrap_or(0) as *const u8;
+    if !dev.is_null() {
+        if let Some(ifindex) = read::<u32>(dev, o.dev_ifindex) {
+            rec.ifindex = ifindex;
+            rec.flags |= flags::HAS_DEV;
+        }
+        let net = read::<u64>(dev, o.dev_nd_net).unwrap_or(0) as *const u8;
+        if let Some(inum) = net_inum(o, net) {
+            rec.netns = inum;
+            rec.flags |= flags::HAS_NETNS;
+        }
+    }
+    if rec.flags & flags::HAS_NETNS == 0 {
+        let sk = read::<u64>(skb, o.skb_sk).unwrap_or(0) as *const u8;
+        let net = read::<u64>(sk, o.sk_net).unwrap_or(0) as *const u8;
+        if let Some(inum) = net_inum(o, net) {
+            rec.netns = inum;
+            rec.flags |= flags::HAS_NETNS;
+        }
+    }
+    let nfct = read::<u64>(skb, o.skb_nfct).unwrap_or(0);
+    if nfct != 0 {
+        rec.flags |= flags::HAS_CT;
+        rec.ct_info = (nfct & 7) as u8;
+        let ct = (nfct & !7) as *const u8;
+        if conn_status && rec.ct_info != 7 {
+            if let Some(status) = read::<u64>(ct, o.conn_status) {
+                rec.ct_status = status as u32;
+                rec.flags |= flags::HAS_CT_STATUS;
+            }
+            if let Some(zone) = read::<u16>(ct, o.conn_zone_id) {
+                rec.zone = zone;
+            }
+        }
+    }
+    rec.l3_proto = u16::from_be(read::<u16>(skb, o.skb_protocol).unwrap_or(0));
+    let head = read::<u64>(skb, o.skb_head).unwrap_or(0) as *const u8;
+    let nh = read::<u16>(skb, o.skb_network_header).unwrap_or(0xffff);
+    if head.is_null() || nh == 0xffff {
+        return;
+    }
+    parse_l3(head.add(nh as usize), rec);
+}
+
+/// Header bytes of an IPv6 header, the longer of the two.
+const L3_READ: usize = 40;
+
+#[inline(always)]
+unsafe fn parse_l3(l3: *const u8, rec: &mut DropRecord) {
+    let mut h = [0u8; L3_READ];
+    if bpf_probe_read_kernel_buf(l3, &mut h).is_err() {
+        rec.flags |= flags::TRUNCATED;
+        return;
+    }
+    let version = h[0] >> 4;
+    let l4: *const u8;
+    if version == 4 {
+        rec.l3_proto = ETH_P_IP;
+        rec.saddr[..4].copy_from_slice(&h[12..16]);
+        rec.daddr[..4].copy_from_slice(&h[16..20]);
+        rec.l4_proto = h[9];
+        rec.flags |= flags::HAS_L3;
+        // Fragments after the first carry no L4 header.
+        let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+        if frag_off != 0 {
+            return;
+        }
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            rec.flags |= flags::TRUNCATED;
+            return;
+        }
+        l4 = l3.add(ihl);
+    } else if version == 6 {
+        rec.l3_proto = ETH_P_IPV6;
+        rec.saddr.copy_from_slice(&h[8..24]);
+        rec.daddr.copy_from_slice(&h[24..40]);
+        rec.l4_proto = h[6];
+        rec.flags |= flags::HAS_L3;
+        l4 = l3.add(40);
+    } else {
+        return;
+    }
+    parse_l4(l4, rec);
+}
+
+#[inline(always)]
+unsafe fn parse_l4(l4: *const u8, rec: &mut DropRecord) {
+    let proto = rec.l4_proto;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP && proto != IPPROTO_ICMPV6 {
+        return;
+    }
+    let mut h = [0u8; 8];
+    if bpf_probe_read_kernel_buf(l4, &mut h).is_err() {
+        rec.flags |= flags::TRUNCATED;
+        return;
+    }
+    rec.flags |= flags::HAS_L4;
+    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        rec.sport = u16::from_be_bytes([h[0], h[1]]);
+        rec.dport = u16::from_be_bytes([h[2], h[3]]);
+        return;
+    }
+    rec.icmp_type = h[0];
+    rec.icmp_code = h[1];
+    let echo = if proto == IPPROTO_ICMP {
+        h[0] == 8 || h[0] == 0
+    } else {
+        h[0] == 128 || h[0] == 129
+    };
+    if echo {
+        rec.icmp_id = u16::from_be_bytes([h[4], h[5]]);
+        rec.icmp_seq = u16::from_be_bytes([h[6], h[7]]);
+        rec.flags |= flags::ICMP_ECHO;
+    }
+}
+
+/// Copies the first bytes of the network header for pcap export.
+#[inline(always)]
+pub unsafe fn copy_header(o: &Offsets, skb: *const u8, out: &mut [u8; tracer_common::HEADER_CAPTURE_LEN]) -> bool {
+    let head = read::<u64>(skb, o.skb_head).unwrap_or(0) as *const u8;
+    let nh = read::<u16>(skb, o.skb_network_header).unwrap_or(0xffff);
+    if head.is_null() || nh == 0xffff {
+        return false;
+    }
+    bpf_probe_read_kernel_buf(head.add(nh as usize), out).is_ok()
+}

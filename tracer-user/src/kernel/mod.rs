@@ -1,0 +1,2 @@
+//! What the running kernel offers: BTF facts, capabilities, program attachment.
+pub mod btf;
