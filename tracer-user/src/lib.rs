@@ -1,2 +1,9 @@
 //! ctdrop: which packets the connection tracker dropped, for which flows, why.
+pub mod cause;
+pub mod cli;
+pub mod conntrack;
+pub mod events;
+pub mod flows;
 pub mod kernel;
+pub mod output;
+pub mod session;

@@ -1,1 +1,26 @@
-fn main(){}
+use clap::Parser;
+use ctdrop::cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => fail(anyhow::anyhow!("cannot start the runtime: {e}")),
+    };
+    let result = rt.block_on(async {
+        match &cli.cmd {
+            Command::Live(a) => ctdrop::session::run_live(a).await,
+            Command::Check(_) => Err(anyhow::anyhow!("check: not implemented yet")),
+            Command::Demo(_) => Err(anyhow::anyhow!("demo: not implemented yet")),
+        }
+    });
+    if let Err(e) = result {
+        fail(e);
+    }
+}
+
+/// One line, no backtrace: the operator is in the middle of an incident.
+fn fail(e: anyhow::Error) -> ! {
+    eprintln!("ctdrop: {e:#}");
+    std::process::exit(1);
+}

@@ -1,2 +1,4 @@
 //! What the running kernel offers: BTF facts, capabilities, program attachment.
+pub mod attach;
 pub mod btf;
+pub mod capabilities;

@@ -1,0 +1,183 @@
+//! The one place where a drop's reason, conntrack state and table fill
+//! become a named cause. Every output names causes through [`Cause::as_str`].
+
+use crate::events::DropEvent;
+use tracer_common::source;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cause {
+    /// No room for a new conntrack entry and nothing evictable.
+    ConntrackTableFull,
+    /// The new entry clashed with one inserted meanwhile (TCP, or UDP where
+    /// clash resolution failed).
+    ConntrackInsertFailed,
+    /// Conntrack judged the packet invalid and a rule or the stack dropped it.
+    ConntrackInvalid,
+    /// An ICMP error that path-MTU discovery needs (frag-needed,
+    /// packet-too-big) dropped by a filter rule.
+    IcmpErrorBlocked,
+    /// A filter/raw/mangle rule dropped the packet.
+    NetfilterRule,
+    /// Any other drop; the kernel's reason names it.
+    Other,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 6] = [
+        Cause::ConntrackTableFull,
+        Cause::ConntrackInsertFailed,
+        Cause::ConntrackInvalid,
+        Cause::IcmpErrorBlocked,
+        Cause::NetfilterRule,
+        Cause::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::ConntrackTableFull => "conntrack_table_full",
+            Cause::ConntrackInsertFailed => "conntrack_insert_failed",
+            Cause::ConntrackInvalid => "conntrack_invalid",
+            Cause::IcmpErrorBlocked => "icmp_error_blocked",
+            Cause::NetfilterRule => "netfilter_rule",
+            Cause::Other => "other",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Cause> {
+        Cause::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// A conntrack failure (as opposed to a rule doing its job).
+    pub fn is_conntrack(self) -> bool {
+        matches!(self, Cause::ConntrackTableFull | Cause::ConntrackInsertFailed | Cause::ConntrackInvalid)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub struct Classifier {
+    /// This kernel's value of SKB_DROP_REASON_NETFILTER_DROP.
+    pub netfilter_drop: Option<u32>,
+}
+
+impl Classifier {
+    pub fn classify(&self, ev: &DropEvent) -> Cause {
+        match ev.source {
+            source::CT_ALLOC_FAIL => return Cause::ConntrackTableFull,
+            source::CT_CONFIRM_DROP => return Cause::ConntrackInsertFailed,
+            _ => {}
+        }
+        if Some(ev.reason) != self.netfilter_drop {
+            return Cause::Other;
+        }
+        if is_pmtu_icmp_error(ev) {
+            return Cause::IcmpErrorBlocked;
+        }
+        // A packet that never got an entry, in a namespace whose table is at
+        // its limit: the allocation failed. On the tracepoint tier this is an
+        // inference; the collector cross-checks it with the `drop` counter.
+        let no_entry = ev.ct.is_none();
+        if no_entry && ev.ct_fill.map(|f| f.full()).unwrap_or(false) {
+            return Cause::ConntrackTableFull;
+        }
+        Cause::NetfilterRule
+    }
+}
+
+fn is_pmtu_icmp_error(ev: &DropEvent) -> bool {
+    let (Some(flow), Some(icmp)) = (&ev.flow, &ev.icmp) else { return false };
+    (flow.proto == 1 && icmp.ty == 3 && icmp.code == 4) || (flow.proto == 58 && icmp.ty == 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{CtFill, CtRef, Flow, Icmp};
+
+    const NF: u32 = 12;
+
+    fn ev(reason: u32) -> DropEvent {
+        DropEvent {
+            ts_ns: 0,
+            cpu: 0,
+            reason,
+            location: 0,
+            skb: 0,
+            source: source::KFREE_SKB,
+            detail: 0,
+            netns: Some(1),
+            ifindex: Some(2),
+            skb_len: 84,
+            flow: Some(Flow { src: "198.18.0.1".parse().unwrap(), dst: "198.18.0.2".parse().unwrap(), proto: 17, ports: Some((1, 2)) }),
+            icmp: None,
+            ct: None,
+            ct_fill: None,
+            truncated: false,
+            header: None,
+        }
+    }
+
+    fn c() -> Classifier {
+        Classifier { netfilter_drop: Some(NF) }
+    }
+
+    #[test]
+    fn no_entry_in_full_table_is_table_full() {
+        let mut e = ev(NF);
+        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true });
+        assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
+    }
+
+    #[test]
+    fn no_entry_with_room_is_a_rule() {
+        let mut e = ev(NF);
+        e.ct_fill = Some(CtFill { count: 10, max: 64, sampled: true });
+        assert_eq!(c().classify(&e), Cause::NetfilterRule);
+        e.ct_fill = None;
+        assert_eq!(c().classify(&e), Cause::NetfilterRule);
+    }
+
+    #[test]
+    fn entry_attached_is_a_rule_even_when_full() {
+        let mut e = ev(NF);
+        e.ct = Some(CtRef { info: 2, status: Some(0), zone: 0 });
+        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true });
+        assert_eq!(c().classify(&e), Cause::NetfilterRule);
+    }
+
+    #[test]
+    fn other_reasons_stay_other() {
+        assert_eq!(c().classify(&ev(2)), Cause::Other);
+        assert_eq!(Classifier { netfilter_drop: None }.classify(&ev(NF)), Cause::Other);
+    }
+
+    #[test]
+    fn probe_sources_win() {
+        let mut e = ev(0);
+        e.source = source::CT_ALLOC_FAIL;
+        assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
+        e.source = source::CT_CONFIRM_DROP;
+        assert_eq!(c().classify(&e), Cause::ConntrackInsertFailed);
+    }
+
+    #[test]
+    fn blocked_pmtu_errors_are_named() {
+        let mut e = ev(NF);
+        e.flow.as_mut().unwrap().proto = 1;
+        e.icmp = Some(Icmp { ty: 3, code: 4, echo: None });
+        assert_eq!(c().classify(&e), Cause::IcmpErrorBlocked);
+        e.icmp = Some(Icmp { ty: 3, code: 3, echo: None });
+        assert_eq!(c().classify(&e), Cause::NetfilterRule);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for cause in Cause::ALL {
+            assert_eq!(Cause::parse(cause.as_str()), Some(cause));
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Command line: clap definitions and argument parsing only.
+
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::{anyhow, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{flows::DEFAULT_MAX_FLOWS, kernel::capabilities::DEFAULT_BTF};
+
+#[derive(Parser, Debug)]
+#[command(name = "ctdrop", version, about = "Which packets the Linux connection tracker dropped, for which flows, why, and which lost pings those were")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Trace drops live until Ctrl-C, SIGTERM or --duration, then summarize.
+    Live(LiveArgs),
+    /// Tell what this kernel allows and how conntrack is doing per namespace.
+    Check(CheckArgs),
+    /// The incident, reproduced in throwaway namespaces and explained.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TraceArgs {
+    /// Only drops in this network namespace (name from `ip netns list`, or inode).
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Only this L4 protocol: tcp, udp, icmp, icmpv6, sctp or a number.
+    #[arg(long, value_parser = parse_proto)]
+    pub proto: Option<u8>,
+    /// Only packets from or to this address.
+    #[arg(long)]
+    pub host: Option<IpAddr>,
+    /// Only packets from or to this TCP/UDP port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// Report every kernel drop, not only netfilter's.
+    #[arg(long)]
+    pub all_reasons: bool,
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    pub ring_size: u64,
+    /// Kernel BTF to read struct layouts from.
+    #[arg(long, default_value = DEFAULT_BTF)]
+    pub btf: PathBuf,
+    /// Flows kept in detail; drops beyond that still count in every total.
+    #[arg(long, default_value_t = DEFAULT_MAX_FLOWS)]
+    pub max_flows: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LiveArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// JSON lines: one object per drop, then one summary object.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this long (e.g. 10s, 2m).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CheckArgs {
+    /// Kernel BTF to read struct layouts from.
+    #[arg(long, default_value = DEFAULT_BTF)]
+    pub btf: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// nf_conntrack_max during the demo.
+    #[arg(long, default_value_t = 64)]
+    pub max: u32,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let d = humantime::parse_duration(s).map_err(|e| anyhow!("bad duration {s:?}: {e} (try 10s, 500ms, 2m)"))?;
+    if d.is_zero() {
+        return Err(anyhow!("duration must be above zero"));
+    }
+    Ok(d)
+}
+
+pub fn parse_proto(s: &str) -> Result<u8> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "icmp" => 1,
+        "tcp" => 6,
+        "udp" => 17,
+        "icmpv6" | "ipv6-icmp" => 58,
+        "sctp" => 132,
+        other => other.parse::<u8>().ok().filter(|n| *n != 0).ok_or_else(|| anyhow!("unknown protocol {s:?} (tcp, udp, icmp, icmpv6, sctp or 1-255)"))?,
+    })
+}
+
+/// `4M`, `256k`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&t[..i], 1u64 << 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&t[..i], 1 << 20),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| anyhow!("bad size {s:?} (try 4M, 256k or a byte count)"))?;
+    n.checked_mul(mult).ok_or_else(|| anyhow!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_protos_durations() {
+        assert_eq!(parse_size("4M").unwrap(), 4 << 20);
+        assert_eq!(parse_size("256k").unwrap(), 256 << 10);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("4X").is_err());
+        assert_eq!(parse_proto("UDP").unwrap(), 17);
+        assert_eq!(parse_proto("47").unwrap(), 47);
+        assert!(parse_proto("0").is_err());
+        assert!(parse_proto("bogus").is_err());
+        assert_eq!(parse_duration("1500ms").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("ten").is_err());
+    }
+}

@@ -1,0 +1,57 @@
+//! Conntrack as the kernel reports it: counters and fill per namespace.
+pub mod netns;
+pub mod stats;
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use crate::events::CtFill;
+use netns::NsRegistry;
+use stats::{CtCounters, CtLimits};
+
+/// Table fill per namespace, read from userspace near each drop: this
+/// kernel hides the per-namespace count from BPF (it sits behind
+/// `net_generic`), so the kernel programs cannot read it.
+pub struct FillSampler {
+    pub registry: NsRegistry,
+    fresh: Duration,
+    last: HashMap<u32, (Instant, Option<u64>)>,
+    limits: Option<(Instant, Option<CtLimits>)>,
+}
+
+impl FillSampler {
+    /// `fresh`: how old a sample may be before a drop triggers a new read.
+    pub fn new(registry: NsRegistry, fresh: Duration) -> Self {
+        FillSampler { registry, fresh, last: HashMap::new(), limits: None }
+    }
+
+    pub fn limits(&mut self) -> Option<CtLimits> {
+        match self.limits {
+            Some((t, l)) if t.elapsed() < Duration::from_secs(1) => l,
+            _ => {
+                let l = CtLimits::read();
+                self.limits = Some((Instant::now(), l));
+                l
+            }
+        }
+    }
+
+    pub fn fill(&mut self, netns: u32) -> Option<CtFill> {
+        let max = self.limits()?.max;
+        let count = match self.last.get(&netns) {
+            Some((t, c)) if t.elapsed() < self.fresh => *c,
+            _ => {
+                let c = self.registry.get(netns).and_then(|h| h.counters()).map(|c| c.entries());
+                self.last.insert(netns, (Instant::now(), c));
+                c
+            }
+        }?;
+        Some(CtFill { count, max, sampled: true })
+    }
+
+    pub fn counters(&mut self, netns: u32) -> Option<CtCounters> {
+        self.registry.get(netns)?.counters()
+    }
+}

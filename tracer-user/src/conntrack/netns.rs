@@ -1,0 +1,191 @@
+//! Network namespaces by inode: their names, and handles opened inside them.
+//!
+//! Per-namespace files (`/proc/net/stat/nf_conntrack`) show the namespace of
+//! the task that opens them, and keep it once open. So each namespace gets a
+//! short-lived thread that enters it, opens what we need, and leaves; the
+//! open file is then re-read from anywhere.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{Read, Seek, SeekFrom},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::stats::CtCounters;
+
+/// Inode of this process's own network namespace.
+pub fn own_netns() -> Result<u32> {
+    Ok(std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino() as u32)
+}
+
+/// Named namespaces (`ip netns add`), by inode.
+pub fn named_namespaces() -> HashMap<u32, (String, PathBuf)> {
+    let mut out = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/run/netns") {
+        for e in dir.flatten() {
+            let p = e.path();
+            if let Ok(m) = std::fs::metadata(&p) {
+                out.insert(m.ino() as u32, (e.file_name().to_string_lossy().into_owned(), p));
+            }
+        }
+    }
+    out
+}
+
+/// `--netns NAME|INODE` to an inode.
+pub fn resolve_netns_arg(arg: &str) -> Result<u32> {
+    if let Ok(n) = arg.parse::<u32>() {
+        return Ok(n);
+    }
+    if arg.contains('/') || arg.is_empty() {
+        bail!("--netns takes a name from `ip netns list` or an inode number, got {arg:?}");
+    }
+    let p = Path::new("/run/netns").join(arg);
+    let m = std::fs::metadata(&p).map_err(|_| anyhow!("no network namespace named {arg:?} (see `ip netns list`)"))?;
+    Ok(m.ino() as u32)
+}
+
+/// Runs `f` on a thread that has entered the namespace at `ns_path`.
+pub fn in_netns<T: Send + 'static>(ns_path: &Path, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let ns = File::open(ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
+    std::thread::spawn(move || {
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("entering network namespace: {}", std::io::Error::last_os_error());
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("namespace worker panicked"))?
+}
+
+/// What we keep open inside one namespace.
+pub struct NsHandle {
+    pub inum: u32,
+    pub name: Option<String>,
+    stat: Option<File>,
+    /// A socket created inside the namespace answers SIOCGIFNAME for it.
+    ifsock: Option<std::os::fd::OwnedFd>,
+    ifnames: HashMap<u32, Option<String>>,
+}
+
+impl NsHandle {
+    fn open(inum: u32, name: Option<String>, path: &Path) -> Result<NsHandle> {
+        let (stat, ifsock) = in_netns(path, || {
+            let stat = File::open("/proc/thread-self/net/stat/nf_conntrack").ok();
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+            let sock = (fd >= 0).then(|| unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            Ok((stat, sock))
+        })?;
+        Ok(NsHandle { inum, name, stat, ifsock, ifnames: HashMap::new() })
+    }
+
+    /// None when conntrack is not loaded.
+    pub fn counters(&mut self) -> Option<CtCounters> {
+        let f = self.stat.as_mut()?;
+        let mut s = String::new();
+        f.seek(SeekFrom::Start(0)).ok()?;
+        f.read_to_string(&mut s).ok()?;
+        CtCounters::parse(&s).ok()
+    }
+
+    pub fn ifname(&mut self, ifindex: u32) -> Option<String> {
+        if let Some(n) = self.ifnames.get(&ifindex) {
+            return n.clone();
+        }
+        let name = self.ifsock.as_ref().and_then(|s| ifname_via(s.as_raw_fd(), ifindex));
+        self.ifnames.insert(ifindex, name.clone());
+        name
+    }
+}
+
+fn ifname_via(sock: i32, ifindex: u32) -> Option<String> {
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    req.ifr_ifru.ifru_ifindex = ifindex as i32;
+    if unsafe { libc::ioctl(sock, libc::SIOCGIFNAME, &mut req) } != 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = req.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    String::from_utf8(bytes).ok()
+}
+
+/// Finds and caches namespace handles by inode.
+pub struct NsRegistry {
+    handles: HashMap<u32, NsHandle>,
+    unknown: HashMap<u32, Instant>,
+}
+
+impl Default for NsRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NsRegistry {
+    pub fn new() -> Self {
+        NsRegistry { handles: HashMap::new(), unknown: HashMap::new() }
+    }
+
+    /// The handle for `inum`, looking the namespace up at most once a second
+    /// while it cannot be found (a namespace with no process and no name).
+    pub fn get(&mut self, inum: u32) -> Option<&mut NsHandle> {
+        if !self.handles.contains_key(&inum) {
+            if let Some(t) = self.unknown.get(&inum) {
+                if t.elapsed() < Duration::from_secs(1) {
+                    return None;
+                }
+            }
+            match find_namespace(inum).and_then(|(name, path)| NsHandle::open(inum, name, &path).ok()) {
+                Some(h) => {
+                    self.unknown.remove(&inum);
+                    self.handles.insert(inum, h);
+                }
+                None => {
+                    self.unknown.insert(inum, Instant::now());
+                    return None;
+                }
+            }
+        }
+        self.handles.get_mut(&inum)
+    }
+
+    /// Every namespace we can find now, opened (for start-of-run baselines).
+    pub fn discover_all(&mut self) {
+        let mut seen = Vec::new();
+        for (inum, _) in named_namespaces() {
+            seen.push(inum);
+        }
+        if let Ok(own) = own_netns() {
+            seen.push(own);
+        }
+        for inum in seen {
+            let _ = self.get(inum);
+        }
+    }
+
+    pub fn inodes(&self) -> Vec<u32> {
+        self.handles.keys().copied().collect()
+    }
+}
+
+/// Name (if any) and an openable path for the namespace with inode `inum`.
+fn find_namespace(inum: u32) -> Option<(Option<String>, PathBuf)> {
+    if let Some((name, path)) = named_namespaces().remove(&inum) {
+        return Some((Some(name), path));
+    }
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let fname = e.file_name();
+        if !fname.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let p = e.path().join("ns/net");
+        if std::fs::metadata(&p).map(|m| m.ino() as u32 == inum).unwrap_or(false) {
+            return Some((None, p));
+        }
+    }
+    None
+}

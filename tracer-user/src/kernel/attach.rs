@@ -1,0 +1,128 @@
+//! Loading the embedded kernel programs and attaching them.
+
+use std::{path::Path, time::Instant};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::BtfTracePoint,
+    Btf, Ebpf, EbpfLoader,
+};
+use tracer_common::{stat, FilterConfig, FlowCount, FlowKey, Offsets};
+
+static TRACER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+pub const DEFAULT_RING_SIZE: u32 = 4 << 20;
+
+/// Ring buffer sizes the kernel accepts: a power of two, page aligned.
+pub fn validate_ring_size(bytes: u64) -> Result<u32> {
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    if bytes < page || !bytes.is_power_of_two() || bytes > (1 << 30) {
+        return Err(anyhow!(
+            "--ring-size must be a power of two between {page} and 1073741824 bytes, got {bytes}"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+pub struct LoadOptions<'a> {
+    pub btf_path: &'a Path,
+    pub offsets: Offsets,
+    pub filter: FilterConfig,
+    pub ring_size: u32,
+}
+
+/// Counters the kernel programs keep, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub seen: u64,
+    pub sent: u64,
+    pub lost: u64,
+    pub counted: u64,
+    pub flow_map_full: u64,
+}
+
+/// Loaded and attached programs; dropping it detaches everything (links
+/// are owned by the `Ebpf` object, nothing is pinned).
+pub struct Tracer {
+    ebpf: Ebpf,
+    stats: PerCpuArray<MapData, u64>,
+    /// Wall time from load start to the first program attached.
+    pub attach_time: std::time::Duration,
+}
+
+impl Tracer {
+    pub fn load(opts: &LoadOptions) -> Result<Tracer> {
+        let start = Instant::now();
+        let btf = Btf::parse_file(opts.btf_path, aya::Endianness::default())
+            .with_context(|| format!("cannot parse kernel BTF at {}", opts.btf_path.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("OFFSETS", &opts.offsets, true)
+            .override_global("FILTER", &opts.filter, true)
+            .map_max_entries("EVENTS", opts.ring_size)
+            .load(TRACER_OBJ)
+            .map_err(explain_load_error)?;
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut("kfree_skb")
+            .ok_or_else(|| anyhow!("embedded object lacks the kfree_skb program"))?
+            .try_into()?;
+        prog.load("kfree_skb", &btf)
+            .map_err(|e| anyhow!("{e}"))
+            .context("the kernel refused the kfree_skb tp_btf program (needs BTF tracepoints, kernel 5.5+)")?;
+        prog.attach().map_err(|e| anyhow!("{e}")).context("cannot attach to tracepoint kfree_skb")?;
+        let attach_time = start.elapsed();
+        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or_else(|| anyhow!("no STATS map"))?)?;
+        Ok(Tracer { ebpf, stats, attach_time })
+    }
+
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("no EVENTS map"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn stats(&self) -> Result<KernelStats> {
+        let sum = |i: u32| -> Result<u64> {
+            let v = self.stats.get(&i, 0).context("reading STATS map")?;
+            Ok(v.iter().sum())
+        };
+        Ok(KernelStats {
+            seen: sum(stat::SEEN)?,
+            sent: sum(stat::SENT)?,
+            lost: sum(stat::LOST)?,
+            counted: sum(stat::COUNTED)?,
+            flow_map_full: sum(stat::FLOW_MAP_FULL)?,
+        })
+    }
+
+    /// Per-flow counters of count mode, summed over CPUs.
+    pub fn flow_counts(&self) -> Result<Vec<(FlowKey, FlowCount)>> {
+        let map: PerCpuHashMap<&MapData, FlowKey, FlowCount> =
+            PerCpuHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("no FLOWS map"))?)?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (k, per_cpu) = item.context("reading FLOWS map")?;
+            let mut total = FlowCount::default();
+            for c in per_cpu.iter() {
+                if c.packets == 0 {
+                    continue;
+                }
+                total.packets += c.packets;
+                total.bytes += c.bytes;
+                total.first_ns = if total.first_ns == 0 { c.first_ns } else { total.first_ns.min(c.first_ns) };
+                total.last_ns = total.last_ns.max(c.last_ns);
+            }
+            out.push((k, total));
+        }
+        Ok(out)
+    }
+}
+
+fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
+    let text = e.to_string();
+    if text.contains("EPERM") || text.contains("Operation not permitted") {
+        anyhow!("the kernel refused to load ctdrop's programs ({text}): run as root; lockdown or unprivileged BPF limits may apply")
+    } else {
+        anyhow!("cannot load ctdrop's kernel programs: {text}")
+    }
+}
