@@ -7,3 +7,4 @@ pub mod flows;
 pub mod kernel;
 pub mod output;
 pub mod session;
+pub mod probe;

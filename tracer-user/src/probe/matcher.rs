@@ -1,0 +1,352 @@
+//! Ties probes to answers and lost probes to the drop records that explain
+//! them. Pure logic: the session feeds it sends, replies, drops and time.
+//!
+//! Rules: a probe is lost only once its timeout has passed; a reply after
+//! that is `late` and changes no count; an answered probe is never matched
+//! to a drop; a drop explains a probe only if it happened between the send
+//! and the timeout, on the probe's own wire identity (echo id+seq, or the
+//! local port of a TCP/UDP probe), in either direction.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::IpAddr,
+};
+
+use crate::cause::Cause;
+
+/// What identifies a probe's packets on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Wire {
+    /// ICMP/ICMPv6 echo: conntrack keys it by id, so a new id is a new flow.
+    Echo { id: u16, seq: u16 },
+    /// TCP SYN or UDP datagram from this local port to the target port.
+    Port { proto: u8, local: u16, remote: u16 },
+}
+
+/// A drop record reduced to what a probe verdict shows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeenDrop {
+    pub mono_ns: u64,
+    pub cause: Cause,
+    pub reason: String,
+    pub netns: Option<u32>,
+    pub netns_name: Option<String>,
+    pub ifname: Option<String>,
+    pub ct_count: Option<u64>,
+    pub ct_max: Option<u64>,
+    /// true when the dropped packet was the answer coming back.
+    pub reply_path: bool,
+    /// The drop's full JSON object, for `--json` probe lines.
+    pub json: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Status {
+    Ok { rtt_ns: u64 },
+    Lost { drop: Option<SeenDrop> },
+    Late { rtt_ns: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub target: usize,
+    /// 1-based probe number for this target (what the operator counts).
+    pub number: u64,
+    pub wire: Wire,
+    pub sent_ns: u64,
+    pub status: Status,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TargetStats {
+    pub sent: u64,
+    pub answered: u64,
+    pub lost: u64,
+    pub late: u64,
+    pub lost_by_cause: BTreeMap<&'static str, u64>,
+    pub lost_unexplained: u64,
+}
+
+struct Pending {
+    number: u64,
+    sent_ns: u64,
+}
+
+/// Echo drops of pings ctdrop did not send, grouped per (src, dst, id).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PassiveLoss {
+    pub seqs: Vec<(u16, Cause)>,
+}
+
+pub struct Matcher {
+    timeout_ns: u64,
+    pending: HashMap<(usize, Wire), Pending>,
+    /// Probes declared lost, kept for a while to recognise late replies.
+    expired: HashMap<(usize, Wire), (u64, u64)>,
+    expired_order: VecDeque<(u64, (usize, Wire))>,
+    /// Drops that may explain a probe: (host, wire) -> drops, oldest first.
+    drops: HashMap<(IpAddr, Wire), Vec<SeenDrop>>,
+    drop_order: VecDeque<(u64, (IpAddr, Wire))>,
+    hosts: Vec<IpAddr>,
+    pub stats: Vec<TargetStats>,
+    pub passive: BTreeMap<(IpAddr, IpAddr, u16), PassiveLoss>,
+    own_echo_ids: HashMap<u16, u64>,
+}
+
+/// How long drops and expired probes are remembered beyond the timeout.
+const MEMORY_NS: u64 = 30_000_000_000;
+
+impl Matcher {
+    pub fn new(hosts: Vec<IpAddr>, timeout_ns: u64) -> Matcher {
+        let n = hosts.len();
+        Matcher {
+            timeout_ns,
+            pending: HashMap::new(),
+            expired: HashMap::new(),
+            expired_order: VecDeque::new(),
+            drops: HashMap::new(),
+            drop_order: VecDeque::new(),
+            hosts,
+            stats: vec![TargetStats::default(); n],
+            passive: BTreeMap::new(),
+            own_echo_ids: HashMap::new(),
+        }
+    }
+
+    pub fn host(&self, target: usize) -> IpAddr {
+        self.hosts[target]
+    }
+
+    pub fn sent(&mut self, target: usize, number: u64, wire: Wire, now_ns: u64) {
+        self.stats[target].sent += 1;
+        if let Wire::Echo { id, .. } = wire {
+            self.own_echo_ids.insert(id, now_ns);
+        }
+        self.pending.insert((target, wire), Pending { number, sent_ns: now_ns });
+    }
+
+    /// An answer arrived. None for answers to nothing we sent (duplicates
+    /// of an already answered probe, or someone else's traffic).
+    pub fn replied(&mut self, target: usize, wire: Wire, now_ns: u64) -> Option<Outcome> {
+        if let Some(p) = self.pending.remove(&(target, wire)) {
+            self.stats[target].answered += 1;
+            let rtt_ns = now_ns.saturating_sub(p.sent_ns);
+            return Some(Outcome { target, number: p.number, wire, sent_ns: p.sent_ns, status: Status::Ok { rtt_ns } });
+        }
+        if let Some((number, sent_ns)) = self.expired.remove(&(target, wire)) {
+            self.stats[target].late += 1;
+            let rtt_ns = now_ns.saturating_sub(sent_ns);
+            return Some(Outcome { target, number, wire, sent_ns, status: Status::Late { rtt_ns } });
+        }
+        None
+    }
+
+    /// A drop record involving `peer` (the far end of the flow) on `wire`.
+    /// Echo drops nobody of ours sent are kept for the passive report.
+    pub fn dropped(&mut self, peer: IpAddr, wire: Wire, d: SeenDrop, local: Option<IpAddr>) {
+        if let Wire::Echo { id, seq } = wire {
+            let ours = self.hosts.contains(&peer) && self.own_echo_ids.contains_key(&id);
+            if !ours && !d.reply_path {
+                let src = local.unwrap_or(peer);
+                self.passive.entry((src, peer, id)).or_default().seqs.push((seq, d.cause));
+            }
+        }
+        let t = d.mono_ns;
+        self.drops.entry((peer, wire)).or_default().push(d);
+        self.drop_order.push_back((t, (peer, wire)));
+    }
+
+    /// Declares every probe past its timeout lost, with its explanation.
+    pub fn expire(&mut self, now_ns: u64) -> Vec<Outcome> {
+        let due: Vec<(usize, Wire)> =
+            self.pending.iter().filter(|(_, p)| now_ns >= p.sent_ns + self.timeout_ns).map(|(k, _)| *k).collect();
+        let mut out = Vec::new();
+        for key in due {
+            let p = self.pending.remove(&key).unwrap();
+            let (target, wire) = key;
+            let host = self.hosts[target];
+            let window = p.sent_ns..=p.sent_ns + self.timeout_ns;
+            let drop = self
+                .drops
+                .get(&(host, wire))
+                .and_then(|ds| ds.iter().find(|d| window.contains(&d.mono_ns)))
+                .cloned();
+            let s = &mut self.stats[target];
+            s.lost += 1;
+            match &drop {
+                Some(d) => *s.lost_by_cause.entry(d.cause.as_str()).or_default() += 1,
+                None => s.lost_unexplained += 1,
+            }
+            self.expired.insert(key, (p.number, p.sent_ns));
+            self.expired_order.push_back((now_ns, key));
+            out.push(Outcome { target, number: p.number, wire, sent_ns: p.sent_ns, status: Status::Lost { drop } });
+        }
+        out.sort_by_key(|o| (o.target, o.number));
+        self.forget(now_ns);
+        out
+    }
+
+    fn forget(&mut self, now_ns: u64) {
+        let horizon = now_ns.saturating_sub(MEMORY_NS + self.timeout_ns);
+        while let Some((t, key)) = self.drop_order.front().copied() {
+            if t >= horizon {
+                break;
+            }
+            self.drop_order.pop_front();
+            if let Some(v) = self.drops.get_mut(&key) {
+                v.retain(|d| d.mono_ns >= horizon);
+                if v.is_empty() {
+                    self.drops.remove(&key);
+                }
+            }
+        }
+        while let Some((t, key)) = self.expired_order.front().copied() {
+            if t >= horizon {
+                break;
+            }
+            self.expired_order.pop_front();
+            self.expired.remove(&key);
+        }
+        self.own_echo_ids.retain(|_, t| *t >= horizon);
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    fn host() -> IpAddr {
+        "198.18.0.2".parse().unwrap()
+    }
+    fn drop_at(t: u64, cause: Cause, reply: bool) -> SeenDrop {
+        SeenDrop {
+            mono_ns: t,
+            cause,
+            reason: "NETFILTER_DROP".into(),
+            netns: Some(1),
+            netns_name: None,
+            ifname: None,
+            ct_count: Some(64),
+            ct_max: Some(64),
+            reply_path: reply,
+            json: serde_json::Value::Null,
+        }
+    }
+    fn echo(id: u16, seq: u16) -> Wire {
+        Wire::Echo { id, seq }
+    }
+
+    #[test]
+    fn out_of_order_replies_match_their_own_probe() {
+        let mut m = Matcher::new(vec![host()], S);
+        m.sent(0, 1, echo(10, 1), 0);
+        m.sent(0, 2, echo(11, 1), S / 10);
+        let b = m.replied(0, echo(11, 1), S / 5).unwrap();
+        let a = m.replied(0, echo(10, 1), S / 4).unwrap();
+        assert_eq!((a.number, b.number), (1, 2));
+        assert_eq!(a.status, Status::Ok { rtt_ns: S / 4 });
+        assert_eq!(m.stats[0].answered, 2);
+        assert!(m.expire(10 * S).is_empty());
+    }
+
+    #[test]
+    fn duplicate_reply_counts_once() {
+        let mut m = Matcher::new(vec![host()], S);
+        m.sent(0, 1, echo(10, 1), 0);
+        assert!(m.replied(0, echo(10, 1), 5).is_some());
+        assert!(m.replied(0, echo(10, 1), 6).is_none());
+        assert_eq!(m.stats[0].answered, 1);
+    }
+
+    #[test]
+    fn lost_only_after_timeout_and_late_reply_not_double_counted() {
+        let mut m = Matcher::new(vec![host()], S);
+        m.sent(0, 1, echo(10, 1), 0);
+        assert!(m.expire(S - 1).is_empty());
+        let lost = m.expire(S);
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].status, Status::Lost { drop: None });
+        let late = m.replied(0, echo(10, 1), 2 * S).unwrap();
+        assert_eq!(late.status, Status::Late { rtt_ns: 2 * S });
+        assert_eq!((m.stats[0].lost, m.stats[0].late, m.stats[0].answered), (1, 1, 0));
+        assert_eq!(m.stats[0].lost_unexplained, 1);
+    }
+
+    #[test]
+    fn lost_probe_gets_the_drop_on_either_path() {
+        let mut m = Matcher::new(vec![host()], S);
+        m.sent(0, 1, echo(10, 1), 0);
+        m.sent(0, 2, echo(11, 1), 0);
+        m.dropped(host(), echo(10, 1), drop_at(S / 100, Cause::ConntrackTableFull, false), None);
+        m.dropped(host(), echo(11, 1), drop_at(S / 100, Cause::NetfilterRule, true), None);
+        let lost = m.expire(S);
+        let Status::Lost { drop: Some(d1) } = &lost[0].status else { panic!() };
+        let Status::Lost { drop: Some(d2) } = &lost[1].status else { panic!() };
+        assert_eq!(d1.cause, Cause::ConntrackTableFull);
+        assert_eq!(d2.cause, Cause::NetfilterRule);
+        assert!(d2.reply_path);
+        assert_eq!(m.stats[0].lost_by_cause["conntrack_table_full"], 1);
+        assert!(m.passive.is_empty());
+    }
+
+    #[test]
+    fn answered_probe_never_takes_a_drop() {
+        let mut m = Matcher::new(vec![host()], S);
+        m.sent(0, 1, echo(10, 1), 0);
+        m.dropped(host(), echo(10, 1), drop_at(1, Cause::ConntrackTableFull, false), None);
+        assert!(matches!(m.replied(0, echo(10, 1), 2).unwrap().status, Status::Ok { .. }));
+        assert!(m.expire(10 * S).is_empty());
+        assert_eq!(m.stats[0].lost, 0);
+    }
+
+    #[test]
+    fn seq_wraps_at_65535_with_same_id() {
+        let mut m = Matcher::new(vec![host()], S);
+        m.sent(0, 65536, echo(7, 65535), 0);
+        m.sent(0, 65537, echo(7, 0), S / 2);
+        let r = m.replied(0, echo(7, 0), S / 2 + 10).unwrap();
+        assert_eq!(r.number, 65537);
+        let lost = m.expire(2 * S);
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost[0].number, 65536);
+    }
+
+    #[test]
+    fn drop_outside_the_probe_window_is_not_its_explanation() {
+        // An operator's ping with the same id and seq, dropped long before.
+        let mut m = Matcher::new(vec![host()], S);
+        m.dropped(host(), echo(10, 1), drop_at(0, Cause::ConntrackTableFull, false), None);
+        m.sent(0, 1, echo(10, 1), 5 * S);
+        let lost = m.expire(6 * S);
+        assert_eq!(lost[0].status, Status::Lost { drop: None });
+    }
+
+    #[test]
+    fn foreign_echo_drops_are_grouped_passively() {
+        let mut m = Matcher::new(vec![host()], S);
+        let other: IpAddr = "198.18.0.9".parse().unwrap();
+        let me: IpAddr = "198.18.0.1".parse().unwrap();
+        for seq in [3, 4, 9] {
+            m.dropped(other, echo(500, seq), drop_at(seq as u64, Cause::ConntrackTableFull, false), Some(me));
+        }
+        let g = &m.passive[&(me, other, 500)];
+        assert_eq!(g.seqs.iter().map(|s| s.0).collect::<Vec<_>>(), vec![3, 4, 9]);
+    }
+
+    #[test]
+    fn tcp_probe_matched_by_local_port() {
+        let mut m = Matcher::new(vec![host()], S);
+        let w = Wire::Port { proto: 6, local: 40000, remote: 80 };
+        m.sent(0, 1, w, 0);
+        m.dropped(host(), w, drop_at(10, Cause::ConntrackTableFull, false), None);
+        m.dropped(host(), Wire::Port { proto: 6, local: 40001, remote: 80 }, drop_at(10, Cause::NetfilterRule, false), None);
+        let lost = m.expire(S);
+        let Status::Lost { drop: Some(d) } = &lost[0].status else { panic!() };
+        assert_eq!(d.cause, Cause::ConntrackTableFull);
+    }
+}
