@@ -1,0 +1,156 @@
+//! `cargo xtask setup`: each step checks first and only acts when something
+//! is missing, so a second run costs well under a second.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{bpf_linker, proc};
+
+/// Debian packages the build, tests and demo shell out to.
+pub const APT_PACKAGES: &[&str] = &[
+    "iptables",     // reproduce the incident's rules (NOTRACK, state match)
+    "conntrack",    // list/flush the table the tests fill up
+    "bpftool",      // inspect what ctdrop loaded when a test fails
+    "iproute2",     // `ip netns` for the throwaway namespaces
+    "iputils-ping", // the lost pings themselves
+    "kmod",         // modprobe nf_conntrack
+    "procps",       // sysctl nf_conntrack_max / _count
+    "tshark",       // cross-check drops against a capture
+    "prometheus",   // promtool, to validate the metrics output
+];
+
+/// Without this the wireshark-common postinst asks whether non-root users
+/// may capture, and the install hangs on a prompt.
+const TSHARK_PRESEED: &str = "wireshark-common wireshark-common/install-setuid boolean false\n";
+
+pub fn run() -> Result<()> {
+    apt_packages()?;
+    let sysroot = nightly()?;
+    bpf_linker::ensure(&sysroot)
+}
+
+fn apt_packages() -> Result<()> {
+    let missing = missing_packages()?;
+    if missing.is_empty() {
+        println!("setup: apt packages ok ({})", APT_PACKAGES.len());
+        return Ok(());
+    }
+    println!("setup: apt: installing {}", missing.join(" "));
+    install_packages(&missing)?;
+    let still = missing_packages()?;
+    if !still.is_empty() {
+        bail!(
+            "apt packages still not installed after apt-get install: {}",
+            still.join(" ")
+        );
+    }
+    println!("setup: apt packages ok (installed {})", missing.join(" "));
+    Ok(())
+}
+
+/// One dpkg-query for all packages keeps the no-op path fast.
+fn missing_packages() -> Result<Vec<&'static str>> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Status}\n"])
+        .args(APT_PACKAGES)
+        .stderr(Stdio::null())
+        .output()
+        .context("cannot run dpkg-query (setup supports Debian-based systems only)")?;
+    // Exits non-zero when some package is unknown; the known ones are still listed.
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let installed: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.ends_with(" install ok installed"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    Ok(APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed.contains(p))
+        .collect())
+}
+
+fn install_packages(pkgs: &[&str]) -> Result<()> {
+    proc::check(Command::new("apt-get").args(["update", "-q"]))
+        .context("apt-get update (root needed)")?;
+    if pkgs.contains(&"tshark") {
+        preseed_tshark()?;
+    }
+    proc::check(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(pkgs),
+    )
+    .with_context(|| format!("installing apt packages {}", pkgs.join(" ")))
+}
+
+fn preseed_tshark() -> Result<()> {
+    let mut child = Command::new("debconf-set-selections")
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("cannot run debconf-set-selections")?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(TSHARK_PRESEED.as_bytes())
+        .context("writing the tshark debconf preseed")?;
+    let st = child.wait().context("waiting for debconf-set-selections")?;
+    if !st.success() {
+        bail!("debconf-set-selections failed ({st}): preseeding wireshark-common");
+    }
+    Ok(())
+}
+
+/// aya-build compiles the eBPF crate with nightly and `-Z build-std=core`,
+/// which needs rust-src. Returns the nightly sysroot.
+fn nightly() -> Result<PathBuf> {
+    let sysroot = match nightly_sysroot() {
+        Some(s) => s,
+        None => {
+            println!("setup: installing nightly toolchain");
+            proc::check(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]))?;
+            nightly_sysroot()
+                .context("nightly still unusable after `rustup toolchain install nightly`")?
+        }
+    };
+    if !has_rust_src(&sysroot) {
+        println!("setup: adding rust-src to nightly");
+        proc::check(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    println!("setup: nightly ok (with rust-src)");
+    Ok(sysroot)
+}
+
+fn nightly_sysroot() -> Option<PathBuf> {
+    // Auto-install off: a probe must not silently pull a full default-profile toolchain.
+    let out = proc::probe(
+        Command::new("rustup")
+            .env("RUSTUP_AUTO_INSTALL", "0")
+            .args(["run", "nightly", "rustc", "--print", "sysroot"])
+            .stderr(Stdio::null()),
+    )?;
+    Some(PathBuf::from(out.trim())).filter(|p| p.is_dir())
+}
+
+fn has_rust_src(sysroot: &Path) -> bool {
+    sysroot.join("lib/rustlib/src/rust/library").is_dir()
+}

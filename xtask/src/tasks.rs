@@ -1,0 +1,121 @@
+//! build, test, demo, bench.
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+
+use crate::{env, proc, setup};
+
+/// Namespace prefixes the tests and the demo create; anything left with
+/// these names after a run is a cleanup bug worth failing on.
+const OUR_NETNS_PREFIXES: &[&str] = &["ctdt-", "ctdemo-"];
+
+pub fn build() -> Result<PathBuf> {
+    setup::run()?;
+    build_binary()
+}
+
+/// tracer-user's build script builds the eBPF crate (aya-build) and embeds
+/// the object, so this one command yields a self-contained binary.
+fn build_binary() -> Result<PathBuf> {
+    proc::check(
+        Command::new(env::cargo())
+            .args(["build", "--release", "-p", "tracer-user"])
+            .current_dir(env::repo_root()),
+    )?;
+    let bin = env::target_dir().join("release/ctdrop");
+    ensure!(
+        bin.is_file(),
+        "cargo build succeeded but {} is missing",
+        bin.display()
+    );
+    println!("build: {}", bin.display());
+    Ok(bin)
+}
+
+pub fn test(args: &[String]) -> Result<ExitCode> {
+    let bin = build()?;
+    let mut failed = Vec::new();
+    if !proc::status(&mut unit_tests(args))?.success() {
+        failed.push("unit tests".to_owned());
+    }
+    if !proc::status(&mut integration_tests(args, &bin))?.success() {
+        failed.push("integration tests".to_owned());
+    }
+    failed.extend(reap_leaked_netns()?);
+    if !failed.is_empty() {
+        bail!("test failed: {}", failed.join(", "));
+    }
+    println!("test: all passed");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// tracer-ebpf is excluded too: it is no_std/no_main and only builds for
+/// the bpf target (aya-build does that).
+fn unit_tests(args: &[String]) -> Command {
+    let mut cmd = Command::new(env::cargo());
+    cmd.args(["test", "--workspace", "--release"])
+        .args([
+            "--exclude",
+            "ctdrop-tests",
+            "--exclude",
+            "tracer-ebpf",
+            "--",
+        ])
+        .args(args)
+        .current_dir(env::repo_root());
+    cmd
+}
+
+/// One thread: the tests change the global sysctl nf_conntrack_max.
+fn integration_tests(args: &[String], bin: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env::cargo());
+    cmd.args([
+        "test",
+        "--release",
+        "-p",
+        "ctdrop-tests",
+        "--",
+        "--test-threads=1",
+    ])
+    .args(args)
+    .env("CTDROP_BIN", bin)
+    .current_dir(env::repo_root());
+    cmd
+}
+
+/// Deletes namespaces a test or the demo left behind and names each one as
+/// a failure, so a leak never goes unnoticed nor poisons the next run.
+fn reap_leaked_netns() -> Result<Vec<String>> {
+    let listing = proc::probe(Command::new("ip").args(["netns", "list"]))
+        .context("`ip netns list` failed")?;
+    let mut leaks = Vec::new();
+    for name in listing.lines().filter_map(|l| l.split_whitespace().next()) {
+        if !OUR_NETNS_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        eprintln!("test: netns {name} was left behind; deleting it");
+        let deleted = proc::status(Command::new("ip").args(["netns", "delete", name]))?.success();
+        leaks.push(format!(
+            "leaked netns {name}{}",
+            if deleted { "" } else { " (could not delete)" }
+        ));
+    }
+    Ok(leaks)
+}
+
+/// exec, not spawn: Ctrl-C, the exit code and the terminal all belong to ctdrop.
+pub fn demo(args: &[String]) -> Result<ExitCode> {
+    let bin = build()?;
+    let err = Command::new(&bin).arg("demo").args(args).exec();
+    Err(err).with_context(|| format!("cannot exec {} demo", bin.display()))
+}
+
+pub fn bench() -> ExitCode {
+    println!("bench: not implemented yet");
+    ExitCode::FAILURE
+}
