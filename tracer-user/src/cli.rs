@@ -53,9 +53,72 @@ pub struct TraceArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct ProbeArgs {
+    /// Ping this host (repeatable); each down probe is explained.
+    #[arg(long = "ping", value_name = "HOST")]
+    pub ping: Vec<String>,
+    /// Probe a new connection per interval: tcp:HOST:PORT or udp:HOST:PORT (repeatable).
+    #[arg(long = "probe", value_name = "KIND:HOST:PORT")]
+    pub probe: Vec<String>,
+    /// Time between probes.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub interval: Duration,
+    /// A probe with no answer after this long is lost.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub timeout: Duration,
+    /// Keep one ICMP id (classic ping; reuses one conntrack entry).
+    #[arg(long)]
+    pub same_id: bool,
+    /// Send probes from this named network namespace.
+    #[arg(long, value_name = "NAME")]
+    pub from_netns: Option<String>,
+    /// Stop after this many probes per target.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+}
+
+impl ProbeArgs {
+    pub fn targets(&self) -> Result<Vec<crate::probe::TargetSpec>> {
+        let mut v = Vec::new();
+        for p in &self.ping {
+            v.push(crate::probe::target::parse_ping(p)?);
+        }
+        for p in &self.probe {
+            v.push(crate::probe::target::parse_probe(p)?);
+        }
+        if let Some(ns) = &self.from_netns {
+            crate::conntrack::netns::resolve_netns_arg(ns)?;
+        }
+        Ok(v)
+    }
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+impl Color {
+    pub fn resolve(self, tty: bool) -> bool {
+        match self {
+            Color::Auto => tty && std::env::var_os("NO_COLOR").is_none(),
+            Color::Always => true,
+            Color::Never => false,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct LiveArgs {
     #[command(flatten)]
     pub trace: TraceArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Colours in human output.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub color: Color,
     /// JSON lines: one object per drop, then one summary object.
     #[arg(long)]
     pub json: bool,

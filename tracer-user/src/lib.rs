@@ -7,4 +7,5 @@ pub mod flows;
 pub mod kernel;
 pub mod output;
 pub mod session;
+pub mod summary;
 pub mod probe;

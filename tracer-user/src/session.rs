@@ -2,7 +2,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     time::{Duration, Instant},
 };
 
@@ -17,11 +16,13 @@ use crate::{
     events::{decode, ring::RingReader, DropEvent},
     flows::Tally,
     kernel::{
-        attach::{validate_ring_size, KernelStats, LoadOptions, Tracer},
+        attach::{validate_ring_size, LoadOptions, Tracer},
         btf::{DropReasons, KernelBtf},
         capabilities,
     },
-    output::{human, json::DropJson, symbols::Symbols, Shown},
+    output::{human::HumanSink, json::{DropJson, JsonSink}, symbols::Symbols, ProbeShown, Shown, Sink},
+    probe::{sender::{self, ProbeEvent, ProberConfig}, Matcher, SeenDrop, TargetSpec, Wire},
+    summary::Summary,
 };
 
 /// CLOCK_REALTIME minus CLOCK_MONOTONIC, to put kernel timestamps on the wall.
@@ -96,11 +97,15 @@ pub struct Collector {
     pub tally: Tally,
     pub boot_offset: u64,
     pub decode_errors: u64,
+    /// Probe verdicts and passive echo-loss grouping (always on: an
+    /// operator's own ping loop is matched even without `--ping`).
+    pub matcher: Matcher,
+    pub probe_labels: Vec<String>,
     baselines: BTreeMap<u32, CtCounters>,
 }
 
 impl Collector {
-    pub fn new(p: &Prepared, max_flows: usize) -> Collector {
+    pub fn new(p: &Prepared, max_flows: usize, probes: &[TargetSpec], probe_timeout: Duration) -> Collector {
         let mut registry = NsRegistry::new();
         registry.discover_all();
         let mut sampler = FillSampler::new(registry, Duration::from_millis(50));
@@ -118,8 +123,63 @@ impl Collector {
             tally: Tally::new(max_flows),
             boot_offset: boot_offset_ns(),
             decode_errors: 0,
+            matcher: Matcher::new(probes.iter().map(|t| t.target.addr()).collect(), probe_timeout.as_nanos() as u64),
+            probe_labels: probes.iter().map(|t| t.label.clone()).collect(),
             baselines,
         }
+    }
+
+    pub fn matcher(&self) -> &Matcher {
+        &self.matcher
+    }
+
+    /// Hands a drop to the matcher when it can explain a probe or belongs
+    /// to someone's ping: echo packets, and TCP/UDP to or from a probed host.
+    fn feed_matcher(&mut self, s: &Shown) {
+        let ev = s.ev;
+        let Some(flow) = &ev.flow else { return };
+        let seen = |reply_path: bool| SeenDrop {
+            mono_ns: ev.ts_ns,
+            cause: s.cause,
+            reason: s.reason.to_string(),
+            netns: ev.netns,
+            netns_name: s.netns_name.map(str::to_string),
+            ifname: s.ifname.map(str::to_string),
+            ct_count: ev.ct_fill.map(|c| c.count),
+            ct_max: ev.ct_fill.map(|c| c.max),
+            reply_path,
+            json: serde_json::to_value(DropJson::from_shown(s)).unwrap_or_default(),
+        };
+        if let Some(icmp) = ev.icmp {
+            if let Some((id, seq)) = icmp.echo {
+                let wire = Wire::Echo { id, seq };
+                if icmp.is_echo_request(flow.proto) {
+                    self.matcher.dropped(flow.dst, wire, seen(false), Some(flow.src));
+                } else {
+                    self.matcher.dropped(flow.src, wire, seen(true), Some(flow.dst));
+                }
+            }
+            return;
+        }
+        if let Some((sp, dp)) = flow.ports {
+            if self.matcher.has_host(flow.dst) {
+                self.matcher.dropped(flow.dst, Wire::Port { proto: flow.proto, local: sp, remote: dp }, seen(false), None);
+            }
+            if self.matcher.has_host(flow.src) {
+                self.matcher.dropped(flow.src, Wire::Port { proto: flow.proto, local: dp, remote: sp }, seen(true), None);
+            }
+        }
+    }
+
+    /// Decodes, classifies and shows one raw record to every sink.
+    pub fn handle(&mut self, bytes: &[u8], sinks: &mut [Box<dyn Sink>]) {
+        let Some((ev, cause)) = self.ingest(bytes) else { return };
+        self.show(&ev, cause, |me, s| {
+            me.feed_matcher(s);
+            for sink in sinks.iter_mut() {
+                let _ = sink.drop_event(s);
+            }
+        });
     }
 
     /// Decodes and classifies one raw record; None when it was malformed.
@@ -141,7 +201,7 @@ impl Collector {
         Some((ev, cause))
     }
 
-    pub fn show<R>(&mut self, ev: &DropEvent, cause: Cause, f: impl FnOnce(&Shown) -> R) -> R {
+    pub fn show<R>(&mut self, ev: &DropEvent, cause: Cause, f: impl FnOnce(&mut Self, &Shown) -> R) -> R {
         let reason = self.reasons.name(ev.reason);
         let location = self.symbols.resolve(ev.location).to_string();
         let (name, ifname) = match ev.netns.and_then(|ns| self.sampler.registry.get(ns)) {
@@ -157,7 +217,7 @@ impl Collector {
             ifname: ifname.as_deref(),
             location: &location,
         };
-        f(&shown)
+        f(self, &shown)
     }
 
     /// Kernel counters now against the baselines, for every namespace that
@@ -181,6 +241,7 @@ impl Collector {
 }
 
 pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
+    let targets = args.probe.targets()?;
     let p = prepare(&args.trace)?;
     if !p.conntrack_loaded {
         eprintln!("ctdrop: nf_conntrack is not loaded on this host: no conntrack drops can happen; tracing other netfilter drops");
@@ -188,7 +249,7 @@ pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
     if let Err(e) = capabilities::ensure_tracefs() {
         eprintln!("ctdrop: note: {e:#}");
     }
-    let mut collector = Collector::new(&p, args.trace.max_flows);
+    let mut collector = Collector::new(&p, args.trace.max_flows, &targets, args.probe.timeout);
     let mut tracer = Tracer::load(&LoadOptions {
         btf_path: &args.trace.btf,
         offsets: p.btf.offsets()?,
@@ -201,39 +262,56 @@ pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
         tracer.attach_time.as_millis(),
         if p.filter.all_reasons != 0 { "all drop reasons" } else { "netfilter drops" }
     );
-    let started = Instant::now();
     let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
-    let mut line = String::with_capacity(256);
+    let color = args.color.resolve(unsafe { libc::isatty(1) } == 1);
+    let out = std::io::BufWriter::with_capacity(1 << 16, stdout);
+    let mut sinks: Vec<Box<dyn Sink>> =
+        if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color))] };
+    let mut probes = if targets.is_empty() {
+        None
+    } else {
+        Some(sender::spawn(ProberConfig {
+            targets: targets.clone(),
+            interval: args.probe.interval,
+            timeout: args.probe.timeout,
+            same_id: args.probe.same_id,
+            netns: args.probe.from_netns.as_ref().map(|n| std::path::Path::new("/run/netns").join(n)),
+            count: args.probe.count,
+        })?)
+    };
+    let started = Instant::now();
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut expire_tick = tokio::time::interval(Duration::from_millis(50));
     let mut last_lost = 0u64;
-    let json = args.json;
-
-    let emit = |collector: &mut Collector, bytes: &[u8], out: &mut dyn Write, line: &mut String| {
-        let Some((ev, cause)) = collector.ingest(bytes) else { return };
-        line.clear();
-        collector.show(&ev, cause, |s| {
-            if json {
-                *line = serde_json::to_string(&DropJson::from_shown(s)).unwrap_or_default();
-            } else {
-                human::drop_line(s, line);
-            }
-        });
-        let _ = writeln!(out, "{line}");
-    };
+    // After a stop request, outstanding probes get their timeout to finish.
+    let mut stopping: Option<tokio::time::Instant> = None;
 
     loop {
         tokio::select! {
-            r = ring.wait_and_drain(|b| emit(&mut collector, b, &mut out, &mut line)) => {
+            r = ring.wait_and_drain(|b| collector.handle(b, &mut sinks)) => {
                 r?;
-                let _ = out.flush();
+                for s in sinks.iter_mut() { let _ = s.flush(); }
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = sleep_until(deadline) => break,
+            ev = recv_probe(&mut probes) => match ev {
+                Some(ev) => handle_probe(&mut collector, ev, &mut sinks),
+                // The prober sent all it was asked to (--count).
+                None => { probes = None; if stopping.is_none() { stopping = Some(tokio::time::Instant::now()); } }
+            },
+            _ = expire_tick.tick() => {
+                // Drops already in the ring may explain a probe about to expire.
+                ring.drain(|b| collector.handle(b, &mut sinks));
+                expire_probes(&mut collector, &mut sinks);
+                if stopping.is_some() && collector.matcher.pending() == 0 { break; }
+                if let Some(t) = stopping {
+                    if t.elapsed() > args.probe.timeout + Duration::from_millis(200) { break; }
+                }
+            }
+            _ = sigint.recv() => { if begin_stop(&mut stopping, &mut probes, &collector) { break; } }
+            _ = sigterm.recv() => { if begin_stop(&mut stopping, &mut probes, &collector) { break; } }
+            _ = sleep_until(deadline) => { deadline = None; if begin_stop(&mut stopping, &mut probes, &collector) { break; } }
             _ = tick.tick() => {
                 let s = tracer.stats()?;
                 if s.lost > last_lost {
@@ -244,18 +322,66 @@ pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
         }
     }
     // Records already in the ring belong to this run.
-    ring.drain(|b| emit(&mut collector, b, &mut out, &mut line));
+    ring.drain(|b| collector.handle(b, &mut sinks));
     let stats = tracer.stats()?;
     drop(tracer);
     let checks = collector.counter_checks();
     let summary = Summary { collector: &collector, stats, elapsed: started.elapsed(), checks: &checks, filtered: filtered(&p.filter) };
-    if json {
-        writeln!(out, "{}", serde_json::to_string(&summary.to_json())?)?;
-    } else {
-        summary.write_human(&mut out)?;
+    for s in sinks.iter_mut() {
+        s.summary(&summary).context("writing the summary")?;
+        s.flush().context("flushing output")?;
     }
-    out.flush()?;
     Ok(())
+}
+
+/// Stops sending probes; true when nothing is outstanding and we can end.
+fn begin_stop(
+    stopping: &mut Option<tokio::time::Instant>,
+    probes: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ProbeEvent>>,
+    collector: &Collector,
+) -> bool {
+    if stopping.is_some() {
+        return true; // a second Ctrl-C: stop now
+    }
+    *probes = None;
+    *stopping = Some(tokio::time::Instant::now());
+    collector.matcher.pending() == 0
+}
+
+async fn recv_probe(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ProbeEvent>>) -> Option<ProbeEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn handle_probe(c: &mut Collector, ev: ProbeEvent, sinks: &mut [Box<dyn Sink>]) {
+    match ev {
+        ProbeEvent::Sent { target, number, wire, mono_ns } => c.matcher.sent(target, number, wire, mono_ns),
+        ProbeEvent::Reply { target, wire, mono_ns } => {
+            if let Some(o) = c.matcher.replied(target, wire, mono_ns) {
+                show_outcome(c, &o, sinks);
+            }
+        }
+        ProbeEvent::Failed { target, error } => {
+            eprintln!("ctdrop: probe to {} failed: {error}", c.probe_labels[target]);
+        }
+    }
+}
+
+fn expire_probes(c: &mut Collector, sinks: &mut [Box<dyn Sink>]) {
+    for o in c.matcher.expire(crate::probe::mono_ns()) {
+        show_outcome(c, &o, sinks);
+    }
+}
+
+fn show_outcome(c: &Collector, o: &crate::probe::Outcome, sinks: &mut [Box<dyn Sink>]) {
+    let st = &c.matcher.stats[o.target];
+    let shown = ProbeShown { label: &c.probe_labels[o.target], outcome: o, wall_ns: o.sent_ns + c.boot_offset, lost: st.lost, sent: st.sent };
+    for s in sinks.iter_mut() {
+        let _ = s.probe(&shown);
+        let _ = s.flush();
+    }
 }
 
 fn filtered(f: &FilterConfig) -> bool {
@@ -269,129 +395,3 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-pub struct Summary<'a> {
-    pub collector: &'a Collector,
-    pub stats: KernelStats,
-    pub elapsed: Duration,
-    pub checks: &'a [CounterCheck],
-    /// A filter was set: counts cover only matching packets.
-    pub filtered: bool,
-}
-
-impl Summary<'_> {
-    pub fn to_json(&self) -> serde_json::Value {
-        let t = &self.collector.tally;
-        let by_cause: serde_json::Map<String, serde_json::Value> =
-            Cause::ALL.iter().map(|c| (c.as_str().to_string(), t.count(*c).into())).collect();
-        let by_netns: serde_json::Map<String, serde_json::Value> = t
-            .by_netns
-            .iter()
-            .map(|(ns, n)| (ns.map(|x| x.to_string()).unwrap_or_else(|| "unknown".into()), n.total.into()))
-            .collect();
-        let top: Vec<serde_json::Value> = t
-            .top_flows(10)
-            .into_iter()
-            .map(|(id, s)| {
-                serde_json::json!({
-                    "netns": id.netns, "proto": crate::events::decode::proto_name(id.proto),
-                    "src": id.src.map(|a| a.to_string()), "dst": id.dst.map(|a| a.to_string()),
-                    "sport": id.sport, "dport": id.dport, "drops": s.drops, "cause": s.main_cause().as_str(),
-                    "first_ts_ns": s.first_ns + self.collector.boot_offset, "last_ts_ns": s.last_ns + self.collector.boot_offset,
-                })
-            })
-            .collect();
-        let checks: Vec<serde_json::Value> = self
-            .checks
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "netns": c.netns, "netns_name": c.netns_name,
-                    "drop": c.delta.get("drop"), "insert_failed": c.delta.get("insert_failed"),
-                    "early_drop": c.delta.get("early_drop"), "entries": c.delta.entries(),
-                    "table_full_records": c.table_full, "insert_failed_records": c.insert_failed,
-                    "agree": c.agrees(),
-                })
-            })
-            .collect();
-        serde_json::json!({
-            "kind": "summary",
-            "duration_s": self.elapsed.as_secs_f64(),
-            "drops_total": t.total,
-            "drops_by_cause": by_cause,
-            "drops_by_netns": by_netns,
-            "events_lost": self.stats.lost,
-            "events_sent": self.stats.sent,
-            "decode_errors": self.collector.decode_errors,
-            "flows_tracked": t.flows_tracked(),
-            "flows_untracked": t.flows_untracked,
-            "top_flows": top,
-            "kernel_counters": checks,
-            "filtered": self.filtered,
-        })
-    }
-
-    pub fn write_human(&self, out: &mut dyn Write) -> Result<()> {
-        let t = &self.collector.tally;
-        writeln!(out)?;
-        writeln!(
-            out,
-            "ctdrop summary: {:.1} s, {} drops, {} events lost{}",
-            self.elapsed.as_secs_f64(),
-            t.total,
-            self.stats.lost,
-            if self.stats.lost > 0 { " (ring buffer full: raise --ring-size)" } else { "" }
-        )?;
-        writeln!(out, "by cause:")?;
-        for c in Cause::ALL {
-            let n = t.count(c);
-            if n > 0 {
-                writeln!(out, "  {:<26} {n:>10}", c.as_str())?;
-            }
-        }
-        if !t.by_netns.is_empty() {
-            writeln!(out, "by namespace:")?;
-            for (ns, n) in &t.by_netns {
-                writeln!(out, "  {:<26} {:>10}", ns.map(|x| x.to_string()).unwrap_or_else(|| "unknown".into()), n.total)?;
-            }
-        }
-        let top = t.top_flows(5);
-        if !top.is_empty() {
-            writeln!(out, "top flows:")?;
-            for (id, s) in top {
-                let ports = if id.sport != 0 || id.dport != 0 { format!(" {} -> {}", id.sport, id.dport) } else { String::new() };
-                writeln!(
-                    out,
-                    "  {:>8}  {} {} -> {}{}  {}",
-                    s.drops,
-                    crate::events::decode::proto_name(id.proto),
-                    id.src.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
-                    id.dst.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
-                    ports,
-                    s.main_cause()
-                )?;
-            }
-        }
-        if t.flows_untracked > 0 {
-            writeln!(out, "  ({} drops in flows beyond --max-flows, counted in totals only)", t.flows_untracked)?;
-        }
-        for c in self.checks {
-            let name = c.netns_name.clone().unwrap_or_else(|| c.netns.to_string());
-            let verdict = if c.agrees() {
-                "agrees".to_string()
-            } else if self.filtered {
-                "differs (a filter is set: only matching packets were traced)".to_string()
-            } else {
-                format!("DIFFERS: kernel counted {} conntrack drops, ctdrop attributed {}", c.delta.get("drop"), c.table_full + c.insert_failed)
-            };
-            writeln!(
-                out,
-                "kernel counters in {name}: drop +{}, insert_failed +{}, early_drop +{}, entries {} -- {verdict}",
-                c.delta.get("drop"),
-                c.delta.get("insert_failed"),
-                c.delta.get("early_drop"),
-                c.delta.entries()
-            )?;
-        }
-        Ok(())
-    }
-}

@@ -2,7 +2,9 @@
 
 use std::fmt::Write;
 
-use super::Shown;
+
+use super::{ProbeShown, Shown, Sink};
+use crate::probe::{SeenDrop, Status, Wire};
 use crate::events::decode::proto_name;
 
 /// Local wall-clock time of day with microseconds.
@@ -62,5 +64,74 @@ fn sock(a: &std::net::IpAddr, port: u16) -> String {
     match a {
         std::net::IpAddr::V4(v) => format!("{v}:{port}"),
         std::net::IpAddr::V6(v) => format!("[{v}]:{port}"),
+    }
+}
+
+/// Why a lost probe was lost, in one phrase.
+pub fn verdict(d: &SeenDrop) -> String {
+    let mut v = format!("{}{}", d.cause, if d.reply_path { " (reply dropped)" } else { "" });
+    if d.cause == crate::cause::Cause::Other {
+        let _ = write!(v, " {}", d.reason);
+    }
+    let _ = write!(v, " in ns {}", netns_label(d.netns, d.netns_name.as_deref()));
+    if let Some(i) = &d.ifname {
+        let _ = write!(v, " on {i}");
+    }
+    if let (Some(c), Some(m)) = (d.ct_count, d.ct_max) {
+        let _ = write!(v, ", table {c}/{m}");
+    }
+    v
+}
+
+/// Human lines on stdout; colours only on a terminal.
+pub struct HumanSink<W: std::io::Write> {
+    out: W,
+    color: bool,
+    line: String,
+}
+
+impl<W: std::io::Write> HumanSink<W> {
+    pub fn new(out: W, color: bool) -> Self {
+        HumanSink { out, color, line: String::with_capacity(256) }
+    }
+
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+}
+
+impl<W: std::io::Write> Sink for HumanSink<W> {
+    fn drop_event(&mut self, s: &Shown) -> std::io::Result<()> {
+        self.line.clear();
+        drop_line(s, &mut self.line);
+        writeln!(self.out, "{}", self.line)
+    }
+
+    fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()> {
+        let o = p.outcome;
+        let wire = match o.wire {
+            Wire::Echo { id, seq } => format!("id {id} seq {seq}"),
+            Wire::Port { local, .. } => format!("port {local}"),
+        };
+        let head = format!("{}/{}  {}  {}  #{} {}", p.lost, p.sent, clock(p.wall_ns), p.label, o.number, wire);
+        let tail = match &o.status {
+            Status::Ok { rtt_ns } => format!("{} {:.2} ms", self.paint("32", "ok"), *rtt_ns as f64 / 1e6),
+            Status::Late { rtt_ns } => format!("{} reply after {:.2} s (already counted lost)", self.paint("33", "late"), *rtt_ns as f64 / 1e9),
+            Status::Lost { drop: Some(d) } => format!("{}  {}", self.paint("31", "down"), verdict(d)),
+            Status::Lost { drop: None } => format!("{}  no drop seen on this host", self.paint("31", "down")),
+        };
+        writeln!(self.out, "{head}  {tail}")
+    }
+
+    fn summary(&mut self, s: &crate::summary::Summary) -> std::io::Result<()> {
+        s.write_human(&mut self.out)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }

@@ -3,7 +3,10 @@
 
 use serde::Serialize;
 
-use super::Shown;
+use std::io::Write;
+
+use super::{ProbeShown, Shown, Sink};
+use crate::probe::{Status, Wire};
 use crate::events::decode::proto_name;
 
 #[derive(Serialize)]
@@ -69,5 +72,70 @@ impl<'a> DropJson<'a> {
             cpu: ev.cpu,
             len: ev.skb_len,
         }
+    }
+}
+
+pub fn probe_json(p: &ProbeShown) -> serde_json::Value {
+    let o = p.outcome;
+    let (status, rtt_ns, drop) = match &o.status {
+        Status::Ok { rtt_ns } => ("ok", Some(*rtt_ns), None),
+        Status::Late { rtt_ns } => ("late", Some(*rtt_ns), None),
+        Status::Lost { drop } => ("lost", None, drop.as_ref()),
+    };
+    let (kind, icmp_id, icmp_seq, local_port) = match o.wire {
+        Wire::Echo { id, seq } => ("icmp", Some(id), Some(seq), None),
+        Wire::Port { proto, local, .. } => (if proto == 6 { "tcp" } else { "udp" }, None, None, Some(local)),
+    };
+    let verdict = match (&o.status, drop) {
+        (Status::Lost { .. }, Some(d)) => Some(crate::output::human::verdict(d)),
+        (Status::Lost { .. }, None) => Some("no drop seen on this host".to_string()),
+        _ => None,
+    };
+    serde_json::json!({
+        "kind": "probe",
+        "ts_ns": p.wall_ns,
+        "host": p.label,
+        "probe": kind,
+        "seq": o.number,
+        "icmp_id": icmp_id,
+        "icmp_seq": icmp_seq,
+        "local_port": local_port,
+        "status": status,
+        "rtt_ms": rtt_ns.map(|n| n as f64 / 1e6),
+        "cause": drop.map(|d| d.cause.as_str()),
+        "verdict": verdict,
+        "drop": drop.map(|d| d.json.clone()),
+    })
+}
+
+/// JSON lines on a writer (stdout for `live --json`).
+pub struct JsonSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W) -> Self {
+        JsonSink { out }
+    }
+}
+
+impl<W: Write> Sink for JsonSink<W> {
+    fn drop_event(&mut self, s: &Shown) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, &DropJson::from_shown(s))?;
+        self.out.write_all(b"\n")
+    }
+
+    fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, &probe_json(p))?;
+        self.out.write_all(b"\n")
+    }
+
+    fn summary(&mut self, s: &crate::summary::Summary) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, &s.to_json())?;
+        self.out.write_all(b"\n")
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }

@@ -1,9 +1,10 @@
-//! How drops reach the operator: human lines, JSON lines.
+//! How drops, probe verdicts and summaries reach the operator. Each output
+//! is a [`Sink`]; the session hands every event to each sink it was given.
 pub mod human;
 pub mod json;
 pub mod symbols;
 
-use crate::{cause::Cause, events::DropEvent};
+use crate::{cause::Cause, events::DropEvent, probe::Outcome, summary::Summary};
 
 /// A decoded drop with everything resolved that an output shows.
 pub struct Shown<'a> {
@@ -15,4 +16,21 @@ pub struct Shown<'a> {
     pub netns_name: Option<&'a str>,
     pub ifname: Option<&'a str>,
     pub location: &'a str,
+}
+
+/// A probe verdict with the counts the operator's ping loop would show.
+pub struct ProbeShown<'a> {
+    pub label: &'a str,
+    pub outcome: &'a Outcome,
+    /// Unix-epoch nanoseconds of the send.
+    pub wall_ns: u64,
+    pub lost: u64,
+    pub sent: u64,
+}
+
+pub trait Sink {
+    fn drop_event(&mut self, s: &Shown) -> std::io::Result<()>;
+    fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()>;
+    fn summary(&mut self, s: &Summary) -> std::io::Result<()>;
+    fn flush(&mut self) -> std::io::Result<()>;
 }

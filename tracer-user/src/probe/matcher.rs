@@ -89,9 +89,16 @@ pub struct Matcher {
     drop_order: VecDeque<(u64, (IpAddr, Wire))>,
     hosts: Vec<IpAddr>,
     pub stats: Vec<TargetStats>,
-    pub passive: BTreeMap<(IpAddr, IpAddr, u16), PassiveLoss>,
-    own_echo_ids: HashMap<u16, u64>,
+    /// Every dropped echo request, per (src, dst, id); ctdrop's own are
+    /// filtered out when read (a drop can be seen before its send is).
+    passive: BTreeMap<(IpAddr, IpAddr, u16), PassiveLoss>,
+    own_echo_ids: std::collections::HashSet<(IpAddr, u16)>,
+    pub passive_overflow: u64,
 }
+
+/// Bounds of the passive echo-loss table; what does not fit is counted.
+const PASSIVE_GROUPS: usize = 10_000;
+const PASSIVE_SEQS: usize = 1_000;
 
 /// How long drops and expired probes are remembered beyond the timeout.
 const MEMORY_NS: u64 = 30_000_000_000;
@@ -109,7 +116,8 @@ impl Matcher {
             hosts,
             stats: vec![TargetStats::default(); n],
             passive: BTreeMap::new(),
-            own_echo_ids: HashMap::new(),
+            own_echo_ids: Default::default(),
+            passive_overflow: 0,
         }
     }
 
@@ -120,7 +128,7 @@ impl Matcher {
     pub fn sent(&mut self, target: usize, number: u64, wire: Wire, now_ns: u64) {
         self.stats[target].sent += 1;
         if let Wire::Echo { id, .. } = wire {
-            self.own_echo_ids.insert(id, now_ns);
+            self.own_echo_ids.insert((self.hosts[target], id));
         }
         self.pending.insert((target, wire), Pending { number, sent_ns: now_ns });
     }
@@ -145,10 +153,13 @@ impl Matcher {
     /// Echo drops nobody of ours sent are kept for the passive report.
     pub fn dropped(&mut self, peer: IpAddr, wire: Wire, d: SeenDrop, local: Option<IpAddr>) {
         if let Wire::Echo { id, seq } = wire {
-            let ours = self.hosts.contains(&peer) && self.own_echo_ids.contains_key(&id);
-            if !ours && !d.reply_path {
-                let src = local.unwrap_or(peer);
-                self.passive.entry((src, peer, id)).or_default().seqs.push((seq, d.cause));
+            if !d.reply_path {
+                let key = (local.unwrap_or(peer), peer, id);
+                let room = self.passive.len() < PASSIVE_GROUPS || self.passive.contains_key(&key);
+                match self.passive.entry(key).or_default() {
+                    g if room && g.seqs.len() < PASSIVE_SEQS => g.seqs.push((seq, d.cause)),
+                    _ => self.passive_overflow += 1,
+                }
             }
         }
         let t = d.mono_ns;
@@ -207,7 +218,18 @@ impl Matcher {
             self.expired_order.pop_front();
             self.expired.remove(&key);
         }
-        self.own_echo_ids.retain(|_, t| *t >= horizon);
+    }
+
+    /// Echo losses of pings ctdrop did not send: (src, dst, id, losses).
+    pub fn passive_groups(&self) -> impl Iterator<Item = (IpAddr, IpAddr, u16, &PassiveLoss)> {
+        self.passive
+            .iter()
+            .filter(|((_, dst, id), _)| !self.own_echo_ids.contains(&(*dst, *id)))
+            .map(|((s, d, id), g)| (*s, *d, *id, g))
+    }
+
+    pub fn has_host(&self, a: IpAddr) -> bool {
+        self.hosts.contains(&a)
     }
 
     pub fn pending(&self) -> usize {
@@ -291,7 +313,7 @@ mod tests {
         assert_eq!(d2.cause, Cause::NetfilterRule);
         assert!(d2.reply_path);
         assert_eq!(m.stats[0].lost_by_cause["conntrack_table_full"], 1);
-        assert!(m.passive.is_empty());
+        assert_eq!(m.passive_groups().count(), 0);
     }
 
     #[test]
@@ -334,8 +356,31 @@ mod tests {
         for seq in [3, 4, 9] {
             m.dropped(other, echo(500, seq), drop_at(seq as u64, Cause::ConntrackTableFull, false), Some(me));
         }
-        let g = &m.passive[&(me, other, 500)];
-        assert_eq!(g.seqs.iter().map(|s| s.0).collect::<Vec<_>>(), vec![3, 4, 9]);
+        let groups: Vec<_> = m.passive_groups().collect();
+        assert_eq!(groups.len(), 1);
+        assert_eq!((groups[0].0, groups[0].1, groups[0].2), (me, other, 500));
+        assert_eq!(groups[0].3.seqs.iter().map(|s| s.0).collect::<Vec<_>>(), vec![3, 4, 9]);
+    }
+
+    #[test]
+    fn own_probe_dropped_before_its_send_is_seen_is_not_passive() {
+        let mut m = Matcher::new(vec![host()], S);
+        let me: IpAddr = "198.18.0.1".parse().unwrap();
+        m.dropped(host(), echo(10, 1), drop_at(5, Cause::ConntrackTableFull, false), Some(me));
+        m.sent(0, 1, echo(10, 1), 4);
+        assert_eq!(m.passive_groups().count(), 0);
+        let lost = m.expire(2 * S);
+        assert!(matches!(&lost[0].status, Status::Lost { drop: Some(_) }));
+    }
+
+    #[test]
+    fn id_collision_with_an_operators_ping_to_another_host_stays_passive() {
+        let mut m = Matcher::new(vec![host()], S);
+        let other: IpAddr = "198.18.0.9".parse().unwrap();
+        m.sent(0, 1, echo(10, 1), 0);
+        m.dropped(other, echo(10, 1), drop_at(5, Cause::ConntrackTableFull, false), None);
+        assert_eq!(m.passive_groups().count(), 1);
+        assert_eq!(m.expire(S)[0].status, Status::Lost { drop: None });
     }
 
     #[test]

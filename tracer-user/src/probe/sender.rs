@@ -24,6 +24,8 @@ pub struct ProberConfig {
     pub same_id: bool,
     /// Namespace file to send from (`/run/netns/NAME`).
     pub netns: Option<PathBuf>,
+    /// Probes per target; None = until stopped.
+    pub count: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -108,6 +110,11 @@ async fn run(cfg: ProberConfig, sockets: Sockets, tx: mpsc::UnboundedSender<Prob
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                if cfg.count.is_some_and(|c| number >= c) {
+                    // Dropping the sender tells the session we are done;
+                    // in-flight TCP/UDP tasks hold clones only briefly.
+                    return;
+                }
                 number += 1;
                 for (i, t) in targets.iter().enumerate() {
                     let r = send_one(&cfg, &sockets, i, t.target, number, base_id, &tx);

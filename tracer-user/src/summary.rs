@@ -1,0 +1,205 @@
+//! End-of-run summary: totals, top flows, kernel counter cross-check,
+//! probe verdicts. One value, rendered as text or JSON.
+
+use std::{io::Write, time::Duration};
+
+use crate::{
+    cause::Cause,
+    kernel::attach::KernelStats,
+    session::{Collector, CounterCheck},
+};
+
+pub struct Summary<'a> {
+    pub collector: &'a Collector,
+    pub stats: KernelStats,
+    pub elapsed: Duration,
+    pub checks: &'a [CounterCheck],
+    /// A filter was set: counts cover only matching packets.
+    pub filtered: bool,
+}
+
+impl Summary<'_> {
+    pub fn to_json(&self) -> serde_json::Value {
+        let t = &self.collector.tally;
+        let by_cause: serde_json::Map<String, serde_json::Value> =
+            Cause::ALL.iter().map(|c| (c.as_str().to_string(), t.count(*c).into())).collect();
+        let by_netns: serde_json::Map<String, serde_json::Value> = t
+            .by_netns
+            .iter()
+            .map(|(ns, n)| (ns.map(|x| x.to_string()).unwrap_or_else(|| "unknown".into()), n.total.into()))
+            .collect();
+        let top: Vec<serde_json::Value> = t
+            .top_flows(10)
+            .into_iter()
+            .map(|(id, s)| {
+                serde_json::json!({
+                    "netns": id.netns, "proto": crate::events::decode::proto_name(id.proto),
+                    "src": id.src.map(|a| a.to_string()), "dst": id.dst.map(|a| a.to_string()),
+                    "sport": id.sport, "dport": id.dport, "drops": s.drops, "cause": s.main_cause().as_str(),
+                    "first_ts_ns": s.first_ns + self.collector.boot_offset, "last_ts_ns": s.last_ns + self.collector.boot_offset,
+                })
+            })
+            .collect();
+        let checks: Vec<serde_json::Value> = self
+            .checks
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "netns": c.netns, "netns_name": c.netns_name,
+                    "drop": c.delta.get("drop"), "insert_failed": c.delta.get("insert_failed"),
+                    "early_drop": c.delta.get("early_drop"), "entries": c.delta.entries(),
+                    "table_full_records": c.table_full, "insert_failed_records": c.insert_failed,
+                    "agree": c.agrees(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "kind": "summary",
+            "duration_s": self.elapsed.as_secs_f64(),
+            "drops_total": t.total,
+            "drops_by_cause": by_cause,
+            "drops_by_netns": by_netns,
+            "events_lost": self.stats.lost,
+            "events_sent": self.stats.sent,
+            "decode_errors": self.collector.decode_errors,
+            "flows_tracked": t.flows_tracked(),
+            "flows_untracked": t.flows_untracked,
+            "top_flows": top,
+            "kernel_counters": checks,
+            "filtered": self.filtered,
+            "probes": self.probes_json(),
+            "echo_losses": self.echo_losses_json(),
+        })
+    }
+
+    pub fn write_human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let t = &self.collector.tally;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "ctdrop summary: {:.1} s, {} drops, {} events lost{}",
+            self.elapsed.as_secs_f64(),
+            t.total,
+            self.stats.lost,
+            if self.stats.lost > 0 { " (ring buffer full: raise --ring-size)" } else { "" }
+        )?;
+        writeln!(out, "by cause:")?;
+        for c in Cause::ALL {
+            let n = t.count(c);
+            if n > 0 {
+                writeln!(out, "  {:<26} {n:>10}", c.as_str())?;
+            }
+        }
+        if !t.by_netns.is_empty() {
+            writeln!(out, "by namespace:")?;
+            for (ns, n) in &t.by_netns {
+                writeln!(out, "  {:<26} {:>10}", ns.map(|x| x.to_string()).unwrap_or_else(|| "unknown".into()), n.total)?;
+            }
+        }
+        let top = t.top_flows(5);
+        if !top.is_empty() {
+            writeln!(out, "top flows:")?;
+            for (id, s) in top {
+                let ports = if id.sport != 0 || id.dport != 0 { format!(" {} -> {}", id.sport, id.dport) } else { String::new() };
+                writeln!(
+                    out,
+                    "  {:>8}  {} {} -> {}{}  {}",
+                    s.drops,
+                    crate::events::decode::proto_name(id.proto),
+                    id.src.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
+                    id.dst.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
+                    ports,
+                    s.main_cause()
+                )?;
+            }
+        }
+        if t.flows_untracked > 0 {
+            writeln!(out, "  ({} drops in flows beyond --max-flows, counted in totals only)", t.flows_untracked)?;
+        }
+        self.write_probes_human(out)?;
+        for c in self.checks {
+            let name = c.netns_name.clone().unwrap_or_else(|| c.netns.to_string());
+            let verdict = if c.agrees() {
+                "agrees".to_string()
+            } else if self.filtered {
+                "differs (a filter is set: only matching packets were traced)".to_string()
+            } else {
+                format!("DIFFERS: kernel counted {} conntrack drops, ctdrop attributed {}", c.delta.get("drop"), c.table_full + c.insert_failed)
+            };
+            writeln!(
+                out,
+                "kernel counters in {name}: drop +{}, insert_failed +{}, early_drop +{}, entries {} -- {verdict}",
+                c.delta.get("drop"),
+                c.delta.get("insert_failed"),
+                c.delta.get("early_drop"),
+                c.delta.entries()
+            )?;
+        }
+        Ok(())
+    }
+
+    fn probes_json(&self) -> serde_json::Value {
+        let c = self.collector;
+        if c.probe_labels.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let mut obj = serde_json::Map::new();
+        for (i, label) in c.probe_labels.iter().enumerate() {
+            let s = &c.matcher.stats[i];
+            obj.insert(
+                label.clone(),
+                serde_json::json!({
+                    "sent": s.sent, "answered": s.answered, "lost": s.lost, "late": s.late,
+                    "lost_by_cause": s.lost_by_cause, "lost_unexplained": s.lost_unexplained,
+                }),
+            );
+        }
+        obj.into()
+    }
+
+    /// Echo requests of pings ctdrop did not send, dropped here: per
+    /// (src, dst, id) the lost seqs and their causes.
+    fn echo_losses_json(&self) -> serde_json::Value {
+        let groups: Vec<serde_json::Value> = self.collector.matcher().passive_groups()
+            .map(|(src, dst, id, g)| {
+                let mut causes = std::collections::BTreeMap::<&str, u64>::new();
+                for (_, c) in &g.seqs {
+                    *causes.entry(c.as_str()).or_default() += 1;
+                }
+                serde_json::json!({
+                    "src": src.to_string(), "dst": dst.to_string(), "icmp_id": id,
+                    "lost_seqs": g.seqs.iter().map(|s| s.0).collect::<Vec<_>>(), "causes": causes,
+                })
+            })
+            .collect();
+        groups.into()
+    }
+
+    fn write_probes_human(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        let c = self.collector;
+        if !c.probe_labels.is_empty() {
+            writeln!(out, "probes:")?;
+        }
+        for (i, label) in c.probe_labels.iter().enumerate() {
+            let s = &c.matcher.stats[i];
+            let mut parts: Vec<String> = s.lost_by_cause.iter().map(|(c, n)| format!("{n} {c}")).collect();
+            if s.lost_unexplained > 0 {
+                parts.push(format!("{} with no drop seen on this host", s.lost_unexplained));
+            }
+            writeln!(
+                out,
+                "  {label}: sent {}, answered {}, lost {}{}{}",
+                s.sent,
+                s.answered,
+                s.lost,
+                if s.lost > 0 { format!(" ({})", parts.join(", ")) } else { String::new() },
+                if s.late > 0 { format!(", {} late replies", s.late) } else { String::new() }
+            )?;
+        }
+        for (src, dst, id, g) in c.matcher().passive_groups() {
+            let seqs: Vec<String> = g.seqs.iter().map(|s| s.0.to_string()).collect();
+            writeln!(out, "echo loss {src} -> {dst} id {id}: seqs {} ({})", seqs.join(","), g.seqs[0].1)?;
+        }
+        Ok(())
+    }
+}
