@@ -241,8 +241,35 @@ impl Collector {
 }
 
 pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
+    let color = args.color.resolve(unsafe { libc::isatty(1) } == 1);
+    let out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+    let sinks: Vec<Box<dyn Sink>> =
+        if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color))] };
+    run(&SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration }, sinks).await
+}
+
+/// What a session traces and for how long; outputs come as sinks.
+pub struct SessionOptions<'a> {
+    pub trace: &'a TraceArgs,
+    pub probe: &'a crate::cli::ProbeArgs,
+    pub duration: Option<Duration>,
+}
+
+/// Facts about the run that a sink may record before any event.
+pub struct SessionInfo<'a> {
+    pub reasons: &'a DropReasons,
+    /// Mechanism per signal, e.g. ("drops", "tp_btf/kfree_skb").
+    pub mechanisms: Vec<(&'static str, String)>,
+    pub boot_offset_ns: u64,
+    pub limits: Option<crate::conntrack::stats::CtLimits>,
+    pub counters_at_start: &'a BTreeMap<u32, CtCounters>,
+    pub filter: &'a FilterConfig,
+}
+
+pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Result<()> {
+    let args = opts;
     let targets = args.probe.targets()?;
-    let p = prepare(&args.trace)?;
+    let p = prepare(args.trace)?;
     if !p.conntrack_loaded {
         eprintln!("ctdrop: nf_conntrack is not loaded on this host: no conntrack drops can happen; tracing other netfilter drops");
     }
@@ -262,11 +289,17 @@ pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
         tracer.attach_time.as_millis(),
         if p.filter.all_reasons != 0 { "all drop reasons" } else { "netfilter drops" }
     );
-    let stdout = std::io::stdout();
-    let color = args.color.resolve(unsafe { libc::isatty(1) } == 1);
-    let out = std::io::BufWriter::with_capacity(1 << 16, stdout);
-    let mut sinks: Vec<Box<dyn Sink>> =
-        if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color))] };
+    let info = SessionInfo {
+        reasons: &collector.reasons,
+        mechanisms: vec![("drops", "tp_btf/kfree_skb".to_string())],
+        boot_offset_ns: collector.boot_offset,
+        limits: crate::conntrack::stats::CtLimits::read(),
+        counters_at_start: &collector.baselines,
+        filter: &p.filter,
+    };
+    for s in sinks.iter_mut() {
+        s.start(&info).context("starting output")?;
+    }
     let mut probes = if targets.is_empty() {
         None
     } else {

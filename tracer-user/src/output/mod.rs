@@ -29,6 +29,10 @@ pub struct ProbeShown<'a> {
 }
 
 pub trait Sink {
+    /// Called once after attaching, before any event.
+    fn start(&mut self, _info: &crate::session::SessionInfo) -> std::io::Result<()> {
+        Ok(())
+    }
     fn drop_event(&mut self, s: &Shown) -> std::io::Result<()>;
     fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()>;
     fn summary(&mut self, s: &Summary) -> std::io::Result<()>;
