@@ -22,10 +22,9 @@ pub mod source {
     pub const CT_CONFIRM_DROP: u8 = 3;
     /// `nf_conntrack_in` returned a drop verdict.
     pub const CT_IN_DROP: u8 = 4;
-    /// `nf_ct_resolve_clash` resolved a clash (not a drop).
-    pub const CT_CLASH_RESOLVED: u8 = 5;
-    /// `early_drop` evicted (or failed to evict) an entry to make room.
-    pub const CT_EARLY_DROP: u8 = 6;
+    /// `nf_conntrack_in` accepted the packet but gave it no entry
+    /// (invalid); a rule that drops it later is a conntrack_invalid drop.
+    pub const CT_INVALID: u8 = 5;
 }
 
 /// Bits of [`DropRecord::flags`]: which optional parts of a record are valid.
@@ -169,6 +168,8 @@ pub struct Offsets {
     /// Offset of `ns.inum` inside `struct net`.
     pub net_inum: u32,
     pub conn_status: u32,
+    /// `nf_conn.ct_net` (a `possible_net_t`: the `struct net *` itself).
+    pub conn_net: u32,
     /// Offset of `zone.id` inside `struct nf_conn` (u32::MAX without zones).
     pub conn_zone_id: u32,
 }
@@ -197,9 +198,58 @@ pub struct FilterConfig {
     pub capture_headers: u8,
     /// 1 = count in the per-flow map instead of sending records.
     pub count_only: u8,
-    pub _pad: u8,
+    /// 1 = conntrack-path probes are attached: look up their verdicts.
+    pub ct_probes: u8,
 }
 const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32);
+
+/// Per-namespace conntrack path events counted by the probe tier (keyed
+/// by namespace inode in a per-CPU hash): the table-fill timeline and the
+/// outcomes that are not drops.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+pub struct CtEventCounts {
+    /// Entries confirmed into the table (`__nf_conntrack_hash_insert`).
+    pub inserts: u64,
+    /// `early_drop` evicted an entry to make room.
+    pub early_drop_evicted: u64,
+    /// `early_drop` found nothing evictable.
+    pub early_drop_failed: u64,
+    /// `__nf_conntrack_alloc` failed: table full.
+    pub alloc_failed: u64,
+    /// `__nf_conntrack_confirm` returned NF_DROP: insert clash.
+    pub confirm_dropped: u64,
+    /// `nf_ct_resolve_clash` resolved a clash (the packet lives on).
+    pub clash_resolved: u64,
+    /// `nf_conntrack_in` returned NF_DROP.
+    pub in_dropped: u64,
+    /// `nf_conntrack_in` accepted the packet without an entry (invalid).
+    pub invalid: u64,
+}
+
+/// A conntrack-path verdict on one skb, waiting for its `kfree_skb`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct SkbVerdict {
+    pub ts_ns: u64,
+    /// One of [`source`].
+    pub source: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Longest time between a conntrack verdict and the kfree_skb it explains;
+/// beyond it the skb address may have been reused.
+pub const VERDICT_MAX_AGE_NS: u64 = 50_000_000;
+
+/// Indices of the functions whose entry arguments are stashed for their
+/// return probes.
+pub mod stash {
+    pub const CONNTRACK_IN: u32 = 0;
+    pub const CONFIRM: u32 = 1;
+    pub const EARLY_DROP: u32 = 2;
+    pub const RESOLVE_CLASH: u32 = 3;
+    pub const LEN: u32 = 4;
+}
 
 #[cfg(feature = "user")]
 mod user_pod {
@@ -209,4 +259,6 @@ mod user_pod {
     unsafe impl aya::Pod for super::FlowCount {}
     unsafe impl aya::Pod for super::Offsets {}
     unsafe impl aya::Pod for super::FilterConfig {}
+    unsafe impl aya::Pod for super::CtEventCounts {}
+    unsafe impl aya::Pod for super::SkbVerdict {}
 }

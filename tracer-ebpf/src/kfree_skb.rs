@@ -62,6 +62,11 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     if !matches(&f, &rec) {
         return;
     }
+    if f.ct_probes != 0 {
+        if let Some(src) = crate::conntrack::take_verdict(skb_ptr as u64, rec.ts_ns) {
+            rec.source = src;
+        }
+    }
     if f.count_only != 0 {
         count(&rec);
         return;

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod kfree_skb;
 mod skb;
 
@@ -29,6 +30,7 @@ static OFFSETS: Offsets = Offsets {
     dev_nd_net: OFFSET_ABSENT,
     net_inum: OFFSET_ABSENT,
     conn_status: OFFSET_ABSENT,
+    conn_net: OFFSET_ABSENT,
     conn_zone_id: OFFSET_ABSENT,
 };
 
@@ -43,7 +45,7 @@ static FILTER: FilterConfig = FilterConfig {
     host_len: 0,
     capture_headers: 0,
     count_only: 0,
-    _pad: 0,
+    ct_probes: 0,
 };
 
 /// Userspace resizes this at load (`--ring-size`).

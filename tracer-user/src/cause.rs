@@ -62,6 +62,8 @@ impl std::fmt::Display for Cause {
 pub struct Classifier {
     /// This kernel's value of SKB_DROP_REASON_NETFILTER_DROP.
     pub netfilter_drop: Option<u32>,
+    /// Conntrack probes are attached: table fill is no longer evidence.
+    pub probes: bool,
 }
 
 impl Classifier {
@@ -69,6 +71,11 @@ impl Classifier {
         match ev.source {
             source::CT_ALLOC_FAIL => return Cause::ConntrackTableFull,
             source::CT_CONFIRM_DROP => return Cause::ConntrackInsertFailed,
+            // nf_conntrack_in itself refused the packet (not for lack of room).
+            source::CT_IN_DROP => return Cause::ConntrackInvalid,
+            // Conntrack let it through without an entry; a rule then
+            // dropped it (`--ctstate INVALID -j DROP`).
+            source::CT_INVALID if Some(ev.reason) == self.netfilter_drop => return Cause::ConntrackInvalid,
             _ => {}
         }
         if Some(ev.reason) != self.netfilter_drop {
@@ -78,10 +85,12 @@ impl Classifier {
             return Cause::IcmpErrorBlocked;
         }
         // A packet that never got an entry, in a namespace whose table is at
-        // its limit: the allocation failed. On the tracepoint tier this is an
-        // inference; the collector cross-checks it with the `drop` counter.
+        // its limit: the allocation failed. This inference is only used on
+        // the tracepoint tier (with conntrack probes attached, a real
+        // allocation failure arrives as CT_ALLOC_FAIL above); the collector
+        // cross-checks it with the `drop` counter.
         let no_entry = ev.ct.is_none();
-        if no_entry && ev.ct_fill.map(|f| f.full()).unwrap_or(false) {
+        if !self.probes && no_entry && ev.ct_fill.map(|f| f.full()).unwrap_or(false) {
             return Cause::ConntrackTableFull;
         }
         Cause::NetfilterRule
@@ -122,7 +131,7 @@ mod tests {
     }
 
     fn c() -> Classifier {
-        Classifier { netfilter_drop: Some(NF) }
+        Classifier { netfilter_drop: Some(NF), probes: false }
     }
 
     #[test]
@@ -150,9 +159,17 @@ mod tests {
     }
 
     #[test]
+    fn with_probes_a_full_table_alone_is_not_table_full() {
+        let mut e = ev(NF);
+        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true });
+        let c = Classifier { netfilter_drop: Some(NF), probes: true };
+        assert_eq!(c.classify(&e), Cause::NetfilterRule);
+    }
+
+    #[test]
     fn other_reasons_stay_other() {
         assert_eq!(c().classify(&ev(2)), Cause::Other);
-        assert_eq!(Classifier { netfilter_drop: None }.classify(&ev(NF)), Cause::Other);
+        assert_eq!(Classifier { netfilter_drop: None, probes: false }.classify(&ev(NF)), Cause::Other);
     }
 
     #[test]
@@ -162,6 +179,13 @@ mod tests {
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
         e.source = source::CT_CONFIRM_DROP;
         assert_eq!(c().classify(&e), Cause::ConntrackInsertFailed);
+        e.source = source::CT_IN_DROP;
+        assert_eq!(c().classify(&e), Cause::ConntrackInvalid);
+        e.source = source::CT_INVALID;
+        e.reason = NF;
+        assert_eq!(c().classify(&e), Cause::ConntrackInvalid);
+        e.reason = 2;
+        assert_eq!(c().classify(&e), Cause::Other);
     }
 
     #[test]

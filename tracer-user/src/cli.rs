@@ -50,6 +50,9 @@ pub struct TraceArgs {
     /// Flows kept in detail; drops beyond that still count in every total.
     #[arg(long, default_value_t = DEFAULT_MAX_FLOWS)]
     pub max_flows: usize,
+    /// How to watch conntrack: auto picks the best this kernel allows.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: crate::kernel::tier::Mode,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -116,7 +116,7 @@ impl Collector {
             }
         }
         Collector {
-            classifier: Classifier { netfilter_drop: p.reasons.value("NETFILTER_DROP") },
+            classifier: Classifier { netfilter_drop: p.reasons.value("NETFILTER_DROP"), probes: false },
             reasons: DropReasons::from_pairs(p.reasons.pairs().map(|(v, n)| (n.to_string(), v))),
             sampler,
             symbols: Symbols::load(),
@@ -258,8 +258,8 @@ pub struct SessionOptions<'a> {
 /// Facts about the run that a sink may record before any event.
 pub struct SessionInfo<'a> {
     pub reasons: &'a DropReasons,
-    /// Mechanism per signal, e.g. ("drops", "tp_btf/kfree_skb").
-    pub mechanisms: Vec<(&'static str, String)>,
+    /// Mechanism per signal (or why none).
+    pub mechanisms: Vec<crate::kernel::tier::Mechanism>,
     pub boot_offset_ns: u64,
     pub limits: Option<crate::conntrack::stats::CtLimits>,
     pub counters_at_start: &'a BTreeMap<u32, CtCounters>,
@@ -282,16 +282,19 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         offsets: p.btf.offsets()?,
         filter: p.filter,
         ring_size: p.ring_size,
+        mode: args.trace.mode,
     })?;
+    collector.classifier.probes = tracer.probes_drop_paths();
     let mut ring = RingReader::new(tracer.take_ring()?)?;
     eprintln!(
-        "ctdrop: attached tp_btf/kfree_skb in {} ms (tier tracepoint; {}); Ctrl-C to stop",
+        "ctdrop: attached tp_btf/kfree_skb in {} ms ({}; {}); Ctrl-C to stop",
         tracer.attach_time.as_millis(),
+        if collector.classifier.probes { "tier kprobe: conntrack paths probed" } else { "tier tracepoint: conntrack causes inferred" },
         if p.filter.all_reasons != 0 { "all drop reasons" } else { "netfilter drops" }
     );
     let info = SessionInfo {
         reasons: &collector.reasons,
-        mechanisms: vec![("drops", "tp_btf/kfree_skb".to_string())],
+        mechanisms: tracer.mechanisms.clone(),
         boot_offset_ns: collector.boot_offset,
         limits: crate::conntrack::stats::CtLimits::read(),
         counters_at_start: &collector.baselines,
@@ -357,9 +360,19 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     // Records already in the ring belong to this run.
     ring.drain(|b| collector.handle(b, &mut sinks));
     let stats = tracer.stats()?;
+    let ct_events = tracer.ct_events()?;
+    let mechanisms = tracer.mechanisms.clone();
     drop(tracer);
     let checks = collector.counter_checks();
-    let summary = Summary { collector: &collector, stats, elapsed: started.elapsed(), checks: &checks, filtered: filtered(&p.filter) };
+    let summary = Summary {
+        collector: &collector,
+        stats,
+        elapsed: started.elapsed(),
+        checks: &checks,
+        filtered: filtered(&p.filter),
+        ct_events: &ct_events,
+        mechanisms: &mechanisms,
+    };
     for s in sinks.iter_mut() {
         s.summary(&summary).context("writing the summary")?;
         s.flush().context("flushing output")?;

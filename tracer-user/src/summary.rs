@@ -16,6 +16,9 @@ pub struct Summary<'a> {
     pub checks: &'a [CounterCheck],
     /// A filter was set: counts cover only matching packets.
     pub filtered: bool,
+    /// Conntrack path events per namespace (probe tier).
+    pub ct_events: &'a [(u32, tracer_common::CtEventCounts)],
+    pub mechanisms: &'a [crate::kernel::tier::Mechanism],
 }
 
 impl Summary<'_> {
@@ -68,6 +71,14 @@ impl Summary<'_> {
             "kernel_counters": checks,
             "filtered": self.filtered,
             "probes": self.probes_json(),
+            "tier": if self.collector.classifier.probes { "kprobe" } else { "tracepoint" },
+            "mechanisms": self.mechanisms.iter().map(|m| serde_json::json!({"signal": m.signal, "mechanism": m.chosen, "note": m.note})).collect::<Vec<_>>(),
+            "conntrack_events": self.ct_events.iter().map(|(ns, c)| serde_json::json!({
+                "netns": ns, "inserts": c.inserts, "early_drop_evicted": c.early_drop_evicted,
+                "early_drop_failed": c.early_drop_failed, "alloc_failed": c.alloc_failed,
+                "confirm_dropped": c.confirm_dropped, "clash_resolved": c.clash_resolved,
+                "in_dropped": c.in_dropped, "invalid": c.invalid,
+            })).collect::<Vec<_>>(),
             "echo_losses": self.echo_losses_json(),
         })
     }
@@ -117,6 +128,13 @@ impl Summary<'_> {
             writeln!(out, "  ({} drops in flows beyond --max-flows, counted in totals only)", t.flows_untracked)?;
         }
         self.write_probes_human(out)?;
+        for (ns, c) in self.ct_events {
+            writeln!(
+                out,
+                "conntrack events in {ns}: {} inserted, {} evicted by early_drop ({} found nothing), {} allocations failed, {} confirm drops, {} clashes resolved, {} invalid",
+                c.inserts, c.early_drop_evicted, c.early_drop_failed, c.alloc_failed, c.confirm_dropped, c.clash_resolved, c.invalid
+            )?;
+        }
         for c in self.checks {
             let name = c.netns_name.clone().unwrap_or_else(|| c.netns.to_string());
             let verdict = if c.agrees() {

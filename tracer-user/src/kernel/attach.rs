@@ -8,7 +8,9 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use tracer_common::{stat, FilterConfig, FlowCount, FlowKey, Offsets};
+use tracer_common::{stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, Offsets};
+
+use super::tier::{self, Mechanism, Mode};
 
 static TRACER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
@@ -30,6 +32,7 @@ pub struct LoadOptions<'a> {
     pub offsets: Offsets,
     pub filter: FilterConfig,
     pub ring_size: u32,
+    pub mode: Mode,
 }
 
 /// Counters the kernel programs keep, summed over CPUs.
@@ -49,6 +52,8 @@ pub struct Tracer {
     stats: PerCpuArray<MapData, u64>,
     /// Wall time from load start to the first program attached.
     pub attach_time: std::time::Duration,
+    /// How each signal is served on this kernel.
+    pub mechanisms: Vec<Mechanism>,
 }
 
 impl Tracer {
@@ -56,10 +61,13 @@ impl Tracer {
         let start = Instant::now();
         let btf = Btf::parse_file(opts.btf_path, aya::Endianness::default())
             .with_context(|| format!("cannot parse kernel BTF at {}", opts.btf_path.display()))?;
+        tier::check_mode(opts.mode)?;
+        let mut filter = opts.filter;
+        filter.ct_probes = tier::want_kprobes(opts.mode) as u8;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("OFFSETS", &opts.offsets, true)
-            .override_global("FILTER", &opts.filter, true)
+            .override_global("FILTER", &filter, true)
             .map_max_entries("EVENTS", opts.ring_size)
             .load(TRACER_OBJ)
             .map_err(explain_load_error)?;
@@ -72,8 +80,49 @@ impl Tracer {
             .context("the kernel refused the kfree_skb tp_btf program (needs BTF tracepoints, kernel 5.5+)")?;
         prog.attach().map_err(|e| anyhow!("{e}")).context("cannot attach to tracepoint kfree_skb")?;
         let attach_time = start.elapsed();
+        let mut mechanisms = vec![Mechanism { signal: "drops", chosen: Some("tp_btf/kfree_skb".into()), note: String::new() }];
+        if filter.ct_probes != 0 {
+            mechanisms.extend(tier::attach_ct_probes(&mut ebpf, opts.mode)?);
+        } else {
+            let why = match opts.mode {
+                Mode::Tracepoint => "--mode tracepoint",
+                _ => "no kprobe support in this kernel",
+            };
+            mechanisms.extend(tier::tracepoint_mechanisms(why));
+        }
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or_else(|| anyhow!("no STATS map"))?)?;
-        Ok(Tracer { ebpf, stats, attach_time })
+        Ok(Tracer { ebpf, stats, attach_time, mechanisms })
+    }
+
+    /// Whether allocation failures and confirm drops are seen directly.
+    pub fn probes_drop_paths(&self) -> bool {
+        ["table_full", "insert_failed", "conntrack_in"]
+            .iter()
+            .all(|s| self.mechanisms.iter().any(|m| m.signal == *s && m.chosen.as_deref().is_some_and(|c| c.contains("probe"))))
+    }
+
+    /// Conntrack path events per namespace inode (probe tier only).
+    pub fn ct_events(&self) -> Result<Vec<(u32, CtEventCounts)>> {
+        let Some(map) = self.ebpf.map("CT_EVENTS") else { return Ok(Vec::new()) };
+        let map: PerCpuHashMap<&MapData, u32, CtEventCounts> = PerCpuHashMap::try_from(map)?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (ns, per_cpu) = item.context("reading CT_EVENTS map")?;
+            let mut t = CtEventCounts::default();
+            for c in per_cpu.iter() {
+                t.inserts += c.inserts;
+                t.early_drop_evicted += c.early_drop_evicted;
+                t.early_drop_failed += c.early_drop_failed;
+                t.alloc_failed += c.alloc_failed;
+                t.confirm_dropped += c.confirm_dropped;
+                t.clash_resolved += c.clash_resolved;
+                t.in_dropped += c.in_dropped;
+                t.invalid += c.invalid;
+            }
+            out.push((ns, t));
+        }
+        out.sort_by_key(|(ns, _)| *ns);
+        Ok(out)
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {

@@ -141,6 +141,7 @@ impl KernelBtf {
             dev_nd_net: req("net_device", "nd_net")?,
             net_inum: ns + inum,
             conn_status: self.offset_or_absent("nf_conn", "status"),
+            conn_net: self.offset_or_absent("nf_conn", "ct_net.net"),
             conn_zone_id: self.offset_or_absent("nf_conn", "zone.id"),
         })
     }
@@ -240,6 +241,7 @@ mod tests {
             assert_eq!(o.net_inum, 152 + 24);
         }
         assert_ne!(o.conn_status, OFFSET_ABSENT);
+        assert_ne!(o.conn_net, OFFSET_ABSENT);
     }
 
     #[test]

@@ -2,3 +2,4 @@
 pub mod attach;
 pub mod btf;
 pub mod capabilities;
+pub mod tier;

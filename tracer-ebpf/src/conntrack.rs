@@ -1,0 +1,256 @@
+//! Probes on the nf_conntrack insertion and drop paths (kprobe tier).
+//!
+//! Every conntrack failure reaches `kfree_skb` as the same NETFILTER_DROP,
+//! so these probes leave a verdict per skb (keyed by its address) that the
+//! `kfree_skb` program picks up: one record per dropped packet, with the
+//! precise cause. Outcomes that are not drops (insertions, evictions,
+//! resolved clashes) are only counted, per namespace.
+//!
+//! kretprobes cannot see arguments, so entry probes stash them on a small
+//! per-CPU stack per function (a softirq can nest inside process context on
+//! the same CPU, so one slot is not enough).
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{kprobe, kretprobe, map},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::{ProbeContext, RetProbeContext},
+};
+use tracer_common::{source, stash, CtEventCounts, Offsets, SkbVerdict};
+
+use crate::{offsets, skb::read};
+
+const NF_DROP: u32 = 0;
+const NF_ACCEPT: u32 = 1;
+const MAX_ERRNO: u64 = 4095;
+const DEPTH: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Frame {
+    pub arg: u64,
+    pub alloc_failed: u64,
+}
+
+#[repr(C)]
+pub struct CallStack {
+    pub depth: u32,
+    pub _pad: u32,
+    pub frames: [Frame; DEPTH],
+}
+
+#[map]
+static STASH: PerCpuArray<CallStack> = PerCpuArray::with_max_entries(stash::LEN, 0);
+
+/// skb address → conntrack verdict, consumed by the kfree_skb program.
+#[map]
+pub static VERDICTS: LruHashMap<u64, SkbVerdict> = LruHashMap::with_max_entries(16384, 0);
+
+/// Namespace inode → counts.
+#[map]
+static CT_EVENTS: PerCpuHashMap<u32, CtEventCounts> = PerCpuHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn push(which: u32, arg: u64) {
+    let Some(st) = STASH.get_ptr_mut(which) else { return };
+    let st = unsafe { &mut *st };
+    let d = st.depth as usize;
+    if d < DEPTH {
+        st.frames[d] = Frame { arg, alloc_failed: 0 };
+    }
+    // Past the bottom we still count, so pops stay paired with pushes.
+    st.depth = st.depth.saturating_add(1);
+}
+
+#[inline(always)]
+fn pop(which: u32) -> Option<Frame> {
+    let st = STASH.get_ptr_mut(which)?;
+    let st = unsafe { &mut *st };
+    if st.depth == 0 {
+        return None;
+    }
+    st.depth -= 1;
+    let d = st.depth as usize;
+    if d < DEPTH {
+        Some(st.frames[d])
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn mark_alloc_failed() {
+    let Some(st) = STASH.get_ptr_mut(stash::CONNTRACK_IN) else { return };
+    let st = unsafe { &mut *st };
+    if st.depth == 0 {
+        return;
+    }
+    let d = (st.depth - 1) as usize;
+    if d < DEPTH {
+        st.frames[d].alloc_failed = 1;
+    }
+}
+
+#[inline(always)]
+unsafe fn skb_netns(o: &Offsets, skb: u64) -> u32 {
+    let dev = read::<u64>(skb as *const u8, o.skb_dev).unwrap_or(0) as *const u8;
+    let mut net = read::<u64>(dev, o.dev_nd_net).unwrap_or(0) as *const u8;
+    if net.is_null() {
+        let sk = read::<u64>(skb as *const u8, o.skb_sk).unwrap_or(0) as *const u8;
+        net = read::<u64>(sk, o.sk_net).unwrap_or(0) as *const u8;
+    }
+    net_netns(o, net as u64)
+}
+
+#[inline(always)]
+unsafe fn net_netns(o: &Offsets, net: u64) -> u32 {
+    read::<u32>(net as *const u8, o.net_inum).unwrap_or(0)
+}
+
+#[inline(always)]
+fn count(netns: u32, f: impl FnOnce(&mut CtEventCounts)) {
+    if let Some(c) = CT_EVENTS.get_ptr_mut(&netns) {
+        f(unsafe { &mut *c });
+        return;
+    }
+    let mut c = CtEventCounts::default();
+    f(&mut c);
+    let _ = CT_EVENTS.insert(&netns, &c, 0);
+}
+
+#[inline(always)]
+fn verdict(skb: u64, src: u8) {
+    let v = SkbVerdict { ts_ns: unsafe { bpf_ktime_get_ns() }, source: src, _pad: [0; 7] };
+    let _ = VERDICTS.insert(&skb, &v, 0);
+}
+
+#[kprobe]
+pub fn ct_in_entry(ctx: ProbeContext) -> u32 {
+    push(stash::CONNTRACK_IN, ctx.arg::<u64>(0).unwrap_or(0));
+    0
+}
+
+#[kretprobe]
+pub fn ct_in_return(ctx: RetProbeContext) -> u32 {
+    let Some(f) = pop(stash::CONNTRACK_IN) else { return 0 };
+    let ret: u64 = ctx.ret();
+    let o = offsets();
+    let skb = f.arg;
+    let ns = unsafe { skb_netns(&o, skb) };
+    if (ret as u32) & 0xff == NF_DROP {
+        if f.alloc_failed != 0 {
+            verdict(skb, source::CT_ALLOC_FAIL);
+        } else {
+            verdict(skb, source::CT_IN_DROP);
+        }
+        count(ns, |c| c.in_dropped += 1);
+    } else if (ret as u32) & 0xff == NF_ACCEPT {
+        let nfct = unsafe { read::<u64>(skb as *const u8, o.skb_nfct) }.unwrap_or(1);
+        if nfct == 0 {
+            verdict(skb, source::CT_INVALID);
+            count(ns, |c| c.invalid += 1);
+        }
+    }
+    0
+}
+
+#[kretprobe]
+pub fn ct_alloc_return(ctx: RetProbeContext) -> u32 {
+    let ret: u64 = ctx.ret();
+    if ret >= 0u64.wrapping_sub(MAX_ERRNO) {
+        mark_alloc_failed();
+        let o = offsets();
+        let skb = STASH
+            .get(stash::CONNTRACK_IN)
+            .and_then(|st| {
+                let d = st.depth as usize;
+                if d >= 1 && d <= DEPTH {
+                    Some(st.frames[d - 1].arg)
+                } else {
+                    None
+                }
+            })
+            .unwrap_or(0);
+        let ns = unsafe { skb_netns(&o, skb) };
+        count(ns, |c| c.alloc_failed += 1);
+    }
+    0
+}
+
+#[kprobe]
+pub fn ct_confirm_entry(ctx: ProbeContext) -> u32 {
+    push(stash::CONFIRM, ctx.arg::<u64>(0).unwrap_or(0));
+    0
+}
+
+#[kretprobe]
+pub fn ct_confirm_return(ctx: RetProbeContext) -> u32 {
+    let Some(f) = pop(stash::CONFIRM) else { return 0 };
+    let ret: u64 = ctx.ret();
+    if (ret as u32) & 0xff == NF_DROP {
+        verdict(f.arg, source::CT_CONFIRM_DROP);
+        let o = offsets();
+        let ns = unsafe { skb_netns(&o, f.arg) };
+        count(ns, |c| c.confirm_dropped += 1);
+    }
+    0
+}
+
+#[kprobe]
+pub fn ct_early_drop_entry(ctx: ProbeContext) -> u32 {
+    push(stash::EARLY_DROP, ctx.arg::<u64>(0).unwrap_or(0));
+    0
+}
+
+#[kretprobe]
+pub fn ct_early_drop_return(ctx: RetProbeContext) -> u32 {
+    let Some(f) = pop(stash::EARLY_DROP) else { return 0 };
+    let ret: u64 = ctx.ret();
+    let o = offsets();
+    let ns = unsafe { net_netns(&o, f.arg) };
+    if ret as u32 != 0 {
+        count(ns, |c| c.early_drop_evicted += 1);
+    } else {
+        count(ns, |c| c.early_drop_failed += 1);
+    }
+    0
+}
+
+#[kprobe]
+pub fn ct_clash_entry(ctx: ProbeContext) -> u32 {
+    push(stash::RESOLVE_CLASH, ctx.arg::<u64>(0).unwrap_or(0));
+    0
+}
+
+#[kretprobe]
+pub fn ct_clash_return(ctx: RetProbeContext) -> u32 {
+    let Some(f) = pop(stash::RESOLVE_CLASH) else { return 0 };
+    let ret: u64 = ctx.ret();
+    if (ret as u32) & 0xff == NF_ACCEPT {
+        let o = offsets();
+        let ns = unsafe { skb_netns(&o, f.arg) };
+        count(ns, |c| c.clash_resolved += 1);
+    }
+    0
+}
+
+#[kprobe]
+pub fn ct_hash_insert(ctx: ProbeContext) -> u32 {
+    let ct: u64 = ctx.arg(0).unwrap_or(0);
+    let o = offsets();
+    let net = unsafe { read::<u64>(ct as *const u8, o.conn_net) }.unwrap_or(0);
+    let ns = unsafe { net_netns(&o, net) };
+    count(ns, |c| c.inserts += 1);
+    0
+}
+
+/// The conntrack verdict left for this skb, if fresh.
+#[inline(always)]
+pub fn take_verdict(skb: u64, now: u64) -> Option<u8> {
+    let v = unsafe { VERDICTS.get(&skb) }.copied()?;
+    let _ = VERDICTS.remove(&skb);
+    if now.wrapping_sub(v.ts_ns) > tracer_common::VERDICT_MAX_AGE_NS {
+        return None;
+    }
+    Some(v.source)
+}
