@@ -254,3 +254,10 @@ pub fn take_verdict(skb: u64, now: u64) -> Option<u8> {
     }
     Some(v.source)
 }
+
+/// Never attached: `ctdrop check` loads it to learn whether this kernel
+/// accepts fentry programs at all.
+#[aya_ebpf::macros::fentry(function = "nf_hook_slow")]
+pub fn fentry_probe(_ctx: aya_ebpf::programs::FEntryContext) -> i32 {
+    0
+}

@@ -137,6 +137,9 @@ pub struct CheckArgs {
     pub btf: PathBuf,
     #[arg(long)]
     pub json: bool,
+    /// Tier to try, as for `live`.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: crate::kernel::tier::Mode,
 }
 
 #[derive(Args, Debug, Clone)]

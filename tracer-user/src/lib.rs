@@ -1,5 +1,6 @@
 //! ctdrop: which packets the connection tracker dropped, for which flows, why.
 pub mod cause;
+pub mod check;
 pub mod cli;
 pub mod conntrack;
 pub mod events;

@@ -10,7 +10,7 @@ fn main() {
     let result = rt.block_on(async {
         match &cli.cmd {
             Command::Live(a) => ctdrop::session::run_live(a).await,
-            Command::Check(_) => Err(anyhow::anyhow!("check: not implemented yet")),
+            Command::Check(a) => ctdrop::check::run(a),
             Command::Demo(_) => Err(anyhow::anyhow!("demo: not implemented yet")),
         }
     });

@@ -94,6 +94,17 @@ impl Tracer {
         Ok(Tracer { ebpf, stats, attach_time, mechanisms })
     }
 
+    /// Loads (never attaches) a trivial fentry program: does this kernel
+    /// accept fentry at all?
+    pub fn try_fentry(btf_path: &Path) -> Result<()> {
+        let btf = Btf::parse_file(btf_path, aya::Endianness::default()).context("parsing BTF")?;
+        let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(TRACER_OBJ).map_err(explain_load_error)?;
+        let prog: &mut aya::programs::FEntry =
+            ebpf.program_mut("fentry_probe").ok_or_else(|| anyhow!("no fentry_probe program"))?.try_into()?;
+        prog.load("nf_hook_slow", &btf).map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    }
+
     /// Whether allocation failures and confirm drops are seen directly.
     pub fn probes_drop_paths(&self) -> bool {
         ["table_full", "insert_failed", "conntrack_in"]

@@ -1,0 +1,132 @@
+//! `ctdrop check`: what this kernel allows, found by trying, and how
+//! conntrack is doing in every namespace that uses it.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+
+use crate::{
+    cli::CheckArgs,
+    conntrack::{netns::NsRegistry, stats::CtLimits},
+    kernel::{
+        attach::{LoadOptions, Tracer},
+        btf::{DropReasons, KernelBtf},
+        capabilities, tier,
+    },
+};
+
+pub struct Capability {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+pub fn run(args: &CheckArgs) -> Result<()> {
+    capabilities::require_root()?;
+    capabilities::require_btf(&args.btf)?;
+    let btf = KernelBtf::open(&args.btf)?;
+    let reasons = DropReasons::from_btf(&btf);
+    let mut caps = vec![
+        Capability { name: "kernel BTF", ok: true, detail: args.btf.display().to_string() },
+        Capability {
+            name: "nf_conntrack module BTF",
+            ok: std::path::Path::new("/sys/kernel/btf/nf_conntrack").exists(),
+            detail: "/sys/kernel/btf/nf_conntrack (absent when conntrack is built in or not loaded)".into(),
+        },
+        Capability {
+            name: "drop reasons",
+            ok: reasons.as_ref().map(|r| r.value("NETFILTER_DROP").is_some()).unwrap_or(false),
+            detail: match &reasons {
+                Ok(r) => format!("NETFILTER_DROP = {}", r.value("NETFILTER_DROP").map(|v| v.to_string()).unwrap_or("absent".into())),
+                Err(e) => format!("{e:#}"),
+            },
+        },
+        Capability { name: "kprobe PMU", ok: tier::kprobes_available(), detail: "/sys/bus/event_source/devices/kprobe".into() },
+        Capability { name: "nf_conntrack loaded", ok: capabilities::conntrack_loaded(), detail: "/proc/sys/net/netfilter/nf_conntrack_max".into() },
+    ];
+    let offsets = btf.offsets()?;
+    let mut filter: tracer_common::FilterConfig = bytemuck::Zeroable::zeroed();
+    filter.netfilter_drop_reason = reasons.as_ref().ok().and_then(|r| r.value("NETFILTER_DROP")).unwrap_or(u32::MAX);
+    let tracer = Tracer::load(&LoadOptions { btf_path: &args.btf, offsets, filter, ring_size: 4096, mode: args.mode });
+    let (tp_ok, tp_detail, mechanisms) = match &tracer {
+        Ok(t) => (true, format!("kfree_skb attached in {} ms", t.attach_time.as_millis()), t.mechanisms.clone()),
+        Err(e) => (false, format!("{e:#}"), Vec::new()),
+    };
+    caps.insert(1, Capability { name: "tp_btf", ok: tp_ok, detail: tp_detail });
+    let fentry = Tracer::try_fentry(&args.btf);
+    caps.push(Capability {
+        name: "fentry",
+        ok: fentry.is_ok(),
+        detail: match &fentry {
+            Ok(()) => "loads (conntrack probes still use kprobes: aya 0.14 cannot fentry module functions)".into(),
+            Err(e) => format!("refused: {}", format!("{e:#}").trim().trim_end_matches("Verifier output:").trim_end()),
+        },
+    });
+    drop(tracer);
+    let tier_name = if mechanisms.iter().any(|m| m.chosen.as_deref().is_some_and(|c| c.contains("kretprobe"))) { "kprobe" } else { "tracepoint" };
+
+    let limits = CtLimits::read();
+    let mut registry = NsRegistry::new();
+    registry.discover_all();
+    let mut namespaces = Vec::new();
+    let mut inodes = registry.inodes();
+    inodes.sort();
+    for ns in inodes {
+        let Some(h) = registry.get(ns) else { continue };
+        let name = h.name.clone();
+        if let Some(c) = h.counters() {
+            let in_use = c.columns.iter().any(|(_, v)| *v != 0);
+            if in_use {
+                namespaces.push((ns, name, c));
+            }
+        }
+    }
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.json {
+        let v = serde_json::json!({
+            "kind": "check",
+            "tier": tier_name,
+            "capabilities": caps.iter().map(|c| serde_json::json!({"name": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
+            "mechanisms": mechanisms.iter().map(|m| serde_json::json!({"signal": m.signal, "mechanism": m.chosen, "note": m.note})).collect::<Vec<_>>(),
+            "conntrack": limits.map(|l| serde_json::json!({"max": l.max, "buckets": l.buckets})),
+            "namespaces": namespaces.iter().map(|(ns, name, c)| serde_json::json!({
+                "netns": ns, "netns_name": name, "count": c.entries(), "counters": c.columns,
+            })).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    writeln!(out, "tier: {tier_name}")?;
+    writeln!(out, "\nkernel capabilities (found by trying):")?;
+    for c in &caps {
+        writeln!(out, "  {:<24} {:<4} {}", c.name, if c.ok { "yes" } else { "no" }, c.detail)?;
+    }
+    writeln!(out, "\nsignals:")?;
+    for m in &mechanisms {
+        match &m.chosen {
+            Some(c) => writeln!(out, "  {:<14} {c}", m.signal)?,
+            None => writeln!(out, "  {:<14} none: {}", m.signal, m.note)?,
+        }
+    }
+    match limits {
+        Some(l) => writeln!(out, "\nconntrack: nf_conntrack_max {} (global), buckets {}", l.max, l.buckets)?,
+        None => writeln!(out, "\nconntrack: not loaded")?,
+    }
+    for (ns, name, c) in &namespaces {
+        let fill = limits.map(|l| format!("{}/{}", c.entries(), l.max)).unwrap_or_else(|| c.entries().to_string());
+        writeln!(
+            out,
+            "  ns {:<20} count {fill:<16} drop {} insert_failed {} early_drop {} invalid {} clashres {}",
+            name.clone().unwrap_or_else(|| ns.to_string()),
+            c.get("drop"),
+            c.get("insert_failed"),
+            c.get("early_drop"),
+            c.get("invalid"),
+            c.get("clashres")
+        )?;
+    }
+    out.flush().context("writing check output")?;
+    Ok(())
+}
