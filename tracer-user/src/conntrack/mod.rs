@@ -48,7 +48,10 @@ impl FillSampler {
                 c
             }
         }?;
-        Some(CtFill { count, max, sampled: true })
+        // The kernel raises its count before checking the limit and lowers
+        // it again when allocation fails; a sample can land in between and
+        // read max+1, which means "full", not "over".
+        Some(CtFill { count: count.min(max), max, sampled: true })
     }
 
     pub fn counters(&mut self, netns: u32) -> Option<CtCounters> {

@@ -1,0 +1,123 @@
+//! Provoking conntrack insert clashes: the same TCP SYN (same 4-tuple) sent
+//! from two CPUs at the same instant through raw sockets. TCP has no clash
+//! resolution, so the loser's confirm fails: `insert_failed` and `drop`
+//! each rise by one (recipe from shared/kernel-notes.md).
+
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Barrier},
+};
+
+fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    for c in data.chunks(2) {
+        acc += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+/// An IPv4 packet carrying a bare TCP SYN.
+pub fn syn_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let c = fold(sum16(&tcp, sum16(&pseudo, 0)));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = fold(sum16(&ip, 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    ip
+}
+
+fn pin(cpu: usize) {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+    }
+}
+
+fn raw_socket() -> i32 {
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    fd
+}
+
+fn send(fd: i32, pkt: &[u8], dst: Ipv4Addr) {
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
+        sin_zero: [0; 8],
+    };
+    unsafe {
+        libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of_val(&sa) as u32);
+    }
+}
+
+/// Sends `pairs` SYN pairs (a new source port per pair) from two threads
+/// pinned to CPUs 0 and 1, released together by a barrier. Must run on a
+/// thread already inside the sending namespace; the threads it spawns
+/// inherit that namespace only if `enter` puts them there, so it is called
+/// in each of them.
+pub fn syn_pairs(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, first_sport: u16, pairs: u16, enter: impl Fn() + Send + Sync + 'static) {
+    let barrier = Arc::new(Barrier::new(2));
+    let enter = Arc::new(enter);
+    let handles: Vec<_> = (0..2)
+        .map(|cpu| {
+            let barrier = barrier.clone();
+            let enter = enter.clone();
+            std::thread::spawn(move || {
+                enter();
+                pin(cpu);
+                let fd = raw_socket();
+                for i in 0..pairs {
+                    let pkt = syn_packet(src, dst, first_sport.wrapping_add(i), dport);
+                    barrier.wait();
+                    send(fd, &pkt, dst);
+                }
+                unsafe { libc::close(fd) };
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syn_checksums_verify() {
+        let p = syn_packet(Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2), 40000, 80);
+        assert_eq!(fold(sum16(&p[..20], 0)), 0);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&p[12..20]);
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        assert_eq!(fold(sum16(&p[20..], sum16(&pseudo, 0))), 0);
+    }
+}
