@@ -13,6 +13,8 @@
 //! namespace ([`in_netns`]): [`send_udp_flows`] (one new flow per datagram)
 //! and [`ping`] (ICMP echo with chosen ids, so every lost probe is known).
 
+pub mod clash;
+
 use std::{
     collections::BTreeMap,
     fs::File,
