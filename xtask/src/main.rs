@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the one entry point for setting up a machine,
 //! building, testing and demoing ctdrop.
 
+mod bench;
 mod bpf_linker;
 mod env;
 mod proc;
@@ -22,6 +23,31 @@ struct Cli {
     task: Task,
 }
 
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Rounds per configuration (the median is reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rounds: u64,
+    /// Flood length per round, in seconds.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Only these configurations (a is always run: it is the baseline), e.g. `--only b,c`.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Also run (b) with each of these --ring-size values, e.g. `--ring-sweep 256k,1M,16M`.
+    #[arg(long, value_delimiter = ',')]
+    pub ring_sweep: Vec<String>,
+    /// Extra argument for every ctdrop run (repeatable), e.g. `--ctdrop-arg=--ring-size=1M`.
+    #[arg(long = "ctdrop-arg", allow_hyphen_values = true)]
+    pub ctdrop_args: Vec<String>,
+    /// Skip the 1,000,000-flow memory runs.
+    #[arg(long)]
+    pub no_scale: bool,
+    /// CPU the flood runs on (its receive path runs there too).
+    #[arg(long, default_value_t = 0)]
+    pub cpu: usize,
+}
+
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and the tests need (apt packages, nightly, bpf-linker).
@@ -40,8 +66,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Not implemented yet.
-    Bench,
+    /// Setup and build, then flood drops under no tracer, ctdrop and bpftrace
+    /// in alternating rounds and print the table (root; several minutes).
+    Bench(BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +89,6 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Build => tasks::build().map(|_| ExitCode::SUCCESS),
         Task::Test { args } => tasks::test(&args),
         Task::Demo { args } => tasks::demo(&args),
-        Task::Bench => Ok(tasks::bench()),
+        Task::Bench(a) => tasks::bench(&a).map(|()| ExitCode::SUCCESS),
     }
 }

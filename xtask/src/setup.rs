@@ -22,6 +22,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "procps",       // sysctl nf_conntrack_max / _count
     "tshark",       // cross-check drops against a capture
     "prometheus",   // promtool, to validate the metrics output
+    "bpftrace",     // the one-liners `cargo xtask bench` measures ctdrop against
+    "linux-perf",   // `perf` to profile ctdrop when a bench target is missed
 ];
 
 /// Without this the wireshark-common postinst asks whether non-root users

@@ -12,7 +12,7 @@ use crate::{env, proc, setup};
 
 /// Namespace prefixes the tests and the demo create; anything left with
 /// these names after a run is a cleanup bug worth failing on.
-const OUR_NETNS_PREFIXES: &[&str] = &["ctdt-", "ctdemo-"];
+const OUR_NETNS_PREFIXES: &[&str] = &["ctdt-", "ctdemo-", "ctdb-"];
 
 pub fn build() -> Result<PathBuf> {
     setup::run()?;
@@ -115,7 +115,19 @@ pub fn demo(args: &[String]) -> Result<ExitCode> {
     Err(err).with_context(|| format!("cannot exec {} demo", bin.display()))
 }
 
-pub fn bench() -> ExitCode {
-    println!("bench: not implemented yet");
-    ExitCode::FAILURE
+/// Not part of `test`: it takes minutes, needs the whole machine quiet and
+/// holds the nf_conntrack_max lock throughout.
+pub fn bench(a: &crate::BenchArgs) -> Result<()> {
+    let bin = build()?;
+    crate::bench::run(&crate::bench::Options {
+        rounds: a.rounds as usize,
+        seconds: a.seconds,
+        only: a.only.clone(),
+        ring_sweep: a.ring_sweep.clone(),
+        ctdrop_args: a.ctdrop_args.clone(),
+        skip_scale: a.no_scale,
+        cpu: Some(a.cpu),
+        ctdrop: bin,
+        out_dir: env::target_dir().join("bench"),
+    })
 }
