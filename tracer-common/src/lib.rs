@@ -122,6 +122,29 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
 
+/// Key of the in-kernel per-group counters (count mode): everything the
+/// cause of a drop depends on except the table fill, which userspace
+/// samples. Few keys (namespaces x reasons), so unlike the per-flow map it
+/// does not fill up under a flood of new flows, and per-cause totals stay
+/// exact.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupKey {
+    pub netns: u32,
+    pub reason: u32,
+    pub l4_proto: u8,
+    pub has_ct: u8,
+    /// ICMP type and code (0 for other protocols): a blocked PMTU error is
+    /// its own cause.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+const _: () = assert!(core::mem::size_of::<GroupKey>() == 12);
+
+/// Entries of the per-group map; a full map is counted in
+/// [`stat::GROUP_MAP_FULL`].
+pub const GROUP_MAP_ENTRIES: u32 = 4096;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
 pub struct FlowCount {
@@ -143,6 +166,8 @@ pub mod stat {
     pub const COUNTED: u32 = 3;
     /// Count-mode flows that found the map full.
     pub const FLOW_MAP_FULL: u32 = 4;
+    /// Count-mode drops whose group found the group map full.
+    pub const GROUP_MAP_FULL: u32 = 5;
     pub const LEN: u32 = 8;
 }
 
@@ -257,6 +282,7 @@ mod user_pod {
     unsafe impl aya::Pod for super::DropRecord {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowCount {}
+    unsafe impl aya::Pod for super::GroupKey {}
     unsafe impl aya::Pod for super::Offsets {}
     unsafe impl aya::Pod for super::FilterConfig {}
     unsafe impl aya::Pod for super::CtEventCounts {}

@@ -5,9 +5,9 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use tracer_common::{flags, source, stat, DropRecord, DropRecordWithHeader, FilterConfig, FlowCount, FlowKey};
+use tracer_common::{flags, source, stat, DropRecord, DropRecordWithHeader, FilterConfig, FlowCount, FlowKey, GroupKey};
 
-use crate::{bump, filter, offsets, skb, EVENTS, FLOWS};
+use crate::{bump, filter, offsets, skb, EVENTS, FLOWS, GROUPS};
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
@@ -99,7 +99,9 @@ fn bytemuck_zeroed() -> DropRecord {
     unsafe { core::mem::zeroed() }
 }
 
-#[inline(always)]
+// Not inlined: its keys get their own stack frame instead of pushing
+// handle()'s past the 512-byte limit.
+#[inline(never)]
 unsafe fn count(rec: &DropRecord) {
     let key = FlowKey {
         saddr: rec.saddr,
@@ -113,7 +115,23 @@ unsafe fn count(rec: &DropRecord) {
         has_ct: (rec.flags & flags::HAS_CT != 0) as u8,
     };
     bump(stat::COUNTED);
+    let group = GroupKey {
+        netns: rec.netns,
+        reason: rec.reason,
+        l4_proto: rec.l4_proto,
+        has_ct: key.has_ct,
+        icmp_type: rec.icmp_type,
+        icmp_code: rec.icmp_code,
+    };
     // Per-CPU values: no atomics, no shared cache lines; userspace sums.
+    match GROUPS.get_ptr_mut(&group) {
+        Some(n) => *n += 1,
+        None => {
+            if GROUPS.insert(&group, &1u64, 0).is_err() {
+                bump(stat::GROUP_MAP_FULL);
+            }
+        }
+    }
     if let Some(v) = FLOWS.get_ptr_mut(&key) {
         (*v).packets += 1;
         (*v).bytes += rec.skb_len as u64;

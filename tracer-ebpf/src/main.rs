@@ -11,7 +11,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use tracer_common::{stat, FilterConfig, FlowCount, FlowKey, Offsets, OFFSET_ABSENT};
+use tracer_common::{stat, FilterConfig, FlowCount, FlowKey, GroupKey, Offsets, GROUP_MAP_ENTRIES, OFFSET_ABSENT};
 
 /// Filled in by userspace at load time (`EbpfLoader::set_global`); the
 /// verifier then sees the values as constants.
@@ -58,6 +58,10 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::LEN, 0);
 /// Count mode: exact per-flow counters instead of per-packet records.
 #[map]
 static FLOWS: PerCpuHashMap<FlowKey, FlowCount> = PerCpuHashMap::with_max_entries(65536, 0);
+
+/// Count mode: exact drop counts per (namespace, reason, protocol, ...).
+#[map]
+static GROUPS: PerCpuHashMap<GroupKey, u64> = PerCpuHashMap::with_max_entries(GROUP_MAP_ENTRIES, 0);
 
 #[inline(always)]
 fn offsets() -> Offsets {

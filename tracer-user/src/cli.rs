@@ -128,6 +128,14 @@ pub struct LiveArgs {
     /// Stop after this long (e.g. 10s, 2m).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Count drops in the kernel instead of sending a record per drop: exact
+    /// totals per cause and namespace every --report-every, top flows at the
+    /// end; the cheapest mode under a flood. No per-drop lines, no probes.
+    #[arg(long, conflicts_with_all = ["ping", "probe"])]
+    pub count_only: bool,
+    /// How often --count-only prints what was counted.
+    #[arg(long, value_parser = parse_duration, default_value = "1s", requires = "count_only")]
+    pub report_every: Duration,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -120,6 +120,36 @@ impl Tally {
         stat.by_cause[ci] += 1;
     }
 
+    /// Count mode: `n` drops the kernel counted in one (namespace, reason)
+    /// group, all of one cause. Totals only; flows come from [`Self::add_flow`].
+    pub fn add_counted(&mut self, netns: Option<u32>, reason: u32, cause: Cause, n: u64) {
+        let ci = cause_index(cause);
+        self.total += n;
+        self.by_cause[ci] += n;
+        let ns = self.by_netns.entry(netns).or_default();
+        ns.total += n;
+        ns.by_cause[ci] += n;
+        *self.by_reason.entry(reason).or_default() += n;
+    }
+
+    /// Count mode: one flow's kernel counters into the per-flow table, within
+    /// the cap like [`Self::record`]; the totals are not touched.
+    pub fn add_flow(&mut self, id: FlowId, stat: FlowStat) {
+        if let Some(s) = self.flows.get_mut(&id) {
+            s.drops += stat.drops;
+            s.bytes += stat.bytes;
+            s.first_ns = s.first_ns.min(stat.first_ns);
+            s.last_ns = s.last_ns.max(stat.last_ns);
+            for (a, b) in s.by_cause.iter_mut().zip(stat.by_cause) {
+                *a += b;
+            }
+        } else if self.flows.len() >= self.max_flows {
+            self.flows_untracked += stat.drops;
+        } else {
+            self.flows.insert(id, stat);
+        }
+    }
+
     pub fn count(&self, c: Cause) -> u64 {
         self.by_cause[cause_index(c)]
     }
@@ -181,6 +211,24 @@ mod tests {
         assert_eq!(t.count_in(1, Cause::NetfilterRule), 1);
         assert_eq!(t.flows_tracked(), 2);
         assert_eq!(t.flows_untracked, 3);
+    }
+
+    #[test]
+    fn counted_groups_and_flows_keep_totals_apart() {
+        let mut t = Tally::new(1);
+        t.add_counted(Some(1), 12, Cause::ConntrackTableFull, 1000);
+        t.add_counted(Some(2), 12, Cause::NetfilterRule, 5);
+        let stat = |drops| FlowStat { drops, by_cause: [drops, 0, 0, 0, 0, 0], ..Default::default() };
+        t.add_flow(FlowId::of(&ev(1, 1)), stat(600));
+        t.add_flow(FlowId::of(&ev(1, 1)), stat(100));
+        t.add_flow(FlowId::of(&ev(2, 1)), stat(300));
+        assert_eq!(t.total, 1005);
+        assert_eq!(t.count_in(1, Cause::ConntrackTableFull), 1000);
+        assert_eq!(t.count_in(2, Cause::NetfilterRule), 5);
+        assert_eq!(t.flows_tracked(), 1);
+        assert_eq!(t.top_flows(1)[0].1.drops, 700);
+        // The second flow did not fit: its drops are named, not lost.
+        assert_eq!(t.flows_untracked, 300);
     }
 
     #[test]

@@ -3,6 +3,7 @@ pub mod cause;
 pub mod check;
 pub mod cli;
 pub mod conntrack;
+pub mod counting;
 pub mod events;
 pub mod flows;
 pub mod kernel;

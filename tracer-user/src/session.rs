@@ -129,6 +129,11 @@ impl Collector {
         }
     }
 
+    /// Kernel counters per namespace when the run started.
+    pub fn baselines(&self) -> &BTreeMap<u32, CtCounters> {
+        &self.baselines
+    }
+
     pub fn matcher(&self) -> &Matcher {
         &self.matcher
     }
@@ -245,7 +250,11 @@ pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
     let out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
     let sinks: Vec<Box<dyn Sink>> =
         if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color))] };
-    run(&SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration }, sinks).await
+    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration };
+    if args.count_only {
+        return crate::counting::run(&opts, args.report_every, sinks).await;
+    }
+    run(&opts, sinks).await
 }
 
 /// What a session traces and for how long; outputs come as sinks.
@@ -377,6 +386,17 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         s.summary(&summary).context("writing the summary")?;
         s.flush().context("flushing output")?;
     }
+    // On stderr too: with stdout redirected, the operator still sees whether
+    // every drop made it out.
+    let t = &collector.tally;
+    eprintln!(
+        "ctdrop: stopped after {:.1} s: {} drops recorded, {} events lost, {} flows tracked, {} drops in flows beyond --max-flows",
+        started.elapsed().as_secs_f64(),
+        t.total,
+        stats.lost,
+        t.flows_tracked(),
+        t.flows_untracked
+    );
     Ok(())
 }
 
@@ -430,11 +450,11 @@ fn show_outcome(c: &Collector, o: &crate::probe::Outcome, sinks: &mut [Box<dyn S
     }
 }
 
-fn filtered(f: &FilterConfig) -> bool {
+pub(crate) fn filtered(f: &FilterConfig) -> bool {
     f.netns != 0 || f.l4_proto != 0 || f.port != 0 || f.host_len != 0
 }
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,

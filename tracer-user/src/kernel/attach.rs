@@ -8,7 +8,7 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use tracer_common::{stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, Offsets};
+use tracer_common::{stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, GroupKey, Offsets};
 
 use super::tier::{self, Mechanism, Mode};
 
@@ -43,6 +43,7 @@ pub struct KernelStats {
     pub lost: u64,
     pub counted: u64,
     pub flow_map_full: u64,
+    pub group_map_full: u64,
 }
 
 /// Loaded and attached programs; dropping it detaches everything (links
@@ -152,7 +153,20 @@ impl Tracer {
             lost: sum(stat::LOST)?,
             counted: sum(stat::COUNTED)?,
             flow_map_full: sum(stat::FLOW_MAP_FULL)?,
+            group_map_full: sum(stat::GROUP_MAP_FULL)?,
         })
+    }
+
+    /// Per-group drop counts of count mode (cumulative), summed over CPUs.
+    pub fn group_counts(&self) -> Result<Vec<(GroupKey, u64)>> {
+        let map: PerCpuHashMap<&MapData, GroupKey, u64> =
+            PerCpuHashMap::try_from(self.ebpf.map("GROUPS").ok_or_else(|| anyhow!("no GROUPS map"))?)?;
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (k, per_cpu) = item.context("reading GROUPS map")?;
+            out.push((k, per_cpu.iter().sum()));
+        }
+        Ok(out)
     }
 
     /// Per-flow counters of count mode, summed over CPUs.

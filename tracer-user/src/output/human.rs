@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 
-use super::{ProbeShown, Shown, Sink};
+use super::{CountsShown, ProbeShown, Shown, Sink};
 use crate::probe::{SeenDrop, Status, Wire};
 use crate::events::decode::proto_name;
 
@@ -84,6 +84,22 @@ pub fn verdict(d: &SeenDrop) -> String {
 }
 
 /// Human lines on stdout; colours only on a terminal.
+/// Count mode's periodic line: `12:00:01.000000 +312345 drops (conntrack_table_full 312345) in 1.0 s, 1234567 total; rx: 312345 ct 64/64`.
+pub fn counts_line(c: &CountsShown, out: &mut String) {
+    let causes: Vec<String> = c.by_cause.iter().map(|(cause, n)| format!("{cause} {n}")).collect();
+    let _ = write!(out, "{} +{} drops", clock(c.wall_ns), c.drops);
+    if !causes.is_empty() {
+        let _ = write!(out, " ({})", causes.join(", "));
+    }
+    let _ = write!(out, " in {:.1} s, {} total", c.interval_s, c.drops_total);
+    for (ns, name, n, fill) in c.by_netns {
+        let _ = write!(out, "; {}: {n}", netns_label(Some(*ns), name.as_deref()));
+        if let Some(f) = fill {
+            let _ = write!(out, " ct {}/{}", f.count, f.max);
+        }
+    }
+}
+
 pub struct HumanSink<W: std::io::Write> {
     out: W,
     color: bool,
@@ -125,6 +141,13 @@ impl<W: std::io::Write> Sink for HumanSink<W> {
             Status::Lost { drop: None } => format!("{}  no drop seen on this host", self.paint("31", "down")),
         };
         writeln!(self.out, "{head}  {tail}")
+    }
+
+    fn counts(&mut self, c: &CountsShown) -> std::io::Result<()> {
+        let mut line = String::new();
+        counts_line(c, &mut line);
+        line.push('\n');
+        self.out.write_all(line.as_bytes())
     }
 
     fn summary(&mut self, s: &crate::summary::Summary) -> std::io::Result<()> {

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use std::io::Write;
 
-use super::{ProbeShown, Shown, Sink};
+use super::{CountsShown, ProbeShown, Shown, Sink};
 use crate::probe::{Status, Wire};
 use crate::events::decode::proto_name;
 
@@ -108,6 +108,30 @@ pub fn probe_json(p: &ProbeShown) -> serde_json::Value {
     })
 }
 
+pub fn counts_json(c: &CountsShown) -> serde_json::Value {
+    let by_cause: serde_json::Map<String, serde_json::Value> =
+        c.by_cause.iter().map(|(cause, n)| (cause.as_str().to_string(), (*n).into())).collect();
+    let by_netns: Vec<serde_json::Value> = c
+        .by_netns
+        .iter()
+        .map(|(ns, name, n, fill)| {
+            serde_json::json!({
+                "netns": ns, "netns_name": name, "drops": n,
+                "ct_count": fill.map(|f| f.count), "ct_max": fill.map(|f| f.max),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "kind": "counts",
+        "ts_ns": c.wall_ns,
+        "interval_s": c.interval_s,
+        "drops": c.drops,
+        "drops_total": c.drops_total,
+        "drops_by_cause": by_cause,
+        "drops_by_netns": by_netns,
+    })
+}
+
 /// JSON lines on a writer (stdout for `live --json`).
 pub struct JsonSink<W: Write> {
     out: W,
@@ -127,6 +151,11 @@ impl<W: Write> Sink for JsonSink<W> {
 
     fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.out, &probe_json(p))?;
+        self.out.write_all(b"\n")
+    }
+
+    fn counts(&mut self, c: &CountsShown) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, &counts_json(c))?;
         self.out.write_all(b"\n")
     }
 

@@ -28,6 +28,20 @@ pub struct ProbeShown<'a> {
     pub sent: u64,
 }
 
+/// Count mode: what the kernel counted during one period.
+pub struct CountsShown<'a> {
+    /// Unix-epoch nanoseconds at the end of the period.
+    pub wall_ns: u64,
+    pub interval_s: f64,
+    /// Drops in this period, and since the start.
+    pub drops: u64,
+    pub drops_total: u64,
+    /// Drops in this period by cause (only causes that occurred).
+    pub by_cause: &'a [(Cause, u64)],
+    /// Drops in this period by namespace: (inode, name, drops, table fill then).
+    pub by_netns: &'a [(u32, Option<String>, u64, Option<crate::events::CtFill>)],
+}
+
 pub trait Sink {
     /// Called once after attaching, before any event.
     fn start(&mut self, _info: &crate::session::SessionInfo) -> std::io::Result<()> {
@@ -35,6 +49,10 @@ pub trait Sink {
     }
     fn drop_event(&mut self, s: &Shown) -> std::io::Result<()>;
     fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()>;
+    /// Count mode's periodic line; outputs that only store records skip it.
+    fn counts(&mut self, _c: &CountsShown) -> std::io::Result<()> {
+        Ok(())
+    }
     fn summary(&mut self, s: &Summary) -> std::io::Result<()>;
     fn flush(&mut self) -> std::io::Result<()>;
 }

@@ -1,0 +1,294 @@
+//! Count mode: the kernel counts drops per group (namespace, reason,
+//! protocol, conntrack reference) and per flow, and sends no record per
+//! packet. Each period the group counters are read, the new drops get their
+//! cause with the table fill sampled at that moment, and one `counts` line
+//! goes out; at the end the per-flow map supplies the top flows.
+//!
+//! Totals are exact whatever the flood: the group map has few keys, and the
+//! kernel's own `COUNTED` total is checked against it. Per-flow detail is
+//! bounded by the kernel map; what did not fit is counted and reported.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tracer_common::{FlowCount, FlowKey, GroupKey};
+
+use crate::{
+    cause::Cause,
+    events::{CtFill, CtRef, DropEvent, Flow, Icmp},
+    flows::{cause_index, FlowId, FlowStat},
+    kernel::attach::{LoadOptions, Tracer},
+    output::{CountsShown, Sink},
+    session::{boot_offset_ns, prepare, Collector, SessionOptions},
+    summary::Summary,
+};
+
+/// A drop event standing for every drop of one group: what the classifier
+/// needs (reason, protocol, ICMP type, conntrack reference, table fill).
+pub fn group_event(g: &GroupKey, fill: Option<CtFill>) -> DropEvent {
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let is_icmp = g.l4_proto == 1 || g.l4_proto == 58;
+    DropEvent {
+        ts_ns: 0,
+        cpu: 0,
+        reason: g.reason,
+        location: 0,
+        skb: 0,
+        source: tracer_common::source::KFREE_SKB,
+        detail: 0,
+        netns: (g.netns != 0).then_some(g.netns),
+        ifindex: None,
+        skb_len: 0,
+        flow: (g.l4_proto != 0).then_some(Flow { src: any, dst: any, proto: g.l4_proto, ports: None }),
+        icmp: is_icmp.then_some(Icmp { ty: g.icmp_type, code: g.icmp_code, echo: None }),
+        ct: (g.has_ct != 0).then_some(CtRef { info: 0, status: None, zone: 0 }),
+        ct_fill: fill,
+        truncated: false,
+        header: None,
+    }
+}
+
+/// The group part of a flow key, to find the causes its drops were given.
+fn group_of(k: &FlowKey) -> (u32, u32, u8, u8) {
+    (k.netns, k.reason, k.l4_proto, k.has_ct)
+}
+
+pub fn flow_id(k: &FlowKey) -> FlowId {
+    let addr = |b: [u8; 16]| match k.l3_proto {
+        0x0800 => Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
+        0x86dd => Some(IpAddr::V6(Ipv6Addr::from(b))),
+        _ => None,
+    };
+    FlowId { netns: (k.netns != 0).then_some(k.netns), proto: k.l4_proto, src: addr(k.saddr), dst: addr(k.daddr), sport: k.sport, dport: k.dport }
+}
+
+/// Turns cumulative kernel group counters into per-period, per-cause drops.
+#[derive(Default)]
+pub struct GroupCounter {
+    seen: HashMap<GroupKey, u64>,
+    /// Drops per cause of each (netns, reason, proto, has_ct), for flows.
+    causes: HashMap<(u32, u32, u8, u8), [u64; Cause::ALL.len()]>,
+}
+
+/// New drops of one period.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct Period {
+    pub drops: u64,
+    pub by_cause: BTreeMap<Cause, u64>,
+    pub by_netns: BTreeMap<u32, u64>,
+}
+
+impl GroupCounter {
+    /// Takes the current cumulative counters; each group's increase gets
+    /// the cause `classify` gives it now and goes into the tally.
+    pub fn absorb(&mut self, now: &[(GroupKey, u64)], mut classify: impl FnMut(&GroupKey) -> Cause, tally: &mut crate::flows::Tally) -> Period {
+        let mut p = Period::default();
+        for (k, total) in now {
+            let before = self.seen.insert(*k, *total).unwrap_or(0);
+            let n = total.saturating_sub(before);
+            if n == 0 {
+                continue;
+            }
+            let cause = classify(k);
+            tally.add_counted((k.netns != 0).then_some(k.netns), k.reason, cause, n);
+            self.causes.entry((k.netns, k.reason, k.l4_proto, k.has_ct)).or_default()[cause_index(cause)] += n;
+            p.drops += n;
+            *p.by_cause.entry(cause).or_default() += n;
+            *p.by_netns.entry(k.netns).or_default() += n;
+        }
+        p
+    }
+
+    /// A flow's kernel counters as a flow-table entry; its drops split over
+    /// causes in the proportion its group's drops were.
+    pub fn flow_stat(&self, k: &FlowKey, c: &FlowCount) -> FlowStat {
+        let mut by_cause = [0u64; Cause::ALL.len()];
+        let main = self
+            .causes
+            .get(&group_of(k))
+            .and_then(|per| per.iter().enumerate().max_by_key(|(_, n)| **n).filter(|(_, n)| **n > 0).map(|(i, _)| i))
+            .unwrap_or(cause_index(Cause::Other));
+        by_cause[main] = c.packets;
+        FlowStat { drops: c.packets, bytes: c.bytes, first_ns: c.first_ns, last_ns: c.last_ns, by_cause }
+    }
+}
+
+pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<dyn Sink>>) -> Result<()> {
+    let p = prepare(opts.trace)?;
+    if !p.conntrack_loaded {
+        eprintln!("ctdrop: nf_conntrack is not loaded on this host: no conntrack drops can happen; counting other netfilter drops");
+    }
+    let mut filter = p.filter;
+    filter.count_only = 1;
+    let mut collector = Collector::new(&p, opts.trace.max_flows, &[], Duration::from_secs(1));
+    // No records cross: the smallest ring the kernel accepts.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u32;
+    let tracer = Tracer::load(&LoadOptions { btf_path: &opts.trace.btf, offsets: p.btf.offsets()?, filter, ring_size: page })?;
+    eprintln!(
+        "ctdrop: attached tp_btf/kfree_skb in {} ms (tier tracepoint; count mode; {}); Ctrl-C to stop",
+        tracer.attach_time.as_millis(),
+        if filter.all_reasons != 0 { "all drop reasons" } else { "netfilter drops" }
+    );
+    let info = crate::session::SessionInfo {
+        reasons: &collector.reasons,
+        mechanisms: vec![("drops", "tp_btf/kfree_skb (in-kernel counters)".to_string())],
+        boot_offset_ns: collector.boot_offset,
+        limits: crate::conntrack::stats::CtLimits::read(),
+        counters_at_start: collector.baselines(),
+        filter: &filter,
+    };
+    for s in sinks.iter_mut() {
+        s.start(&info).context("starting output")?;
+    }
+    let started = Instant::now();
+    let mut groups = GroupCounter::default();
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut last = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                report_period(&tracer, &mut groups, &mut collector, &mut sinks, last.elapsed())?;
+                last = Instant::now();
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = crate::session::sleep_until(deadline) => break,
+        }
+    }
+    // Counts up to the stop belong to this run: one last period, then detach.
+    report_period(&tracer, &mut groups, &mut collector, &mut sinks, last.elapsed())?;
+    let stats = tracer.stats()?;
+    let flows = tracer.flow_counts()?;
+    drop(tracer);
+    for (k, c) in &flows {
+        collector.tally.add_flow(flow_id(k), groups.flow_stat(k, c));
+    }
+    let checks = collector.counter_checks();
+    let summary = Summary { collector: &collector, stats, elapsed: started.elapsed(), checks: &checks, filtered: crate::session::filtered(&filter) };
+    for s in sinks.iter_mut() {
+        s.summary(&summary).context("writing the summary")?;
+        s.flush().context("flushing output")?;
+    }
+    let t = &collector.tally;
+    if t.total != stats.counted {
+        // Only when the group map itself was full; say so rather than pretend.
+        eprintln!("ctdrop: warning: the kernel counted {} drops but only {} were grouped ({} hit a full group map)", stats.counted, t.total, stats.group_map_full);
+    }
+    eprintln!(
+        "ctdrop: stopped after {:.1} s: {} drops counted, 0 events lost, {} flows tracked, {} drops in flows beyond the kernel flow map",
+        started.elapsed().as_secs_f64(),
+        stats.counted,
+        t.flows_tracked(),
+        stats.flow_map_full
+    );
+    Ok(())
+}
+
+fn report_period(tracer: &Tracer, groups: &mut GroupCounter, c: &mut Collector, sinks: &mut [Box<dyn Sink>], interval: Duration) -> Result<()> {
+    let now = tracer.group_counts()?;
+    let period = {
+        let Collector { classifier, sampler, tally, .. } = c;
+        groups.absorb(&now, |g| classifier.classify(&group_event(g, (g.netns != 0).then(|| sampler.fill(g.netns)).flatten())), tally)
+    };
+    let by_cause: Vec<(Cause, u64)> = period.by_cause.iter().map(|(c, n)| (*c, *n)).collect();
+    let by_netns: Vec<(u32, Option<String>, u64, Option<CtFill>)> = period
+        .by_netns
+        .iter()
+        .map(|(ns, n)| {
+            let name = c.sampler.registry.get(*ns).and_then(|h| h.name.clone());
+            (*ns, name, *n, c.sampler.fill(*ns))
+        })
+        .collect();
+    let shown = CountsShown {
+        wall_ns: crate::probe::mono_ns() + boot_offset_ns(),
+        interval_s: interval.as_secs_f64(),
+        drops: period.drops,
+        drops_total: c.tally.total,
+        by_cause: &by_cause,
+        by_netns: &by_netns,
+    };
+    for s in sinks.iter_mut() {
+        let _ = s.counts(&shown);
+        let _ = s.flush();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cause::Classifier, flows::Tally};
+
+    const NF: u32 = 12;
+
+    fn key(netns: u32, proto: u8, has_ct: u8) -> GroupKey {
+        GroupKey { netns, reason: NF, l4_proto: proto, has_ct, icmp_type: 0, icmp_code: 0 }
+    }
+
+    #[test]
+    fn periods_count_increases_once_and_classify_with_the_fill_then() {
+        let c = Classifier { netfilter_drop: Some(NF) };
+        let mut g = GroupCounter::default();
+        let mut t = Tally::new(10);
+        let full = CtFill { count: 64, max: 64, sampled: true };
+        let room = CtFill { count: 3, max: 64, sampled: true };
+        let p1 = g.absorb(&[(key(7, 17, 0), 1000)], |k| c.classify(&group_event(k, Some(full))), &mut t);
+        assert_eq!(p1.drops, 1000);
+        assert_eq!(p1.by_cause[&Cause::ConntrackTableFull], 1000);
+        // Same cumulative value: nothing new. Then 10 more while the table had room.
+        let p2 = g.absorb(&[(key(7, 17, 0), 1000)], |k| c.classify(&group_event(k, Some(full))), &mut t);
+        assert_eq!(p2, Period::default());
+        let p3 = g.absorb(&[(key(7, 17, 0), 1010), (key(7, 6, 1), 4)], |k| c.classify(&group_event(k, Some(room))), &mut t);
+        assert_eq!(p3.drops, 14);
+        assert_eq!(p3.by_cause[&Cause::NetfilterRule], 14);
+        assert_eq!(t.total, 1014);
+        assert_eq!(t.count_in(7, Cause::ConntrackTableFull), 1000);
+        assert_eq!(t.count_in(7, Cause::NetfilterRule), 14);
+    }
+
+    #[test]
+    fn blocked_pmtu_errors_keep_their_cause_in_groups() {
+        let c = Classifier { netfilter_drop: Some(NF) };
+        let mut k = key(7, 1, 0);
+        k.icmp_type = 3;
+        k.icmp_code = 4;
+        assert_eq!(c.classify(&group_event(&k, None)), Cause::IcmpErrorBlocked);
+        k.has_ct = 1;
+        k.icmp_type = 8;
+        let full = CtFill { count: 64, max: 64, sampled: true };
+        assert_eq!(c.classify(&group_event(&k, Some(full))), Cause::NetfilterRule);
+    }
+
+    #[test]
+    fn flows_take_their_groups_main_cause() {
+        let c = Classifier { netfilter_drop: Some(NF) };
+        let mut g = GroupCounter::default();
+        let mut t = Tally::new(10);
+        let full = CtFill { count: 64, max: 64, sampled: true };
+        g.absorb(&[(key(7, 17, 0), 50)], |k| c.classify(&group_event(k, Some(full))), &mut t);
+        let mut fk: FlowKey = bytemuck::Zeroable::zeroed();
+        fk.netns = 7;
+        fk.reason = NF;
+        fk.l4_proto = 17;
+        fk.l3_proto = 0x0800;
+        fk.saddr[..4].copy_from_slice(&[198, 18, 0, 1]);
+        fk.dport = 53;
+        let s = g.flow_stat(&fk, &FlowCount { packets: 3, bytes: 90, first_ns: 1, last_ns: 2 });
+        assert_eq!(s.main_cause(), Cause::ConntrackTableFull);
+        assert_eq!(s.drops, 3);
+        let id = flow_id(&fk);
+        assert_eq!(id.src, Some("198.18.0.1".parse().unwrap()));
+        assert_eq!(id.dport, 53);
+        // A flow whose group was never read is not given a guessed cause.
+        fk.netns = 8;
+        assert_eq!(g.flow_stat(&fk, &FlowCount { packets: 1, ..Default::default() }).main_cause(), Cause::Other);
+    }
+}
