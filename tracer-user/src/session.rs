@@ -1,7 +1,8 @@
 //! A tracing session: attach, drain, classify, show, summarize.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
+    rc::Rc,
     time::{Duration, Instant},
 };
 
@@ -102,6 +103,20 @@ pub struct Collector {
     pub matcher: Matcher,
     pub probe_labels: Vec<String>,
     baselines: BTreeMap<u32, CtCounters>,
+    labels: Labels,
+}
+
+type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Names shown with every drop, looked up once and then shared: copying
+/// them per drop was a visible cost under a flood.
+#[derive(Default)]
+struct Labels {
+    reasons: Fast<u32, Rc<str>>,
+    locations: Fast<u64, Rc<str>>,
+    /// (netns, ifindex) to (namespace name, interface name); only for
+    /// namespaces the registry found, so a late one still gets its names.
+    places: Fast<(u32, Option<u32>), (Option<Rc<str>>, Option<Rc<str>>)>,
 }
 
 impl Collector {
@@ -126,6 +141,7 @@ impl Collector {
             matcher: Matcher::new(probes.iter().map(|t| t.target.addr()).collect(), probe_timeout.as_nanos() as u64),
             probe_labels: probes.iter().map(|t| t.label.clone()).collect(),
             baselines,
+            labels: Labels::default(),
         }
     }
 
@@ -207,10 +223,21 @@ impl Collector {
     }
 
     pub fn show<R>(&mut self, ev: &DropEvent, cause: Cause, f: impl FnOnce(&mut Self, &Shown) -> R) -> R {
-        let reason = self.reasons.name(ev.reason);
-        let location = self.symbols.resolve(ev.location).to_string();
-        let (name, ifname) = match ev.netns.and_then(|ns| self.sampler.registry.get(ns)) {
-            Some(h) => (h.name.clone(), ev.ifindex.and_then(|i| h.ifname(i))),
+        let Collector { labels, reasons, symbols, sampler, .. } = self;
+        let reason = labels.reasons.entry(ev.reason).or_insert_with(|| reasons.name(ev.reason).into()).clone();
+        let location = labels.locations.entry(ev.location).or_insert_with(|| symbols.resolve(ev.location).into()).clone();
+        let (name, ifname) = match ev.netns {
+            Some(ns) => match labels.places.get(&(ns, ev.ifindex)) {
+                Some(p) => p.clone(),
+                None => match sampler.registry.get(ns) {
+                    Some(h) => {
+                        let p = (h.name.as_deref().map(Rc::from), ev.ifindex.and_then(|i| h.ifname(i)).map(|n| Rc::from(n.as_str())));
+                        labels.places.insert((ns, ev.ifindex), p.clone());
+                        p
+                    }
+                    None => (None, None),
+                },
+            },
             None => (None, None),
         };
         let shown = Shown {
@@ -346,8 +373,12 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                 None => { probes = None; if stopping.is_none() { stopping = Some(tokio::time::Instant::now()); } }
             },
             _ = expire_tick.tick() => {
-                // Drops already in the ring may explain a probe about to expire.
-                ring.drain(|b| collector.handle(b, &mut sinks));
+                // Drops already in the ring may explain a probe about to
+                // expire. The kernel wakes us only per 1/16 of the ring, so
+                // this tick is also what bounds the delay of a lone drop.
+                if ring.drain(|b| collector.handle(b, &mut sinks)) > 0 {
+                    for s in sinks.iter_mut() { let _ = s.flush(); }
+                }
                 expire_probes(&mut collector, &mut sinks);
                 if stopping.is_some() && collector.matcher.pending() == 0 { break; }
                 if let Some(t) = stopping {

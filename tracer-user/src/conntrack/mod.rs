@@ -28,23 +28,29 @@ impl FillSampler {
     }
 
     pub fn limits(&mut self) -> Option<CtLimits> {
+        self.limits_at(Instant::now())
+    }
+
+    fn limits_at(&mut self, now: Instant) -> Option<CtLimits> {
         match self.limits {
-            Some((t, l)) if t.elapsed() < Duration::from_secs(1) => l,
+            Some((t, l)) if now.saturating_duration_since(t) < Duration::from_secs(1) => l,
             _ => {
                 let l = CtLimits::read();
-                self.limits = Some((Instant::now(), l));
+                self.limits = Some((now, l));
                 l
             }
         }
     }
 
     pub fn fill(&mut self, netns: u32) -> Option<CtFill> {
-        let max = self.limits()?.max;
+        // One clock read per drop: this runs for every record of a flood.
+        let now = Instant::now();
+        let max = self.limits_at(now)?.max;
         let count = match self.last.get(&netns) {
-            Some((t, c)) if t.elapsed() < self.fresh => *c,
+            Some((t, c)) if now.saturating_duration_since(*t) < self.fresh => *c,
             _ => {
                 let c = self.registry.get(netns).and_then(|h| h.counters()).map(|c| c.entries());
-                self.last.insert(netns, (Instant::now(), c));
+                self.last.insert(netns, (now, c));
                 c
             }
         }?;

@@ -223,11 +223,12 @@ impl Running {
     /// SIGINT, wait for exit, collect what it printed and its rusage.
     pub fn stop(mut self) -> Result<Report> {
         let pid = self.child.id() as i32;
+        let mut peak = vm_hwm_kb(pid);
         unsafe { libc::kill(pid, libc::SIGINT) };
-        let (status, ru) = wait_with_timeout(pid, Duration::from_secs(60))?;
+        let (status, ru) = wait_with_timeout(pid, Duration::from_secs(60), &mut peak)?;
         let total = tv(ru.ru_utime) + tv(ru.ru_stime);
         self.report.cpu_s = self.cpu_at_flood.map(|c| (total - c).max(0.0));
-        self.report.peak_rss_kb = Some(ru.ru_maxrss as u64);
+        self.report.peak_rss_kb = peak;
         let mut counted = 0;
         for h in self.readers.drain(..) {
             counted += h.join().unwrap_or(0);
@@ -321,9 +322,20 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks as f64 / hz)
 }
 
-fn wait_with_timeout(pid: i32, limit: Duration) -> Result<(i32, libc::rusage)> {
+/// VmHWM of a live process. Not rusage's ru_maxrss: that also counts the
+/// forked copy of this process before exec.
+fn vm_hwm_kb(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// Waits for exit, sampling VmHWM meanwhile (it is gone once the process is).
+fn wait_with_timeout(pid: i32, limit: Duration, peak: &mut Option<u64>) -> Result<(i32, libc::rusage)> {
     let deadline = Instant::now() + limit;
     loop {
+        if let Some(kb) = vm_hwm_kb(pid) {
+            *peak = Some(peak.unwrap_or(0).max(kb));
+        }
         let mut status = 0;
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
@@ -337,7 +349,7 @@ fn wait_with_timeout(pid: i32, limit: Duration) -> Result<(i32, libc::rusage)> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             bail!("the tracer did not exit within {} s of SIGINT (killed)", limit.as_secs());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
