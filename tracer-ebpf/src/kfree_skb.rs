@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use tracer_common::{flags, source, stat, DropRecord, DropRecordWithHeader, FilterConfig, FlowCount, FlowKey, GroupKey};
 
-use crate::{bump, filter, offsets, skb, EVENTS, FLOWS, GROUPS};
+use crate::{bump, filter, offsets, skb, EVENTS, FLOWS, GROUPS, STATS};
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
@@ -164,6 +164,16 @@ unsafe fn count(rec: &DropRecord) {
         (*v).bytes += rec.skb_len as u64;
         (*v).last_ns = rec.ts_ns;
         return;
+    }
+    // Nothing is ever deleted from FLOWS, so once an insert on this CPU
+    // failed for lack of room every later one would too: skip the attempt
+    // (it takes the bucket lock) and only count. Under a flood of new flows
+    // this is every packet after the first 65536 flows.
+    if let Some(full) = STATS.get_ptr_mut(stat::FLOW_MAP_FULL) {
+        if *full != 0 {
+            *full += 1;
+            return;
+        }
     }
     let v = FlowCount { packets: 1, bytes: rec.skb_len as u64, first_ns: rec.ts_ns, last_ns: rec.ts_ns };
     if FLOWS.insert(&key, &v, 0).is_err() {
