@@ -22,7 +22,10 @@ use crate::{
     cause::Cause,
     events::{CtFill, CtRef, DropEvent, Flow, Icmp},
     flows::{cause_index, FlowId, FlowStat},
-    kernel::attach::{LoadOptions, Tracer},
+    kernel::{
+        attach::{LoadOptions, Tracer},
+        tier::Mode,
+    },
     output::{CountsShown, Sink},
     session::{boot_offset_ns, prepare, Collector, SessionOptions},
     summary::Summary,
@@ -128,7 +131,12 @@ pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<
     let mut collector = Collector::new(&p, opts.trace.max_flows, &[], Duration::from_secs(1));
     // No records cross: the smallest ring the kernel accepts.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u32;
-    let tracer = Tracer::load(&LoadOptions { btf_path: &opts.trace.btf, offsets: p.btf.offsets()?, filter, ring_size: page })?;
+    // The conntrack-path probes report through the ring, which count mode
+    // does not read: it counts at kfree_skb only.
+    if !matches!(opts.trace.mode, Mode::Auto | Mode::Tracepoint) {
+        anyhow::bail!("--count-only counts at the kfree_skb tracepoint only: drop --mode or use --mode tracepoint");
+    }
+    let tracer = Tracer::load(&LoadOptions { btf_path: &opts.trace.btf, offsets: p.btf.offsets()?, filter, ring_size: page, mode: Mode::Tracepoint })?;
     eprintln!(
         "ctdrop: attached tp_btf/kfree_skb in {} ms (tier tracepoint; count mode; {}); Ctrl-C to stop",
         tracer.attach_time.as_millis(),
@@ -136,7 +144,7 @@ pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<
     );
     let info = crate::session::SessionInfo {
         reasons: &collector.reasons,
-        mechanisms: vec![("drops", "tp_btf/kfree_skb (in-kernel counters)".to_string())],
+        mechanisms: tracer.mechanisms.clone(),
         boot_offset_ns: collector.boot_offset,
         limits: crate::conntrack::stats::CtLimits::read(),
         counters_at_start: collector.baselines(),
@@ -167,12 +175,21 @@ pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<
     report_period(&tracer, &mut groups, &mut collector, &mut sinks, last.elapsed())?;
     let stats = tracer.stats()?;
     let flows = tracer.flow_counts()?;
+    let mechanisms = tracer.mechanisms.clone();
     drop(tracer);
     for (k, c) in &flows {
         collector.tally.add_flow(flow_id(k), groups.flow_stat(k, c));
     }
     let checks = collector.counter_checks();
-    let summary = Summary { collector: &collector, stats, elapsed: started.elapsed(), checks: &checks, filtered: crate::session::filtered(&filter) };
+    let summary = Summary {
+        collector: &collector,
+        stats,
+        elapsed: started.elapsed(),
+        checks: &checks,
+        filtered: crate::session::filtered(&filter),
+        ct_events: &[],
+        mechanisms: &mechanisms,
+    };
     for s in sinks.iter_mut() {
         s.summary(&summary).context("writing the summary")?;
         s.flush().context("flushing output")?;
