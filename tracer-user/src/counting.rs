@@ -252,7 +252,7 @@ mod tests {
 
     #[test]
     fn periods_count_increases_once_and_classify_with_the_fill_then() {
-        let c = Classifier { netfilter_drop: Some(NF) };
+        let c = Classifier { netfilter_drop: Some(NF), probes: false };
         let mut g = GroupCounter::default();
         let mut t = Tally::new(10);
         let full = CtFill { count: 64, max: 64, sampled: true };
@@ -273,7 +273,7 @@ mod tests {
 
     #[test]
     fn blocked_pmtu_errors_keep_their_cause_in_groups() {
-        let c = Classifier { netfilter_drop: Some(NF) };
+        let c = Classifier { netfilter_drop: Some(NF), probes: false };
         let mut k = key(7, 1, 0);
         k.icmp_type = 3;
         k.icmp_code = 4;
@@ -286,7 +286,7 @@ mod tests {
 
     #[test]
     fn flows_take_their_groups_main_cause() {
-        let c = Classifier { netfilter_drop: Some(NF) };
+        let c = Classifier { netfilter_drop: Some(NF), probes: false };
         let mut g = GroupCounter::default();
         let mut t = Tally::new(10);
         let full = CtFill { count: 64, max: 64, sampled: true };
