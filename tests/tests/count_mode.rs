@@ -1,0 +1,108 @@
+//! `ctdrop live --count-only`: the kernel counts, nothing crosses per drop,
+//! and the totals still equal the kernel's own `drop` counter, also after
+//! the per-flow map has filled up. Needs root; run single-threaded.
+
+use std::time::{Duration, Instant};
+
+use ctdrop_tests::*;
+use serde_json::Value;
+
+const MAX: u64 = 64;
+/// More distinct flows than the kernel flow map holds (65536).
+const FLOWS: u32 = 75_000;
+
+/// Waits until `ns`'s `drop` counter stops moving, at most 3 s.
+fn settled_drops(ns: &Netns) -> u64 {
+    let mut last = ct_stats(ns).unwrap()["drop"];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = ct_stats(ns).unwrap()["drop"];
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// `n` datagrams, each a new flow: destination ports 1..=65535 from one
+/// source socket, then again from the next one.
+fn send_many_flows(ns: &Netns, dst: std::net::Ipv4Addr, n: u32) {
+    in_netns(&ns.path(), move || {
+        let mut sent = 0u32;
+        while sent < n {
+            let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+            for port in 1..=u16::MAX {
+                if sent == n {
+                    break;
+                }
+                sock.send_to(b"ctdrop-tests count", (dst, port))?;
+                sent += 1;
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
+    let topo = Topology::pair().unwrap();
+    topo.track_receiver().unwrap();
+    let rx = topo.receiver.inode().unwrap();
+    let _max = ConntrackMaxGuard::set(MAX).unwrap();
+    send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, MAX as u16 + 16).unwrap();
+    let before = settled_drops(&topo.receiver);
+
+    let ctdrop = Ctdrop::spawn(&["live", "--json", "--count-only", "--report-every", "200ms"]).unwrap();
+    send_many_flows(&topo.sender, topo.receiver_addr, FLOWS);
+    let delta = settled_drops(&topo.receiver) - before;
+    let out = ctdrop.stop().unwrap();
+    assert!(out.status.success(), "ctdrop failed: {:?}\n{}", out.status, out.stderr);
+    assert!(delta >= FLOWS as u64 * 9 / 10, "the table did not stay full: drop +{delta} for {FLOWS} flows");
+
+    // Count mode sends no per-drop records, only periodic counts.
+    assert!(out.drops().is_empty(), "drop records in count mode");
+    let counts: Vec<&Value> = out.records.iter().filter(|r| r["kind"] == "counts").collect();
+    assert!(counts.len() >= 2, "expected periodic counts lines, got {}", counts.len());
+
+    let summary = out.summary().unwrap();
+    let total = summary["drops_total"].as_u64().unwrap();
+    let in_rx = summary["drops_by_netns"][rx.to_string()].as_u64().unwrap_or(0);
+    assert_eq!(in_rx, delta, "count-mode drops in the receiver vs kernel drop counter; summary {summary}");
+    assert_eq!(summary["drops_by_cause"]["conntrack_table_full"].as_u64(), Some(in_rx), "causes: {}", summary["drops_by_cause"]);
+    let kc = out.kernel_counters(rx).unwrap().unwrap_or_else(|| panic!("no kernel_counters for {rx}: {summary}"));
+    assert_eq!(kc["agree"], true, "kernel counters {kc}");
+
+    // The periodic lines add up to the total, and each one to its causes.
+    let periodic: u64 = counts.iter().map(|c| c["drops"].as_u64().unwrap()).sum();
+    assert_eq!(periodic, total, "sum of counts lines vs summary total");
+    for c in &counts {
+        let by_cause: u64 = c["drops_by_cause"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+        assert_eq!(by_cause, c["drops"].as_u64().unwrap(), "counts line {c}");
+    }
+
+    // The flow map overflowed (more flows than it holds), and says so.
+    let stopped = out.stderr_lines().into_iter().find(|l| l.starts_with("ctdrop: stopped")).unwrap_or_else(|| panic!("no stopped line: {}", out.stderr)).to_string();
+    let beyond = number_before(&stopped, " drops in flows beyond the kernel flow map").unwrap();
+    assert!(beyond > 0, "flow map did not overflow with {FLOWS} flows: {stopped}");
+    assert_eq!(number_before(&stopped, " drops counted"), Some(total), "{stopped}");
+    let top = summary["top_flows"].as_array().unwrap();
+    assert!(!top.is_empty(), "no top flows: {summary}");
+    assert!(top.iter().any(|f| f["dst"] == topo.receiver_addr.to_string() && f["cause"] == "conntrack_table_full"), "top flows {top:?}");
+}
+
+#[test]
+fn count_only_refuses_probes_with_a_usage_error() {
+    let out = run_ctdrop(&[], &["live", "--count-only", "--ping", "198.18.0.1"], Duration::from_secs(15)).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("--count-only") && out.stderr.contains("--ping"), "stderr: {}", out.stderr);
+    assert!(out.stdout.trim().is_empty(), "stdout on error: {}", out.stdout);
+}
+
+/// The integer just before `suffix` in `line`.
+fn number_before(line: &str, suffix: &str) -> Option<u64> {
+    let head = &line[..line.find(suffix)?];
+    let start = head.rfind(|c: char| !c.is_ascii_digit()).map(|i| i + 1).unwrap_or(0);
+    head[start..].parse().ok()
+}
