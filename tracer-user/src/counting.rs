@@ -136,7 +136,8 @@ pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<
     if !matches!(opts.trace.mode, Mode::Auto | Mode::Tracepoint) {
         anyhow::bail!("--count-only counts at the kfree_skb tracepoint only: drop --mode or use --mode tracepoint");
     }
-    let tracer = Tracer::load(&LoadOptions { btf_path: &opts.trace.btf, offsets: p.btf.offsets()?, filter, ring_size: page, mode: Mode::Tracepoint })?;
+    let tracer = Tracer::load(&LoadOptions { btf_path: &opts.trace.btf, offsets: p.offsets, filter, ring_size: page, mode: Mode::Tracepoint })?;
+    crate::session::release_freed_memory();
     eprintln!(
         "ctdrop: attached tp_btf/kfree_skb in {} ms (tier tracepoint; count mode; {}); Ctrl-C to stop",
         tracer.attach_time.as_millis(),

@@ -36,9 +36,18 @@ pub fn boot_offset_ns() -> u64 {
     now(libc::CLOCK_REALTIME).saturating_sub(now(libc::CLOCK_MONOTONIC))
 }
 
+/// Hands memory freed after parsing BTF back to the kernel: glibc keeps
+/// small freed blocks in its heap otherwise, and the parsed BTF is tens of
+/// megabytes of them.
+pub fn release_freed_memory() {
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// Everything found out before attaching.
 pub struct Prepared {
-    pub btf: KernelBtf,
+    /// Struct offsets for the kernel programs. The parsed BTF they come
+    /// from is not kept: it was most of ctdrop's memory for the whole run.
+    pub offsets: tracer_common::Offsets,
     pub reasons: DropReasons,
     pub filter: FilterConfig,
     pub ring_size: u32,
@@ -51,6 +60,9 @@ pub fn prepare(args: &TraceArgs) -> Result<Prepared> {
     capabilities::require_btf(&args.btf)?;
     let btf = KernelBtf::open(&args.btf)?;
     let reasons = DropReasons::from_btf(&btf)?;
+    let offsets = btf.offsets()?;
+    drop(btf);
+    release_freed_memory();
     let nf = reasons.value("NETFILTER_DROP");
     let mut filter: FilterConfig = bytemuck::Zeroable::zeroed();
     filter.netfilter_drop_reason = nf.unwrap_or(u32::MAX);
@@ -71,7 +83,7 @@ pub fn prepare(args: &TraceArgs) -> Result<Prepared> {
         }
         None => {}
     }
-    Ok(Prepared { btf, reasons, filter, ring_size, conntrack_loaded: capabilities::conntrack_loaded() })
+    Ok(Prepared { offsets, reasons, filter, ring_size, conntrack_loaded: capabilities::conntrack_loaded() })
 }
 
 /// Kernel counter increase in one namespace against what we recorded there.
@@ -315,11 +327,12 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     let mut collector = Collector::new(&p, args.trace.max_flows, &targets, args.probe.timeout);
     let mut tracer = Tracer::load(&LoadOptions {
         btf_path: &args.trace.btf,
-        offsets: p.btf.offsets()?,
+        offsets: p.offsets,
         filter: p.filter,
         ring_size: p.ring_size,
         mode: args.trace.mode,
     })?;
+    release_freed_memory();
     collector.classifier.probes = tracer.probes_drop_paths();
     let mut ring = RingReader::new(tracer.take_ring()?)?;
     eprintln!(
