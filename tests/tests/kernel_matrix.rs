@@ -83,7 +83,8 @@ fn guest_check_reports_kprobe_tier_for_conntrack_signals() {
     assert_eq!(v["tier"], "kprobe", "{v}");
     for signal in ["table_full", "insert_failed", "conntrack_in", "early_drop", "clash_resolve", "inserts"] {
         let m = v["mechanisms"].as_array().unwrap().iter().find(|m| m["signal"] == signal).unwrap();
-        assert!(m["mechanism"].as_str().unwrap_or("").contains("kprobe"), "{signal}: {m}");
+        let mech = m["mechanism"].as_str().unwrap_or("");
+        assert!(mech.starts_with("kprobe/") || mech.starts_with("kretprobe/"), "{signal}: {m}");
     }
 }
 

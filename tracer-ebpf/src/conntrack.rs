@@ -23,7 +23,8 @@ use crate::{offsets, skb::read};
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 const MAX_ERRNO: u64 = 4095;
-const DEPTH: usize = 4;
+/// Nesting depth kept per function (a softirq inside process context).
+const DEPTH: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -32,15 +33,15 @@ pub struct Frame {
     pub alloc_failed: u64,
 }
 
-#[repr(C)]
-pub struct CallStack {
-    pub depth: u32,
-    pub _pad: u32,
-    pub frames: [Frame; DEPTH],
-}
+/// Stack depth per stashed function. Frames live in their own array and are
+/// reached through map lookups: the helper bounds-checks the index, where a
+/// computed index into an array value is one the optimizer can reshape
+/// past the verifier's understanding.
+#[map]
+static STASH_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(stash::LEN, 0);
 
 #[map]
-static STASH: PerCpuArray<CallStack> = PerCpuArray::with_max_entries(stash::LEN, 0);
+static STASH_FRAMES: PerCpuArray<Frame> = PerCpuArray::with_max_entries(stash::LEN * DEPTH, 0);
 
 /// skb address → conntrack verdict, consumed by the kfree_skb program.
 #[map]
@@ -52,42 +53,46 @@ static CT_EVENTS: PerCpuHashMap<u32, CtEventCounts> = PerCpuHashMap::with_max_en
 
 #[inline(always)]
 fn push(which: u32, arg: u64) {
-    let Some(st) = STASH.get_ptr_mut(which) else { return };
-    let st = unsafe { &mut *st };
-    let d = st.depth as usize;
+    let Some(depth) = STASH_DEPTH.get_ptr_mut(which) else { return };
+    let d = unsafe { *depth };
     if d < DEPTH {
-        st.frames[d] = Frame { arg, alloc_failed: 0 };
+        if let Some(f) = STASH_FRAMES.get_ptr_mut(which * DEPTH + d) {
+            unsafe { *f = Frame { arg, alloc_failed: 0 } };
+        }
     }
     // Past the bottom we still count, so pops stay paired with pushes.
-    st.depth = st.depth.saturating_add(1);
+    unsafe { *depth = d.saturating_add(1) };
 }
 
 #[inline(always)]
 fn pop(which: u32) -> Option<Frame> {
-    let st = STASH.get_ptr_mut(which)?;
-    let st = unsafe { &mut *st };
-    if st.depth == 0 {
+    let depth = STASH_DEPTH.get_ptr_mut(which)?;
+    let d = unsafe { *depth };
+    if d == 0 {
         return None;
     }
-    st.depth -= 1;
-    let d = st.depth as usize;
-    if d < DEPTH {
-        Some(st.frames[d])
+    unsafe { *depth = d - 1 };
+    if d - 1 < DEPTH {
+        STASH_FRAMES.get(which * DEPTH + d - 1).copied()
     } else {
         None
     }
 }
 
+/// The innermost frame of `which`, if any.
+#[inline(always)]
+fn top(which: u32) -> Option<*mut Frame> {
+    let d = *STASH_DEPTH.get(which)?;
+    if d == 0 || d > DEPTH {
+        return None;
+    }
+    STASH_FRAMES.get_ptr_mut(which * DEPTH + d - 1)
+}
+
 #[inline(always)]
 fn mark_alloc_failed() {
-    let Some(st) = STASH.get_ptr_mut(stash::CONNTRACK_IN) else { return };
-    let st = unsafe { &mut *st };
-    if st.depth == 0 {
-        return;
-    }
-    let d = (st.depth - 1) as usize;
-    if d < DEPTH {
-        st.frames[d].alloc_failed = 1;
+    if let Some(f) = top(stash::CONNTRACK_IN) {
+        unsafe { (*f).alloc_failed = 1 };
     }
 }
 
@@ -160,17 +165,7 @@ pub fn ct_alloc_return(ctx: RetProbeContext) -> u32 {
     if ret >= 0u64.wrapping_sub(MAX_ERRNO) {
         mark_alloc_failed();
         let o = offsets();
-        let skb = STASH
-            .get(stash::CONNTRACK_IN)
-            .and_then(|st| {
-                let d = st.depth as usize;
-                if d >= 1 && d <= DEPTH {
-                    Some(st.frames[d - 1].arg)
-                } else {
-                    None
-                }
-            })
-            .unwrap_or(0);
+        let skb = top(stash::CONNTRACK_IN).map(|f| unsafe { (*f).arg }).unwrap_or(0);
         let ns = unsafe { skb_netns(&o, skb) };
         count(ns, |c| c.alloc_failed += 1);
     }
