@@ -16,14 +16,15 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::{source, stash, CtEventCounts, Offsets, SkbVerdict};
+use tracer_common::{source, stash, CtEventCounts, SkbVerdict};
 
-use crate::{offsets, skb::read};
+use crate::skb::{net_inum, read};
 
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 const MAX_ERRNO: u64 = 4095;
-const DEPTH: usize = 4;
+/// Nesting depth kept per function (a softirq inside process context).
+const DEPTH: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -32,15 +33,15 @@ pub struct Frame {
     pub alloc_failed: u64,
 }
 
-#[repr(C)]
-pub struct CallStack {
-    pub depth: u32,
-    pub _pad: u32,
-    pub frames: [Frame; DEPTH],
-}
+/// Stack depth per stashed function. Frames live in their own array and are
+/// reached through map lookups: the helper bounds-checks the index, where a
+/// computed index into an array value is one the optimizer can reshape
+/// past the verifier's understanding.
+#[map]
+static STASH_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(stash::LEN, 0);
 
 #[map]
-static STASH: PerCpuArray<CallStack> = PerCpuArray::with_max_entries(stash::LEN, 0);
+static STASH_FRAMES: PerCpuArray<Frame> = PerCpuArray::with_max_entries(stash::LEN * DEPTH, 0);
 
 /// skb address → conntrack verdict, consumed by the kfree_skb program.
 #[map]
@@ -52,59 +53,63 @@ static CT_EVENTS: PerCpuHashMap<u32, CtEventCounts> = PerCpuHashMap::with_max_en
 
 #[inline(always)]
 fn push(which: u32, arg: u64) {
-    let Some(st) = STASH.get_ptr_mut(which) else { return };
-    let st = unsafe { &mut *st };
-    let d = st.depth as usize;
+    let Some(depth) = STASH_DEPTH.get_ptr_mut(which) else { return };
+    let d = unsafe { *depth };
     if d < DEPTH {
-        st.frames[d] = Frame { arg, alloc_failed: 0 };
+        if let Some(f) = STASH_FRAMES.get_ptr_mut(which * DEPTH + d) {
+            unsafe { *f = Frame { arg, alloc_failed: 0 } };
+        }
     }
     // Past the bottom we still count, so pops stay paired with pushes.
-    st.depth = st.depth.saturating_add(1);
+    unsafe { *depth = d.saturating_add(1) };
 }
 
 #[inline(always)]
 fn pop(which: u32) -> Option<Frame> {
-    let st = STASH.get_ptr_mut(which)?;
-    let st = unsafe { &mut *st };
-    if st.depth == 0 {
+    let depth = STASH_DEPTH.get_ptr_mut(which)?;
+    let d = unsafe { *depth };
+    if d == 0 {
         return None;
     }
-    st.depth -= 1;
-    let d = st.depth as usize;
-    if d < DEPTH {
-        Some(st.frames[d])
+    unsafe { *depth = d - 1 };
+    if d - 1 < DEPTH {
+        STASH_FRAMES.get(which * DEPTH + d - 1).copied()
     } else {
         None
     }
 }
 
+/// The innermost frame of `which`, if any.
+#[inline(always)]
+fn top(which: u32) -> Option<*mut Frame> {
+    let d = *STASH_DEPTH.get(which)?;
+    if d == 0 || d > DEPTH {
+        return None;
+    }
+    STASH_FRAMES.get_ptr_mut(which * DEPTH + d - 1)
+}
+
 #[inline(always)]
 fn mark_alloc_failed() {
-    let Some(st) = STASH.get_ptr_mut(stash::CONNTRACK_IN) else { return };
-    let st = unsafe { &mut *st };
-    if st.depth == 0 {
-        return;
-    }
-    let d = (st.depth - 1) as usize;
-    if d < DEPTH {
-        st.frames[d].alloc_failed = 1;
+    if let Some(f) = top(stash::CONNTRACK_IN) {
+        unsafe { (*f).alloc_failed = 1 };
     }
 }
 
 #[inline(always)]
-unsafe fn skb_netns(o: &Offsets, skb: u64) -> u32 {
-    let dev = read::<u64>(skb as *const u8, o.skb_dev).unwrap_or(0) as *const u8;
-    let mut net = read::<u64>(dev, o.dev_nd_net).unwrap_or(0) as *const u8;
+unsafe fn skb_netns(skb: u64) -> u32 {
+    let dev = read::<u64>(skb as *const u8, off!(skb_dev)).unwrap_or(0) as *const u8;
+    let mut net = read::<u64>(dev, off!(dev_nd_net)).unwrap_or(0) as *const u8;
     if net.is_null() {
-        let sk = read::<u64>(skb as *const u8, o.skb_sk).unwrap_or(0) as *const u8;
-        net = read::<u64>(sk, o.sk_net).unwrap_or(0) as *const u8;
+        let sk = read::<u64>(skb as *const u8, off!(skb_sk)).unwrap_or(0) as *const u8;
+        net = read::<u64>(sk, off!(sk_net)).unwrap_or(0) as *const u8;
     }
-    net_netns(o, net as u64)
+    net_netns(net as u64)
 }
 
 #[inline(always)]
-unsafe fn net_netns(o: &Offsets, net: u64) -> u32 {
-    read::<u32>(net as *const u8, o.net_inum).unwrap_or(0)
+unsafe fn net_netns(net: u64) -> u32 {
+    net_inum(net as *const u8).unwrap_or(0)
 }
 
 #[inline(always)]
@@ -134,9 +139,8 @@ pub fn ct_in_entry(ctx: ProbeContext) -> u32 {
 pub fn ct_in_return(ctx: RetProbeContext) -> u32 {
     let Some(f) = pop(stash::CONNTRACK_IN) else { return 0 };
     let ret: u64 = ctx.ret();
-    let o = offsets();
     let skb = f.arg;
-    let ns = unsafe { skb_netns(&o, skb) };
+    let ns = unsafe { skb_netns(skb) };
     if (ret as u32) & 0xff == NF_DROP {
         if f.alloc_failed != 0 {
             verdict(skb, source::CT_ALLOC_FAIL);
@@ -145,7 +149,7 @@ pub fn ct_in_return(ctx: RetProbeContext) -> u32 {
         }
         count(ns, |c| c.in_dropped += 1);
     } else if (ret as u32) & 0xff == NF_ACCEPT {
-        let nfct = unsafe { read::<u64>(skb as *const u8, o.skb_nfct) }.unwrap_or(1);
+        let nfct = unsafe { read::<u64>(skb as *const u8, off!(skb_nfct)) }.unwrap_or(1);
         if nfct == 0 {
             verdict(skb, source::CT_INVALID);
             count(ns, |c| c.invalid += 1);
@@ -159,19 +163,8 @@ pub fn ct_alloc_return(ctx: RetProbeContext) -> u32 {
     let ret: u64 = ctx.ret();
     if ret >= 0u64.wrapping_sub(MAX_ERRNO) {
         mark_alloc_failed();
-        let o = offsets();
-        let skb = STASH
-            .get(stash::CONNTRACK_IN)
-            .and_then(|st| {
-                let d = st.depth as usize;
-                if d >= 1 && d <= DEPTH {
-                    Some(st.frames[d - 1].arg)
-                } else {
-                    None
-                }
-            })
-            .unwrap_or(0);
-        let ns = unsafe { skb_netns(&o, skb) };
+            let skb = top(stash::CONNTRACK_IN).map(|f| unsafe { (*f).arg }).unwrap_or(0);
+        let ns = unsafe { skb_netns(skb) };
         count(ns, |c| c.alloc_failed += 1);
     }
     0
@@ -189,8 +182,7 @@ pub fn ct_confirm_return(ctx: RetProbeContext) -> u32 {
     let ret: u64 = ctx.ret();
     if (ret as u32) & 0xff == NF_DROP {
         verdict(f.arg, source::CT_CONFIRM_DROP);
-        let o = offsets();
-        let ns = unsafe { skb_netns(&o, f.arg) };
+            let ns = unsafe { skb_netns(f.arg) };
         count(ns, |c| c.confirm_dropped += 1);
     }
     0
@@ -206,8 +198,7 @@ pub fn ct_early_drop_entry(ctx: ProbeContext) -> u32 {
 pub fn ct_early_drop_return(ctx: RetProbeContext) -> u32 {
     let Some(f) = pop(stash::EARLY_DROP) else { return 0 };
     let ret: u64 = ctx.ret();
-    let o = offsets();
-    let ns = unsafe { net_netns(&o, f.arg) };
+    let ns = unsafe { net_netns(f.arg) };
     if ret as u32 != 0 {
         count(ns, |c| c.early_drop_evicted += 1);
     } else {
@@ -227,8 +218,7 @@ pub fn ct_clash_return(ctx: RetProbeContext) -> u32 {
     let Some(f) = pop(stash::RESOLVE_CLASH) else { return 0 };
     let ret: u64 = ctx.ret();
     if (ret as u32) & 0xff == NF_ACCEPT {
-        let o = offsets();
-        let ns = unsafe { skb_netns(&o, f.arg) };
+            let ns = unsafe { skb_netns(f.arg) };
         count(ns, |c| c.clash_resolved += 1);
     }
     0
@@ -237,9 +227,8 @@ pub fn ct_clash_return(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn ct_hash_insert(ctx: ProbeContext) -> u32 {
     let ct: u64 = ctx.arg(0).unwrap_or(0);
-    let o = offsets();
-    let net = unsafe { read::<u64>(ct as *const u8, o.conn_net) }.unwrap_or(0);
-    let ns = unsafe { net_netns(&o, net) };
+    let net = unsafe { read::<u64>(ct as *const u8, off!(conn_net)) }.unwrap_or(0);
+    let ns = unsafe { net_netns(net) };
     count(ns, |c| c.inserts += 1);
     0
 }

@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use tracer_common::{flags, source, stat, DropRecord, DropRecordWithHeader, FilterConfig, FlowCount, FlowKey, GroupKey};
+use tracer_common::{flags, source, stat, DropRecord, DropRecordWithHeader, FlowCount, FlowKey, GroupKey};
 
-use crate::{bump, filter, offsets, skb, EVENTS, FLOWS, GROUPS, STATS};
+use crate::{bump, skb, EVENTS, FLOWS, GROUPS, SCRATCH, STATS};
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
@@ -17,23 +17,46 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-fn matches(f: &FilterConfig, r: &DropRecord) -> bool {
-    if f.netns != 0 && r.netns != f.netns {
+fn matches(r: &DropRecord) -> bool {
+    let netns = filt!(netns);
+    if netns != 0 && r.netns != netns {
         return false;
     }
-    if f.l4_proto != 0 && r.l4_proto != f.l4_proto {
+    let proto = filt!(l4_proto);
+    if proto != 0 && r.l4_proto != proto {
         return false;
     }
-    if f.port != 0 && r.sport != f.port && r.dport != f.port {
+    let port = filt!(port);
+    if port != 0 && r.sport != port && r.dport != port {
         return false;
     }
-    if f.host_len == 4 {
-        let h = &f.host[..4];
-        if r.l3_proto != 0x0800 || (&r.saddr[..4] != h && &r.daddr[..4] != h) {
+    let host_len = filt!(host_len);
+    if host_len == 4 || host_len == 16 {
+        let host = filt!(host);
+        let v6 = host_len == 16;
+        if r.l3_proto != if v6 { 0x86dd } else { 0x0800 } {
             return false;
         }
-    } else if f.host_len == 16 {
-        if r.l3_proto != 0x86dd || (r.saddr != f.host && r.daddr != f.host) {
+        // Word compares: a byte-slice compare would call bcmp.
+        let words = |a: &[u8; 16]| -> [u32; 4] {
+            [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ]
+        };
+        let (h, s, d) = (words(&host), words(&r.saddr), words(&r.daddr));
+        let n = if v6 { 4 } else { 1 };
+        let mut src_eq = true;
+        let mut dst_eq = true;
+        for i in 0..4 {
+            if i < n {
+                src_eq &= s[i] == h[i];
+                dst_eq &= d[i] == h[i];
+            }
+        }
+        if !src_eq && !dst_eq {
             return false;
         }
     }
@@ -43,43 +66,41 @@ fn matches(f: &FilterConfig, r: &DropRecord) -> bool {
 #[inline(always)]
 unsafe fn handle(ctx: &BtfTracePointContext) {
     bump(stat::SEEN);
-    let f = filter();
     let reason: u32 = ctx.arg::<u64>(2) as u32;
     // Cheapest test first: most drops on a busy host are not netfilter's.
-    if f.all_reasons == 0 && reason != f.netfilter_drop_reason {
+    if filt!(all_reasons) == 0 && reason != filt!(netfilter_drop_reason) {
         return;
     }
-    let o = offsets();
     let skb_ptr: *const u8 = ctx.arg(0);
-    let mut rec = DropRecord {
-        ts_ns: bpf_ktime_get_ns(),
-        location: ctx.arg::<u64>(1),
-        reason,
-        cpu: bpf_get_smp_processor_id(),
-        source: source::KFREE_SKB,
-        ..bytemuck_zeroed()
-    };
-    skb::fill(&o, skb_ptr, &mut rec, true);
-    if !matches(&f, &rec) {
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else { return };
+    let rec = &mut *rec;
+    *rec = bytemuck_zeroed();
+    rec.ts_ns = bpf_ktime_get_ns();
+    rec.location = ctx.arg::<u64>(1);
+    rec.reason = reason;
+    rec.cpu = bpf_get_smp_processor_id();
+    rec.source = source::KFREE_SKB;
+    skb::fill(skb_ptr, rec, true);
+    if !matches(rec) {
         return;
     }
-    if f.ct_probes != 0 {
+    if filt!(ct_probes) != 0 {
         if let Some(src) = crate::conntrack::take_verdict(skb_ptr as u64, rec.ts_ns) {
             rec.source = src;
         }
     }
-    if f.count_only != 0 {
-        count(&rec);
+    if filt!(count_only) != 0 {
+        count(rec);
         return;
     }
-    if f.capture_headers != 0 {
+    if filt!(capture_headers) != 0 {
         let wake = wakeup_flags(core::mem::size_of::<DropRecordWithHeader>() as u64);
         match EVENTS.reserve::<DropRecordWithHeader>(0) {
             Some(mut entry) => {
                 let out = entry.as_mut_ptr();
                 rec.flags |= flags::HAS_HEADER;
-                (*out).rec = rec;
-                if !skb::copy_header(&o, skb_ptr, &mut (*out).header) {
+                (*out).rec = *rec;
+                if !skb::copy_header(skb_ptr, &mut (*out).header) {
                     (*out).rec.flags &= !flags::HAS_HEADER;
                 }
                 entry.submit(wake);
@@ -89,7 +110,7 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
         }
         return;
     }
-    match EVENTS.output::<DropRecord>(&rec, wakeup_flags(core::mem::size_of::<DropRecord>() as u64)) {
+    match EVENTS.output::<DropRecord>(&*rec, wakeup_flags(core::mem::size_of::<DropRecord>() as u64)) {
         Ok(()) => bump(stat::SENT),
         Err(_) => bump(stat::LOST),
     }

@@ -3,6 +3,31 @@
 #![no_std]
 #![no_main]
 
+/// One field of `OFFSETS`. Volatile so the compiler cannot fold the
+/// placeholder values in; per field so no copy of the struct lands on the
+/// stack (6.1's verifier caps the stack of a program and its callees).
+macro_rules! off {
+    ($f:ident) => {
+        {
+            #[allow(unused_unsafe)]
+            unsafe {
+                core::ptr::read_volatile(&crate::OFFSETS.$f)
+            }
+        }
+    };
+}
+
+macro_rules! filt {
+    ($f:ident) => {
+        {
+            #[allow(unused_unsafe)]
+            unsafe {
+                core::ptr::read_volatile(&crate::FILTER.$f)
+            }
+        }
+    };
+}
+
 mod conntrack;
 mod kfree_skb;
 mod skb;
@@ -12,6 +37,7 @@ use aya_ebpf::{
     maps::{PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{stat, FilterConfig, FlowCount, FlowKey, GroupKey, Offsets, GROUP_MAP_ENTRIES, OFFSET_ABSENT};
+
 
 /// Filled in by userspace at load time (`EbpfLoader::set_global`); the
 /// verifier then sees the values as constants.
@@ -63,16 +89,9 @@ static FLOWS: PerCpuHashMap<FlowKey, FlowCount> = PerCpuHashMap::with_max_entrie
 #[map]
 static GROUPS: PerCpuHashMap<GroupKey, u64> = PerCpuHashMap::with_max_entries(GROUP_MAP_ENTRIES, 0);
 
-#[inline(always)]
-fn offsets() -> Offsets {
-    // Volatile so the compiler cannot fold the placeholder values in.
-    unsafe { core::ptr::read_volatile(&OFFSETS) }
-}
-
-#[inline(always)]
-fn filter() -> FilterConfig {
-    unsafe { core::ptr::read_volatile(&FILTER) }
-}
+/// The record under construction lives here, not on the stack.
+#[map]
+static SCRATCH: PerCpuArray<tracer_common::DropRecord> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn bump(index: u32) {

@@ -3,7 +3,7 @@
 //! tp_btf, kprobe and fentry programs on every kernel we target.
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
-use tracer_common::{flags, DropRecord, Offsets, OFFSET_ABSENT};
+use tracer_common::{flags, DropRecord, OFFSET_ABSENT};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -22,55 +22,55 @@ pub unsafe fn read<T>(base: *const u8, off: u32) -> Option<T> {
 
 /// Network namespace inode of a `struct net *`.
 #[inline(always)]
-unsafe fn net_inum(o: &Offsets, net: *const u8) -> Option<u32> {
-    read::<u32>(net, o.net_inum)
+pub unsafe fn net_inum(net: *const u8) -> Option<u32> {
+    read::<u32>(net, off!(net_inum))
 }
 
 /// Fills device, namespace, conntrack and header fields of `rec` from `skb`.
 #[inline(always)]
-pub unsafe fn fill(o: &Offsets, skb: *const u8, rec: &mut DropRecord, conn_status: bool) {
+pub unsafe fn fill(skb: *const u8, rec: &mut DropRecord, conn_status: bool) {
     rec.skb = skb as u64;
-    if let Some(len) = read::<u32>(skb, o.skb_len) {
+    if let Some(len) = read::<u32>(skb, off!(skb_len)) {
         rec.skb_len = len;
     }
-    let dev: *const u8 = read::<u64>(skb, o.skb_dev).unwrap_or(0) as *const u8;
+    let dev: *const u8 = read::<u64>(skb, off!(skb_dev)).unwrap_or(0) as *const u8;
     if !dev.is_null() {
-        if let Some(ifindex) = read::<u32>(dev, o.dev_ifindex) {
+        if let Some(ifindex) = read::<u32>(dev, off!(dev_ifindex)) {
             rec.ifindex = ifindex;
             rec.flags |= flags::HAS_DEV;
         }
-        let net = read::<u64>(dev, o.dev_nd_net).unwrap_or(0) as *const u8;
-        if let Some(inum) = net_inum(o, net) {
+        let net = read::<u64>(dev, off!(dev_nd_net)).unwrap_or(0) as *const u8;
+        if let Some(inum) = net_inum(net) {
             rec.netns = inum;
             rec.flags |= flags::HAS_NETNS;
         }
     }
     if rec.flags & flags::HAS_NETNS == 0 {
-        let sk = read::<u64>(skb, o.skb_sk).unwrap_or(0) as *const u8;
-        let net = read::<u64>(sk, o.sk_net).unwrap_or(0) as *const u8;
-        if let Some(inum) = net_inum(o, net) {
+        let sk = read::<u64>(skb, off!(skb_sk)).unwrap_or(0) as *const u8;
+        let net = read::<u64>(sk, off!(sk_net)).unwrap_or(0) as *const u8;
+        if let Some(inum) = net_inum(net) {
             rec.netns = inum;
             rec.flags |= flags::HAS_NETNS;
         }
     }
-    let nfct = read::<u64>(skb, o.skb_nfct).unwrap_or(0);
+    let nfct = read::<u64>(skb, off!(skb_nfct)).unwrap_or(0);
     if nfct != 0 {
         rec.flags |= flags::HAS_CT;
         rec.ct_info = (nfct & 7) as u8;
         let ct = (nfct & !7) as *const u8;
         if conn_status && rec.ct_info != 7 {
-            if let Some(status) = read::<u64>(ct, o.conn_status) {
+            if let Some(status) = read::<u64>(ct, off!(conn_status)) {
                 rec.ct_status = status as u32;
                 rec.flags |= flags::HAS_CT_STATUS;
             }
-            if let Some(zone) = read::<u16>(ct, o.conn_zone_id) {
+            if let Some(zone) = read::<u16>(ct, off!(conn_zone_id)) {
                 rec.zone = zone;
             }
         }
     }
-    rec.l3_proto = u16::from_be(read::<u16>(skb, o.skb_protocol).unwrap_or(0));
-    let head = read::<u64>(skb, o.skb_head).unwrap_or(0) as *const u8;
-    let nh = read::<u16>(skb, o.skb_network_header).unwrap_or(0xffff);
+    rec.l3_proto = u16::from_be(read::<u16>(skb, off!(skb_protocol)).unwrap_or(0));
+    let head = read::<u64>(skb, off!(skb_head)).unwrap_or(0) as *const u8;
+    let nh = read::<u16>(skb, off!(skb_network_header)).unwrap_or(0xffff);
     if head.is_null() || nh == 0xffff {
         return;
     }
@@ -152,9 +152,9 @@ unsafe fn parse_l4(l4: *const u8, rec: &mut DropRecord) {
 
 /// Copies the first bytes of the network header for pcap export.
 #[inline(always)]
-pub unsafe fn copy_header(o: &Offsets, skb: *const u8, out: &mut [u8; tracer_common::HEADER_CAPTURE_LEN]) -> bool {
-    let head = read::<u64>(skb, o.skb_head).unwrap_or(0) as *const u8;
-    let nh = read::<u16>(skb, o.skb_network_header).unwrap_or(0xffff);
+pub unsafe fn copy_header(skb: *const u8, out: &mut [u8; tracer_common::HEADER_CAPTURE_LEN]) -> bool {
+    let head = read::<u64>(skb, off!(skb_head)).unwrap_or(0) as *const u8;
+    let nh = read::<u16>(skb, off!(skb_network_header)).unwrap_or(0xffff);
     if head.is_null() || nh == 0xffff {
         return false;
     }

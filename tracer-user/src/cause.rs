@@ -59,6 +59,17 @@ impl std::fmt::Display for Cause {
     }
 }
 
+/// What a cause rests on, for operators deciding how far to trust it.
+pub fn evidence(src: u8, cause: Cause) -> &'static str {
+    match src {
+        source::CT_ALLOC_FAIL => "probe:__nf_conntrack_alloc",
+        source::CT_CONFIRM_DROP => "probe:__nf_conntrack_confirm",
+        source::CT_IN_DROP | source::CT_INVALID => "probe:nf_conntrack_in",
+        _ if cause == Cause::ConntrackTableFull => "inferred:table_fill",
+        _ => "drop_reason",
+    }
+}
+
 pub struct Classifier {
     /// This kernel's value of SKB_DROP_REASON_NETFILTER_DROP.
     pub netfilter_drop: Option<u32>,

@@ -35,6 +35,8 @@ pub struct DropJson<'a> {
     pub has_ct: bool,
     pub untracked: bool,
     pub location: &'a str,
+    /// What the cause rests on: a conntrack probe saw it, or it was inferred.
+    pub evidence: &'static str,
     pub cpu: u32,
     pub len: u32,
 }
@@ -69,6 +71,7 @@ impl<'a> DropJson<'a> {
             has_ct: ev.ct.is_some(),
             untracked: ev.ct.map(|c| c.untracked()).unwrap_or(false),
             location: s.location,
+            evidence: crate::cause::evidence(ev.source, s.cause),
             cpu: ev.cpu,
             len: ev.skb_len,
         }
@@ -140,6 +143,8 @@ pub fn write_drop(out: &mut Vec<u8>, s: &Shown) {
     out.extend_from_slice(if ev.ct.map(|c| c.untracked()).unwrap_or(false) { b"true" } else { b"false" });
     out.extend_from_slice(b",\"location\":");
     string(out, s.location);
+    out.extend_from_slice(b",\"evidence\":");
+    string(out, crate::cause::evidence(s.ev.source, s.cause));
     out.extend_from_slice(b",\"cpu\":");
     num(out, ev.cpu);
     out.extend_from_slice(b",\"len\":");

@@ -1,0 +1,256 @@
+//! The kprobe tier on Debian's own kernels (6.1 bookworm, 6.12 backports),
+//! booted under virtme-ng by `xtask/vm.sh`: counts against the guest
+//! kernel's own counters.
+//!
+//! The host tests boot a guest and run this same test binary inside it,
+//! restricted to the `guest_` tests (ignored on the host: they need a
+//! kernel with kprobes and nf_conntrack as a module).
+
+use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use ctdrop_tests::{clash, ct_stats, ctdrop_bin, in_netns, ping, send_udp_flows, ConntrackMaxGuard, Ctdrop, Topology};
+
+fn vm_script() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/vm.sh")
+}
+
+/// Boots `kernel` and runs the guest tests there; their output is ours.
+fn run_in_guest(kernel: &str) -> Result<()> {
+    let st = Command::new(vm_script()).arg("prepare").status().context("running xtask/vm.sh prepare")?;
+    if !st.success() {
+        bail!("vm.sh prepare failed: {st}");
+    }
+    let rw = std::env::temp_dir().join(format!("ctdrop-vm-{}-{kernel}", std::process::id()));
+    std::fs::create_dir_all(&rw)?;
+    let exe = std::env::current_exe()?;
+    let out = Command::new(vm_script())
+        .args(["run", kernel, rw.to_str().unwrap(), "env"])
+        .arg(format!("CTDROP_BIN={}", ctdrop_bin().canonicalize()?.display()))
+        .arg(&exe)
+        .args(["--ignored", "--test-threads=1", "guest_"])
+        .output()
+        .context("running the guest")?;
+    let _ = std::fs::remove_dir_all(&rw);
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("--- guest {kernel} ---\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("guest tests failed on {kernel} ({})", out.status);
+    }
+    // A guest that ran nothing must not pass.
+    if !text.contains("test result: ok. 4 passed") {
+        bail!("guest on {kernel} did not run the 4 guest tests");
+    }
+    Ok(())
+}
+
+#[test]
+fn debian_6_1_kprobe_tier_counts_match_the_kernel() {
+    run_in_guest("6.1").unwrap();
+}
+
+#[test]
+fn debian_6_12_kprobe_tier_counts_match_the_kernel() {
+    run_in_guest("6.12").unwrap();
+}
+
+// ------------------------------------------------------------ in the guest
+
+fn count_cause(out: &ctdrop_tests::CtdropOutput, netns: u32, cause: &str) -> u64 {
+    out.drops_in(netns).iter().filter(|d| d["cause"] == cause).count() as u64
+}
+
+fn ct_events(out: &ctdrop_tests::CtdropOutput, netns: u32) -> serde_json::Value {
+    let s = out.summary().unwrap();
+    s["conntrack_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["netns"].as_u64() == Some(netns as u64))
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+#[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
+fn guest_check_reports_kprobe_tier_for_conntrack_signals() {
+    // nf_conntrack must be loaded for its functions to be in kallsyms.
+    let t = Topology::pair().unwrap();
+    t.track_receiver().unwrap();
+    let out = Command::new(ctdrop_bin()).args(["check", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tier"], "kprobe", "{v}");
+    for signal in ["table_full", "insert_failed", "conntrack_in", "early_drop", "clash_resolve", "inserts"] {
+        let m = v["mechanisms"].as_array().unwrap().iter().find(|m| m["signal"] == signal).unwrap();
+        let mech = m["mechanism"].as_str().unwrap_or("");
+        assert!(mech.starts_with("kprobe/") || mech.starts_with("kretprobe/"), "{signal}: {m}");
+    }
+}
+
+#[test]
+#[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
+fn guest_table_full_records_equal_the_drop_increase_via_alloc_probe() {
+    let t = Topology::pair().unwrap();
+    t.track_receiver().unwrap();
+    let rx = t.receiver.inode().unwrap();
+    let _max = ConntrackMaxGuard::set(64).unwrap();
+    send_udp_flows(&t.sender, t.receiver_addr, 10000, 100).unwrap();
+    let before = ct_stats(&t.receiver).unwrap();
+    let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
+    send_udp_flows(&t.sender, t.receiver_addr, 20000, 200).unwrap();
+    let pings = ping(&t.sender, t.receiver_addr, 7000, 5, Duration::from_millis(300)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = c.stop().unwrap();
+    let after = ct_stats(&t.receiver).unwrap();
+    let drop = after["drop"] - before["drop"];
+    let full = count_cause(&out, rx, "conntrack_table_full");
+    assert!(drop >= 150, "the table did not stay full: drop +{drop}");
+    assert_eq!(full, drop, "table-full records vs the kernel's drop increase");
+    assert_eq!(out.summary().unwrap()["tier"], "kprobe");
+    for d in out.drops_in(rx) {
+        assert_eq!(d["evidence"], "probe:__nf_conntrack_alloc", "{d}");
+        assert!(d["src"].is_string() && d["dst"].is_string(), "record without its flow: {d}");
+        assert!(d["proto"] == "icmp" || d["dport"].as_u64().unwrap() >= 20000, "{d}");
+    }
+    for p in pings.iter().filter(|p| !p.replied) {
+        let n = out.drops_in(rx).iter().filter(|d| d["icmp_id"] == p.id && d["icmp_seq"] == p.seq).count();
+        assert_eq!(n, 1, "lost ping id {} seq {}", p.id, p.seq);
+    }
+    let ev = ct_events(&out, rx);
+    assert_eq!(ev["alloc_failed"].as_u64(), Some(drop), "{ev}");
+    assert_eq!(out.summary().unwrap()["events_lost"], 0);
+}
+
+#[test]
+#[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
+fn guest_insert_failed_records_equal_the_insert_failed_increase() {
+    let t = Topology::pair().unwrap();
+    // Conntrack on in the sender: its OUTPUT creates, POSTROUTING confirms.
+    t.sender.exec(&["iptables", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"]).unwrap();
+    let tx = t.sender.inode().unwrap();
+    let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
+    let before = ct_stats(&t.sender).unwrap();
+    let path = t.sender.path();
+    let (src, dst) = (t.sender_addr, t.receiver_addr);
+    // Clashes are a race: send pairs until some happened (bounded).
+    let mut sport = 1024u16;
+    for _ in 0..8 {
+        let p = path.clone();
+        in_netns(&path, move || {
+            clash::syn_pairs(src, dst, 80, sport, 3000, move || enter(&p));
+            Ok(())
+        })
+        .unwrap();
+        sport = sport.wrapping_add(3000);
+        if ct_stats(&t.sender).unwrap()["insert_failed"] - before["insert_failed"] >= 5 {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let out = c.stop().unwrap();
+    let after = ct_stats(&t.sender).unwrap();
+    let failed = after["insert_failed"] - before["insert_failed"];
+    let drop = after["drop"] - before["drop"];
+    assert!(failed > 0, "no insert clash happened in 24000 SYN pairs");
+    let rec_failed = count_cause(&out, tx, "conntrack_insert_failed");
+    let rec_full = count_cause(&out, tx, "conntrack_table_full");
+    assert_eq!(rec_failed, failed, "insert-failed records vs the kernel's insert_failed increase");
+    assert_eq!(rec_full + rec_failed, drop, "table-full + insert-failed records vs the drop increase");
+    for d in out.drops_in(tx).iter().filter(|d| d["cause"] == "conntrack_insert_failed") {
+        assert_eq!(d["proto"], "tcp");
+        assert_eq!(d["dport"], 80);
+        assert_eq!(d["src"], src.to_string());
+        assert_eq!(d["evidence"], "probe:__nf_conntrack_confirm");
+    }
+    assert_eq!(ct_events(&out, tx)["confirm_dropped"].as_u64(), Some(failed));
+}
+
+#[test]
+#[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
+fn guest_udp_clashes_are_resolved_and_counted_not_dropped() {
+    let t = Topology::pair().unwrap();
+    t.sender.exec(&["iptables", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"]).unwrap();
+    let tx = t.sender.inode().unwrap();
+    let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
+    let before = ct_stats(&t.sender).unwrap();
+    let dst = t.receiver_addr;
+    for round in 0..8u16 {
+        let p = t.sender.path();
+        in_netns(&t.sender.path(), move || {
+            udp_same_flow_pairs(dst, 30000 + round * 500, 500, move || enter(&p));
+            Ok(())
+        })
+        .unwrap();
+        if ct_stats(&t.sender).unwrap()["clashres"] - before["clashres"] >= 5 {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let out = c.stop().unwrap();
+    let after = ct_stats(&t.sender).unwrap();
+    let resolved = after["clashres"] - before["clashres"];
+    assert!(resolved > 0, "no UDP clash happened");
+    assert_eq!(after["insert_failed"] - before["insert_failed"], 0);
+    assert_eq!(count_cause(&out, tx, "conntrack_insert_failed"), 0);
+    assert_eq!(ct_events(&out, tx)["clash_resolved"].as_u64(), Some(resolved));
+}
+
+/// setns for helper threads that must send from the namespace at `p`.
+fn enter(p: &Path) {
+    let f = std::fs::File::open(p).unwrap();
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// The first datagram of the same UDP flow from two CPUs at once: two
+/// SO_REUSEPORT sockets bound to one source port, connected to one peer.
+fn udp_same_flow_pairs(dst: Ipv4Addr, first_sport: u16, pairs: u16, enter: impl Fn() + Send + Sync + 'static) {
+    use std::sync::{Arc, Barrier};
+    let barrier = Arc::new(Barrier::new(2));
+    let enter = Arc::new(enter);
+    let hs: Vec<_> = (0..2usize)
+        .map(|cpu| {
+            let (barrier, enter) = (barrier.clone(), enter.clone());
+            std::thread::spawn(move || {
+                enter();
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+                }
+                for i in 0..pairs {
+                    let s = reuseport_socket(first_sport.wrapping_add(i), dst, 9);
+                    barrier.wait();
+                    unsafe { libc::send(s, b"x".as_ptr().cast(), 1, 0) };
+                    barrier.wait();
+                    unsafe { libc::close(s) };
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+}
+
+fn reuseport_socket(sport: u16, dst: Ipv4Addr, dport: u16) -> i32 {
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let one: i32 = 1;
+        libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_REUSEPORT, (&one as *const i32).cast(), 4);
+        libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const i32).cast(), 4);
+        let sa = |a: Ipv4Addr, p: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: p.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) },
+            sin_zero: [0; 8],
+        };
+        let local = sa(Ipv4Addr::UNSPECIFIED, sport);
+        libc::bind(s, (&local as *const libc::sockaddr_in).cast(), 16);
+        let peer = sa(dst, dport);
+        libc::connect(s, (&peer as *const libc::sockaddr_in).cast(), 16);
+        s
+    }
+}
+
