@@ -18,6 +18,12 @@ pub struct Cli {
 pub enum Command {
     /// Trace drops live until Ctrl-C, SIGTERM or --duration, then summarize.
     Live(LiveArgs),
+    /// Record drops and probe verdicts to a capture file for later reports.
+    Capture(CaptureArgs),
+    /// Summarize a capture file, or compare two (--before/--after).
+    Report(ReportArgs),
+    /// Export a capture's packet headers as pcap-ng (needs capture --headers).
+    Export(ExportArgs),
     /// Tell what this kernel allows and how conntrack is doing per namespace.
     Check(CheckArgs),
     /// The incident, reproduced in throwaway namespaces and explained.
@@ -136,6 +142,76 @@ pub struct LiveArgs {
     /// How often --count-only prints what was counted.
     #[arg(long, value_parser = parse_duration, default_value = "1s", requires = "count_only")]
     pub report_every: Duration,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (a bare PORT
+    /// listens on 127.0.0.1 only).
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "count_only")]
+    pub metrics: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CaptureArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// The capture file to write (created mode 0600).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: PathBuf,
+    /// Stop after this long (e.g. 30s); else at Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Also keep the first 128 bytes of each dropped packet's network
+    /// header (for `ctdrop export --pcap`); costs ring and file space.
+    #[arg(long)]
+    pub headers: bool,
+    /// Also print every drop and probe as JSON lines on stdout, as `live --json`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFormat {
+    Table,
+    Markdown,
+    Json,
+    Csv,
+    Prometheus,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// The capture file to summarize.
+    #[arg(value_name = "FILE", required_unless_present_all = ["before", "after"], conflicts_with_all = ["before", "after"])]
+    pub file: Option<PathBuf>,
+    /// Capture taken before a change; compared with --after.
+    #[arg(long, value_name = "FILE", requires = "after")]
+    pub before: Option<PathBuf>,
+    /// Capture taken after the change.
+    #[arg(long, value_name = "FILE", requires = "before")]
+    pub after: Option<PathBuf>,
+    /// table and markdown are for people (markdown pastes into a ticket);
+    /// csv is one row per drop; prometheus is the text exposition.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: ReportFormat,
+    /// Flows listed in the top-flows table.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    /// The capture file (taken with --headers).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Write the dropped packets' headers here as pcap-ng.
+    #[arg(long, value_name = "OUT.pcapng")]
+    pub pcap: PathBuf,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -122,7 +122,7 @@ impl GroupCounter {
 }
 
 pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<dyn Sink>>) -> Result<()> {
-    let p = prepare(opts.trace)?;
+    let p = prepare(opts.trace, false)?;
     if !p.conntrack_loaded {
         eprintln!("ctdrop: nf_conntrack is not loaded on this host: no conntrack drops can happen; counting other netfilter drops");
     }

@@ -1,4 +1,5 @@
 //! ctdrop: which packets the connection tracker dropped, for which flows, why.
+pub mod capture;
 pub mod cause;
 pub mod check;
 pub mod cli;
@@ -11,3 +12,4 @@ pub mod output;
 pub mod session;
 pub mod summary;
 pub mod probe;
+pub mod report;

@@ -11,6 +11,9 @@ fn main() {
         match &cli.cmd {
             Command::Live(a) => ctdrop::session::run_live(a).await,
             Command::Check(a) => ctdrop::check::run(a),
+            Command::Capture(a) => ctdrop::capture::run(a).await,
+            Command::Report(a) => ctdrop::report::run(a),
+            Command::Export(a) => ctdrop::report::export::run(a),
             Command::Demo(_) => Err(anyhow::anyhow!("demo: not implemented yet")),
         }
     });

@@ -21,7 +21,7 @@ use crate::{
         btf::{DropReasons, KernelBtf},
         capabilities,
     },
-    output::{human::HumanSink, json::{DropJson, JsonSink}, symbols::Symbols, ProbeShown, Shown, Sink},
+    output::{human::HumanSink, json::{DropJson, JsonSink}, symbols::Symbols, ProbeShown, Progress, Shown, Sink},
     probe::{sender::{self, ProbeEvent, ProberConfig}, Matcher, SeenDrop, TargetSpec, Wire},
     summary::Summary,
 };
@@ -54,7 +54,9 @@ pub struct Prepared {
     pub conntrack_loaded: bool,
 }
 
-pub fn prepare(args: &TraceArgs) -> Result<Prepared> {
+/// `capture_headers`: the kernel appends the packet's first network-header
+/// bytes to each record (for pcap-ng export; costs ring space and a copy).
+pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
     let ring_size = validate_ring_size(args.ring_size)?;
     capabilities::require_root()?;
     capabilities::require_btf(&args.btf)?;
@@ -67,6 +69,7 @@ pub fn prepare(args: &TraceArgs) -> Result<Prepared> {
     let mut filter: FilterConfig = bytemuck::Zeroable::zeroed();
     filter.netfilter_drop_reason = nf.unwrap_or(u32::MAX);
     filter.all_reasons = args.all_reasons as u8;
+    filter.capture_headers = capture_headers as u8;
     if let Some(ns) = &args.netns {
         filter.netns = crate::conntrack::netns::resolve_netns_arg(ns)?;
     }
@@ -160,6 +163,18 @@ impl Collector {
     /// Kernel counters per namespace when the run started.
     pub fn baselines(&self) -> &BTreeMap<u32, CtCounters> {
         &self.baselines
+    }
+
+    /// Conntrack counters of every namespace we hold, read now.
+    pub fn counters_now(&mut self) -> BTreeMap<u32, (Option<String>, CtCounters)> {
+        let mut out = BTreeMap::new();
+        for ns in self.sampler.registry.inodes() {
+            if let Some(c) = self.sampler.counters(ns) {
+                let name = self.sampler.registry.get(ns).and_then(|h| h.name.clone());
+                out.insert(ns, (name, c));
+            }
+        }
+        out
     }
 
     pub fn matcher(&self) -> &Matcher {
@@ -287,9 +302,17 @@ impl Collector {
 pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
     let color = args.color.resolve(unsafe { libc::isatty(1) } == 1);
     let out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
-    let sinks: Vec<Box<dyn Sink>> =
+    let mut sinks: Vec<Box<dyn Sink>> =
         if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color))] };
-    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration };
+    if let Some(addr) = &args.metrics {
+        // Bound before attaching: a busy port is bad input, not a late surprise.
+        let metrics = std::sync::Arc::new(crate::output::metrics::Metrics::new());
+        let listener = crate::output::metrics::bind(addr).await?;
+        eprintln!("ctdrop: metrics on http://{}/metrics", listener.local_addr().context("reading the metrics address")?);
+        tokio::spawn(crate::output::metrics::serve(listener, metrics.clone()));
+        sinks.push(Box::new(crate::output::metrics::MetricsSink::new(metrics)));
+    }
+    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: false };
     if args.count_only {
         return crate::counting::run(&opts, args.report_every, sinks).await;
     }
@@ -301,6 +324,8 @@ pub struct SessionOptions<'a> {
     pub trace: &'a TraceArgs,
     pub probe: &'a crate::cli::ProbeArgs,
     pub duration: Option<Duration>,
+    /// Copy packet headers into each record (capture --headers).
+    pub capture_headers: bool,
 }
 
 /// Facts about the run that a sink may record before any event.
@@ -317,7 +342,7 @@ pub struct SessionInfo<'a> {
 pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Result<()> {
     let args = opts;
     let targets = args.probe.targets()?;
-    let p = prepare(args.trace)?;
+    let p = prepare(args.trace, args.capture_headers)?;
     if !p.conntrack_loaded {
         eprintln!("ctdrop: nf_conntrack is not loaded on this host: no conntrack drops can happen; tracing other netfilter drops");
     }
@@ -343,7 +368,17 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     );
     let info = SessionInfo {
         reasons: &collector.reasons,
-        mechanisms: tracer.mechanisms.clone(),
+        mechanisms: {
+            let mut m = tracer.mechanisms.clone();
+            if args.capture_headers {
+                m.push(crate::kernel::tier::Mechanism {
+                    signal: "packet_headers",
+                    chosen: Some(format!("tp_btf/kfree_skb, first {} bytes of the network header", tracer_common::HEADER_CAPTURE_LEN)),
+                    note: String::new(),
+                });
+            }
+            m
+        },
         boot_offset_ns: collector.boot_offset,
         limits: crate::conntrack::stats::CtLimits::read(),
         counters_at_start: &collector.baselines,
@@ -407,6 +442,21 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                     eprintln!("ctdrop: warning: {} events lost in the last second (ring buffer full): raise --ring-size", s.lost - last_lost);
                     last_lost = s.lost;
                 }
+                let counters = if sinks.iter().any(|k| k.wants_counters()) { collector.counters_now() } else { BTreeMap::new() };
+                let progress = Progress {
+                    elapsed: started.elapsed(),
+                    duration: args.duration,
+                    mono_ns: crate::probe::mono_ns(),
+                    stats: s,
+                    tally: &collector.tally,
+                    counters: &counters,
+                };
+                let mut sink_failed = false;
+                for k in sinks.iter_mut() {
+                    sink_failed |= k.tick(&progress).is_err();
+                }
+                // The failing sink says why from `summary`, which ends the run with an error.
+                if sink_failed && begin_stop(&mut stopping, &mut probes, &collector) { break; }
             }
         }
     }

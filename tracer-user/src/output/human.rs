@@ -158,3 +158,33 @@ impl<W: std::io::Write> Sink for HumanSink<W> {
         self.out.flush()
     }
 }
+
+/// Only the end-of-run summary, for commands whose events go elsewhere
+/// (capture writes them to its file).
+pub struct SummaryOnly<W: std::io::Write> {
+    out: W,
+}
+
+impl<W: std::io::Write> SummaryOnly<W> {
+    pub fn new(out: W) -> Self {
+        SummaryOnly { out }
+    }
+}
+
+impl<W: std::io::Write> Sink for SummaryOnly<W> {
+    fn drop_event(&mut self, _s: &Shown) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn probe(&mut self, _p: &ProbeShown) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn summary(&mut self, s: &crate::summary::Summary) -> std::io::Result<()> {
+        s.write_human(&mut self.out)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}

@@ -1,10 +1,15 @@
 //! How drops, probe verdicts and summaries reach the operator. Each output
 //! is a [`Sink`]; the session hands every event to each sink it was given.
+pub mod csv;
 pub mod human;
 pub mod json;
+pub mod metrics;
+pub mod pcapng;
 pub mod symbols;
 
-use crate::{cause::Cause, events::DropEvent, probe::Outcome, summary::Summary};
+use std::{collections::BTreeMap, time::Duration};
+
+use crate::{cause::Cause, conntrack::stats::CtCounters, events::DropEvent, flows::Tally, kernel::attach::KernelStats, probe::Outcome, summary::Summary};
 
 /// A decoded drop with everything resolved that an output shows.
 pub struct Shown<'a> {
@@ -42,6 +47,20 @@ pub struct CountsShown<'a> {
     pub by_netns: &'a [(u32, Option<String>, u64, Option<crate::events::CtFill>)],
 }
 
+/// The run so far, handed to every sink once a second.
+pub struct Progress<'a> {
+    pub elapsed: Duration,
+    /// --duration, when given.
+    pub duration: Option<Duration>,
+    /// CLOCK_MONOTONIC now (the drops' clock).
+    pub mono_ns: u64,
+    pub stats: KernelStats,
+    pub tally: &'a Tally,
+    /// Conntrack counters per namespace (name, counters); read only when a
+    /// sink asked for them with [`Sink::wants_counters`], else empty.
+    pub counters: &'a BTreeMap<u32, (Option<String>, CtCounters)>,
+}
+
 pub trait Sink {
     /// Called once after attaching, before any event.
     fn start(&mut self, _info: &crate::session::SessionInfo) -> std::io::Result<()> {
@@ -55,4 +74,13 @@ pub trait Sink {
     }
     fn summary(&mut self, s: &Summary) -> std::io::Result<()>;
     fn flush(&mut self) -> std::io::Result<()>;
+    /// Once a second. An error stops the session (the sink cannot go on,
+    /// e.g. its disk is full); the sink reports it again from `summary`.
+    fn tick(&mut self, _p: &Progress) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Whether [`Progress::counters`] should be read for this sink.
+    fn wants_counters(&self) -> bool {
+        false
+    }
 }

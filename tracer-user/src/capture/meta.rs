@@ -1,0 +1,107 @@
+//! The header and trailer blocks: JSON, written once each, so they can grow
+//! fields without a format version change (readers ignore what they do not
+//! know; every field added later must be optional).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::conntrack::stats::CtCounters;
+
+/// What, where and how a capture was taken: enough to read it on another
+/// machine (drop-reason names of *that* kernel, clock offset, limits).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Header {
+    pub format_version: u32,
+    pub ctdrop_version: String,
+    pub host: String,
+    pub kernel_release: String,
+    pub started_wall_ns: u64,
+    /// CLOCK_MONOTONIC at start: drop timestamps are on this clock.
+    pub started_mono_ns: u64,
+    /// Add to a monotonic timestamp to get Unix-epoch nanoseconds.
+    pub boot_offset_ns: u64,
+    /// Mechanism per signal, e.g. "drops": "tp_btf/kfree_skb".
+    pub mechanisms: BTreeMap<String, String>,
+    /// This kernel's `enum skb_drop_reason`, value to short name.
+    pub drop_reasons: BTreeMap<u32, String>,
+    pub conntrack_max: Option<u64>,
+    pub conntrack_buckets: Option<u64>,
+    pub counters_at_start: Vec<NsCounters>,
+    pub filter: CaptureFilter,
+    /// Packet headers were captured (pcap-ng export possible).
+    pub headers: bool,
+    /// Seconds asked for with --duration.
+    pub duration_s: Option<f64>,
+    /// Probe targets as given (--ping/--probe).
+    pub probes: Vec<String>,
+    pub command: Vec<String>,
+}
+
+/// `/proc/net/stat/nf_conntrack` of one namespace, summed over CPUs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NsCounters {
+    pub netns: u32,
+    pub netns_name: Option<String>,
+    pub counters: BTreeMap<String, u64>,
+}
+
+impl NsCounters {
+    pub fn ct(&self) -> CtCounters {
+        CtCounters { columns: self.counters.clone() }
+    }
+}
+
+/// The trace filters in force; a filtered capture cannot match the kernel
+/// counters, and a report says so.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CaptureFilter {
+    pub netns: Option<u32>,
+    pub proto: Option<u8>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub all_reasons: bool,
+}
+
+impl CaptureFilter {
+    /// Only some conntrack drops were traced.
+    pub fn narrows(&self) -> bool {
+        self.netns.is_some() || self.proto.is_some() || self.host.is_some() || self.port.is_some()
+    }
+}
+
+/// How a capture ended.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Trailer {
+    pub ended_wall_ns: u64,
+    pub ended_mono_ns: u64,
+    pub duration_s: f64,
+    pub events_sent: u64,
+    /// Records the kernel could not put in the ring buffer (full).
+    pub events_lost: u64,
+    pub decode_errors: u64,
+    pub drops_written: u64,
+    pub probes_written: u64,
+    /// Counter increase per namespace where the kernel counted conntrack
+    /// drops or ctdrop recorded some: what the report checks records against.
+    pub kernel_counters: Vec<CounterDelta>,
+    /// Every namespace's counters at the end (exact where a delta is
+    /// given, else as read at the last once-a-second tick).
+    pub counters_at_end: Vec<NsCounters>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CounterDelta {
+    pub netns: u32,
+    pub netns_name: Option<String>,
+    pub delta: BTreeMap<String, u64>,
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}

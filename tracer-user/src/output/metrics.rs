@@ -1,0 +1,302 @@
+//! Prometheus/OpenMetrics: the metric families, the sink that keeps them
+//! current while tracing, and the small `/metrics` endpoint of
+//! `live --metrics`. `report --format prometheus` fills the same families
+//! from a capture file, so a dashboard reads both alike.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context, Result};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::{Progress, ProbeShown, Shown, Sink};
+use crate::{cause::Cause, conntrack::stats::CtCounters, events::decode::proto_name, probe::Status};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    cause: String,
+    netns: String,
+    proto: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LostLabels {
+    host: String,
+    /// A cause name, or `unexplained` when no drop on this host matched.
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NsLabels {
+    netns: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatLabels {
+    netns: String,
+    /// Column of /proc/net/stat/nf_conntrack (drop, insert_failed, ...).
+    counter: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    drops: Family<DropLabels, Counter>,
+    events_lost: Counter,
+    probes_sent: Family<HostLabels, Counter>,
+    probes_lost: Family<LostLabels, Counter>,
+    ct_entries: Family<NsLabels, Gauge>,
+    ct_max: Family<NsLabels, Gauge>,
+    ct_stat: Family<StatLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A namespace as a label: its name when it has one, else its inode.
+pub fn netns_label(netns: Option<u32>, name: Option<&str>) -> String {
+    match (name, netns) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(i)) => i.to_string(),
+        (None, None) => "unknown".into(),
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            drops: Family::default(),
+            events_lost: Counter::default(),
+            probes_sent: Family::default(),
+            probes_lost: Family::default(),
+            ct_entries: Family::default(),
+            ct_max: Family::default(),
+            ct_stat: Family::default(),
+        };
+        m.registry.register("ctdrop_drops", "Dropped packets traced, by cause, network namespace and L4 protocol", m.drops.clone());
+        m.registry.register("ctdrop_events_lost", "Drop records the kernel could not queue (ring buffer full)", m.events_lost.clone());
+        m.registry.register("ctdrop_probes_sent", "Probes sent by ctdrop, by target", m.probes_sent.clone());
+        m.registry.register("ctdrop_probes_lost", "Probes lost, by target and by the cause of the drop that ate them", m.probes_lost.clone());
+        m.registry.register("ctdrop_conntrack_entries", "Conntrack table entries in the namespace", m.ct_entries.clone());
+        m.registry.register("ctdrop_conntrack_max", "nf_conntrack_max (a global limit), per namespace", m.ct_max.clone());
+        m.registry.register("ctdrop_conntrack_stat", "Kernel conntrack statistics of the namespace (/proc/net/stat/nf_conntrack)", m.ct_stat.clone());
+        m
+    }
+
+    /// The counter of one (cause, namespace, protocol); callers keep it to
+    /// skip the label lookup on every drop.
+    fn drop_counter(&self, cause: Cause, netns: String, proto: Option<u8>) -> Counter {
+        let proto = proto.map(proto_name).unwrap_or_else(|| "none".into());
+        self.drops.get_or_create_owned(&DropLabels { cause: cause.as_str().into(), netns, proto })
+    }
+
+    pub fn add_drops(&self, cause: Cause, netns: String, proto: Option<u8>, n: u64) {
+        self.drop_counter(cause, netns, proto).inc_by(n);
+    }
+
+    /// Counters only go up: set to a total by adding the difference.
+    fn raise(c: &Counter, total: u64) {
+        let now = c.get();
+        if total > now {
+            c.inc_by(total - now);
+        }
+    }
+
+    pub fn set_events_lost(&self, total: u64) {
+        Self::raise(&self.events_lost, total);
+    }
+
+    pub fn probe_sent(&self, host: &str, n: u64) {
+        self.probes_sent.get_or_create(&HostLabels { host: host.into() }).inc_by(n);
+    }
+
+    pub fn probe_lost(&self, host: &str, cause: Option<&str>, n: u64) {
+        let cause = cause.unwrap_or("unexplained").to_string();
+        self.probes_lost.get_or_create(&LostLabels { host: host.into(), cause }).inc_by(n);
+    }
+
+    pub fn set_conntrack(&self, netns: &str, counters: &CtCounters, max: Option<u64>) {
+        let ns = NsLabels { netns: netns.into() };
+        self.ct_entries.get_or_create(&ns).set(counters.entries() as i64);
+        if let Some(m) = max {
+            self.ct_max.get_or_create(&ns).set(m as i64);
+        }
+        for (k, v) in counters.columns.iter().filter(|(k, _)| *k != "entries") {
+            Self::raise(&self.ct_stat.get_or_create(&StatLabels { netns: netns.into(), counter: k.clone() }), *v);
+        }
+    }
+
+    /// The OpenMetrics text exposition (ends with `# EOF`).
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// Keeps [`Metrics`] current from the session's events.
+pub struct MetricsSink {
+    m: Arc<Metrics>,
+    counters: HashMap<(Cause, Option<u32>, Option<u8>), Counter>,
+}
+
+impl MetricsSink {
+    pub fn new(m: Arc<Metrics>) -> Self {
+        MetricsSink { m, counters: HashMap::new() }
+    }
+}
+
+impl Sink for MetricsSink {
+    fn drop_event(&mut self, s: &Shown) -> std::io::Result<()> {
+        let proto = s.ev.flow.as_ref().map(|f| f.proto);
+        let key = (s.cause, s.ev.netns, proto);
+        let m = &self.m;
+        self.counters.entry(key).or_insert_with(|| m.drop_counter(s.cause, netns_label(s.ev.netns, s.netns_name), proto)).inc();
+        Ok(())
+    }
+
+    fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()> {
+        match &p.outcome.status {
+            Status::Ok { .. } => self.m.probe_sent(p.label, 1),
+            Status::Lost { drop } => {
+                self.m.probe_sent(p.label, 1);
+                self.m.probe_lost(p.label, drop.as_ref().map(|d| d.cause.as_str()), 1);
+            }
+            // Already counted when it was declared lost.
+            Status::Late { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn summary(&mut self, _s: &crate::summary::Summary) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn wants_counters(&self) -> bool {
+        true
+    }
+
+    fn tick(&mut self, p: &Progress) -> std::io::Result<()> {
+        self.m.set_events_lost(p.stats.lost);
+        let max = crate::conntrack::stats::CtLimits::read().map(|l| l.max);
+        for (ns, (name, c)) in p.counters {
+            self.m.set_conntrack(&netns_label(Some(*ns), name.as_deref()), c, max);
+        }
+        Ok(())
+    }
+}
+
+/// `ADDR:PORT`, or a bare `PORT` / `:PORT` on loopback: metrics name hosts
+/// and flows, so exposing them beyond this host is a choice to spell out.
+pub fn parse_listen(s: &str) -> Result<SocketAddr> {
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    s.parse::<SocketAddr>().map_err(|_| anyhow!("--metrics takes ADDR:PORT or PORT (e.g. 127.0.0.1:9477, [::1]:9477, 9477), got {s:?}"))
+}
+
+pub async fn bind(s: &str) -> Result<TcpListener> {
+    let addr = parse_listen(s)?;
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for --metrics"))
+}
+
+/// Answers `GET /metrics` until the runtime ends.
+pub async fn serve(listener: TcpListener, m: Arc<Metrics>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let m = m.clone();
+        tokio::spawn(async move {
+            // A client that never finishes its request does not hold a task forever.
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &m)).await;
+        });
+    }
+}
+
+async fn answer(mut s: TcpStream, m: &Metrics) -> std::io::Result<()> {
+    let mut req = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        req.extend_from_slice(&buf[..n]);
+        if req.len() > 16 << 10 {
+            return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", "request too large\n").await;
+        }
+    }
+    let line = req.split(|b| *b == b'\n').next().unwrap_or_default();
+    let mut parts = std::str::from_utf8(line).unwrap_or("").split_whitespace();
+    match (parts.next(), parts.next().map(|p| p.split('?').next().unwrap_or(p))) {
+        (Some("GET"), Some("/metrics")) => {
+            respond(&mut s, "200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", &m.encode()).await
+        }
+        (Some("GET"), _) => respond(&mut s, "404 Not Found", "text/plain", "ctdrop serves /metrics only\n").await,
+        _ => respond(&mut s, "405 Method Not Allowed", "text/plain", "GET /metrics\n").await,
+    }
+}
+
+async fn respond(s: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body.as_bytes()).await?;
+    s.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_default_to_loopback() {
+        assert_eq!(parse_listen("9477").unwrap(), "127.0.0.1:9477".parse().unwrap());
+        assert_eq!(parse_listen(":9477").unwrap(), "127.0.0.1:9477".parse().unwrap());
+        assert_eq!(parse_listen("0.0.0.0:80").unwrap(), "0.0.0.0:80".parse().unwrap());
+        assert_eq!(parse_listen("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
+        assert!(parse_listen("localhost").is_err());
+    }
+
+    #[test]
+    fn exposition_names_counters_and_labels() {
+        let m = Metrics::new();
+        m.add_drops(Cause::ConntrackTableFull, "recv".into(), Some(17), 3);
+        m.set_events_lost(2);
+        m.set_events_lost(1); // never goes down
+        let mut c = CtCounters::default();
+        c.columns.insert("entries".into(), 64);
+        c.columns.insert("drop".into(), 3);
+        m.set_conntrack("recv", &c, Some(64));
+        let text = m.encode();
+        assert!(text.contains(r#"ctdrop_drops_total{cause="conntrack_table_full",netns="recv",proto="udp"} 3"#), "{text}");
+        assert!(text.contains("ctdrop_events_lost_total 2"), "{text}");
+        assert!(text.contains(r#"ctdrop_conntrack_entries{netns="recv"} 64"#), "{text}");
+        assert!(text.contains(r#"ctdrop_conntrack_stat_total{netns="recv",counter="drop"} 3"#), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+}

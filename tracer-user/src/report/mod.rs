@@ -1,0 +1,343 @@
+//! Reports from capture files: one pass over the records builds a
+//! [`Report`]; `text` renders it for people (table, markdown), `json` for
+//! tools; `compare` puts two side by side; `export` writes pcap-ng.
+pub mod compare;
+pub mod export;
+pub mod json;
+pub mod text;
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    capture::{meta::Header, record::Checkpoint, CaptureReader, End, Item},
+    cause::Cause,
+    cli::{ReportArgs, ReportFormat},
+    conntrack::stats::CtCounters,
+    flows::{Tally, DEFAULT_MAX_FLOWS},
+    kernel::btf::DropReasons,
+    output::{csv::CsvSink, metrics::Metrics, Shown, Sink},
+};
+
+/// Longest drops-per-second series kept (a day); later drops count in the last second.
+const MAX_SECONDS: usize = 86_400;
+
+/// One host's probe verdicts, rebuilt from the recorded probe lines.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProbeTally {
+    pub sent: u64,
+    pub answered: u64,
+    pub lost: u64,
+    pub late: u64,
+    pub lost_by_cause: BTreeMap<String, u64>,
+    pub lost_unexplained: u64,
+    /// Each lost probe's JSON line (seq, time, verdict, the drop).
+    pub lost_probes: Vec<serde_json::Value>,
+}
+
+impl ProbeTally {
+    pub fn loss_pct(&self) -> f64 {
+        if self.sent == 0 {
+            0.0
+        } else {
+            100.0 * self.lost as f64 / self.sent as f64
+        }
+    }
+
+    fn add(&mut self, p: &serde_json::Value) {
+        match p.get("status").and_then(|s| s.as_str()) {
+            Some("ok") => {
+                self.sent += 1;
+                self.answered += 1;
+            }
+            Some("lost") => {
+                self.sent += 1;
+                self.lost += 1;
+                match p.get("cause").and_then(|c| c.as_str()) {
+                    Some(c) => *self.lost_by_cause.entry(c.to_string()).or_default() += 1,
+                    None => self.lost_unexplained += 1,
+                }
+                self.lost_probes.push(p.clone());
+            }
+            Some("late") => self.late += 1,
+            _ => {}
+        }
+    }
+}
+
+/// The kernel's conntrack counter increase in one namespace next to the
+/// drops ctdrop recorded there.
+#[derive(Clone, Debug)]
+pub struct CounterCheck {
+    pub netns: u32,
+    pub netns_name: Option<String>,
+    pub delta: CtCounters,
+    pub table_full: u64,
+    pub insert_failed: u64,
+}
+
+impl CounterCheck {
+    /// The kernel's `drop` column counts table-full and insert-failed drops.
+    pub fn agrees(&self) -> bool {
+        self.delta.get("drop") == self.table_full + self.insert_failed
+    }
+}
+
+pub struct Report {
+    pub path: PathBuf,
+    pub header: Header,
+    pub end: End,
+    pub tally: Tally,
+    pub netns_names: BTreeMap<u32, String>,
+    pub ifnames: BTreeMap<(Option<u32>, u32), String>,
+    /// Drops in each second since the capture started.
+    pub per_second: Vec<u64>,
+    pub probes: BTreeMap<String, ProbeTally>,
+    pub last_checkpoint: Option<Checkpoint>,
+    pub last_drop_ts: Option<u64>,
+    pub drops_with_headers: u64,
+    /// Drops per (namespace, cause, L4 protocol): the metrics' labels.
+    pub by_ns_cause_proto: BTreeMap<(Option<u32>, Cause, Option<u8>), u64>,
+}
+
+impl Report {
+    /// Reads every record; `each` sees every drop as the live outputs did.
+    pub fn build<R: Read>(path: &Path, mut reader: CaptureReader<R>, mut each: impl FnMut(&Shown)) -> Report {
+        let header = reader.header.clone();
+        let reasons = DropReasons::from_pairs(header.drop_reasons.iter().map(|(v, n)| (n.clone(), *v)));
+        let mut r = Report {
+            path: path.to_path_buf(),
+            header,
+            end: End::NoTrailer { at: 0 },
+            tally: Tally::new(DEFAULT_MAX_FLOWS),
+            netns_names: BTreeMap::new(),
+            ifnames: BTreeMap::new(),
+            per_second: Vec::new(),
+            probes: BTreeMap::new(),
+            last_checkpoint: None,
+            last_drop_ts: None,
+            drops_with_headers: 0,
+            by_ns_cause_proto: BTreeMap::new(),
+        };
+        for p in &r.header.probes {
+            r.probes.entry(p.clone()).or_default();
+        }
+        while let Some(item) = reader.next_item() {
+            match item {
+                Item::Drop(d) => {
+                    let ev = &d.ev;
+                    r.tally.record(ev, d.cause);
+                    *r.by_ns_cause_proto.entry((ev.netns, d.cause, ev.flow.as_ref().map(|f| f.proto))).or_default() += 1;
+                    let sec = (ev.ts_ns.saturating_sub(r.header.started_mono_ns) / 1_000_000_000) as usize;
+                    let sec = sec.min(MAX_SECONDS - 1);
+                    if r.per_second.len() <= sec {
+                        r.per_second.resize(sec + 1, 0);
+                    }
+                    r.per_second[sec] += 1;
+                    r.last_drop_ts = Some(r.last_drop_ts.unwrap_or(0).max(ev.ts_ns));
+                    r.drops_with_headers += ev.header.is_some() as u64;
+                    let netns_name = d.netns_name.map(|id| reader.string(id));
+                    let ifname = d.ifname.map(|id| reader.string(id));
+                    if let (Some(ns), Some(n)) = (ev.netns, netns_name) {
+                        r.netns_names.entry(ns).or_insert_with(|| n.to_string());
+                    }
+                    if let (Some(i), Some(n)) = (ev.ifindex, ifname) {
+                        r.ifnames.entry((ev.netns, i)).or_insert_with(|| n.to_string());
+                    }
+                    let reason = reasons.name(ev.reason);
+                    let shown = Shown {
+                        ev,
+                        cause: d.cause,
+                        wall_ns: ev.ts_ns + r.header.boot_offset_ns,
+                        reason: &reason,
+                        netns_name,
+                        ifname,
+                        location: reader.string(d.location),
+                    };
+                    each(&shown);
+                }
+                Item::Probe(p) => {
+                    if let Some(host) = p.get("host").and_then(|h| h.as_str()) {
+                        r.probes.entry(host.to_string()).or_default().add(&p);
+                    }
+                }
+                Item::Checkpoint(c) => r.last_checkpoint = Some(c),
+            }
+        }
+        r.end = reader.end().cloned().unwrap_or(End::NoTrailer { at: 0 });
+        for c in r.header.counters_at_start.iter().chain(r.end.trailer().map(|t| &t.counters_at_end[..]).unwrap_or(&[])) {
+            if let Some(n) = &c.netns_name {
+                r.netns_names.entry(c.netns).or_insert_with(|| n.clone());
+            }
+        }
+        // The series covers the whole capture, quiet seconds at its end included.
+        let secs = (r.duration_s().ceil() as usize).clamp(r.per_second.len(), MAX_SECONDS);
+        r.per_second.resize(secs, 0);
+        r
+    }
+
+    pub fn trailer(&self) -> Option<&crate::capture::meta::Trailer> {
+        self.end.trailer()
+    }
+
+    pub fn complete(&self) -> bool {
+        self.trailer().is_some()
+    }
+
+    /// Capture length: the trailer's, else up to the last thing recorded.
+    pub fn duration_s(&self) -> f64 {
+        if let Some(t) = self.trailer() {
+            return t.duration_s;
+        }
+        let last = self.last_checkpoint.map(|c| c.mono_ns).unwrap_or(0).max(self.last_drop_ts.unwrap_or(0));
+        last.saturating_sub(self.header.started_mono_ns) as f64 / 1e9
+    }
+
+    pub fn ended_wall_ns(&self) -> u64 {
+        match self.trailer() {
+            Some(t) => t.ended_wall_ns,
+            None => self.header.started_wall_ns + (self.duration_s() * 1e9) as u64,
+        }
+    }
+
+    /// Drops per second over the whole capture.
+    pub fn rate(&self, n: u64) -> f64 {
+        let d = self.duration_s();
+        if d > 0.0 {
+            n as f64 / d
+        } else {
+            0.0
+        }
+    }
+
+    /// Events lost: exact from the trailer, else as of the last checkpoint.
+    pub fn events_lost(&self) -> Option<u64> {
+        self.trailer().map(|t| t.events_lost).or(self.last_checkpoint.map(|c| c.events_lost))
+    }
+
+    /// None without a trailer: the counters at the end were never read.
+    pub fn counter_checks(&self) -> Option<Vec<CounterCheck>> {
+        let t = self.trailer()?;
+        Some(
+            t.kernel_counters
+                .iter()
+                .map(|k| CounterCheck {
+                    netns: k.netns,
+                    netns_name: k.netns_name.clone().or_else(|| self.netns_names.get(&k.netns).cloned()),
+                    delta: CtCounters { columns: k.delta.clone() },
+                    table_full: self.tally.count_in(k.netns, Cause::ConntrackTableFull),
+                    insert_failed: self.tally.count_in(k.netns, Cause::ConntrackInsertFailed),
+                })
+                .collect(),
+        )
+    }
+
+    /// `name (inode)`, or the inode alone.
+    pub fn netns_label(&self, ns: Option<u32>) -> String {
+        match ns {
+            Some(i) => match self.netns_names.get(&i) {
+                Some(n) => format!("{n} ({i})"),
+                None => i.to_string(),
+            },
+            None => "unknown".into(),
+        }
+    }
+
+    pub fn ifname(&self, ns: Option<u32>, ifindex: u32) -> String {
+        self.ifnames.get(&(ns, ifindex)).cloned().unwrap_or_else(|| format!("#{ifindex}"))
+    }
+
+    /// The same families `live --metrics` serves, from this capture.
+    pub fn metrics(&self) -> Metrics {
+        let m = Metrics::new();
+        for (&(ns, cause, proto), &n) in &self.by_ns_cause_proto {
+            m.add_drops(cause, crate::output::metrics::netns_label(ns, ns.and_then(|i| self.netns_names.get(&i)).map(String::as_str)), proto, n);
+        }
+        if let Some(l) = self.events_lost() {
+            m.set_events_lost(l);
+        }
+        for (host, p) in &self.probes {
+            m.probe_sent(host, p.sent);
+            for (c, n) in &p.lost_by_cause {
+                m.probe_lost(host, Some(c), *n);
+            }
+            if p.lost_unexplained > 0 {
+                m.probe_lost(host, None, p.lost_unexplained);
+            }
+        }
+        let end = self.trailer().map(|t| &t.counters_at_end[..]).unwrap_or(&self.header.counters_at_start[..]);
+        for c in end {
+            let name = c.netns_name.clone().or_else(|| self.netns_names.get(&c.netns).cloned());
+            m.set_conntrack(&crate::output::metrics::netns_label(Some(c.netns), name.as_deref()), &c.ct(), self.header.conntrack_max);
+        }
+        m
+    }
+}
+
+pub fn run(args: &ReportArgs) -> Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if let (Some(b), Some(a)) = (&args.before, &args.after) {
+        let before = load(b, |_| {})?;
+        let after = load(a, |_| {})?;
+        let c = compare::Comparison::new(&before, &after);
+        match args.format {
+            ReportFormat::Json => {
+                serde_json::to_writer_pretty(&mut out, &c.to_json())?;
+                writeln!(out)?;
+            }
+            ReportFormat::Table => out.write_all(c.render(false).as_bytes())?,
+            ReportFormat::Markdown => out.write_all(c.render(true).as_bytes())?,
+            ReportFormat::Csv | ReportFormat::Prometheus => {
+                anyhow::bail!("--before/--after compares for people or tools: use --format table, markdown or json")
+            }
+        }
+        return out.flush().context("writing the report");
+    }
+    let path = args.file.as_ref().expect("clap requires FILE without --before/--after");
+    match args.format {
+        ReportFormat::Csv => {
+            let mut csv = CsvSink::new(&mut out);
+            let mut err = None;
+            let r = load(path, |s| {
+                if err.is_none() {
+                    err = csv.drop_event(s).err();
+                }
+            })?;
+            if let Some(e) = err {
+                return Err(e).context("writing CSV");
+            }
+            csv.flush().context("writing CSV")?;
+            drop(csv);
+            if let Some(d) = r.end.describe() {
+                eprintln!("ctdrop: {}: {d}", path.display());
+            }
+        }
+        ReportFormat::Json => {
+            let r = load(path, |_| {})?;
+            serde_json::to_writer_pretty(&mut out, &json::to_json(&r, args.top))?;
+            writeln!(out)?;
+        }
+        ReportFormat::Prometheus => {
+            let r = load(path, |_| {})?;
+            out.write_all(r.metrics().encode().as_bytes())?;
+            if let Some(d) = r.end.describe() {
+                eprintln!("ctdrop: {}: {d}", path.display());
+            }
+        }
+        ReportFormat::Table | ReportFormat::Markdown => {
+            let r = load(path, |_| {})?;
+            out.write_all(text::render(&r, args.top, args.format == ReportFormat::Markdown).as_bytes())?;
+        }
+    }
+    out.flush().context("writing the report")
+}
+
+pub fn load(path: &Path, each: impl FnMut(&Shown)) -> Result<Report> {
+    let reader = CaptureReader::open(path)?;
+    Ok(Report::build(path, reader, each))
+}
