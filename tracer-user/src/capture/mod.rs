@@ -11,6 +11,8 @@ pub mod meta;
 pub mod reader;
 pub mod record;
 pub mod sink;
+#[cfg(test)]
+mod tests;
 pub mod writer;
 
 use std::io::BufWriter;

@@ -66,7 +66,12 @@ impl CaptureWriter {
             }
             Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
         };
-        Ok(CaptureWriter {
+        Ok(CaptureWriter::on(file, path))
+    }
+
+    /// A writer on an already open, empty file.
+    pub fn on(file: File, path: &Path) -> CaptureWriter {
+        CaptureWriter {
             file,
             path: path.to_path_buf(),
             buf: vec![0; BLOCK_HEADER_LEN],
@@ -81,7 +86,7 @@ impl CaptureWriter {
             pending_last_ts: None,
             pending_drops: 0,
             failed: None,
-        })
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -153,6 +153,36 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
         s
     }
+
+    /// The classic Prometheus text format (0.0.4), which node_exporter's
+    /// textfile collector and `promtool check metrics` read.
+    pub fn encode_classic(&self) -> String {
+        to_classic(&self.encode())
+    }
+}
+
+/// OpenMetrics to the classic text format. For what ctdrop exposes they
+/// differ only in that OpenMetrics names a counter family without its
+/// `_total` suffix in `# HELP`/`# TYPE` (the samples carry it in both),
+/// and ends with `# EOF`.
+pub fn to_classic(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta.and_then(|(p, rest)| Some((p, rest.split_once(' ')?))) {
+            Some((p, (name, tail))) if counters.contains(name) => {
+                out.push_str(&format!("{p}{name}_total {tail}"));
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Keeps [`Metrics`] current from the session's events.
@@ -255,7 +285,14 @@ async fn answer(mut s: TcpStream, m: &Metrics) -> std::io::Result<()> {
     let mut parts = std::str::from_utf8(line).unwrap_or("").split_whitespace();
     match (parts.next(), parts.next().map(|p| p.split('?').next().unwrap_or(p))) {
         (Some("GET"), Some("/metrics")) => {
-            respond(&mut s, "200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", &m.encode()).await
+            // Prometheus asks for OpenMetrics; curl, promtool and older
+            // scrapers get the classic format.
+            let head = String::from_utf8_lossy(&req).to_ascii_lowercase();
+            if head.lines().any(|l| l.starts_with("accept:") && l.contains("application/openmetrics-text")) {
+                respond(&mut s, "200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", &m.encode()).await
+            } else {
+                respond(&mut s, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &m.encode_classic()).await
+            }
         }
         (Some("GET"), _) => respond(&mut s, "404 Not Found", "text/plain", "ctdrop serves /metrics only\n").await,
         _ => respond(&mut s, "405 Method Not Allowed", "text/plain", "GET /metrics\n").await,
@@ -298,5 +335,11 @@ mod tests {
         assert!(text.contains(r#"ctdrop_conntrack_entries{netns="recv"} 64"#), "{text}");
         assert!(text.contains(r#"ctdrop_conntrack_stat_total{netns="recv",counter="drop"} 3"#), "{text}");
         assert!(text.trim_end().ends_with("# EOF"));
+        let classic = m.encode_classic();
+        assert!(classic.contains("# TYPE ctdrop_drops_total counter\n"), "{classic}");
+        assert!(classic.contains("# HELP ctdrop_events_lost_total Drop records"), "{classic}");
+        assert!(classic.contains("# TYPE ctdrop_conntrack_entries gauge\n"), "{classic}");
+        assert!(!classic.contains("# EOF"));
+        assert_eq!(classic.lines().filter(|l| !l.starts_with('#')).count(), text.lines().filter(|l| !l.starts_with('#')).count());
     }
 }

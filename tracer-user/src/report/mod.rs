@@ -324,7 +324,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         }
         ReportFormat::Prometheus => {
             let r = load(path, |_| {})?;
-            out.write_all(r.metrics().encode().as_bytes())?;
+            out.write_all(r.metrics().encode_classic().as_bytes())?;
             if let Some(d) = r.end.describe() {
                 eprintln!("ctdrop: {}: {d}", path.display());
             }

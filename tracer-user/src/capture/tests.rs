@@ -1,0 +1,288 @@
+//! Writer and reader together: round trips, cuts at every offset, damage,
+//! version refusal, and a fixed-seed fuzz of the reader.
+
+use std::{os::unix::fs::PermissionsExt, sync::OnceLock};
+
+use proptest::prelude::*;
+
+use super::{
+    block::{FORMAT_VERSION, PREAMBLE_LEN},
+    meta::{CaptureFilter, CounterDelta, Header, NsCounters, Trailer},
+    record::{tests::sample, Checkpoint},
+    CaptureReader, CaptureWriter, End, Item,
+};
+use crate::{cause::Cause, events::DropEvent};
+
+pub fn header() -> Header {
+    Header {
+        format_version: FORMAT_VERSION,
+        ctdrop_version: "0.0.0-test".into(),
+        host: "testhost".into(),
+        kernel_release: "6.18.0".into(),
+        started_wall_ns: 1_700_000_000_000_000_000,
+        started_mono_ns: 1_000_000_000_000,
+        boot_offset_ns: 1_699_999_000_000_000_000,
+        mechanisms: [("drops".to_string(), "tp_btf/kfree_skb".to_string())].into(),
+        drop_reasons: [(12, "NETFILTER_DROP".to_string()), (2, "NOT_SPECIFIED".to_string())].into(),
+        conntrack_max: Some(64),
+        conntrack_buckets: Some(262144),
+        counters_at_start: vec![NsCounters { netns: 7, netns_name: Some("recv".into()), counters: [("drop".to_string(), 5u64), ("entries".to_string(), 64)].into() }],
+        filter: CaptureFilter::default(),
+        headers: true,
+        duration_s: Some(3.0),
+        probes: vec!["198.18.0.2".into()],
+        command: vec!["ctdrop".into(), "capture".into()],
+    }
+}
+
+pub fn trailer(drops: u64, kernel_drop: u64) -> Trailer {
+    Trailer {
+        ended_wall_ns: 1_700_000_003_000_000_000,
+        ended_mono_ns: 1_003_000_000_000,
+        duration_s: 3.0,
+        events_sent: drops,
+        events_lost: 0,
+        decode_errors: 0,
+        drops_written: drops,
+        probes_written: 1,
+        kernel_counters: vec![CounterDelta { netns: 7, netns_name: Some("recv".into()), delta: [("drop".to_string(), kernel_drop), ("entries".to_string(), 64)].into() }],
+        counters_at_end: vec![NsCounters { netns: 7, netns_name: Some("recv".into()), counters: [("drop".to_string(), 5 + kernel_drop), ("entries".to_string(), 64)].into() }],
+    }
+}
+
+/// The i-th test drop: a second apart from the start, alternating causes.
+pub fn drop_no(i: u64) -> (DropEvent, Cause) {
+    let mut ev = sample(i % 3 != 2, i % 5 == 4);
+    ev.ts_ns = header().started_mono_ns + i * 300_000_000;
+    if let Some(f) = ev.flow.as_mut() {
+        f.proto = 17;
+        f.ports = Some((40000, 1000 + i as u16));
+        ev.icmp = None;
+    }
+    ev.netns = Some(7);
+    (ev, if i % 4 == 3 { Cause::NetfilterRule } else { Cause::ConntrackTableFull })
+}
+
+/// A finished capture of `n` drops in blocks of `per_block`, one probe
+/// verdict and a checkpoint; returns the file's bytes.
+pub fn capture_bytes(n: u64, per_block: u64, finish: bool) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.ctdrop");
+    let mut w = CaptureWriter::create(&path, false).unwrap();
+    w.write_header(&header()).unwrap();
+    for i in 0..n {
+        let (ev, cause) = drop_no(i);
+        w.drop_event(&ev, cause, "nf_hook_slow+0x9a", Some("recv"), Some("veth1")).unwrap();
+        if i == 0 {
+            w.probe(&serde_json::json!({"kind": "probe", "host": "198.18.0.2", "status": "lost", "cause": "conntrack_table_full", "seq": 1})).unwrap();
+            w.checkpoint(&Checkpoint { mono_ns: ev.ts_ns, events_sent: 1, events_lost: 0, drops_seen: 1 }).unwrap();
+        }
+        if (i + 1) % per_block == 0 {
+            w.flush().unwrap();
+        }
+    }
+    if finish {
+        w.finish(&trailer(n, n)).unwrap();
+    } else {
+        w.flush().unwrap();
+    }
+    std::fs::read(&path).unwrap()
+}
+
+struct Read_ {
+    drops: Vec<(DropEvent, Cause, String, Option<String>)>,
+    probes: usize,
+    checkpoints: usize,
+    end: End,
+}
+
+fn read_all(bytes: &[u8]) -> anyhow::Result<Read_> {
+    let mut r = CaptureReader::new(bytes)?;
+    let mut out = Read_ { drops: vec![], probes: 0, checkpoints: 0, end: End::NoTrailer { at: 0 } };
+    while let Some(it) = r.next_item() {
+        match it {
+            Item::Drop(d) => {
+                let loc = r.string(d.location).to_string();
+                let ifname = d.ifname.map(|i| r.string(i).to_string());
+                out.drops.push((d.ev, d.cause, loc, ifname));
+            }
+            Item::Probe(_) => out.probes += 1,
+            Item::Checkpoint(_) => out.checkpoints += 1,
+        }
+    }
+    out.end = r.end().unwrap().clone();
+    Ok(out)
+}
+
+#[test]
+fn everything_written_reads_back_in_order() {
+    let bytes = capture_bytes(25, 7, true);
+    let r = read_all(&bytes).unwrap();
+    assert_eq!(r.drops.len(), 25);
+    for (i, (ev, cause, loc, ifname)) in r.drops.iter().enumerate() {
+        let (want, want_cause) = drop_no(i as u64);
+        assert_eq!(ev, &want, "drop {i}");
+        assert_eq!(*cause, want_cause);
+        assert_eq!(loc, "nf_hook_slow+0x9a");
+        assert_eq!(ifname.as_deref(), Some("veth1"));
+    }
+    assert_eq!((r.probes, r.checkpoints), (1, 1));
+    assert_eq!(r.end, End::Complete(trailer(25, 25)));
+    assert_eq!(CaptureReader::new(&bytes[..]).unwrap().header, header());
+}
+
+#[test]
+fn a_capture_without_trailer_reads_up_to_its_last_flush() {
+    let bytes = capture_bytes(10, 4, false);
+    let r = read_all(&bytes).unwrap();
+    assert_eq!(r.drops.len(), 10);
+    assert_eq!(r.end, End::NoTrailer { at: bytes.len() as u64 });
+    assert!(r.end.describe().unwrap().contains("trailer missing"));
+}
+
+/// Every cut: the header part is a clean error, any later cut reads the
+/// whole blocks before it and names where it stopped; nothing panics.
+#[test]
+fn cut_at_every_offset() {
+    let bytes = capture_bytes(12, 3, true);
+    let full = read_all(&bytes).unwrap();
+    let header_end = {
+        let r = CaptureReader::new(&bytes[..]).unwrap();
+        PREAMBLE_LEN + 12 + serde_json::to_vec(&r.header).unwrap().len()
+    };
+    let mut last_drops = 0;
+    for cut in 0..bytes.len() {
+        match read_all(&bytes[..cut]) {
+            Err(e) => {
+                assert!(cut < header_end, "cut at {cut} (after the header) failed: {e:#}");
+                let msg = format!("{e:#}");
+                assert!(msg.contains("cut short") || msg.contains("unreadable") || msg.contains("not a ctdrop capture"), "cut at {cut}: {msg}");
+            }
+            Ok(r) => {
+                assert!(cut >= header_end, "cut at {cut} inside the header was accepted");
+                assert!(r.drops.len() >= last_drops, "fewer drops after a later cut");
+                last_drops = r.drops.len();
+                assert_eq!(r.drops[..], full.drops[..r.drops.len()], "cut at {cut}: drops differ from the original's first ones");
+                match &r.end {
+                    End::NoTrailer { at } => assert_eq!(*at, cut as u64),
+                    End::Stopped { at, why } => {
+                        assert!(*at < cut as u64, "cut at {cut}: says it stopped at {at}");
+                        assert!(why.contains("cut short"), "{why}");
+                    }
+                    End::Complete(_) => panic!("cut at {cut} claims to be complete"),
+                }
+            }
+        }
+    }
+    assert_eq!(last_drops, 12);
+}
+
+#[test]
+fn a_newer_format_is_refused_by_name() {
+    let mut bytes = capture_bytes(2, 1, true);
+    bytes[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    let e = format!("{:#}", CaptureReader::new(&bytes[..]).err().unwrap());
+    assert!(e.contains(&format!("format version {}", FORMAT_VERSION + 1)), "{e}");
+    assert!(e.contains("ctdrop 0.0.0-test") && e.contains("newer ctdrop"), "{e}");
+}
+
+#[test]
+fn other_files_are_not_captures() {
+    for bytes in [&b""[..], b"hello world, not a capture", b"\x89CTDROP\n\x00\x00\x00\x00"] {
+        assert!(CaptureReader::new(bytes).is_err());
+    }
+}
+
+#[test]
+fn damage_in_a_middle_block_stops_there() {
+    let bytes = capture_bytes(9, 3, true);
+    let full = read_all(&bytes).unwrap();
+    // Flip a byte near the end: the last record block or the trailer.
+    let mut bad = bytes.clone();
+    let i = bad.len() - 40;
+    bad[i] ^= 0xff;
+    let r = read_all(&bad).unwrap();
+    assert!(matches!(&r.end, End::Stopped { why, .. } if why.contains("checksum")), "{:?}", r.end);
+    assert_eq!(r.drops[..], full.drops[..r.drops.len()]);
+}
+
+#[test]
+fn files_are_private_and_never_overwritten_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.ctdrop");
+    drop(CaptureWriter::create(&p, false).unwrap());
+    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    std::fs::write(&p, b"precious").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = CaptureWriter::create(&p, false).err().unwrap().to_string();
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read(&p).unwrap(), b"precious");
+    drop(CaptureWriter::create(&p, true).unwrap());
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
+    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(CaptureWriter::create(dir.path(), true).err().unwrap().to_string().contains("directory"));
+}
+
+#[test]
+fn a_full_disk_stops_the_writer_and_says_what_was_kept() {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let mut w = CaptureWriter::on(full, std::path::Path::new("/dev/full"));
+    let e = w.write_header(&header()).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::StorageFull);
+    let (ev, cause) = drop_no(0);
+    let again = w.drop_event(&ev, cause, "x", None, None).unwrap_err();
+    assert!(again.to_string().contains("readable up to its last flush"), "{again}");
+    assert!(w.finish(&trailer(0, 0)).is_err());
+}
+
+fn empty_capture() -> &'static Vec<u8> {
+    static B: OnceLock<Vec<u8>> = OnceLock::new();
+    B.get_or_init(|| capture_bytes(0, 1, false))
+}
+
+fn small_capture() -> &'static (Vec<u8>, Read_) {
+    static B: OnceLock<(Vec<u8>, Read_)> = OnceLock::new();
+    B.get_or_init(|| {
+        let b = capture_bytes(6, 2, true);
+        let r = read_all(&b).unwrap();
+        (b, r)
+    })
+}
+
+proptest! {
+    // A fixed seed: the same cases on every run and in CI.
+    #![proptest_config(ProptestConfig { cases: 1000, rng_seed: proptest::test_runner::RngSeed::Fixed(0xc7d0), ..ProptestConfig::default() })]
+
+    /// Random bytes after a valid header: the reader ends, never panics.
+    #[test]
+    fn random_tails_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let mut bytes = empty_capture().clone();
+        bytes.extend_from_slice(&tail);
+        let r = read_all(&bytes).unwrap();
+        prop_assert!(r.drops.len() <= tail.len());
+    }
+
+    /// A valid capture with bytes overwritten and cut: never a panic,
+    /// never more drops than were written, always a prefix of them.
+    #[test]
+    fn damaged_captures_never_panic(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+                                    cut in any::<prop::sample::Index>()) {
+        let (bytes, original) = small_capture();
+        let mut bad = bytes.clone();
+        for (i, v) in flips {
+            let at = i.index(bad.len());
+            bad[at] = v;
+        }
+        bad.truncate(cut.index(bad.len() + 1));
+        if let Ok(r) = read_all(&bad) {
+            prop_assert!(r.drops.len() <= original.drops.len());
+            prop_assert!(r.drops[..] == original.drops[..r.drops.len()]);
+        }
+    }
+
+    /// Random bytes as a whole file.
+    #[test]
+    fn random_files_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = read_all(&bytes);
+    }
+}
