@@ -96,7 +96,12 @@ impl Netns {
     /// Creates `ctdt-<pid>-<n>` with loopback up and IPv6 off (no router
     /// solicitations or DAD packets to muddy the counts).
     pub fn new() -> Result<Netns> {
-        let name = format!("ctdt-{}-{}", std::process::id(), next_id());
+        Netns::with_prefix("ctdt")
+    }
+
+    /// `<prefix>-<pid>-<n>`: a suite's own prefix, so a leftover says whose it is.
+    pub fn with_prefix(prefix: &str) -> Result<Netns> {
+        let name = format!("{prefix}-{}-{}", std::process::id(), next_id());
         run(&["ip", "netns", "add", &name])?;
         let ns = Netns { name };
         ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
@@ -158,8 +163,13 @@ pub struct Topology {
 impl Topology {
     /// `sender` 198.18.<n>.1/24 -- veth -- `receiver` 198.18.<n>.2/24, both up.
     pub fn pair() -> Result<Topology> {
-        let sender = Netns::new()?;
-        let receiver = Netns::new()?;
+        Topology::pair_with_prefix("ctdt")
+    }
+
+    /// [`Topology::pair`] with namespaces named `<prefix>-...`.
+    pub fn pair_with_prefix(prefix: &str) -> Result<Topology> {
+        let sender = Netns::with_prefix(prefix)?;
+        let receiver = Netns::with_prefix(prefix)?;
         let veth = VethPair::create(&sender, &receiver)?;
         let n = (next_id() % 256) as u8;
         let sender_addr = Ipv4Addr::new(198, 18, n, 1);

@@ -47,9 +47,12 @@ impl CaptureSink {
     }
 
     fn draw(&mut self, p: &Progress) {
-        let mut line = format!("capture {}s", p.elapsed.as_secs());
+        // Ticks land just after whole seconds: round, or 0.999 s reads as 0.
+        let secs = (p.elapsed.as_millis() as u64 + 500) / 1000;
+        let mut line = format!("capture {secs}s");
         if let Some(d) = p.duration {
-            line += &format!(" of {}s ({}s left)", d.as_secs(), d.saturating_sub(p.elapsed).as_secs());
+            let total = (d.as_millis() as u64 + 500) / 1000;
+            line += &format!(" of {total}s ({}s left)", total.saturating_sub(secs));
         }
         line += &format!("  {} drops", p.tally.total);
         let parts: Vec<String> =
