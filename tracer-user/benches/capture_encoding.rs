@@ -61,6 +61,7 @@ fn capture_header() -> Header {
         duration_s: None,
         probes: vec![],
         command: vec![],
+        max_flows: None,
     }
 }
 

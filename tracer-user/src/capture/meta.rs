@@ -36,6 +36,9 @@ pub struct Header {
     /// Probe targets as given (--ping/--probe).
     pub probes: Vec<String>,
     pub command: Vec<String>,
+    /// --max-flows of the run, so a report tracks the same flows.
+    #[serde(default)]
+    pub max_flows: Option<usize>,
 }
 
 /// `/proc/net/stat/nf_conntrack` of one namespace, summed over CPUs.

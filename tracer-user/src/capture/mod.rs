@@ -12,7 +12,7 @@ pub mod reader;
 pub mod record;
 pub mod sink;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 pub mod writer;
 
 use std::io::BufWriter;
@@ -38,6 +38,7 @@ pub async fn run(args: &CaptureArgs) -> Result<()> {
         probes: args.probe.ping.iter().chain(&args.probe.probe).cloned().collect(),
         duration: args.duration,
         headers: args.headers,
+        max_flows: args.trace.max_flows,
     };
     let progress = unsafe { libc::isatty(2) } == 1;
     let out = BufWriter::with_capacity(1 << 16, std::io::stdout());

@@ -27,6 +27,7 @@ pub struct CaptureMeta {
     pub probes: Vec<String>,
     pub duration: Option<Duration>,
     pub headers: bool,
+    pub max_flows: usize,
 }
 
 pub struct CaptureSink {
@@ -120,6 +121,7 @@ impl Sink for CaptureSink {
             duration_s: self.meta.duration.map(|d| d.as_secs_f64()),
             probes: self.meta.probes.clone(),
             command: self.meta.command.clone(),
+            max_flows: Some(self.meta.max_flows),
         };
         self.w.write_header(&h)
     }

@@ -32,6 +32,7 @@ pub fn header() -> Header {
         duration_s: Some(3.0),
         probes: vec!["198.18.0.2".into()],
         command: vec!["ctdrop".into(), "capture".into()],
+        max_flows: None,
     }
 }
 
@@ -66,6 +67,11 @@ pub fn drop_no(i: u64) -> (DropEvent, Cause) {
 /// A finished capture of `n` drops in blocks of `per_block`, one probe
 /// verdict and a checkpoint; returns the file's bytes.
 pub fn capture_bytes(n: u64, per_block: u64, finish: bool) -> Vec<u8> {
+    capture_with(n, per_block, finish.then(|| trailer(n, n)))
+}
+
+/// [`capture_bytes`] with a chosen trailer (None: killed before it).
+pub fn capture_with(n: u64, per_block: u64, end: Option<Trailer>) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.ctdrop");
     let mut w = CaptureWriter::create(&path, false).unwrap();
@@ -81,8 +87,8 @@ pub fn capture_bytes(n: u64, per_block: u64, finish: bool) -> Vec<u8> {
             w.flush().unwrap();
         }
     }
-    if finish {
-        w.finish(&trailer(n, n)).unwrap();
+    if let Some(t) = end {
+        w.finish(&t).unwrap();
     } else {
         w.flush().unwrap();
     }

@@ -5,6 +5,8 @@ pub mod compare;
 pub mod export;
 pub mod json;
 pub mod text;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::BTreeMap,
@@ -112,9 +114,9 @@ impl Report {
         let reasons = DropReasons::from_pairs(header.drop_reasons.iter().map(|(v, n)| (n.clone(), *v)));
         let mut r = Report {
             path: path.to_path_buf(),
+            tally: Tally::new(header.max_flows.unwrap_or(DEFAULT_MAX_FLOWS)),
             header,
             end: End::NoTrailer { at: 0 },
-            tally: Tally::new(DEFAULT_MAX_FLOWS),
             netns_names: BTreeMap::new(),
             ifnames: BTreeMap::new(),
             per_second: Vec::new(),
