@@ -21,7 +21,7 @@ use ctdrop::{
 fn drop_no(i: u64, header: bool) -> DropEvent {
     let src: IpAddr = "198.18.0.1".parse().unwrap();
     let dst: IpAddr = "198.18.0.2".parse().unwrap();
-    let ping = i % 10 == 0;
+    let ping = i.is_multiple_of(10);
     DropEvent {
         ts_ns: 5_000_000_000_000 + i * 3_333,
         cpu: (i % 2) as u32,
