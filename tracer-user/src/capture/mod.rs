@@ -42,9 +42,11 @@ pub async fn run(args: &CaptureArgs) -> Result<()> {
     };
     let progress = unsafe { libc::isatty(2) } == 1;
     let out = BufWriter::with_capacity(1 << 16, std::io::stdout());
+    // The file's sink last: if it fails at the end (disk full), the
+    // summary on stdout is already out.
     let sinks: Vec<Box<dyn Sink>> = vec![
-        Box::new(sink::CaptureSink::new(w, meta, progress)),
         if args.json { Box::new(JsonSink::new(out)) } else { Box::new(SummaryOnly::new(out)) },
+        Box::new(sink::CaptureSink::new(w, meta, progress)),
     ];
     let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: args.headers };
     let result = session::run(&opts, sinks).await;

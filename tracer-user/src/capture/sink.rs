@@ -158,7 +158,8 @@ impl Sink for CaptureSink {
 
     fn summary(&mut self, s: &Summary) -> std::io::Result<()> {
         if self.drew {
-            eprintln!();
+            // The summary and the closing line take over the terminal.
+            eprint!("\r\x1b[K");
             self.drew = false;
         }
         let mono = crate::probe::mono_ns();

@@ -259,7 +259,14 @@ pub async fn bind(s: &str) -> Result<TcpListener> {
 /// Answers `GET /metrics` until the runtime ends.
 pub async fn serve(listener: TcpListener, m: Arc<Metrics>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            // Out of descriptors, say: back off instead of spinning.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let m = m.clone();
         tokio::spawn(async move {
             // A client that never finishes its request does not hold a task forever.
@@ -271,7 +278,8 @@ pub async fn serve(listener: TcpListener, m: Arc<Metrics>) {
 async fn answer(mut s: TcpStream, m: &Metrics) -> std::io::Result<()> {
     let mut req = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+    // Bare-LF clients (`printf 'GET /metrics\n\n' | nc`) end headers with "\n\n".
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && !req.windows(2).any(|w| w == b"\n\n") {
         let n = s.read(&mut buf).await?;
         if n == 0 {
             break;
@@ -317,6 +325,31 @@ mod tests {
         assert_eq!(parse_listen("0.0.0.0:80").unwrap(), "0.0.0.0:80".parse().unwrap());
         assert_eq!(parse_listen("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
         assert!(parse_listen("localhost").is_err());
+    }
+
+    async fn ask(addr: SocketAddr, req: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn endpoint_negotiates_the_format_and_serves_only_metrics() {
+        let m = Arc::new(Metrics::new());
+        m.set_events_lost(7);
+        let l = bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(serve(l, m));
+        let classic = ask(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(classic.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4"), "{classic}");
+        assert!(classic.contains("\r\n\r\n# HELP ctdrop_events_lost_total ") && classic.contains("ctdrop_events_lost_total 7\n"), "{classic}");
+        let om = ask(addr, "GET /metrics?x=1 HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0\r\n\r\n").await;
+        assert!(om.contains("Content-Type: application/openmetrics-text") && om.ends_with("# EOF\n"), "{om}");
+        assert!(ask(addr, "GET /metrics\n\n").await.starts_with("HTTP/1.1 200"), "bare LF");
+        assert!(ask(addr, "GET / HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
+        assert!(ask(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
     }
 
     #[test]
