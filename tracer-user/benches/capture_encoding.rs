@@ -13,7 +13,7 @@ use ctdrop::{
     capture::{meta::Header, CaptureReader, CaptureWriter, Item},
     cause::Cause,
     events::{CtFill, DropEvent, Flow, Icmp},
-    output::{json::DropJson, Shown},
+    output::{json::write_drop, Shown},
 };
 
 /// Drops as the incident makes them: UDP flows to new ports (most), some
@@ -100,6 +100,7 @@ fn json_lines(n: u64, header: bool, dir: &std::path::Path) -> Result_ {
     let evs: Vec<DropEvent> = (0..n).map(|i| drop_no(i, header)).collect();
     let t = Instant::now();
     let mut out = BufWriter::with_capacity(1 << 16, std::fs::File::create(&path).unwrap());
+    let mut line = Vec::with_capacity(1024);
     for ev in &evs {
         let s = Shown {
             ev,
@@ -110,7 +111,16 @@ fn json_lines(n: u64, header: bool, dir: &std::path::Path) -> Result_ {
             ifname: Some("ctdc-b"),
             location: "nf_hook_slow+0x7d",
         };
-        serde_json::to_writer(&mut out, &DropJson::from_shown(&s)).unwrap();
+        // What `live --json` writes per drop.
+        line.clear();
+        write_drop(&mut line, &s);
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        if line.last() == Some(&b'}') {
+            line.pop();
+        }
+        out.write_all(&line).unwrap();
         // JSON has no bytes type: headers go as hex, as a JSON capture would carry them.
         if let Some(h) = &ev.header {
             out.write_all(b",\"header\":\"").unwrap();
@@ -119,7 +129,7 @@ fn json_lines(n: u64, header: bool, dir: &std::path::Path) -> Result_ {
             }
             out.write_all(b"\"").unwrap();
         }
-        out.write_all(b"\n").unwrap();
+        out.write_all(b"}\n").unwrap();
     }
     out.flush().unwrap();
     let write_ns = t.elapsed().as_nanos() as f64 / n as f64;
@@ -128,8 +138,7 @@ fn json_lines(n: u64, header: bool, dir: &std::path::Path) -> Result_ {
     let text = std::fs::read_to_string(&path).unwrap();
     let mut seen = 0u64;
     for line in text.lines() {
-        let end = line.find(",\"header\"").unwrap_or(line.len());
-        let v: serde_json::Value = serde_json::from_str(&line[..end]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
         seen += v.get("kind").is_some() as u64;
     }
     let read_ns = t.elapsed().as_nanos() as f64 / seen as f64;
