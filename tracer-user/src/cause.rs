@@ -101,8 +101,15 @@ impl Classifier {
         // allocation failure arrives as CT_ALLOC_FAIL above); the collector
         // cross-checks it with the `drop` counter.
         let no_entry = ev.ct.is_none();
-        if !self.probes && no_entry && ev.ct_fill.map(|f| f.full()).unwrap_or(false) {
-            return Cause::ConntrackTableFull;
+        if !self.probes && no_entry {
+            if let Some(fill) = ev.ct_fill {
+                // The namespace's own drop counter is the better witness;
+                // the table fill only stands in when there is no history.
+                let counted = fill.counted_drop.unwrap_or_else(|| fill.full());
+                if counted {
+                    return Cause::ConntrackTableFull;
+                }
+            }
         }
         Cause::NetfilterRule
     }
@@ -148,14 +155,14 @@ mod tests {
     #[test]
     fn no_entry_in_full_table_is_table_full() {
         let mut e = ev(NF);
-        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true });
+        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: None });
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
     }
 
     #[test]
     fn no_entry_with_room_is_a_rule() {
         let mut e = ev(NF);
-        e.ct_fill = Some(CtFill { count: 10, max: 64, sampled: true });
+        e.ct_fill = Some(CtFill { count: 10, max: 64, sampled: true, counted_drop: None });
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
         e.ct_fill = None;
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
@@ -165,16 +172,27 @@ mod tests {
     fn entry_attached_is_a_rule_even_when_full() {
         let mut e = ev(NF);
         e.ct = Some(CtRef { info: 2, status: Some(0), zone: 0 });
-        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true });
+        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: None });
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
     }
 
     #[test]
     fn with_probes_a_full_table_alone_is_not_table_full() {
         let mut e = ev(NF);
-        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true });
+        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: None });
         let c = Classifier { netfilter_drop: Some(NF), probes: true };
         assert_eq!(c.classify(&e), Cause::NetfilterRule);
+    }
+
+    #[test]
+    fn the_drop_counter_outranks_the_table_fill() {
+        let mut e = ev(NF);
+        // Table flushed right after the drop: fill says room, counter says counted.
+        e.ct_fill = Some(CtFill { count: 0, max: 64, sampled: true, counted_drop: Some(true) });
+        assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
+        // Table full but the counter did not move: a rule dropped it.
+        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: Some(false) });
+        assert_eq!(c().classify(&e), Cause::NetfilterRule);
     }
 
     #[test]

@@ -256,8 +256,8 @@ mod tests {
         let c = Classifier { netfilter_drop: Some(NF), probes: false };
         let mut g = GroupCounter::default();
         let mut t = Tally::new(10);
-        let full = CtFill { count: 64, max: 64, sampled: true };
-        let room = CtFill { count: 3, max: 64, sampled: true };
+        let full = CtFill { count: 64, max: 64, sampled: true, counted_drop: None };
+        let room = CtFill { count: 3, max: 64, sampled: true, counted_drop: None };
         let p1 = g.absorb(&[(key(7, 17, 0), 1000)], |k| c.classify(&group_event(k, Some(full))), &mut t);
         assert_eq!(p1.drops, 1000);
         assert_eq!(p1.by_cause[&Cause::ConntrackTableFull], 1000);
@@ -281,7 +281,7 @@ mod tests {
         assert_eq!(c.classify(&group_event(&k, None)), Cause::IcmpErrorBlocked);
         k.has_ct = 1;
         k.icmp_type = 8;
-        let full = CtFill { count: 64, max: 64, sampled: true };
+        let full = CtFill { count: 64, max: 64, sampled: true, counted_drop: None };
         assert_eq!(c.classify(&group_event(&k, Some(full))), Cause::NetfilterRule);
     }
 
@@ -290,7 +290,7 @@ mod tests {
         let c = Classifier { netfilter_drop: Some(NF), probes: false };
         let mut g = GroupCounter::default();
         let mut t = Tally::new(10);
-        let full = CtFill { count: 64, max: 64, sampled: true };
+        let full = CtFill { count: 64, max: 64, sampled: true, counted_drop: None };
         g.absorb(&[(key(7, 17, 0), 50)], |k| c.classify(&group_event(k, Some(full))), &mut t);
         let mut fk: FlowKey = bytemuck::Zeroable::zeroed();
         fk.netns = 7;

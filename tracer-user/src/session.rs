@@ -141,7 +141,9 @@ impl Collector {
         let mut sampler = FillSampler::new(registry, Duration::from_millis(50));
         let mut baselines = BTreeMap::new();
         for ns in sampler.registry.inodes() {
+            let t = crate::probe::mono_ns();
             if let Some(c) = sampler.counters(ns) {
+                sampler.seed(ns, crate::conntrack::Sample::new(t, &c));
                 baselines.insert(ns, c);
             }
         }
@@ -241,7 +243,12 @@ impl Collector {
         };
         if ev.ct_fill.is_none() {
             if let Some(ns) = ev.netns {
-                ev.ct_fill = self.sampler.fill(ns);
+                // A netfilter drop of a packet without an entry may be a
+                // conntrack drop: ask the namespace's drop counter.
+                let candidate = ev.ct.is_none()
+                    && !self.classifier.probes
+                    && Some(ev.reason) == self.classifier.netfilter_drop;
+                ev.ct_fill = if candidate { self.sampler.judge(ns, ev.ts_ns) } else { self.sampler.fill(ns) };
             }
         }
         let cause = self.classifier.classify(&ev);
@@ -405,6 +412,8 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     let mut deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut expire_tick = tokio::time::interval(Duration::from_millis(50));
+    let mut sample_tick = tokio::time::interval(Duration::from_millis(10));
+    sample_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_lost = 0u64;
     // After a stop request, outstanding probes get their timeout to finish.
     let mut stopping: Option<tokio::time::Instant> = None;
@@ -436,7 +445,9 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
             _ = sigint.recv() => { if begin_stop(&mut stopping, &mut probes, &collector) { break; } }
             _ = sigterm.recv() => { if begin_stop(&mut stopping, &mut probes, &collector) { break; } }
             _ = sleep_until(deadline) => { deadline = None; if begin_stop(&mut stopping, &mut probes, &collector) { break; } }
+            _ = sample_tick.tick() => collector.sampler.sample_active(),
             _ = tick.tick() => {
+                collector.sampler.sample_all();
                 let s = tracer.stats()?;
                 if s.lost > last_lost {
                     eprintln!("ctdrop: warning: {} events lost in the last second (ring buffer full): raise --ring-size", s.lost - last_lost);

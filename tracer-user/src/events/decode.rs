@@ -54,6 +54,10 @@ pub struct CtFill {
     pub max: u64,
     /// true: read by userspace near the drop, not by the kernel at it.
     pub sampled: bool,
+    /// Whether the namespace's `drop` counter rose around this drop with
+    /// room left for it (see `conntrack::FillSampler::judge`); None when
+    /// there is no counter history to tell.
+    pub counted_drop: Option<bool>,
 }
 
 impl CtFill {
@@ -146,7 +150,7 @@ pub fn from_record(r: &DropRecord) -> Result<DropEvent, DecodeError> {
         status: has(flags::HAS_CT_STATUS).then_some(r.ct_status),
         zone: r.zone,
     });
-    let ct_fill = has(flags::CT_FILL_KERNEL).then_some(CtFill { count: r.ct_count as u64, max: r.ct_max as u64, sampled: false });
+    let ct_fill = has(flags::CT_FILL_KERNEL).then_some(CtFill { count: r.ct_count as u64, max: r.ct_max as u64, sampled: false, counted_drop: None });
     Ok(DropEvent {
         ts_ns: r.ts_ns,
         cpu: r.cpu,

@@ -323,7 +323,7 @@ mod tests {
             flow: Some(Flow { src: "198.18.0.1".parse().unwrap(), dst: "198.18.255.2".parse().unwrap(), proto: 17, ports: Some((5000, 65535)) }),
             icmp: None,
             ct: None,
-            ct_fill: Some(CtFill { count: 64, max: 64, sampled: true }),
+            ct_fill: Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: None }),
             truncated: false,
             header: None,
         }
