@@ -233,7 +233,7 @@ pub fn get_drop(c: &mut Cursor, prev_ts: u64, cause_of: impl Fn(u32) -> Option<C
         None
     };
     let ct_fill = if has(bit::FILL) {
-        Some(CtFill { count: c.varint("drop table count")?, max: c.varint("drop table max")?, sampled: has(bit::FILL_SAMPLED) })
+        Some(CtFill { count: c.varint("drop table count")?, max: c.varint("drop table max")?, sampled: has(bit::FILL_SAMPLED), counted_drop: None })
     } else {
         None
     };
@@ -312,7 +312,7 @@ pub mod tests {
             flow: full.then_some(Flow { src, dst, proto: if v6 { 58 } else { 1 }, ports: None }),
             icmp: full.then_some(Icmp { ty: 8, code: 0, echo: Some((77, 65535)) }),
             ct: full.then_some(CtRef { info: 7, status: Some(0x188), zone: 3 }),
-            ct_fill: full.then_some(CtFill { count: 64, max: 64, sampled: true }),
+            ct_fill: full.then_some(CtFill { count: 64, max: 64, sampled: true, counted_drop: None }),
             truncated: full,
             header: full.then(|| Box::new([0xab; HEADER_CAPTURE_LEN])),
         }
