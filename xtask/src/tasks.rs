@@ -95,7 +95,10 @@ fn reap_leaked_netns() -> Result<Vec<String>> {
         .context("`ip netns list` failed")?;
     let mut leaks = Vec::new();
     for name in listing.lines().filter_map(|l| l.split_whitespace().next()) {
-        if !OUR_NETNS_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        let Some(prefix) = OUR_NETNS_PREFIXES.iter().find(|p| name.starts_with(**p)) else { continue };
+        if owner_alive(&name[prefix.len()..]) {
+            // `<prefix><pid>-<n>` of a test process still running: another
+            // suite's namespace, not a leak of ours.
             continue;
         }
         eprintln!("test: netns {name} was left behind; deleting it");
@@ -106,6 +109,14 @@ fn reap_leaked_netns() -> Result<Vec<String>> {
         ));
     }
     Ok(leaks)
+}
+
+/// Whether the pid that leads `rest` (`<pid>-<n>`) is a live process.
+fn owner_alive(rest: &str) -> bool {
+    rest.split('-')
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|pid| pid != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// exec, not spawn: Ctrl-C, the exit code and the terminal all belong to ctdrop.
