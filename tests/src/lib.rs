@@ -13,7 +13,9 @@
 //! namespace ([`in_netns`]): [`send_udp_flows`] (one new flow per datagram)
 //! and [`ping`] (ICMP echo with chosen ids, so every lost probe is known).
 
+pub mod bpf;
 pub mod clash;
+pub mod flood;
 
 use std::{
     collections::BTreeMap,
@@ -288,6 +290,21 @@ pub fn parse_ct_stats(text: &str) -> Result<BTreeMap<String, u64>> {
     Ok(out)
 }
 
+/// `ns`'s counters once column `col` stops moving (packets on a veth are
+/// delivered asynchronously): read every 100 ms, at most 5 s.
+pub fn settled_ct_stats(ns: &Netns, col: &str) -> Result<BTreeMap<String, u64>> {
+    let mut last = ct_stats(ns)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = ct_stats(ns)?;
+        if now[col] == last[col] || Instant::now() > deadline {
+            return Ok(now);
+        }
+        last = now;
+    }
+}
+
 // ----------------------------------------------------------------- traffic
 
 /// Sends one 16-byte datagram to each of `dst:first_port .. first_port+n`
@@ -417,7 +434,7 @@ pub fn ping(ns: &Netns, dst: Ipv4Addr, first_id: u16, count: u16, wait: Duration
     })
 }
 
-fn echo_request(id: u16, seq: u16) -> Vec<u8> {
+pub(crate) fn echo_request(id: u16, seq: u16) -> Vec<u8> {
     let mut p = vec![8u8, 0, 0, 0];
     p.extend_from_slice(&id.to_be_bytes());
     p.extend_from_slice(&seq.to_be_bytes());
@@ -457,19 +474,49 @@ impl Ctdrop {
     /// Starts `ctdrop <args>` and waits (20 s at most) for its
     /// `ctdrop: attached` line on stderr.
     pub fn spawn(args: &[&str]) -> Result<Ctdrop> {
+        Ctdrop::spawn_env(args, &[])
+    }
+
+    /// [`Ctdrop::spawn`] with extra environment variables (test hooks).
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Result<Ctdrop> {
+        Ctdrop::spawn_opts(args, env, None)
+    }
+
+    /// [`Ctdrop::spawn`] keeping only the last `lines` lines of stdout: for
+    /// floods, whose millions of drop lines nobody reads (the summary is
+    /// the last line).
+    pub fn spawn_tail(args: &[&str], lines: usize) -> Result<Ctdrop> {
+        Ctdrop::spawn_opts(args, &[], Some(lines))
+    }
+
+    fn spawn_opts(args: &[&str], env: &[(&str, &str)], tail: Option<usize>) -> Result<Ctdrop> {
         let bin = ctdrop_bin();
         let mut child = Command::new(&bin)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let mut out = child.stdout.take().unwrap();
-        let stdout = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
+        let stdout = std::thread::spawn(move || match tail {
+            None => {
+                let mut s = String::new();
+                let _ = out.read_to_string(&mut s);
+                s
+            }
+            Some(n) => {
+                let mut last = std::collections::VecDeque::with_capacity(n + 1);
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    last.push_back(line);
+                    if last.len() > n {
+                        last.pop_front();
+                    }
+                }
+                last.into_iter().map(|l| l + "\n").collect()
+            }
         });
         let (tx, rx) = mpsc::channel::<String>();
         let stderr_text = Arc::new(Mutex::new(String::new()));
@@ -504,9 +551,38 @@ impl Ctdrop {
     }
 
     /// SIGINT, then waits (20 s at most) for the summary and the exit.
-    pub fn stop(mut self) -> Result<CtdropOutput> {
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+    pub fn stop(self) -> Result<CtdropOutput> {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Sends `sig`, then waits (20 s at most) for the exit.
+    pub fn stop_with(mut self, sig: i32) -> Result<CtdropOutput> {
+        self.signal(sig);
         self.finish(Duration::from_secs(20))
+    }
+
+    /// Waits (at most `timeout`) for an exit ctdrop comes to by itself
+    /// (`--duration`, a crash).
+    pub fn wait(mut self, timeout: Duration) -> Result<CtdropOutput> {
+        self.finish(timeout)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// ctdrop's resident set size now, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> Result<u64> {
+        rss_kib(self.pid())
+    }
+
+    /// The stderr lines printed so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr_text.lock().unwrap().clone()
     }
 
     fn finish(&mut self, timeout: Duration) -> Result<CtdropOutput> {
@@ -514,7 +590,9 @@ impl Ctdrop {
         let stdout = self.stdout.take().unwrap().join().map_err(|_| anyhow!("stdout reader panicked"))?;
         self.stderr.take().unwrap().join().map_err(|_| anyhow!("stderr reader panicked"))?;
         let stderr = self.stderr_text.lock().unwrap().clone();
-        let records = parse_json_lines(&stdout)?;
+        // Human output has no records; JSON output must be JSON throughout.
+        let json = stdout.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.starts_with('{'));
+        let records = if json { parse_json_lines(&stdout)? } else { Vec::new() };
         Ok(CtdropOutput { status, stdout, stderr, records })
     }
 }
@@ -526,6 +604,14 @@ impl Drop for Ctdrop {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `VmRSS` of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or_else(|| anyhow!("no VmRSS for pid {pid}"))?;
+    let kib = line.split_whitespace().nth(1).ok_or_else(|| anyhow!("bad line {line:?}"))?;
+    kib.parse().with_context(|| format!("bad line {line:?}"))
 }
 
 /// Waits for `child`; SIGKILLs it and errs after `timeout`.
