@@ -53,7 +53,8 @@ pub struct TraceArgs {
     /// Kernel BTF to read struct layouts from.
     #[arg(long, default_value = DEFAULT_BTF)]
     pub btf: PathBuf,
-    /// Flows kept in detail; drops beyond that still count in every total.
+    /// Flows kept in detail; drops beyond that still count in every total
+    /// (0: totals only, no per-flow table).
     #[arg(long, default_value_t = DEFAULT_MAX_FLOWS)]
     pub max_flows: usize,
     /// How to watch conntrack: auto picks the best this kernel allows.

@@ -2,6 +2,7 @@ use clap::Parser;
 use ctdrop::cli::{Cli, Command};
 
 fn main() {
+    one_line_panics();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -26,4 +27,24 @@ fn main() {
 fn fail(e: anyhow::Error) -> ! {
     eprintln!("ctdrop: {e:#}");
     std::process::exit(1);
+}
+
+/// A bug must not bury the operator's terminal in a backtrace either: one
+/// line, then the usual unwinding (which detaches the kernel programs; the
+/// kernel would also drop them with our file descriptors). RUST_BACKTRACE
+/// brings the full report back.
+fn one_line_panics() {
+    if std::env::var_os("RUST_BACKTRACE").is_some() {
+        return;
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("ctdrop: internal error (a bug, please report it): {msg}{at}");
+    }));
 }

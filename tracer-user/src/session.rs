@@ -103,6 +103,11 @@ impl CounterCheck {
     pub fn agrees(&self) -> bool {
         self.delta.get("drop") == self.table_full + self.insert_failed
     }
+
+    /// Conntrack drops the kernel counted that have no record here.
+    pub fn unrecorded(&self) -> u64 {
+        self.delta.get("drop").saturating_sub(self.table_full + self.insert_failed)
+    }
 }
 
 pub struct Collector {
@@ -188,6 +193,8 @@ impl Collector {
     fn feed_matcher(&mut self, s: &Shown) {
         let ev = s.ev;
         let Some(flow) = &ev.flow else { return };
+        // Built only for drops that may explain one of our probes: a flood
+        // of echo drops must cost no memory beyond the passive table.
         let seen = |reply_path: bool| SeenDrop {
             mono_ns: ev.ts_ns,
             cause: s.cause,
@@ -198,25 +205,28 @@ impl Collector {
             ct_count: ev.ct_fill.map(|c| c.count),
             ct_max: ev.ct_fill.map(|c| c.max),
             reply_path,
-            json: serde_json::to_value(DropJson::from_shown(s)).unwrap_or_default(),
+            json: serde_json::to_string(&DropJson::from_shown(s)).unwrap_or_default(),
         };
         if let Some(icmp) = ev.icmp {
             if let Some((id, seq)) = icmp.echo {
                 let wire = Wire::Echo { id, seq };
                 if icmp.is_echo_request(flow.proto) {
-                    self.matcher.dropped(flow.dst, wire, seen(false), Some(flow.src));
-                } else {
-                    self.matcher.dropped(flow.src, wire, seen(true), Some(flow.dst));
+                    self.matcher.echo_request_dropped(flow.src, flow.dst, id, seq, s.cause);
+                    if self.matcher.has_host(flow.dst) {
+                        self.matcher.dropped(flow.dst, wire, seen(false));
+                    }
+                } else if self.matcher.has_host(flow.src) {
+                    self.matcher.dropped(flow.src, wire, seen(true));
                 }
             }
             return;
         }
         if let Some((sp, dp)) = flow.ports {
             if self.matcher.has_host(flow.dst) {
-                self.matcher.dropped(flow.dst, Wire::Port { proto: flow.proto, local: sp, remote: dp }, seen(false), None);
+                self.matcher.dropped(flow.dst, Wire::Port { proto: flow.proto, local: sp, remote: dp }, seen(false));
             }
             if self.matcher.has_host(flow.src) {
-                self.matcher.dropped(flow.src, Wire::Port { proto: flow.proto, local: dp, remote: sp }, seen(true), None);
+                self.matcher.dropped(flow.src, Wire::Port { proto: flow.proto, local: dp, remote: sp }, seen(true));
             }
         }
     }
@@ -373,6 +383,11 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         if collector.classifier.probes { "tier kprobe: conntrack paths probed" } else { "tier tracepoint: conntrack causes inferred" },
         if p.filter.all_reasons != 0 { "all drop reasons" } else { "netfilter drops" }
     );
+    // Test hook (tests/tests/reliability.rs): a bug in userspace while
+    // programs are attached must still leave nothing attached.
+    if std::env::var_os("CTDROP_TEST_PANIC_AFTER_ATTACH").is_some_and(|v| v == "1") {
+        panic!("deliberate panic after attaching (CTDROP_TEST_PANIC_AFTER_ATTACH=1)");
+    }
     let info = SessionInfo {
         reasons: &collector.reasons,
         mechanisms: {
@@ -433,7 +448,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                 // Drops already in the ring may explain a probe about to
                 // expire. The kernel wakes us only per 1/16 of the ring, so
                 // this tick is also what bounds the delay of a lone drop.
-                if ring.drain(|b| collector.handle(b, &mut sinks)) > 0 {
+                if ring.drain(crate::events::ring::BATCH, |b| collector.handle(b, &mut sinks)) > 0 {
                     for s in sinks.iter_mut() { let _ = s.flush(); }
                 }
                 expire_probes(&mut collector, &mut sinks);
@@ -471,8 +486,10 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
             }
         }
     }
-    // Records already in the ring belong to this run.
-    ring.drain(|b| collector.handle(b, &mut sinks));
+    // Detach first: then nothing more arrives, the drain ends even under a
+    // flood, and the records in the ring plus the lost count are final.
+    tracer.detach();
+    ring.drain(usize::MAX, |b| collector.handle(b, &mut sinks));
     let stats = tracer.stats()?;
     let ct_events = tracer.ct_events()?;
     let mechanisms = tracer.mechanisms.clone();

@@ -52,7 +52,7 @@ impl Summary<'_> {
                     "drop": c.delta.get("drop"), "insert_failed": c.delta.get("insert_failed"),
                     "early_drop": c.delta.get("early_drop"), "entries": c.delta.entries(),
                     "table_full_records": c.table_full, "insert_failed_records": c.insert_failed,
-                    "agree": c.agrees(),
+                    "agree": c.agrees(), "unrecorded": c.unrecorded(),
                 })
             })
             .collect();
@@ -139,6 +139,8 @@ impl Summary<'_> {
             let name = c.netns_name.clone().unwrap_or_else(|| c.netns.to_string());
             let verdict = if c.agrees() {
                 "agrees".to_string()
+            } else if self.stats.lost > 0 && c.unrecorded() <= self.stats.lost {
+                format!("{} drops have no record: {} events were lost (ring buffer full)", c.unrecorded(), self.stats.lost)
             } else if self.filtered {
                 "differs (a filter is set: only matching packets were traced)".to_string()
             } else {

@@ -49,8 +49,13 @@ pub struct KernelStats {
 /// Loaded and attached programs; dropping it detaches everything (links
 /// are owned by the `Ebpf` object, nothing is pinned).
 pub struct Tracer {
-    ebpf: Ebpf,
+    /// None once detached: the programs are gone, the maps below stay
+    /// readable.
+    ebpf: Option<Ebpf>,
     stats: PerCpuArray<MapData, u64>,
+    ct_events: Option<PerCpuHashMap<MapData, u32, CtEventCounts>>,
+    flows: Option<PerCpuHashMap<MapData, FlowKey, FlowCount>>,
+    groups: Option<PerCpuHashMap<MapData, GroupKey, u64>>,
     /// Wall time from load start to the first program attached.
     pub attach_time: std::time::Duration,
     /// How each signal is served on this kernel.
@@ -92,7 +97,17 @@ impl Tracer {
             mechanisms.extend(tier::tracepoint_mechanisms(why));
         }
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or_else(|| anyhow!("no STATS map"))?)?;
-        Ok(Tracer { ebpf, stats, attach_time, mechanisms })
+        let ct_events = ebpf.take_map("CT_EVENTS").map(PerCpuHashMap::try_from).transpose()?;
+        let flows = ebpf.take_map("FLOWS").map(PerCpuHashMap::try_from).transpose()?;
+        let groups = ebpf.take_map("GROUPS").map(PerCpuHashMap::try_from).transpose()?;
+        Ok(Tracer { ebpf: Some(ebpf), stats, ct_events, flows, groups, attach_time, mechanisms })
+    }
+
+    /// Detaches and unloads every program. The counters keep their final
+    /// values and what is in the ring stays readable, so a drain after this
+    /// ends, and delivered + lost adds up exactly.
+    pub fn detach(&mut self) {
+        self.ebpf = None;
     }
 
     /// Loads (never attaches) a trivial fentry program: does this kernel
@@ -115,8 +130,7 @@ impl Tracer {
 
     /// Conntrack path events per namespace inode (probe tier only).
     pub fn ct_events(&self) -> Result<Vec<(u32, CtEventCounts)>> {
-        let Some(map) = self.ebpf.map("CT_EVENTS") else { return Ok(Vec::new()) };
-        let map: PerCpuHashMap<&MapData, u32, CtEventCounts> = PerCpuHashMap::try_from(map)?;
+        let Some(map) = &self.ct_events else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for item in map.iter() {
             let (ns, per_cpu) = item.context("reading CT_EVENTS map")?;
@@ -138,7 +152,8 @@ impl Tracer {
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("no EVENTS map"))?;
+        let ebpf = self.ebpf.as_mut().ok_or_else(|| anyhow!("programs already detached"))?;
+        let map = ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("no EVENTS map"))?;
         Ok(RingBuf::try_from(map)?)
     }
 
@@ -159,8 +174,7 @@ impl Tracer {
 
     /// Per-group drop counts of count mode (cumulative), summed over CPUs.
     pub fn group_counts(&self) -> Result<Vec<(GroupKey, u64)>> {
-        let map: PerCpuHashMap<&MapData, GroupKey, u64> =
-            PerCpuHashMap::try_from(self.ebpf.map("GROUPS").ok_or_else(|| anyhow!("no GROUPS map"))?)?;
+        let map = self.groups.as_ref().ok_or_else(|| anyhow!("no GROUPS map"))?;
         let mut out = Vec::new();
         for item in map.iter() {
             let (k, per_cpu) = item.context("reading GROUPS map")?;
@@ -171,8 +185,7 @@ impl Tracer {
 
     /// Per-flow counters of count mode, summed over CPUs.
     pub fn flow_counts(&self) -> Result<Vec<(FlowKey, FlowCount)>> {
-        let map: PerCpuHashMap<&MapData, FlowKey, FlowCount> =
-            PerCpuHashMap::try_from(self.ebpf.map("FLOWS").ok_or_else(|| anyhow!("no FLOWS map"))?)?;
+        let map = self.flows.as_ref().ok_or_else(|| anyhow!("no FLOWS map"))?;
         let mut out = Vec::new();
         for item in map.iter() {
             let (k, per_cpu) = item.context("reading FLOWS map")?;

@@ -231,7 +231,7 @@ pub fn probe_json(p: &ProbeShown) -> serde_json::Value {
         "rtt_ms": rtt_ns.map(|n| n as f64 / 1e6),
         "cause": drop.map(|d| d.cause.as_str()),
         "verdict": verdict,
-        "drop": drop.map(|d| d.json.clone()),
+        "drop": drop.map(|d| serde_json::from_str::<serde_json::Value>(&d.json).unwrap_or_default()),
     })
 }
 

@@ -36,8 +36,9 @@ pub struct SeenDrop {
     pub ct_max: Option<u64>,
     /// true when the dropped packet was the answer coming back.
     pub reply_path: bool,
-    /// The drop's full JSON object, for `--json` probe lines.
-    pub json: serde_json::Value,
+    /// The drop's JSON object, serialized (a tenth of a `Value`'s size),
+    /// for `--json` probe lines.
+    pub json: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -94,14 +95,25 @@ pub struct Matcher {
     passive: BTreeMap<(IpAddr, IpAddr, u16), PassiveLoss>,
     own_echo_ids: std::collections::HashSet<(IpAddr, u16)>,
     pub passive_overflow: u64,
+    stored_drops: usize,
+    /// Drops forgotten early because [`MAX_DROPS`] were already held.
+    pub drops_evicted: u64,
 }
 
 /// Bounds of the passive echo-loss table; what does not fit is counted.
 const PASSIVE_GROUPS: usize = 10_000;
 const PASSIVE_SEQS: usize = 1_000;
 
-/// How long drops and expired probes are remembered beyond the timeout.
+/// How long expired probes are remembered beyond the timeout (late replies).
 const MEMORY_NS: u64 = 30_000_000_000;
+/// How long drops are remembered beyond the timeout: a drop can only
+/// explain a probe sent at most one timeout before it, and that probe
+/// expires one timeout after being sent; the rest covers the expiry tick
+/// and records still in the ring.
+const DROP_SLACK_NS: u64 = 2_000_000_000;
+/// Drops held at once, at most: a flood towards a probed host must not grow
+/// memory with its rate (~1 KiB each).
+pub const MAX_DROPS: usize = 20_000;
 
 impl Matcher {
     pub fn new(hosts: Vec<IpAddr>, timeout_ns: u64) -> Matcher {
@@ -118,6 +130,8 @@ impl Matcher {
             passive: BTreeMap::new(),
             own_echo_ids: Default::default(),
             passive_overflow: 0,
+            stored_drops: 0,
+            drops_evicted: 0,
         }
     }
 
@@ -149,22 +163,50 @@ impl Matcher {
         None
     }
 
-    /// A drop record involving `peer` (the far end of the flow) on `wire`.
-    /// Echo drops nobody of ours sent are kept for the passive report.
-    pub fn dropped(&mut self, peer: IpAddr, wire: Wire, d: SeenDrop, local: Option<IpAddr>) {
-        if let Wire::Echo { id, seq } = wire {
-            if !d.reply_path {
-                let key = (local.unwrap_or(peer), peer, id);
-                let room = self.passive.len() < PASSIVE_GROUPS || self.passive.contains_key(&key);
-                match self.passive.entry(key).or_default() {
-                    g if room && g.seqs.len() < PASSIVE_SEQS => g.seqs.push((seq, d.cause)),
-                    _ => self.passive_overflow += 1,
-                }
-            }
+    /// An echo request from `src` to `dst` was dropped: kept for the passive
+    /// report of pings ctdrop did not send (its own are filtered out when
+    /// read).
+    pub fn echo_request_dropped(&mut self, src: IpAddr, dst: IpAddr, id: u16, seq: u16, cause: Cause) {
+        let key = (src, dst, id);
+        if self.passive.len() >= PASSIVE_GROUPS && !self.passive.contains_key(&key) {
+            self.passive_overflow += 1;
+            return;
+        }
+        match self.passive.entry(key).or_default() {
+            g if g.seqs.len() < PASSIVE_SEQS => g.seqs.push((seq, cause)),
+            _ => self.passive_overflow += 1,
+        }
+    }
+
+    /// A drop record involving `peer` (the far end of the flow) on `wire`,
+    /// kept while it may explain a probe; ignored unless `peer` is probed.
+    pub fn dropped(&mut self, peer: IpAddr, wire: Wire, d: SeenDrop) {
+        if !self.has_host(peer) {
+            return;
+        }
+        if self.stored_drops >= MAX_DROPS {
+            self.evict_oldest_drop();
         }
         let t = d.mono_ns;
         self.drops.entry((peer, wire)).or_default().push(d);
         self.drop_order.push_back((t, (peer, wire)));
+        self.stored_drops += 1;
+    }
+
+    fn evict_oldest_drop(&mut self) {
+        while let Some((_, key)) = self.drop_order.pop_front() {
+            let Some(v) = self.drops.get_mut(&key) else { continue };
+            // Drops of one key arrive in ring order: the first is the oldest.
+            if !v.is_empty() {
+                v.remove(0);
+                self.stored_drops -= 1;
+                self.drops_evicted += 1;
+            }
+            if v.is_empty() {
+                self.drops.remove(&key);
+            }
+            return;
+        }
     }
 
     /// Declares every probe past its timeout lost, with its explanation.
@@ -198,19 +240,22 @@ impl Matcher {
     }
 
     fn forget(&mut self, now_ns: u64) {
-        let horizon = now_ns.saturating_sub(MEMORY_NS + self.timeout_ns);
+        let drop_horizon = now_ns.saturating_sub(DROP_SLACK_NS + self.timeout_ns);
         while let Some((t, key)) = self.drop_order.front().copied() {
-            if t >= horizon {
+            if t >= drop_horizon {
                 break;
             }
             self.drop_order.pop_front();
             if let Some(v) = self.drops.get_mut(&key) {
-                v.retain(|d| d.mono_ns >= horizon);
+                let before = v.len();
+                v.retain(|d| d.mono_ns >= drop_horizon);
+                self.stored_drops -= before - v.len();
                 if v.is_empty() {
                     self.drops.remove(&key);
                 }
             }
         }
+        let horizon = now_ns.saturating_sub(MEMORY_NS + self.timeout_ns);
         while let Some((t, key)) = self.expired_order.front().copied() {
             if t >= horizon {
                 break;
@@ -235,6 +280,11 @@ impl Matcher {
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
+
+    /// Drops held now to explain probes.
+    pub fn stored_drops(&self) -> usize {
+        self.stored_drops
+    }
 }
 
 #[cfg(test)]
@@ -256,7 +306,7 @@ mod tests {
             ct_count: Some(64),
             ct_max: Some(64),
             reply_path: reply,
-            json: serde_json::Value::Null,
+            json: String::new(),
         }
     }
     fn echo(id: u16, seq: u16) -> Wire {
@@ -304,8 +354,8 @@ mod tests {
         let mut m = Matcher::new(vec![host()], S);
         m.sent(0, 1, echo(10, 1), 0);
         m.sent(0, 2, echo(11, 1), 0);
-        m.dropped(host(), echo(10, 1), drop_at(S / 100, Cause::ConntrackTableFull, false), None);
-        m.dropped(host(), echo(11, 1), drop_at(S / 100, Cause::NetfilterRule, true), None);
+        m.dropped(host(), echo(10, 1), drop_at(S / 100, Cause::ConntrackTableFull, false));
+        m.dropped(host(), echo(11, 1), drop_at(S / 100, Cause::NetfilterRule, true));
         let lost = m.expire(S);
         let Status::Lost { drop: Some(d1) } = &lost[0].status else { panic!() };
         let Status::Lost { drop: Some(d2) } = &lost[1].status else { panic!() };
@@ -320,7 +370,7 @@ mod tests {
     fn answered_probe_never_takes_a_drop() {
         let mut m = Matcher::new(vec![host()], S);
         m.sent(0, 1, echo(10, 1), 0);
-        m.dropped(host(), echo(10, 1), drop_at(1, Cause::ConntrackTableFull, false), None);
+        m.dropped(host(), echo(10, 1), drop_at(1, Cause::ConntrackTableFull, false));
         assert!(matches!(m.replied(0, echo(10, 1), 2).unwrap().status, Status::Ok { .. }));
         assert!(m.expire(10 * S).is_empty());
         assert_eq!(m.stats[0].lost, 0);
@@ -342,7 +392,7 @@ mod tests {
     fn drop_outside_the_probe_window_is_not_its_explanation() {
         // An operator's ping with the same id and seq, dropped long before.
         let mut m = Matcher::new(vec![host()], S);
-        m.dropped(host(), echo(10, 1), drop_at(0, Cause::ConntrackTableFull, false), None);
+        m.dropped(host(), echo(10, 1), drop_at(0, Cause::ConntrackTableFull, false));
         m.sent(0, 1, echo(10, 1), 5 * S);
         let lost = m.expire(6 * S);
         assert_eq!(lost[0].status, Status::Lost { drop: None });
@@ -354,7 +404,7 @@ mod tests {
         let other: IpAddr = "198.18.0.9".parse().unwrap();
         let me: IpAddr = "198.18.0.1".parse().unwrap();
         for seq in [3, 4, 9] {
-            m.dropped(other, echo(500, seq), drop_at(seq as u64, Cause::ConntrackTableFull, false), Some(me));
+            m.echo_request_dropped(me, other, 500, seq, Cause::ConntrackTableFull);
         }
         let groups: Vec<_> = m.passive_groups().collect();
         assert_eq!(groups.len(), 1);
@@ -366,7 +416,8 @@ mod tests {
     fn own_probe_dropped_before_its_send_is_seen_is_not_passive() {
         let mut m = Matcher::new(vec![host()], S);
         let me: IpAddr = "198.18.0.1".parse().unwrap();
-        m.dropped(host(), echo(10, 1), drop_at(5, Cause::ConntrackTableFull, false), Some(me));
+        m.echo_request_dropped(me, host(), 10, 1, Cause::ConntrackTableFull);
+        m.dropped(host(), echo(10, 1), drop_at(5, Cause::ConntrackTableFull, false));
         m.sent(0, 1, echo(10, 1), 4);
         assert_eq!(m.passive_groups().count(), 0);
         let lost = m.expire(2 * S);
@@ -378,7 +429,8 @@ mod tests {
         let mut m = Matcher::new(vec![host()], S);
         let other: IpAddr = "198.18.0.9".parse().unwrap();
         m.sent(0, 1, echo(10, 1), 0);
-        m.dropped(other, echo(10, 1), drop_at(5, Cause::ConntrackTableFull, false), None);
+        m.echo_request_dropped(host(), other, 10, 1, Cause::ConntrackTableFull);
+        m.dropped(other, echo(10, 1), drop_at(5, Cause::ConntrackTableFull, false));
         assert_eq!(m.passive_groups().count(), 1);
         assert_eq!(m.expire(S)[0].status, Status::Lost { drop: None });
     }
@@ -388,10 +440,67 @@ mod tests {
         let mut m = Matcher::new(vec![host()], S);
         let w = Wire::Port { proto: 6, local: 40000, remote: 80 };
         m.sent(0, 1, w, 0);
-        m.dropped(host(), w, drop_at(10, Cause::ConntrackTableFull, false), None);
-        m.dropped(host(), Wire::Port { proto: 6, local: 40001, remote: 80 }, drop_at(10, Cause::NetfilterRule, false), None);
+        m.dropped(host(), w, drop_at(10, Cause::ConntrackTableFull, false));
+        m.dropped(host(), Wire::Port { proto: 6, local: 40001, remote: 80 }, drop_at(10, Cause::NetfilterRule, false));
         let lost = m.expire(S);
         let Status::Lost { drop: Some(d) } = &lost[0].status else { panic!() };
         assert_eq!(d.cause, Cause::ConntrackTableFull);
+    }
+
+    #[test]
+    fn drops_towards_unprobed_hosts_cost_nothing() {
+        let mut m = Matcher::new(vec![host()], S);
+        let other: IpAddr = "198.18.0.9".parse().unwrap();
+        for id in 0..1000 {
+            m.dropped(other, echo(id, 1), drop_at(5, Cause::ConntrackTableFull, false));
+        }
+        assert_eq!(m.stored_drops(), 0);
+        let mut none = Matcher::new(vec![], S);
+        none.dropped(host(), echo(1, 1), drop_at(5, Cause::ConntrackTableFull, false));
+        assert_eq!(none.stored_drops(), 0);
+    }
+
+    #[test]
+    fn a_flood_towards_a_probed_host_is_held_to_a_bound() {
+        let mut m = Matcher::new(vec![host()], S);
+        m.sent(0, 1, echo(7, 1), S);
+        for i in 0..MAX_DROPS as u64 + 10 {
+            m.dropped(host(), echo(1000 + (i % 50_000) as u16, 1), drop_at(S + i, Cause::ConntrackTableFull, false));
+        }
+        assert_eq!(m.stored_drops(), MAX_DROPS);
+        assert_eq!(m.drops_evicted, 10);
+        // The newest drops are the ones kept: the probe's own still explains it.
+        m.dropped(host(), echo(7, 1), drop_at(S + S / 2, Cause::NetfilterRule, false));
+        let lost = m.expire(2 * S);
+        let Status::Lost { drop: Some(d) } = &lost[0].status else { panic!("{lost:?}") };
+        assert_eq!(d.cause, Cause::NetfilterRule);
+    }
+
+    #[test]
+    fn drops_are_forgotten_once_no_probe_can_use_them() {
+        let mut m = Matcher::new(vec![host()], S);
+        for i in 0..100 {
+            m.dropped(host(), echo(i, 1), drop_at(i as u64, Cause::ConntrackTableFull, false));
+        }
+        m.expire(S + DROP_SLACK_NS - 1);
+        assert_eq!(m.stored_drops(), 100);
+        m.expire(S + DROP_SLACK_NS + 100);
+        assert_eq!(m.stored_drops(), 0);
+        assert_eq!(m.drops_evicted, 0);
+    }
+
+    #[test]
+    fn passive_table_is_bounded() {
+        let mut m = Matcher::new(vec![], S);
+        let (a, b): (IpAddr, IpAddr) = ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
+        for id in 0..=u16::MAX {
+            m.echo_request_dropped(a, b, id, 1, Cause::ConntrackTableFull);
+        }
+        for seq in 0..2 * PASSIVE_SEQS as u16 {
+            m.echo_request_dropped(a, b, 0, seq, Cause::ConntrackTableFull);
+        }
+        assert_eq!(m.passive_groups().count(), PASSIVE_GROUPS);
+        assert!(m.passive_groups().all(|g| g.3.seqs.len() <= PASSIVE_SEQS));
+        assert_eq!(m.passive_overflow, (65536 - PASSIVE_GROUPS) as u64 + PASSIVE_SEQS as u64 + 1);
     }
 }

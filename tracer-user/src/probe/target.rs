@@ -27,9 +27,19 @@ pub struct TargetSpec {
     pub target: Target,
 }
 
+/// RFC 6761 names that can never resolve: refused here, so no query for
+/// them leaves the host (glibc sends them to the configured nameserver).
+fn never_resolves(host: &str) -> bool {
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    h == "invalid" || h.ends_with(".invalid")
+}
+
 fn resolve(host: &str) -> Result<IpAddr> {
     if let Ok(a) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
         return Ok(a);
+    }
+    if never_resolves(host) {
+        bail!("cannot resolve {host:?}: .invalid names never resolve (RFC 6761); not asking DNS");
     }
     (host, 0)
         .to_socket_addrs()
@@ -74,5 +84,17 @@ mod tests {
         assert!(parse_probe("tcp:198.18.0.2:0").is_err());
         assert!(parse_ping("").is_err());
         assert!(parse_ping("no-such-host.invalid").is_err());
+    }
+
+    #[test]
+    fn dot_invalid_names_are_known_unresolvable() {
+        for h in ["invalid", "x.invalid", "X.INVALID.", "a.b.invalid"] {
+            assert!(never_resolves(h), "{h}");
+        }
+        for h in ["invalid.example", "xinvalid", "example.com", "198.18.0.2"] {
+            assert!(!never_resolves(h), "{h}");
+        }
+        let e = format!("{:#}", parse_probe("tcp:db.invalid:5432").unwrap_err());
+        assert!(e.contains("db.invalid") && e.contains("not asking DNS"), "{e}");
     }
 }
