@@ -34,7 +34,7 @@ fn fail(e: anyhow::Error) -> ! {
 /// kernel would also drop them with our file descriptors). RUST_BACKTRACE
 /// brings the full report back.
 fn one_line_panics() {
-    if std::env::var_os("RUST_BACKTRACE").is_some() {
+    if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
         return;
     }
     std::panic::set_hook(Box::new(|info| {

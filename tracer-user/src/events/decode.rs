@@ -268,4 +268,151 @@ mod tests {
         assert!(ev.ct.unwrap().untracked());
         assert_eq!(ev.ct.unwrap().status, Some(8));
     }
+
+    #[test]
+    fn hand_made_broken_records() {
+        // Nothing at all.
+        assert_eq!(decode(&[]), Err(DecodeError::Short { len: 0, need: RECORD_LEN }));
+        // Every bit set: flags claim everything, the address family is junk.
+        assert_eq!(decode(&[0xff; RECORD_LEN + HEADER_CAPTURE_LEN]), Err(DecodeError::BadAddressFamily(0xffff)));
+        // A header promised and cut in half.
+        let mut r = base();
+        r.flags = flags::HAS_HEADER;
+        let mut b = bytemuck::bytes_of(&r).to_vec();
+        b.extend_from_slice(&[7; HEADER_CAPTURE_LEN / 2]);
+        assert_eq!(decode(&b), Err(DecodeError::Short { len: b.len(), need: RECORD_LEN + HEADER_CAPTURE_LEN }));
+        // L4 claimed without L3: ICMP fields but no flow, and no panic downstream.
+        let mut r = base();
+        r.flags = flags::HAS_L4 | flags::ICMP_ECHO;
+        r.l4_proto = 1;
+        r.icmp_type = 8;
+        let ev = decode(bytemuck::bytes_of(&r)).unwrap();
+        assert!(ev.flow.is_none());
+        assert_eq!(ev.icmp.unwrap().echo, Some((0, 0)));
+        // IPv4 with garbage in the unused tail of the address fields.
+        let mut r = base();
+        r.flags = flags::HAS_L3;
+        r.l3_proto = ETH_P_IP;
+        r.saddr = [10, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8];
+        assert_eq!(decode(bytemuck::bytes_of(&r)).unwrap().flow.unwrap().src.to_string(), "10.0.0.1");
+    }
+}
+
+/// Decoding is fed whatever the ring holds: arbitrary bytes must never
+/// panic, anywhere from decode to the outputs, and a valid record must come
+/// back as it was written. Case counts are fixed and small so CI stays fast.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::{cause::Classifier, flows::Tally, output::{json::DropJson, Shown}};
+    use proptest::prelude::*;
+
+    const CASES: u32 = 512;
+
+    /// Runs a decoded event through everything downstream of decode.
+    fn downstream(ev: &DropEvent) {
+        let cause = Classifier { netfilter_drop: Some(12), probes: false }.classify(ev);
+        let mut t = Tally::new(4);
+        t.record(ev, cause);
+        let _ = t.top_flows(10);
+        let shown = Shown { ev, cause, wall_ns: ev.ts_ns, reason: "R", netns_name: None, ifname: None, location: "" };
+        serde_json::to_string(&DropJson::from_shown(&shown)).unwrap();
+        let _ = proto_name(ev.flow.as_ref().map_or(0, |f| f.proto));
+    }
+
+    fn record() -> impl Strategy<Value = DropRecord> {
+        (prop::collection::vec(any::<u8>(), RECORD_LEN), prop::sample::select(vec![ETH_P_IP, ETH_P_IPV6, 0]))
+            .prop_map(|(bytes, l3)| {
+                let mut r: DropRecord = bytemuck::pod_read_unaligned(&bytes);
+                r.l3_proto = l3;
+                if l3 == 0 {
+                    r.flags &= !flags::HAS_L3;
+                }
+                r
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..(RECORD_LEN + HEADER_CAPTURE_LEN) * 2)) {
+            match decode(&bytes) {
+                Ok(ev) => {
+                    prop_assert!(bytes.len() >= RECORD_LEN);
+                    prop_assert_eq!(ev.header.is_some(), ev.header.is_some() && bytes.len() >= RECORD_LEN + HEADER_CAPTURE_LEN);
+                    downstream(&ev);
+                }
+                Err(DecodeError::Short { len, need }) => prop_assert!(len == bytes.len() && len < need),
+                Err(DecodeError::BadAddressFamily(p)) => prop_assert!(p != ETH_P_IP && p != ETH_P_IPV6),
+            }
+        }
+
+        #[test]
+        fn valid_records_round_trip(r in record(), header in prop::collection::vec(any::<u8>(), HEADER_CAPTURE_LEN), tail in prop::collection::vec(any::<u8>(), 0..16)) {
+            let mut bytes = bytemuck::bytes_of(&r).to_vec();
+            if r.flags & flags::HAS_HEADER != 0 {
+                bytes.extend_from_slice(&header);
+            }
+            // Bytes past what the flags promise are ignored.
+            bytes.extend_from_slice(&tail);
+            let ev = decode(&bytes).unwrap();
+            let has = |f: u16| r.flags & f != 0;
+            prop_assert_eq!((ev.ts_ns, ev.cpu, ev.reason, ev.location, ev.skb), (r.ts_ns, r.cpu, r.reason, r.location, r.skb));
+            prop_assert_eq!((ev.source, ev.detail, ev.skb_len), (r.source, r.detail, r.skb_len));
+            prop_assert_eq!(ev.netns, has(flags::HAS_NETNS).then_some(r.netns));
+            prop_assert_eq!(ev.ifindex, has(flags::HAS_DEV).then_some(r.ifindex));
+            prop_assert_eq!(ev.truncated, has(flags::TRUNCATED));
+            match &ev.flow {
+                None => prop_assert!(!has(flags::HAS_L3)),
+                Some(f) => {
+                    prop_assert!(has(flags::HAS_L3));
+                    prop_assert_eq!(f.proto, r.l4_proto);
+                    let (s, d) = match (f.src, f.dst) {
+                        (IpAddr::V4(s), IpAddr::V4(d)) => {
+                            prop_assert_eq!(r.l3_proto, ETH_P_IP);
+                            (s.octets().to_vec(), d.octets().to_vec())
+                        }
+                        (IpAddr::V6(s), IpAddr::V6(d)) => {
+                            prop_assert_eq!(r.l3_proto, ETH_P_IPV6);
+                            (s.octets().to_vec(), d.octets().to_vec())
+                        }
+                        _ => return Err(TestCaseError::fail("mixed address families")),
+                    };
+                    prop_assert_eq!(&s[..], &r.saddr[..s.len()]);
+                    prop_assert_eq!(&d[..], &r.daddr[..d.len()]);
+                    let ports = has(flags::HAS_L4) && (r.l4_proto == 6 || r.l4_proto == 17);
+                    prop_assert_eq!(f.ports, ports.then_some((r.sport, r.dport)));
+                }
+            }
+            let icmp = has(flags::HAS_L4) && (r.l4_proto == 1 || r.l4_proto == 58);
+            prop_assert_eq!(ev.icmp.is_some(), icmp);
+            if let Some(i) = ev.icmp {
+                prop_assert_eq!((i.ty, i.code), (r.icmp_type, r.icmp_code));
+                prop_assert_eq!(i.echo, has(flags::ICMP_ECHO).then_some((r.icmp_id, r.icmp_seq)));
+            }
+            prop_assert_eq!(ev.ct.map(|c| (c.info, c.zone)), has(flags::HAS_CT).then_some((r.ct_info, r.zone)));
+            prop_assert_eq!(ev.ct.and_then(|c| c.status), (has(flags::HAS_CT) && has(flags::HAS_CT_STATUS)).then_some(r.ct_status));
+            prop_assert_eq!(
+                ev.ct_fill,
+                has(flags::CT_FILL_KERNEL).then_some(CtFill { count: r.ct_count as u64, max: r.ct_max as u64, sampled: false })
+            );
+            prop_assert_eq!(ev.header.as_deref().map(|h| &h[..]), has(flags::HAS_HEADER).then_some(&header[..]));
+            downstream(&ev);
+        }
+
+        #[test]
+        fn any_cut_of_a_valid_record_is_a_short_error(r in record(), cut in 0usize..RECORD_LEN + HEADER_CAPTURE_LEN) {
+            let mut bytes = bytemuck::bytes_of(&r).to_vec();
+            bytes.extend_from_slice(&[0u8; HEADER_CAPTURE_LEN]);
+            let need = if r.flags & flags::HAS_HEADER != 0 { RECORD_LEN + HEADER_CAPTURE_LEN } else { RECORD_LEN };
+            if cut < RECORD_LEN {
+                prop_assert_eq!(decode(&bytes[..cut]), Err(DecodeError::Short { len: cut, need: RECORD_LEN }));
+            } else if cut < need {
+                prop_assert_eq!(decode(&bytes[..cut]), Err(DecodeError::Short { len: cut, need }));
+            } else {
+                prop_assert!(decode(&bytes[..cut]).is_ok());
+            }
+        }
+    }
 }
