@@ -188,6 +188,49 @@ fn sigkill_leaves_no_program_link_or_map() {
     ends_without_leftovers(Ending::Kill);
 }
 
+/// A bpffs mounted for one test, unmounted (releasing its pins) on drop.
+struct BpfFs {
+    dir: std::path::PathBuf,
+}
+
+impl BpfFs {
+    fn mount() -> BpfFs {
+        let dir = std::env::temp_dir().join(format!("ctdt-bpffs-{}-{}", std::process::id(), next_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        run(&["mount", "-t", "bpf", "bpf", dir.to_str().unwrap()]).unwrap();
+        BpfFs { dir }
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = run(&["umount", self.dir.to_str().unwrap()]);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The leftover check can fail: a program kept alive by a pin outlives
+/// SIGKILL and is reported, and goes once the pin does.
+#[test]
+fn a_pinned_program_is_reported_as_left_over() {
+    let since = bpf::high_water().unwrap();
+    let fs = BpfFs::mount();
+    let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
+    let held = bpf::held_by(ctdrop.pid());
+    let prog = bpf::still_listed(&held).unwrap().into_iter().find(|o| o.kind == Kind::Prog && o.name == "kfree_skb").unwrap();
+    let pin = fs.dir.join("kept");
+    run(&["bpftool", "prog", "pin", "id", &prog.id.to_string(), pin.to_str().unwrap()]).unwrap();
+    ctdrop.stop_with(libc::SIGKILL).unwrap();
+    let orphans = bpf::orphans_since(&since).unwrap();
+    assert!(orphans.iter().any(|o| o.kind == Kind::Prog && o.id == prog.id), "pinned program {} not reported: {orphans:?}", prog.id);
+    drop(fs);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bpf::orphans_since(&since).unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(bpf::orphans_since(&since).unwrap().is_empty(), "still there after unpinning");
+}
+
 #[test]
 fn two_ctdrops_at_once_each_see_every_drop() {
     const N: u16 = 100;
