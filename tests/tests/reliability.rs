@@ -276,9 +276,12 @@ const RSS_SLACK_KIB: u64 = 6 * 1024;
 #[test]
 fn memory_stays_flat_under_a_sustained_udp_and_ping_flood() {
     let (topo, _max) = full_pair();
-    // Defaults, as an operator runs it: every drop on the host, 4 MiB ring,
-    // 100k flows.
-    let ctdrop = Ctdrop::spawn_tail(&["live", "--json"], 50).unwrap();
+    // Defaults, as an operator runs it (every drop on the host, 4 MiB ring,
+    // 100k flows), pinging the flooded host: every drop towards it is a
+    // candidate explanation the probe matcher has to hold.
+    let target = topo.receiver_addr.to_string();
+    let args = ["live", "--json", "--ping", &target, "--from-netns", &topo.sender.name];
+    let ctdrop = Ctdrop::spawn_tail(&args, 50).unwrap();
     let udp = Flood::start(&topo.sender, topo.receiver_addr, FloodKind::Udp, None).unwrap();
     let echo = Flood::start(&topo.sender, topo.receiver_addr, FloodKind::Echo, None).unwrap();
     let mut samples = Vec::new();
@@ -300,6 +303,7 @@ fn memory_stays_flat_under_a_sustained_udp_and_ping_flood() {
     assert!(u(&s["drops_total"]) > 200_000, "too little load to say anything: {s}");
     assert!(u(&s["flows_untracked"]) > 0, "the flow table never reached its cap: {s}");
     assert!(u(&s["drops_by_cause"]["conntrack_table_full"]) > 0, "summary {s}");
+    assert!(u(&s["probes"][&target]["lost"]) > 0, "the pings got through a full table: {s}");
     let settled = samples[WARMUP_S];
     let peak = *samples[WARMUP_S..].iter().max().unwrap();
     assert!(
