@@ -55,7 +55,8 @@ fn tiny_ring_under_flood_delivered_plus_lost_equals_kernel_drop_counter() {
     let lost = u(&summary["events_lost"]);
     let records = out.drops();
     let full = records.iter().filter(|r| r["cause"] == "conntrack_table_full").count() as u64;
-    let warnings: Vec<&str> = out.stderr_lines().into_iter().filter(|l| l.contains("events lost")).collect();
+    let warnings: Vec<&str> =
+        out.stderr_lines().into_iter().filter(|l| l.starts_with("ctdrop: warning:") && l.contains("events lost")).collect();
     let duration_s = summary["duration_s"].as_f64().unwrap();
     eprintln!(
         "flood: {sent} sent; receiver drop +{drop_delta}; ctdrop: {} records ({full} table-full), {lost} lost, \
@@ -82,6 +83,9 @@ fn tiny_ring_under_flood_delivered_plus_lost_equals_kernel_drop_counter() {
     // ticks at 0 s, 1 s, ...), each naming a positive count.
     assert!(!warnings.is_empty(), "no live warning about lost events; stderr: {}", out.stderr);
     assert!(warnings.len() as f64 <= duration_s.floor() + 1.0, "{} warnings in {duration_s} s: {warnings:?}", warnings.len());
+    // The end-of-run line on stderr tells the same.
+    let last = out.stderr_lines().into_iter().find(|l| l.starts_with("ctdrop: stopped")).unwrap_or_else(|| panic!("{}", out.stderr));
+    assert!(last.contains(&format!(" {lost} events lost")), "end-of-run line {last:?} vs {lost} lost");
     let warned: u64 = warnings.iter().map(|w| w.split_whitespace().nth(2).and_then(|n| n.parse::<u64>().ok()).unwrap()).sum();
     assert!(warned > 0 && warned <= lost, "warnings add up to {warned}, summary says {lost}: {warnings:?}");
 }
