@@ -109,7 +109,7 @@ fn ends_without_leftovers(how: Ending) {
     let mut args = vec!["live", "--json"];
     let mut env = vec![];
     match how {
-        Ending::Duration => args.extend(["--duration", "3s"]),
+        Ending::Duration => args.extend(["--duration", "5s"]),
         // RUST_BACKTRACE (set by many developers) asks for the full report.
         Ending::Panic => env.extend([("CTDROP_TEST_PANIC_AFTER_ATTACH", "1"), ("RUST_BACKTRACE", "0")]),
         _ => {}

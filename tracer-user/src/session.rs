@@ -426,6 +426,9 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // After a stall, one tick, not a burst of catch-up ticks: the loss
+    // warning is promised at most once a second.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut expire_tick = tokio::time::interval(Duration::from_millis(50));
     let mut sample_tick = tokio::time::interval(Duration::from_millis(10));
     sample_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
