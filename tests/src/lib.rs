@@ -455,9 +455,21 @@ pub(crate) fn echo_request(id: u16, seq: u16) -> Vec<u8> {
 /// A running `ctdrop`, killed on drop unless [`Ctdrop::stop`]ped.
 pub struct Ctdrop {
     child: Child,
+    own_stdout: Option<std::process::ChildStdout>,
     stdout: Option<JoinHandle<String>>,
     stderr: Option<JoinHandle<()>>,
     stderr_text: Arc<Mutex<String>>,
+}
+
+/// Where a spawned ctdrop's stdout goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stdout {
+    /// Collected whole.
+    All,
+    /// Only the last n lines kept.
+    Tail(usize),
+    /// Handed to the test.
+    Caller,
 }
 
 /// What a finished ctdrop printed.
@@ -479,17 +491,28 @@ impl Ctdrop {
 
     /// [`Ctdrop::spawn`] with extra environment variables (test hooks).
     pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Result<Ctdrop> {
-        Ctdrop::spawn_opts(args, env, None)
+        Ctdrop::spawn_opts(args, env, Stdout::All)
     }
 
     /// [`Ctdrop::spawn`] keeping only the last `lines` lines of stdout: for
     /// floods, whose millions of drop lines nobody reads (the summary is
     /// the last line).
     pub fn spawn_tail(args: &[&str], lines: usize) -> Result<Ctdrop> {
-        Ctdrop::spawn_opts(args, &[], Some(lines))
+        Ctdrop::spawn_opts(args, &[], Stdout::Tail(lines))
     }
 
-    fn spawn_opts(args: &[&str], env: &[(&str, &str)], tail: Option<usize>) -> Result<Ctdrop> {
+    /// [`Ctdrop::spawn`] leaving stdout to the test ([`Ctdrop::take_stdout`]),
+    /// e.g. to close it like `ctdrop live | head -1` does.
+    pub fn spawn_own_stdout(args: &[&str]) -> Result<Ctdrop> {
+        Ctdrop::spawn_opts(args, &[], Stdout::Caller)
+    }
+
+    /// The pipe ctdrop writes to, with [`Ctdrop::spawn_own_stdout`].
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.own_stdout.take()
+    }
+
+    fn spawn_opts(args: &[&str], env: &[(&str, &str)], mode: Stdout) -> Result<Ctdrop> {
         let bin = ctdrop_bin();
         let mut child = Command::new(&bin)
             .args(args)
@@ -499,14 +522,14 @@ impl Ctdrop {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let mut out = child.stdout.take().unwrap();
-        let stdout = std::thread::spawn(move || match tail {
-            None => {
-                let mut s = String::new();
-                let _ = out.read_to_string(&mut s);
-                s
-            }
-            Some(n) => {
+        let out = child.stdout.take().unwrap();
+        let (out, own_stdout) = match mode {
+            Stdout::Caller => (None, Some(out)),
+            _ => (Some(out), None),
+        };
+        let stdout = std::thread::spawn(move || match (mode, out) {
+            (_, None) => String::new(),
+            (Stdout::Tail(n), Some(out)) => {
                 let mut last = std::collections::VecDeque::with_capacity(n + 1);
                 for line in BufReader::new(out).lines() {
                     let Ok(line) = line else { break };
@@ -516,6 +539,11 @@ impl Ctdrop {
                     }
                 }
                 last.into_iter().map(|l| l + "\n").collect()
+            }
+            (_, Some(mut out)) => {
+                let mut s = String::new();
+                let _ = out.read_to_string(&mut s);
+                s
             }
         });
         let (tx, rx) = mpsc::channel::<String>();
@@ -532,7 +560,7 @@ impl Ctdrop {
                 let _ = tx.send(line);
             }
         });
-        let mut me = Ctdrop { child, stdout: Some(stdout), stderr: Some(stderr), stderr_text };
+        let mut me = Ctdrop { child, own_stdout, stdout: Some(stdout), stderr: Some(stderr), stderr_text };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -649,7 +677,7 @@ pub fn run_ctdrop(prefix: &[&str], args: &[&str], timeout: Duration) -> Result<C
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let mut c = Ctdrop { child, stdout: None, stderr: None, stderr_text: Arc::new(Mutex::new(String::new())) };
+    let mut c = Ctdrop { child, own_stdout: None, stdout: None, stderr: None, stderr_text: Arc::new(Mutex::new(String::new())) };
     let mut out = c.child.stdout.take().unwrap();
     c.stdout = Some(std::thread::spawn(move || {
         let mut s = String::new();

@@ -267,6 +267,34 @@ fn two_ctdrops_at_once_each_see_every_drop() {
     assert_eq!(ports(&oa), ports(&ob), "the two saw different packets");
 }
 
+/// `ctdrop live --json | head -1`: once the reader is gone, ctdrop stops by
+/// itself and detaches, instead of tracing for nobody until killed.
+#[test]
+fn closed_output_stops_tracing_and_detaches() {
+    use std::io::BufRead;
+    let (topo, _max) = full_pair();
+    let mut ctdrop = Ctdrop::spawn_own_stdout(&["live", "--json", "--netns", &topo.receiver.name]).unwrap();
+    let held = bpf::held_by(ctdrop.pid());
+    assert!(!held.is_empty());
+    let mut out = std::io::BufReader::new(ctdrop.take_stdout().unwrap());
+    send_udp_flows(&topo.sender, topo.receiver_addr, 20_000, 10).unwrap();
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.contains(r#""kind":"drop""#), "first line: {first}");
+    drop(out);
+    // More drops: writing them now fails with EPIPE.
+    send_udp_flows(&topo.sender, topo.receiver_addr, 21_000, 10).unwrap();
+    let out = ctdrop.wait(Duration::from_secs(20)).unwrap(); // an error: it kept running
+    assert!(out.status.success(), "{:?}\n{}", out.status, out.stderr);
+    assert!(out.stderr.contains("output closed"), "stderr: {}", out.stderr);
+    assert!(out.stderr.contains("ctdrop: stopped after"), "no end-of-run line: {}", out.stderr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bpf::still_listed(&held).unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(bpf::still_listed(&held).unwrap().is_empty(), "objects left after the output closed");
+}
+
 // ------------------------------------------------------ bounded resources
 
 /// Seconds of flood before memory is expected to level off (the flow table

@@ -435,12 +435,15 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     let mut last_lost = 0u64;
     // After a stop request, outstanding probes get their timeout to finish.
     let mut stopping: Option<tokio::time::Instant> = None;
+    // Whoever read our output went away (`ctdrop live | head`): stop, or we
+    // would trace for nobody, attached, until killed.
+    let mut closed = false;
 
     loop {
         tokio::select! {
             r = ring.wait_and_drain(|b| collector.handle(b, &mut sinks)) => {
                 r?;
-                for s in sinks.iter_mut() { let _ = s.flush(); }
+                if output_closed(&mut sinks) { closed = true; break; }
             }
             ev = recv_probe(&mut probes) => match ev {
                 Some(ev) => handle_probe(&mut collector, ev, &mut sinks),
@@ -451,8 +454,9 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                 // Drops already in the ring may explain a probe about to
                 // expire. The kernel wakes us only per 1/16 of the ring, so
                 // this tick is also what bounds the delay of a lone drop.
-                if ring.drain(crate::events::ring::BATCH, |b| collector.handle(b, &mut sinks)) > 0 {
-                    for s in sinks.iter_mut() { let _ = s.flush(); }
+                if ring.drain(crate::events::ring::BATCH, |b| collector.handle(b, &mut sinks)) > 0 && output_closed(&mut sinks) {
+                    closed = true;
+                    break;
                 }
                 expire_probes(&mut collector, &mut sinks);
                 if stopping.is_some() && collector.matcher.pending() == 0 { break; }
@@ -508,8 +512,14 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         mechanisms: &mechanisms,
     };
     for s in sinks.iter_mut() {
-        s.summary(&summary).context("writing the summary")?;
-        s.flush().context("flushing output")?;
+        let r = s.summary(&summary).and_then(|()| s.flush());
+        match r {
+            Err(e) if closed && e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            r => r.context("writing the summary")?,
+        }
+    }
+    if closed {
+        eprintln!("ctdrop: output closed (broken pipe): stopped tracing");
     }
     // On stderr too: with stdout redirected, the operator still sees whether
     // every drop made it out.
@@ -523,6 +533,17 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         t.flows_untracked
     );
     Ok(())
+}
+
+/// Flushes every sink; true when one found its reader gone (EPIPE).
+fn output_closed(sinks: &mut [Box<dyn Sink>]) -> bool {
+    let mut closed = false;
+    for s in sinks.iter_mut() {
+        if let Err(e) = s.flush() {
+            closed |= e.kind() == std::io::ErrorKind::BrokenPipe;
+        }
+    }
+    closed
 }
 
 /// Stops sending probes; true when nothing is outstanding and we can end.
