@@ -301,9 +301,10 @@ fn closed_output_stops_tracing_and_detaches() {
 /// fills to its cap, buffers reach their working size), then seconds watched.
 const WARMUP_S: usize = 8;
 const WATCH_S: usize = 20;
-/// Growth allowed after warm-up: allocator noise, not a leak (a leak of one
-/// small allocation per drop grows by tens of MiB here).
-const RSS_SLACK_KIB: u64 = 6 * 1024;
+/// Growth allowed after warm-up: allocator noise, not a leak. Measured here:
+/// under 0.3 MiB; one small allocation kept per drop grows by tens of MiB a
+/// second (the probe matcher did: 4 GiB in 28 s), 200 KiB/s shows too.
+const RSS_SLACK_KIB: u64 = 4 * 1024;
 
 #[test]
 fn memory_stays_flat_under_a_sustained_udp_and_ping_flood() {

@@ -80,6 +80,7 @@ impl Summary<'_> {
                 "in_dropped": c.in_dropped, "invalid": c.invalid,
             })).collect::<Vec<_>>(),
             "echo_losses": self.echo_losses_json(),
+            "echo_losses_not_kept": self.collector.matcher().passive_overflow,
         })
     }
 

@@ -94,7 +94,9 @@ pub struct Matcher {
     /// filtered out when read (a drop can be seen before its send is).
     passive: BTreeMap<(IpAddr, IpAddr, u16), PassiveLoss>,
     own_echo_ids: std::collections::HashSet<(IpAddr, u16)>,
+    /// Dropped echo requests not kept in the passive table (it was full).
     pub passive_overflow: u64,
+    passive_seqs: usize,
     stored_drops: usize,
     /// Drops forgotten early because [`MAX_DROPS`] were already held.
     pub drops_evicted: u64,
@@ -103,6 +105,9 @@ pub struct Matcher {
 /// Bounds of the passive echo-loss table; what does not fit is counted.
 const PASSIVE_GROUPS: usize = 10_000;
 const PASSIVE_SEQS: usize = 1_000;
+/// Lost seqs kept over all groups: groups times seqs alone would allow 40 MB,
+/// reached by a ping flood whose ids wrap (measured growing ~24 KiB/s).
+const PASSIVE_TOTAL_SEQS: usize = 100_000;
 
 /// How long expired probes are remembered beyond the timeout (late replies).
 const MEMORY_NS: u64 = 30_000_000_000;
@@ -130,6 +135,7 @@ impl Matcher {
             passive: BTreeMap::new(),
             own_echo_ids: Default::default(),
             passive_overflow: 0,
+            passive_seqs: 0,
             stored_drops: 0,
             drops_evicted: 0,
         }
@@ -168,12 +174,16 @@ impl Matcher {
     /// read).
     pub fn echo_request_dropped(&mut self, src: IpAddr, dst: IpAddr, id: u16, seq: u16, cause: Cause) {
         let key = (src, dst, id);
-        if self.passive.len() >= PASSIVE_GROUPS && !self.passive.contains_key(&key) {
+        let new_group = !self.passive.contains_key(&key);
+        if self.passive_seqs >= PASSIVE_TOTAL_SEQS || (new_group && self.passive.len() >= PASSIVE_GROUPS) {
             self.passive_overflow += 1;
             return;
         }
         match self.passive.entry(key).or_default() {
-            g if g.seqs.len() < PASSIVE_SEQS => g.seqs.push((seq, cause)),
+            g if g.seqs.len() < PASSIVE_SEQS => {
+                g.seqs.push((seq, cause));
+                self.passive_seqs += 1;
+            }
             _ => self.passive_overflow += 1,
         }
     }
@@ -502,5 +512,16 @@ mod tests {
         assert_eq!(m.passive_groups().count(), PASSIVE_GROUPS);
         assert!(m.passive_groups().all(|g| g.3.seqs.len() <= PASSIVE_SEQS));
         assert_eq!(m.passive_overflow, (65536 - PASSIVE_GROUPS) as u64 + PASSIVE_SEQS as u64 + 1);
+        // Ids that wrap: each group gets another seq per wrap, up to the
+        // total over all groups.
+        let mut m = Matcher::new(vec![], S);
+        for wrap in 0..50u16 {
+            for id in 0..PASSIVE_GROUPS as u16 {
+                m.echo_request_dropped(a, b, id, wrap, Cause::ConntrackTableFull);
+            }
+        }
+        let kept: usize = m.passive_groups().map(|g| g.3.seqs.len()).sum();
+        assert_eq!(kept, PASSIVE_TOTAL_SEQS);
+        assert_eq!(m.passive_overflow, (50 * PASSIVE_GROUPS - PASSIVE_TOTAL_SEQS) as u64);
     }
 }
