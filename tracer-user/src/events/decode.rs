@@ -395,7 +395,7 @@ mod fuzz {
             prop_assert_eq!(ev.ct.and_then(|c| c.status), (has(flags::HAS_CT) && has(flags::HAS_CT_STATUS)).then_some(r.ct_status));
             prop_assert_eq!(
                 ev.ct_fill,
-                has(flags::CT_FILL_KERNEL).then_some(CtFill { count: r.ct_count as u64, max: r.ct_max as u64, sampled: false })
+                has(flags::CT_FILL_KERNEL).then_some(CtFill { count: r.ct_count as u64, max: r.ct_max as u64, sampled: false, counted_drop: None })
             );
             prop_assert_eq!(ev.header.as_deref().map(|h| &h[..]), has(flags::HAS_HEADER).then_some(&header[..]));
             downstream(&ev);
