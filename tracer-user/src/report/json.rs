@@ -44,7 +44,7 @@ pub fn to_json(r: &Report, top: usize) -> Value {
                     "drop": c.delta.get("drop"), "insert_failed": c.delta.get("insert_failed"),
                     "early_drop": c.delta.get("early_drop"), "entries": c.delta.entries(),
                     "table_full_records": c.table_full, "insert_failed_records": c.insert_failed,
-                    "agree": c.agrees(),
+                    "agree": c.agrees(), "unrecorded": c.unrecorded(),
                 })
             })
             .collect::<Vec<_>>()

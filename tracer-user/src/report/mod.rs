@@ -88,6 +88,11 @@ impl CounterCheck {
     pub fn agrees(&self) -> bool {
         self.delta.get("drop") == self.table_full + self.insert_failed
     }
+
+    /// Conntrack drops the kernel counted that have no record (lost events).
+    pub fn unrecorded(&self) -> u64 {
+        self.delta.get("drop").saturating_sub(self.table_full + self.insert_failed)
+    }
 }
 
 pub struct Report {
