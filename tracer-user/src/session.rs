@@ -13,7 +13,7 @@ use tracer_common::FilterConfig;
 use crate::{
     cause::{Cause, Classifier},
     cli::TraceArgs,
-    conntrack::{netns::NsRegistry, stats::CtCounters, FillSampler},
+    conntrack::{netns::NsRegistry, stats::{CounterCheck, CtCounters}, FillSampler},
     events::{decode, ring::RingReader, DropEvent},
     flows::Tally,
     kernel::{
@@ -87,27 +87,6 @@ pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
         None => {}
     }
     Ok(Prepared { offsets, reasons, filter, ring_size, conntrack_loaded: capabilities::conntrack_loaded() })
-}
-
-/// Kernel counter increase in one namespace against what we recorded there.
-pub struct CounterCheck {
-    pub netns: u32,
-    pub netns_name: Option<String>,
-    pub delta: CtCounters,
-    pub table_full: u64,
-    pub insert_failed: u64,
-}
-
-impl CounterCheck {
-    /// Every conntrack drop the kernel counted got exactly one record.
-    pub fn agrees(&self) -> bool {
-        self.delta.get("drop") == self.table_full + self.insert_failed
-    }
-
-    /// Conntrack drops the kernel counted that have no record here.
-    pub fn unrecorded(&self) -> u64 {
-        self.delta.get("drop").saturating_sub(self.table_full + self.insert_failed)
-    }
 }
 
 pub struct Collector {

@@ -6,7 +6,8 @@ use std::{io::Write, time::Duration};
 use crate::{
     cause::Cause,
     kernel::attach::KernelStats,
-    session::{Collector, CounterCheck},
+    conntrack::stats::CounterCheck,
+    session::Collector,
 };
 
 pub struct Summary<'a> {

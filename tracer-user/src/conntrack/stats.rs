@@ -62,6 +62,30 @@ impl CtCounters {
     }
 }
 
+/// The kernel's conntrack counter increase in one namespace next to the
+/// drops ctdrop recorded there (live summary and capture report alike).
+#[derive(Clone, Debug)]
+pub struct CounterCheck {
+    pub netns: u32,
+    pub netns_name: Option<String>,
+    pub delta: CtCounters,
+    pub table_full: u64,
+    pub insert_failed: u64,
+}
+
+impl CounterCheck {
+    /// The kernel's `drop` column counts table-full and insert-failed
+    /// drops: every one of them got exactly one record.
+    pub fn agrees(&self) -> bool {
+        self.delta.get("drop") == self.table_full + self.insert_failed
+    }
+
+    /// Conntrack drops the kernel counted that have no record (lost events).
+    pub fn unrecorded(&self) -> u64 {
+        self.delta.get("drop").saturating_sub(self.table_full + self.insert_failed)
+    }
+}
+
 /// Global limits (the sysctls are global; only `entries` is per namespace).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtLimits {

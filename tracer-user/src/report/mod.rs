@@ -20,7 +20,7 @@ use crate::{
     capture::{meta::Header, record::Checkpoint, CaptureReader, End, Item},
     cause::Cause,
     cli::{ReportArgs, ReportFormat},
-    conntrack::stats::CtCounters,
+    conntrack::stats::{CounterCheck, CtCounters},
     flows::{Tally, DEFAULT_MAX_FLOWS},
     kernel::btf::DropReasons,
     output::{csv::CsvSink, metrics::Metrics, Shown, Sink},
@@ -69,29 +69,6 @@ impl ProbeTally {
             Some("late") => self.late += 1,
             _ => {}
         }
-    }
-}
-
-/// The kernel's conntrack counter increase in one namespace next to the
-/// drops ctdrop recorded there.
-#[derive(Clone, Debug)]
-pub struct CounterCheck {
-    pub netns: u32,
-    pub netns_name: Option<String>,
-    pub delta: CtCounters,
-    pub table_full: u64,
-    pub insert_failed: u64,
-}
-
-impl CounterCheck {
-    /// The kernel's `drop` column counts table-full and insert-failed drops.
-    pub fn agrees(&self) -> bool {
-        self.delta.get("drop") == self.table_full + self.insert_failed
-    }
-
-    /// Conntrack drops the kernel counted that have no record (lost events).
-    pub fn unrecorded(&self) -> u64 {
-        self.delta.get("drop").saturating_sub(self.table_full + self.insert_failed)
     }
 }
 
