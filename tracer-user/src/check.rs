@@ -1,13 +1,19 @@
 //! `ctdrop check`: what this kernel allows, found by trying, and how
-//! conntrack is doing in every namespace that uses it.
+//! conntrack is doing in every namespace that uses it; with `--occupancy`,
+//! who holds each table and what to change.
 
 use std::io::Write;
 
 use anyhow::{Context, Result};
 
 use crate::{
+    advice::{self, Advice, Host, NsEvidence},
     cli::CheckArgs,
-    conntrack::{netns::NsRegistry, stats::CtLimits},
+    conntrack::{
+        netns::{find_namespace, NsRegistry},
+        occupancy::{self, Occupancy},
+        stats::CtLimits,
+    },
     kernel::{
         attach::{LoadOptions, Tracer},
         btf::{DropReasons, KernelBtf},
@@ -82,6 +88,8 @@ pub fn run(args: &CheckArgs) -> Result<()> {
         }
     }
 
+    let occupancy = if args.occupancy { Some(occupancy_reports(args.netns.as_deref())?) } else { None };
+
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if args.json {
@@ -94,6 +102,7 @@ pub fn run(args: &CheckArgs) -> Result<()> {
             "namespaces": namespaces.iter().map(|(ns, name, c)| serde_json::json!({
                 "netns": ns, "netns_name": name, "count": c.entries(), "counters": c.columns,
             })).collect::<Vec<_>>(),
+            "occupancy": occupancy.as_deref().map(occupancy_json),
         });
         writeln!(out, "{v}")?;
         return Ok(());
@@ -127,6 +136,82 @@ pub fn run(args: &CheckArgs) -> Result<()> {
             c.get("clashres")
         )?;
     }
+    if let Some(reports) = &occupancy {
+        writeln!(out)?;
+        write_occupancy_human(reports, &mut out)?;
+    }
     out.flush().context("writing check output")?;
+    Ok(())
+}
+
+/// A namespace's table snapshot and the advice it leads to.
+pub struct OccupancyReport {
+    pub occupancy: Occupancy,
+    pub advice: Vec<Advice>,
+}
+
+/// Snapshots of the namespace given, or of every namespace we can find
+/// whose table has entries, each with its advice. A check sees one moment:
+/// the table as it is now is the peak it knows.
+pub fn occupancy_reports(netns: Option<&str>) -> Result<Vec<OccupancyReport>> {
+    if !capabilities::conntrack_loaded() {
+        return Ok(Vec::new());
+    }
+    let snaps = match netns {
+        Some(arg) => vec![occupancy::snapshot_arg(Some(arg))?],
+        None => {
+            let mut registry = NsRegistry::new();
+            registry.discover_all();
+            let mut inodes = registry.inodes();
+            inodes.sort();
+            let mut v = Vec::new();
+            for ns in inodes {
+                let busy = registry.get(ns).and_then(|h| h.counters()).map(|c| c.entries() > 0).unwrap_or(false);
+                if let (true, Some((name, path))) = (busy, find_namespace(ns)) {
+                    v.push(occupancy::snapshot(&path, Some(ns), name)?);
+                }
+            }
+            v
+        }
+    };
+    let limits = CtLimits::read();
+    let host = Host::detect();
+    Ok(snaps
+        .into_iter()
+        .map(|o| {
+            let ev = NsEvidence {
+                netns: o.netns,
+                netns_name: o.netns_name.clone(),
+                peak_entries: o.entries,
+                occupancy: Some(&o),
+                limits,
+                ..Default::default()
+            };
+            let advice = advice::for_namespace(&ev, &host);
+            OccupancyReport { occupancy: o, advice }
+        })
+        .collect())
+}
+
+pub fn occupancy_json(reports: &[OccupancyReport]) -> serde_json::Value {
+    reports
+        .iter()
+        .map(|r| {
+            let mut v = r.occupancy.to_json();
+            v["advice"] = advice::to_json(&r.advice);
+            v
+        })
+        .collect::<Vec<_>>()
+        .into()
+}
+
+pub fn write_occupancy_human(reports: &[OccupancyReport], out: &mut dyn Write) -> std::io::Result<()> {
+    if reports.is_empty() {
+        writeln!(out, "occupancy: no namespace has conntrack entries")?;
+    }
+    for r in reports {
+        r.occupancy.write_human(out)?;
+        advice::write_human(&r.advice, out)?;
+    }
     Ok(())
 }

@@ -225,6 +225,12 @@ pub struct CheckArgs {
     /// Tier to try, as for `live`.
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: crate::kernel::tier::Mode,
+    /// Who holds the conntrack table (a snapshot per namespace), with advice.
+    #[arg(long)]
+    pub occupancy: bool,
+    /// With --occupancy: only this namespace (name from `ip netns list`, or inode).
+    #[arg(long, requires = "occupancy")]
+    pub netns: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

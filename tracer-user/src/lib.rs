@@ -1,4 +1,5 @@
 //! ctdrop: which packets the connection tracker dropped, for which flows, why.
+pub mod advice;
 pub mod capture;
 pub mod cause;
 pub mod check;

@@ -14,6 +14,7 @@ use crate::{bpf_linker, proc};
 /// Debian packages the build, tests and demo shell out to.
 pub const APT_PACKAGES: &[&str] = &[
     "iptables",     // reproduce the incident's rules (NOTRACK, state match)
+    "nftables",     // nft -c checks the NOTRACK rules ctdrop advises
     "conntrack",    // list/flush the table the tests fill up
     "bpftool",      // inspect what ctdrop loaded when a test fails
     "iproute2",     // `ip netns` for the throwaway namespaces

@@ -1,5 +1,7 @@
-//! Conntrack as the kernel reports it: counters and fill per namespace.
+//! Conntrack as the kernel reports it: counters, fill and table occupancy
+//! per namespace.
 pub mod netns;
+pub mod occupancy;
 pub mod stats;
 
 use std::{

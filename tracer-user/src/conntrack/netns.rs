@@ -173,7 +173,7 @@ impl NsRegistry {
 }
 
 /// Name (if any) and an openable path for the namespace with inode `inum`.
-fn find_namespace(inum: u32) -> Option<(Option<String>, PathBuf)> {
+pub fn find_namespace(inum: u32) -> Option<(Option<String>, PathBuf)> {
     if let Some((name, path)) = named_namespaces().remove(&inum) {
         return Some((Some(name), path));
     }

@@ -1,0 +1,554 @@
+//! What to change, with numbers, from what a run saw: a bigger table and
+//! hash for `conntrack_table_full`, NOTRACK rules for the stateless flows
+//! that fill it, what insert clashes mean, and a warning when filter rules
+//! drop the ICMP errors path-MTU discovery needs. Advice is only ever
+//! printed: ctdrop never changes a host's rules or sysctls by itself.
+
+use std::{io::Write, net::IpAddr};
+
+use serde::Serialize;
+
+use crate::{
+    cause::Cause,
+    conntrack::{occupancy::Occupancy, stats::CtLimits},
+};
+
+/// Headroom over the observed peak: a quarter more, then the next power of
+/// two (the sizes operators and the kernel's own defaults use).
+const HEADROOM: f64 = 1.25;
+/// A port group must hold this share of the table to be worth untracking.
+const NOTRACK_MIN_SHARE: f64 = 0.10;
+const NOTRACK_MAX_RULES: usize = 3;
+/// Name of the nft table the advised NOTRACK rules live in.
+pub const NFT_TABLE: &str = "ctdrop_notrack";
+
+/// What a run saw in one namespace.
+#[derive(Clone, Debug, Default)]
+pub struct NsEvidence<'a> {
+    pub netns: Option<u32>,
+    pub netns_name: Option<String>,
+    pub table_full_drops: u64,
+    /// Distinct flows that found no room: each wanted one more entry.
+    pub table_full_flows: u64,
+    pub insert_failed: u64,
+    /// Highest entry count seen (a full table counts as `max`).
+    pub peak_entries: u64,
+    pub occupancy: Option<&'a Occupancy>,
+    pub limits: Option<CtLimits>,
+}
+
+/// ICMP errors for path-MTU discovery that a filter rule dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpBlocked {
+    pub netns: Option<u32>,
+    pub netns_name: Option<String>,
+    pub src: Option<IpAddr>,
+    pub dst: Option<IpAddr>,
+    pub drops: u64,
+}
+
+/// One step an operator takes; `Run` steps are exact command lines.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Step {
+    /// A command to run (inside the namespace, for per-namespace ones).
+    Run { argv: Vec<String>, in_netns: bool },
+    /// A line to put in a file, to survive a reboot.
+    Persist { file: String, line: String },
+    /// An nft script (`nft -f FILE`).
+    Nft { script: String },
+}
+
+impl Step {
+    fn run(argv: &[&str], in_netns: bool) -> Step {
+        Step::Run { argv: argv.iter().map(|s| s.to_string()).collect(), in_netns }
+    }
+
+    pub fn command_line(&self) -> Option<String> {
+        match self {
+            Step::Run { argv, .. } => Some(argv.join(" ")),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Advice {
+    /// The cause this answers (`Cause::as_str`), or `conntrack_table_full`
+    /// for both the capacity and the NOTRACK items.
+    pub cause: &'static str,
+    /// capacity | notrack | nat | insert_clash | icmp_error_blocked
+    pub topic: &'static str,
+    pub netns: Option<u32>,
+    pub netns_name: Option<String>,
+    pub headline: String,
+    pub notes: Vec<String>,
+    pub steps: Vec<Step>,
+    /// The numbers behind the advice, for tools.
+    pub values: serde_json::Value,
+}
+
+/// How nf_conntrack sits in this kernel: that decides where hashsize goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModuleKind {
+    Loadable,
+    BuiltIn,
+    Unknown,
+}
+
+impl ModuleKind {
+    /// A loadable module has `initstate` in sysfs; built-in ones do not.
+    pub fn detect() -> ModuleKind {
+        let m = std::path::Path::new("/sys/module/nf_conntrack");
+        if m.join("initstate").exists() {
+            ModuleKind::Loadable
+        } else if m.exists() {
+            ModuleKind::BuiltIn
+        } else {
+            ModuleKind::Unknown
+        }
+    }
+}
+
+/// Host facts advice depends on, read once.
+#[derive(Clone, Copy, Debug)]
+pub struct Host {
+    pub module: ModuleKind,
+    /// Bytes per entry in the kernel's slab cache, when readable.
+    pub entry_bytes: Option<u64>,
+}
+
+impl Host {
+    pub fn detect() -> Host {
+        Host { module: ModuleKind::detect(), entry_bytes: slab_entry_bytes() }
+    }
+}
+
+fn slab_entry_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/slabinfo").ok()?;
+    let l = s.lines().find(|l| l.split_whitespace().next() == Some("nf_conntrack"))?;
+    l.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The `nf_conntrack_max` that holds `peak` with headroom.
+pub fn max_for_peak(peak: u64) -> u64 {
+    ((peak.max(1) as f64 * HEADROOM).ceil() as u64).next_power_of_two()
+}
+
+/// One bucket per entry, as current kernels size the hash by default:
+/// chains stay short and a bucket costs 8 bytes against an entry's ~300.
+pub fn hashsize_for_max(max: u64) -> u64 {
+    max
+}
+
+fn label(netns: Option<u32>, name: &Option<String>) -> String {
+    name.clone().or_else(|| netns.map(|n| n.to_string())).unwrap_or_else(|| "?".into())
+}
+
+/// Everything to say about one namespace.
+pub fn for_namespace(e: &NsEvidence, host: &Host) -> Vec<Advice> {
+    let mut out = Vec::new();
+    if e.table_full_drops > 0 || e.occupancy.is_some() {
+        out.push(capacity(e, host));
+    }
+    if let Some(o) = e.occupancy {
+        if o.nat_rules == Some(true) || o.nat > 0 {
+            out.push(nat(e, o));
+        }
+        if let Some(a) = notrack(e, o) {
+            out.push(a);
+        }
+    }
+    if e.insert_failed > 0 {
+        out.push(insert_clash(e));
+    }
+    out
+}
+
+fn capacity(e: &NsEvidence, host: &Host) -> Advice {
+    let max = e.limits.map(|l| l.max);
+    let buckets = e.limits.map(|l| l.buckets).filter(|b| *b > 0);
+    let seen = e.peak_entries.max(e.occupancy.map(|o| o.entries).unwrap_or(0));
+    // Every flow turned away wanted one entry more than the table had.
+    let peak = seen + e.table_full_flows;
+    let needed = max_for_peak(peak);
+    let recommended = needed.max(max.unwrap_or(0));
+    let change = e.table_full_drops > 0 || max.map(|m| needed > m).unwrap_or(true);
+    let hashsize = hashsize_for_max(recommended);
+    let mut notes = Vec::new();
+    let headline = if e.table_full_drops > 0 {
+        format!(
+            "{} packets of {} flows found the table full ({} entries): it needed at least {peak}; set nf_conntrack_max to {recommended} and hashsize to {hashsize}",
+            e.table_full_drops, e.table_full_flows, seen
+        )
+    } else if change {
+        format!("the table held {seen} entries, too close to its max: set nf_conntrack_max to {recommended} and hashsize to {hashsize}")
+    } else {
+        format!("the table holds {seen} entries; nf_conntrack_max {} holds that with headroom (needs {needed})", max.unwrap_or(0))
+    };
+    notes.push("nf_conntrack_max is global: each namespace counts its own entries against the one limit.".to_string());
+    if let (Some(b), true) = (host.entry_bytes, change) {
+        notes.push(format!("{recommended} entries of {b} bytes take up to {} MiB of kernel memory.", (recommended * b) >> 20));
+    }
+    if let Some(m) = max {
+        if m as f64 > buckets.unwrap_or(m) as f64 * 4.0 {
+            notes.push(format!("today {m} entries share {} buckets: long hash chains.", buckets.unwrap_or(0)));
+        }
+    }
+    let mut steps = Vec::new();
+    if change {
+        let v = recommended.to_string();
+        steps.push(Step::run(&["sysctl", "-w", &format!("net.netfilter.nf_conntrack_max={v}")], false));
+        steps.push(Step::Persist { file: "/etc/sysctl.d/90-conntrack.conf".into(), line: format!("net.netfilter.nf_conntrack_max = {v}") });
+        let h = hashsize.to_string();
+        steps.push(Step::run(&["sh", "-c", &format!("echo {h} > /sys/module/nf_conntrack/parameters/hashsize")], false));
+        match host.module {
+            ModuleKind::BuiltIn => {
+                notes.push(format!("nf_conntrack is built into this kernel: persist the hash size on the kernel command line, nf_conntrack.hashsize={h}."));
+            }
+            _ => steps.push(Step::Persist { file: "/etc/modprobe.d/nf_conntrack.conf".into(), line: format!("options nf_conntrack hashsize={h}") }),
+        }
+    }
+    Advice {
+        cause: Cause::ConntrackTableFull.as_str(),
+        topic: "capacity",
+        netns: e.netns,
+        netns_name: e.netns_name.clone(),
+        headline,
+        notes,
+        steps,
+        values: serde_json::json!({
+            "observed_entries": seen, "turned_away_flows": e.table_full_flows, "observed_peak": peak,
+            "current_max": max, "current_buckets": buckets, "recommended_max": recommended,
+            "recommended_hashsize": hashsize, "change_needed": change,
+        }),
+    }
+}
+
+fn nat(e: &NsEvidence, o: &Occupancy) -> Advice {
+    let mut notes = Vec::new();
+    if o.nat > 0 {
+        notes.push(format!("{} of {} entries are NAT'd.", o.nat, o.entries));
+    }
+    if o.nat_rules == Some(true) {
+        notes.push("the namespace has NAT rules.".into());
+    }
+    notes.push("NAT needs conntrack: packets that skip it are not translated. Untrack only flows that are not NAT'd; for the rest raise nf_conntrack_max and hashsize.".into());
+    Advice {
+        cause: Cause::ConntrackTableFull.as_str(),
+        topic: "nat",
+        netns: e.netns,
+        netns_name: e.netns_name.clone(),
+        headline: format!("NAT is in use in {}: conntrack cannot be disabled there", label(e.netns, &e.netns_name)),
+        notes,
+        steps: Vec::new(),
+        values: serde_json::json!({ "nat_entries": o.nat, "nat_rules": o.nat_rules }),
+    }
+}
+
+/// Port groups that are stateless enough to untrack: UDP, or entries that
+/// never saw an answer, holding a real share of the table.
+fn notrack_candidates(o: &Occupancy) -> Vec<&crate::conntrack::occupancy::PortRow> {
+    o.top_dst_ports
+        .iter()
+        .filter(|p| p.entries as f64 >= o.entries as f64 * NOTRACK_MIN_SHARE)
+        .filter(|p| p.proto_num == 17 || (p.assured == 0 && p.unreplied * 2 >= p.entries))
+        .take(NOTRACK_MAX_RULES)
+        .collect()
+}
+
+fn notrack(e: &NsEvidence, o: &Occupancy) -> Option<Advice> {
+    let c = notrack_candidates(o);
+    if c.is_empty() {
+        return None;
+    }
+    let held: u64 = c.iter().map(|p| p.entries).sum();
+    let names: Vec<String> = c.iter().map(|p| format!("{} port {}", p.proto, p.port)).collect();
+    let mut steps = Vec::new();
+    for p in &c {
+        let (proto, port) = (p.proto.as_str(), p.port.to_string());
+        for chain in ["PREROUTING", "OUTPUT"] {
+            for dir in ["--dport", "--sport"] {
+                steps.push(Step::run(&["iptables", "-t", "raw", "-A", chain, "-p", proto, dir, &port, "-j", "NOTRACK"], true));
+            }
+        }
+    }
+    let mut script = format!("table inet {NFT_TABLE} {{\n");
+    for (chain, hook) in [("prerouting", "prerouting"), ("output", "output")] {
+        script += &format!("  chain {chain} {{\n    type filter hook {hook} priority raw;\n");
+        for p in &c {
+            script += &format!("    {} dport {} notrack\n    {} sport {} notrack\n", p.proto, p.port, p.proto, p.port);
+        }
+        script += "  }\n";
+    }
+    script += "}\n";
+    steps.push(Step::Nft { script });
+    for p in &c {
+        steps.push(Step::run(&["conntrack", "-D", "-p", &p.proto, "--orig-port-dst", &p.port.to_string()], true));
+    }
+    let notes = vec![
+        "PREROUTING covers packets that arrive, OUTPUT those this host sends; iptables or nft, not both.".to_string(),
+        "untracked packets match --ctstate UNTRACKED, not ESTABLISHED: if INPUT drops by default, accept them, e.g. iptables -I INPUT -p udp --dport PORT -j ACCEPT.".to_string(),
+        "entries already in the table stay until they time out; the conntrack -D lines remove them now.".to_string(),
+    ];
+    Some(Advice {
+        cause: Cause::ConntrackTableFull.as_str(),
+        topic: "notrack",
+        netns: e.netns,
+        netns_name: e.netns_name.clone(),
+        headline: format!(
+            "{} hold {held} of {} entries ({:.0}%): stop tracking them in the raw table",
+            names.join(", "),
+            o.entries,
+            held as f64 * 100.0 / o.entries.max(1) as f64
+        ),
+        notes,
+        steps,
+        values: serde_json::json!({
+            "ports": c.iter().map(|p| serde_json::json!({"proto": p.proto, "port": p.port, "entries": p.entries, "unreplied": p.unreplied})).collect::<Vec<_>>(),
+        }),
+    })
+}
+
+fn insert_clash(e: &NsEvidence) -> Advice {
+    Advice {
+        cause: Cause::ConntrackInsertFailed.as_str(),
+        topic: "insert_clash",
+        netns: e.netns,
+        netns_name: e.netns_name.clone(),
+        headline: format!("{} packets lost the race to insert their new entry", e.insert_failed),
+        notes: vec![
+            "two packets of one new flow were handled at once on two CPUs, and the second found the first's entry; typical: DNS A and AAAA queries sent together from one socket through DNAT (Kubernetes services).".into(),
+            "UDP clashes are mostly resolved by the kernel (the clashres counter); TCP ones are dropped and retransmitted.".into(),
+            "mitigations: `options single-request-reopen` in /etc/resolv.conf (A and AAAA on separate sockets), a node-local DNS cache or DNS over TCP, NOTRACK for DNS where no NAT is needed, a kernel with UDP clash resolution (5.x or later).".into(),
+        ],
+        steps: Vec::new(),
+        values: serde_json::json!({ "insert_failed": e.insert_failed }),
+    }
+}
+
+/// A warning per namespace where filter rules dropped PMTU ICMP errors.
+pub fn for_icmp_blocked(groups: &[IcmpBlocked]) -> Vec<Advice> {
+    let mut by_ns: std::collections::BTreeMap<Option<u32>, Vec<&IcmpBlocked>> = Default::default();
+    for g in groups {
+        by_ns.entry(g.netns).or_default().push(g);
+    }
+    by_ns
+        .into_values()
+        .map(|gs| {
+            let drops: u64 = gs.iter().map(|g| g.drops).sum();
+            let pairs: Vec<String> = gs
+                .iter()
+                .take(3)
+                .map(|g| format!("{} -> {}", g.src.map(|a| a.to_string()).unwrap_or_else(|| "?".into()), g.dst.map(|a| a.to_string()).unwrap_or_else(|| "?".into())))
+                .collect();
+            Advice {
+                cause: Cause::IcmpErrorBlocked.as_str(),
+                topic: "icmp_error_blocked",
+                netns: gs[0].netns,
+                netns_name: gs[0].netns_name.clone(),
+                headline: format!("{drops} ICMP fragmentation-needed / packet-too-big errors dropped by a filter rule: path-MTU discovery is broken"),
+                notes: vec![
+                    format!("from {}.", pairs.join(", ")),
+                    "small packets pass but large ones stall: the sender never learns to send smaller ones (TCP transfers hang after the handshake).".into(),
+                    "allow these errors before the rule that drops ICMP (FORWARD too on a router); in nft: icmp type destination-unreachable icmp code frag-needed accept, icmpv6 type packet-too-big accept.".into(),
+                ],
+                steps: vec![
+                    Step::run(&["iptables", "-I", "INPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "ACCEPT"], true),
+                    Step::run(&["ip6tables", "-I", "INPUT", "-p", "icmpv6", "--icmpv6-type", "packet-too-big", "-j", "ACCEPT"], true),
+                ],
+                values: serde_json::json!({ "drops": drops }),
+            }
+        })
+        .collect()
+}
+
+/// Word-wraps `text` to `width` columns after `indent`.
+fn wrap(text: &str, indent: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut cur = String::from(indent);
+    for w in text.split_whitespace() {
+        if cur.len() > indent.len() && cur.len() + 1 + w.len() > width {
+            lines.push(std::mem::replace(&mut cur, String::from(indent)));
+        }
+        if cur.len() > indent.len() {
+            cur.push(' ');
+        }
+        cur.push_str(w);
+    }
+    if cur.len() > indent.len() {
+        lines.push(cur);
+    }
+    lines
+}
+
+/// Human rendering, readable at 80 columns.
+pub fn write_human(advice: &[Advice], out: &mut dyn Write) -> std::io::Result<()> {
+    if advice.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "advice (ctdrop changes nothing itself):")?;
+    for a in advice {
+        let head = format!("[{}] {}: {}", a.topic, label(a.netns, &a.netns_name), a.headline);
+        for (i, l) in wrap(&head, "  ", 80).into_iter().enumerate() {
+            writeln!(out, "{}{}", if i == 0 { "" } else { "  " }, l)?;
+        }
+        for n in &a.notes {
+            let lines = wrap(n, "      ", 80);
+            for (i, l) in lines.into_iter().enumerate() {
+                if i == 0 {
+                    writeln!(out, "    - {}", l.trim_start())?;
+                } else {
+                    writeln!(out, "{l}")?;
+                }
+            }
+        }
+        let ns = label(a.netns, &a.netns_name);
+        let mut said_ns = false;
+        for s in &a.steps {
+            match s {
+                Step::Run { argv, in_netns } => {
+                    if *in_netns && !said_ns && a.netns_name.is_some() {
+                        writeln!(out, "    in {ns} (ip netns exec {ns} ...):")?;
+                        said_ns = true;
+                    }
+                    writeln!(out, "    $ {}", argv.join(" "))?;
+                }
+                Step::Persist { file, line } => {
+                    writeln!(out, "    persist in {file}:")?;
+                    writeln!(out, "      {line}")?;
+                }
+                Step::Nft { script } => {
+                    writeln!(out, "    or with nft (nft -f FILE):")?;
+                    for l in script.lines() {
+                        writeln!(out, "      {l}")?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn to_json(advice: &[Advice]) -> serde_json::Value {
+    serde_json::to_value(advice).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conntrack::occupancy::{CtEntry, OccupancyBuilder};
+    use netlink_packet_netfilter::conntrack::Status;
+
+    fn table(udp_port: u16, udp: u64, tcp: u64, nat: bool) -> Occupancy {
+        let mut b = OccupancyBuilder::default();
+        let src = "198.18.0.1".parse().unwrap();
+        let dst = "198.18.0.2".parse().unwrap();
+        for i in 0..udp {
+            let st = if nat { Status::Confirmed | Status::DstNat } else { Status::Confirmed };
+            b.add(&CtEntry { proto: 17, src, dst, sport: 1000 + i as u16, dport: udp_port, tcp_state: None, status: st.bits() });
+        }
+        for i in 0..tcp {
+            b.add(&CtEntry { proto: 6, src, dst, sport: 2000 + i as u16, dport: 8080, tcp_state: Some(3), status: (Status::Confirmed | Status::SeenReply | Status::Assured).bits() });
+        }
+        b.finish(5)
+    }
+
+    fn host() -> Host {
+        Host { module: ModuleKind::BuiltIn, entry_bytes: Some(256) }
+    }
+
+    fn limits(max: u64) -> Option<CtLimits> {
+        Some(CtLimits { max, buckets: 262144 })
+    }
+
+    #[test]
+    fn max_covers_peak_with_headroom() {
+        assert_eq!(max_for_peak(64), 128);
+        assert_eq!(max_for_peak(100), 128);
+        assert_eq!(max_for_peak(103), 256);
+        assert_eq!(max_for_peak(0), 2);
+        for p in [1, 7, 65536, 262144, 300000] {
+            assert!(max_for_peak(p) as f64 >= p as f64 * HEADROOM);
+        }
+    }
+
+    #[test]
+    fn table_full_advice_names_port_and_a_max_above_the_peak() {
+        let o = table(5353, 58, 5, false);
+        let e = NsEvidence { netns: Some(7), netns_name: Some("ctdo-b".into()), table_full_drops: 40, table_full_flows: 40, peak_entries: 64, occupancy: Some(&o), limits: limits(64), ..Default::default() };
+        let a = for_namespace(&e, &host());
+        let cap = a.iter().find(|a| a.topic == "capacity").unwrap();
+        assert_eq!(cap.values["observed_peak"], 104);
+        assert_eq!(cap.values["recommended_max"], 256);
+        assert!(cap.steps.iter().any(|s| s.command_line().as_deref() == Some("sysctl -w net.netfilter.nf_conntrack_max=256")));
+        let nt = a.iter().find(|a| a.topic == "notrack").unwrap();
+        let cmds: Vec<String> = nt.steps.iter().filter_map(Step::command_line).collect();
+        assert!(cmds.contains(&"iptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK".to_string()));
+        assert!(cmds.contains(&"iptables -t raw -A OUTPUT -p udp --sport 5353 -j NOTRACK".to_string()));
+        assert!(cmds.contains(&"conntrack -D -p udp --orig-port-dst 5353".to_string()));
+        // The ASSURED TCP connections are stateful: never advised away.
+        assert!(!cmds.iter().any(|c| c.contains("8080")));
+        assert!(!a.iter().any(|a| a.topic == "nat"));
+    }
+
+    #[test]
+    fn nat_present_says_conntrack_stays() {
+        let o = table(53, 30, 0, true);
+        let e = NsEvidence { occupancy: Some(&o), limits: limits(262144), ..Default::default() };
+        let a = for_namespace(&e, &host());
+        assert!(a.iter().any(|a| a.topic == "nat" && a.headline.contains("cannot be disabled")));
+    }
+
+    #[test]
+    fn roomy_table_needs_no_change() {
+        let o = table(5353, 40, 5, false);
+        let e = NsEvidence { occupancy: Some(&o), limits: limits(262144), peak_entries: 45, ..Default::default() };
+        let a = for_namespace(&e, &host());
+        let cap = &a[0];
+        assert_eq!(cap.values["change_needed"], false);
+        assert_eq!(cap.values["recommended_max"], 262144);
+        assert!(cap.steps.is_empty());
+    }
+
+    #[test]
+    fn small_groups_and_tcp_are_not_untracked() {
+        let mut o = table(5353, 2, 60, false);
+        o.top_dst_ports.retain(|p| p.port != 5353 || p.entries >= 2);
+        assert!(notrack_candidates(&o).is_empty());
+    }
+
+    #[test]
+    fn built_in_module_hashsize_goes_on_the_command_line() {
+        let e = NsEvidence { table_full_drops: 1, table_full_flows: 1, peak_entries: 64, limits: limits(64), ..Default::default() };
+        let cap = capacity(&e, &host());
+        assert!(cap.notes.iter().any(|n| n.contains("nf_conntrack.hashsize=128")));
+        let cap = capacity(&e, &Host { module: ModuleKind::Loadable, entry_bytes: None });
+        assert!(cap.steps.contains(&Step::Persist { file: "/etc/modprobe.d/nf_conntrack.conf".into(), line: "options nf_conntrack hashsize=128".into() }));
+    }
+
+    #[test]
+    fn icmp_blocked_warns_about_pmtu() {
+        let g = IcmpBlocked { netns: Some(3), netns_name: Some("ctdo-e".into()), src: "198.18.1.1".parse().ok(), dst: "198.18.0.1".parse().ok(), drops: 2 };
+        let a = for_icmp_blocked(&[g.clone(), IcmpBlocked { drops: 1, ..g }]);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].cause, "icmp_error_blocked");
+        assert!(a[0].headline.starts_with("3 ICMP"));
+        assert!(a[0].headline.contains("path-MTU"));
+    }
+
+    #[test]
+    fn human_advice_fits_80_columns() {
+        let o = table(5353, 58, 5, true);
+        let e = NsEvidence { netns: Some(4026532000), netns_name: Some("ctdemo-srv".into()), table_full_drops: 123456, table_full_flows: 100000, insert_failed: 3, peak_entries: 262144, occupancy: Some(&o), limits: limits(262144) };
+        let mut a = for_namespace(&e, &host());
+        a.extend(for_icmp_blocked(&[IcmpBlocked { netns: Some(1), netns_name: None, src: "2001:db8::1".parse().ok(), dst: "2001:db8::2".parse().ok(), drops: 9 }]));
+        let mut out = Vec::new();
+        write_human(&a, &mut out).unwrap();
+        let s = String::from_utf8(out).unwrap();
+        for l in s.lines() {
+            assert!(l.chars().count() <= 80, "{l:?} is {} columns", l.chars().count());
+        }
+        assert!(s.contains("$ iptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK"));
+    }
+}
