@@ -64,11 +64,29 @@ impl Step {
         Step::Run { argv: argv.iter().map(|s| s.to_string()).collect(), in_netns }
     }
 
+    /// The command as an operator pastes it into a shell.
     pub fn command_line(&self) -> Option<String> {
         match self {
-            Step::Run { argv, .. } => Some(argv.join(" ")),
+            Step::Run { argv, .. } => Some(argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")),
             _ => None,
         }
+    }
+}
+
+fn shell_quote(a: &str) -> String {
+    let plain = !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b"_./=:,+-@%".contains(&b));
+    if plain {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
+fn bytes_human(n: u64) -> String {
+    match n {
+        n if n >= 10 << 20 => format!("{} MiB", n >> 20),
+        n if n >= 10 << 10 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
     }
 }
 
@@ -188,7 +206,7 @@ fn capacity(e: &NsEvidence, host: &Host) -> Advice {
     };
     notes.push("nf_conntrack_max is global: each namespace counts its own entries against the one limit.".to_string());
     if let (Some(b), true) = (host.entry_bytes, change) {
-        notes.push(format!("{recommended} entries of {b} bytes take up to {} MiB of kernel memory.", (recommended * b) >> 20));
+        notes.push(format!("{recommended} entries of {b} bytes take up to {} of kernel memory.", bytes_human(recommended * b)));
     }
     if let Some(m) = max {
         if m as f64 > buckets.unwrap_or(m) as f64 * 4.0 {
@@ -407,12 +425,12 @@ pub fn write_human(advice: &[Advice], out: &mut dyn Write) -> std::io::Result<()
         let mut said_ns = false;
         for s in &a.steps {
             match s {
-                Step::Run { argv, in_netns } => {
+                Step::Run { in_netns, .. } => {
                     if *in_netns && !said_ns && a.netns_name.is_some() {
                         writeln!(out, "    in {ns} (ip netns exec {ns} ...):")?;
                         said_ns = true;
                     }
-                    writeln!(out, "    $ {}", argv.join(" "))?;
+                    writeln!(out, "    $ {}", s.command_line().unwrap_or_default())?;
                 }
                 Step::Persist { file, line } => {
                     writeln!(out, "    persist in {file}:")?;
@@ -460,6 +478,15 @@ mod tests {
 
     fn limits(max: u64) -> Option<CtLimits> {
         Some(CtLimits { max, buckets: 262144 })
+    }
+
+    #[test]
+    fn commands_paste_into_a_shell() {
+        let s = Step::run(&["sh", "-c", "echo 128 > /sys/module/nf_conntrack/parameters/hashsize"], false);
+        assert_eq!(s.command_line().unwrap(), "sh -c 'echo 128 > /sys/module/nf_conntrack/parameters/hashsize'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(bytes_human(128 * 256), "32 KiB");
+        assert_eq!(bytes_human(524288 * 256), "128 MiB");
     }
 
     #[test]

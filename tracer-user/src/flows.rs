@@ -160,6 +160,11 @@ impl Tally {
         self.by_netns.get(&Some(netns)).map(|t| t.by_cause[cause_index(c)]).unwrap_or(0)
     }
 
+    /// Every flow kept in detail, in no particular order.
+    pub fn flows(&self) -> impl Iterator<Item = (&FlowId, &FlowStat)> {
+        self.flows.iter()
+    }
+
     pub fn flows_tracked(&self) -> usize {
         self.flows.len()
     }

@@ -11,9 +11,15 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracer_common::FilterConfig;
 
 use crate::{
+    advice::{Advice, Host, IcmpBlocked, NsEvidence},
     cause::{Cause, Classifier},
     cli::TraceArgs,
-    conntrack::{netns::NsRegistry, stats::{CounterCheck, CtCounters}, FillSampler},
+    conntrack::{
+        netns::{find_namespace, NsRegistry},
+        occupancy::{Snapshots, SNAPSHOT_GAP},
+        stats::{CounterCheck, CtCounters},
+        FillSampler,
+    },
     events::{decode, ring::RingReader, DropEvent},
     flows::Tally,
     kernel::{
@@ -102,6 +108,10 @@ pub struct Collector {
     pub matcher: Matcher,
     pub probe_labels: Vec<String>,
     baselines: BTreeMap<u32, CtCounters>,
+    /// Table snapshots taken when a namespace's table was full.
+    pub snapshots: Snapshots,
+    /// Filled by [`Collector::conclude`] at the end of a run.
+    pub advice: Vec<Advice>,
     labels: Labels,
 }
 
@@ -143,6 +153,8 @@ impl Collector {
             probe_labels: probes.iter().map(|t| t.label.clone()).collect(),
             baselines,
             labels: Labels::default(),
+            snapshots: Snapshots::new(SNAPSHOT_GAP),
+            advice: Vec::new(),
         }
     }
 
@@ -242,6 +254,9 @@ impl Collector {
         }
         let cause = self.classifier.classify(&ev);
         self.tally.record(&ev, cause);
+        if let (Cause::ConntrackTableFull, Some(ns)) = (cause, ev.netns) {
+            self.snapshots.table_full(ns, || find_namespace(ns));
+        }
         Some((ev, cause))
     }
 
@@ -273,6 +288,77 @@ impl Collector {
             location: &location,
         };
         f(self, &shown)
+    }
+
+    /// Shows snapshots that finished since the last call.
+    pub fn poll_snapshots(&mut self, sinks: &mut [Box<dyn Sink>]) {
+        for o in self.snapshots.poll() {
+            for s in sinks.iter_mut() {
+                let _ = s.occupancy(&o);
+            }
+        }
+    }
+
+    /// End of a run: waits for snapshots still being taken, then works out
+    /// the advice from everything seen.
+    pub fn conclude(&mut self, sinks: &mut [Box<dyn Sink>]) {
+        for o in self.snapshots.finish(Duration::from_secs(5)) {
+            for s in sinks.iter_mut() {
+                let _ = s.occupancy(&o);
+            }
+        }
+        for e in &self.snapshots.errors {
+            eprintln!("ctdrop: note: {e}");
+        }
+        let limits = self.sampler.limits();
+        let mut nss: std::collections::BTreeSet<u32> = self.snapshots.taken.keys().copied().collect();
+        for (ns, t) in &self.tally.by_netns {
+            let n = |c| t.by_cause[crate::flows::cause_index(c)];
+            if let Some(ns) = ns {
+                if n(Cause::ConntrackTableFull) + n(Cause::ConntrackInsertFailed) > 0 {
+                    nss.insert(*ns);
+                }
+            }
+        }
+        let host = Host::detect();
+        let mut advice = Vec::new();
+        for ns in nss {
+            let table_full_drops = self.tally.count_in(ns, Cause::ConntrackTableFull);
+            let table_full_flows = self.tally.flows().filter(|(id, s)| id.netns == Some(ns) && s.by_cause[crate::flows::cause_index(Cause::ConntrackTableFull)] > 0).count() as u64;
+            let occupancy = self.snapshots.taken.get(&ns);
+            let netns_name = occupancy.and_then(|o| o.netns_name.clone()).or_else(|| self.sampler.registry.get(ns).and_then(|h| h.name.clone()));
+            let ev = NsEvidence {
+                netns: Some(ns),
+                netns_name,
+                table_full_drops,
+                table_full_flows,
+                insert_failed: self.tally.count_in(ns, Cause::ConntrackInsertFailed),
+                // A table-full drop means the count stood at the max.
+                peak_entries: if table_full_drops > 0 { limits.map(|l| l.max).unwrap_or(0) } else { 0 },
+                occupancy,
+                limits,
+            };
+            advice.extend(crate::advice::for_namespace(&ev, &host));
+        }
+        let mut icmp: BTreeMap<(Option<u32>, Option<std::net::IpAddr>, Option<std::net::IpAddr>), u64> = BTreeMap::new();
+        for (id, s) in self.tally.flows() {
+            let n = s.by_cause[crate::flows::cause_index(Cause::IcmpErrorBlocked)];
+            if n > 0 {
+                *icmp.entry((id.netns, id.src, id.dst)).or_default() += n;
+            }
+        }
+        let groups: Vec<IcmpBlocked> = icmp
+            .into_iter()
+            .map(|((netns, src, dst), drops)| IcmpBlocked {
+                netns,
+                netns_name: netns.and_then(|ns| self.sampler.registry.get(ns).and_then(|h| h.name.clone())),
+                src,
+                dst,
+                drops,
+            })
+            .collect();
+        advice.extend(crate::advice::for_icmp_blocked(&groups));
+        self.advice = advice;
     }
 
     /// Kernel counters now against the baselines, for every namespace that
@@ -438,6 +524,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                     break;
                 }
                 expire_probes(&mut collector, &mut sinks);
+                collector.poll_snapshots(&mut sinks);
                 if stopping.is_some() && collector.matcher.pending() == 0 { break; }
                 if let Some(t) = stopping {
                     if t.elapsed() > args.probe.timeout + Duration::from_millis(200) { break; }
@@ -481,6 +568,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     let mechanisms = tracer.mechanisms.clone();
     drop(tracer);
     let checks = collector.counter_checks();
+    collector.conclude(&mut sinks);
     let summary = Summary {
         collector: &collector,
         stats,

@@ -82,6 +82,8 @@ impl Summary<'_> {
             })).collect::<Vec<_>>(),
             "echo_losses": self.echo_losses_json(),
             "echo_losses_not_kept": self.collector.matcher().passive_overflow,
+            "occupancy": self.collector.snapshots.taken.values().map(|o| o.to_json()).collect::<Vec<_>>(),
+            "advice": crate::advice::to_json(&self.collector.advice),
         })
     }
 
@@ -157,6 +159,10 @@ impl Summary<'_> {
                 c.delta.entries()
             )?;
         }
+        for o in self.collector.snapshots.taken.values() {
+            o.write_human(out)?;
+        }
+        crate::advice::write_human(&self.collector.advice, out)?;
         Ok(())
     }
 

@@ -665,11 +665,13 @@ impl Snapshots {
 
     /// A table-full drop in `netns`: start a snapshot unless one was taken
     /// recently. Returns whether one was started.
-    pub fn table_full(&mut self, netns: u32, path: Option<PathBuf>, name: Option<String>) -> bool {
-        let Some(path) = path else { return false };
+    /// `locate` finds the namespace's name and path (a /proc scan: only
+    /// done when a snapshot is due).
+    pub fn table_full(&mut self, netns: u32, locate: impl FnOnce() -> Option<(Option<String>, PathBuf)>) -> bool {
         if !self.limiter.allow(netns, Instant::now()) {
             return false;
         }
+        let Some((name, path)) = locate() else { return false };
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new().name("ctdrop-occupancy".into()).spawn(move || {
             let _ = tx.send((netns, snapshot(&path, Some(netns), name)));

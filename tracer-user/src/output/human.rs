@@ -83,6 +83,15 @@ pub fn verdict(d: &SeenDrop) -> String {
     v
 }
 
+/// One line when a full table was snapshotted; the summary has the rest.
+pub fn occupancy_line(o: &crate::conntrack::occupancy::Occupancy) -> String {
+    let mut l = format!("table full in ns {}: {} entries, {} unreplied", o.label(), o.entries, o.unreplied);
+    if let Some(p) = o.top_dst_ports.first() {
+        let _ = write!(l, "; top {} port {} ({})", p.proto, p.port, p.entries);
+    }
+    l
+}
+
 /// Human lines on stdout; colours only on a terminal.
 /// Count mode's periodic line: `12:00:01.000000 +312345 drops (conntrack_table_full 312345) in 1.0 s, 1234567 total; rx: 312345 ct 64/64`.
 pub fn counts_line(c: &CountsShown, out: &mut String) {
@@ -148,6 +157,10 @@ impl<W: std::io::Write> Sink for HumanSink<W> {
         counts_line(c, &mut line);
         line.push('\n');
         self.out.write_all(line.as_bytes())
+    }
+
+    fn occupancy(&mut self, o: &crate::conntrack::occupancy::Occupancy) -> std::io::Result<()> {
+        writeln!(self.out, "{}", occupancy_line(o))
     }
 
     fn summary(&mut self, s: &crate::summary::Summary) -> std::io::Result<()> {

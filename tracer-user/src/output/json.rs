@@ -290,6 +290,13 @@ impl<W: Write> Sink for JsonSink<W> {
         self.out.write_all(b"\n")
     }
 
+    fn occupancy(&mut self, o: &crate::conntrack::occupancy::Occupancy) -> std::io::Result<()> {
+        let mut v = o.to_json();
+        v["kind"] = "occupancy".into();
+        serde_json::to_writer(&mut self.out, &v)?;
+        self.out.write_all(b"\n")
+    }
+
     fn summary(&mut self, s: &crate::summary::Summary) -> std::io::Result<()> {
         serde_json::to_writer(&mut self.out, &s.to_json())?;
         self.out.write_all(b"\n")

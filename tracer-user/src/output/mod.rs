@@ -72,6 +72,10 @@ pub trait Sink {
     fn counts(&mut self, _c: &CountsShown) -> std::io::Result<()> {
         Ok(())
     }
+    /// A conntrack table snapshot taken because the table was full.
+    fn occupancy(&mut self, _o: &crate::conntrack::occupancy::Occupancy) -> std::io::Result<()> {
+        Ok(())
+    }
     fn summary(&mut self, s: &Summary) -> std::io::Result<()>;
     fn flush(&mut self) -> std::io::Result<()>;
     /// Once a second. An error stops the session (the sink cannot go on,
