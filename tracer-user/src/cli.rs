@@ -215,6 +215,20 @@ pub struct ExportArgs {
     pub force: bool,
 }
 
+impl LiveArgs {
+    /// `live` arguments from a list, as a user would type them (the demo
+    /// runs a live session this way, with every default in place).
+    pub fn from_args(args: &[&str]) -> Result<LiveArgs> {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            live: LiveArgs,
+        }
+        let argv = std::iter::once("ctdrop").chain(args.iter().copied());
+        Ok(Wrap::try_parse_from(argv).map_err(|e| anyhow!("bad live arguments: {e}"))?.live)
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct CheckArgs {
     /// Kernel BTF to read struct layouts from.

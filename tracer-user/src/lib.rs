@@ -6,6 +6,7 @@ pub mod check;
 pub mod cli;
 pub mod conntrack;
 pub mod counting;
+pub mod demo;
 pub mod events;
 pub mod flows;
 pub mod kernel;

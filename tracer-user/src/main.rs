@@ -15,7 +15,7 @@ fn main() {
             Command::Capture(a) => ctdrop::capture::run(a).await,
             Command::Report(a) => ctdrop::report::run(a),
             Command::Export(a) => ctdrop::report::export::run(a),
-            Command::Demo(_) => Err(anyhow::anyhow!("demo: not implemented yet")),
+            Command::Demo(a) => ctdrop::demo::run(a).await,
         }
     });
     if let Err(e) = result {
