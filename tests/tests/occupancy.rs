@@ -344,3 +344,22 @@ fn a_full_size_table_is_counted_entry_for_entry() {
     // Speed is measured, not asserted (cargo xtask bench owns timing).
     eprintln!("full table: {kernel} entries read in {} ms ({} ms CPU)", o["elapsed_ms"], o["cpu_ms"]);
 }
+
+#[test]
+fn nat_in_the_namespace_is_named_and_conntrack_kept() {
+    let topo = Topology::pair_with_prefix(PREFIX).unwrap();
+    topo.track_receiver().unwrap();
+    // Port 5353 is redirected: NAT needs conntrack for these flows.
+    topo.receiver
+        .exec(&["iptables", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", &P.to_string(), "-j", "REDIRECT", "--to-ports", "5354"])
+        .unwrap();
+    let _sink = Counter::bind(&topo.receiver, topo.receiver_addr, 5354);
+    send_udp(&topo.sender, topo.receiver_addr, vec![P; 10]).unwrap();
+    let out = run_ctdrop(&[], &["check", "--json", "--occupancy", "--netns", &topo.receiver.name], Duration::from_secs(60)).unwrap();
+    let o = occupancy_of(&out);
+    assert_eq!(o["entries"], 10);
+    assert_eq!(o["nat"], 10, "{o}");
+    assert_eq!(o["nat_rules"], true);
+    let nat = advice(&o["advice"], "nat").unwrap_or_else(|| panic!("no NAT advice: {}", o["advice"]));
+    assert!(nat["headline"].as_str().unwrap().contains("conntrack cannot be disabled"), "{nat}");
+}

@@ -555,6 +555,16 @@ mod tests {
     }
 
     #[test]
+    fn insert_clashes_get_their_causes_and_mitigations() {
+        let e = NsEvidence { netns: Some(9), insert_failed: 120, limits: limits(262144), ..Default::default() };
+        let a = for_namespace(&e, &host());
+        assert_eq!(a.len(), 1, "no table advice without a snapshot or table-full drops");
+        assert_eq!((a[0].topic, a[0].cause), ("insert_clash", "conntrack_insert_failed"));
+        assert!(a[0].headline.starts_with("120 packets"));
+        assert!(a[0].notes.iter().any(|n| n.contains("single-request-reopen")));
+    }
+
+    #[test]
     fn icmp_blocked_warns_about_pmtu() {
         let g = IcmpBlocked { netns: Some(3), netns_name: Some("ctdo-e".into()), src: "198.18.1.1".parse().ok(), dst: "198.18.0.1".parse().ok(), drops: 2 };
         let a = for_icmp_blocked(&[g.clone(), IcmpBlocked { drops: 1, ..g }]);
