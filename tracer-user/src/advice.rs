@@ -4,13 +4,18 @@
 //! drop the ICMP errors path-MTU discovery needs. Advice is only ever
 //! printed: ctdrop never changes a host's rules or sysctls by itself.
 
-use std::{io::Write, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+    net::IpAddr,
+};
 
 use serde::Serialize;
 
 use crate::{
     cause::Cause,
     conntrack::{occupancy::Occupancy, stats::CtLimits},
+    flows::{cause_index, Tally},
 };
 
 /// Headroom over the observed peak: a quarter more, then the next power of
@@ -381,6 +386,56 @@ pub fn for_icmp_blocked(groups: &[IcmpBlocked]) -> Vec<Advice> {
         .collect()
 }
 
+/// All advice for a tracing run: per namespace that turned packets away or
+/// was snapshotted, then the PMTU warnings. `name_of` names a namespace.
+pub fn from_run(
+    tally: &Tally,
+    snapshots: &BTreeMap<u32, Occupancy>,
+    limits: Option<CtLimits>,
+    host: &Host,
+    mut name_of: impl FnMut(u32) -> Option<String>,
+) -> Vec<Advice> {
+    let full = cause_index(Cause::ConntrackTableFull);
+    let mut nss: BTreeSet<u32> = snapshots.keys().copied().collect();
+    for (ns, t) in &tally.by_netns {
+        if let Some(ns) = ns {
+            if t.by_cause[full] + t.by_cause[cause_index(Cause::ConntrackInsertFailed)] > 0 {
+                nss.insert(*ns);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for ns in nss {
+        let table_full_drops = tally.count_in(ns, Cause::ConntrackTableFull);
+        let occupancy = snapshots.get(&ns);
+        let ev = NsEvidence {
+            netns: Some(ns),
+            netns_name: occupancy.and_then(|o| o.netns_name.clone()).or_else(|| name_of(ns)),
+            table_full_drops,
+            table_full_flows: tally.flows().filter(|(id, s)| id.netns == Some(ns) && s.by_cause[full] > 0).count() as u64,
+            insert_failed: tally.count_in(ns, Cause::ConntrackInsertFailed),
+            // A table-full drop means the count stood at the max.
+            peak_entries: if table_full_drops > 0 { limits.map(|l| l.max).unwrap_or(0) } else { 0 },
+            occupancy,
+            limits,
+        };
+        out.extend(for_namespace(&ev, host));
+    }
+    let blocked = cause_index(Cause::IcmpErrorBlocked);
+    let mut icmp: BTreeMap<(Option<u32>, Option<IpAddr>, Option<IpAddr>), u64> = BTreeMap::new();
+    for (id, s) in tally.flows() {
+        if s.by_cause[blocked] > 0 {
+            *icmp.entry((id.netns, id.src, id.dst)).or_default() += s.by_cause[blocked];
+        }
+    }
+    let groups: Vec<IcmpBlocked> = icmp
+        .into_iter()
+        .map(|((netns, src, dst), drops)| IcmpBlocked { netns, netns_name: netns.and_then(&mut name_of), src, dst, drops })
+        .collect();
+    out.extend(for_icmp_blocked(&groups));
+    out
+}
+
 /// Word-wraps `text` to `width` columns after `indent`.
 fn wrap(text: &str, indent: &str, width: usize) -> Vec<String> {
     let mut lines = Vec::new();
@@ -552,6 +607,44 @@ mod tests {
         assert!(cap.notes.iter().any(|n| n.contains("nf_conntrack.hashsize=128")));
         let cap = capacity(&e, &Host { module: ModuleKind::Loadable, entry_bytes: None });
         assert!(cap.steps.contains(&Step::Persist { file: "/etc/modprobe.d/nf_conntrack.conf".into(), line: "options nf_conntrack hashsize=128".into() }));
+    }
+
+    #[test]
+    fn a_run_advises_per_namespace_from_its_drops() {
+        use crate::events::{DropEvent, Flow, Icmp};
+        let ev = |ns: u32, proto: u8, sport: u16, icmp: Option<Icmp>| DropEvent {
+            ts_ns: 0,
+            cpu: 0,
+            reason: 12,
+            location: 0,
+            skb: 0,
+            source: 0,
+            detail: 0,
+            netns: Some(ns),
+            ifindex: None,
+            skb_len: 64,
+            flow: Some(Flow { src: "198.18.0.1".parse().unwrap(), dst: "198.18.0.2".parse().unwrap(), proto, ports: (proto == 17).then_some((sport, 5353)) }),
+            icmp,
+            ct: None,
+            ct_fill: None,
+            truncated: false,
+            header: None,
+        };
+        let mut t = Tally::new(1000);
+        for p in 0..30 {
+            t.record(&ev(1, 17, 1000 + p, None), Cause::ConntrackTableFull);
+        }
+        // The same flow again: one more drop, no more demand.
+        t.record(&ev(1, 17, 1000, None), Cause::ConntrackTableFull);
+        t.record(&ev(2, 1, 0, Some(Icmp { ty: 3, code: 4, echo: None })), Cause::IcmpErrorBlocked);
+        t.record(&ev(3, 17, 7, None), Cause::NetfilterRule);
+        let a = from_run(&t, &BTreeMap::new(), limits(64), &host(), |ns| Some(format!("ns{ns}")));
+        let topics: Vec<(&str, Option<u32>)> = a.iter().map(|a| (a.topic, a.netns)).collect();
+        assert_eq!(topics, vec![("capacity", Some(1)), ("icmp_error_blocked", Some(2))]);
+        assert_eq!(a[0].values["turned_away_flows"], 30);
+        assert_eq!(a[0].values["observed_peak"], 94);
+        assert_eq!(a[0].netns_name.as_deref(), Some("ns1"));
+        assert_eq!(a[1].netns_name.as_deref(), Some("ns2"));
     }
 
     #[test]

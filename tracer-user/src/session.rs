@@ -11,7 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracer_common::FilterConfig;
 
 use crate::{
-    advice::{Advice, Host, IcmpBlocked, NsEvidence},
+    advice::{Advice, Host},
     cause::{Cause, Classifier},
     cli::TraceArgs,
     conntrack::{
@@ -311,54 +311,10 @@ impl Collector {
             eprintln!("ctdrop: note: {e}");
         }
         let limits = self.sampler.limits();
-        let mut nss: std::collections::BTreeSet<u32> = self.snapshots.taken.keys().copied().collect();
-        for (ns, t) in &self.tally.by_netns {
-            let n = |c| t.by_cause[crate::flows::cause_index(c)];
-            if let Some(ns) = ns {
-                if n(Cause::ConntrackTableFull) + n(Cause::ConntrackInsertFailed) > 0 {
-                    nss.insert(*ns);
-                }
-            }
-        }
-        let host = Host::detect();
-        let mut advice = Vec::new();
-        for ns in nss {
-            let table_full_drops = self.tally.count_in(ns, Cause::ConntrackTableFull);
-            let table_full_flows = self.tally.flows().filter(|(id, s)| id.netns == Some(ns) && s.by_cause[crate::flows::cause_index(Cause::ConntrackTableFull)] > 0).count() as u64;
-            let occupancy = self.snapshots.taken.get(&ns);
-            let netns_name = occupancy.and_then(|o| o.netns_name.clone()).or_else(|| self.sampler.registry.get(ns).and_then(|h| h.name.clone()));
-            let ev = NsEvidence {
-                netns: Some(ns),
-                netns_name,
-                table_full_drops,
-                table_full_flows,
-                insert_failed: self.tally.count_in(ns, Cause::ConntrackInsertFailed),
-                // A table-full drop means the count stood at the max.
-                peak_entries: if table_full_drops > 0 { limits.map(|l| l.max).unwrap_or(0) } else { 0 },
-                occupancy,
-                limits,
-            };
-            advice.extend(crate::advice::for_namespace(&ev, &host));
-        }
-        let mut icmp: BTreeMap<(Option<u32>, Option<std::net::IpAddr>, Option<std::net::IpAddr>), u64> = BTreeMap::new();
-        for (id, s) in self.tally.flows() {
-            let n = s.by_cause[crate::flows::cause_index(Cause::IcmpErrorBlocked)];
-            if n > 0 {
-                *icmp.entry((id.netns, id.src, id.dst)).or_default() += n;
-            }
-        }
-        let groups: Vec<IcmpBlocked> = icmp
-            .into_iter()
-            .map(|((netns, src, dst), drops)| IcmpBlocked {
-                netns,
-                netns_name: netns.and_then(|ns| self.sampler.registry.get(ns).and_then(|h| h.name.clone())),
-                src,
-                dst,
-                drops,
-            })
-            .collect();
-        advice.extend(crate::advice::for_icmp_blocked(&groups));
-        self.advice = advice;
+        let registry = &mut self.sampler.registry;
+        self.advice = crate::advice::from_run(&self.tally, &self.snapshots.taken, limits, &Host::detect(), |ns| {
+            registry.get(ns).and_then(|h| h.name.clone())
+        });
     }
 
     /// Kernel counters now against the baselines, for every namespace that
