@@ -167,6 +167,8 @@ pub struct Stage {
     _namespaces: Namespaces,
     _max: MaxGuard,
     pub flood_sent: Arc<AtomicU64>,
+    /// The flood's last source port: a restarted flood goes on from there.
+    flood_port: Arc<AtomicU64>,
     pub service_received: Arc<AtomicU64>,
     pub previous_max: u64,
 }
@@ -199,6 +201,7 @@ impl Stage {
             _namespaces: namespaces,
             _max: max_guard,
             flood_sent: Arc::new(AtomicU64::new(0)),
+            flood_port: Arc::new(AtomicU64::new(20000)),
             service_received,
             previous_max,
         })
@@ -209,6 +212,7 @@ impl Stage {
     pub fn start_flood(&mut self, rate: u32) -> Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = self.flood_sent.clone();
+        let last_port = self.flood_port.clone();
         let s = stop.clone();
         let ns = File::open(ns_path(CLIENTS)).context("opening the clients' namespace")?;
         let handle = std::thread::Builder::new()
@@ -219,9 +223,10 @@ impl Stage {
                     return;
                 }
                 let gap = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-                let mut port = 20000u16;
+                let mut port = last_port.load(Ordering::Relaxed) as u16;
                 while !s.load(Ordering::Relaxed) {
                     port = if port >= 60000 { 20000 } else { port + 1 };
+                    last_port.store(port as u64, Ordering::Relaxed);
                     if let Ok(sock) = UdpSocket::bind((CLIENT_ADDR, port)) {
                         if sock.send_to(b"ctdemo flood", (SERVER_ADDR, SERVICE_PORT)).is_ok() {
                             sent.fetch_add(1, Ordering::Relaxed);
