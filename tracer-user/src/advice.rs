@@ -386,6 +386,8 @@ pub fn for_icmp_blocked(groups: &[IcmpBlocked]) -> Vec<Advice> {
         .collect()
 }
 
+type PairKey = (Option<u32>, Option<IpAddr>, Option<IpAddr>);
+
 /// All advice for a tracing run: per namespace that turned packets away or
 /// was snapshotted, then the PMTU warnings. `name_of` names a namespace.
 pub fn from_run(
@@ -422,7 +424,8 @@ pub fn from_run(
         out.extend(for_namespace(&ev, host));
     }
     let blocked = cause_index(Cause::IcmpErrorBlocked);
-    let mut icmp: BTreeMap<(Option<u32>, Option<IpAddr>, Option<IpAddr>), u64> = BTreeMap::new();
+    // (netns, src, dst) -> drops
+    let mut icmp: BTreeMap<PairKey, u64> = BTreeMap::new();
     for (id, s) in tally.flows() {
         if s.by_cause[blocked] > 0 {
             *icmp.entry((id.netns, id.src, id.dst)).or_default() += s.by_cause[blocked];
