@@ -363,3 +363,37 @@ fn nat_in_the_namespace_is_named_and_conntrack_kept() {
     let nat = advice(&o["advice"], "nat").unwrap_or_else(|| panic!("no NAT advice: {}", o["advice"]));
     assert!(nat["headline"].as_str().unwrap().contains("conntrack cannot be disabled"), "{nat}");
 }
+
+#[test]
+fn count_mode_snapshots_the_full_table_and_advises_too() {
+    const FLOWS: usize = 100;
+    let topo = Topology::pair_with_prefix(PREFIX).unwrap();
+    topo.track_receiver().unwrap();
+    let rx = topo.receiver.inode().unwrap();
+    let _sink = Counter::bind(&topo.receiver, topo.receiver_addr, P);
+    let _max = ConntrackMaxGuard::set(64).unwrap();
+    let before = ct_stats(&topo.receiver).unwrap();
+    let live = Ctdrop::spawn(&["live", "--json", "--count-only", "--report-every", "200ms", "--netns", &topo.receiver.name]).unwrap();
+    send_udp(&topo.sender, topo.receiver_addr, vec![P; FLOWS]).unwrap();
+    // A report period has to see the drops before the stop.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while ct_stats(&topo.receiver).unwrap()["drop"] == before["drop"] && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let out = live.stop().unwrap();
+    let after = ct_stats(&topo.receiver).unwrap();
+    let dropped = after["drop"] - before["drop"];
+    assert!(dropped > 0);
+    let s = out.summary().unwrap();
+    assert_eq!(s["drops_by_cause"]["conntrack_table_full"], dropped);
+    let occ = s["occupancy"].as_array().unwrap().iter().find(|o| o["netns"] == rx).unwrap_or_else(|| panic!("no snapshot: {s}"));
+    assert_eq!(occ["top_dst_ports"][0]["port"], P);
+    assert_eq!(occ["top_dst_ports"][0]["unreplied"], occ["top_dst_ports"][0]["entries"]);
+    let nt = advice(&s["advice"], "notrack").unwrap_or_else(|| panic!("no NOTRACK advice: {}", s["advice"]));
+    assert!(run_steps(nt).iter().any(|a| a.join(" ") == format!("iptables -t raw -A PREROUTING -p udp --dport {P} -j NOTRACK")));
+    let cap = advice(&s["advice"], "capacity").unwrap();
+    assert!(cap["values"]["recommended_max"].as_u64().unwrap() >= cap["values"]["observed_peak"].as_u64().unwrap());
+    assert!(cap["values"]["observed_peak"].as_u64().unwrap() > 64);
+    assert!(out.records.iter().any(|r| r["kind"] == "occupancy"), "no occupancy line in the stream");
+}

@@ -182,6 +182,7 @@ pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<
         collector.tally.add_flow(flow_id(k), groups.flow_stat(k, c));
     }
     let checks = collector.counter_checks();
+    collector.conclude(&mut sinks);
     let summary = Summary {
         collector: &collector,
         stats,
@@ -216,6 +217,14 @@ fn report_period(tracer: &Tracer, groups: &mut GroupCounter, c: &mut Collector, 
         let Collector { classifier, sampler, tally, .. } = c;
         groups.absorb(&now, |g| classifier.classify(&group_event(g, (g.netns != 0).then(|| sampler.fill(g.netns)).flatten())), tally)
     };
+    // A namespace turning packets away gets its table snapshotted (rate-
+    // limited, off this loop), as in record mode.
+    for ns in period.by_netns.keys() {
+        if c.tally.count_in(*ns, Cause::ConntrackTableFull) > 0 {
+            c.snapshots.table_full(*ns, || crate::conntrack::netns::find_namespace(*ns));
+        }
+    }
+    c.poll_snapshots(sinks);
     let by_cause: Vec<(Cause, u64)> = period.by_cause.iter().map(|(c, n)| (*c, *n)).collect();
     let by_netns: Vec<(u32, Option<String>, u64, Option<CtFill>)> = period
         .by_netns
