@@ -397,3 +397,42 @@ fn count_mode_snapshots_the_full_table_and_advises_too() {
     assert!(cap["values"]["observed_peak"].as_u64().unwrap() > 64);
     assert!(out.records.iter().any(|r| r["kind"] == "occupancy"), "no occupancy line in the stream");
 }
+
+#[test]
+fn report_of_a_table_full_capture_advises_a_bigger_table() {
+    const FLOWS: usize = 100;
+    let topo = Topology::pair_with_prefix(PREFIX).unwrap();
+    topo.track_receiver().unwrap();
+    let rx = topo.receiver.inode().unwrap();
+    let _sink = Counter::bind(&topo.receiver, topo.receiver_addr, P);
+    let file = std::env::temp_dir().join(format!("ctdo-{}-{}.ctdrop", std::process::id(), next_id()));
+    let file_s = file.to_str().unwrap().to_string();
+    let (dropped, turned_away) = {
+        let _max = ConntrackMaxGuard::set(64).unwrap();
+        let before = ct_stats(&topo.receiver).unwrap();
+        let cap = Ctdrop::spawn(&["capture", "-o", &file_s, "--json", "--netns", &topo.receiver.name]).unwrap();
+        let ports = send_udp(&topo.sender, topo.receiver_addr, vec![P; FLOWS]).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let out = cap.stop().unwrap();
+        assert!(out.status.success(), "{}", out.stderr);
+        let dropped = ct_stats(&topo.receiver).unwrap()["drop"] - before["drop"];
+        // One datagram per source port: every drop was a distinct flow.
+        assert_eq!(ports.len(), FLOWS);
+        (dropped, dropped)
+    };
+    assert!(dropped > 0);
+    let json = std::process::Command::new(ctdrop_bin()).args(["report", &file_s, "--format", "json"]).output().unwrap();
+    let text = std::process::Command::new(ctdrop_bin()).args(["report", &file_s]).output().unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    // The report is one pretty-printed JSON document.
+    let r: Value = serde_json::from_slice(&json.stdout).unwrap();
+    let cap = advice(&r["advice"], "capacity").unwrap_or_else(|| panic!("no capacity advice: {}", r["advice"]));
+    assert_eq!(cap["netns"], rx);
+    assert_eq!(cap["values"]["current_max"], 64);
+    assert_eq!(cap["values"]["turned_away_flows"], turned_away);
+    assert_eq!(cap["values"]["observed_peak"], 64 + turned_away);
+    assert!(cap["values"]["recommended_max"].as_u64().unwrap() >= 64 + turned_away);
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("advice:") && text.contains("[capacity]"), "{text}");
+}

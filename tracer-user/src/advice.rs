@@ -210,6 +210,10 @@ fn capacity(e: &NsEvidence, host: &Host) -> Advice {
         format!("the table holds {seen} entries; nf_conntrack_max {} holds that with headroom (needs {needed})", max.unwrap_or(0))
     };
     notes.push("nf_conntrack_max is global: each namespace counts its own entries against the one limit.".to_string());
+    if e.occupancy.is_none() && e.table_full_drops > 0 {
+        let ns = e.netns_name.clone().unwrap_or_else(|| "NAME".into());
+        notes.push(format!("to see who holds the entries (and which flows to untrack instead): ctdrop check --occupancy --netns {ns}"));
+    }
     if let (Some(b), true) = (host.entry_bytes, change) {
         notes.push(format!("{recommended} entries of {b} bytes take up to {} of kernel memory.", bytes_human(recommended * b)));
     }
@@ -506,6 +510,40 @@ pub fn write_human(advice: &[Advice], out: &mut dyn Write) -> std::io::Result<()
     Ok(())
 }
 
+/// Markdown for a ticket: a paragraph per item, notes as bullets, commands
+/// and file lines in fenced blocks.
+pub fn write_markdown(advice: &[Advice], out: &mut dyn Write) -> std::io::Result<()> {
+    for a in advice {
+        writeln!(out, "**{}** in {}: {}\n", a.topic, label(a.netns, &a.netns_name), a.headline)?;
+        for n in &a.notes {
+            writeln!(out, "- {n}")?;
+        }
+        if !a.notes.is_empty() {
+            writeln!(out)?;
+        }
+        let ns = label(a.netns, &a.netns_name);
+        let runs: Vec<&Step> = a.steps.iter().filter(|s| matches!(s, Step::Run { .. })).collect();
+        if !runs.is_empty() {
+            if runs.iter().any(|s| matches!(s, Step::Run { in_netns: true, .. })) && a.netns_name.is_some() {
+                writeln!(out, "in {ns} (`ip netns exec {ns} ...`):\n")?;
+            }
+            writeln!(out, "```sh")?;
+            for s in runs {
+                writeln!(out, "{}", s.command_line().unwrap_or_default())?;
+            }
+            writeln!(out, "```\n")?;
+        }
+        for s in &a.steps {
+            match s {
+                Step::Persist { file, line } => writeln!(out, "persist in `{file}`:\n\n```\n{line}\n```\n")?,
+                Step::Nft { script } => writeln!(out, "or with nft (`nft -f FILE`):\n\n```\n{}```\n", script)?,
+                Step::Run { .. } => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn to_json(advice: &[Advice]) -> serde_json::Value {
     serde_json::to_value(advice).unwrap_or_default()
 }
@@ -668,6 +706,19 @@ mod tests {
         assert_eq!(a[0].cause, "icmp_error_blocked");
         assert!(a[0].headline.starts_with("3 ICMP"));
         assert!(a[0].headline.contains("path-MTU"));
+    }
+
+    #[test]
+    fn markdown_fences_the_commands() {
+        let o = table(5353, 58, 5, false);
+        let e = NsEvidence { netns: Some(4), netns_name: Some("srv".into()), table_full_drops: 9, table_full_flows: 9, peak_entries: 64, occupancy: Some(&o), limits: limits(64), ..Default::default() };
+        let mut out = Vec::new();
+        write_markdown(&for_namespace(&e, &host()), &mut out).unwrap();
+        let md = String::from_utf8(out).unwrap();
+        assert!(md.contains("**notrack** in srv:"), "{md}");
+        assert!(md.contains("```sh\niptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK\n"), "{md}");
+        assert!(md.contains("- nf_conntrack_max is global"), "{md}");
+        assert_eq!(md.matches("```").count() % 2, 0, "unbalanced fences:\n{md}");
     }
 
     #[test]

@@ -97,5 +97,6 @@ pub fn to_json(r: &Report, top: usize) -> Value {
         "kernel_counters_agree": agree,
         "filtered": h.filter.narrows(),
         "probes": probes,
+        "advice": crate::advice::to_json(&r.advice()),
     })
 }

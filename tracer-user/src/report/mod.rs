@@ -165,6 +165,16 @@ impl Report {
         r
     }
 
+    /// Advice from what the capture recorded. A capture holds no table
+    /// snapshot, so there is no NOTRACK advice here: `ctdrop check
+    /// --occupancy` on the host names the flows to untrack. The module's
+    /// kind and entry size are the capturing host's, unknown here.
+    pub fn advice(&self) -> Vec<crate::advice::Advice> {
+        let limits = self.header.conntrack_max.map(|max| crate::conntrack::stats::CtLimits { max, buckets: self.header.conntrack_buckets.unwrap_or(0) });
+        let host = crate::advice::Host { module: crate::advice::ModuleKind::Unknown, entry_bytes: None };
+        crate::advice::from_run(&self.tally, &BTreeMap::new(), limits, &host, |ns| self.netns_names.get(&ns).cloned())
+    }
+
     pub fn trailer(&self) -> Option<&crate::capture::meta::Trailer> {
         self.end.trailer()
     }

@@ -286,6 +286,22 @@ pub fn render(r: &Report, top: usize, md: bool) -> String {
             }
         }
     }
+    let advice = r.advice();
+    if !advice.is_empty() {
+        section(&mut o, "advice");
+        let mut text = Vec::new();
+        if md {
+            let _ = crate::advice::write_markdown(&advice, &mut text);
+            o += &String::from_utf8_lossy(&text);
+        } else {
+            let _ = crate::advice::write_human(&advice, &mut text);
+            // The human form's first line is its own title.
+            for l in String::from_utf8_lossy(&text).lines().skip(1) {
+                o += l;
+                o.push('\n');
+            }
+        }
+    }
     o
 }
 
