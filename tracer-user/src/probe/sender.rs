@@ -183,13 +183,7 @@ fn send_one(
             let tx = tx.clone();
             let limit = cfg.timeout * 3;
             tokio::spawn(async move {
-                let r = tokio::time::timeout(limit, sock.connect(addr)).await;
-                let answered = match r {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
-                    Err(_) => false,
-                };
-                if answered {
+                if answered(tokio::time::timeout(limit, sock.connect(addr)).await) {
                     let _ = tx.send(ProbeEvent::Reply { target: i, wire, mono_ns: mono_ns() });
                 }
             });
@@ -210,19 +204,23 @@ fn send_one(
                     return;
                 }
                 let mut buf = [0u8; 512];
-                // A datagram back, or ICMP port-unreachable (ECONNREFUSED),
-                // both mean the probe got through and was answered.
-                let answered = match tokio::time::timeout(limit, sock.recv(&mut buf)).await {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
-                    Err(_) => false,
-                };
-                if answered {
+                if answered(tokio::time::timeout(limit, sock.recv(&mut buf)).await) {
                     let _ = tx.send(ProbeEvent::Reply { target: i, wire, mono_ns: mono_ns() });
                 }
             });
             Ok(())
         }
+    }
+}
+
+/// A TCP/UDP probe was answered when the far end spoke: a connection or a
+/// datagram back, or a refusal (RST, ICMP port-unreachable): both mean the
+/// probe got through. No answer before the time limit is no answer.
+fn answered<T>(r: Result<std::io::Result<T>, tokio::time::error::Elapsed>) -> bool {
+    match r {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Err(_) => false,
     }
 }
 
