@@ -491,20 +491,26 @@ impl Ctdrop {
 
     /// [`Ctdrop::spawn`] with extra environment variables (test hooks).
     pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Result<Ctdrop> {
-        Ctdrop::spawn_opts(args, env, Stdout::All)
+        Ctdrop::spawn_opts(args, env, Stdout::All, None)
+    }
+
+    /// [`Ctdrop::spawn_env`] with RLIMIT_NOFILE set to `(soft, hard)` in the
+    /// child before it runs ctdrop, as `ulimit -n` would.
+    pub fn spawn_nofile(args: &[&str], env: &[(&str, &str)], nofile: (u64, u64)) -> Result<Ctdrop> {
+        Ctdrop::spawn_opts(args, env, Stdout::All, Some(nofile))
     }
 
     /// [`Ctdrop::spawn`] keeping only the last `lines` lines of stdout: for
     /// floods, whose millions of drop lines nobody reads (the summary is
     /// the last line).
     pub fn spawn_tail(args: &[&str], lines: usize) -> Result<Ctdrop> {
-        Ctdrop::spawn_opts(args, &[], Stdout::Tail(lines))
+        Ctdrop::spawn_opts(args, &[], Stdout::Tail(lines), None)
     }
 
     /// [`Ctdrop::spawn`] leaving stdout to the test ([`Ctdrop::take_stdout`]),
     /// e.g. to close it like `ctdrop live | head -1` does.
     pub fn spawn_own_stdout(args: &[&str]) -> Result<Ctdrop> {
-        Ctdrop::spawn_opts(args, &[], Stdout::Caller)
+        Ctdrop::spawn_opts(args, &[], Stdout::Caller, None)
     }
 
     /// The pipe ctdrop writes to, with [`Ctdrop::spawn_own_stdout`].
@@ -512,9 +518,23 @@ impl Ctdrop {
         self.own_stdout.take()
     }
 
-    fn spawn_opts(args: &[&str], env: &[(&str, &str)], mode: Stdout) -> Result<Ctdrop> {
+    fn spawn_opts(args: &[&str], env: &[(&str, &str)], mode: Stdout, nofile: Option<(u64, u64)>) -> Result<Ctdrop> {
         let bin = ctdrop_bin();
-        let mut child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
+        let mut child = cmd
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

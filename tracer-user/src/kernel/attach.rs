@@ -210,7 +210,10 @@ fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
     let mut text = e.to_string();
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
-        text += &format!(": {s}");
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text += &format!(": {more}");
+        }
         src = s.source();
     }
     if let Some(why) = resource_cause(&text) {
