@@ -20,7 +20,7 @@ pub mod flood;
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    io::{BufRead, BufReader, Read},
     net::{Ipv4Addr, UdpSocket},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -42,8 +42,8 @@ use serde_json::Value;
 /// Lock file serializing every test that changes `nf_conntrack_max`, across
 /// processes. While held it also stores the value to restore, so a run that
 /// was killed mid-test is repaired by the next one.
-pub const LOCK_PATH: &str = "/run/ctdrop-tests.lock";
-pub const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+pub const LOCK_PATH: &str = ctlab::LOCK_PATH;
+pub const CONNTRACK_MAX: &str = ctlab::MAX_SYSCTL;
 
 /// The ctdrop binary: `$CTDROP_BIN`, else `<workspace>/target/release/ctdrop`.
 pub fn ctdrop_bin() -> PathBuf {
@@ -202,59 +202,30 @@ pub fn write_conntrack_max(v: u64) -> Result<()> {
     std::fs::write(CONNTRACK_MAX, format!("{v}\n")).with_context(|| format!("setting nf_conntrack_max to {v}"))
 }
 
-/// Holds an exclusive `flock` on [`LOCK_PATH`] and the global
-/// `nf_conntrack_max`; puts the previous value back on drop (also when the
-/// test panics), then releases the lock.
+/// Holds the lock on [`LOCK_PATH`] and the global `nf_conntrack_max`
+/// (through `ctlab`, the same guard `ctdrop demo` uses: one lock, one wait
+/// policy); puts the previous value back on drop (also when the test
+/// panics), then releases the lock.
 pub struct ConntrackMaxGuard {
-    lock: File,
-    previous: u64,
+    inner: ctlab::MaxGuard,
 }
 
 impl ConntrackMaxGuard {
-    /// Waits for the lock, then sets `nf_conntrack_max` to `value`.
+    /// Waits for the lock, then sets `nf_conntrack_max` to `value`. Lowering
+    /// is refused, with the namespace and its count, while a namespace
+    /// other than this test process's own (`*-<pid>-*`) holds conntrack
+    /// entries: on a developer's busy laptop the host and its containers
+    /// would start dropping packets.
     pub fn set(value: u64) -> Result<ConntrackMaxGuard> {
-        let mut lock = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(LOCK_PATH)
-            .with_context(|| format!("opening {LOCK_PATH}"))?;
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            bail!("flock {LOCK_PATH}: {}", std::io::Error::last_os_error());
-        }
-        // A value left in the file: its holder died before restoring it.
-        let mut pending = String::new();
-        lock.read_to_string(&mut pending)?;
-        if let Ok(v) = pending.trim().parse::<u64>() {
-            eprintln!("ctdrop-tests: restoring nf_conntrack_max={v} left over by a killed run");
-            write_conntrack_max(v)?;
-        }
-        let previous = read_conntrack_max()?;
-        lock.set_len(0)?;
-        lock.seek(SeekFrom::Start(0))?;
-        write!(lock, "{previous}")?;
-        lock.sync_all()?;
-        let guard = ConntrackMaxGuard { lock, previous };
-        write_conntrack_max(value)?;
-        Ok(guard)
+        let mut inner = ctlab::MaxGuard::lock(&|| false)?;
+        let mine = format!("-{}-", std::process::id());
+        inner.set(value, &|n| n.name.as_deref().is_some_and(|name| name.contains(&mine))).map_err(|e| anyhow!("ctdrop-tests: {e:#}"))?;
+        Ok(ConntrackMaxGuard { inner })
     }
 
     /// The value that will be restored.
     pub fn previous(&self) -> u64 {
-        self.previous
-    }
-}
-
-impl Drop for ConntrackMaxGuard {
-    fn drop(&mut self) {
-        match write_conntrack_max(self.previous) {
-            // Only forget the value once it is back; the lock goes with the file.
-            Ok(()) => {
-                let _ = self.lock.set_len(0);
-            }
-            Err(e) => eprintln!("ctdrop-tests: cannot restore nf_conntrack_max={}: {e:#}", self.previous),
-        }
+        self.inner.previous()
     }
 }
 
