@@ -180,12 +180,15 @@ impl MaxGuard {
         }
         let busy: Vec<NsEntries> =
             if value < self.previous { namespaces_with_entries().into_iter().filter(|n| !own(n)).collect() } else { Vec::new() };
-        if let Some(b) = busy.first() {
-            let more = if busy.len() > 1 { format!(" (and {} more namespaces)", busy.len() - 1) } else { String::new() };
+        if !busy.is_empty() {
+            // The fullest three by name, so the operator knows where to look.
+            let mut named: Vec<String> = busy.iter().take(3).map(|b| format!("{} holds {} conntrack entries", b.label, b.entries)).collect();
+            if busy.len() > 3 {
+                named.push(format!("{} more namespaces hold some", busy.len() - 3));
+            }
             bail!(
-                "not lowering nf_conntrack_max to {value}: {} holds {} conntrack entries{more}, and every namespace's entries are held against that one global limit",
-                b.label,
-                b.entries
+                "not lowering nf_conntrack_max to {value}: {}, and every namespace's entries are held against that one global limit",
+                named.join("; ")
             );
         }
         self.lock.set_len(0)?;
