@@ -26,11 +26,14 @@ pub const MAX_SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
 pub fn read_max() -> Result<u64> {
     let s = std::fs::read_to_string(MAX_SYSCTL).context("reading nf_conntrack_max")?;
-    s.trim().parse().with_context(|| format!("parsing nf_conntrack_max {s:?}"))
+    s.trim()
+        .parse()
+        .with_context(|| format!("parsing nf_conntrack_max {s:?}"))
 }
 
 pub fn write_max(v: u64) -> Result<()> {
-    std::fs::write(MAX_SYSCTL, format!("{v}\n")).with_context(|| format!("setting nf_conntrack_max to {v}"))
+    std::fs::write(MAX_SYSCTL, format!("{v}\n"))
+        .with_context(|| format!("setting nf_conntrack_max to {v}"))
 }
 
 /// A network namespace and the conntrack entries it holds now.
@@ -72,7 +75,9 @@ fn entries_via_setns(ns: File) -> Option<u64> {
 }
 
 fn comm(pid: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Every network namespace this host has that holds conntrack entries:
@@ -84,14 +89,23 @@ pub fn namespaces_with_entries() -> Vec<NsEntries> {
     let host = std::fs::metadata("/proc/1/ns/net").map(|m| m.ino()).ok();
     if let Ok(dir) = std::fs::read_dir("/run/netns") {
         for e in dir.flatten() {
-            let Ok(f) = File::open(e.path()) else { continue };
-            let Ok(ino) = f.metadata().map(|m| m.ino()) else { continue };
+            let Ok(f) = File::open(e.path()) else {
+                continue;
+            };
+            let Ok(ino) = f.metadata().map(|m| m.ino()) else {
+                continue;
+            };
             if !seen.insert(ino) {
                 continue;
             }
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(n) = entries_via_setns(f).filter(|n| *n > 0) {
-                out.push(NsEntries { inode: ino, label: format!("namespace {name}"), name: Some(name), entries: n });
+                out.push(NsEntries {
+                    inode: ino,
+                    label: format!("namespace {name}"),
+                    name: Some(name),
+                    entries: n,
+                });
             }
         }
     }
@@ -101,15 +115,28 @@ pub fn namespaces_with_entries() -> Vec<NsEntries> {
             if !pid.bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
-            let Ok(ino) = std::fs::metadata(e.path().join("ns/net")).map(|m| m.ino()) else { continue };
+            let Ok(ino) = std::fs::metadata(e.path().join("ns/net")).map(|m| m.ino()) else {
+                continue;
+            };
             if !seen.insert(ino) {
                 continue;
             }
             // A process's own view of the stat file is its namespace's.
             let stat = std::fs::read_to_string(e.path().join("net/stat/nf_conntrack")).ok();
-            let Some(n) = stat.as_deref().and_then(parse_entries).filter(|n| *n > 0) else { continue };
-            let label = if Some(ino) == host { "the host's namespace".to_string() } else { format!("the namespace of pid {pid} ({})", comm(&pid)) };
-            out.push(NsEntries { inode: ino, name: None, label, entries: n });
+            let Some(n) = stat.as_deref().and_then(parse_entries).filter(|n| *n > 0) else {
+                continue;
+            };
+            let label = if Some(ino) == host {
+                "the host's namespace".to_string()
+            } else {
+                format!("the namespace of pid {pid} ({})", comm(&pid))
+            };
+            out.push(NsEntries {
+                inode: ino,
+                name: None,
+                label,
+                entries: n,
+            });
         }
     }
     out.sort_by(|a, b| b.entries.cmp(&a.entries));
@@ -145,7 +172,9 @@ impl MaxGuard {
                 bail!("flock {LOCK_PATH}: {err}");
             }
             if !said {
-                eprintln!("waiting for {LOCK_PATH}: a ctdrop test or demo is using nf_conntrack_max");
+                eprintln!(
+                    "waiting for {LOCK_PATH}: a ctdrop test or demo is using nf_conntrack_max"
+                );
                 said = true;
             }
             if stop() {
@@ -161,7 +190,11 @@ impl MaxGuard {
             lock.set_len(0)?;
         }
         let previous = read_max()?;
-        Ok(MaxGuard { lock, previous, lowered: false })
+        Ok(MaxGuard {
+            lock,
+            previous,
+            lowered: false,
+        })
     }
 
     /// The limit when the lock was taken (what is put back).
@@ -178,11 +211,21 @@ impl MaxGuard {
         if value == self.previous {
             return Ok(());
         }
-        let busy: Vec<NsEntries> =
-            if value < self.previous { namespaces_with_entries().into_iter().filter(|n| !own(n)).collect() } else { Vec::new() };
+        let busy: Vec<NsEntries> = if value < self.previous {
+            namespaces_with_entries()
+                .into_iter()
+                .filter(|n| !own(n))
+                .collect()
+        } else {
+            Vec::new()
+        };
         if !busy.is_empty() {
             // The fullest three by name, so the operator knows where to look.
-            let mut named: Vec<String> = busy.iter().take(3).map(|b| format!("{} holds {} conntrack entries", b.label, b.entries)).collect();
+            let mut named: Vec<String> = busy
+                .iter()
+                .take(3)
+                .map(|b| format!("{} holds {} conntrack entries", b.label, b.entries))
+                .collect();
             if busy.len() > 3 {
                 named.push(format!("{} more namespaces hold some", busy.len() - 3));
             }

@@ -410,6 +410,12 @@ pub(crate) fn echo_request(id: u16, seq: u16) -> Vec<u8> {
     p.extend_from_slice(&id.to_be_bytes());
     p.extend_from_slice(&seq.to_be_bytes());
     p.extend_from_slice(b"ctdrop-tests pin");
+    set_icmp_checksum(&mut p);
+    p
+}
+
+/// Fills in the checksum (bytes 2-3, zero before) of the ICMP message `p`.
+pub fn set_icmp_checksum(p: &mut [u8]) {
     let mut sum = 0u32;
     for c in p.chunks(2) {
         sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
@@ -418,7 +424,6 @@ pub(crate) fn echo_request(id: u16, seq: u16) -> Vec<u8> {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     p[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    p
 }
 
 // ------------------------------------------------------------------ ctdrop

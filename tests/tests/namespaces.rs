@@ -263,3 +263,38 @@ fn out_of_descriptors_names_the_limit_not_a_map() {
         out.stderr
     );
 }
+
+/// The test harness's guard (ctlab, shared with the demo) will not lower
+/// the global limit while a namespace that is not the test's own holds
+/// entries: one line names it and its count, and the limit is unchanged.
+#[test]
+fn the_harness_refuses_to_lower_the_limit_while_another_namespace_holds_entries() {
+    // Named unlike this process's own namespaces (`*-<pid>-*`).
+    let name = format!("ctdt-busy{}-0", std::process::id());
+    run_here(&["ip", "netns", "add", &name]).unwrap();
+    let path = PathBuf::from("/run/netns").join(&name);
+    let r = std::panic::catch_unwind(|| {
+        in_ns(&path, || {
+            run_here(&["ip", "link", "set", "lo", "up"])?;
+            run_here(&["iptables", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])?;
+            let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+            for port in 0..50u16 {
+                sock.send_to(b"busy", (Ipv4Addr::LOCALHOST, 30000 + port))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let before = ctdrop_tests::read_conntrack_max().unwrap();
+        let err = ConntrackMaxGuard::set(64).err().expect("lowering was not refused");
+        let msg = format!("{err:#}");
+        assert!(msg.contains(&format!("namespace {name} holds 50 conntrack entries")), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+        assert_eq!(ctdrop_tests::read_conntrack_max().unwrap(), before);
+        // Raising (or keeping) the limit harms nobody and is allowed.
+        drop(ConntrackMaxGuard::set(before).unwrap());
+    });
+    let _ = run_here(&["ip", "netns", "del", &name]);
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}

@@ -147,14 +147,7 @@ fn slow_and_fast_echo_responder(ns: &ctdrop_tests::Netns, stop: std::sync::Arc<s
                     reply[0] = 0;
                     reply[2] = 0;
                     reply[3] = 0;
-                    let mut sum = 0u32;
-                    for c in reply.chunks(2) {
-                        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-                    }
-                    while sum > 0xffff {
-                        sum = (sum & 0xffff) + (sum >> 16);
-                    }
-                    reply[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+                    ctdrop_tests::set_icmp_checksum(&mut reply);
                     let delay = if n % 2 == 0 { 300 } else { 10 };
                     n += 1;
                     due.push((std::time::Instant::now() + Duration::from_millis(delay), pkt[12..16].try_into().unwrap(), reply));

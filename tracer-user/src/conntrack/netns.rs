@@ -57,7 +57,15 @@ pub fn resolve_netns_arg(arg: &str) -> Result<u32> {
 /// Runs `f` on a thread that has entered the namespace at `ns_path`.
 pub fn in_netns<T: Send + 'static>(ns_path: &Path, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     let ns = File::open(ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
+    in_netns_file(ns, f)
+}
+
+/// Runs `f` on a thread that has entered the namespace `ns` (an open
+/// namespace file).
+fn in_netns_file<T: Send + 'static>(ns: File, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     std::thread::spawn(move || {
+        // SAFETY: setns on an open namespace file; it changes only this
+        // short-lived thread's network namespace.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             bail!("entering network namespace: {}", std::io::Error::last_os_error());
         }
@@ -103,16 +111,7 @@ impl NsHandle {
                 f
             }
         };
-        std::thread::spawn(move || {
-            // SAFETY: `ns` is an open namespace file we own; setns only
-            // changes this short-lived thread's network namespace.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("entering network namespace: {}", std::io::Error::last_os_error());
-            }
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow!("namespace worker panicked"))?
+        in_netns_file(ns, f)
     }
 
     fn is_open(&self) -> bool {

@@ -42,7 +42,10 @@ pub struct Filled {
 fn client(i: u64) -> (Ipv4Addr, u16) {
     let base = u32::from(CLIENT_NET.0);
     let addr = Ipv4Addr::from(base + (i / PORTS_PER_ADDR as u64) as u32 + 1);
-    (addr, (FIRST_PORT + (i % PORTS_PER_ADDR as u64) as u32) as u16)
+    (
+        addr,
+        (FIRST_PORT + (i % PORTS_PER_ADDR as u64) as u32) as u16,
+    )
 }
 
 /// Most flows one fill can make: one per (client address, port) in
@@ -77,10 +80,20 @@ fn raw_socket_in(ns: &PathBuf) -> Result<OwnedFd> {
         // SAFETY: setns on an open namespace file, for this short-lived
         // thread only; the socket keeps the namespace it was made in.
         if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("entering {}: {}", "the namespace", std::io::Error::last_os_error());
+            bail!(
+                "entering {}: {}",
+                "the namespace",
+                std::io::Error::last_os_error()
+            );
         }
         // SAFETY: plain socket(2); checked, then owned.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_RAW,
+            )
+        };
         if fd < 0 {
             bail!("raw socket: {}", std::io::Error::last_os_error());
         }
@@ -104,7 +117,13 @@ fn send_all(sock: &OwnedFd, packets: &[[u8; 36]]) -> Result<()> {
                 a
             })
             .collect();
-        let mut iovs: Vec<libc::iovec> = chunk.iter().map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }).collect();
+        let mut iovs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
         let mut msgs: Vec<libc::mmsghdr> = (0..chunk.len())
             .map(|i| {
                 // SAFETY: msghdr is plain old data; all-zero is valid.
@@ -113,14 +132,24 @@ fn send_all(sock: &OwnedFd, packets: &[[u8; 36]]) -> Result<()> {
                 h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
                 h.msg_iov = &mut iovs[i];
                 h.msg_iovlen = 1;
-                libc::mmsghdr { msg_hdr: h, msg_len: 0 }
+                libc::mmsghdr {
+                    msg_hdr: h,
+                    msg_len: 0,
+                }
             })
             .collect();
         let mut done = 0;
         while done < msgs.len() {
             // SAFETY: every header points into `addrs` and `iovs`, which
             // outlive the call; the kernel only reads them.
-            let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs[done..].as_mut_ptr(), (msgs.len() - done) as u32, 0) };
+            let n = unsafe {
+                libc::sendmmsg(
+                    sock.as_raw_fd(),
+                    msgs[done..].as_mut_ptr(),
+                    (msgs.len() - done) as u32,
+                    0,
+                )
+            };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 match e.raw_os_error() {
@@ -140,9 +169,19 @@ fn send_all(sock: &OwnedFd, packets: &[[u8; 36]]) -> Result<()> {
 
 /// Opens `flows` two-way UDP streams from [`CLIENT_NET`] to `server`,
 /// answered by `server_ns`, and makes them ASSURED. `stop` ends it early.
-pub fn fill(flows: u64, client_ns: &PathBuf, server_ns: &PathBuf, server: (Ipv4Addr, u16), stop: &dyn Fn() -> bool) -> Result<Filled> {
+pub fn fill(
+    flows: u64,
+    client_ns: &PathBuf,
+    server_ns: &PathBuf,
+    server: (Ipv4Addr, u16),
+    stop: &dyn Fn() -> bool,
+) -> Result<Filled> {
     if flows > max_flows() {
-        bail!("cannot open {flows} streams from {}/{}", CLIENT_NET.0, CLIENT_NET.1);
+        bail!(
+            "cannot open {flows} streams from {}/{}",
+            CLIENT_NET.0,
+            CLIENT_NET.1
+        );
     }
     let start = Instant::now();
     let out = raw_socket_in(client_ns)?;
@@ -159,7 +198,10 @@ pub fn fill(flows: u64, client_ns: &PathBuf, server_ns: &PathBuf, server: (Ipv4A
         std::thread::sleep(Duration::from_millis(50));
     }
     send_all(&out, &ask)?;
-    Ok(Filled { flows, elapsed: start.elapsed() })
+    Ok(Filled {
+        flows,
+        elapsed: start.elapsed(),
+    })
 }
 
 /// Kernel memory one conntrack entry takes: the slab object size of
@@ -167,14 +209,24 @@ pub fn fill(flows: u64, client_ns: &PathBuf, server_ns: &PathBuf, server: (Ipv4A
 pub fn entry_bytes() -> u64 {
     std::fs::read_to_string("/proc/slabinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("nf_conntrack ")).and_then(|l| l.split_whitespace().nth(3)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("nf_conntrack "))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
         .unwrap_or(320)
 }
 
 /// MemAvailable in bytes.
 pub fn mem_available() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: u64 = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some(kb * 1024)
 }
 
@@ -197,7 +249,10 @@ mod tests {
 
     #[test]
     fn datagrams_carry_both_ends() {
-        let p = datagram((Ipv4Addr::new(198, 19, 0, 1), 1024), (Ipv4Addr::new(198, 18, 200, 2), 5353));
+        let p = datagram(
+            (Ipv4Addr::new(198, 19, 0, 1), 1024),
+            (Ipv4Addr::new(198, 18, 200, 2), 5353),
+        );
         assert_eq!(&p[12..16], &[198, 19, 0, 1]);
         assert_eq!(&p[16..20], &[198, 18, 200, 2]);
         assert_eq!(u16::from_be_bytes([p[20], p[21]]), 1024);
