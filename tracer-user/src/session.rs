@@ -391,6 +391,10 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         eprintln!("ctdrop: note: {e:#}");
     }
     let mut collector = Collector::new(&p, args.trace.max_flows, &targets, args.probe.timeout);
+    // Before attaching: a Ctrl-C right after the `attached` line must end
+    // the run with its summary, not kill the process.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut tracer = Tracer::load(&LoadOptions {
         btf_path: &args.trace.btf,
         offsets: p.offsets,
@@ -446,8 +450,6 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         })?)
     };
     let started = Instant::now();
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // After a stall, one tick, not a burst of catch-up ticks: the loss
