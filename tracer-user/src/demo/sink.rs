@@ -70,7 +70,9 @@ pub fn ping_line(p: &ProbeShown) -> String {
                 why += &format!(" in {n}");
             }
             if let (Some(c), Some(m)) = (d.ct_count, d.ct_max) {
-                why += &format!(", table {c}/{m}");
+                // The count only: at a real limit (1048576/1048576) the word
+                // "table" would push the line past 80 columns.
+                why += &format!(", {c}/{m}");
             }
             format!("{head}  down  {why}")
         }
