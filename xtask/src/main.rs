@@ -26,7 +26,7 @@ struct Cli {
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Rounds per configuration (the median is reported).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..))]
     pub rounds: u64,
     /// Flood length per round, in seconds.
     #[arg(long, default_value_t = 3.0)]

@@ -140,5 +140,6 @@ pub fn bench(a: &crate::BenchArgs) -> Result<()> {
         cpu: Some(a.cpu),
         ctdrop: bin,
         out_dir: env::target_dir().join("bench"),
+        load_at_start: crate::bench::load(),
     })
 }

@@ -91,6 +91,8 @@ pub struct Report {
     pub own_attach_ms: Option<f64>,
     /// Extra facts (flows tracked, flows beyond the cap, ...).
     pub notes: Vec<(String, u64)>,
+    /// Kernel run time of the tracer's BPF programs during the flood.
+    pub bpf: Option<super::bpf_stats::ProgStats>,
 }
 
 enum Line {
@@ -108,6 +110,7 @@ pub struct Running {
     err: Vec<String>,
     report: Report,
     cpu_at_flood: Option<f64>,
+    bpf_at_flood: Option<super::bpf_stats::ProgStats>,
     netfilter_drop: u32,
 }
 
@@ -158,6 +161,7 @@ pub fn start(cfg: &Config, env: &Env) -> Result<Option<Running>> {
         err: Vec::new(),
         report: Report::default(),
         cpu_at_flood: None,
+        bpf_at_flood: None,
         netfilter_drop: env.netfilter_drop,
     }))
 }
@@ -218,6 +222,14 @@ impl Running {
 
     pub fn mark_flood_start(&mut self) {
         self.cpu_at_flood = cpu_seconds(self.child.id()).ok();
+        self.bpf_at_flood = super::bpf_stats::of_process(self.child.id()).ok();
+    }
+
+    /// Right after the flood, before the tracer is stopped (its programs
+    /// are gone once it exits).
+    pub fn mark_flood_end(&mut self) {
+        let now = super::bpf_stats::of_process(self.child.id()).ok();
+        self.report.bpf = now.zip(self.bpf_at_flood).map(|(n, s)| n.since(s));
     }
 
     /// SIGINT, wait for exit, collect what it printed and its rusage.
