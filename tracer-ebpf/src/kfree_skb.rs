@@ -71,9 +71,54 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     if filt!(all_reasons) == 0 && reason != filt!(netfilter_drop_reason) {
         return;
     }
+    if filt!(count_only) != 0 {
+        let Some(rec) = SCRATCH.get_ptr_mut(0) else { return };
+        let rec = &mut *rec;
+        if build(ctx, reason, rec) {
+            count(rec);
+        }
+        return;
+    }
+    // The record is built where it is sent: reserved in the ring and filled
+    // in place, no scratch copy. A drop the filter rejects gives its slot
+    // back (discarded slots are skipped by the reader).
+    if filt!(capture_headers) != 0 {
+        let wake = wakeup_flags(core::mem::size_of::<DropRecordWithHeader>() as u64);
+        let Some(mut entry) = EVENTS.reserve::<DropRecordWithHeader>(0) else {
+            no_room(ctx, reason);
+            return;
+        };
+        let out = entry.as_mut_ptr();
+        if !build(ctx, reason, &mut (*out).rec) {
+            entry.discard(BPF_RB_NO_WAKEUP as u64);
+            return;
+        }
+        (*out).rec.flags |= flags::HAS_HEADER;
+        if !skb::copy_header(ctx.arg(0), &mut (*out).header) {
+            (*out).rec.flags &= !flags::HAS_HEADER;
+        }
+        entry.submit(wake);
+        bump(stat::SENT);
+        return;
+    }
+    let wake = wakeup_flags(core::mem::size_of::<DropRecord>() as u64);
+    let Some(mut entry) = EVENTS.reserve::<DropRecord>(0) else {
+        no_room(ctx, reason);
+        return;
+    };
+    if !build(ctx, reason, &mut *entry.as_mut_ptr()) {
+        entry.discard(BPF_RB_NO_WAKEUP as u64);
+        return;
+    }
+    entry.submit(wake);
+    bump(stat::SENT);
+}
+
+/// Fills `rec` for this drop (all of it: ring memory is not zeroed) and
+/// decides whether it is reported: the filter, then the conntrack verdict.
+#[inline(always)]
+unsafe fn build(ctx: &BtfTracePointContext, reason: u32, rec: &mut DropRecord) -> bool {
     let skb_ptr: *const u8 = ctx.arg(0);
-    let Some(rec) = SCRATCH.get_ptr_mut(0) else { return };
-    let rec = &mut *rec;
     *rec = bytemuck_zeroed();
     rec.ts_ns = bpf_ktime_get_ns();
     rec.location = ctx.arg::<u64>(1);
@@ -82,37 +127,26 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     rec.source = source::KFREE_SKB;
     skb::fill(skb_ptr, rec, true);
     if !matches(rec) {
-        return;
+        return false;
     }
+    // A .rodata flag: with no verdict producer attached the verifier sees
+    // the branch is never taken and removes the lookup.
     if filt!(ct_probes) != 0 {
         if let Some(src) = crate::conntrack::take_verdict(skb_ptr as u64, rec.ts_ns) {
             rec.source = src;
         }
     }
-    if filt!(count_only) != 0 {
-        count(rec);
-        return;
-    }
-    if filt!(capture_headers) != 0 {
-        let wake = wakeup_flags(core::mem::size_of::<DropRecordWithHeader>() as u64);
-        match EVENTS.reserve::<DropRecordWithHeader>(0) {
-            Some(mut entry) => {
-                let out = entry.as_mut_ptr();
-                rec.flags |= flags::HAS_HEADER;
-                (*out).rec = *rec;
-                if !skb::copy_header(skb_ptr, &mut (*out).header) {
-                    (*out).rec.flags &= !flags::HAS_HEADER;
-                }
-                entry.submit(wake);
-                bump(stat::SENT);
-            }
-            None => bump(stat::LOST),
-        }
-        return;
-    }
-    match EVENTS.output::<DropRecord>(&*rec, wakeup_flags(core::mem::size_of::<DropRecord>() as u64)) {
-        Ok(()) => bump(stat::SENT),
-        Err(_) => bump(stat::LOST),
+    true
+}
+
+/// The ring is full: the record is built aside only to learn whether the
+/// filter wanted it, so that only wanted drops count as lost (records +
+/// lost == matching drops, exactly).
+#[inline(never)]
+unsafe fn no_room(ctx: &BtfTracePointContext, reason: u32) {
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else { return };
+    if build(ctx, reason, &mut *rec) {
+        bump(stat::LOST);
     }
 }
 

@@ -106,7 +106,10 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     let ct_max = ConntrackMax::set(BENCH_CONNTRACK_MAX)?;
     let stats_on = bpf_stats::StatsOn::enable()?;
-    println!("bench: BPF run-time statistics on (kernel.bpf_stats_enabled={}; dropped with this process, however it exits)", bpf_stats::sysctl_value().unwrap_or_default());
+    println!(
+        "bench: BPF run-time statistics on through BPF_ENABLE_STATS (kernel.bpf_stats_enabled untouched, reads {}; off when this process exits, however it exits)",
+        bpf_stats::sysctl_value().unwrap_or_default()
+    );
     println!("bench: holding {} with nf_conntrack_max={BENCH_CONNTRACK_MAX} (was {}; restored at exit)", topology::LOCK_PATH, ct_max.previous());
     let topo = Topology::create()?;
     let mut counter = DropCounter::open(RECEIVER)?;
