@@ -15,7 +15,9 @@
 //! the verifier) and anything reached through `_nfct` (a tagged integer)
 //! are not BTF-typed, so they still go through `bpf_probe_read_kernel`.
 
-use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use core::mem::MaybeUninit;
+
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated::bpf_probe_read_kernel as bpf_probe_read_kernel_raw};
 use tracer_common::{flags, DropRecord, OFFSET_ABSENT};
 
 const ETH_P_IP: u16 = 0x0800;
@@ -114,55 +116,113 @@ unsafe fn network_header(skb: *const u8) -> Option<*const u8> {
 
 /// Header bytes of an IPv6 header, the longer of the two.
 const L3_READ: usize = 40;
+/// Bytes of the L4 header used (ports, or ICMP type/code/id/seq).
+const L4_READ: usize = 8;
+/// One read for both headers in the common cases (IPv6; IPv4 without
+/// options): each `bpf_probe_read_kernel` is a helper call on the hot path.
+const L3_L4_READ: usize = L3_READ + L4_READ;
+const IPV4_PLAIN_HLEN: usize = 20;
 
 #[inline(always)]
 unsafe fn parse_l3(l3: *const u8, rec: &mut DropRecord) {
-    let mut h = [0u8; L3_READ];
-    if bpf_probe_read_kernel_buf(l3, &mut h).is_err() {
+    // Uninitialised on purpose: zeroing it first became a call to the
+    // linker's byte-wise memset. The helper writes every byte (zeroes on
+    // failure), and the verifier accepts uninitialised stack as its target.
+    let mut buf = MaybeUninit::<[u8; L3_L4_READ]>::uninit();
+    let p = buf.as_mut_ptr() as *mut u8;
+    if probe(l3, p, L3_L4_READ) {
+        // SAFETY: the helper wrote all L3_L4_READ bytes.
+        let h = &*(p as *const [u8; L3_L4_READ]);
+        if h[0] >> 4 == 6 {
+            ipv6(h, rec);
+            l4_fields(&h[L3_READ..], rec);
+            return;
+        }
+        if h[0] == 0x45 {
+            if ipv4(h, rec).is_some() {
+                l4_fields(&h[IPV4_PLAIN_HLEN..IPV4_PLAIN_HLEN + L4_READ], rec);
+            }
+            return;
+        }
+    }
+    // IPv4 with options, another version, or a header too near the end of
+    // readable memory for the long read: L3 and L4 read separately.
+    if !probe(l3, p, L3_READ) {
         rec.flags |= flags::TRUNCATED;
         return;
     }
-    let version = h[0] >> 4;
-    let l4: *const u8;
-    if version == 4 {
-        rec.l3_proto = ETH_P_IP;
-        rec.saddr[..4].copy_from_slice(&h[12..16]);
-        rec.daddr[..4].copy_from_slice(&h[16..20]);
-        rec.l4_proto = h[9];
-        rec.flags |= flags::HAS_L3;
-        // Fragments after the first carry no L4 header.
-        let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
-        if frag_off != 0 {
-            return;
+    // SAFETY: written by this read (the first L3_READ bytes) or the one
+    // before (the rest).
+    let h = &*(p as *const [u8; L3_L4_READ]);
+    let l4 = match h[0] >> 4 {
+        4 => match ipv4(h, rec) {
+            Some(ihl) => l3.add(ihl),
+            None => return,
+        },
+        6 => {
+            ipv6(h, rec);
+            l3.add(L3_READ)
         }
-        let ihl = ((h[0] & 0x0f) as usize) * 4;
-        if ihl < 20 {
-            rec.flags |= flags::TRUNCATED;
-            return;
-        }
-        l4 = l3.add(ihl);
-    } else if version == 6 {
-        rec.l3_proto = ETH_P_IPV6;
-        rec.saddr.copy_from_slice(&h[8..24]);
-        rec.daddr.copy_from_slice(&h[24..40]);
-        rec.l4_proto = h[6];
-        rec.flags |= flags::HAS_L3;
-        l4 = l3.add(40);
-    } else {
+        _ => return,
+    };
+    if !wants_l4(rec.l4_proto) {
         return;
     }
-    parse_l4(l4, rec);
+    let mut b = MaybeUninit::<[u8; L4_READ]>::uninit();
+    if !probe(l4, b.as_mut_ptr() as *mut u8, L4_READ) {
+        rec.flags |= flags::TRUNCATED;
+        return;
+    }
+    // SAFETY: the helper wrote all L4_READ bytes.
+    l4_fields(&*b.as_ptr(), rec);
+}
+
+/// `bpf_probe_read_kernel` of `len` bytes into `dst`; false when it failed.
+#[inline(always)]
+unsafe fn probe(src: *const u8, dst: *mut u8, len: usize) -> bool {
+    bpf_probe_read_kernel_raw(dst.cast(), len as u32, src.cast()) == 0
+}
+
+/// IPv4 header fields; the header length when an L4 header follows.
+#[inline(always)]
+fn ipv4(h: &[u8; L3_L4_READ], rec: &mut DropRecord) -> Option<usize> {
+    rec.l3_proto = ETH_P_IP;
+    rec.saddr[..4].copy_from_slice(&h[12..16]);
+    rec.daddr[..4].copy_from_slice(&h[16..20]);
+    rec.l4_proto = h[9];
+    rec.flags |= flags::HAS_L3;
+    // Fragments after the first carry no L4 header.
+    let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+    if frag_off != 0 {
+        return None;
+    }
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if ihl < IPV4_PLAIN_HLEN {
+        rec.flags |= flags::TRUNCATED;
+        return None;
+    }
+    Some(ihl)
 }
 
 #[inline(always)]
-unsafe fn parse_l4(l4: *const u8, rec: &mut DropRecord) {
+fn ipv6(h: &[u8; L3_L4_READ], rec: &mut DropRecord) {
+    rec.l3_proto = ETH_P_IPV6;
+    rec.saddr.copy_from_slice(&h[8..24]);
+    rec.daddr.copy_from_slice(&h[24..40]);
+    rec.l4_proto = h[6];
+    rec.flags |= flags::HAS_L3;
+}
+
+#[inline(always)]
+fn wants_l4(proto: u8) -> bool {
+    proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6
+}
+
+/// Ports, or ICMP type/code and echo id/seq, from the first L4 bytes.
+#[inline(always)]
+fn l4_fields(h: &[u8], rec: &mut DropRecord) {
     let proto = rec.l4_proto;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP && proto != IPPROTO_ICMPV6 {
-        return;
-    }
-    let mut h = [0u8; 8];
-    if bpf_probe_read_kernel_buf(l4, &mut h).is_err() {
-        rec.flags |= flags::TRUNCATED;
+    if !wants_l4(proto) || h.len() < L4_READ {
         return;
     }
     rec.flags |= flags::HAS_L4;
