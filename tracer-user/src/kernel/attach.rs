@@ -79,6 +79,7 @@ impl Tracer {
             // Count mode's counter arrays take memory on every CPU: one
             // set each unless counting.
             .map_max_entries("FLOW_SET_ARRAY", if filter.count_only != 0 { FLOW_SETS } else { 1 })
+            .map_max_entries("FLOW_TAG_ARRAY", if filter.count_only != 0 { FLOW_SETS } else { 1 })
             .map_max_entries("GROUP_SET_ARRAY", if filter.count_only != 0 { GROUP_SETS } else { 1 })
             .load(TRACER_OBJ)
             .map_err(explain_load_error)?;
