@@ -45,14 +45,22 @@ fn send_many_flows(ns: &Netns, dst: std::net::Ipv4Addr, n: u32) {
     .unwrap();
 }
 
-#[test]
-fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
+/// A sender/receiver pair whose receiver table is full (nf_conntrack_max
+/// held at MAX), with its `drop` counter settled: (topology, receiver
+/// inode, the guard, the counter).
+fn receiver_with_a_full_table() -> (Topology, u32, ConntrackMaxGuard, u64) {
     let topo = Topology::pair().unwrap();
     topo.track_receiver().unwrap();
     let rx = topo.receiver.inode().unwrap();
-    let _max = ConntrackMaxGuard::set(MAX).unwrap();
+    let max = ConntrackMaxGuard::set(MAX).unwrap();
     send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, MAX as u16 + 16).unwrap();
     let before = settled_drops(&topo.receiver);
+    (topo, rx, max, before)
+}
+
+#[test]
+fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
+    let (topo, rx, _max, before) = receiver_with_a_full_table();
 
     let ctdrop = Ctdrop::spawn(&["live", "--json", "--count-only", "--report-every", "200ms"]).unwrap();
     send_many_flows(&topo.sender, topo.receiver_addr, FLOWS);
@@ -106,12 +114,7 @@ fn count_only_totals_equal_kernel_drop_counter_under_a_new_flow_flood_past_every
     // Twice what all CPUs together could keep per flow, so the per-flow
     // path overflows on every CPU whatever the spread.
     let flows = (2 * bound).max(FLOWS as u64) as u32;
-    let topo = Topology::pair().unwrap();
-    topo.track_receiver().unwrap();
-    let rx = topo.receiver.inode().unwrap();
-    let _max = ConntrackMaxGuard::set(MAX).unwrap();
-    send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, MAX as u16 + 16).unwrap();
-    let before = settled_drops(&topo.receiver);
+    let (topo, rx, _max, before) = receiver_with_a_full_table();
 
     // Only the receiver's drops: other namespaces on the machine stay out
     // of the per-flow arithmetic below.

@@ -135,6 +135,7 @@ pub fn bench(a: &crate::BenchArgs) -> Result<()> {
         seconds: a.seconds,
         only: a.only.clone(),
         ring_sweep: a.ring_sweep.clone(),
+        ctdrop_configs: a.ctdrop_configs.clone(),
         ctdrop_args: a.ctdrop_args.clone(),
         skip_scale: a.no_scale,
         cpu: Some(a.cpu),

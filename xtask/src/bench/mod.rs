@@ -42,6 +42,8 @@ pub struct Options {
     pub only: Vec<String>,
     /// Extra (b) runs with these `--ring-size` values.
     pub ring_sweep: Vec<String>,
+    /// Extra configurations `KEY=ctdrop arguments` (split at whitespace).
+    pub ctdrop_configs: Vec<String>,
     pub ctdrop_args: Vec<String>,
     pub skip_scale: bool,
     pub cpu: Option<usize>,
@@ -91,6 +93,12 @@ pub fn run(opts: &Options) -> Result<()> {
     for size in &opts.ring_sweep {
         let mut c = Config::new(&format!("b@{size}"), Kind::CtdropJson);
         c.extra = vec!["--ring-size".into(), size.clone()];
+        configs.push(c);
+    }
+    for spec in &opts.ctdrop_configs {
+        let (key, args) = spec.split_once('=').ok_or_else(|| anyhow!("--ctdrop-config wants KEY=ARGS, got {spec:?}"))?;
+        let mut c = Config::new(key, Kind::CtdropCustom);
+        c.extra = args.split_whitespace().map(String::from).collect();
         configs.push(c);
     }
     if !opts.only.is_empty() {
