@@ -48,6 +48,7 @@ pub fn trailer(drops: u64, kernel_drop: u64) -> Trailer {
         probes_written: 1,
         kernel_counters: vec![CounterDelta { netns: 7, netns_name: Some("recv".into()), delta: [("drop".to_string(), kernel_drop), ("entries".to_string(), 64)].into() }],
         counters_at_end: vec![NsCounters { netns: 7, netns_name: Some("recv".into()), counters: [("drop".to_string(), 5 + kernel_drop), ("entries".to_string(), 64)].into() }],
+        watch: None,
     }
 }
 
