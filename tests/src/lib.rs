@@ -565,7 +565,8 @@ impl Ctdrop {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.starts_with("ctdrop: attached") => return Ok(me),
+                // `watch` logs as a service: `ctdrop: info: attached ...`.
+                Ok(line) if line.starts_with("ctdrop: attached") || line.starts_with("ctdrop: info: attached") => return Ok(me),
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     bail!("ctdrop did not attach within 20 s; stderr: {}", me.stderr_text.lock().unwrap())

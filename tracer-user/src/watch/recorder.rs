@@ -226,14 +226,15 @@ impl Recorder {
                 awaiting.push(ns);
             }
         }
-        let fill_text = match fill {
-            Some((e, m)) if m > 0 => format!("table {e}/{m} ({:.0}%)", e as f64 * 100.0 / m as f64),
-            _ => "table fill unknown".into(),
+        let what = match (subject, fill) {
+            (Subject::Signal(_), _) => format!("every namespace, table snapshots of {} namespace(s)", awaiting.len()),
+            (_, Some((e, m))) if m > 0 => format!("netns {label}, table {e}/{m} ({:.0}%)", e as f64 * 100.0 / m as f64),
+            _ => format!("netns {label}, table fill unknown"),
         };
         log(
             "info",
             format_args!(
-                "trigger {trigger} in netns {label}: {fill_text}; recording from {:.1} s before, until {} s after the last drop",
+                "trigger {trigger}: {what}; recording from {:.1} s before, until {} s after the last conntrack drop",
                 now.saturating_sub(start.mono_ns) as f64 / 1e9,
                 self.cfg.post.as_secs_f64()
             ),
@@ -282,14 +283,20 @@ impl Recorder {
                 "drop_rate"
             }
         };
-        let fill = s.ev.ct_fill.map(|f| (f.count, f.max)).or_else(|| self.fill_of(ns));
+        // A table-full drop means the table was at its max when the kernel
+        // refused the entry (a reading taken a moment before may be lower).
+        let fill = match (s.cause, self.fill_of(ns)) {
+            (Cause::ConntrackTableFull, Some((_, max))) => Some((max, max)),
+            (_, f) => f,
+        };
         self.open_incident(Subject::Netns(ns), trigger, s.netns_name.map(str::to_string), fill, ts);
     }
 
+    /// The namespace's table count at the last reading, and the limit now.
     fn fill_of(&self, ns: u32) -> Option<(u64, u64)> {
-        let c = self.readings.back()?.counters.get(&ns)?;
-        let max = self.template.as_ref()?.conntrack_max?;
-        Some((c.ct().entries(), crate::conntrack::stats::CtLimits::read().map(|l| l.max).unwrap_or(max)))
+        let max = crate::conntrack::stats::CtLimits::read()?.max;
+        let entries = self.readings.back().and_then(|r| r.counters.get(&ns)).map(|c| c.ct().entries()).unwrap_or(0);
+        Some((entries, max))
     }
 
     fn check_fill(&mut self, pct: u8, now: u64) {
