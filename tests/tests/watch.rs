@@ -89,7 +89,10 @@ impl Watch {
         let port = free_port();
         let d = dir.display().to_string();
         let p = format!("127.0.0.1:{port}");
-        let mut args = vec!["watch", "--dir", &d, "--pre", "2s", "--post", "2s", "--metrics", &p];
+        let mut args = vec!["watch", "--dir", &d, "--pre", "2s", "--metrics", &p];
+        if !extra.contains(&"--post") {
+            args.extend_from_slice(&["--post", "2s"]);
+        }
         args.extend_from_slice(extra);
         let c = Ctdrop::spawn(&args).unwrap();
         Watch { c, dir: dir.to_path_buf(), port }

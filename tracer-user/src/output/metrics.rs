@@ -151,6 +151,11 @@ impl Metrics {
         r.register("ctdrop_watch_buffered_records", "Drop records held in memory for the pre-trigger window", w.buffered_records.clone());
         r.register("ctdrop_watch_buffer_not_kept", "Drop records not kept because the in-memory buffer was at its cap", w.buffer_not_kept.clone());
         r.register("ctdrop_watch_last_capture_timestamp_seconds", "Unix time of the last capture written", w.last_capture_time.clone());
+        // Shown at 0 from the start: a family without samples is absent
+        // from the scrape, and alerts and dashboards need the series.
+        for reason in ["disk_full", "write_error"] {
+            let _ = w.captures_not_written.get_or_create(&ReasonLabels { reason: reason.into() });
+        }
         m
     }
 
