@@ -511,3 +511,24 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     let (ok, msg) = tool("systemd-analyze", &["verify", &copy.display().to_string()], None);
     assert!(ok && !msg.contains("ctdrop-watch.service:"), "systemd-analyze verify: {msg}");
 }
+
+#[test]
+fn drops_past_the_buffer_cap_are_counted_in_the_trailer() {
+    let scene = Scene::new(MAX);
+    let s = Scratch::new();
+    let w = Watch::start(&s.0, &["--buffer-records", "50"]);
+    let k = scene.burst(300);
+    let files = w.wait_captures(1);
+    let m = w.metrics();
+    w.stop();
+    let rep = report_json(&files[0]);
+    assert_eq!(rep["complete"], true);
+    let written = rep["drops_by_cause"]["conntrack_table_full"].as_u64().unwrap();
+    let not_kept = rep["watch"]["drops_not_kept"].as_u64().unwrap();
+    assert_eq!(rep["watch"]["buffer_cap"], 50);
+    // The incident keeps its first 50 drops; the rest are counted, not lost silently.
+    assert_eq!(written, 50, "{rep}");
+    assert_eq!(written + not_kept, k, "kept + not kept vs the kernel's drop increase");
+    assert_eq!(kernel_entry(&rep, scene.rx)["drop"], k);
+    assert_eq!(sample(&m, "ctdrop_watch_buffer_not_kept_total", &[]), Some(not_kept as f64), "{m}");
+}

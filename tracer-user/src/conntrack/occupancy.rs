@@ -891,8 +891,8 @@ mod tests {
         let o = b.finish(3);
         assert_eq!(o.entries, 47);
         assert_eq!((o.unreplied, o.replied, o.assured, o.nat), (41, 1, 5, 1));
-        assert_eq!(o.by_proto_state[0], StateRow { proto: "udp".into(), state: "UNREPLIED", entries: 41, unreplied: 41, assured: 0 });
-        assert_eq!(o.by_proto_state[1], StateRow { proto: "tcp".into(), state: "ESTABLISHED", entries: 5, unreplied: 0, assured: 5 });
+        assert_eq!(o.by_proto_state[0], StateRow { proto: "udp".into(), state: "UNREPLIED".into(), entries: 41, unreplied: 41, assured: 0 });
+        assert_eq!(o.by_proto_state[1], StateRow { proto: "tcp".into(), state: "ESTABLISHED".into(), entries: 5, unreplied: 0, assured: 5 });
         assert_eq!(o.top_sources[0].addr, "198.18.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(o.top_sources[0].entries, 45);
         assert_eq!((o.top_dst_ports[0].port, o.top_dst_ports[0].entries, o.top_dst_ports[0].unreplied, o.top_dst_ports[0].sources), (5353, 40, 40, 1));
