@@ -24,7 +24,9 @@ const PREFIX: &str = "ctdw";
 const FLOOD_PORT: u16 = 5353;
 
 fn deploy(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
 }
 
 /// A scratch directory, removed on drop.
@@ -32,7 +34,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new() -> Scratch {
-        let p = std::env::temp_dir().join(format!("ctdw-test-{}-{}", std::process::id(), next_id()));
+        let p =
+            std::env::temp_dir().join(format!("ctdw-test-{}-{}", std::process::id(), next_id()));
         std::fs::create_dir_all(&p).unwrap();
         Scratch(p)
     }
@@ -57,14 +60,23 @@ impl Scene {
         topo.track_receiver().unwrap();
         let rx = topo.receiver.inode().unwrap();
         let guard = ConntrackMaxGuard::set(max).unwrap();
-        Scene { topo, rx, _max: guard }
+        Scene {
+            topo,
+            rx,
+            _max: guard,
+        }
     }
 
     /// `n` new flows to [`FLOOD_PORT`] (distinct source ports); returns the
     /// receiver's `drop` increase once it settles.
     fn burst(&self, n: usize) -> u64 {
         let before = self.drops();
-        send_udp(&self.topo.sender, self.topo.receiver_addr, vec![FLOOD_PORT; n]).unwrap();
+        send_udp(
+            &self.topo.sender,
+            self.topo.receiver_addr,
+            vec![FLOOD_PORT; n],
+        )
+        .unwrap();
         settled_ct_stats(&self.topo.receiver, "drop").unwrap()["drop"] - before
     }
 
@@ -75,7 +87,11 @@ impl Scene {
 
 /// A free TCP port on loopback for `--metrics`.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Watch {
@@ -95,7 +111,11 @@ impl Watch {
         }
         args.extend_from_slice(extra);
         let c = Ctdrop::spawn(&args).unwrap();
-        Watch { c, dir: dir.to_path_buf(), port }
+        Watch {
+            c,
+            dir: dir.to_path_buf(),
+            port,
+        }
     }
 
     /// Capture files in the directory, oldest first (names sort by time).
@@ -111,7 +131,12 @@ impl Watch {
             if c.len() >= n {
                 return c;
             }
-            assert!(Instant::now() < deadline, "{} captures after 30 s, want {n}; stderr:\n{}", c.len(), self.c.stderr_so_far());
+            assert!(
+                Instant::now() < deadline,
+                "{} captures after 30 s, want {n}; stderr:\n{}",
+                c.len(),
+                self.c.stderr_so_far()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -124,7 +149,10 @@ impl Watch {
             if let Some(l) = err.lines().find(|l| l.contains(needle)) {
                 return l.to_string();
             }
-            assert!(Instant::now() < deadline, "no {needle:?} in stderr after 30 s:\n{err}");
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in stderr after 30 s:\n{err}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -141,7 +169,14 @@ impl Watch {
         assert_eq!(out.stdout, "", "watch printed on stdout");
         for l in out.stderr_lines() {
             assert!(
-                ["ctdrop: info: ", "ctdrop: note: ", "ctdrop: warning: ", "ctdrop: error: "].iter().any(|p| l.starts_with(p)),
+                [
+                    "ctdrop: info: ",
+                    "ctdrop: note: ",
+                    "ctdrop: warning: ",
+                    "ctdrop: error: "
+                ]
+                .iter()
+                .any(|p| l.starts_with(p)),
                 "stderr line without a level: {l:?}"
             );
             assert!(!l.contains('\x1b'), "colour in {l:?}");
@@ -152,7 +187,12 @@ impl Watch {
 
 fn captures(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "ctdrop")).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "ctdrop"))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -163,8 +203,13 @@ fn scrape(port: u16) -> String {
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer: {out}"));
-    assert!(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"), "{head}");
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP answer: {out}"));
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{head}"
+    );
     body.to_string()
 }
 
@@ -173,19 +218,36 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (series, value) = l.rsplit_once(' ')?;
         let bare = series.split('{').next()?;
-        (bare == name && labels.iter().all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))).then(|| value.parse().ok())?
+        (bare == name
+            && labels
+                .iter()
+                .all(|(k, v)| series.contains(&format!("{k}=\"{v}\""))))
+        .then(|| value.parse().ok())?
     })
 }
 
 fn report_json(file: &Path) -> Value {
-    let out = Command::new(ctdrop_bin()).args(["report", &file.display().to_string(), "--format", "json"]).output().unwrap();
-    assert!(out.status.success(), "report failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(ctdrop_bin())
+        .args(["report", &file.display().to_string(), "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "report failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The report's kernel counter entry for `ns`.
 fn kernel_entry(rep: &Value, ns: u32) -> Value {
-    rep["kernel_counters"].as_array().unwrap().iter().find(|k| k["netns"] == ns).cloned().unwrap_or_else(|| panic!("no kernel counters for {ns}: {rep}"))
+    rep["kernel_counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["netns"] == ns)
+        .cloned()
+        .unwrap_or_else(|| panic!("no kernel counters for {ns}: {rep}"))
 }
 
 /// One burst's capture against the kernel: every table-full drop the
@@ -193,7 +255,12 @@ fn kernel_entry(rep: &Value, ns: u32) -> Value {
 fn assert_capture_matches_kernel(file: &Path, ns: u32, kernel: u64) -> Value {
     let rep = report_json(file);
     assert_eq!(rep["complete"], true, "{rep}");
-    assert_eq!(rep["drops_by_cause"]["conntrack_table_full"], kernel, "file vs kernel drop increase: {}", file.display());
+    assert_eq!(
+        rep["drops_by_cause"]["conntrack_table_full"],
+        kernel,
+        "file vs kernel drop increase: {}",
+        file.display()
+    );
     let k = kernel_entry(&rep, ns);
     assert_eq!(k["drop"], kernel, "the file's kernel window: {k}");
     assert_eq!(k["agree"], true, "{k}");
@@ -204,9 +271,16 @@ fn assert_capture_matches_kernel(file: &Path, ns: u32, kernel: u64) -> Value {
 /// The snapshot stored in the file names the flood's port as the table's holder.
 fn assert_snapshot_names_flood_port(rep: &Value, ns: u32) {
     let snaps = rep["occupancy"].as_array().unwrap();
-    let s = snaps.iter().find(|o| o["netns"] == ns).unwrap_or_else(|| panic!("no snapshot of {ns}: {rep}"));
+    let s = snaps
+        .iter()
+        .find(|o| o["netns"] == ns)
+        .unwrap_or_else(|| panic!("no snapshot of {ns}: {rep}"));
     let top = &s["top_dst_ports"][0];
-    assert_eq!((top["proto"].as_str(), top["port"].as_u64()), (Some("udp"), Some(FLOOD_PORT as u64)), "{s}");
+    assert_eq!(
+        (top["proto"].as_str(), top["port"].as_u64()),
+        (Some("udp"), Some(FLOOD_PORT as u64)),
+        "{s}"
+    );
     assert!(top["entries"].as_u64().unwrap() > 0, "{s}");
 }
 
@@ -221,10 +295,21 @@ fn idle_for_10s_writes_no_capture_and_rss_stays_flat() {
     let m = w.metrics();
     let out = w.stop();
     eprintln!("idle RSS {rss0} KiB -> {rss1} KiB over 8 s");
-    assert!(captures(&s.0).is_empty(), "captures while idle: {:?}", captures(&s.0));
+    assert!(
+        captures(&s.0).is_empty(),
+        "captures while idle: {:?}",
+        captures(&s.0)
+    );
     // Flat: no more than 1 MiB over 8 idle seconds (allocator noise only).
-    assert!(rss1 <= rss0 + 1024, "RSS grew while idle: {rss0} -> {rss1} KiB");
-    assert_eq!(sample(&m, "ctdrop_watch_captures_written_total", &[]), Some(0.0), "{m}");
+    assert!(
+        rss1 <= rss0 + 1024,
+        "RSS grew while idle: {rss0} -> {rss1} KiB"
+    );
+    assert_eq!(
+        sample(&m, "ctdrop_watch_captures_written_total", &[]),
+        Some(0.0),
+        "{m}"
+    );
     assert!(!out.stderr.contains("trigger"), "{}", out.stderr);
 }
 
@@ -238,17 +323,32 @@ fn each_table_full_burst_writes_one_capture_equal_to_the_kernel_drop_increase() 
     let files = w.wait_captures(1);
     // The post-trigger window is over: nothing else comes for this burst.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(w.captures().len(), 1, "one burst, one capture: {:?}", w.captures());
+    assert_eq!(
+        w.captures().len(),
+        1,
+        "one burst, one capture: {:?}",
+        w.captures()
+    );
     let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
-    assert!(name.contains(&scene.topo.receiver.name) && name.ends_with("-first_drop.ctdrop"), "{name}");
+    assert!(
+        name.contains(&scene.topo.receiver.name) && name.ends_with("-first_drop.ctdrop"),
+        "{name}"
+    );
     let rep = assert_capture_matches_kernel(&files[0], scene.rx, k1);
     assert_snapshot_names_flood_port(&rep, scene.rx);
     assert_eq!(rep["watch"]["trigger"], "first_drop");
     assert_eq!(rep["watch"]["drops_not_kept"], 0);
     let line = w.wait_log("capture written");
-    assert!(line.contains(&files[0].display().to_string()) && line.contains(&format!("kernel drop +{k1}")), "{line}");
+    assert!(
+        line.contains(&files[0].display().to_string())
+            && line.contains(&format!("kernel drop +{k1}")),
+        "{line}"
+    );
     let trig = w.wait_log("trigger first_drop");
-    assert!(trig.contains(&scene.topo.receiver.name) && trig.contains(&format!("{MAX}/{MAX}")), "{trig}");
+    assert!(
+        trig.contains(&scene.topo.receiver.name) && trig.contains(&format!("{MAX}/{MAX}")),
+        "{trig}"
+    );
     // Calm, then a second burst: a second file with only its own drops.
     let k2 = scene.burst(200);
     let files = w.wait_captures(2);
@@ -256,10 +356,26 @@ fn each_table_full_burst_writes_one_capture_equal_to_the_kernel_drop_increase() 
     assert_eq!(w.captures().len(), 2, "{:?}", w.captures());
     assert_capture_matches_kernel(&files[1], scene.rx, k2);
     let m = w.metrics();
-    assert_eq!(sample(&m, "ctdrop_watch_captures_written_total", &[]), Some(2.0), "{m}");
+    assert_eq!(
+        sample(&m, "ctdrop_watch_captures_written_total", &[]),
+        Some(2.0),
+        "{m}"
+    );
     let rx = scene.topo.receiver.name.as_str();
-    assert_eq!(sample(&m, "ctdrop_drops_total", &[("cause", "conntrack_table_full"), ("netns", rx)]), Some((k1 + k2) as f64), "{m}");
-    assert_eq!(sample(&m, "ctdrop_watch_recording", &[("netns", rx)]), Some(0.0), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "ctdrop_drops_total",
+            &[("cause", "conntrack_table_full"), ("netns", rx)]
+        ),
+        Some((k1 + k2) as f64),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "ctdrop_watch_recording", &[("netns", rx)]),
+        Some(0.0),
+        "{m}"
+    );
     eprintln!("burst 1: kernel drop +{k1}, file {k1}; burst 2: kernel drop +{k2}, file {k2}");
     w.stop();
 }
@@ -279,7 +395,13 @@ fn trigger_fill_90_writes_a_capture_with_the_snapshot_before_any_drop() {
     assert_eq!(rep["watch"]["trigger"], "fill");
     assert_eq!(rep["drops_total"], 0, "{rep}");
     assert_snapshot_names_flood_port(&rep, scene.rx);
-    let snap = rep["occupancy"].as_array().unwrap().iter().find(|o| o["netns"] == scene.rx).unwrap().clone();
+    let snap = rep["occupancy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["netns"] == scene.rx)
+        .unwrap()
+        .clone();
     assert_eq!(snap["entries"], 95, "{snap}");
     // The table stays above 90 %: one capture, not one per second.
     std::thread::sleep(Duration::from_secs(4));
@@ -294,7 +416,10 @@ fn sigusr1_writes_a_capture_now() {
     assert!(w.captures().is_empty());
     w.c.signal(libc::SIGUSR1);
     let files = w.wait_captures(1);
-    assert!(files[0].to_string_lossy().ends_with("-signal.ctdrop"), "{files:?}");
+    assert!(
+        files[0].to_string_lossy().ends_with("-signal.ctdrop"),
+        "{files:?}"
+    );
     let rep = report_json(&files[0]);
     assert_eq!(rep["complete"], true);
     assert_eq!(rep["watch"]["trigger"], "signal");
@@ -314,9 +439,21 @@ fn max_files_2_after_three_bursts_keeps_the_two_newest() {
         let _ = line;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let lines: Vec<String> = w.c.stderr_so_far().lines().filter(|l| l.contains("capture written")).map(str::to_string).collect();
+            let lines: Vec<String> =
+                w.c.stderr_so_far()
+                    .lines()
+                    .filter(|l| l.contains("capture written"))
+                    .map(str::to_string)
+                    .collect();
             if lines.len() > i {
-                let path = lines[i].split("capture written: ").nth(1).unwrap().split(" (").next().unwrap().to_string();
+                let path = lines[i]
+                    .split("capture written: ")
+                    .nth(1)
+                    .unwrap()
+                    .split(" (")
+                    .next()
+                    .unwrap()
+                    .to_string();
                 written.push(PathBuf::from(path));
                 break;
             }
@@ -325,10 +462,23 @@ fn max_files_2_after_three_bursts_keeps_the_two_newest() {
         }
     }
     let out = w.stop();
-    assert_eq!(captures(&s.0), written[1..].to_vec(), "kept: the two newest");
-    let deleted: Vec<&str> = out.stderr_lines().into_iter().filter(|l| l.contains("deleted old capture")).collect();
+    assert_eq!(
+        captures(&s.0),
+        written[1..].to_vec(),
+        "kept: the two newest"
+    );
+    let deleted: Vec<&str> = out
+        .stderr_lines()
+        .into_iter()
+        .filter(|l| l.contains("deleted old capture"))
+        .collect();
     assert_eq!(deleted.len(), 1, "{}", out.stderr);
-    assert!(deleted[0].starts_with("ctdrop: info: ") && deleted[0].contains(&written[0].display().to_string()), "{}", deleted[0]);
+    assert!(
+        deleted[0].starts_with("ctdrop: info: ")
+            && deleted[0].contains(&written[0].display().to_string()),
+        "{}",
+        deleted[0]
+    );
 }
 
 /// A small tmpfs, unmounted on drop: a disk that is (nearly) full.
@@ -348,26 +498,56 @@ fn tiny_tmpfs_dir_logs_an_error_and_tracing_and_metrics_go_on() {
     let s = Scratch::new();
     let at = s.0.join("tiny");
     std::fs::create_dir_all(&at).unwrap();
-    run(&["mount", "-t", "tmpfs", "-o", "size=16k,mode=0700", "ctdw-tiny", &at.display().to_string()]).unwrap();
+    run(&[
+        "mount",
+        "-t",
+        "tmpfs",
+        "-o",
+        "size=16k,mode=0700",
+        "ctdw-tiny",
+        &at.display().to_string(),
+    ])
+    .unwrap();
     let _disk = SmallDisk(at.clone());
     let w = Watch::start(&at, &[]);
     let k1 = scene.burst(150);
     let err = w.wait_log("ctdrop: error: ");
-    assert!(err.contains("not written") && err.contains("disk nearly full") && err.contains("tracing and metrics go on"), "{err}");
+    assert!(
+        err.contains("not written")
+            && err.contains("disk nearly full")
+            && err.contains("tracing and metrics go on"),
+        "{err}"
+    );
     let m = w.metrics();
     let rx = scene.topo.receiver.name.as_str();
     assert_eq!(sample(&m, "ctdrop_watch_disk_full", &[]), Some(1.0), "{m}");
-    assert_eq!(sample(&m, "ctdrop_watch_captures_not_written_total", &[("reason", "disk_full")]), Some(1.0), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "ctdrop_watch_captures_not_written_total",
+            &[("reason", "disk_full")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
     // Tracing goes on: the next burst is counted too.
     let k2 = scene.burst(100);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = w.metrics();
-        let seen = sample(&m, "ctdrop_drops_total", &[("cause", "conntrack_table_full"), ("netns", rx)]);
+        let seen = sample(
+            &m,
+            "ctdrop_drops_total",
+            &[("cause", "conntrack_table_full"), ("netns", rx)],
+        );
         if seen == Some((k1 + k2) as f64) {
             break;
         }
-        assert!(Instant::now() < deadline, "metrics stopped at {seen:?}, kernel {}", k1 + k2);
+        assert!(
+            Instant::now() < deadline,
+            "metrics stopped at {seen:?}, kernel {}",
+            k1 + k2
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(captures(&at).is_empty(), "{:?}", captures(&at));
@@ -442,7 +622,14 @@ fn tool(cmd: &str, args: &[&str], stdin: Option<&str>) -> (bool, String) {
     }
     drop(i);
     let out = child.wait_with_output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 #[test]
@@ -466,10 +653,34 @@ fn metrics_during_a_burst_pass_promtool_and_name_every_metric_the_dashboard_and_
     w.stop();
     let (ok, msg) = tool("promtool", &["check", "metrics"], Some(&m));
     assert!(ok, "promtool check metrics: {msg}\n{m}");
-    assert_eq!(sample(&m, "ctdrop_watch_recording", &[("netns", rx)]), Some(1.0), "trigger state: {m}");
-    assert_eq!(sample(&m, "ctdrop_watch_triggers_total", &[("trigger", "first_drop"), ("netns", rx)]), Some(1.0), "{m}");
-    assert_eq!(sample(&m, "ctdrop_drops_total", &[("cause", "conntrack_table_full"), ("netns", rx)]), Some(k as f64), "{m}");
-    assert_eq!(sample(&m, "ctdrop_conntrack_fill_ratio", &[("netns", rx)]), Some(1.0), "{m}");
+    assert_eq!(
+        sample(&m, "ctdrop_watch_recording", &[("netns", rx)]),
+        Some(1.0),
+        "trigger state: {m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ctdrop_watch_triggers_total",
+            &[("trigger", "first_drop"), ("netns", rx)]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "ctdrop_drops_total",
+            &[("cause", "conntrack_table_full"), ("netns", rx)]
+        ),
+        Some(k as f64),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "ctdrop_conntrack_fill_ratio", &[("netns", rx)]),
+        Some(1.0),
+        "{m}"
+    );
     let scraped: BTreeSet<String> = m
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -482,10 +693,16 @@ fn metrics_during_a_burst_pass_promtool_and_name_every_metric_the_dashboard_and_
     assert!(exprs.len() >= 4, "dashboard has {} queries", exprs.len());
     // Every name anywhere in the file: panel queries and variable queries.
     let rules = std::fs::read_to_string(deploy("prometheus/ctdrop-alerts.yml")).unwrap();
-    for (what, names) in [("dashboard", ctdrop_names(&dash_text)), ("alert rules", ctdrop_names(&rules))] {
+    for (what, names) in [
+        ("dashboard", ctdrop_names(&dash_text)),
+        ("alert rules", ctdrop_names(&rules)),
+    ] {
         assert!(!names.is_empty(), "{what} uses no ctdrop metric");
         let missing: Vec<&String> = names.iter().filter(|n| !scraped.contains(*n)).collect();
-        assert!(missing.is_empty(), "{what} uses metrics a real scrape does not have: {missing:?}\nscraped: {scraped:?}");
+        assert!(
+            missing.is_empty(),
+            "{what} uses metrics a real scrape does not have: {missing:?}\nscraped: {scraped:?}"
+        );
     }
 }
 
@@ -494,7 +711,9 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let rules = deploy("prometheus/ctdrop-alerts.yml").display().to_string();
     let (ok, msg) = tool("promtool", &["check", "rules", &rules], None);
     assert!(ok, "promtool check rules: {msg}");
-    let tests = deploy("prometheus/ctdrop-alerts.test.yml").display().to_string();
+    let tests = deploy("prometheus/ctdrop-alerts.test.yml")
+        .display()
+        .to_string();
     let (ok, msg) = tool("promtool", &["test", "rules", &tests], None);
     assert!(ok, "promtool test rules: {msg}");
 }
@@ -505,11 +724,20 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     // verify resolves ExecStart: point it at the binary under test, in a
     // copy of the unit named as installed.
     let s = Scratch::new();
-    let text = std::fs::read_to_string(&unit).unwrap().replace("/usr/local/bin/ctdrop", &ctdrop_bin().display().to_string());
+    let text = std::fs::read_to_string(&unit)
+        .unwrap()
+        .replace("/usr/local/bin/ctdrop", &ctdrop_bin().display().to_string());
     let copy = s.0.join("ctdrop-watch.service");
     std::fs::write(&copy, text).unwrap();
-    let (ok, msg) = tool("systemd-analyze", &["verify", &copy.display().to_string()], None);
-    assert!(ok && !msg.contains("ctdrop-watch.service:"), "systemd-analyze verify: {msg}");
+    let (ok, msg) = tool(
+        "systemd-analyze",
+        &["verify", &copy.display().to_string()],
+        None,
+    );
+    assert!(
+        ok && !msg.contains("ctdrop-watch.service:"),
+        "systemd-analyze verify: {msg}"
+    );
 }
 
 #[test]
@@ -523,12 +751,22 @@ fn drops_past_the_buffer_cap_are_counted_in_the_trailer() {
     w.stop();
     let rep = report_json(&files[0]);
     assert_eq!(rep["complete"], true);
-    let written = rep["drops_by_cause"]["conntrack_table_full"].as_u64().unwrap();
+    let written = rep["drops_by_cause"]["conntrack_table_full"]
+        .as_u64()
+        .unwrap();
     let not_kept = rep["watch"]["drops_not_kept"].as_u64().unwrap();
     assert_eq!(rep["watch"]["buffer_cap"], 50);
     // The incident keeps its first 50 drops; the rest are counted, not lost silently.
     assert_eq!(written, 50, "{rep}");
-    assert_eq!(written + not_kept, k, "kept + not kept vs the kernel's drop increase");
+    assert_eq!(
+        written + not_kept,
+        k,
+        "kept + not kept vs the kernel's drop increase"
+    );
     assert_eq!(kernel_entry(&rep, scene.rx)["drop"], k);
-    assert_eq!(sample(&m, "ctdrop_watch_buffer_not_kept_total", &[]), Some(not_kept as f64), "{m}");
+    assert_eq!(
+        sample(&m, "ctdrop_watch_buffer_not_kept_total", &[]),
+        Some(not_kept as f64),
+        "{m}"
+    );
 }

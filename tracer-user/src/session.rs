@@ -509,7 +509,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
             _ = sample_tick.tick() => collector.sampler.sample_active(),
             _ = tick.tick() => {
                 ticks += 1;
-                if args.service && ticks % 10 == 0 {
+                if args.service && ticks.is_multiple_of(10) {
                     collector.sampler.registry.discover_all();
                 }
                 collector.sampler.sample_all();

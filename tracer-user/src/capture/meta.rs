@@ -94,7 +94,7 @@ pub struct Trailer {
     /// Written by `ctdrop watch`: what triggered this capture and what its
     /// in-memory buffer could not keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub watch: Option<WatchTrailer>,
+    pub watch: Option<Box<WatchTrailer>>,
 }
 
 /// Why `ctdrop watch` wrote a capture, and over which window.

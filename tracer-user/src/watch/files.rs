@@ -16,7 +16,11 @@ const SUFFIX: &str = ".ctdrop";
 /// Creates `dir` (0700: captures name hosts and flows) and proves it is
 /// writable, so a wrong `--dir` fails at the start, not at the incident.
 pub fn prepare_dir(dir: &Path) -> Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("--dir {}: cannot create it", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("--dir {}: cannot create it", dir.display()))?;
     let probe = dir.join(format!(".ctdrop-write-test-{}", std::process::id()));
     OpenOptions::new()
         .write(true)
@@ -31,8 +35,19 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
 /// `ctdrop-20261201T145254.123Z-<namespace>-<trigger>.ctdrop`: sorts by
 /// time, says where and why. Characters a shell would trip on become `_`.
 pub fn file_name(wall_ns: u64, subject: &str, trigger: &str) -> String {
-    let t = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(wall_ns)).to_string().replace(['-', ':'], "");
-    let clean: String = subject.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' }).collect();
+    let t = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_nanos(wall_ns))
+        .to_string()
+        .replace(['-', ':'], "");
+    let clean: String = subject
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     format!("{PREFIX}{t}-{clean}-{trigger}{SUFFIX}")
 }
 
@@ -43,7 +58,10 @@ pub fn free_path(dir: &Path, name: &str) -> PathBuf {
         return p;
     }
     let stem = name.strip_suffix(SUFFIX).unwrap_or(name);
-    (2..).map(|i| dir.join(format!("{stem}-{i}{SUFFIX}"))).find(|p| !p.exists()).unwrap()
+    (2..)
+        .map(|i| dir.join(format!("{stem}-{i}{SUFFIX}")))
+        .find(|p| !p.exists())
+        .unwrap()
 }
 
 /// Space kept free beyond a capture's own size: 5% of the filesystem, at
@@ -55,12 +73,16 @@ pub fn reserve(total: u64) -> u64 {
 /// Ok when `dir` has room for about `need` bytes plus the reserve; else
 /// why not, in words.
 pub fn room(dir: &Path, need: u64) -> std::result::Result<(), String> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let c =
+        std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: statvfs fills the zeroed struct it is given; the path is a
     // NUL-terminated string that outlives the call.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(format!("cannot read free space: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "cannot read free space: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     let frsize = st.f_frsize as u64;
     let (avail, total) = (st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize);
@@ -74,14 +96,20 @@ pub fn room(dir: &Path, need: u64) -> std::result::Result<(), String> {
 /// Deletes the oldest captures in `dir` (by their time-ordered names)
 /// until at most `max_files` and `max_bytes` remain; `keep` (the capture
 /// just written) is never deleted. Returns what was deleted, with sizes.
-pub fn rotate(dir: &Path, max_files: u64, max_bytes: u64, keep: &Path) -> Vec<(PathBuf, u64, std::io::Result<()>)> {
+pub fn rotate(
+    dir: &Path,
+    max_files: u64,
+    max_bytes: u64,
+    keep: &Path,
+) -> Vec<(PathBuf, u64, std::io::Result<()>)> {
     let mut caps: Vec<(String, PathBuf, u64)> = match std::fs::read_dir(dir) {
         Ok(d) => d
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let m = e.metadata().ok()?;
-                (name.starts_with(PREFIX) && name.ends_with(SUFFIX) && m.is_file()).then(|| (name, e.path(), m.len()))
+                (name.starts_with(PREFIX) && name.ends_with(SUFFIX) && m.is_file())
+                    .then(|| (name, e.path(), m.len()))
             })
             .collect(),
         Err(_) => return Vec::new(),
@@ -124,13 +152,20 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut paths = Vec::new();
         for i in 0..4u64 {
-            let p = d.path().join(file_name(1_000_000_000_000_000_000 + i * 1_000_000_000, "ns", "first_drop"));
+            let p = d.path().join(file_name(
+                1_000_000_000_000_000_000 + i * 1_000_000_000,
+                "ns",
+                "first_drop",
+            ));
             std::fs::write(&p, vec![0u8; 100]).unwrap();
             paths.push(p);
         }
         std::fs::write(d.path().join("other.txt"), b"not ours").unwrap();
         let gone = rotate(d.path(), 2, u64::MAX, &paths[3]);
-        assert_eq!(gone.iter().map(|g| g.0.clone()).collect::<Vec<_>>(), paths[..2].to_vec());
+        assert_eq!(
+            gone.iter().map(|g| g.0.clone()).collect::<Vec<_>>(),
+            paths[..2].to_vec()
+        );
         assert!(paths[2].exists() && paths[3].exists() && d.path().join("other.txt").exists());
         // Bytes: 200 left, at most 150 allowed: the older goes, the newest stays even alone over.
         let gone = rotate(d.path(), 10, 50, &paths[3]);
@@ -144,6 +179,10 @@ mod tests {
         let n = file_name(0, "ns", "signal");
         std::fs::write(d.path().join(&n), b"x").unwrap();
         let p = free_path(d.path(), &n);
-        assert!(p.to_string_lossy().ends_with("-signal-2.ctdrop"), "{}", p.display());
+        assert!(
+            p.to_string_lossy().ends_with("-signal-2.ctdrop"),
+            "{}",
+            p.display()
+        );
     }
 }

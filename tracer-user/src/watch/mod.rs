@@ -53,13 +53,28 @@ pub async fn run(args: &WatchArgs) -> Result<()> {
         buffer_records: args.buffer_records,
         meta: CaptureMeta {
             command: std::env::args().collect(),
-            probes: args.probe.ping.iter().chain(&args.probe.probe).cloned().collect(),
+            probes: args
+                .probe
+                .ping
+                .iter()
+                .chain(&args.probe.probe)
+                .cloned()
+                .collect(),
             duration: None,
             headers: false,
             max_flows: args.trace.max_flows,
         },
     };
-    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(MetricsSink::new(metrics.clone())), Box::new(recorder::Recorder::new(cfg, metrics))];
-    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: None, capture_headers: false, service: true };
+    let sinks: Vec<Box<dyn Sink>> = vec![
+        Box::new(MetricsSink::new(metrics.clone())),
+        Box::new(recorder::Recorder::new(cfg, metrics)),
+    ];
+    let opts = SessionOptions {
+        trace: &args.trace,
+        probe: &args.probe,
+        duration: None,
+        capture_headers: false,
+        service: true,
+    };
     session::run(&opts, sinks).await
 }

@@ -33,7 +33,7 @@ use crate::{
         stats::CtCounters,
     },
     events::DropEvent,
-    output::{json::probe_json, metrics::Metrics, Progress, ProbeShown, Shown, Sink},
+    output::{json::probe_json, metrics::Metrics, ProbeShown, Progress, Shown, Sink},
     session::SessionInfo,
     summary::Summary,
 };
@@ -173,7 +173,10 @@ impl Recorder {
         if self.kept.len() >= self.cfg.buffer_records {
             // Make room by forgetting the oldest record unless an incident
             // being recorded needs it; then the new record is the one lost.
-            let front_free = self.kept.front().is_some_and(|k| self.needed_from().is_none_or(|m| k.ev.ts_ns <= m));
+            let front_free = self
+                .kept
+                .front()
+                .is_some_and(|k| self.needed_from().is_none_or(|m| k.ev.ts_ns <= m));
             if front_free {
                 let k = self.kept.pop_front().unwrap();
                 self.not_kept_at(k.ev.ts_ns);
@@ -185,7 +188,13 @@ impl Recorder {
         let location = self.name(s.location);
         let netns_name = s.netns_name.map(|n| self.name(n));
         let ifname = s.ifname.map(|n| self.name(n));
-        self.kept.push_back(Kept { ev: s.ev.clone(), cause: s.cause, location, netns_name, ifname });
+        self.kept.push_back(Kept {
+            ev: s.ev.clone(),
+            cause: s.cause,
+            location,
+            netns_name,
+            ifname,
+        });
     }
 
     fn label(ns: u32, name: Option<&str>) -> String {
@@ -195,7 +204,14 @@ impl Recorder {
     /// The window's first edge: the last reading at or before `at`, but not
     /// before where `ns`'s previous incident ended.
     fn start_reading(&self, at: u64, ns: Option<u32>) -> Rc<Reading> {
-        let mut r = self.readings.iter().rev().find(|r| r.mono_ns <= at).or(self.readings.front()).cloned().expect("a reading from the start");
+        let mut r = self
+            .readings
+            .iter()
+            .rev()
+            .find(|r| r.mono_ns <= at)
+            .or(self.readings.front())
+            .cloned()
+            .expect("a reading from the start");
         if let Some(prev) = ns.and_then(|n| self.ended_at.get(&n)) {
             if prev.mono_ns > r.mono_ns {
                 r = prev.clone();
@@ -204,7 +220,14 @@ impl Recorder {
         r
     }
 
-    fn open_incident(&mut self, subject: Subject, trigger: &'static str, name: Option<String>, fill: Option<(u64, u64)>, now: u64) {
+    fn open_incident(
+        &mut self,
+        subject: Subject,
+        trigger: &'static str,
+        name: Option<String>,
+        fill: Option<(u64, u64)>,
+        now: u64,
+    ) {
         let pre = self.cfg.pre.as_nanos() as u64;
         let (label, ns, wanted) = match subject {
             Subject::Netns(ns) => (Self::label(ns, name.as_deref()), Some(ns), vec![ns]),
@@ -213,10 +236,24 @@ impl Recorder {
                 let mut by_fill: Vec<(u64, u32)> = self
                     .readings
                     .back()
-                    .map(|r| r.counters.values().map(|c| (c.ct().entries(), c.netns)).filter(|(e, _)| *e > 0).collect())
+                    .map(|r| {
+                        r.counters
+                            .values()
+                            .map(|c| (c.ct().entries(), c.netns))
+                            .filter(|(e, _)| *e > 0)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 by_fill.sort_unstable_by(|a, b| b.cmp(a));
-                (format!("signal{n}"), None, by_fill.into_iter().take(SIGNAL_SNAPSHOTS).map(|(_, ns)| ns).collect())
+                (
+                    format!("signal{n}"),
+                    None,
+                    by_fill
+                        .into_iter()
+                        .take(SIGNAL_SNAPSHOTS)
+                        .map(|(_, ns)| ns)
+                        .collect(),
+                )
             }
         };
         let start = self.start_reading(now.saturating_sub(pre), ns);
@@ -227,8 +264,14 @@ impl Recorder {
             }
         }
         let what = match (subject, fill) {
-            (Subject::Signal(_), _) => format!("every namespace, table snapshots of {} namespace(s)", awaiting.len()),
-            (_, Some((e, m))) if m > 0 => format!("netns {label}, table {e}/{m} ({:.0}%)", e as f64 * 100.0 / m as f64),
+            (Subject::Signal(_), _) => format!(
+                "every namespace, table snapshots of {} namespace(s)",
+                awaiting.len()
+            ),
+            (_, Some((e, m))) if m > 0 => format!(
+                "netns {label}, table {e}/{m} ({:.0}%)",
+                e as f64 * 100.0 / m as f64
+            ),
             _ => format!("netns {label}, table fill unknown"),
         };
         log(
@@ -289,19 +332,37 @@ impl Recorder {
             (Cause::ConntrackTableFull, Some((_, max))) => Some((max, max)),
             (_, f) => f,
         };
-        self.open_incident(Subject::Netns(ns), trigger, s.netns_name.map(str::to_string), fill, ts);
+        self.open_incident(
+            Subject::Netns(ns),
+            trigger,
+            s.netns_name.map(str::to_string),
+            fill,
+            ts,
+        );
     }
 
     /// The namespace's table count at the last reading, and the limit now.
     fn fill_of(&self, ns: u32) -> Option<(u64, u64)> {
         let max = crate::conntrack::stats::CtLimits::read()?.max;
-        let entries = self.readings.back().and_then(|r| r.counters.get(&ns)).map(|c| c.ct().entries()).unwrap_or(0);
+        let entries = self
+            .readings
+            .back()
+            .and_then(|r| r.counters.get(&ns))
+            .map(|c| c.ct().entries())
+            .unwrap_or(0);
         Some((entries, max))
     }
 
     fn check_fill(&mut self, pct: u8, now: u64) {
-        let Some(max) = crate::conntrack::stats::CtLimits::read().map(|l| l.max).filter(|m| *m > 0) else { return };
-        let Some(r) = self.readings.back().cloned() else { return };
+        let Some(max) = crate::conntrack::stats::CtLimits::read()
+            .map(|l| l.max)
+            .filter(|m| *m > 0)
+        else {
+            return;
+        };
+        let Some(r) = self.readings.back().cloned() else {
+            return;
+        };
         for (ns, c) in &r.counters {
             let entries = c.ct().entries();
             let over = entries * 100 >= max * pct as u64;
@@ -316,7 +377,13 @@ impl Recorder {
             // Over: fire once, unless an incident already records this namespace.
             self.fill_fired.insert(*ns, true);
             if !self.open.iter().any(|i| i.subject == Subject::Netns(*ns)) {
-                self.open_incident(Subject::Netns(*ns), "fill", c.netns_name.clone(), Some((entries, max)), now);
+                self.open_incident(
+                    Subject::Netns(*ns),
+                    "fill",
+                    c.netns_name.clone(),
+                    Some((entries, max)),
+                    now,
+                );
             }
         }
     }
@@ -345,7 +412,11 @@ impl Recorder {
         while self.probes.front().is_some_and(|p| p.0 < cutoff) {
             self.probes.pop_front();
         }
-        while self.not_kept.front().is_some_and(|b| (b.0 + 1) * 1_000_000_000 < cutoff) {
+        while self
+            .not_kept
+            .front()
+            .is_some_and(|b| (b.0 + 1) * 1_000_000_000 < cutoff)
+        {
             self.not_kept.pop_front();
         }
         // Keep the newest reading at or before the horizon: it is the next
@@ -354,7 +425,10 @@ impl Recorder {
             self.readings.pop_front();
         }
         self.ended_at.retain(|_, r| r.mono_ns >= horizon);
-        self.metrics.watch.buffered_records.set(self.kept.len() as i64);
+        self.metrics
+            .watch
+            .buffered_records
+            .set(self.kept.len() as i64);
     }
 
     /// Writes the incident's capture; every failure is logged, none stops
@@ -374,19 +448,34 @@ impl Recorder {
             }
             self.disk_full = true;
             self.metrics.watch_not_written("disk_full");
-            log("error", format_args!("capture of {} not written to {}: {why}; tracing and metrics go on", inc.label, self.cfg.dir.display()));
+            log(
+                "error",
+                format_args!(
+                    "capture of {} not written to {}: {why}; tracing and metrics go on",
+                    inc.label,
+                    self.cfg.dir.display()
+                ),
+            );
             return;
         }
         let wall = inc.triggered_mono + self.boot_offset;
-        let path = files::free_path(&self.cfg.dir, &files::file_name(wall, &inc.label, inc.trigger));
+        let path = files::free_path(
+            &self.cfg.dir,
+            &files::file_name(wall, &inc.label, inc.trigger),
+        );
         match self.write(&inc, &end, &path, cut_by_shutdown) {
             Ok((drops, bytes, kernel)) => {
                 self.disk_full = false;
                 self.metrics.watch.disk_full.set(0);
                 self.metrics.watch.captures_written.inc();
                 self.metrics.watch.capture_bytes.inc_by(bytes);
-                self.metrics.watch.last_capture_time.set((crate::probe::mono_ns() + self.boot_offset) as i64 / 1_000_000_000);
-                let kernel = kernel.map(|k| format!(", kernel drop +{k} in {}", inc.label)).unwrap_or_default();
+                self.metrics
+                    .watch
+                    .last_capture_time
+                    .set((crate::probe::mono_ns() + self.boot_offset) as i64 / 1_000_000_000);
+                let kernel = kernel
+                    .map(|k| format!(", kernel drop +{k} in {}", inc.label))
+                    .unwrap_or_default();
                 log(
                     "info",
                     format_args!(
@@ -403,11 +492,21 @@ impl Recorder {
                     self.disk_full = true;
                     self.metrics.watch.disk_full.set(1);
                 }
-                self.metrics.watch_not_written(if full { "disk_full" } else { "write_error" });
-                log("error", format_args!("capture of {} to {}: {e}; tracing and metrics go on", inc.label, path.display()));
+                self.metrics
+                    .watch_not_written(if full { "disk_full" } else { "write_error" });
+                log(
+                    "error",
+                    format_args!(
+                        "capture of {} to {}: {e}; tracing and metrics go on",
+                        inc.label,
+                        path.display()
+                    ),
+                );
             }
         }
-        for (p, len, r) in files::rotate(&self.cfg.dir, self.cfg.max_files, self.cfg.max_bytes, &path) {
+        for (p, len, r) in
+            files::rotate(&self.cfg.dir, self.cfg.max_files, self.cfg.max_bytes, &path)
+        {
             match r {
                 Ok(()) => {
                     self.metrics.watch.captures_deleted.inc();
@@ -421,18 +520,31 @@ impl Recorder {
                         ),
                     );
                 }
-                Err(e) => log("error", format_args!("cannot delete old capture {}: {e}", p.display())),
+                Err(e) => log(
+                    "error",
+                    format_args!("cannot delete old capture {}: {e}", p.display()),
+                ),
             }
         }
     }
 
     /// The capture file itself: drops written, bytes, and the kernel's
     /// `drop` increase in the incident's namespace.
-    fn write(&self, inc: &Incident, end: &Reading, path: &std::path::Path, cut: bool) -> std::io::Result<(u64, u64, Option<u64>)> {
+    fn write(
+        &self,
+        inc: &Incident,
+        end: &Reading,
+        path: &std::path::Path,
+        cut: bool,
+    ) -> std::io::Result<(u64, u64, Option<u64>)> {
         let (from, to) = (inc.start.mono_ns, end.mono_ns);
         let in_window = |ts: u64| ts > from && ts <= to;
-        let mut w = CaptureWriter::create(path, false).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-        let mut h = self.template.clone().ok_or_else(|| std::io::Error::other("no session header"))?;
+        let mut w = CaptureWriter::create(path, false)
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        let mut h = self
+            .template
+            .clone()
+            .ok_or_else(|| std::io::Error::other("no session header"))?;
         h.started_mono_ns = from;
         h.started_wall_ns = from + self.boot_offset;
         h.counters_at_start = inc.start.counters.values().cloned().collect();
@@ -443,8 +555,16 @@ impl Recorder {
             }
             let mut conntrack: BTreeMap<u32, u64> = BTreeMap::new();
             for k in self.kept.iter().filter(|k| in_window(k.ev.ts_ns)) {
-                w.drop_event(&k.ev, k.cause, &k.location, k.netns_name.as_deref(), k.ifname.as_deref())?;
-                if let (Some(ns), Cause::ConntrackTableFull | Cause::ConntrackInsertFailed) = (k.ev.netns, k.cause) {
+                w.drop_event(
+                    &k.ev,
+                    k.cause,
+                    &k.location,
+                    k.netns_name.as_deref(),
+                    k.ifname.as_deref(),
+                )?;
+                if let (Some(ns), Cause::ConntrackTableFull | Cause::ConntrackInsertFailed) =
+                    (k.ev.netns, k.cause)
+                {
                     *conntrack.entry(ns).or_default() += 1;
                 }
             }
@@ -453,18 +573,32 @@ impl Recorder {
             }
             let mut kernel_counters = Vec::new();
             for (ns, e) in &end.counters {
-                let Some(s) = inc.start.counters.get(ns) else { continue };
+                let Some(s) = inc.start.counters.get(ns) else {
+                    continue;
+                };
                 let delta = e.ct().delta(&s.ct());
                 if delta.get("drop") > 0 || conntrack.contains_key(ns) {
-                    kernel_counters.push(CounterDelta { netns: *ns, netns_name: e.netns_name.clone(), delta: delta.columns });
+                    kernel_counters.push(CounterDelta {
+                        netns: *ns,
+                        netns_name: e.netns_name.clone(),
+                        delta: delta.columns,
+                    });
                 }
             }
             let kernel = match inc.subject {
-                Subject::Netns(ns) => kernel_counters.iter().find(|k| k.netns == ns).map(|k| k.delta.get("drop").copied().unwrap_or(0)),
+                Subject::Netns(ns) => kernel_counters
+                    .iter()
+                    .find(|k| k.netns == ns)
+                    .map(|k| k.delta.get("drop").copied().unwrap_or(0)),
                 Subject::Signal(_) => None,
             };
             let sec = |t: u64| t / 1_000_000_000;
-            let not_kept = self.not_kept.iter().filter(|(s, _)| *s >= sec(from) && *s <= sec(to)).map(|(_, n)| n).sum();
+            let not_kept = self
+                .not_kept
+                .iter()
+                .filter(|(s, _)| *s >= sec(from) && *s <= sec(to))
+                .map(|(_, n)| n)
+                .sum();
             let t = Trailer {
                 ended_wall_ns: to + self.boot_offset,
                 ended_mono_ns: to,
@@ -476,7 +610,7 @@ impl Recorder {
                 probes_written: w.probes,
                 kernel_counters,
                 counters_at_end: end.counters.values().cloned().collect(),
-                watch: Some(WatchTrailer {
+                watch: Some(Box::new(WatchTrailer {
                     trigger: inc.trigger.to_string(),
                     netns: match inc.subject {
                         Subject::Netns(ns) => Some(ns),
@@ -491,7 +625,7 @@ impl Recorder {
                     buffer_cap: self.cfg.buffer_records,
                     drops_not_kept: not_kept,
                     cut_by_shutdown: cut,
-                }),
+                })),
             };
             w.finish(&t)?;
             Ok((w.drops, w.bytes_written(), kernel))
@@ -507,7 +641,16 @@ impl Recorder {
             counters: p
                 .counters
                 .iter()
-                .map(|(ns, (name, c))| (*ns, NsCounters { netns: *ns, netns_name: name.clone(), counters: c.columns.clone() }))
+                .map(|(ns, (name, c))| {
+                    (
+                        *ns,
+                        NsCounters {
+                            netns: *ns,
+                            netns_name: name.clone(),
+                            counters: c.columns.clone(),
+                        },
+                    )
+                })
                 .collect(),
         }
     }
@@ -521,17 +664,33 @@ impl Sink for Recorder {
         let counters: BTreeMap<u32, NsCounters> = info
             .counters_at_start
             .iter()
-            .map(|(ns, c)| (*ns, NsCounters { netns: *ns, netns_name: names.get(ns).map(|n| n.0.clone()), counters: c.columns.clone() }))
+            .map(|(ns, c)| {
+                (
+                    *ns,
+                    NsCounters {
+                        netns: *ns,
+                        netns_name: names.get(ns).map(|n| n.0.clone()),
+                        counters: c.columns.clone(),
+                    },
+                )
+            })
             .collect();
         let mono = crate::probe::mono_ns();
         self.template = Some(header(info, &self.cfg.meta, mono, Vec::new()));
-        self.readings.push_back(Rc::new(Reading { mono_ns: mono, sent: 0, lost: 0, counters }));
+        self.readings.push_back(Rc::new(Reading {
+            mono_ns: mono,
+            sent: 0,
+            lost: 0,
+            counters,
+        }));
         Ok(())
     }
 
     fn drop_event(&mut self, s: &Shown) -> std::io::Result<()> {
         self.keep(s);
-        if let (Cause::ConntrackTableFull | Cause::ConntrackInsertFailed, Some(ns)) = (s.cause, s.ev.netns) {
+        if let (Cause::ConntrackTableFull | Cause::ConntrackInsertFailed, Some(ns)) =
+            (s.cause, s.ev.netns)
+        {
             self.conntrack_drop(s, ns);
         }
         Ok(())
@@ -541,14 +700,21 @@ impl Sink for Recorder {
         if self.probes.len() >= self.cfg.buffer_records {
             self.probes.pop_front();
         }
-        self.probes.push_back((p.wall_ns.saturating_sub(self.boot_offset), probe_json(p)));
+        self.probes
+            .push_back((p.wall_ns.saturating_sub(self.boot_offset), probe_json(p)));
         Ok(())
     }
 
     fn user_signal(&mut self) {
         self.signals += 1;
         let fill = None;
-        self.open_incident(Subject::Signal(self.signals), "signal", None, fill, crate::probe::mono_ns());
+        self.open_incident(
+            Subject::Signal(self.signals),
+            "signal",
+            None,
+            fill,
+            crate::probe::mono_ns(),
+        );
     }
 
     fn wants_counters(&self) -> bool {
@@ -568,9 +734,11 @@ impl Sink for Recorder {
         let post = self.cfg.post.as_nanos() as u64;
         let wait = SNAPSHOT_WAIT.as_nanos() as u64;
         let end = self.readings.back().cloned().unwrap();
-        let (done, still): (Vec<Incident>, Vec<Incident>) = std::mem::take(&mut self.open)
-            .into_iter()
-            .partition(|i| now >= i.last_activity + post && (i.awaiting.is_empty() || now >= i.triggered_mono + wait));
+        let (done, still): (Vec<Incident>, Vec<Incident>) =
+            std::mem::take(&mut self.open).into_iter().partition(|i| {
+                now >= i.last_activity + post
+                    && (i.awaiting.is_empty() || now >= i.triggered_mono + wait)
+            });
         self.open = still;
         for inc in done {
             self.close(inc, end.clone(), false);
@@ -589,14 +757,37 @@ impl Sink for Recorder {
         // now (the baseline plus the session's exact increase where it has
         // one) cover every drop delivered.
         let mut end = match self.readings.back() {
-            Some(r) => Reading { mono_ns: crate::probe::mono_ns(), sent: s.stats.sent, lost: s.stats.lost, counters: r.counters.clone() },
+            Some(r) => Reading {
+                mono_ns: crate::probe::mono_ns(),
+                sent: s.stats.sent,
+                lost: s.stats.lost,
+                counters: r.counters.clone(),
+            },
             None => return Ok(()),
         };
         for c in s.checks {
-            let Some(base) = self.baselines.get(&c.netns) else { continue };
-            let cols = c.delta.columns.iter().map(|(k, d)| (k.clone(), if k == "entries" { *d } else { base.get(k) + d })).collect();
-            let name = end.counters.get(&c.netns).and_then(|n| n.netns_name.clone()).or(c.netns_name.clone());
-            end.counters.insert(c.netns, NsCounters { netns: c.netns, netns_name: name, counters: cols });
+            let Some(base) = self.baselines.get(&c.netns) else {
+                continue;
+            };
+            let cols = c
+                .delta
+                .columns
+                .iter()
+                .map(|(k, d)| (k.clone(), if k == "entries" { *d } else { base.get(k) + d }))
+                .collect();
+            let name = end
+                .counters
+                .get(&c.netns)
+                .and_then(|n| n.netns_name.clone())
+                .or(c.netns_name.clone());
+            end.counters.insert(
+                c.netns,
+                NsCounters {
+                    netns: c.netns,
+                    netns_name: name,
+                    counters: cols,
+                },
+            );
         }
         let end = Rc::new(end);
         for inc in std::mem::take(&mut self.open) {
