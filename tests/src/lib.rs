@@ -695,6 +695,26 @@ pub fn run_ctdrop(prefix: &[&str], args: &[&str], timeout: Duration) -> Result<C
     c.finish(timeout)
 }
 
+/// Runs an outside tool (promtool, tshark, systemd-analyze, ...) with
+/// `stdin` fed to it: (exit 0?, stdout, stderr). A missing tool panics with
+/// the hint that `cargo xtask setup` installs it.
+pub fn tool(cmd: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (cargo xtask setup installs it)"));
+    let mut i = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        i.write_all(s.as_bytes()).unwrap();
+    }
+    drop(i);
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Every non-empty line must be one JSON object.
 pub fn parse_json_lines(stdout: &str) -> Result<Vec<Value>> {
     stdout

@@ -10,7 +10,7 @@ use std::{
     io::{Read, Write},
     net::TcpStream,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -85,6 +85,23 @@ impl Scene {
     }
 }
 
+/// Polls `f` (every 200 ms, 30 s at most) until it gives a value; on
+/// timeout fails with `what` and `context()`.
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>, context: impl Fn() -> String) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what} after 30 s:\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A free TCP port on loopback for `--metrics`.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -125,36 +142,43 @@ impl Watch {
 
     /// Waits (30 s at most) until there are `n` captures.
     fn wait_captures(&self, n: usize) -> Vec<PathBuf> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let c = self.captures();
-            if c.len() >= n {
-                return c;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} captures after 30 s, want {n}; stderr:\n{}",
-                c.len(),
-                self.c.stderr_so_far()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for(
+            &format!("{n} captures"),
+            || Some(self.captures()).filter(|c| c.len() >= n),
+            || self.c.stderr_so_far(),
+        )
     }
 
     /// Waits (30 s at most) for a stderr line containing `needle`.
     fn wait_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let err = self.c.stderr_so_far();
-            if let Some(l) = err.lines().find(|l| l.contains(needle)) {
-                return l.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in stderr after 30 s:\n{err}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.wait_logs(needle, 1).pop().unwrap()
+    }
+
+    /// Waits (30 s at most) for `n` stderr lines containing `needle`; all
+    /// such lines, in order.
+    fn wait_logs(&self, needle: &str, n: usize) -> Vec<String> {
+        let lines = || {
+            self.c
+                .stderr_so_far()
+                .lines()
+                .filter(|l| l.contains(needle))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        wait_for(
+            &format!("{n} stderr lines with {needle:?}"),
+            || Some(lines()).filter(|l| l.len() >= n),
+            || self.c.stderr_so_far(),
+        )
+    }
+
+    /// Waits (30 s at most) for a scrape in which `ok` holds.
+    fn wait_metrics(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        wait_for(
+            what,
+            || Some(self.metrics()).filter(|m| ok(m)),
+            || self.metrics(),
+        )
     }
 
     fn metrics(&self) -> String {
@@ -435,31 +459,15 @@ fn max_files_2_after_three_bursts_keeps_the_two_newest() {
     for i in 0..3 {
         scene.burst(100);
         // Each burst's file, in the order written.
-        let line = w.wait_log(&format!("capture written: {}", s.0.display()));
-        let _ = line;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let lines: Vec<String> =
-                w.c.stderr_so_far()
-                    .lines()
-                    .filter(|l| l.contains("capture written"))
-                    .map(str::to_string)
-                    .collect();
-            if lines.len() > i {
-                let path = lines[i]
-                    .split("capture written: ")
-                    .nth(1)
-                    .unwrap()
-                    .split(" (")
-                    .next()
-                    .unwrap()
-                    .to_string();
-                written.push(PathBuf::from(path));
-                break;
-            }
-            assert!(Instant::now() < deadline, "burst {i}: no capture");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let lines = w.wait_logs("capture written: ", i + 1);
+        let path = lines[i]
+            .split("capture written: ")
+            .nth(1)
+            .unwrap()
+            .split(" (")
+            .next()
+            .unwrap();
+        written.push(PathBuf::from(path));
     }
     let out = w.stop();
     assert_eq!(
@@ -532,24 +540,13 @@ fn tiny_tmpfs_dir_logs_an_error_and_tracing_and_metrics_go_on() {
     );
     // Tracing goes on: the next burst is counted too.
     let k2 = scene.burst(100);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = w.metrics();
-        let seen = sample(
-            &m,
+    w.wait_metrics(&format!("ctdrop_drops_total = kernel {}", k1 + k2), |m| {
+        sample(
+            m,
             "ctdrop_drops_total",
             &[("cause", "conntrack_table_full"), ("netns", rx)],
-        );
-        if seen == Some((k1 + k2) as f64) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics stopped at {seen:?}, kernel {}",
-            k1 + k2
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        ) == Some((k1 + k2) as f64)
+    });
     assert!(captures(&at).is_empty(), "{:?}", captures(&at));
     w.stop();
 }
@@ -608,30 +605,6 @@ fn dashboard_exprs(v: &Value, out: &mut Vec<String>) {
     }
 }
 
-fn tool(cmd: &str, args: &[&str], stdin: Option<&str>) -> (bool, String) {
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (cargo xtask setup installs it)"));
-    let mut i = child.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        i.write_all(s.as_bytes()).unwrap();
-    }
-    drop(i);
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[test]
 fn metrics_during_a_burst_pass_promtool_and_name_every_metric_the_dashboard_and_rules_use() {
     let scene = Scene::new(MAX);
@@ -641,18 +614,12 @@ fn metrics_during_a_burst_pass_promtool_and_name_every_metric_the_dashboard_and_
     w.wait_log("trigger first_drop");
     let rx = scene.topo.receiver.name.as_str();
     // The table gauges follow once a second: wait for the full table to show.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let m = loop {
-        let m = w.metrics();
-        if sample(&m, "ctdrop_conntrack_fill_ratio", &[("netns", rx)]) == Some(1.0) {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "fill never 1.0: {m}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let m = w.wait_metrics("fill 1.0", |m| {
+        sample(m, "ctdrop_conntrack_fill_ratio", &[("netns", rx)]) == Some(1.0)
+    });
     w.stop();
-    let (ok, msg) = tool("promtool", &["check", "metrics"], Some(&m));
-    assert!(ok, "promtool check metrics: {msg}\n{m}");
+    let (ok, out, err) = tool("promtool", &["check", "metrics"], Some(&m));
+    assert!(ok, "promtool check metrics: {out}{err}\n{m}");
     assert_eq!(
         sample(&m, "ctdrop_watch_recording", &[("netns", rx)]),
         Some(1.0),
@@ -709,13 +676,13 @@ fn metrics_during_a_burst_pass_promtool_and_name_every_metric_the_dashboard_and_
 #[test]
 fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let rules = deploy("prometheus/ctdrop-alerts.yml").display().to_string();
-    let (ok, msg) = tool("promtool", &["check", "rules", &rules], None);
-    assert!(ok, "promtool check rules: {msg}");
+    let (ok, out, err) = tool("promtool", &["check", "rules", &rules], None);
+    assert!(ok, "promtool check rules: {out}{err}");
     let tests = deploy("prometheus/ctdrop-alerts.test.yml")
         .display()
         .to_string();
-    let (ok, msg) = tool("promtool", &["test", "rules", &tests], None);
-    assert!(ok, "promtool test rules: {msg}");
+    let (ok, out, err) = tool("promtool", &["test", "rules", &tests], None);
+    assert!(ok, "promtool test rules: {out}{err}");
 }
 
 #[test]
@@ -729,14 +696,14 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         .replace("/usr/local/bin/ctdrop", &ctdrop_bin().display().to_string());
     let copy = s.0.join("ctdrop-watch.service");
     std::fs::write(&copy, text).unwrap();
-    let (ok, msg) = tool(
+    let (ok, out, err) = tool(
         "systemd-analyze",
         &["verify", &copy.display().to_string()],
         None,
     );
     assert!(
-        ok && !msg.contains("ctdrop-watch.service:"),
-        "systemd-analyze verify: {msg}"
+        ok && !err.contains("ctdrop-watch.service:"),
+        "systemd-analyze verify: {out}{err}"
     );
 }
 
