@@ -565,7 +565,8 @@ impl Ctdrop {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.starts_with("ctdrop: attached") => return Ok(me),
+                // `watch` logs as a service: `ctdrop: info: attached ...`.
+                Ok(line) if line.starts_with("ctdrop: attached") || line.starts_with("ctdrop: info: attached") => return Ok(me),
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     bail!("ctdrop did not attach within 20 s; stderr: {}", me.stderr_text.lock().unwrap())
@@ -692,6 +693,26 @@ pub fn run_ctdrop(prefix: &[&str], args: &[&str], timeout: Duration) -> Result<C
         *text.lock().unwrap() = s;
     }));
     c.finish(timeout)
+}
+
+/// Runs an outside tool (promtool, tshark, systemd-analyze, ...) with
+/// `stdin` fed to it: (exit 0?, stdout, stderr). A missing tool panics with
+/// the hint that `cargo xtask setup` installs it.
+pub fn tool(cmd: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (cargo xtask setup installs it)"));
+    let mut i = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        i.write_all(s.as_bytes()).unwrap();
+    }
+    drop(i);
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Every non-empty line must be one JSON object.

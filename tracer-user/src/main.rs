@@ -16,6 +16,7 @@ fn main() {
             Command::Report(a) => ctdrop::report::run(a),
             Command::Export(a) => ctdrop::report::export::run(a),
             Command::Demo(a) => ctdrop::demo::run(a).await,
+            Command::Watch(a) => ctdrop::watch::run(a).await,
         }
     });
     if let Err(e) = result {

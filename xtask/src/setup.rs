@@ -25,6 +25,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",   // promtool, to validate the metrics output
     "bpftrace",     // the one-liners `cargo xtask bench` measures ctdrop against
     "linux-perf",   // `perf` to profile ctdrop when a bench target is missed
+    "systemd",      // systemd-analyze verify for deploy/systemd (tests/tests/watch.rs)
 ];
 
 /// Without this the wireshark-common postinst asks whether non-root users
