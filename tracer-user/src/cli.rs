@@ -291,9 +291,11 @@ pub struct CheckArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// nf_conntrack_max during the demo.
-    #[arg(long, default_value_t = 64)]
-    pub max: u32,
+    /// Lower nf_conntrack_max to this for the demo (refused while another
+    /// namespace holds entries). Without it the demo fills its own
+    /// namespace's table to the current limit and changes no sysctl.
+    #[arg(long)]
+    pub max: Option<u64>,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration> {

@@ -3,6 +3,8 @@ use ctdrop::cli::{Cli, Command};
 
 fn main() {
     one_line_panics();
+    // One descriptor per traced namespace, and the soft 1024 is a relic.
+    ctdrop::conntrack::netns::raise_fd_limit();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
