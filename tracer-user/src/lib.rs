@@ -15,3 +15,4 @@ pub mod session;
 pub mod summary;
 pub mod probe;
 pub mod report;
+pub mod top;
