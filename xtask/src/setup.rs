@@ -25,6 +25,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",   // promtool, to validate the metrics output
     "bpftrace",     // the one-liners `cargo xtask bench` measures ctdrop against
     "linux-perf",   // `perf` to profile ctdrop when a bench target is missed
+    "tmux",         // drive `ctdrop top` in a real terminal (tests/tests/see.rs)
+    "chromium",     // open the HTML report headless: screenshot, no fetches, numbers
+    "aha",          // tmux pane with colours -> HTML, for the `top` screenshot
 ];
 
 /// Without this the wireshark-common postinst asks whether non-root users

@@ -11,7 +11,8 @@
 //!
 //! Every number comes from the same [`Report`] the JSON format renders,
 //! through the same accessors, and carries a `data-key` naming the JSON
-//! key it equals, so a test (or a reader) can check the two agree.
+//! value it equals (a path, `/` between keys: `drops_by_cause/other`), so
+//! a test (or a reader) can check the two agree.
 
 use std::fmt::Write;
 
@@ -300,7 +301,7 @@ pub fn render(r: &Report, top: usize) -> String {
         esc(&h.mechanisms.iter().map(|(k, v)| format!("{k} via {v}")).collect::<Vec<_>>().join("; ")),
     );
     if let Some(m) = h.conntrack_max {
-        let _ = writeln!(o, "<p class=\"meta\">nf_conntrack_max <span data-key=\"capture.conntrack_max\">{m}</span>{}</p>", match h.conntrack_buckets {
+        let _ = writeln!(o, "<p class=\"meta\">nf_conntrack_max <span data-key=\"capture/conntrack_max\">{m}</span>{}</p>", match h.conntrack_buckets {
             Some(b) => format!(", buckets {b}"),
             None => String::new(),
         });
@@ -309,7 +310,7 @@ pub fn render(r: &Report, top: usize) -> String {
         let _ = writeln!(o, "<p class=\"warn\">{}</p>", esc(&d));
     }
     let lost = match r.events_lost() {
-        Some(0) => "no events lost".to_string(),
+        Some(0) => "no events lost (<span data-key=\"events_lost\">0</span>)".to_string(),
         Some(n) => format!("<span data-key=\"events_lost\">{n}</span> events lost (ring buffer full: missing from every count below)"),
         None => "events lost unknown".to_string(),
     };
@@ -332,7 +333,7 @@ pub fn render(r: &Report, top: usize) -> String {
             let n = t.count(*c);
             vec![
                 format!("<td><i style=\"display:inline-block;width:10px;height:10px;background:{};margin-right:6px\"></i>{}</td>", color(*c), c.as_str()),
-                keyed(&format!("drops_by_cause.{}", c.as_str()), n),
+                keyed(&format!("drops_by_cause/{}", c.as_str()), n),
                 format!("{:.1}%", 100.0 * n as f64 / t.total.max(1) as f64),
                 rate(r.rate(n)),
             ]
@@ -352,7 +353,7 @@ pub fn render(r: &Report, top: usize) -> String {
             .map(|(ns, n)| {
                 let key = ns.map(|x| x.to_string()).unwrap_or_else(|| "unknown".into());
                 let main = n.by_cause.iter().enumerate().max_by_key(|(_, v)| **v).map(|(i, _)| Cause::ALL[i]).unwrap_or(Cause::Other);
-                vec![esc(&r.netns_label(*ns)), keyed(&format!("drops_by_netns.{key}"), n.total), main.as_str().to_string()]
+                vec![esc(&r.netns_label(*ns)), keyed(&format!("drops_by_netns/{key}"), n.total), main.as_str().to_string()]
             })
             .collect();
         table(&mut o, &["namespace", "drops", "main cause"], &rows);
@@ -382,7 +383,7 @@ pub fn render(r: &Report, top: usize) -> String {
                     (end(id.src, id.sport), end(id.dst, id.dport))
                 };
                 vec![
-                    keyed(&format!("top_flows.{i}.drops"), s.drops),
+                    keyed(&format!("top_flows/{i}/drops"), s.drops),
                     proto_name(id.proto),
                     esc(&src),
                     esc(&dst),
@@ -410,7 +411,8 @@ pub fn render(r: &Report, top: usize) -> String {
         Some(cs) => {
             let rows: Vec<Vec<String>> = cs
                 .iter()
-                .map(|c| {
+                .enumerate()
+                .map(|(i, c)| {
                     let verdict = if c.agrees() {
                         "<td class=\"agree\">agree</td>".to_string()
                     } else if h.filter.narrows() {
@@ -423,10 +425,10 @@ pub fn render(r: &Report, top: usize) -> String {
                             Some(n) => format!("{n} ({})", c.netns),
                             None => c.netns.to_string(),
                         }),
-                        format!("+{}", c.delta.get("drop")),
+                        keyed(&format!("kernel_counters/{i}/drop"), format!("+{}", c.delta.get("drop"))),
                         format!("+{}", c.delta.get("insert_failed")),
                         format!("+{}", c.delta.get("early_drop")),
-                        c.table_full.to_string(),
+                        keyed(&format!("kernel_counters/{i}/table_full_records"), c.table_full),
                         c.insert_failed.to_string(),
                         verdict,
                     ]
@@ -448,9 +450,9 @@ pub fn render(r: &Report, top: usize) -> String {
                 }
                 vec![
                     esc(host),
-                    keyed(&format!("probes.{host}.sent"), p.sent),
+                    keyed(&format!("probes/{host}/sent"), p.sent),
                     p.answered.to_string(),
-                    keyed(&format!("probes.{host}.lost"), p.lost),
+                    keyed(&format!("probes/{host}/lost"), p.lost),
                     format!("{:.1}%", p.loss_pct()),
                     esc(&why.join(", ")),
                 ]
@@ -537,7 +539,7 @@ pub fn render_comparison(c: &Comparison) -> String {
     for (label, r) in [("before", c.before), ("after", c.after)] {
         let _ = writeln!(
             o,
-            "<h2>{label}: {}</h2>\n<p class=\"meta\">{:.1} s from {}, <span data-key=\"{label}.drops_total\">{}</span> drops{}</p>",
+            "<h2>{label}: {}</h2>\n<p class=\"meta\">{:.1} s from {}, <span data-key=\"{label}/drops_total\">{}</span> drops{}</p>",
             esc(&r.path.display().to_string()),
             r.duration_s(),
             date(r.header.started_wall_ns),

@@ -37,7 +37,7 @@ const FLOWS_CONSIDERED: usize = 200;
 pub async fn run(args: &TopArgs) -> Result<()> {
     // SAFETY: isatty only inspects the descriptor.
     if unsafe { libc::isatty(1) } != 1 {
-        bail!("top draws on a terminal and stdout is not one: use `ctdrop live` (or `live --json`) to pipe or redirect");
+        bail!("top draws on a terminal and stdout is not a terminal: use `ctdrop live` (or `live --json`) to pipe or redirect");
     }
     let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: false };
     session::run(&opts, vec![Box::new(TopSink::default())]).await

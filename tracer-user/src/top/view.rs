@@ -136,7 +136,7 @@ fn cause_rates(f: &mut Frame, area: Rect, causes: &[(Cause, u64, u64, Vec<u64>)]
     }
     let rows = Layout::vertical(causes.iter().map(|_| Constraint::Length(1))).split(inner);
     for ((cause, rate, total, hist), row) in causes.iter().zip(rows.iter()) {
-        let [label, spark] = Layout::horizontal([Constraint::Length(52), Constraint::Min(10)]).areas(*row);
+        let [label, spark] = Layout::horizontal([Constraint::Length(56), Constraint::Min(10)]).areas(*row);
         let text = format!("{:<24} {:>8}/s {:>12} total", cause.as_str(), rate, total);
         f.render_widget(Paragraph::new(text).style(Style::default().fg(cause_color(*cause))), label);
         // The newest seconds at the right edge, as wide as there is room.
