@@ -542,35 +542,52 @@ fn top_in_a_terminal_shows_the_full_namespace_and_detaches_on_q() {
     assert!(orphans.is_empty(), "ctdrop programs nobody holds: {:?}", orphans.iter().map(|o| &o.raw).collect::<Vec<_>>());
 }
 
-/// Ctrl-C in the terminal (a key in raw mode, not a signal) and SIGTERM
-/// both end `top` with status 0, the screen given back, nothing attached.
+/// Ctrl-C in the terminal (a key in raw mode, not a signal), SIGTERM and a
+/// panic while the screen is drawn all end `top` with the terminal given
+/// back (after it exits, `stty` finds canonical mode and echo on again and
+/// the screen holds the end-of-run lines, not the panels) and nothing
+/// attached; the first two with status 0, the panic with 101 and one line.
 #[test]
-fn top_ends_cleanly_on_ctrl_c_and_sigterm() {
-    for how in ["C-c", "TERM"] {
+fn top_gives_the_terminal_back_on_ctrl_c_sigterm_and_panic() {
+    for how in ["C-c", "TERM", "panic"] {
         let since = bpf::high_water().unwrap();
         let bin = ctdrop_bin().display().to_string();
-        let tmux = Tmux::start(&[&bin, "top"], 120, 30);
+        let env = if how == "panic" { "CTDROP_TEST_PANIC_IN_TOP=1 RUST_BACKTRACE=0" } else { "RUST_BACKTRACE=0" };
+        let script = format!("env {env} '{bin}' top; echo \"exit=$?\"; stty -a");
+        let tmux = Tmux::start(&["sh", "-c", &script], 120, 30);
         tmux.wait_for("the screen", Duration::from_secs(60), |s| s.contains("ctdrop top") && s.contains("q quit"));
-        let pid = tmux.pane_pid();
+        // The pane runs sh; ctdrop is its child.
+        let sh = tmux.pane_pid();
+        let pid: u32 = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
+            .unwrap()
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .find(|p: &u32| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "ctdrop"))
+            .unwrap_or_else(|| panic!("{how}: no ctdrop under the pane's shell"));
         let held = bpf::held_by(pid);
         assert!(!bpf::still_listed(&held).unwrap().is_empty(), "{how}: top holds nothing");
-        if how == "TERM" {
-            // SAFETY: kill(2) to the pane's process, which is ctdrop.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        } else {
-            tmux.send(how);
+        match how {
+            // SAFETY: kill(2) to the ctdrop process found above.
+            "TERM" => unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            },
+            "C-c" => tmux.send(how),
+            _ => {} // the hook panics two seconds in
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(s) = tmux.exit_status() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "{how}: still running:\n{}", tmux.capture(false));
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        let after = tmux.capture(false);
-        assert_eq!(status, 0, "{how}: exit {status}:\n{after}");
-        assert!(after.contains("ctdrop: stopped after") && !after.contains("q quit"), "{how}: screen not given back:\n{after}");
+        let after = tmux.wait_for("the shell after ctdrop", Duration::from_secs(60), |s| s.contains("exit=") && s.contains("speed"));
+        let code = if how == "panic" { "exit=101" } else { "exit=0" };
+        assert!(after.contains(code), "{how}: want {code}:\n{after}");
+        assert!(!after.contains("q quit"), "{how}: the panels are still on screen:\n{after}");
+        let modes: Vec<&str> = after.split_whitespace().collect();
+        for m in ["icanon", "echo", "isig"] {
+            assert!(modes.contains(&m) && !modes.contains(&format!("-{m}").as_str()), "{how}: terminal left without {m}:\n{after}");
+        }
+        if how == "panic" {
+            let line = after.lines().find(|l| l.starts_with("ctdrop: internal error")).unwrap_or_else(|| panic!("no panic line:\n{after}"));
+            assert!(line.contains("CTDROP_TEST_PANIC_IN_TOP"), "{line}");
+        } else {
+            assert!(after.contains("ctdrop: stopped after"), "{how}: no end-of-run line:\n{after}");
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !(bpf::still_listed(&held).unwrap().is_empty() && bpf::orphans_since(&since).unwrap().is_empty()) {
             assert!(Instant::now() < deadline, "{how}: left attached: {:?}", bpf::still_listed(&held).unwrap());

@@ -125,6 +125,11 @@ impl Sink for TopSink {
     fn tick(&mut self, p: &Progress) -> std::io::Result<()> {
         let s = &mut self.state;
         s.roll();
+        // Test hook (tests/tests/see.rs): a bug while the screen is ours
+        // must still give the terminal back and leave nothing attached.
+        if s.seconds() >= 2 && std::env::var_os("CTDROP_TEST_PANIC_IN_TOP").is_some_and(|v| v == "1") {
+            panic!("deliberate panic in top (CTDROP_TEST_PANIC_IN_TOP=1)");
+        }
         s.events_lost = p.stats.lost;
         s.events_sent = p.stats.sent;
         s.elapsed_s = p.elapsed.as_secs_f64();
