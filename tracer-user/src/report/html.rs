@@ -110,8 +110,16 @@ fn table(o: &mut String, head: &[&str], rows: &[Vec<String>]) {
             if c.starts_with("<td") {
                 o.push_str(c);
             } else {
-                let numeric = c.chars().next().is_some_and(|ch| ch.is_ascii_digit() || ch == '+') && !c.contains(' ');
-                let _ = write!(o, "<td{}>{c}</td>", if numeric { " class=\"n\"" } else { "" });
+                let numeric = c
+                    .chars()
+                    .next()
+                    .is_some_and(|ch| ch.is_ascii_digit() || ch == '+')
+                    && !c.contains(' ');
+                let _ = write!(
+                    o,
+                    "<td{}>{c}</td>",
+                    if numeric { " class=\"n\"" } else { "" }
+                );
             }
         }
         o.push_str("</tr>\n");
@@ -147,7 +155,12 @@ fn nice_step(max: f64, ticks: f64) -> f64 {
 /// The y-axis top for drops per second: the highest column, rounded up to a tick.
 pub fn y_top(t: &Timeline) -> f64 {
     let (cols, per) = columns(t.seconds());
-    let peak = t.causes().map(|(_, s)| bucket(s, cols).0.into_iter().max().unwrap_or(0)).max().unwrap_or(0) as f64 / per as f64;
+    let peak = t
+        .causes()
+        .map(|(_, s)| bucket(s, cols).0.into_iter().max().unwrap_or(0))
+        .max()
+        .unwrap_or(0) as f64
+        / per as f64;
     let step = nice_step(peak, 4.0);
     ((peak / step).ceil() * step).max(step)
 }
@@ -160,7 +173,13 @@ fn columns(secs: usize) -> (usize, usize) {
 
 /// The timeline plot. `ymax`: the drops-per-second axis top (the same for
 /// two plots that are compared); `netns_label` names a namespace.
-pub fn timeline_svg(o: &mut String, t: &Timeline, ymax: f64, id: &str, netns_label: &dyn Fn(u32) -> String) {
+pub fn timeline_svg(
+    o: &mut String,
+    t: &Timeline,
+    ymax: f64,
+    id: &str,
+    netns_label: &dyn Fn(u32) -> String,
+) {
     let secs = t.seconds().max(1);
     let (ncols, per) = columns(secs);
     let pw = W - LEFT - RIGHT;
@@ -176,14 +195,35 @@ pub fn timeline_svg(o: &mut String, t: &Timeline, ymax: f64, id: &str, netns_lab
     let step = nice_step(ymax, 4.0);
     let mut v = 0.0;
     while v <= ymax + 1e-9 {
-        let _ = writeln!(o, "<line class=\"grid\" x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\"/>", W - RIGHT, y(v), y(v));
-        let _ = writeln!(o, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", LEFT - 6.0, y(v) + 4.0, v);
+        let _ = writeln!(
+            o,
+            "<line class=\"grid\" x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\"/>",
+            W - RIGHT,
+            y(v),
+            y(v)
+        );
+        let _ = writeln!(
+            o,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            LEFT - 6.0,
+            y(v) + 4.0,
+            v
+        );
         v += step;
     }
-    let _ = writeln!(o, "<text transform=\"translate(14,{:.1}) rotate(-90)\" text-anchor=\"middle\">drops/s</text>", TOP + ph / 2.0);
+    let _ = writeln!(
+        o,
+        "<text transform=\"translate(14,{:.1}) rotate(-90)\" text-anchor=\"middle\">drops/s</text>",
+        TOP + ph / 2.0
+    );
     // Right axis: table fill.
     for pct in [0, 50, 100] {
-        let _ = writeln!(o, "<text x=\"{:.1}\" y=\"{:.1}\">{pct}%</text>", W - RIGHT + 6.0, yf(pct as f64 / 100.0) + 4.0);
+        let _ = writeln!(
+            o,
+            "<text x=\"{:.1}\" y=\"{:.1}\">{pct}%</text>",
+            W - RIGHT + 6.0,
+            yf(pct as f64 / 100.0) + 4.0
+        );
     }
     let _ = writeln!(o, "<text transform=\"translate({:.1},{:.1}) rotate(90)\" text-anchor=\"middle\">table fill</text>", W - 10.0, TOP + ph / 2.0);
     // Time axis: seconds since the capture started.
@@ -191,26 +231,57 @@ pub fn timeline_svg(o: &mut String, t: &Timeline, ymax: f64, id: &str, netns_lab
     let mut s = 0.0;
     while s <= secs as f64 + 1e-9 {
         let cx = x(s / per as f64);
-        let _ = writeln!(o, "<line class=\"axis\" x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\"/>", TOP + ph, TOP + ph + 4.0);
-        let _ = writeln!(o, "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{s}s</text>", TOP + ph + 16.0);
+        let _ = writeln!(
+            o,
+            "<line class=\"axis\" x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\"/>",
+            TOP + ph,
+            TOP + ph + 4.0
+        );
+        let _ = writeln!(
+            o,
+            "<text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{s}s</text>",
+            TOP + ph + 16.0
+        );
         s += tstep;
     }
     let _ = writeln!(o, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">seconds since the capture started</text>", LEFT + pw / 2.0, H - 6.0);
-    let _ = writeln!(o, "<line class=\"axis\" x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\"/>", W - RIGHT, TOP + ph, TOP + ph);
-    let _ = writeln!(o, "<line class=\"axis\" x1=\"{LEFT}\" x2=\"{LEFT}\" y1=\"{TOP}\" y2=\"{:.1}\"/>", TOP + ph);
+    let _ = writeln!(
+        o,
+        "<line class=\"axis\" x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\"/>",
+        W - RIGHT,
+        TOP + ph,
+        TOP + ph
+    );
+    let _ = writeln!(
+        o,
+        "<line class=\"axis\" x1=\"{LEFT}\" x2=\"{LEFT}\" y1=\"{TOP}\" y2=\"{:.1}\"/>",
+        TOP + ph
+    );
 
     // Table fill per namespace: dashed, broken where no drop read it.
     for (i, (ns, series)) in t.fill().enumerate() {
         let cols: Vec<Option<f64>> = series
             .chunks(per)
-            .map(|c| c.iter().flatten().map(|(n, m)| if *m > 0 { *n as f64 / *m as f64 } else { 0.0 }).reduce(f64::max))
+            .map(|c| {
+                c.iter()
+                    .flatten()
+                    .map(|(n, m)| if *m > 0 { *n as f64 / *m as f64 } else { 0.0 })
+                    .reduce(f64::max)
+            })
             .collect();
         let mut d = String::new();
         let mut pen = false;
         for (c, f) in cols.iter().enumerate() {
             match f {
                 Some(f) => {
-                    let _ = write!(d, "{}{:.1},{:.1}H{:.1}", if pen { 'L' } else { 'M' }, x(c as f64), yf(*f), x(c as f64 + 1.0));
+                    let _ = write!(
+                        d,
+                        "{}{:.1},{:.1}H{:.1}",
+                        if pen { 'L' } else { 'M' },
+                        x(c as f64),
+                        yf(*f),
+                        x(c as f64 + 1.0)
+                    );
                     pen = true;
                 }
                 None => pen = false,
@@ -228,7 +299,12 @@ pub fn timeline_svg(o: &mut String, t: &Timeline, ymax: f64, id: &str, netns_lab
         let (cols, _) = bucket(series, ncols);
         let mut d = format!("M{:.1},{:.1}", x(0.0), y(0.0));
         for (c, n) in cols.iter().enumerate() {
-            let _ = write!(d, "V{:.1}H{:.1}", y(*n as f64 / per as f64), x(c as f64 + 1.0));
+            let _ = write!(
+                d,
+                "V{:.1}H{:.1}",
+                y(*n as f64 / per as f64),
+                x(c as f64 + 1.0)
+            );
         }
         let _ = write!(d, "V{:.1}", y(0.0));
         let _ = writeln!(
@@ -258,10 +334,20 @@ pub fn timeline_svg(o: &mut String, t: &Timeline, ymax: f64, id: &str, netns_lab
     // Legend below, in HTML so it wraps with the window.
     o.push_str("<div class=\"legend\">");
     for (cause, _) in t.causes() {
-        let _ = write!(o, "<span><i style=\"background:{}\"></i>{}</span>", color(cause), cause.as_str());
+        let _ = write!(
+            o,
+            "<span><i style=\"background:{}\"></i>{}</span>",
+            color(cause),
+            cause.as_str()
+        );
     }
     for (i, (ns, _)) in t.fill().enumerate() {
-        let _ = write!(o, "<span><i style=\"background:{}\"></i>table fill, {}</span>", FILL_COLORS[i % FILL_COLORS.len()], esc(&netns_label(ns)));
+        let _ = write!(
+            o,
+            "<span><i style=\"background:{}\"></i>table fill, {}</span>",
+            FILL_COLORS[i % FILL_COLORS.len()],
+            esc(&netns_label(ns))
+        );
     }
     if !t.lost_probes.is_empty() {
         let _ = write!(o, "<span>▼ lost probe ({})</span>", t.lost_probes.len());
@@ -323,7 +409,9 @@ pub fn render(r: &Report, top: usize) -> String {
     );
 
     let _ = writeln!(o, "<h2>Timeline</h2>");
-    timeline_svg(&mut o, &r.timeline, y_top(&r.timeline), "timeline", &|ns| netns_name(r, ns));
+    timeline_svg(&mut o, &r.timeline, y_top(&r.timeline), "timeline", &|ns| {
+        netns_name(r, ns)
+    });
 
     let _ = writeln!(o, "<h2>Drops by cause</h2>");
     let rows: Vec<Vec<String>> = Cause::ALL
@@ -351,17 +439,38 @@ pub fn render(r: &Report, top: usize) -> String {
             .by_netns
             .iter()
             .map(|(ns, n)| {
-                let key = ns.map(|x| x.to_string()).unwrap_or_else(|| "unknown".into());
-                let main = n.by_cause.iter().enumerate().max_by_key(|(_, v)| **v).map(|(i, _)| Cause::ALL[i]).unwrap_or(Cause::Other);
-                vec![esc(&r.netns_label(*ns)), keyed(&format!("drops_by_netns/{key}"), n.total), main.as_str().to_string()]
+                let key = ns
+                    .map(|x| x.to_string())
+                    .unwrap_or_else(|| "unknown".into());
+                let main = n
+                    .by_cause
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, v)| **v)
+                    .map(|(i, _)| Cause::ALL[i])
+                    .unwrap_or(Cause::Other);
+                vec![
+                    esc(&r.netns_label(*ns)),
+                    keyed(&format!("drops_by_netns/{key}"), n.total),
+                    main.as_str().to_string(),
+                ]
             })
             .collect();
         table(&mut o, &["namespace", "drops", "main cause"], &rows);
     }
     if !t.by_ifindex.is_empty() {
         let _ = writeln!(o, "<h2>Drops by interface</h2>");
-        let rows: Vec<Vec<String>> =
-            t.by_ifindex.iter().map(|((ns, ifx), n)| vec![esc(&r.netns_label(*ns)), esc(&r.ifname(*ns, *ifx)), n.to_string()]).collect();
+        let rows: Vec<Vec<String>> = t
+            .by_ifindex
+            .iter()
+            .map(|((ns, ifx), n)| {
+                vec![
+                    esc(&r.netns_label(*ns)),
+                    esc(&r.ifname(*ns, *ifx)),
+                    n.to_string(),
+                ]
+            })
+            .collect();
         table(&mut o, &["namespace", "interface", "drops"], &rows);
     }
 
@@ -378,7 +487,10 @@ pub fn render(r: &Report, top: usize) -> String {
                     (None, _) => "?".into(),
                 };
                 let (src, dst) = if matches!(id.proto, 1 | 58) && id.sport != 0 {
-                    (format!("{} id {}", end(id.src, 0), id.sport), end(id.dst, 0))
+                    (
+                        format!("{} id {}", end(id.src, 0), id.sport),
+                        end(id.dst, 0),
+                    )
                 } else {
                     (end(id.src, id.sport), end(id.dst, id.dport))
                 };
@@ -394,9 +506,26 @@ pub fn render(r: &Report, top: usize) -> String {
                 ]
             })
             .collect();
-        table(&mut o, &["drops", "proto", "source", "destination", "namespace", "cause", "first", "last"], &rows);
+        table(
+            &mut o,
+            &[
+                "drops",
+                "proto",
+                "source",
+                "destination",
+                "namespace",
+                "cause",
+                "first",
+                "last",
+            ],
+            &rows,
+        );
         if t.flows_untracked > 0 {
-            let _ = writeln!(o, "<p>{} drops in flows beyond the flow limit: counted in totals only.</p>", t.flows_untracked);
+            let _ = writeln!(
+                o,
+                "<p>{} drops in flows beyond the flow limit: counted in totals only.</p>",
+                t.flows_untracked
+            );
         }
     }
 
@@ -444,7 +573,11 @@ pub fn render(r: &Report, top: usize) -> String {
             .probes
             .iter()
             .map(|(host, p)| {
-                let mut why: Vec<String> = p.lost_by_cause.iter().map(|(c, n)| format!("{n} {c}")).collect();
+                let mut why: Vec<String> = p
+                    .lost_by_cause
+                    .iter()
+                    .map(|(c, n)| format!("{n} {c}"))
+                    .collect();
                 if p.lost_unexplained > 0 {
                     why.push(format!("{} with no drop on this host", p.lost_unexplained));
                 }
@@ -458,7 +591,11 @@ pub fn render(r: &Report, top: usize) -> String {
                 ]
             })
             .collect();
-        table(&mut o, &["host", "sent", "answered", "lost", "loss", "lost because"], &rows);
+        table(
+            &mut o,
+            &["host", "sent", "answered", "lost", "loss", "lost because"],
+            &rows,
+        );
     }
     advice(&mut o, &r.advice());
     page(&format!("ctdrop report: {}", r.path.display()), &o)
@@ -477,15 +614,41 @@ fn occupancy(o: &mut String, s: &Occupancy) {
         s.assured,
         s.nat
     );
-    let rows: Vec<Vec<String>> =
-        s.by_proto_state.iter().map(|r| vec![esc(&r.proto), r.state.to_string(), r.entries.to_string(), r.unreplied.to_string(), r.assured.to_string()]).collect();
-    table(o, &["proto", "state", "entries", "unreplied", "assured"], &rows);
+    let rows: Vec<Vec<String>> = s
+        .by_proto_state
+        .iter()
+        .map(|r| {
+            vec![
+                esc(&r.proto),
+                r.state.to_string(),
+                r.entries.to_string(),
+                r.unreplied.to_string(),
+                r.assured.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        o,
+        &["proto", "state", "entries", "unreplied", "assured"],
+        &rows,
+    );
     let rows: Vec<Vec<String>> = s
         .top_dst_ports
         .iter()
-        .map(|p| vec![format!("{}/{}", esc(&p.proto), p.port), p.entries.to_string(), p.unreplied.to_string(), p.sources.to_string()])
+        .map(|p| {
+            vec![
+                format!("{}/{}", esc(&p.proto), p.port),
+                p.entries.to_string(),
+                p.unreplied.to_string(),
+                p.sources.to_string(),
+            ]
+        })
         .collect();
-    table(o, &["destination port", "entries", "unreplied", "sources"], &rows);
+    table(
+        o,
+        &["destination port", "entries", "unreplied", "sources"],
+        &rows,
+    );
 }
 
 fn advice(o: &mut String, advice: &[Advice]) {
@@ -499,7 +662,13 @@ fn advice(o: &mut String, advice: &[Advice]) {
             (None, Some(i)) => i.to_string(),
             (None, None) => "the host".into(),
         };
-        let _ = writeln!(o, "<div class=\"advice\"><h3>[{}] {}: {}</h3>", esc(a.topic), esc(&place), esc(&a.headline));
+        let _ = writeln!(
+            o,
+            "<div class=\"advice\"><h3>[{}] {}: {}</h3>",
+            esc(a.topic),
+            esc(&place),
+            esc(&a.headline)
+        );
         if !a.notes.is_empty() {
             o.push_str("<ul>");
             for n in &a.notes {
@@ -509,18 +678,35 @@ fn advice(o: &mut String, advice: &[Advice]) {
         }
         let runs: Vec<String> = a.steps.iter().filter_map(Step::command_line).collect();
         if !runs.is_empty() {
-            if a.steps.iter().any(|s| matches!(s, Step::Run { in_netns: true, .. })) && a.netns_name.is_some() {
-                let _ = writeln!(o, "<p>in {p} (<code>ip netns exec {p} ...</code>):</p>", p = esc(&place));
+            if a.steps
+                .iter()
+                .any(|s| matches!(s, Step::Run { in_netns: true, .. }))
+                && a.netns_name.is_some()
+            {
+                let _ = writeln!(
+                    o,
+                    "<p>in {p} (<code>ip netns exec {p} ...</code>):</p>",
+                    p = esc(&place)
+                );
             }
             let _ = writeln!(o, "<pre>{}</pre>", esc(&runs.join("\n")));
         }
         for s in &a.steps {
             match s {
                 Step::Persist { file, line } => {
-                    let _ = writeln!(o, "<p>persist in <code>{}</code>:</p><pre>{}</pre>", esc(file), esc(line));
+                    let _ = writeln!(
+                        o,
+                        "<p>persist in <code>{}</code>:</p><pre>{}</pre>",
+                        esc(file),
+                        esc(line)
+                    );
                 }
                 Step::Nft { script } => {
-                    let _ = writeln!(o, "<p>or with nft (<code>nft -f FILE</code>):</p><pre>{}</pre>", esc(script));
+                    let _ = writeln!(
+                        o,
+                        "<p>or with nft (<code>nft -f FILE</code>):</p><pre>{}</pre>",
+                        esc(script)
+                    );
                 }
                 Step::Run { .. } => {}
             }
@@ -534,7 +720,11 @@ fn advice(o: &mut String, advice: &[Advice]) {
 pub fn render_comparison(c: &Comparison) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "<h1>ctdrop before/after</h1>");
-    let _ = writeln!(o, "<p class=\"big\" data-key=\"verdict\">{}</p>", esc(&c.verdict()));
+    let _ = writeln!(
+        o,
+        "<p class=\"big\" data-key=\"verdict\">{}</p>",
+        esc(&c.verdict())
+    );
     let ymax = y_top(&c.before.timeline).max(y_top(&c.after.timeline));
     for (label, r) in [("before", c.before), ("after", c.after)] {
         let _ = writeln!(
@@ -553,12 +743,28 @@ pub fn render_comparison(c: &Comparison) -> String {
         .causes
         .iter()
         .chain(c.kernel_drop.as_ref())
-        .map(|r| vec![esc(&r.what), rate(r.before_per_s), rate(r.after_per_s), change(r.before_per_s, r.after_per_s)])
+        .map(|r| {
+            vec![
+                esc(&r.what),
+                rate(r.before_per_s),
+                rate(r.after_per_s),
+                change(r.before_per_s, r.after_per_s),
+            ]
+        })
         .collect();
     if rows.is_empty() {
-        rows.push(vec!["(no drops)".into(), "0".into(), "0".into(), "none".into()]);
+        rows.push(vec![
+            "(no drops)".into(),
+            "0".into(),
+            "0".into(),
+            "none".into(),
+        ]);
     }
-    table(&mut o, &["drops per second", "before", "after", "change"], &rows);
+    table(
+        &mut o,
+        &["drops per second", "before", "after", "change"],
+        &rows,
+    );
     if !c.probes.is_empty() {
         let rows: Vec<Vec<String>> = c
             .probes
@@ -566,8 +772,18 @@ pub fn render_comparison(c: &Comparison) -> String {
             .map(|p| {
                 vec![
                     esc(&p.host),
-                    format!("{:.1}% ({}/{})", p.before.loss_pct(), p.before.lost, p.before.sent),
-                    format!("{:.1}% ({}/{})", p.after.loss_pct(), p.after.lost, p.after.sent),
+                    format!(
+                        "{:.1}% ({}/{})",
+                        p.before.loss_pct(),
+                        p.before.lost,
+                        p.before.sent
+                    ),
+                    format!(
+                        "{:.1}% ({}/{})",
+                        p.after.loss_pct(),
+                        p.after.lost,
+                        p.after.sent
+                    ),
                     change(p.before.loss_pct(), p.after.loss_pct()),
                 ]
             })
@@ -583,7 +799,10 @@ mod tests {
 
     #[test]
     fn escapes_markup_in_names() {
-        assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
     }
 
     #[test]
@@ -601,11 +820,19 @@ mod tests {
             t.drop(s, Cause::ConntrackTableFull, Some(5), Some((64, 64)));
         }
         t.drop(3, Cause::NetfilterRule, None, None);
-        t.lost_probes.push(super::super::timeline::LostProbe { at_s: 2.5, host: "<h>".into(), seq: 3, cause: None });
+        t.lost_probes.push(super::super::timeline::LostProbe {
+            at_s: 2.5,
+            host: "<h>".into(),
+            seq: 3,
+            cause: None,
+        });
         let mut o = String::new();
         timeline_svg(&mut o, &t, y_top(&t), "t", &|ns| format!("ns{ns}"));
         assert_eq!(o.matches("class=\"series\"").count(), 2);
-        assert!(o.contains("data-cause=\"conntrack_table_full\"") && o.contains("data-cause=\"netfilter_rule\""));
+        assert!(
+            o.contains("data-cause=\"conntrack_table_full\"")
+                && o.contains("data-cause=\"netfilter_rule\"")
+        );
         assert_eq!(o.matches("class=\"fill\"").count(), 1);
         assert_eq!(o.matches("class=\"lost-probe\"").count(), 1);
         assert!(o.contains("&lt;h&gt; #3"), "host names are escaped");
@@ -618,6 +845,10 @@ mod tests {
         t.drop(86_399, Cause::Other, None, None);
         let mut o = String::new();
         timeline_svg(&mut o, &t, y_top(&t), "t", &|ns| ns.to_string());
-        assert!(o.len() < 200_000, "a day-long series drew {} bytes", o.len());
+        assert!(
+            o.len() < 200_000,
+            "a day-long series drew {} bytes",
+            o.len()
+        );
     }
 }

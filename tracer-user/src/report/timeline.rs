@@ -33,7 +33,10 @@ pub struct Timeline {
 
 impl Timeline {
     pub fn new() -> Timeline {
-        Timeline { by_cause: vec![Vec::new(); Cause::ALL.len()], ..Default::default() }
+        Timeline {
+            by_cause: vec![Vec::new(); Cause::ALL.len()],
+            ..Default::default()
+        }
     }
 
     /// One drop in second `sec`, with the table fill it was judged with.
@@ -72,12 +75,18 @@ impl Timeline {
 
     /// Causes that occurred, each with its drops per second.
     pub fn causes(&self) -> impl Iterator<Item = (Cause, &[u64])> {
-        Cause::ALL.iter().zip(&self.by_cause).filter(|(_, s)| s.iter().any(|n| *n > 0)).map(|(c, s)| (*c, &s[..]))
+        Cause::ALL
+            .iter()
+            .zip(&self.by_cause)
+            .filter(|(_, s)| s.iter().any(|n| *n > 0))
+            .map(|(c, s)| (*c, &s[..]))
     }
 
     /// All causes summed per second.
     pub fn totals(&self) -> Vec<u64> {
-        (0..self.seconds()).map(|i| self.by_cause.iter().map(|s| s[i]).sum()).collect()
+        (0..self.seconds())
+            .map(|i| self.by_cause.iter().map(|s| s[i]).sum())
+            .collect()
     }
 
     /// The highest drops-per-second of any one cause.
@@ -90,13 +99,26 @@ impl Timeline {
     }
 
     pub fn to_json(&self) -> Value {
-        let by_cause: Map<String, Value> = self.causes().map(|(c, s)| (c.as_str().to_string(), json!(s))).collect();
+        let by_cause: Map<String, Value> = self
+            .causes()
+            .map(|(c, s)| (c.as_str().to_string(), json!(s)))
+            .collect();
         let fill: Map<String, Value> = self
             .fill()
-            .map(|(ns, s)| (ns.to_string(), s.iter().map(|f| f.map(|(c, m)| json!([c, m])).unwrap_or(Value::Null)).collect::<Value>()))
+            .map(|(ns, s)| {
+                (
+                    ns.to_string(),
+                    s.iter()
+                        .map(|f| f.map(|(c, m)| json!([c, m])).unwrap_or(Value::Null))
+                        .collect::<Value>(),
+                )
+            })
             .collect();
-        let lost: Vec<Value> =
-            self.lost_probes.iter().map(|l| json!({"at_s": l.at_s, "host": l.host, "seq": l.seq, "cause": l.cause})).collect();
+        let lost: Vec<Value> = self
+            .lost_probes
+            .iter()
+            .map(|l| json!({"at_s": l.at_s, "host": l.host, "seq": l.seq, "cause": l.cause}))
+            .collect();
         json!({
             "seconds": self.seconds(),
             "drops_per_second_by_cause": by_cause,
@@ -108,12 +130,20 @@ impl Timeline {
 
 /// Every lost probe of every host, in time order, from the recorded probe
 /// lines (their `ts_ns` is the wall-clock send time).
-pub fn lost_probes(probes: &BTreeMap<String, super::ProbeTally>, started_wall_ns: u64) -> Vec<LostProbe> {
+pub fn lost_probes(
+    probes: &BTreeMap<String, super::ProbeTally>,
+    started_wall_ns: u64,
+) -> Vec<LostProbe> {
     let mut out: Vec<LostProbe> = probes
         .iter()
         .flat_map(|(host, p)| {
             p.lost_probes.iter().map(move |l| LostProbe {
-                at_s: l.get("ts_ns").and_then(Value::as_u64).unwrap_or(started_wall_ns).saturating_sub(started_wall_ns) as f64 / 1e9,
+                at_s: l
+                    .get("ts_ns")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(started_wall_ns)
+                    .saturating_sub(started_wall_ns) as f64
+                    / 1e9,
                 host: host.clone(),
                 seq: l.get("seq").and_then(Value::as_u64).unwrap_or(0),
                 cause: l.get("cause").and_then(Value::as_str).map(str::to_string),
@@ -138,14 +168,29 @@ mod tests {
         t.grow(5);
         assert_eq!(t.seconds(), 5);
         let causes: Vec<(Cause, Vec<u64>)> = t.causes().map(|(c, s)| (c, s.to_vec())).collect();
-        assert_eq!(causes, vec![(Cause::ConntrackTableFull, vec![0, 0, 3, 0, 0]), (Cause::NetfilterRule, vec![1, 0, 0, 0, 0])]);
+        assert_eq!(
+            causes,
+            vec![
+                (Cause::ConntrackTableFull, vec![0, 0, 3, 0, 0]),
+                (Cause::NetfilterRule, vec![1, 0, 0, 0, 0])
+            ]
+        );
         assert_eq!(t.totals(), vec![1, 0, 3, 0, 0]);
         assert_eq!(t.peak(), 3);
         let fill: Vec<_> = t.fill().map(|(ns, s)| (ns, s.to_vec())).collect();
-        assert_eq!(fill, vec![(7, vec![None, None, Some((64, 64)), None, None])]);
+        assert_eq!(
+            fill,
+            vec![(7, vec![None, None, Some((64, 64)), None, None])]
+        );
         let j = t.to_json();
-        assert_eq!(j["drops_per_second_by_cause"]["conntrack_table_full"], json!([0, 0, 3, 0, 0]));
+        assert_eq!(
+            j["drops_per_second_by_cause"]["conntrack_table_full"],
+            json!([0, 0, 3, 0, 0])
+        );
         assert_eq!(j["fill_per_second"]["7"][2], json!([64, 64]));
-        assert!(j["drops_per_second_by_cause"].get("other").is_none(), "a cause never seen has no series");
+        assert!(
+            j["drops_per_second_by_cause"].get("other").is_none(),
+            "a cause never seen has no series"
+        );
     }
 }

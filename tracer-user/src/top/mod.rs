@@ -39,7 +39,12 @@ pub async fn run(args: &TopArgs) -> Result<()> {
     if unsafe { libc::isatty(1) } != 1 {
         bail!("top draws on a terminal and stdout is not a terminal: use `ctdrop live` (or `live --json`) to pipe or redirect");
     }
-    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: false };
+    let opts = SessionOptions {
+        trace: &args.trace,
+        probe: &args.probe,
+        duration: args.duration,
+        capture_headers: false,
+    };
     session::run(&opts, vec![Box::new(TopSink::default())]).await
 }
 
@@ -62,7 +67,9 @@ struct Screen {
 
 impl TopSink {
     fn draw(&mut self) -> std::io::Result<()> {
-        let Some(sc) = &mut self.screen else { return Ok(()) };
+        let Some(sc) = &mut self.screen else {
+            return Ok(());
+        };
         let (state, flows) = (&self.state, &self.flows);
         sc.term.draw(|f| view::draw(f, state, flows))?;
         self.last_draw = Some(Instant::now());
@@ -104,8 +111,12 @@ impl Sink for TopSink {
     }
 
     fn drop_event(&mut self, s: &Shown) -> std::io::Result<()> {
-        let port = s.ev.flow.as_ref().and_then(|f| f.ports.map(|(_, dport)| (f.proto, dport)));
-        self.state.drop_seen(s.ev.netns, s.netns_name, s.cause, port);
+        let port =
+            s.ev.flow
+                .as_ref()
+                .and_then(|f| f.ports.map(|(_, dport)| (f.proto, dport)));
+        self.state
+            .drop_seen(s.ev.netns, s.netns_name, s.cause, port);
         Ok(())
     }
 
@@ -116,8 +127,16 @@ impl Sink for TopSink {
     }
 
     fn occupancy(&mut self, o: &Occupancy) -> std::io::Result<()> {
-        let top = o.top_dst_ports.first().map(|p| format!(", most to {}/{} ({} entries)", p.proto, p.port, p.entries)).unwrap_or_default();
-        self.state.note(format!("table snapshot of {}: {} entries{top}", o.label(), o.entries));
+        let top = o
+            .top_dst_ports
+            .first()
+            .map(|p| format!(", most to {}/{} ({} entries)", p.proto, p.port, p.entries))
+            .unwrap_or_default();
+        self.state.note(format!(
+            "table snapshot of {}: {} entries{top}",
+            o.label(),
+            o.entries
+        ));
         self.dirty = true;
         Ok(())
     }
@@ -127,7 +146,9 @@ impl Sink for TopSink {
         s.roll();
         // Test hook (tests/tests/see.rs): a bug while the screen is ours
         // must still give the terminal back and leave nothing attached.
-        if s.seconds() >= 2 && std::env::var_os("CTDROP_TEST_PANIC_IN_TOP").is_some_and(|v| v == "1") {
+        if s.seconds() >= 2
+            && std::env::var_os("CTDROP_TEST_PANIC_IN_TOP").is_some_and(|v| v == "1")
+        {
             panic!("deliberate panic in top (CTDROP_TEST_PANIC_IN_TOP=1)");
         }
         s.events_lost = p.stats.lost;
@@ -173,7 +194,9 @@ impl Sink for TopSink {
     }
 
     fn poll(&mut self) -> std::io::Result<()> {
-        let Some(sc) = &self.screen else { return Ok(()) };
+        let Some(sc) = &self.screen else {
+            return Ok(());
+        };
         while let Ok(i) = sc.keys.try_recv() {
             match i {
                 Input::Key(k) => {

@@ -5,11 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use crate::{
-    cause::Cause,
-    flows::cause_index,
-    probe::matcher::Status,
-};
+use crate::{cause::Cause, flows::cause_index, probe::matcher::Status};
 
 /// Seconds of history kept for the sparklines.
 pub const HISTORY: usize = 60;
@@ -150,7 +146,13 @@ impl Default for TopState {
 }
 
 impl TopState {
-    pub fn drop_seen(&mut self, netns: Option<u32>, name: Option<&str>, cause: Cause, port: Option<(u8, u16)>) {
+    pub fn drop_seen(
+        &mut self,
+        netns: Option<u32>,
+        name: Option<&str>,
+        cause: Cause,
+        port: Option<(u8, u16)>,
+    ) {
         let ci = cause_index(cause);
         let d = self.ns.entry(netns).or_default();
         if d.name.is_none() {
@@ -168,7 +170,15 @@ impl TopState {
                 }
                 None if len >= MAX_PORTS => self.ports_untracked += 1,
                 None => {
-                    self.ports.insert((netns, proto, port), PortStat { total: 1, current: 1, last_second: 0, cause: Some(cause) });
+                    self.ports.insert(
+                        (netns, proto, port),
+                        PortStat {
+                            total: 1,
+                            current: 1,
+                            last_second: 0,
+                            cause: Some(cause),
+                        },
+                    );
                 }
             }
         }
@@ -232,7 +242,12 @@ impl TopState {
             Key::Pause => self.paused = !self.paused,
             Key::AllNamespaces => self.filter = None,
             Key::NextNamespace => {
-                let with_drops: Vec<Option<u32>> = self.ns.iter().filter(|(_, d)| d.total.iter().any(|n| *n > 0)).map(|(k, _)| *k).collect();
+                let with_drops: Vec<Option<u32>> = self
+                    .ns
+                    .iter()
+                    .filter(|(_, d)| d.total.iter().any(|n| *n > 0))
+                    .map(|(k, _)| *k)
+                    .collect();
                 self.filter = match self.filter {
                     None => with_drops.first().copied(),
                     Some(cur) => with_drops.iter().find(|k| **k > cur).copied(),
@@ -260,10 +275,18 @@ impl TopState {
         let mut v: Vec<NsRow> = self
             .ns
             .iter()
-            .filter(|(k, d)| self.shown(**k) && (d.entries.unwrap_or(0) > 0 || d.total.iter().any(|n| *n > 0)))
+            .filter(|(k, d)| {
+                self.shown(**k) && (d.entries.unwrap_or(0) > 0 || d.total.iter().any(|n| *n > 0))
+            })
             .map(|(k, d)| {
                 let total: u64 = d.total.iter().sum();
-                let main = d.total.iter().enumerate().filter(|(_, n)| **n > 0).max_by_key(|(_, n)| **n).map(|(i, _)| Cause::ALL[i]);
+                let main = d
+                    .total
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| **n > 0)
+                    .max_by_key(|(_, n)| **n)
+                    .map(|(i, _)| Cause::ALL[i]);
                 NsRow {
                     netns: *k,
                     label: self.label(*k),
@@ -276,8 +299,18 @@ impl TopState {
             })
             .collect();
         match self.sort {
-            SortBy::Rate => v.sort_by(|a, b| b.rate.cmp(&a.rate).then(b.total.cmp(&a.total)).then(a.label.cmp(&b.label))),
-            SortBy::Fill => v.sort_by(|a, b| b.fill().unwrap_or(0.0).total_cmp(&a.fill().unwrap_or(0.0)).then(a.label.cmp(&b.label))),
+            SortBy::Rate => v.sort_by(|a, b| {
+                b.rate
+                    .cmp(&a.rate)
+                    .then(b.total.cmp(&a.total))
+                    .then(a.label.cmp(&b.label))
+            }),
+            SortBy::Fill => v.sort_by(|a, b| {
+                b.fill()
+                    .unwrap_or(0.0)
+                    .total_cmp(&a.fill().unwrap_or(0.0))
+                    .then(a.label.cmp(&b.label))
+            }),
             SortBy::Name => v.sort_by(|a, b| a.label.cmp(&b.label)),
         }
         v
@@ -315,8 +348,18 @@ impl TopState {
 
     /// Ports drops turn up on (in the shown namespaces), busiest first.
     pub fn top_ports(&self, n: usize) -> Vec<((Option<u32>, u8, u16), PortStat)> {
-        let mut v: Vec<_> = self.ports.iter().filter(|((ns, _, _), _)| self.shown(*ns)).map(|(k, s)| (*k, *s)).collect();
-        v.sort_by(|a, b| b.1.last_second.cmp(&a.1.last_second).then(b.1.total.cmp(&a.1.total)).then(a.0.cmp(&b.0)));
+        let mut v: Vec<_> = self
+            .ports
+            .iter()
+            .filter(|((ns, _, _), _)| self.shown(*ns))
+            .map(|(k, s)| (*k, *s))
+            .collect();
+        v.sort_by(|a, b| {
+            b.1.last_second
+                .cmp(&a.1.last_second)
+                .then(b.1.total.cmp(&a.1.total))
+                .then(a.0.cmp(&b.0))
+        });
         v.truncate(n);
         v
     }
@@ -336,20 +379,31 @@ mod tests {
 
     fn full(s: &mut TopState, ns: u32, n: u64, port: u16) {
         for _ in 0..n {
-            s.drop_seen(Some(ns), Some("rx"), Cause::ConntrackTableFull, Some((17, port)));
+            s.drop_seen(
+                Some(ns),
+                Some("rx"),
+                Cause::ConntrackTableFull,
+                Some((17, port)),
+            );
         }
     }
 
     #[test]
     fn rates_are_last_completed_second_and_history_is_bounded() {
-        let mut s = TopState { max: Some(64), ..Default::default() };
+        let mut s = TopState {
+            max: Some(64),
+            ..Default::default()
+        };
         s.entries(7, Some("rx"), 64);
         full(&mut s, 7, 5, 5353);
         assert_eq!(s.rows()[0].rate, 0, "the second is not over yet");
         s.roll();
         full(&mut s, 7, 2, 5353);
         let r = &s.rows()[0];
-        assert_eq!((r.rate, r.total, r.entries, r.max), (5, 7, Some(64), Some(64)));
+        assert_eq!(
+            (r.rate, r.total, r.entries, r.max),
+            (5, 7, Some(64), Some(64))
+        );
         assert_eq!(r.label, "rx (7)");
         assert_eq!(r.fill(), Some(1.0));
         let c = s.causes();
@@ -387,7 +441,10 @@ mod tests {
 
     #[test]
     fn sort_orders_and_keys() {
-        let mut s = TopState { max: Some(100), ..Default::default() };
+        let mut s = TopState {
+            max: Some(100),
+            ..Default::default()
+        };
         s.entries(1, Some("b"), 90);
         s.entries(2, Some("a"), 10);
         full(&mut s, 2, 3, 1);
@@ -409,7 +466,12 @@ mod tests {
     fn ports_are_bounded() {
         let mut s = TopState::default();
         for p in 0..(MAX_PORTS as u32 + 10) {
-            s.drop_seen(Some(1), None, Cause::ConntrackTableFull, Some((17, p as u16)));
+            s.drop_seen(
+                Some(1),
+                None,
+                Cause::ConntrackTableFull,
+                Some((17, p as u16)),
+            );
         }
         assert_eq!(s.ports_untracked, 10);
         s.roll();

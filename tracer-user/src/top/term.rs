@@ -56,27 +56,29 @@ pub fn enter() -> std::io::Result<(Receiver<Input>, Receiver<String>)> {
     }
     let lines = catch_stderr();
     let (tx, keys) = mpsc::channel();
-    std::thread::Builder::new().name("top-keys".into()).spawn(move || loop {
-        // poll with a timeout, so the thread stops reading once the screen
-        // is given back (it must not eat what the operator types next).
-        match event::poll(Duration::from_millis(200)) {
-            Ok(true) => {}
-            Ok(false) if ACTIVE.load(Ordering::SeqCst) => continue,
-            _ => return,
-        }
-        let sent = match event::read() {
-            Ok(Event::Key(k)) => match key(k) {
-                Some(k) => tx.send(Input::Key(k)),
-                None => Ok(()),
-            },
-            Ok(Event::Resize(..)) => tx.send(Input::Resize),
-            Ok(_) => Ok(()),
-            Err(_) => return,
-        };
-        if sent.is_err() {
-            return;
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("top-keys".into())
+        .spawn(move || loop {
+            // poll with a timeout, so the thread stops reading once the screen
+            // is given back (it must not eat what the operator types next).
+            match event::poll(Duration::from_millis(200)) {
+                Ok(true) => {}
+                Ok(false) if ACTIVE.load(Ordering::SeqCst) => continue,
+                _ => return,
+            }
+            let sent = match event::read() {
+                Ok(Event::Key(k)) => match key(k) {
+                    Some(k) => tx.send(Input::Key(k)),
+                    None => Ok(()),
+                },
+                Ok(Event::Resize(..)) => tx.send(Input::Resize),
+                Ok(_) => Ok(()),
+                Err(_) => return,
+            };
+            if sent.is_err() {
+                return;
+            }
+        })?;
     Ok((keys, lines))
 }
 
@@ -126,14 +128,16 @@ fn catch_stderr() -> Receiver<String> {
     // SAFETY: fds[0] is the pipe's read end, owned by nothing else; the
     // File takes it over.
     let read = unsafe { std::fs::File::from_raw_fd(fds[0]) };
-    let _ = std::thread::Builder::new().name("top-stderr".into()).spawn(move || {
-        for line in BufReader::new(read).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
+    let _ = std::thread::Builder::new()
+        .name("top-stderr".into())
+        .spawn(move || {
+            for line in BufReader::new(read).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
             }
-        }
-    });
+        });
     rx
 }
 

@@ -57,7 +57,11 @@ pub fn draw(f: &mut Frame, s: &TopState, flows: &[FlowLine]) {
     let causes = s.causes();
     let ns_h = (rows.len().clamp(1, 8) + 3) as u16;
     let cause_h = (causes.len().max(1) + 2) as u16;
-    let probe_h = if s.probes.is_empty() { 0 } else { (s.probes.len().min(6) + 3) as u16 };
+    let probe_h = if s.probes.is_empty() {
+        0
+    } else {
+        (s.probes.len().min(6) + 3) as u16
+    };
     let [status, ns_area, cause_area, mid, probe_area, help] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(ns_h),
@@ -72,7 +76,11 @@ pub fn draw(f: &mut Frame, s: &TopState, flows: &[FlowLine]) {
         None => "all namespaces".to_string(),
         Some(ns) => format!("only {}", s.label(ns)),
     };
-    let lost_style = if s.events_lost > 0 { Style::default().fg(Color::Red).add_modifier(Modifier::BOLD) } else { Style::default() };
+    let lost_style = if s.events_lost > 0 {
+        Style::default().fg(Color::Red).add_modifier(Modifier::BOLD)
+    } else {
+        Style::default()
+    };
     let mut head = vec![
         Span::styled("ctdrop top", Style::default().add_modifier(Modifier::BOLD)),
         Span::raw(format!("  {:.0} s  ", s.elapsed_s)),
@@ -80,13 +88,17 @@ pub fn draw(f: &mut Frame, s: &TopState, flows: &[FlowLine]) {
         Span::raw(format!("  sort {}  {filter}", s.sort.as_str())),
     ];
     if s.paused {
-        head.push(Span::styled("  PAUSED", Style::default().fg(Color::Black).bg(Color::Yellow)));
+        head.push(Span::styled(
+            "  PAUSED",
+            Style::default().fg(Color::Black).bg(Color::Yellow),
+        ));
     }
     f.render_widget(Paragraph::new(Line::from(head)), status);
 
     namespaces(f, ns_area, s, &rows);
     cause_rates(f, cause_area, &causes);
-    let [flow_area, port_area] = Layout::horizontal([Constraint::Percentage(62), Constraint::Percentage(38)]).areas(mid);
+    let [flow_area, port_area] =
+        Layout::horizontal([Constraint::Percentage(62), Constraint::Percentage(38)]).areas(mid);
     flow_table(f, flow_area, flows);
     port_table(f, port_area, s);
     if probe_h > 0 {
@@ -96,7 +108,11 @@ pub fn draw(f: &mut Frame, s: &TopState, flows: &[FlowLine]) {
         "q quit  s sort  n next namespace  a all  p pause",
         Style::default().fg(Color::DarkGray),
     ))];
-    lines.extend(s.messages.iter().map(|m| Line::from(Span::styled(m.clone(), Style::default().fg(Color::Yellow)))));
+    lines.extend(
+        s.messages
+            .iter()
+            .map(|m| Line::from(Span::styled(m.clone(), Style::default().fg(Color::Yellow)))),
+    );
     f.render_widget(Paragraph::new(lines), help);
 }
 
@@ -105,11 +121,18 @@ fn namespaces(f: &mut Frame, area: Rect, s: &TopState, rows: &[super::state::NsR
         .iter()
         .map(|r| {
             let (fill_text, style) = match (r.entries, r.max, r.fill()) {
-                (Some(e), Some(m), Some(fr)) => (format!("{} {e}/{m} {:.0}%", bar(fr, 12), fr * 100.0), Style::default().fg(fill_color(fr))),
+                (Some(e), Some(m), Some(fr)) => (
+                    format!("{} {e}/{m} {:.0}%", bar(fr, 12), fr * 100.0),
+                    Style::default().fg(fill_color(fr)),
+                ),
                 (Some(e), _, _) => (format!("{e} entries"), Style::default()),
                 _ => ("-".into(), Style::default()),
             };
-            let rate_style = if r.rate > 0 { Style::default().fg(Color::Red).add_modifier(Modifier::BOLD) } else { Style::default() };
+            let rate_style = if r.rate > 0 {
+                Style::default().fg(Color::Red).add_modifier(Modifier::BOLD)
+            } else {
+                Style::default()
+            };
             Row::new(vec![
                 Cell::from(r.label.clone()),
                 Cell::from(fill_text).style(style),
@@ -119,15 +142,39 @@ fn namespaces(f: &mut Frame, area: Rect, s: &TopState, rows: &[super::state::NsR
             ])
         })
         .collect();
-    let t = Table::new(table_rows, [Constraint::Min(20), Constraint::Length(34), Constraint::Length(9), Constraint::Length(10), Constraint::Length(24)])
-        .header(Row::new(["namespace", "table fill (count/max)", "drops/s", "drops", "main cause"]).style(Style::default().add_modifier(Modifier::BOLD)))
-        .block(Block::default().borders(Borders::TOP).title(format!(" namespaces ({}) ", rows.len())));
+    let t = Table::new(
+        table_rows,
+        [
+            Constraint::Min(20),
+            Constraint::Length(34),
+            Constraint::Length(9),
+            Constraint::Length(10),
+            Constraint::Length(24),
+        ],
+    )
+    .header(
+        Row::new([
+            "namespace",
+            "table fill (count/max)",
+            "drops/s",
+            "drops",
+            "main cause",
+        ])
+        .style(Style::default().add_modifier(Modifier::BOLD)),
+    )
+    .block(
+        Block::default()
+            .borders(Borders::TOP)
+            .title(format!(" namespaces ({}) ", rows.len())),
+    );
     let _ = s;
     f.render_widget(t, area);
 }
 
 fn cause_rates(f: &mut Frame, area: Rect, causes: &[(Cause, u64, u64, Vec<u64>)]) {
-    let block = Block::default().borders(Borders::TOP).title(" drops/s by cause (last 60 s) ");
+    let block = Block::default()
+        .borders(Borders::TOP)
+        .title(" drops/s by cause (last 60 s) ");
     let inner = block.inner(area);
     f.render_widget(block, area);
     if causes.is_empty() {
@@ -136,13 +183,22 @@ fn cause_rates(f: &mut Frame, area: Rect, causes: &[(Cause, u64, u64, Vec<u64>)]
     }
     let rows = Layout::vertical(causes.iter().map(|_| Constraint::Length(1))).split(inner);
     for ((cause, rate, total, hist), row) in causes.iter().zip(rows.iter()) {
-        let [label, spark] = Layout::horizontal([Constraint::Length(56), Constraint::Min(10)]).areas(*row);
+        let [label, spark] =
+            Layout::horizontal([Constraint::Length(56), Constraint::Min(10)]).areas(*row);
         let text = format!("{:<24} {:>8}/s {:>12} total", cause.as_str(), rate, total);
-        f.render_widget(Paragraph::new(text).style(Style::default().fg(cause_color(*cause))), label);
+        f.render_widget(
+            Paragraph::new(text).style(Style::default().fg(cause_color(*cause))),
+            label,
+        );
         // The newest seconds at the right edge, as wide as there is room.
         let w = spark.width as usize;
         let data = &hist[hist.len().saturating_sub(w)..];
-        f.render_widget(Sparkline::default().data(data).style(Style::default().fg(cause_color(*cause))), spark);
+        f.render_widget(
+            Sparkline::default()
+                .data(data)
+                .style(Style::default().fg(cause_color(*cause))),
+            spark,
+        );
     }
 }
 
@@ -160,9 +216,22 @@ fn flow_table(f: &mut Frame, area: Rect, flows: &[FlowLine]) {
             ])
         })
         .collect();
-    let t = Table::new(rows, [Constraint::Length(8), Constraint::Length(5), Constraint::Min(16), Constraint::Min(16), Constraint::Length(21), Constraint::Length(8)])
-        .header(Row::new(["drops", "proto", "source", "destination", "cause", "last"]).style(Style::default().add_modifier(Modifier::BOLD)))
-        .block(Block::default().borders(Borders::TOP).title(" top flows "));
+    let t = Table::new(
+        rows,
+        [
+            Constraint::Length(8),
+            Constraint::Length(5),
+            Constraint::Min(16),
+            Constraint::Min(16),
+            Constraint::Length(21),
+            Constraint::Length(8),
+        ],
+    )
+    .header(
+        Row::new(["drops", "proto", "source", "destination", "cause", "last"])
+            .style(Style::default().add_modifier(Modifier::BOLD)),
+    )
+    .block(Block::default().borders(Borders::TOP).title(" top flows "));
     f.render_widget(t, area);
 }
 
@@ -171,13 +240,38 @@ fn port_table(f: &mut Frame, area: Rect, s: &TopState) {
         .top_ports(area.height.saturating_sub(2) as usize)
         .into_iter()
         .map(|((_, proto, port), p)| {
-            Row::new(vec![Cell::from(format!("{}/{port}", proto_name(proto))), Cell::from(p.last_second.to_string()), Cell::from(p.total.to_string())])
+            Row::new(vec![
+                Cell::from(format!("{}/{port}", proto_name(proto))),
+                Cell::from(p.last_second.to_string()),
+                Cell::from(p.total.to_string()),
+            ])
         })
         .collect();
-    let title = if s.ports_untracked > 0 { format!(" ports ({} drops beyond {} ports) ", s.ports_untracked, super::state::MAX_PORTS) } else { " destination ports ".into() };
-    let t = Table::new(rows, [Constraint::Min(10), Constraint::Length(8), Constraint::Length(10)])
-        .header(Row::new(["port", "drops/s", "drops"]).style(Style::default().add_modifier(Modifier::BOLD)))
-        .block(Block::default().borders(Borders::TOP | Borders::LEFT).title(title));
+    let title = if s.ports_untracked > 0 {
+        format!(
+            " ports ({} drops beyond {} ports) ",
+            s.ports_untracked,
+            super::state::MAX_PORTS
+        )
+    } else {
+        " destination ports ".into()
+    };
+    let t = Table::new(
+        rows,
+        [
+            Constraint::Min(10),
+            Constraint::Length(8),
+            Constraint::Length(10),
+        ],
+    )
+    .header(
+        Row::new(["port", "drops/s", "drops"]).style(Style::default().add_modifier(Modifier::BOLD)),
+    )
+    .block(
+        Block::default()
+            .borders(Borders::TOP | Borders::LEFT)
+            .title(title),
+    );
     f.render_widget(t, area);
 }
 
@@ -186,18 +280,37 @@ fn probes(f: &mut Frame, area: Rect, s: &TopState) {
         .probes
         .iter()
         .map(|(host, p)| {
-            let pct = if p.sent > 0 { 100.0 * p.lost as f64 / p.sent as f64 } else { 0.0 };
+            let pct = if p.sent > 0 {
+                100.0 * p.lost as f64 / p.sent as f64
+            } else {
+                0.0
+            };
             Row::new(vec![
                 Cell::from(host.clone()),
                 Cell::from(format!("{}/{}", p.lost, p.sent)),
                 Cell::from(format!("{pct:.0}%")),
-                Cell::from(p.last.clone()).style(Style::default().fg(if p.last_ok { Color::Green } else { Color::Red })),
+                Cell::from(p.last.clone()).style(Style::default().fg(if p.last_ok {
+                    Color::Green
+                } else {
+                    Color::Red
+                })),
             ])
         })
         .collect();
-    let t = Table::new(rows, [Constraint::Length(24), Constraint::Length(10), Constraint::Length(6), Constraint::Min(20)])
-        .header(Row::new(["probe", "lost/sent", "loss", "last"]).style(Style::default().add_modifier(Modifier::BOLD)))
-        .block(Block::default().borders(Borders::TOP).title(" probes "));
+    let t = Table::new(
+        rows,
+        [
+            Constraint::Length(24),
+            Constraint::Length(10),
+            Constraint::Length(6),
+            Constraint::Min(20),
+        ],
+    )
+    .header(
+        Row::new(["probe", "lost/sent", "loss", "last"])
+            .style(Style::default().add_modifier(Modifier::BOLD)),
+    )
+    .block(Block::default().borders(Borders::TOP).title(" probes "));
     f.render_widget(t, area);
 }
 
@@ -220,13 +333,31 @@ mod tests {
         s.max = Some(64);
         s.entries(4026532000, Some("ctdt-rx"), 64);
         for _ in 0..42 {
-            s.drop_seen(Some(4026532000), Some("ctdt-rx"), Cause::ConntrackTableFull, Some((17, 5353)));
+            s.drop_seen(
+                Some(4026532000),
+                Some("ctdt-rx"),
+                Cause::ConntrackTableFull,
+                Some((17, 5353)),
+            );
         }
         s.roll();
-        let flows = [FlowLine { drops: 3, proto: 17, src: "198.18.0.1:4000".into(), dst: "198.18.0.2:5353".into(), cause: Cause::ConntrackTableFull, idle_s: 0.0 }];
+        let flows = [FlowLine {
+            drops: 3,
+            proto: 17,
+            src: "198.18.0.1:4000".into(),
+            dst: "198.18.0.2:5353".into(),
+            cause: Cause::ConntrackTableFull,
+            idle_s: 0.0,
+        }];
         let mut term = Terminal::new(TestBackend::new(120, 30)).unwrap();
         term.draw(|f| draw(f, &s, &flows)).unwrap();
-        let screen: String = term.backend().buffer().content().iter().map(|c| c.symbol()).collect();
+        let screen: String = term
+            .backend()
+            .buffer()
+            .content()
+            .iter()
+            .map(|c| c.symbol())
+            .collect();
         assert!(screen.contains("ctdt-rx (4026532000)"), "{screen}");
         assert!(screen.contains("64/64 100%"), "{screen}");
         assert!(screen.contains("conntrack_table_full"), "{screen}");
