@@ -26,27 +26,6 @@ use serde_json::{json, Value};
 
 const MAX: u64 = 64;
 
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let p = std::env::temp_dir().join(format!("ctdt-see-{}-{}", std::process::id(), next_id()));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Where a screenshot goes: CTDROP_SCREENSHOT_DIR when set, else scratch.
 fn shot_path(scratch: &Scratch, name: &str) -> PathBuf {
     match std::env::var_os("CTDROP_SCREENSHOT_DIR") {
@@ -54,7 +33,7 @@ fn shot_path(scratch: &Scratch, name: &str) -> PathBuf {
             std::fs::create_dir_all(&d).unwrap();
             Path::new(&d).join(name)
         }
-        _ => scratch.file(name),
+        _ => PathBuf::from(scratch.file(name)),
     }
 }
 
@@ -386,39 +365,35 @@ impl Browser {
         let mut bytes = serde_json::to_vec(&msg).unwrap();
         bytes.push(0);
         self.to.write_all(&bytes).unwrap();
+        let v = self.next_until(&format!("an answer to {method}"), |v| {
+            v["id"].as_u64() == Some(id)
+        });
+        if let Some(e) = v.get("error") {
+            panic!("chromium: {method}: {e}");
+        }
+        v["result"].clone()
+    }
+
+    /// Messages from chromium, kept as events, until one matches (returned).
+    fn next_until(&mut self, what: &str, hit: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let v = self
                 .from
                 .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("chromium did not answer {method}"));
-            if v["id"].as_u64() == Some(id) {
-                if let Some(e) = v.get("error") {
-                    panic!("chromium: {method}: {e}");
-                }
-                return v["result"].clone();
+                .unwrap_or_else(|_| panic!("chromium: no {what}"));
+            if hit(&v) {
+                return v;
             }
             self.events.push(v);
         }
     }
 
     fn wait_event(&mut self, method: &str) {
-        if self.events.iter().any(|e| e["method"] == method) {
-            return;
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let v = self
-                .from
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no {method} from chromium"));
-            let hit = v["method"] == method;
+        if !self.events.iter().any(|e| e["method"] == method) {
+            let v = self.next_until(method, |v| v["method"] == method);
             self.events.push(v);
-            if hit {
-                return;
-            }
         }
     }
 
@@ -693,7 +668,7 @@ fn top_in_a_terminal_shows_the_full_namespace_and_detaches_on_q() {
 
     // The picture for the README: the pane with its colours, as HTML, in the browser.
     let colored = tmux.capture(true);
-    let html = scratch.file("top.html");
+    let html = PathBuf::from(scratch.file("top.html"));
     let mut aha = Command::new("aha")
         .args(["--black", "--title", "ctdrop top"])
         .stdin(Stdio::piped())
@@ -748,15 +723,7 @@ fn top_in_a_terminal_shows_the_full_namespace_and_detaches_on_q() {
         "the TUI is still on screen after q:\n{after}"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (left, orphans) = loop {
-        let left = bpf::still_listed(&held).unwrap();
-        let orphans = bpf::orphans_since(&since).unwrap();
-        if (left.is_empty() && orphans.is_empty()) || Instant::now() > deadline {
-            break (left, orphans);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (left, orphans) = bpf::wait_released(&held, &since, Duration::from_secs(10)).unwrap();
     assert!(
         left.is_empty(),
         "still attached after q: {:?}",
@@ -841,17 +808,11 @@ fn top_gives_the_terminal_back_on_ctrl_c_sigterm_and_panic() {
                 "{how}: no end-of-run line:\n{after}"
             );
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(bpf::still_listed(&held).unwrap().is_empty()
-            && bpf::orphans_since(&since).unwrap().is_empty())
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{how}: left attached: {:?}",
-                bpf::still_listed(&held).unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let (left, orphans) = bpf::wait_released(&held, &since, Duration::from_secs(10)).unwrap();
+        assert!(
+            left.is_empty() && orphans.is_empty(),
+            "{how}: left attached: {left:?} {orphans:?}"
+        );
     }
 }
 
@@ -880,7 +841,7 @@ fn top_refuses_when_stdout_is_not_a_terminal() {
 #[test]
 fn browser_check_catches_a_fetch_and_a_console_error() {
     let scratch = Scratch::new();
-    let page = scratch.file("bad.html");
+    let page = PathBuf::from(scratch.file("bad.html"));
     std::fs::write(&page, "<!DOCTYPE html><html><body><img src=\"elsewhere.png\"><script>console.error('boom')</script></body></html>").unwrap();
     let mut b = Browser::start(800, 600);
     let v = b.open(&page);
@@ -923,7 +884,7 @@ fn html_report_opens_offline_and_matches_the_json_report() {
             "DROP",
         ])
         .unwrap();
-    let cap = scratch.file("incident.ctdrop");
+    let cap = PathBuf::from(scratch.file("incident.ctdrop"));
     let cap_s = cap.display().to_string();
     let rx_addr = inc.topo.receiver_addr.to_string();
     let capture = Ctdrop::spawn(&[
@@ -959,7 +920,7 @@ fn html_report_opens_offline_and_matches_the_json_report() {
     let json_ms = t.elapsed().as_secs_f64() * 1e3;
     assert!(j.status.success(), "{}", String::from_utf8_lossy(&j.stderr));
     let report: Value = serde_json::from_slice(&j.stdout).unwrap();
-    let html = scratch.file("report.html");
+    let html = PathBuf::from(scratch.file("report.html"));
     let t = Instant::now();
     let h = ctdrop(&[
         "report",
@@ -1111,7 +1072,7 @@ fn html_report_opens_offline_and_matches_the_json_report() {
     eprintln!("page numbers checked against JSON: {}", keys.len());
 
     // Before/after: the same capture twice is enough to lay out two plots.
-    let cmp_html = scratch.file("compare.html");
+    let cmp_html = PathBuf::from(scratch.file("compare.html"));
     let c = ctdrop(&[
         "report",
         "--before",

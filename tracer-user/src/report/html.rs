@@ -18,7 +18,7 @@ use std::fmt::Write;
 
 use super::{
     compare::{change, Comparison},
-    text::{bucket, date, rate},
+    text::{bucket, counter_verdict, date, flow_ends, rate},
     timeline::Timeline,
     Report,
 };
@@ -481,19 +481,7 @@ pub fn render(r: &Report, top: usize) -> String {
             .into_iter()
             .enumerate()
             .map(|(i, (id, s))| {
-                let end = |a: Option<std::net::IpAddr>, p: u16| match (a, id.proto) {
-                    (Some(a), 6 | 17) => format!("{a}:{p}"),
-                    (Some(a), _) => a.to_string(),
-                    (None, _) => "?".into(),
-                };
-                let (src, dst) = if matches!(id.proto, 1 | 58) && id.sport != 0 {
-                    (
-                        format!("{} id {}", end(id.src, 0), id.sport),
-                        end(id.dst, 0),
-                    )
-                } else {
-                    (end(id.src, id.sport), end(id.dst, id.dport))
-                };
+                let (src, dst) = flow_ends(id);
                 vec![
                     keyed(&format!("top_flows/{i}/drops"), s.drops),
                     proto_name(id.proto),
@@ -542,13 +530,11 @@ pub fn render(r: &Report, top: usize) -> String {
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    let verdict = if c.agrees() {
-                        "<td class=\"agree\">agree</td>".to_string()
-                    } else if h.filter.narrows() {
-                        "<td class=\"differ\">differ (a filter was set)</td>".to_string()
-                    } else {
-                        format!("<td class=\"differ\">DIFFER by {}</td>", c.delta.get("drop") as i64 - (c.table_full + c.insert_failed) as i64)
-                    };
+                    let verdict = format!(
+                        "<td class=\"{}\">{}</td>",
+                        if c.agrees() { "agree" } else { "differ" },
+                        esc(&counter_verdict(c, h.filter.narrows()))
+                    );
                     vec![
                         esc(&match &c.netns_name {
                             Some(n) => format!("{n} ({})", c.netns),

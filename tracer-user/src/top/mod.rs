@@ -169,16 +169,12 @@ impl Sink for TopSink {
                 .filter(|(id, _)| s.filter_shows(id.netns))
                 .take(20)
                 .map(|(id, st)| {
-                    let end = |a: Option<std::net::IpAddr>, port: u16| match (a, id.proto) {
-                        (Some(a), 6 | 17) => format!("{a}:{port}"),
-                        (Some(a), _) => a.to_string(),
-                        (None, _) => "?".into(),
-                    };
+                    let (src, dst) = crate::report::text::flow_ends(id);
                     FlowLine {
                         drops: st.drops,
                         proto: id.proto,
-                        src: end(id.src, id.sport),
-                        dst: end(id.dst, id.dport),
+                        src,
+                        dst,
                         cause: st.main_cause(),
                         idle_s: p.mono_ns.saturating_sub(st.last_ns) as f64 / 1e9,
                     }
