@@ -16,3 +16,4 @@ pub mod summary;
 pub mod probe;
 pub mod report;
 pub mod watch;
+pub mod top;

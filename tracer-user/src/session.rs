@@ -500,6 +500,11 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                 }
                 expire_probes(&mut collector, &mut sinks);
                 collector.poll_snapshots(&mut sinks);
+                let mut sink_failed = false;
+                for k in sinks.iter_mut() {
+                    sink_failed |= k.poll().is_err();
+                }
+                if stopping.is_none() && (sink_failed || sinks.iter().any(|k| k.wants_stop())) && begin_stop(&mut stopping, &mut probes, &collector) { break; }
                 if stopping.is_some() && collector.matcher.pending() == 0 { break; }
                 if let Some(t) = stopping {
                     if t.elapsed() > args.probe.timeout + Duration::from_millis(200) { break; }

@@ -26,6 +26,9 @@ pub const APT_PACKAGES: &[&str] = &[
     "bpftrace",     // the one-liners `cargo xtask bench` measures ctdrop against
     "linux-perf",   // `perf` to profile ctdrop when a bench target is missed
     "systemd",      // systemd-analyze verify for deploy/systemd (tests/tests/watch.rs)
+    "tmux",         // drive `ctdrop top` in a real terminal (tests/tests/see.rs)
+    "chromium",     // open the HTML report headless: screenshot, no fetches, numbers
+    "aha",          // tmux pane with colours -> HTML, for the `top` screenshot
 ];
 
 /// Without this the wireshark-common postinst asks whether non-root users
