@@ -106,7 +106,7 @@ impl NsHandle {
 fn ifname_via(sock: i32, ifindex: u32) -> Option<String> {
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     req.ifr_ifru.ifru_ifindex = ifindex as i32;
-    if unsafe { libc::ioctl(sock, libc::SIOCGIFNAME, &mut req) } != 0 {
+    if unsafe { libc::ioctl(sock, libc::SIOCGIFNAME as _, &mut req) } != 0 {
         return None;
     }
     let bytes: Vec<u8> = req.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
