@@ -19,11 +19,10 @@ use crate::{
     toolchains::{DIST_TARGETS, RELEASE},
 };
 
-/// What one target produced; the tests and `image` read these paths.
+/// What one target produced (`image` packs the binary).
 pub struct Artefact {
     pub target: &'static str,
     pub binary: PathBuf,
-    pub tarball: PathBuf,
 }
 
 pub fn run(only: &[String]) -> Result<Vec<Artefact>> {
@@ -64,11 +63,7 @@ pub fn run(only: &[String]) -> Result<Vec<Artefact>> {
             size(&tarball)?,
             size(&binary)?
         );
-        out.push(Artefact {
-            target,
-            binary,
-            tarball,
-        });
+        out.push(Artefact { target, binary });
     }
     Ok(out)
 }
