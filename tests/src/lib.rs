@@ -495,8 +495,7 @@ impl Ctdrop {
     }
 
     fn spawn_opts(args: &[&str], env: &[(&str, &str)], mode: Stdout, nofile: Option<(u64, u64)>) -> Result<Ctdrop> {
-        let bin = ctdrop_bin();
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(ctdrop_bin());
         if let Some((soft, hard)) = nofile {
             use std::os::unix::process::CommandExt;
             let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
@@ -510,14 +509,26 @@ impl Ctdrop {
                 })
             };
         }
+        cmd.args(args).envs(env.iter().copied());
+        Ctdrop::spawn_command(cmd, mode)
+    }
+
+    /// [`Ctdrop::spawn`] of a command line of the test's own making: another
+    /// ctdrop binary, or one run through a wrapper (`chroot ROOT /ctdrop`).
+    pub fn spawn_argv(argv: &[&str]) -> Result<Ctdrop> {
+        let (first, rest) = argv.split_first().ok_or_else(|| anyhow!("empty command line"))?;
+        let mut cmd = Command::new(first);
+        cmd.args(rest);
+        Ctdrop::spawn_command(cmd, Stdout::All)
+    }
+
+    fn spawn_command(mut cmd: Command, mode: Stdout) -> Result<Ctdrop> {
         let mut child = cmd
-            .args(args)
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
         let out = child.stdout.take().unwrap();
         let (out, own_stdout) = match mode {
             Stdout::Caller => (None, Some(out)),

@@ -5,6 +5,12 @@ fn main() {
     one_line_panics();
     // One descriptor per traced namespace, and the soft 1024 is a relic.
     ctdrop::conntrack::netns::raise_fd_limit();
+    if let Some(dir) = dist_assets_dir() {
+        if let Err(e) = ctdrop::assets::write(&dir) {
+            fail(e);
+        }
+        return;
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -25,6 +31,12 @@ fn main() {
     if let Err(e) = result {
         fail(e);
     }
+}
+
+/// `ctdrop __dist-assets DIR` (hidden; `cargo xtask dist` runs it).
+fn dist_assets_dir() -> Option<std::path::PathBuf> {
+    let mut args = std::env::args_os().skip(1);
+    (args.next()? == ctdrop::assets::HIDDEN_ARG).then(|| args.next().map(Into::into)).flatten()
 }
 
 /// One line, no backtrace: the operator is in the middle of an incident.

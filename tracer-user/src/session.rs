@@ -46,7 +46,13 @@ pub fn boot_offset_ns() -> u64 {
 /// small freed blocks in its heap otherwise, and the parsed BTF is tens of
 /// megabytes of them.
 pub fn release_freed_memory() {
-    unsafe { libc::malloc_trim(0) };
+    // SAFETY: malloc_trim only walks glibc's own heap; no pointer of ours is involved.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
+    // musl (the static release build) has no malloc_trim: its allocator
+    // returns freed spans to the kernel by itself.
 }
 
 /// Everything found out before attaching.
