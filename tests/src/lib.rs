@@ -20,7 +20,7 @@ pub mod flood;
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::{BufRead, BufReader, Read},
+    io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, UdpSocket},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
