@@ -20,7 +20,7 @@ pub mod flood;
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::{BufRead, BufReader, Read},
+    io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, UdpSocket},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -495,8 +495,7 @@ impl Ctdrop {
     }
 
     fn spawn_opts(args: &[&str], env: &[(&str, &str)], mode: Stdout, nofile: Option<(u64, u64)>) -> Result<Ctdrop> {
-        let bin = ctdrop_bin();
-        let mut cmd = Command::new(&bin);
+        let mut cmd = Command::new(ctdrop_bin());
         if let Some((soft, hard)) = nofile {
             use std::os::unix::process::CommandExt;
             let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
@@ -510,14 +509,26 @@ impl Ctdrop {
                 })
             };
         }
+        cmd.args(args).envs(env.iter().copied());
+        Ctdrop::spawn_command(cmd, mode)
+    }
+
+    /// [`Ctdrop::spawn`] of a command line of the test's own making: another
+    /// ctdrop binary, or one run through a wrapper (`chroot ROOT /ctdrop`).
+    pub fn spawn_argv(argv: &[&str]) -> Result<Ctdrop> {
+        let (first, rest) = argv.split_first().ok_or_else(|| anyhow!("empty command line"))?;
+        let mut cmd = Command::new(first);
+        cmd.args(rest);
+        Ctdrop::spawn_command(cmd, Stdout::All)
+    }
+
+    fn spawn_command(mut cmd: Command, mode: Stdout) -> Result<Ctdrop> {
         let mut child = cmd
-            .args(args)
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
         let out = child.stdout.take().unwrap();
         let (out, own_stdout) = match mode {
             Stdout::Caller => (None, Some(out)),
@@ -561,7 +572,8 @@ impl Ctdrop {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.starts_with("ctdrop: attached") => return Ok(me),
+                // `watch` logs as a service: `ctdrop: info: attached ...`.
+                Ok(line) if line.starts_with("ctdrop: attached") || line.starts_with("ctdrop: info: attached") => return Ok(me),
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     bail!("ctdrop did not attach within 20 s; stderr: {}", me.stderr_text.lock().unwrap())
@@ -690,6 +702,26 @@ pub fn run_ctdrop(prefix: &[&str], args: &[&str], timeout: Duration) -> Result<C
     c.finish(timeout)
 }
 
+/// Runs an outside tool (promtool, tshark, systemd-analyze, ...) with
+/// `stdin` fed to it: (exit 0?, stdout, stderr). A missing tool panics with
+/// the hint that `cargo xtask setup` installs it.
+pub fn tool(cmd: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (cargo xtask setup installs it)"));
+    let mut i = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        i.write_all(s.as_bytes()).unwrap();
+    }
+    drop(i);
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Every non-empty line must be one JSON object.
 pub fn parse_json_lines(stdout: &str) -> Result<Vec<Value>> {
     stdout
@@ -731,6 +763,33 @@ impl CtdropOutput {
 
     pub fn stderr_lines(&self) -> Vec<&str> {
         self.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+    }
+}
+
+/// A scratch directory under the temp dir, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let p = std::env::temp_dir().join(format!("ctdt-scratch-{}-{}", std::process::id(), next_id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+
+    pub fn file(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch::new()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -190,7 +190,7 @@ fn ifname_via(sock: i32, ifindex: u32) -> Option<String> {
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     req.ifr_ifru.ifru_ifindex = ifindex as i32;
     // SAFETY: SIOCGIFNAME reads ifr_ifindex and writes ifr_name inside `req`.
-    if unsafe { libc::ioctl(sock, libc::SIOCGIFNAME, &mut req) } != 0 {
+    if unsafe { libc::ioctl(sock, libc::SIOCGIFNAME as _, &mut req) } != 0 {
         return None;
     }
     let bytes: Vec<u8> = req.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();

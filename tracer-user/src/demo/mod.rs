@@ -166,7 +166,7 @@ async fn tell(args: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
         .context("starting the demo")?;
 
 
-    let opts = SessionOptions { trace: &live.trace, probe: &live.probe, duration: Some(total + Duration::from_secs(10)), capture_headers: false };
+    let opts = SessionOptions { trace: &live.trace, probe: &live.probe, duration: Some(total + Duration::from_secs(10)), capture_headers: false, service: false };
     let traced = session::run(&opts, sinks).await;
     // However the session ended, the story ends too.
     stop.store(true, Ordering::Relaxed);
