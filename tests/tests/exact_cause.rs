@@ -131,6 +131,9 @@ fn judge(s: &Scene, out: &CtdropOutput, drop_delta: u64, rule_delta: u64) -> usi
     for r in wrong.iter().take(3) {
         eprintln!("  wrong: {r}");
     }
+    if !wrong.is_empty() {
+        eprintln!("ctdrop stderr: {}", out.stderr);
+    }
     assert_eq!(causes.get("conntrack_table_full").copied().unwrap_or(0), drop_delta, "table-full records vs kernel drop counter");
     assert_eq!(causes.get("netfilter_rule").copied().unwrap_or(0), rule_delta, "rule records vs the rule's packet counter");
     wrong.len()

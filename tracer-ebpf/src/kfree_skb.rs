@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use tracer_common::{flags, source, stat, DropRecord, DropRecordWithHeader, FlowCount, FlowKey, GroupKey};
+use tracer_common::{ct_signal, flags, source, stat, DropRecord, DropRecordWithHeader, FlowCount, FlowKey, GroupKey};
 
 use crate::{bump, skb, EVENTS, FLOWS, GROUPS, SCRATCH, STATS};
 
@@ -81,13 +81,21 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     rec.cpu = bpf_get_smp_processor_id();
     rec.source = source::KFREE_SKB;
     skb::fill(skb_ptr, rec, true);
-    if !matches(rec) {
-        return;
-    }
-    if filt!(ct_probes) != 0 {
+    // Before the filter: a verdict or mark left on a filtered-out packet
+    // would otherwise outlive it and be read for the next skb at its address.
+    let signals = filt!(ct_probes);
+    if signals & ct_signal::PROBES != 0 {
         if let Some(src) = crate::conntrack::take_verdict(skb_ptr as u64, rec.ts_ns) {
             rec.source = src;
         }
+    }
+    if signals & ct_signal::HOOKS != 0 {
+        if let Some(src) = crate::hooks::take_mark(skb_ptr, rec.ts_ns) {
+            rec.source = src;
+        }
+    }
+    if !matches(rec) {
+        return;
     }
     if filt!(count_only) != 0 {
         count(rec);

@@ -29,6 +29,7 @@ macro_rules! filt {
 }
 
 mod conntrack;
+mod hooks;
 mod kfree_skb;
 mod skb;
 

@@ -1,6 +1,6 @@
 //! Loading the embedded kernel programs and attaching them.
 
-use std::{path::Path, time::Instant};
+use std::{os::fd::AsFd, path::Path, time::Instant};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
@@ -8,9 +8,13 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use tracer_common::{stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, GroupKey, Offsets};
+use tracer_common::{ct_signal, stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, GroupKey, Offsets};
 
-use super::tier::{self, Mechanism, Mode};
+use super::{
+    btf::KernelBtf,
+    nfhook::{HookAbi, HookCoverage, NfHooks},
+    tier::{self, Mechanism, Mode},
+};
 
 static TRACER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
@@ -56,7 +60,9 @@ pub struct Tracer {
     ct_events: Option<PerCpuHashMap<MapData, u32, CtEventCounts>>,
     flows: Option<PerCpuHashMap<MapData, FlowKey, FlowCount>>,
     groups: Option<PerCpuHashMap<MapData, GroupKey, u64>>,
-    /// Wall time from load start to the first program attached.
+    /// Netfilter hook marks (after `ebpf`: dropped after the consumer).
+    hooks: Option<NfHooks>,
+    /// Wall time from load start until every program is attached.
     pub attach_time: std::time::Duration,
     /// How each signal is served on this kernel.
     pub mechanisms: Vec<Mechanism>,
@@ -69,7 +75,21 @@ impl Tracer {
             .with_context(|| format!("cannot parse kernel BTF at {}", opts.btf_path.display()))?;
         tier::check_mode(opts.mode)?;
         let mut filter = opts.filter;
-        filter.ct_probes = tier::want_kprobes(opts.mode) as u8;
+        let probes = tier::want_kprobes(opts.mode);
+        let mut hook_refused = None;
+        let hook_abi = if tier::want_hooks(opts.mode) {
+            match KernelBtf::open(opts.btf_path).and_then(|b| HookAbi::from_btf(&b)) {
+                Ok(abi) => Some(abi),
+                Err(e) if opts.mode == Mode::NetfilterHook => return Err(e.context("--mode netfilter-hook")),
+                Err(e) => {
+                    hook_refused = Some(format!("{e:#}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        filter.ct_probes = if probes { ct_signal::PROBES } else { 0 } | if hook_abi.is_some() { ct_signal::HOOKS } else { 0 };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("OFFSETS", &opts.offsets, true)
@@ -84,30 +104,63 @@ impl Tracer {
         prog.load("kfree_skb", &btf)
             .map_err(|e| anyhow!("{e}"))
             .context("the kernel refused the kfree_skb tp_btf program (needs BTF tracepoints, kernel 5.5+)")?;
+        // Producers first, the consumer last: a drop recorded before its
+        // conntrack signal was attached would be called a rule drop.
+        let mut mechanisms = vec![Mechanism { signal: "drops", chosen: Some("tp_btf/kfree_skb".into()), note: String::new() }];
+        let mut hooks = None;
+        if probes {
+            mechanisms.extend(tier::attach_ct_probes(&mut ebpf, opts.mode)?);
+        } else if let Some(abi) = hook_abi {
+            let marks = match ebpf.map("HOOK_MARKS") {
+                Some(aya::maps::Map::LruHashMap(m)) => m.fd().as_fd().try_clone_to_owned().context("duplicating the HOOK_MARKS fd")?,
+                _ => return Err(anyhow!("embedded object lacks the HOOK_MARKS map")),
+            };
+            let only = (filter.netns != 0).then_some(filter.netns);
+            match NfHooks::start(abi, &marks, only) {
+                Ok(h) => {
+                    mechanisms.extend(tier::hook_mechanisms(h.namespaces_at_start));
+                    hooks = Some(h);
+                }
+                Err(e) if opts.mode == Mode::NetfilterHook => return Err(e.context("--mode netfilter-hook")),
+                Err(e) => hook_refused = Some(format!("{e:#}")),
+            }
+        }
+        if hooks.is_some() {
+            // Marks left before the consumer existed prove nothing.
+            let mut epoch: aya::maps::Array<_, u64> =
+                aya::maps::Array::try_from(ebpf.map_mut("HOOK_EPOCH").ok_or_else(|| anyhow!("no HOOK_EPOCH map"))?)?;
+            epoch.set(0, crate::probe::mono_ns(), 0).context("writing HOOK_EPOCH")?;
+        } else if !probes {
+            let why = match (opts.mode, &hook_refused) {
+                (Mode::Tracepoint, _) => "--mode tracepoint".to_string(),
+                (_, Some(e)) => format!("no kprobe support in this kernel; netfilter hook programs unavailable: {e}"),
+                _ => "no kprobe support in this kernel".to_string(),
+            };
+            mechanisms.extend(tier::tracepoint_mechanisms(&why));
+        }
+        let prog: &mut BtfTracePoint = ebpf.program_mut("kfree_skb").ok_or_else(|| anyhow!("no kfree_skb program"))?.try_into()?;
         prog.attach().map_err(|e| anyhow!("{e}")).context("cannot attach to tracepoint kfree_skb")?;
         let attach_time = start.elapsed();
-        let mut mechanisms = vec![Mechanism { signal: "drops", chosen: Some("tp_btf/kfree_skb".into()), note: String::new() }];
-        if filter.ct_probes != 0 {
-            mechanisms.extend(tier::attach_ct_probes(&mut ebpf, opts.mode)?);
-        } else {
-            let why = match opts.mode {
-                Mode::Tracepoint => "--mode tracepoint",
-                _ => "no kprobe support in this kernel",
-            };
-            mechanisms.extend(tier::tracepoint_mechanisms(why));
-        }
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or_else(|| anyhow!("no STATS map"))?)?;
         let ct_events = ebpf.take_map("CT_EVENTS").map(PerCpuHashMap::try_from).transpose()?;
         let flows = ebpf.take_map("FLOWS").map(PerCpuHashMap::try_from).transpose()?;
         let groups = ebpf.take_map("GROUPS").map(PerCpuHashMap::try_from).transpose()?;
-        Ok(Tracer { ebpf: Some(ebpf), stats, ct_events, flows, groups, attach_time, mechanisms })
+        Ok(Tracer { ebpf: Some(ebpf), stats, ct_events, flows, groups, hooks, attach_time, mechanisms })
     }
 
     /// Detaches and unloads every program. The counters keep their final
     /// values and what is in the ring stays readable, so a drain after this
     /// ends, and delivered + lost adds up exactly.
     pub fn detach(&mut self) {
+        // The consumer first: with the marks gone while kfree_skb still
+        // ran, conntrack drops would look like rule drops.
         self.ebpf = None;
+        self.hooks = None;
+    }
+
+    /// Where and since when netfilter hook marks decide conntrack drops.
+    pub fn hook_coverage(&self) -> Option<HookCoverage> {
+        self.hooks.as_ref().map(|h| h.coverage())
     }
 
     /// Loads (never attaches) a trivial fentry program: does this kernel
