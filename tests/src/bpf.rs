@@ -138,3 +138,18 @@ pub fn still_listed(ids: &BTreeSet<(Kind, u64)>) -> Result<Vec<Object>> {
     let objs = objects()?;
     Ok(ids.iter().filter_map(|k| objs.get(k).cloned()).collect())
 }
+
+/// Of `held`, what is still listed, and the orphans created since `since`,
+/// once both are empty or 10 s went by: the kernel frees programs and maps
+/// after an RCU grace period, so a leak is only called after a moment.
+pub fn leftovers_after_exit(held: &BTreeSet<(Kind, u64)>, since: &BTreeMap<Kind, u64>) -> Result<(Vec<Object>, Vec<Object>)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = still_listed(held)?;
+        let orphans = orphans_since(since)?;
+        if (left.is_empty() && orphans.is_empty()) || std::time::Instant::now() > deadline {
+            return Ok((left, orphans));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ctdrop_tests::{bpf, clash, ct_stats, in_netns, send_udp_flows, settled_ct_stats, ConntrackMaxGuard, Ctdrop, CtdropOutput, Netns, Topology};
+use ctdrop_tests::{
+    bpf, clash, ct_stats, in_netns, send_udp_flows, settled_ct_stats, ConntrackMaxGuard, Ctdrop,
+    CtdropOutput, Netns, Topology,
+};
 use serde_json::Value;
 
 const MAX: u64 = 64;
@@ -36,17 +39,61 @@ impl Scene {
         let tool = if v6 { "ip6tables" } else { "iptables" };
         if v6 {
             let n = topo.receiver_addr.octets()[2];
-            for (ns, dev, host) in [(&topo.sender, &topo.veth.sender_if, 1u16), (&topo.receiver, &topo.veth.receiver_if, 2)] {
-                ns.exec(&["sysctl", "-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=0")]).unwrap();
+            for (ns, dev, host) in [
+                (&topo.sender, &topo.veth.sender_if, 1u16),
+                (&topo.receiver, &topo.veth.receiver_if, 2),
+            ] {
+                ns.exec(&[
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
+                ])
+                .unwrap();
                 let a = Ipv6Addr::new(0xfd00, 0x18, n as u16, 0, 0, 0, 0, host);
-                ns.exec(&["ip", "-6", "addr", "add", &format!("{a}/64"), "dev", dev, "nodad"]).unwrap();
+                ns.exec(&[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{a}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ])
+                .unwrap();
                 if host == 2 {
                     dst = IpAddr::V6(a);
                 }
             }
-            topo.receiver.exec(&["ip6tables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]).unwrap();
+            topo.receiver
+                .exec(&[
+                    "ip6tables",
+                    "-A",
+                    "INPUT",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED,RELATED",
+                    "-j",
+                    "ACCEPT",
+                ])
+                .unwrap();
         }
-        topo.receiver.exec(&[tool, "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", "9000:9999", "-j", "DROP"]).unwrap();
+        topo.receiver
+            .exec(&[
+                tool,
+                "-t",
+                "raw",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "udp",
+                "--dport",
+                "9000:9999",
+                "-j",
+                "DROP",
+            ])
+            .unwrap();
         let rx = topo.receiver.inode().unwrap();
         Scene { topo, dst, rx }
     }
@@ -54,15 +101,32 @@ impl Scene {
     /// Fills the receiver's table (IPv4 flows; the count is per namespace,
     /// both families share it).
     fn fill(&self) {
-        send_udp_flows(&self.topo.sender, self.topo.receiver_addr, 20_000, MAX as u16 + 16).unwrap();
+        send_udp_flows(
+            &self.topo.sender,
+            self.topo.receiver_addr,
+            20_000,
+            MAX as u16 + 16,
+        )
+        .unwrap();
         let s = settled_ct_stats(&self.topo.receiver, "drop").unwrap();
         assert_eq!(s["entries"], MAX, "table not full after the fill: {s:?}");
     }
 
     fn rule_packets(&self) -> u64 {
-        let tool = if self.dst.is_ipv6() { "ip6tables" } else { "iptables" };
-        let out = self.topo.receiver.exec(&[tool, "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"]).unwrap();
-        let line = out.lines().find(|l| l.contains("dpts:9000:9999")).unwrap_or_else(|| panic!("rule not listed: {out}"));
+        let tool = if self.dst.is_ipv6() {
+            "ip6tables"
+        } else {
+            "iptables"
+        };
+        let out = self
+            .topo
+            .receiver
+            .exec(&[tool, "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"])
+            .unwrap();
+        let line = out
+            .lines()
+            .find(|l| l.contains("dpts:9000:9999"))
+            .unwrap_or_else(|| panic!("rule not listed: {out}"));
         line.split_whitespace().next().unwrap().parse().unwrap()
     }
 }
@@ -72,14 +136,21 @@ impl Scene {
 /// entry-less drops share every counter window.
 fn send_mixed(ns: &Path, dst: IpAddr) -> (u64, u64) {
     in_netns(ns, move || {
-        let bind: IpAddr = if dst.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let bind: IpAddr = if dst.is_ipv6() {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
         let sock = UdpSocket::bind((bind, 0))?;
         let (mut flood, mut ruled) = (0u64, 0u64);
         for (i, port) in FLOOD.enumerate() {
             sock.send_to(b"ctdrop-tests mixed", (dst, port))?;
             flood += 1;
             if i % 4 == 0 {
-                sock.send_to(b"ctdrop-tests mixed", (dst, RULED.start + (i / 4) as u16 % 1000))?;
+                sock.send_to(
+                    b"ctdrop-tests mixed",
+                    (dst, RULED.start + (i / 4) as u16 % 1000),
+                )?;
                 ruled += 1;
             }
         }
@@ -91,14 +162,17 @@ fn send_mixed(ns: &Path, dst: IpAddr) -> (u64, u64) {
 fn by_cause<'a>(recs: impl IntoIterator<Item = &'a Value>) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
     for r in recs {
-        *m.entry(r["cause"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        *m.entry(r["cause"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
     }
     m
 }
 
 /// The cause a record must carry, from the port its packet was sent to.
 fn expected_cause(r: &Value) -> &'static str {
-    let port = r["dport"].as_u64().unwrap_or_else(|| panic!("no dport in {r}")) as u16;
+    let port = r["dport"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no dport in {r}")) as u16;
     if RULED.contains(&port) {
         "netfilter_rule"
     } else if FLOOD.contains(&port) {
@@ -112,12 +186,20 @@ fn expected_cause(r: &Value) -> &'static str {
 /// totals against the kernel's counters. Returns the wrong records.
 fn judge(s: &Scene, out: &CtdropOutput, drop_delta: u64, rule_delta: u64) -> usize {
     let mine = out.drops_in(s.rx);
-    let wrong: Vec<&&Value> = mine.iter().filter(|r| r["cause"] != expected_cause(r)).collect();
+    let wrong: Vec<&&Value> = mine
+        .iter()
+        .filter(|r| r["cause"] != expected_cause(r))
+        .collect();
     let causes = by_cause(mine.iter().copied());
     let evidence = {
         let mut m: BTreeMap<String, u64> = BTreeMap::new();
         for r in &mine {
-            *m.entry(format!("{}/{}", r["cause"].as_str().unwrap_or("?"), r["evidence"].as_str().unwrap_or("?"))).or_default() += 1;
+            *m.entry(format!(
+                "{}/{}",
+                r["cause"].as_str().unwrap_or("?"),
+                r["evidence"].as_str().unwrap_or("?")
+            ))
+            .or_default() += 1;
         }
         m
     };
@@ -134,8 +216,16 @@ fn judge(s: &Scene, out: &CtdropOutput, drop_delta: u64, rule_delta: u64) -> usi
     if !wrong.is_empty() {
         eprintln!("ctdrop stderr: {}", out.stderr);
     }
-    assert_eq!(causes.get("conntrack_table_full").copied().unwrap_or(0), drop_delta, "table-full records vs kernel drop counter");
-    assert_eq!(causes.get("netfilter_rule").copied().unwrap_or(0), rule_delta, "rule records vs the rule's packet counter");
+    assert_eq!(
+        causes.get("conntrack_table_full").copied().unwrap_or(0),
+        drop_delta,
+        "table-full records vs kernel drop counter"
+    );
+    assert_eq!(
+        causes.get("netfilter_rule").copied().unwrap_or(0),
+        rule_delta,
+        "rule records vs the rule's packet counter"
+    );
     wrong.len()
 }
 
@@ -151,13 +241,29 @@ fn mixed(v6: bool) {
     let rule_after = s.rule_packets();
     std::thread::sleep(Duration::from_millis(300));
     let out = ctdrop.stop().unwrap();
-    assert!(out.status.success(), "ctdrop failed: {:?}\n{}", out.status, out.stderr);
+    assert!(
+        out.status.success(),
+        "ctdrop failed: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
     eprintln!("sent {flood} flood + {ruled} ruled datagrams");
-    let wrong = judge(&s, &out, after["drop"] - before["drop"], rule_after - rule_before);
-    assert!(after["drop"] - before["drop"] > 1000 && rule_after - rule_before == ruled, "the scene did not happen: {before:?} -> {after:?}");
+    let wrong = judge(
+        &s,
+        &out,
+        after["drop"] - before["drop"],
+        rule_after - rule_before,
+    );
+    assert!(
+        after["drop"] - before["drop"] > 1000 && rule_after - rule_before == ruled,
+        "the scene did not happen: {before:?} -> {after:?}"
+    );
     assert_eq!(wrong, 0, "records whose cause is not their packet's");
     let summary = out.summary().unwrap();
-    eprintln!("summary inferred_by_budget: {}", summary["inferred_by_budget"]);
+    eprintln!(
+        "summary inferred_by_budget: {}",
+        summary["inferred_by_budget"]
+    );
 }
 
 #[test]
@@ -178,22 +284,37 @@ fn two_namespaces_full_at_once_each_record_exact() {
     a.fill();
     b.fill();
     let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
-    let (ba, bb) = (ct_stats(&a.topo.receiver).unwrap(), ct_stats(&b.topo.receiver).unwrap());
+    let (ba, bb) = (
+        ct_stats(&a.topo.receiver).unwrap(),
+        ct_stats(&b.topo.receiver).unwrap(),
+    );
     let (ra, rb) = (a.rule_packets(), b.rule_packets());
     let (pa, pb) = (a.topo.sender.path(), b.topo.sender.path());
     let (da, db) = (a.dst, b.dst);
     let ta = std::thread::spawn(move || send_mixed(&pa, da));
     let tb = std::thread::spawn(move || send_mixed(&pb, db));
     let (fa, fb) = (ta.join().unwrap(), tb.join().unwrap());
-    let (aa, ab) = (settled_ct_stats(&a.topo.receiver, "drop").unwrap(), settled_ct_stats(&b.topo.receiver, "drop").unwrap());
+    let (aa, ab) = (
+        settled_ct_stats(&a.topo.receiver, "drop").unwrap(),
+        settled_ct_stats(&b.topo.receiver, "drop").unwrap(),
+    );
     let (ra2, rb2) = (a.rule_packets(), b.rule_packets());
     std::thread::sleep(Duration::from_millis(300));
     let out = ctdrop.stop().unwrap();
-    assert!(out.status.success(), "ctdrop failed: {:?}\n{}", out.status, out.stderr);
+    assert!(
+        out.status.success(),
+        "ctdrop failed: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
     eprintln!("sent {fa:?} and {fb:?}");
     let wa = judge(&a, &out, aa["drop"] - ba["drop"], ra2 - ra);
     let wb = judge(&b, &out, ab["drop"] - bb["drop"], rb2 - rb);
-    assert_eq!((wa, wb), (0, 0), "records whose cause is not their packet's");
+    assert_eq!(
+        (wa, wb),
+        (0, 0),
+        "records whose cause is not their packet's"
+    );
 }
 
 #[test]
@@ -204,7 +325,13 @@ fn ctdrop_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
     let rx = topo.receiver.inode().unwrap();
     let _max = ConntrackMaxGuard::set(MAX).unwrap();
     send_udp_flows(&topo.sender, topo.receiver_addr, 20_000, MAX as u16 + 16).unwrap();
-    let flood = ctdrop_tests::flood::Flood::start(&topo.sender, topo.receiver_addr, ctdrop_tests::flood::FloodKind::Udp, None).unwrap();
+    let flood = ctdrop_tests::flood::Flood::start(
+        &topo.sender,
+        topo.receiver_addr,
+        ctdrop_tests::flood::FloodKind::Udp,
+        None,
+    )
+    .unwrap();
     // Make sure the flood is dropping before ctdrop attaches.
     let t0 = ct_stats(&topo.receiver).unwrap()["drop"];
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -216,12 +343,28 @@ fn ctdrop_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
     flood.stop().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let out = ctdrop.stop().unwrap();
-    assert!(out.status.success(), "ctdrop failed: {:?}\n{}", out.status, out.stderr);
+    assert!(
+        out.status.success(),
+        "ctdrop failed: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
     let mine = out.drops_in(rx);
     let causes = by_cause(mine.iter().copied());
-    eprintln!("receiver {rx}: {} records {causes:?}; {}", mine.len(), out.stderr.lines().next().unwrap_or(""));
-    assert!(causes.get("conntrack_table_full").copied().unwrap_or(0) > 100, "the flood was not recorded: {causes:?}");
-    assert_eq!(causes.get("netfilter_rule"), None, "table-full drops called rule drops at start-up");
+    eprintln!(
+        "receiver {rx}: {} records {causes:?}; {}",
+        mine.len(),
+        out.stderr.lines().next().unwrap_or("")
+    );
+    assert!(
+        causes.get("conntrack_table_full").copied().unwrap_or(0) > 100,
+        "the flood was not recorded: {causes:?}"
+    );
+    assert_eq!(
+        causes.get("netfilter_rule"),
+        None,
+        "table-full drops called rule drops at start-up"
+    );
     assert_eq!(mine.len() as u64, causes["conntrack_table_full"]);
 }
 
@@ -229,47 +372,54 @@ fn ctdrop_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
 fn insert_clash_drops_are_named_insert_failed_per_packet() {
     let t = Topology::pair().unwrap();
     // Conntrack on in the sender: its OUTPUT creates, POSTROUTING confirms.
-    t.sender.exec(&["iptables", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"]).unwrap();
+    t.sender
+        .exec(&[
+            "iptables",
+            "-A",
+            "OUTPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-j",
+            "ACCEPT",
+        ])
+        .unwrap();
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json"]).unwrap();
     let before = ct_stats(&t.sender).unwrap();
-    let path = t.sender.path();
-    let (src, dst) = (t.sender_addr, t.receiver_addr);
-    let mut sport = 1024u16;
-    for _ in 0..8 {
-        let p = path.clone();
-        in_netns(&path, move || {
-            clash::syn_pairs(src, dst, 80, sport, 3000, move || enter(&p));
-            Ok(())
-        })
-        .unwrap();
-        sport = sport.wrapping_add(3000);
-        if ct_stats(&t.sender).unwrap()["insert_failed"] - before["insert_failed"] >= 20 {
-            break;
-        }
-    }
+    clash::race_until_insert_failed(&t.sender, t.sender_addr, t.receiver_addr, 80, 20).unwrap();
     let after = settled_ct_stats(&t.sender, "insert_failed").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let out = c.stop().unwrap();
-    assert!(out.status.success(), "ctdrop failed: {:?}\n{}", out.status, out.stderr);
+    assert!(
+        out.status.success(),
+        "ctdrop failed: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
     let failed = after["insert_failed"] - before["insert_failed"];
     let mine = out.drops_in(tx);
     let causes = by_cause(mine.iter().copied());
-    eprintln!("sender {tx}: insert_failed +{failed}, drop +{}; records {causes:?}", after["drop"] - before["drop"]);
+    eprintln!(
+        "sender {tx}: insert_failed +{failed}, drop +{}; records {causes:?}",
+        after["drop"] - before["drop"]
+    );
     assert!(failed > 0, "no insert clash happened");
-    assert_eq!(causes.get("conntrack_insert_failed").copied().unwrap_or(0), failed, "insert-failed records vs the kernel's insert_failed");
+    assert_eq!(
+        causes.get("conntrack_insert_failed").copied().unwrap_or(0),
+        failed,
+        "insert-failed records vs the kernel's insert_failed"
+    );
     for r in &mine {
         assert_eq!(r["cause"], "conntrack_insert_failed", "{r}");
         assert_eq!(r["evidence"], "hook:conntrack_confirm", "{r}");
-        assert_eq!((r["proto"].as_str(), r["dport"].as_u64()), (Some("tcp"), Some(80)), "{r}");
+        assert_eq!(
+            (r["proto"].as_str(), r["dport"].as_u64()),
+            (Some("tcp"), Some(80)),
+            "{r}"
+        );
     }
-}
-
-fn enter(p: &Path) {
-    let f = std::fs::File::open(p).unwrap();
-    // SAFETY: setns on this thread's own namespace membership, with a valid fd.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 #[test]
@@ -279,23 +429,29 @@ fn sigkill_leaves_no_hook_link_program_or_map() {
     let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
     let held = bpf::held_by(ctdrop.pid());
     let objs = bpf::still_listed(&held).unwrap();
-    let hooks: Vec<&bpf::Object> = objs.iter().filter(|o| o.kind == bpf::Kind::Prog && o.name.starts_with("ct_hook")).collect();
+    let hooks: Vec<&bpf::Object> = objs
+        .iter()
+        .filter(|o| o.kind == bpf::Kind::Prog && o.name.starts_with("ct_hook"))
+        .collect();
     assert!(hooks.len() >= 3, "ctdrop holds no hook programs: {objs:?}");
-    let links = objs.iter().filter(|o| o.kind == bpf::Kind::Link && hooks.iter().any(|p| Some(p.id) == o.prog_id)).count();
+    let links = objs
+        .iter()
+        .filter(|o| o.kind == bpf::Kind::Link && hooks.iter().any(|p| Some(p.id) == o.prog_id))
+        .count();
     // 12 links per namespace; at least ours and the initial one.
     assert!(links >= 24, "only {links} hook links: {objs:?}");
     let out = ctdrop.stop_with(libc::SIGKILL).unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(out.status.signal(), Some(libc::SIGKILL));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (left, orphans) = loop {
-        let left = bpf::still_listed(&held).unwrap();
-        let orphans = bpf::orphans_since(&since).unwrap();
-        if (left.is_empty() && orphans.is_empty()) || Instant::now() > deadline {
-            break (left, orphans);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(left.is_empty(), "still there after SIGKILL: {:?}", left.iter().map(|o| &o.raw).collect::<Vec<_>>());
-    assert!(orphans.is_empty(), "hook objects nobody holds: {:?}", orphans.iter().map(|o| &o.raw).collect::<Vec<_>>());
+    let (left, orphans) = bpf::leftovers_after_exit(&held, &since).unwrap();
+    assert!(
+        left.is_empty(),
+        "still there after SIGKILL: {:?}",
+        left.iter().map(|o| &o.raw).collect::<Vec<_>>()
+    );
+    assert!(
+        orphans.is_empty(),
+        "hook objects nobody holds: {:?}",
+        orphans.iter().map(|o| &o.raw).collect::<Vec<_>>()
+    );
 }

@@ -133,22 +133,8 @@ fn guest_insert_failed_records_equal_the_insert_failed_increase() {
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
     let before = ct_stats(&t.sender).unwrap();
-    let path = t.sender.path();
-    let (src, dst) = (t.sender_addr, t.receiver_addr);
     // Clashes are a race: send pairs until some happened (bounded).
-    let mut sport = 1024u16;
-    for _ in 0..8 {
-        let p = path.clone();
-        in_netns(&path, move || {
-            clash::syn_pairs(src, dst, 80, sport, 3000, move || enter(&p));
-            Ok(())
-        })
-        .unwrap();
-        sport = sport.wrapping_add(3000);
-        if ct_stats(&t.sender).unwrap()["insert_failed"] - before["insert_failed"] >= 5 {
-            break;
-        }
-    }
+    clash::race_until_insert_failed(&t.sender, t.sender_addr, t.receiver_addr, 80, 5).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let out = c.stop().unwrap();
     let after = ct_stats(&t.sender).unwrap();
@@ -163,7 +149,7 @@ fn guest_insert_failed_records_equal_the_insert_failed_increase() {
     for d in out.drops_in(tx).iter().filter(|d| d["cause"] == "conntrack_insert_failed") {
         assert_eq!(d["proto"], "tcp");
         assert_eq!(d["dport"], 80);
-        assert_eq!(d["src"], src.to_string());
+        assert_eq!(d["src"], t.sender_addr.to_string());
         assert_eq!(d["evidence"], "probe:__nf_conntrack_confirm");
     }
     assert_eq!(ct_events(&out, tx)["confirm_dropped"].as_u64(), Some(failed));

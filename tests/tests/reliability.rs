@@ -152,17 +152,7 @@ fn ends_without_leftovers(how: Ending) {
             assert!(lines[0].starts_with("ctdrop: internal error") && lines[0].contains("CTDROP_TEST_PANIC_AFTER_ATTACH"), "{how:?}: {}", out.stderr);
         }
     }
-    // The kernel frees programs and maps after an RCU grace period: give it
-    // a moment before calling anything a leak.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (left, orphans) = loop {
-        let left = bpf::still_listed(&held).unwrap();
-        let orphans = bpf::orphans_since(&since).unwrap();
-        if (left.is_empty() && orphans.is_empty()) || Instant::now() > deadline {
-            break (left, orphans);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (left, orphans) = bpf::leftovers_after_exit(&held, &since).unwrap();
     assert!(left.is_empty(), "{how:?}: still there after exit: {:?}", left.iter().map(|o| &o.raw).collect::<Vec<_>>());
     assert!(orphans.is_empty(), "{how:?}: ctdrop programs nobody holds: {:?}", orphans.iter().map(|o| &o.raw).collect::<Vec<_>>());
 }

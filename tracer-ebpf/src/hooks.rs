@@ -7,7 +7,10 @@
 //! netfilter program type, so it could neither load nor attach them. They
 //! write into the map below, which aya creates and whose fd they embed.
 
-use aya_ebpf::{macros::map, maps::{Array, LruHashMap}};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LruHashMap},
+};
 use tracer_common::{hook_mark, source, HookMark, HOOK_MARK_MAX_AGE_NS};
 
 use crate::skb::read;

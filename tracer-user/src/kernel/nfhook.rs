@@ -91,13 +91,26 @@ impl HookAbi {
     pub fn from_btf(btf: &KernelBtf) -> Result<HookAbi> {
         let prog_types = btf.enum_values("bpf_prog_type")?;
         let attach_types = btf.enum_values("bpf_attach_type")?;
-        let prog_type = *prog_types.get("BPF_PROG_TYPE_NETFILTER").ok_or_else(|| anyhow!("no BPF_PROG_TYPE_NETFILTER in this kernel (needs 6.4+)"))?;
-        let attach_type = *attach_types.get("BPF_NETFILTER").ok_or_else(|| anyhow!("no BPF_NETFILTER attach type in this kernel"))?;
+        let prog_type = *prog_types
+            .get("BPF_PROG_TYPE_NETFILTER")
+            .ok_or_else(|| anyhow!("no BPF_PROG_TYPE_NETFILTER in this kernel (needs 6.4+)"))?;
+        let attach_type = *attach_types
+            .get("BPF_NETFILTER")
+            .ok_or_else(|| anyhow!("no BPF_NETFILTER attach type in this kernel"))?;
         let hooks = btf.enum_values("nf_inet_hooks")?;
-        let hook = |n: &str| hooks.get(n).map(|v| *v as u32).ok_or_else(|| anyhow!("enum nf_inet_hooks lacks {n}"));
+        let hook = |n: &str| {
+            hooks
+                .get(n)
+                .map(|v| *v as u32)
+                .ok_or_else(|| anyhow!("enum nf_inet_hooks lacks {n}"))
+        };
         // The status enum lives with conntrack (vmlinux when built in, the
         // module's BTF otherwise); the bit is uapi, so its value stands in.
-        let ips_confirmed = btf.enum_values("ip_conntrack_status").ok().and_then(|e| e.get("IPS_CONFIRMED").copied()).unwrap_or(1 << 3);
+        let ips_confirmed = btf
+            .enum_values("ip_conntrack_status")
+            .ok()
+            .and_then(|e| e.get("IPS_CONFIRMED").copied())
+            .unwrap_or(1 << 3);
         Ok(HookAbi {
             prog_type: prog_type as u32,
             attach_type: attach_type as u32,
@@ -106,8 +119,12 @@ impl HookAbi {
             local_out: hook("NF_INET_LOCAL_OUT")?,
             post_routing: hook("NF_INET_POST_ROUTING")?,
             ips_confirmed,
-            skb_nfct: btf.offset("sk_buff", "_nfct").context("sk_buff has no _nfct (conntrack not built)")?,
-            conn_status: btf.offset("nf_conn", "status").context("nf_conn not in BTF (nf_conntrack not loaded)")?,
+            skb_nfct: btf
+                .offset("sk_buff", "_nfct")
+                .context("sk_buff has no _nfct (conntrack not built)")?,
+            conn_status: btf
+                .offset("nf_conn", "status")
+                .context("nf_conn not in BTF (nf_conntrack not loaded)")?,
         })
     }
 }
@@ -140,7 +157,12 @@ const HELPER_KTIME: i32 = 5;
 const HELPER_PROBE_READ_KERNEL: i32 = 113;
 
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn { code, regs: (src << 4) | dst, off, imm }
+    Insn {
+        code,
+        regs: (src << 4) | dst,
+        off,
+        imm,
+    }
 }
 /// dst = *(u64 *)(src + off)
 fn ldx64(dst: u8, src: u8, off: i16) -> Insn {
@@ -183,7 +205,10 @@ fn exit() -> Insn {
 /// dst = the map behind `fd` (two instruction slots).
 fn ld_map_fd(dst: u8, fd: RawFd) -> [Insn; 2] {
     const BPF_PSEUDO_MAP_FD: u8 = 1;
-    [insn(0x18, dst, BPF_PSEUDO_MAP_FD, 0, fd), insn(0, 0, 0, 0, 0)]
+    [
+        insn(0x18, dst, BPF_PSEUDO_MAP_FD, 0, fd),
+        insn(0, 0, 0, 0, 0),
+    ]
 }
 
 /// `struct bpf_nf_ctx { state; skb; }`: the skb pointer's offset.
@@ -199,7 +224,11 @@ fn mark(out: &mut Vec<Insn>, map: RawFd, kind: u64, nfct_in_r7: bool) {
     out.push(call(HELPER_KTIME));
     out.push(stx64(FP, VAL, R0));
     out.push(st64(FP, VAL + 8, kind as i32));
-    out.push(if nfct_in_r7 { stx64(FP, VAL + 16, R7) } else { st64(FP, VAL + 16, 0) });
+    out.push(if nfct_in_r7 {
+        stx64(FP, VAL + 16, R7)
+    } else {
+        st64(FP, VAL + 16, 0)
+    });
     out.extend(ld_map_fd(R1, map));
     out.push(mov_reg(R2, FP));
     out.push(add_imm(R2, KEY as i32));
@@ -332,8 +361,18 @@ fn load(name: &str, insns: &[Insn], abi: &HookAbi) -> Result<OwnedFd> {
             attr.log_size = log.len() as u32;
             attr.log_buf = log.as_mut_ptr() as u64;
             let _ = sys_bpf(BPF_PROG_LOAD, &mut attr);
-            let text = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)]).trim().to_string();
-            bail!("the kernel refused the netfilter program {name}: {e}{}", if text.is_empty() { String::new() } else { format!("; verifier: {text}") })
+            let text =
+                String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)])
+                    .trim()
+                    .to_string();
+            bail!(
+                "the kernel refused the netfilter program {name}: {e}{}",
+                if text.is_empty() {
+                    String::new()
+                } else {
+                    format!("; verifier: {text}")
+                }
+            )
         }
     }
 }
@@ -386,13 +425,31 @@ impl Programs {
         let mut out = Vec::new();
         for pf in [NFPROTO_IPV4, NFPROTO_IPV6] {
             for hook in [a.pre_routing, a.local_out] {
-                out.push(Slot { prog: self.leave.as_raw_fd(), pf, hook, first: PRI_CONNTRACK + 1, step: 1 });
+                out.push(Slot {
+                    prog: self.leave.as_raw_fd(),
+                    pf,
+                    hook,
+                    first: PRI_CONNTRACK + 1,
+                    step: 1,
+                });
             }
             for hook in [a.pre_routing, a.local_out] {
-                out.push(Slot { prog: self.enter.as_raw_fd(), pf, hook, first: PRI_CONNTRACK - 1, step: -1 });
+                out.push(Slot {
+                    prog: self.enter.as_raw_fd(),
+                    pf,
+                    hook,
+                    first: PRI_CONNTRACK - 1,
+                    step: -1,
+                });
             }
             for hook in [a.post_routing, a.local_in] {
-                out.push(Slot { prog: self.confirm.as_raw_fd(), pf, hook, first: i32::MAX - 2, step: -1 });
+                out.push(Slot {
+                    prog: self.confirm.as_raw_fd(),
+                    pf,
+                    hook,
+                    first: i32::MAX - 2,
+                    step: -1,
+                });
             }
         }
         out
@@ -405,7 +462,14 @@ fn link_all(plan: &[Slot], attach_type: u32) -> Result<Vec<OwnedFd>> {
     for slot in plan {
         let mut last = None;
         for priority in slot.priorities() {
-            let mut attr = LinkCreateAttr { prog_fd: slot.prog as u32, attach_type, pf: slot.pf, hooknum: slot.hook, priority, ..Default::default() };
+            let mut attr = LinkCreateAttr {
+                prog_fd: slot.prog as u32,
+                attach_type,
+                pf: slot.pf,
+                hooknum: slot.hook,
+                priority,
+                ..Default::default()
+            };
             match sys_bpf(BPF_LINK_CREATE, &mut attr) {
                 Ok(link) => {
                     links.push(link);
@@ -420,8 +484,17 @@ fn link_all(plan: &[Slot], attach_type: u32) -> Result<Vec<OwnedFd>> {
             }
         }
         if let Some(e) = last {
-            let family = if slot.pf == NFPROTO_IPV4 { "ipv4" } else { "ipv6" };
-            bail!("BPF_LINK_CREATE {family} hook {} priority {} (+{} more): {e}", slot.hook, slot.first, TRIES - 1);
+            let family = if slot.pf == NFPROTO_IPV4 {
+                "ipv4"
+            } else {
+                "ipv6"
+            };
+            bail!(
+                "BPF_LINK_CREATE {family} hook {} priority {} (+{} more): {e}",
+                slot.hook,
+                slot.first,
+                TRIES - 1
+            );
         }
     }
     Ok(links)
@@ -434,7 +507,10 @@ pub struct HookCoverage(Arc<RwLock<HashMap<u32, u64>>>);
 
 impl HookCoverage {
     pub fn covers(&self, netns: u32, mono_ns: u64) -> bool {
-        self.0.read().map(|m| m.get(&netns).is_some_and(|since| *since <= mono_ns)).unwrap_or(false)
+        self.0
+            .read()
+            .map(|m| m.get(&netns).is_some_and(|since| *since <= mono_ns))
+            .unwrap_or(false)
     }
 
     pub fn namespaces(&self) -> usize {
@@ -512,8 +588,15 @@ impl Attacher {
             let _keep = progs; // the raw fds in `plan` stay open meanwhile
             link_all(&plan, attach_type)
         })?;
-        self.links.insert(ns, NsLinks { _links: links, missed: 0 });
-        self.coverage.set(ns, Some(crate::probe::mono_ns() + SETTLE_NS));
+        self.links.insert(
+            ns,
+            NsLinks {
+                _links: links,
+                missed: 0,
+            },
+        );
+        self.coverage
+            .set(ns, Some(crate::probe::mono_ns() + SETTLE_NS));
         Ok(())
     }
 }
@@ -538,7 +621,11 @@ fn namespaces(only: Option<u32>) -> Vec<(u32, PathBuf)> {
     }
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
-            if e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            if e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
                 add(e.path().join("ns/net"));
             }
         }
@@ -570,7 +657,13 @@ impl NfHooks {
             abi,
         });
         let coverage = HookCoverage::default();
-        let mut attacher = Attacher { progs, only: only_netns, links: HashMap::new(), refused: HashMap::new(), coverage: coverage.clone() };
+        let mut attacher = Attacher {
+            progs,
+            only: only_netns,
+            links: HashMap::new(),
+            refused: HashMap::new(),
+            coverage: coverage.clone(),
+        };
         attacher.scan();
         // If our own namespace (or the one asked for) refuses, the
         // mechanism is unavailable (no CONFIG_NETFILTER_BPF_LINK, say), not
@@ -603,7 +696,12 @@ impl NfHooks {
                 }
             })
             .context("starting the namespace watcher")?;
-        Ok(NfHooks { coverage, stop, thread: Some(thread), namespaces_at_start })
+        Ok(NfHooks {
+            coverage,
+            stop,
+            thread: Some(thread),
+            namespaces_at_start,
+        })
     }
 
     pub fn coverage(&self) -> HookCoverage {
@@ -652,29 +750,52 @@ mod tests {
 
     #[test]
     fn every_program_returns_accept() {
-        for p in [enter_program(3), leave_program(3), confirm_program(3, &abi())] {
+        for p in [
+            enter_program(3),
+            leave_program(3),
+            confirm_program(3, &abi()),
+        ] {
             let n = p.len();
-            assert_eq!((p[n - 2].code, p[n - 2].imm, p[n - 1].code), (0xb7, 1, 0x95));
+            assert_eq!(
+                (p[n - 2].code, p[n - 2].imm, p[n - 1].code),
+                (0xb7, 1, 0x95)
+            );
         }
     }
 
     #[test]
     fn clearing_links_come_before_the_marks_they_pair_with() {
         let fd = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        let progs = Programs { enter: fd(), leave: fd(), confirm: fd(), abi: abi() };
+        let progs = Programs {
+            enter: fd(),
+            leave: fd(),
+            confirm: fd(),
+            abi: abi(),
+        };
         let plan = progs.plan();
         assert_eq!(plan.len(), 12);
         for (i, s) in plan.iter().enumerate() {
             let tried: Vec<i32> = s.priorities().collect();
             if s.prog == progs.enter.as_raw_fd() {
                 assert!(tried.iter().all(|p| (-208..=-201).contains(p)), "{tried:?}");
-                let leave = Slot { prog: progs.leave.as_raw_fd(), first: -199, step: 1, ..*s };
-                assert!(plan[..i].contains(&leave), "enter before its leave: {plan:?}");
+                let leave = Slot {
+                    prog: progs.leave.as_raw_fd(),
+                    first: -199,
+                    step: 1,
+                    ..*s
+                };
+                assert!(
+                    plan[..i].contains(&leave),
+                    "enter before its leave: {plan:?}"
+                );
             } else if s.prog == progs.leave.as_raw_fd() {
                 assert!(tried.iter().all(|p| (-199..=-192).contains(p)), "{tried:?}");
             } else {
                 // Below every conntrack confirm (INT_MAX; IPv6 LOCAL_IN INT_MAX-1).
-                assert!(tried.iter().all(|p| *p < i32::MAX - 1 && *p > 300), "{tried:?}");
+                assert!(
+                    tried.iter().all(|p| *p < i32::MAX - 1 && *p > 300),
+                    "{tried:?}"
+                );
                 assert!([1, 4].contains(&s.hook));
             }
         }
