@@ -95,6 +95,7 @@ impl Tracer {
             .override_global("OFFSETS", &opts.offsets, true)
             .override_global("FILTER", &filter, true)
             .map_max_entries("EVENTS", opts.ring_size)
+            .map_max_entries("HOOK_MARKS", super::nfhook::mark_map_entries())
             .load(TRACER_OBJ)
             .map_err(explain_load_error)?;
         let prog: &mut BtfTracePoint = ebpf

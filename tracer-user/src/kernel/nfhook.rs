@@ -383,6 +383,15 @@ pub fn supported(abi: &HookAbi) -> Result<()> {
     load("ct_hook_probe", &p, abi).map(drop)
 }
 
+/// Entries of HOOK_MARKS: its LRU lists are per CPU (each gets an equal
+/// share), and a CPU's share must outlast a burst of confirm marks (one per
+/// new flow) while another packet's IN mark is in flight.
+pub fn mark_map_entries() -> u32 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as u32;
+    (cpus.saturating_mul(4096)).clamp(65536, 1 << 20)
+}
+
 // ---------------------------------------------------------- attachments
 
 struct Programs {
