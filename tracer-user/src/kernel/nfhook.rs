@@ -554,6 +554,8 @@ struct Attacher {
     progs: Arc<Programs>,
     only: Option<u32>,
     links: HashMap<u32, NsLinks>,
+    /// After the first scan: say on stderr when a new namespace is covered.
+    started: bool,
     /// Namespaces that refused links (say once, do not retry every scan).
     refused: HashMap<u32, String>,
     coverage: HookCoverage,
@@ -606,6 +608,9 @@ impl Attacher {
         );
         self.coverage
             .set(ns, Some(crate::probe::mono_ns() + SETTLE_NS));
+        if self.started {
+            eprintln!("ctdrop: netfilter hook marks attached in new network namespace {ns}");
+        }
         Ok(())
     }
 }
@@ -670,10 +675,12 @@ impl NfHooks {
             progs,
             only: only_netns,
             links: HashMap::new(),
+            started: false,
             refused: HashMap::new(),
             coverage: coverage.clone(),
         };
         attacher.scan();
+        attacher.started = true;
         // If our own namespace (or the one asked for) refuses, the
         // mechanism is unavailable (no CONFIG_NETFILTER_BPF_LINK, say), not
         // merely absent in one namespace.
