@@ -25,6 +25,8 @@ pub const MAX: u64 = 64;
 pub const FLOOD: Range<u16> = 1024..9000;
 /// The raw-table rule drops these before conntrack sees them.
 pub const RULED: Range<u16> = 9000..10000;
+/// [`Scene::fill`] sends here: MAX flows get entries, the rest are dropped.
+pub const FILL: Range<u16> = 20_000..20_000 + MAX as u16 + 16;
 
 /// A sender/receiver pair whose receiver tracks connections (IPv4 and,
 /// when asked, IPv6) and drops `RULED` in its raw table.
@@ -178,7 +180,7 @@ pub fn expected_cause(r: &Value) -> &'static str {
         .unwrap_or_else(|| panic!("no dport in {r}")) as u16;
     if RULED.contains(&port) {
         "netfilter_rule"
-    } else if FLOOD.contains(&port) {
+    } else if FLOOD.contains(&port) || FILL.contains(&port) {
         "conntrack_table_full"
     } else {
         panic!("a drop of a packet this test did not send: {r}")

@@ -211,7 +211,6 @@ fn a_namespace_created_after_start_gets_marks_and_exact_causes() {
     let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
     let s = Scene::new(false);
     let _max = ConntrackMaxGuard::set(MAX).unwrap();
-    s.fill();
     // The watcher says when the new namespace is covered (bounded wait).
     let line = format!("marks attached in new network namespace {}", s.rx);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -225,6 +224,8 @@ fn a_namespace_created_after_start_gets_marks_and_exact_causes() {
     );
     let before = ct_stats(&s.topo.receiver).unwrap();
     let rule_before = s.rule_packets();
+    // Everything from here on, the fill's own overflow included, is judged.
+    s.fill();
     send_mixed(&s.topo.sender.path(), s.dst);
     let after = settled_ct_stats(&s.topo.receiver, "drop").unwrap();
     let rule_after = s.rule_packets();

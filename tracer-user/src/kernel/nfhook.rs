@@ -86,8 +86,9 @@ pub struct HookAbi {
 }
 
 impl HookAbi {
-    /// None when this kernel has no netfilter program type (before 6.4) or
-    /// lacks a field the programs read.
+    /// An error when this kernel has no netfilter program type (before
+    /// 6.4) or lacks a field the programs read (nf_conn's, when the
+    /// nf_conntrack module is not loaded).
     pub fn from_btf(btf: &KernelBtf) -> Result<HookAbi> {
         let prog_types = btf.enum_values("bpf_prog_type")?;
         let attach_types = btf.enum_values("bpf_attach_type")?;
@@ -522,10 +523,6 @@ impl HookCoverage {
             .unwrap_or(false)
     }
 
-    pub fn namespaces(&self) -> usize {
-        self.0.read().map(|m| m.len()).unwrap_or(0)
-    }
-
     fn set(&self, netns: u32, since: Option<u64>) {
         if let Ok(mut m) = self.0.write() {
             match since {
@@ -556,6 +553,7 @@ struct Attacher {
     links: HashMap<u32, NsLinks>,
     /// After the first scan: say on stderr when a new namespace is covered.
     started: bool,
+    pids: PidNamespaces,
     /// Namespaces that refused links (say once, do not retry every scan).
     refused: HashMap<u32, String>,
     coverage: HookCoverage,
@@ -563,12 +561,15 @@ struct Attacher {
 
 impl Attacher {
     fn scan(&mut self) {
-        let found = namespaces(self.only);
+        let found = namespaces(self.only, &mut self.pids);
         for (ns, path) in &found {
             if self.links.contains_key(ns) || self.refused.contains_key(ns) {
                 continue;
             }
             if let Err(e) = self.attach(*ns, path) {
+                if !path.exists() {
+                    continue; // the process went away meanwhile: not a refusal
+                }
                 // Said once; that namespace's records fall back to the counters.
                 eprintln!("ctdrop: note: netfilter hook marks not attached in network namespace {ns}: {e:#}; its conntrack causes are inferred");
                 self.refused.insert(*ns, format!("{e:#}"));
@@ -576,7 +577,7 @@ impl Attacher {
         }
         let mut gone = Vec::new();
         for (ns, l) in self.links.iter_mut() {
-            if found.iter().any(|(n, _)| n == ns) {
+            if found.contains_key(ns) {
                 l.missed = 0;
             } else {
                 l.missed += 1;
@@ -597,6 +598,12 @@ impl Attacher {
         let progs = self.progs.clone();
         let links = crate::conntrack::netns::in_netns(path, move || {
             let _keep = progs; // the raw fds in `plan` stay open meanwhile
+            // A /proc/PID path may name another namespace by now (the pid
+            // exited and was reused): links there would vouch for `ns`.
+            let here = crate::conntrack::netns::thread_netns()?;
+            if here != ns {
+                bail!("namespace {ns} changed under its path (now {here})");
+            }
             link_all(&plan, attach_type)
         })?;
         self.links.insert(
@@ -615,35 +622,55 @@ impl Attacher {
     }
 }
 
+/// Namespaces of running processes by pid. A process nearly always keeps
+/// its namespace, so a scan looks only at pids it has not seen (stat per
+/// process adds up on a host with thousands of them, four times a second);
+/// every [`FULL_EVERY`] scans it looks at all, for the rare `unshare`.
+#[derive(Default)]
+struct PidNamespaces {
+    by_pid: HashMap<u32, u32>,
+    scans: u32,
+}
+
+const FULL_EVERY: u32 = 40;
+
 /// Every network namespace reachable now: our own, named ones
 /// (`/run/netns`), and those of running processes (`/proc/*/ns/net`),
 /// by inode, each with a path that opens it.
-fn namespaces(only: Option<u32>) -> Vec<(u32, PathBuf)> {
+fn namespaces(only: Option<u32>, pids: &mut PidNamespaces) -> HashMap<u32, PathBuf> {
     use std::os::unix::fs::MetadataExt;
-    let mut out: Vec<(u32, PathBuf)> = Vec::new();
-    let mut add = |p: PathBuf| {
-        if let Ok(m) = std::fs::metadata(&p) {
-            let ino = m.ino() as u32;
-            if only.is_none_or(|o| o == ino) && !out.iter().any(|(n, _)| *n == ino) {
-                out.push((ino, p));
-            }
+    let ino = |p: &Path| std::fs::metadata(p).ok().map(|m| m.ino() as u32);
+    let mut out: HashMap<u32, PathBuf> = HashMap::new();
+    let mut add = |ns: u32, p: PathBuf| {
+        if only.is_none_or(|o| o == ns) {
+            out.entry(ns).or_insert(p);
         }
     };
-    add(PathBuf::from("/proc/self/ns/net"));
-    for (_, (_, p)) in crate::conntrack::netns::named_namespaces() {
-        add(p);
+    let own = PathBuf::from("/proc/self/ns/net");
+    if let Some(ns) = ino(&own) {
+        add(ns, own);
     }
+    for (ns, (_, p)) in crate::conntrack::netns::named_namespaces() {
+        add(ns, p);
+    }
+    let full = pids.scans % FULL_EVERY == 0;
+    pids.scans = pids.scans.wrapping_add(1);
+    let mut alive = HashMap::with_capacity(pids.by_pid.len());
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-            {
-                add(e.path().join("ns/net"));
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let path = e.path().join("ns/net");
+            let ns = match pids.by_pid.get(&pid) {
+                Some(ns) if !full => Some(*ns),
+                _ => ino(&path),
+            };
+            if let Some(ns) = ns {
+                alive.insert(pid, ns);
+                add(ns, path);
             }
         }
     }
+    pids.by_pid = alive;
     out
 }
 
@@ -676,6 +703,7 @@ impl NfHooks {
             only: only_netns,
             links: HashMap::new(),
             started: false,
+            pids: PidNamespaces::default(),
             refused: HashMap::new(),
             coverage: coverage.clone(),
         };
