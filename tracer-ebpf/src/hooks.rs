@@ -28,8 +28,8 @@ use crate::skb::read;
 #[map]
 pub static HOOK_MARKS: LruHashMap<u64, HookMark> = LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
-/// [0]: monotonic ns just before `kfree_skb` was attached. A mark older
-/// than that was left while no one consumed marks; it proves nothing.
+/// [0]: monotonic ns once `kfree_skb` is attached. A mark older than that
+/// may have been left while no one consumed marks; it proves nothing.
 #[map]
 pub static HOOK_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 

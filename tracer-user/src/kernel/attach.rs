@@ -126,11 +126,16 @@ impl Tracer {
                 Err(e) => hook_refused = Some(format!("{e:#}")),
             }
         }
-        if hooks.is_some() {
-            // Marks left before the consumer existed prove nothing.
+        // Marks left before the consumer existed prove nothing: written
+        // before attaching, and again after (then the marks of drops freed
+        // while the attach was under way count as stale too).
+        let set_epoch = |ebpf: &mut aya::Ebpf| -> Result<()> {
             let mut epoch: aya::maps::Array<_, u64> =
                 aya::maps::Array::try_from(ebpf.map_mut("HOOK_EPOCH").ok_or_else(|| anyhow!("no HOOK_EPOCH map"))?)?;
-            epoch.set(0, crate::probe::mono_ns(), 0).context("writing HOOK_EPOCH")?;
+            epoch.set(0, crate::probe::mono_ns(), 0).context("writing HOOK_EPOCH")
+        };
+        if hooks.is_some() {
+            set_epoch(&mut ebpf)?;
         } else if !probes {
             let why = match (opts.mode, &hook_refused) {
                 (Mode::Tracepoint, _) => "--mode tracepoint".to_string(),
@@ -141,6 +146,9 @@ impl Tracer {
         }
         let prog: &mut BtfTracePoint = ebpf.program_mut("kfree_skb").ok_or_else(|| anyhow!("no kfree_skb program"))?.try_into()?;
         prog.attach().map_err(|e| anyhow!("{e}")).context("cannot attach to tracepoint kfree_skb")?;
+        if hooks.is_some() {
+            set_epoch(&mut ebpf)?;
+        }
         let attach_time = start.elapsed();
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or_else(|| anyhow!("no STATS map"))?)?;
         let ct_events = ebpf.take_map("CT_EVENTS").map(PerCpuHashMap::try_from).transpose()?;

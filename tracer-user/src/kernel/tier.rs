@@ -2,8 +2,9 @@
 //!
 //! Drops always come from `tp_btf/kfree_skb`. The conntrack paths are
 //! watched by kprobes/kretprobes where the kernel has them (distribution
-//! kernels); elsewhere the tracepoint tier infers table-full drops from
-//! the namespace's table fill and cross-checks them with its counters.
+//! kernels); elsewhere by BPF netfilter programs marking each packet around
+//! conntrack's hooks (kernel 6.4+, `nfhook.rs`); failing both, the
+//! tracepoint tier infers table-full drops from the namespace's counters.
 
 use std::collections::HashSet;
 
