@@ -11,6 +11,7 @@
 //! - `ct_hook_confirm` at INT_MAX-2 on POST_ROUTING and LOCAL_IN, just
 //!   before confirmation (INT_MAX; IPv6 LOCAL_IN INT_MAX-1): marks
 //!   an skb whose entry is still unconfirmed, with that entry's `_nfct`.
+//!
 //! (Each moves outward when its priority is taken: see [`Slot`].)
 //! `kfree_skb` consumes the mark of a dropped skb (tracer-ebpf/src/hooks.rs).
 //! A NETFILTER_DROP with an IN mark happened inside conntrack's hook; with
@@ -37,6 +38,7 @@
 //!   counters decide that record (`evidence` says so);
 //! - a later rule drop after confirm cannot carry a CONFIRM mark of its own
 //!   entry without passing -199 again (which deletes it).
+//!
 //! Blind spots (said in the README): a user's nftables chain at exactly
 //! priority -200 sits inside the bracket; a conntrack helper's drop at
 //! confirm would be called an insert failure; an l4 tracker's `-NF_DROP`
@@ -653,7 +655,7 @@ fn namespaces(only: Option<u32>, pids: &mut PidNamespaces) -> HashMap<u32, PathB
     for (ns, (_, p)) in crate::conntrack::netns::named_namespaces() {
         add(ns, p);
     }
-    let full = pids.scans % FULL_EVERY == 0;
+    let full = pids.scans.is_multiple_of(FULL_EVERY);
     pids.scans = pids.scans.wrapping_add(1);
     let mut alive = HashMap::with_capacity(pids.by_pid.len());
     if let Ok(dir) = std::fs::read_dir("/proc") {
