@@ -139,11 +139,11 @@ pub fn still_listed(ids: &BTreeSet<(Kind, u64)>) -> Result<Vec<Object>> {
     Ok(ids.iter().filter_map(|k| objs.get(k).cloned()).collect())
 }
 
-/// Of `held`, what is still listed, and the orphans created since `since`,
-/// once both are empty or 10 s went by: the kernel frees programs and maps
-/// after an RCU grace period, so a leak is only called after a moment.
-pub fn leftovers_after_exit(held: &BTreeSet<(Kind, u64)>, since: &BTreeMap<Kind, u64>) -> Result<(Vec<Object>, Vec<Object>)> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+/// Waits (at most `limit`) until nothing of `held` is listed and no ctdrop
+/// program created after `since` is left without an owner: the kernel frees
+/// programs and maps after an RCU grace period. What is left at the end.
+pub fn wait_released(held: &BTreeSet<(Kind, u64)>, since: &BTreeMap<Kind, u64>, limit: std::time::Duration) -> Result<(Vec<Object>, Vec<Object>)> {
+    let deadline = std::time::Instant::now() + limit;
     loop {
         let left = still_listed(held)?;
         let orphans = orphans_since(since)?;

@@ -193,7 +193,7 @@ fn sigkill_leaves_no_hook_link_program_or_map() {
     let out = ctdrop.stop_with(libc::SIGKILL).unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(out.status.signal(), Some(libc::SIGKILL));
-    let (left, orphans) = bpf::leftovers_after_exit(&held, &since).unwrap();
+    let (left, orphans) = bpf::wait_released(&held, &since, Duration::from_secs(10)).unwrap();
     assert!(
         left.is_empty(),
         "still there after SIGKILL: {:?}",
