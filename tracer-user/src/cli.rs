@@ -132,6 +132,10 @@ pub struct LiveArgs {
     /// JSON lines: one object per drop, then one summary object.
     #[arg(long)]
     pub json: bool,
+    /// No per-drop lines (human output): probe verdicts, table snapshots,
+    /// warnings and the summary only. Implied by --metrics without --json.
+    #[arg(long, conflicts_with = "json")]
+    pub quiet: bool,
     /// Stop after this long (e.g. 10s, 2m).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,

@@ -339,9 +339,12 @@ impl Collector {
 
 pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
     let color = args.color.resolve(unsafe { libc::isatty(1) } == 1);
-    let out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+    // Never a blocking stdout: a reader that stops reading must not stall tracing.
+    let (out, out_handle) = crate::output::writer::stdout();
+    // Metrics are for scraping: per-drop lines on a terminal only bury them.
+    let quiet = args.quiet || (args.metrics.is_some() && !args.json);
     let mut sinks: Vec<Box<dyn Sink>> =
-        if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color))] };
+        if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color).quiet(quiet))] };
     if let Some(addr) = &args.metrics {
         // Bound before attaching: a busy port is bad input, not a late surprise.
         let metrics = std::sync::Arc::new(crate::output::metrics::Metrics::new());
@@ -351,11 +354,15 @@ pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
         sinks.push(Box::new(crate::output::metrics::MetricsSink::new(metrics)));
     }
     let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: false };
-    if args.count_only {
-        return crate::counting::run(&opts, args.report_every, sinks).await;
-    }
-    run(&opts, sinks).await
+    let r = if args.count_only { crate::counting::run(&opts, args.report_every, sinks).await } else { run(&opts, sinks).await };
+    out_handle.finish_and_report(OUTPUT_GRACE);
+    r
 }
+
+/// How long the end of a run waits for a slow stdout reader to take the
+/// rest (the summary): long enough for a reader that keeps up, short
+/// enough that a stalled one cannot hold ctdrop past --duration.
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 
 /// What a session traces and for how long; outputs come as sinks.
 pub struct SessionOptions<'a> {
