@@ -76,22 +76,7 @@ pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
     filter.netfilter_drop_reason = nf.unwrap_or(u32::MAX);
     filter.all_reasons = args.all_reasons as u8;
     filter.capture_headers = capture_headers as u8;
-    if let Some(ns) = &args.netns {
-        filter.netns = crate::conntrack::netns::resolve_netns_arg(ns)?;
-    }
-    filter.l4_proto = args.proto.unwrap_or(0);
-    filter.port = args.port.unwrap_or(0);
-    match args.host {
-        Some(std::net::IpAddr::V4(a)) => {
-            filter.host[..4].copy_from_slice(&a.octets());
-            filter.host_len = 4;
-        }
-        Some(std::net::IpAddr::V6(a)) => {
-            filter.host = a.octets();
-            filter.host_len = 16;
-        }
-        None => {}
-    }
+    crate::filter::fill(args, &mut filter)?;
     Ok(Prepared { offsets, reasons, filter, ring_size, conntrack_loaded: capabilities::conntrack_loaded() })
 }
 
@@ -627,7 +612,7 @@ fn show_outcome(c: &Collector, o: &crate::probe::Outcome, sinks: &mut [Box<dyn S
 }
 
 pub(crate) fn filtered(f: &FilterConfig) -> bool {
-    f.netns != 0 || f.l4_proto != 0 || f.port != 0 || f.host_len != 0
+    crate::filter::narrows(f)
 }
 
 pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {

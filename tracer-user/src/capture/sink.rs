@@ -86,12 +86,6 @@ impl Sink for CaptureSink {
             .iter()
             .map(|(ns, c)| (*ns, NsCounters { netns: *ns, netns_name: names.get(ns).map(|n| n.0.clone()), counters: c.columns.clone() }))
             .collect();
-        let f = info.filter;
-        let host = match f.host_len {
-            4 => Some(std::net::Ipv4Addr::new(f.host[0], f.host[1], f.host[2], f.host[3]).to_string()),
-            16 => Some(std::net::Ipv6Addr::from(f.host).to_string()),
-            _ => None,
-        };
         let mono = crate::probe::mono_ns();
         let h = Header {
             format_version: FORMAT_VERSION,
@@ -110,13 +104,7 @@ impl Sink for CaptureSink {
             conntrack_max: info.limits.map(|l| l.max),
             conntrack_buckets: info.limits.map(|l| l.buckets),
             counters_at_start: self.start.values().cloned().collect(),
-            filter: CaptureFilter {
-                netns: (f.netns != 0).then_some(f.netns),
-                proto: (f.l4_proto != 0).then_some(f.l4_proto),
-                host,
-                port: (f.port != 0).then_some(f.port),
-                all_reasons: f.all_reasons != 0,
-            },
+            filter: CaptureFilter::from_config(info.filter),
             headers: self.meta.headers,
             duration_s: self.meta.duration.map(|d| d.as_secs_f64()),
             probes: self.meta.probes.clone(),
