@@ -165,7 +165,7 @@ pub fn hashsize_for_max(max: u64) -> u64 {
 }
 
 fn label(netns: Option<u32>, name: &Option<String>) -> String {
-    name.clone().or_else(|| netns.map(|n| n.to_string())).unwrap_or_else(|| "?".into())
+    crate::conntrack::netns::label(netns, name.as_deref())
 }
 
 /// Everything to say about one namespace.

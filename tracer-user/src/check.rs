@@ -78,8 +78,8 @@ pub fn run(args: &CheckArgs) -> Result<()> {
     let mut inodes = registry.inodes();
     inodes.sort();
     for ns in inodes {
+        let name = registry.display_name(ns);
         let Some(h) = registry.get(ns) else { continue };
-        let name = h.name.clone();
         if let Some(c) = h.counters() {
             let in_use = c.columns.iter().any(|(_, v)| *v != 0);
             if in_use {

@@ -153,8 +153,7 @@ impl Collector {
         let mut out = BTreeMap::new();
         for ns in self.sampler.registry.inodes() {
             if let Some(c) = self.sampler.counters(ns) {
-                let name = self.sampler.registry.get(ns).and_then(|h| h.name.clone());
-                out.insert(ns, (name, c));
+                out.insert(ns, (self.sampler.registry.display_name(ns), c));
             }
         }
         out
@@ -240,7 +239,8 @@ impl Collector {
         let cause = self.classifier.classify(&ev);
         self.tally.record(&ev, cause);
         if let (Cause::ConntrackTableFull, Some(ns)) = (cause, ev.netns) {
-            self.snapshots.table_full(ns, || find_namespace(ns));
+            let registry = &self.sampler.registry;
+            self.snapshots.table_full(ns, || find_namespace(ns).map(|(_, path)| (registry.display_name(ns), path)));
         }
         Some((ev, cause))
     }
@@ -254,7 +254,8 @@ impl Collector {
                 Some(p) => p.clone(),
                 None => match sampler.registry.get(ns) {
                     Some(h) => {
-                        let p = (h.name.as_deref().map(Rc::from), ev.ifindex.and_then(|i| h.ifname(i)).map(|n| Rc::from(n.as_str())));
+                        let ifname = ev.ifindex.and_then(|i| h.ifname(i)).map(|n| Rc::from(n.as_str()));
+                        let p = (sampler.registry.display_name(ns).as_deref().map(Rc::from), ifname);
                         labels.places.insert((ns, ev.ifindex), p.clone());
                         p
                     }
@@ -296,10 +297,8 @@ impl Collector {
             eprintln!("ctdrop: note: {e}");
         }
         let limits = self.sampler.limits();
-        let registry = &mut self.sampler.registry;
-        self.advice = crate::advice::from_run(&self.tally, &self.snapshots.taken, limits, &Host::detect(), |ns| {
-            registry.get(ns).and_then(|h| h.name.clone())
-        });
+        let registry = &self.sampler.registry;
+        self.advice = crate::advice::from_run(&self.tally, &self.snapshots.taken, limits, &Host::detect(), |ns| registry.display_name(ns));
     }
 
     /// Kernel counters now against the baselines, for every namespace that
@@ -315,7 +314,7 @@ impl Collector {
             if delta.get("drop") == 0 && table_full + insert_failed == 0 {
                 continue;
             }
-            let netns_name = self.sampler.registry.get(ns).and_then(|h| h.name.clone());
+            let netns_name = self.sampler.registry.display_name(ns);
             out.push(CounterCheck { netns: ns, netns_name, delta, table_full, insert_failed });
         }
         out
@@ -367,6 +366,8 @@ pub struct SessionInfo<'a> {
     pub limits: Option<crate::conntrack::stats::CtLimits>,
     pub counters_at_start: &'a BTreeMap<u32, CtCounters>,
     pub filter: &'a FilterConfig,
+    /// Names namespaces, as every output does.
+    pub namespaces: &'a NsRegistry,
 }
 
 pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Result<()> {
@@ -418,6 +419,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         limits: crate::conntrack::stats::CtLimits::read(),
         counters_at_start: &collector.baselines,
         filter: &p.filter,
+        namespaces: &collector.sampler.registry,
     };
     for s in sinks.iter_mut() {
         s.start(&info).context("starting output")?;

@@ -80,11 +80,10 @@ pub fn human_bytes(n: u64) -> String {
 impl Sink for CaptureSink {
     fn start(&mut self, info: &SessionInfo) -> std::io::Result<()> {
         self.boot_offset = info.boot_offset_ns;
-        let names = crate::conntrack::netns::named_namespaces();
         self.start = info
             .counters_at_start
             .iter()
-            .map(|(ns, c)| (*ns, NsCounters { netns: *ns, netns_name: names.get(ns).map(|n| n.0.clone()), counters: c.columns.clone() }))
+            .map(|(ns, c)| (*ns, NsCounters { netns: *ns, netns_name: info.namespaces.display_name(*ns), counters: c.columns.clone() }))
             .collect();
         let mono = crate::probe::mono_ns();
         let h = Header {

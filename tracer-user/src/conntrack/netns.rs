@@ -157,6 +157,18 @@ fn ifname_via(sock: i32, ifindex: u32) -> Option<String> {
 pub struct NsRegistry {
     handles: HashMap<u32, NsHandle>,
     unknown: HashMap<u32, Instant>,
+    /// What [`NsRegistry::display_name`] found, per inode (None: no name).
+    names: std::cell::RefCell<HashMap<u32, Option<String>>>,
+}
+
+/// How every output shows a namespace: its [`NsRegistry::display_name`]
+/// when it has one, else its inode.
+pub fn label(inode: Option<u32>, name: Option<&str>) -> String {
+    match (name, inode) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(i)) => i.to_string(),
+        (None, None) => "unknown".into(),
+    }
 }
 
 impl Default for NsRegistry {
@@ -167,7 +179,25 @@ impl Default for NsRegistry {
 
 impl NsRegistry {
     pub fn new() -> Self {
-        NsRegistry { handles: HashMap::new(), unknown: HashMap::new() }
+        NsRegistry { handles: HashMap::new(), unknown: HashMap::new(), names: Default::default() }
+    }
+
+    /// The one name of a namespace in every output (drop lines, JSON,
+    /// summary, captures and reports, metrics, advice): today its `ip netns`
+    /// name; None when it has none (outputs then show the inode, see
+    /// [`label`]). Looked up once per inode.
+    pub fn display_name(&self, inum: u32) -> Option<String> {
+        if let Some(n) = self.names.borrow().get(&inum) {
+            return n.clone();
+        }
+        let name = named_namespaces().remove(&inum).map(|(n, _)| n);
+        self.names.borrow_mut().insert(inum, name.clone());
+        name
+    }
+
+    /// [`NsRegistry::display_name`] rendered: the name, else the inode.
+    pub fn label(&self, inum: Option<u32>) -> String {
+        label(inum, inum.and_then(|i| self.display_name(i)).as_deref())
     }
 
     /// The handle for `inum`, looking the namespace up at most once a second

@@ -16,11 +16,7 @@ pub fn clock(wall_ns: u64) -> String {
 }
 
 pub fn netns_label(netns: Option<u32>, name: Option<&str>) -> String {
-    match (netns, name) {
-        (Some(_), Some(n)) => n.to_string(),
-        (Some(i), None) => i.to_string(),
-        (None, _) => "?".into(),
-    }
+    crate::conntrack::netns::label(netns, name)
 }
 
 pub fn drop_line(s: &Shown, out: &mut String) {
