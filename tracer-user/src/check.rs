@@ -167,8 +167,8 @@ pub fn occupancy_reports(netns: Option<&str>) -> Result<Vec<OccupancyReport>> {
             let mut v = Vec::new();
             for ns in inodes {
                 let busy = registry.get(ns).and_then(|h| h.counters()).map(|c| c.entries() > 0).unwrap_or(false);
-                if let (true, Some((name, path))) = (busy, find_namespace(ns)) {
-                    v.push(occupancy::snapshot(&path, Some(ns), name)?);
+                if let (true, Some((_, path))) = (busy, find_namespace(ns)) {
+                    v.push(occupancy::snapshot(&path, Some(ns), registry.display_name(ns))?);
                 }
             }
             v
