@@ -129,8 +129,16 @@ fn a_flood_in_human_mode_folds_to_bounded_lines_per_second_and_every_lost_ping_s
     for (sec, n) in &per_second {
         assert!(*n <= 25, "{n} drop lines stamped {sec}");
     }
-    // Folding loses nothing: single + folded == every drop the kernel counted.
-    assert_eq!(single + folded, delta, "single {single} + folded {folded}");
+    // Folding loses nothing: single + folded == every drop recorded, and
+    // recorded + lost (ring full) == every drop the kernel counted.
+    let head = out.stdout.lines().find(|l| l.starts_with("ctdrop summary:")).expect("summary");
+    let num = |what: &str| -> u64 { head.split(", ").find(|p| p.ends_with(what) || p.contains(&format!(" {what}"))).and_then(|p| p.split_whitespace().next()).unwrap().parse().unwrap() };
+    let (recorded, lost) = (num("drops"), num("events lost"));
+    assert_eq!(single + folded, recorded, "single {single} + folded {folded}: {head}");
+    // Against the kernel: nothing it dropped went unaccounted (the equality
+    // per cause is the conservation tests' job; a stray non-conntrack
+    // netfilter drop may add one here).
+    assert!(recorded + lost >= delta, "{head}: kernel dropped {delta}");
     // Every lost ping still prints, each with its cause.
     let downs: Vec<&str> = out.stdout.lines().filter(|l| l.contains("  down  ")).collect();
     let summary_line = out.stdout.lines().find(|l| l.trim_start().starts_with(&format!("{}:", topo.receiver_addr))).expect("probe summary");

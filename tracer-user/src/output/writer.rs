@@ -15,26 +15,34 @@ use std::{
     os::fd::FromRawFd,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc, Arc,
+        Arc, Condvar, Mutex,
     },
     time::{Duration, Instant},
 };
 
-/// A chunk goes to the writer thread once the buffer holds this much.
+/// The buffer goes to the writer thread once it holds this much (and at
+/// every flush).
 const CHUNK: usize = 1 << 16;
 /// Output held for a slow reader before lines are dropped: a few seconds
 /// of a flood's JSON, and a bound on the memory a stalled reader costs.
 pub const MAX_QUEUED_BYTES: u64 = 4 << 20;
-/// Spare chunk buffers kept for reuse.
-const SPARE_CHUNKS: usize = 4;
 
+/// Between the tracing thread and the writer thread. Lines are counted
+/// only where some are lost (dropped, or still queued at the end), never
+/// on the way through: that keeps the tracing thread's cost per line a
+/// copy, as with a `BufWriter`.
 #[derive(Default)]
 struct Shared {
-    /// Bytes handed to the writer thread and not yet written.
+    /// Handed over, not yet taken by the writer.
+    pending: Mutex<Vec<u8>>,
+    wake: Condvar,
+    /// The writer waits on `wake`: only then is a notify worth a syscall.
+    writer_idle: AtomicBool,
+    /// What the writer is writing, and how far it got.
+    in_flight: Mutex<(Option<Arc<Vec<u8>>>, usize)>,
+    /// Bytes handed over and not yet written.
     queued_bytes: AtomicU64,
-    /// Whole lines handed to the writer thread and not yet written.
-    queued_lines: AtomicU64,
-    /// Lines dropped because the queue was full.
+    /// Lines dropped because the queue was full or the reader went away.
     dropped_lines: AtomicU64,
     /// The reader went away (EPIPE) or stdout failed for good.
     closed: AtomicBool,
@@ -43,8 +51,6 @@ struct Shared {
 /// The sinks' end: a `Write` that never blocks.
 pub struct QueuedOut {
     buf: Vec<u8>,
-    tx: mpsc::Sender<Vec<u8>>,
-    spare: mpsc::Receiver<Vec<u8>>,
     shared: Arc<Shared>,
     max_queued: u64,
     warned_at: Option<Instant>,
@@ -64,8 +70,16 @@ pub fn stdout() -> (QueuedOut, OutHandle) {
     // SAFETY: fd 1 stays open for the life of the process; ManuallyDrop
     // keeps this File from closing it.
     let fd1 = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
-    queued(Fd1(fd1), MAX_QUEUED_BYTES)
+    // SAFETY: fstat on fd 1 into a zeroed struct we own.
+    let pipe = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(1, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+    };
+    queued_pieces(Fd1(fd1), MAX_QUEUED_BYTES, if pipe { PIPE_BUF } else { usize::MAX })
 }
+
+/// A pipe write of at most this many bytes is atomic: all or nothing.
+const PIPE_BUF: usize = 4096;
 
 /// fd 1 written directly: std's `Stdout` would add a lock and line buffering.
 struct Fd1(std::mem::ManuallyDrop<std::fs::File>);
@@ -80,39 +94,70 @@ impl Write for Fd1 {
 }
 
 /// A [`QueuedOut`] over any blocking writer (tests use a stalled one).
-pub fn queued<W: Write + Send + 'static>(mut out: W, max_queued: u64) -> (QueuedOut, OutHandle) {
+pub fn queued<W: Write + Send + 'static>(out: W, max_queued: u64) -> (QueuedOut, OutHandle) {
+    queued_pieces(out, max_queued, usize::MAX)
+}
+
+/// The end of the first piece of `b`: whole lines, at most `max` bytes
+/// (a longer line goes alone).
+fn piece_end(b: &[u8], max: usize) -> usize {
+    if b.len() <= max {
+        return b.len();
+    }
+    match b[..max].iter().rposition(|c| *c == b'\n') {
+        Some(i) => i + 1,
+        None => b[max..].iter().position(|c| *c == b'\n').map(|i| max + i + 1).unwrap_or(b.len()),
+    }
+}
+
+/// `piece`: the most written at once, in whole lines. On a pipe, writes of
+/// at most PIPE_BUF are atomic, so a reader that stalls (and a ctdrop that
+/// ends meanwhile) leaves whole lines in the pipe, never half of one.
+fn queued_pieces<W: Write + Send + 'static>(mut out: W, max_queued: u64, piece: usize) -> (QueuedOut, OutHandle) {
     let shared = Arc::new(Shared::default());
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    let (spare_tx, spare) = mpsc::sync_channel::<Vec<u8>>(SPARE_CHUNKS);
     let s = shared.clone();
     std::thread::Builder::new()
         .name("ctdrop-stdout".into())
         .spawn(move || {
-            for mut chunk in rx {
+            let mut spare = Vec::with_capacity(CHUNK);
+            loop {
+                let data = {
+                    let mut p = s.pending.lock().unwrap();
+                    while p.is_empty() {
+                        s.writer_idle.store(true, Ordering::SeqCst);
+                        p = s.wake.wait(p).unwrap();
+                    }
+                    s.writer_idle.store(false, Ordering::SeqCst);
+                    Arc::new(std::mem::replace(&mut *p, std::mem::take(&mut spare)))
+                };
+                *s.in_flight.lock().unwrap() = (Some(data.clone()), 0);
                 let mut pos = 0;
-                while pos < chunk.len() && !s.closed.load(Ordering::Relaxed) {
-                    match out.write(&chunk[pos..]) {
+                while pos < data.len() && !s.closed.load(Ordering::Relaxed) {
+                    let end = pos + piece_end(&data[pos..], piece);
+                    match out.write(&data[pos..end]) {
                         Ok(0) => s.closed.store(true, Ordering::Relaxed),
                         Ok(n) => {
-                            s.queued_lines.fetch_sub(lines_in(&chunk[pos..pos + n]), Ordering::Relaxed);
                             pos += n;
+                            s.in_flight.lock().unwrap().1 = pos;
+                            s.queued_bytes.fetch_sub(n as u64, Ordering::Relaxed);
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(_) => s.closed.store(true, Ordering::Relaxed),
                     }
                 }
-                if pos < chunk.len() {
-                    s.queued_lines.fetch_sub(lines_in(&chunk[pos..]), Ordering::Relaxed);
-                    s.dropped_lines.fetch_add(lines_in(&chunk[pos..]), Ordering::Relaxed);
+                *s.in_flight.lock().unwrap() = (None, 0);
+                if pos < data.len() {
+                    s.dropped_lines.fetch_add(lines_in(&data[pos..]), Ordering::Relaxed);
+                    s.queued_bytes.fetch_sub((data.len() - pos) as u64, Ordering::Relaxed);
                 }
-                s.queued_bytes.fetch_sub(chunk.len() as u64, Ordering::Relaxed);
-                chunk.clear();
-                let _ = spare_tx.try_send(chunk);
+                if let Ok(mut v) = Arc::try_unwrap(data) {
+                    v.clear();
+                    spare = v;
+                }
             }
-            let _ = out.flush();
         })
         .expect("starting the stdout writer thread");
-    let q = QueuedOut { buf: Vec::with_capacity(CHUNK), tx, spare, shared: shared.clone(), max_queued, warned_at: None };
+    let q = QueuedOut { buf: Vec::with_capacity(CHUNK), shared: shared.clone(), max_queued, warned_at: None };
     (q, OutHandle { shared })
 }
 
@@ -123,24 +168,29 @@ impl QueuedOut {
         }
         let len = self.buf.len() as u64;
         let s = &self.shared;
-        if s.closed.load(Ordering::Relaxed) || s.queued_bytes.load(Ordering::Relaxed) + len > self.max_queued {
+        let closed = s.closed.load(Ordering::Relaxed);
+        if closed || s.queued_bytes.load(Ordering::Relaxed) + len > self.max_queued {
             let n = lines_in(&self.buf);
             let total = s.dropped_lines.fetch_add(n, Ordering::Relaxed) + n;
             self.buf.clear();
-            if !s.closed.load(Ordering::Relaxed) && self.warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            if !closed && self.warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                 self.warned_at = Some(Instant::now());
                 eprintln!("ctdrop: warning: stdout is not being read: {total} lines not written so far (tracing and counting go on)");
             }
             return;
         }
         s.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        s.queued_lines.fetch_add(lines_in(&self.buf), Ordering::Relaxed);
-        let next = self.spare.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-        let chunk = std::mem::replace(&mut self.buf, next);
-        if let Err(mpsc::SendError(c)) = self.tx.send(chunk) {
-            // The writer thread is gone: nothing can be written any more.
-            s.closed.store(true, Ordering::Relaxed);
-            s.dropped_lines.fetch_add(lines_in(&c), Ordering::Relaxed);
+        {
+            let mut p = s.pending.lock().unwrap();
+            if p.is_empty() {
+                std::mem::swap(&mut *p, &mut self.buf);
+            } else {
+                p.extend_from_slice(&self.buf);
+                self.buf.clear();
+            }
+        }
+        if s.writer_idle.load(Ordering::SeqCst) {
+            s.wake.notify_one();
         }
     }
 }
@@ -176,11 +226,17 @@ impl OutHandle {
     /// lines that were not written: dropped ones plus those still queued.
     /// Call after the sinks' last flush.
     pub fn finish(&self, grace: Duration) -> u64 {
+        let s = &self.shared;
         let until = Instant::now() + grace;
-        while self.shared.queued_bytes.load(Ordering::Relaxed) > 0 && !self.shared.closed.load(Ordering::Relaxed) && Instant::now() < until {
+        while s.queued_bytes.load(Ordering::Relaxed) > 0 && !s.closed.load(Ordering::Relaxed) && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(5));
         }
-        self.shared.dropped_lines.load(Ordering::Relaxed) + self.shared.queued_lines.load(Ordering::Relaxed)
+        let queued = lines_in(&s.pending.lock().unwrap());
+        let in_flight = match &*s.in_flight.lock().unwrap() {
+            (Some(d), pos) => lines_in(&d[*pos..]),
+            (None, _) => 0,
+        };
+        s.dropped_lines.load(Ordering::Relaxed) + queued + in_flight
     }
 
     /// [`OutHandle::finish`], then one line on stderr when lines were lost
@@ -243,6 +299,16 @@ mod tests {
         let written = lines_in(&got.lock().unwrap());
         assert_eq!(written + unwritten, 100_000);
         assert!(written > 0 && written <= (256 << 10) / 100 + 1, "only what fit in the queue: {written}");
+    }
+
+    #[test]
+    fn pieces_are_whole_lines_within_the_atomic_size() {
+        let b = b"aaaa\nbbbb\ncccccccccc\nd";
+        assert_eq!(piece_end(b, 100), b.len());
+        assert_eq!(piece_end(b, 8), 5);
+        assert_eq!(piece_end(b, 12), 10);
+        assert_eq!(piece_end(&b[10..], 4), 11, "a longer line goes alone");
+        assert_eq!(piece_end(b"xxxxxxxx", 4), 8);
     }
 
     #[test]
