@@ -29,15 +29,16 @@ macro_rules! filt {
 }
 
 mod conntrack;
+mod count;
 mod filter;
 mod kfree_skb;
 mod skb;
 
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{PerCpuArray, RingBuf},
 };
-use tracer_common::{stat, FilterConfig, FilterIf, FilterNet, FlowCount, FlowKey, GroupKey, Offsets, FILTER_MAX, GROUP_MAP_ENTRIES, OFFSET_ABSENT};
+use tracer_common::{stat, FilterConfig, FilterIf, FilterNet, Offsets, FILTER_MAX, OFFSET_ABSENT};
 
 
 /// Filled in by userspace at load time (`EbpfLoader::set_global`); the
@@ -87,14 +88,6 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::LEN, 0);
-
-/// Count mode: exact per-flow counters instead of per-packet records.
-#[map]
-static FLOWS: PerCpuHashMap<FlowKey, FlowCount> = PerCpuHashMap::with_max_entries(65536, 0);
-
-/// Count mode: exact drop counts per (namespace, reason, protocol, ...).
-#[map]
-static GROUPS: PerCpuHashMap<GroupKey, u64> = PerCpuHashMap::with_max_entries(GROUP_MAP_ENTRIES, 0);
 
 /// The record under construction lives here, not on the stack.
 #[map]

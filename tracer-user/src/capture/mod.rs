@@ -46,7 +46,7 @@ pub async fn run(args: &CaptureArgs) -> Result<()> {
         if args.json { Box::new(JsonSink::new(out)) } else { Box::new(SummaryOnly::new(out)) },
         Box::new(sink::CaptureSink::new(w, meta, progress)),
     ];
-    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: args.headers };
+    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: args.headers, service: false };
     let result = session::run(&opts, sinks).await;
     out_handle.finish_and_report(session::OUTPUT_GRACE);
     let size = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);

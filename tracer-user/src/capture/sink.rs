@@ -77,6 +77,35 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// The header of a capture taken by this session, starting at `mono`
+/// (CLOCK_MONOTONIC) with these counters.
+pub fn header(info: &SessionInfo, meta: &CaptureMeta, mono: u64, counters_at_start: Vec<NsCounters>) -> Header {
+    Header {
+        format_version: FORMAT_VERSION,
+        ctdrop_version: env!("CARGO_PKG_VERSION").to_string(),
+        host: host_name(),
+        kernel_release: kernel_release(),
+        started_wall_ns: mono + info.boot_offset_ns,
+        started_mono_ns: mono,
+        boot_offset_ns: info.boot_offset_ns,
+        mechanisms: info
+            .mechanisms
+            .iter()
+            .map(|m| (m.signal.to_string(), m.chosen.clone().unwrap_or_else(|| format!("none ({})", m.note))))
+            .collect(),
+        drop_reasons: info.reasons.pairs().map(|(v, n)| (v, n.to_string())).collect(),
+        conntrack_max: info.limits.map(|l| l.max),
+        conntrack_buckets: info.limits.map(|l| l.buckets),
+        counters_at_start,
+        filter: CaptureFilter::from_config(info.filter),
+        headers: meta.headers,
+        duration_s: meta.duration.map(|d| d.as_secs_f64()),
+        probes: meta.probes.clone(),
+        command: meta.command.clone(),
+        max_flows: Some(meta.max_flows),
+    }
+}
+
 impl Sink for CaptureSink {
     fn start(&mut self, info: &SessionInfo) -> std::io::Result<()> {
         self.boot_offset = info.boot_offset_ns;
@@ -85,31 +114,7 @@ impl Sink for CaptureSink {
             .iter()
             .map(|(ns, c)| (*ns, NsCounters { netns: *ns, netns_name: info.namespaces.display_name(*ns), counters: c.columns.clone() }))
             .collect();
-        let mono = crate::probe::mono_ns();
-        let h = Header {
-            format_version: FORMAT_VERSION,
-            ctdrop_version: env!("CARGO_PKG_VERSION").to_string(),
-            host: host_name(),
-            kernel_release: kernel_release(),
-            started_wall_ns: mono + info.boot_offset_ns,
-            started_mono_ns: mono,
-            boot_offset_ns: info.boot_offset_ns,
-            mechanisms: info
-                .mechanisms
-                .iter()
-                .map(|m| (m.signal.to_string(), m.chosen.clone().unwrap_or_else(|| format!("none ({})", m.note))))
-                .collect(),
-            drop_reasons: info.reasons.pairs().map(|(v, n)| (v, n.to_string())).collect(),
-            conntrack_max: info.limits.map(|l| l.max),
-            conntrack_buckets: info.limits.map(|l| l.buckets),
-            counters_at_start: self.start.values().cloned().collect(),
-            filter: CaptureFilter::from_config(info.filter),
-            headers: self.meta.headers,
-            duration_s: self.meta.duration.map(|d| d.as_secs_f64()),
-            probes: self.meta.probes.clone(),
-            command: self.meta.command.clone(),
-            max_flows: Some(self.meta.max_flows),
-        };
+        let h = header(info, &self.meta, crate::probe::mono_ns(), self.start.values().cloned().collect());
         self.w.write_header(&h)
     }
 
@@ -119,6 +124,10 @@ impl Sink for CaptureSink {
 
     fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()> {
         self.w.probe(&probe_json(p))
+    }
+
+    fn occupancy(&mut self, o: &crate::conntrack::occupancy::Occupancy) -> std::io::Result<()> {
+        self.w.occupancy(o)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -170,6 +179,7 @@ impl Sink for CaptureSink {
             probes_written: self.w.probes,
             kernel_counters,
             counters_at_end: at_end.into_values().collect(),
+            watch: None,
         };
         self.w.finish(&t)
     }
