@@ -300,32 +300,63 @@ pub struct Offsets {
 
 pub const OFFSET_ABSENT: u32 = u32::MAX;
 
+/// Most values per filter kind (`--host`, `--port`, `--netns`, `--ifname`):
+/// the kernel checks them in bounded, unrolled loops.
+pub const FILTER_MAX: usize = 8;
+
+/// One `--host` prefix. Words are the address bytes read as native-endian
+/// u32s, as the kernel side reads `DropRecord::saddr`/`daddr`; `addr` is
+/// already masked. IPv4 uses word 0 only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct FilterNet {
+    pub addr: [u32; 4],
+    pub mask: [u32; 4],
+}
+
+/// One `--ifname`, resolved to its index in one namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct FilterIf {
+    pub netns: u32,
+    pub ifindex: u32,
+}
+
 /// What the kernel side sends and which packets it considers; set once at
 /// load time as a read-only global so the verifier prunes what is unused.
+/// Within a kind the values are alternatives (any may match); kinds given
+/// together must all match.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
 pub struct FilterConfig {
-    /// Address to match at either end (when `host_len` is 4 or 16).
-    pub host: [u8; 16],
+    /// Prefixes matched at either end; the first `n_nets` count.
+    pub nets: [FilterNet; FILTER_MAX],
+    /// Namespace inodes; the first `n_netns` count.
+    pub netns: [u32; FILTER_MAX],
+    /// (namespace, ifindex) of the packet's device; the first `n_ifs` count.
+    pub ifs: [FilterIf; FILTER_MAX],
+    /// Ports matched at either end; the first `n_ports` count.
+    pub ports: [u16; FILTER_MAX],
     /// Only drops with this reason, unless `all_reasons` is set.
     pub netfilter_drop_reason: u32,
-    /// 0 = any namespace.
-    pub netns: u32,
-    /// 0 = any port; matched at either end.
-    pub port: u16,
+    pub n_nets: u8,
+    /// Bit i set: `nets[i]` is IPv6.
+    pub nets_v6: u8,
+    pub n_netns: u8,
+    pub n_ifs: u8,
+    pub n_ports: u8,
     /// 0 = any protocol.
     pub l4_proto: u8,
     pub all_reasons: u8,
-    /// 0 = any host, 4 = IPv4, 16 = IPv6.
-    pub host_len: u8,
     /// 1 = copy header bytes after each record.
     pub capture_headers: u8,
     /// 1 = count in the per-flow map instead of sending records.
     pub count_only: u8,
     /// Bits of [`ct_signal`]: which conntrack signal maps to consult.
     pub ct_probes: u8,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<FilterConfig>() == 384);
 
 /// Per-namespace conntrack path events counted by the probe tier (keyed
 /// by namespace inode in a per-CPU hash): the table-fill timeline and the

@@ -8,59 +8,12 @@ use aya_ebpf::{
 };
 use tracer_common::{ct_signal, flags, source, stat, DropRecord, DropRecordWithHeader};
 
-use crate::{bump, count::count, skb, EVENTS, SCRATCH};
+use crate::{bump, count::count, filter::matches, skb, EVENTS, SCRATCH};
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     unsafe { handle(&ctx) };
     0
-}
-
-#[inline(always)]
-fn matches(r: &DropRecord) -> bool {
-    let netns = filt!(netns);
-    if netns != 0 && r.netns != netns {
-        return false;
-    }
-    let proto = filt!(l4_proto);
-    if proto != 0 && r.l4_proto != proto {
-        return false;
-    }
-    let port = filt!(port);
-    if port != 0 && r.sport != port && r.dport != port {
-        return false;
-    }
-    let host_len = filt!(host_len);
-    if host_len == 4 || host_len == 16 {
-        let host = filt!(host);
-        let v6 = host_len == 16;
-        if r.l3_proto != if v6 { 0x86dd } else { 0x0800 } {
-            return false;
-        }
-        // Word compares: a byte-slice compare would call bcmp.
-        let words = |a: &[u8; 16]| -> [u32; 4] {
-            [
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            ]
-        };
-        let (h, s, d) = (words(&host), words(&r.saddr), words(&r.daddr));
-        let n = if v6 { 4 } else { 1 };
-        let mut src_eq = true;
-        let mut dst_eq = true;
-        for i in 0..4 {
-            if i < n {
-                src_eq &= s[i] == h[i];
-                dst_eq &= d[i] == h[i];
-            }
-        }
-        if !src_eq && !dst_eq {
-            return false;
-        }
-    }
-    true
 }
 
 #[inline(always)]

@@ -86,8 +86,8 @@ pub fn run(args: &CheckArgs) -> Result<()> {
     let mut inodes = registry.inodes();
     inodes.sort();
     for ns in inodes {
+        let name = registry.display_name(ns);
         let Some(h) = registry.get(ns) else { continue };
-        let name = h.name.clone();
         if let Some(c) = h.counters() {
             let in_use = c.columns.iter().any(|(_, v)| *v != 0);
             if in_use {
@@ -175,8 +175,8 @@ pub fn occupancy_reports(netns: Option<&str>) -> Result<Vec<OccupancyReport>> {
             let mut v = Vec::new();
             for ns in inodes {
                 let busy = registry.get(ns).and_then(|h| h.counters()).map(|c| c.entries() > 0).unwrap_or(false);
-                if let (true, Some((name, path))) = (busy, find_namespace(ns)) {
-                    v.push(occupancy::snapshot(&path, Some(ns), name)?);
+                if let (true, Some((_, path))) = (busy, find_namespace(ns)) {
+                    v.push(occupancy::snapshot(&path, Some(ns), registry.display_name(ns))?);
                 }
             }
             v

@@ -82,22 +82,7 @@ pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
     filter.netfilter_drop_reason = nf.unwrap_or(u32::MAX);
     filter.all_reasons = args.all_reasons as u8;
     filter.capture_headers = capture_headers as u8;
-    if let Some(ns) = &args.netns {
-        filter.netns = crate::conntrack::netns::resolve_netns_arg(ns)?;
-    }
-    filter.l4_proto = args.proto.unwrap_or(0);
-    filter.port = args.port.unwrap_or(0);
-    match args.host {
-        Some(std::net::IpAddr::V4(a)) => {
-            filter.host[..4].copy_from_slice(&a.octets());
-            filter.host_len = 4;
-        }
-        Some(std::net::IpAddr::V6(a)) => {
-            filter.host = a.octets();
-            filter.host_len = 16;
-        }
-        None => {}
-    }
+    crate::filter::fill(args, &mut filter)?;
     Ok(Prepared { offsets, reasons, filter, ring_size, conntrack_loaded: capabilities::conntrack_loaded() })
 }
 
@@ -183,8 +168,7 @@ impl Collector {
         let mut out = BTreeMap::new();
         for ns in self.sampler.registry.inodes() {
             if let Some(c) = self.sampler.counters(ns) {
-                let name = self.sampler.registry.get(ns).and_then(|h| h.name.clone());
-                out.insert(ns, (name, c));
+                out.insert(ns, (self.sampler.registry.display_name(ns), c));
             }
         }
         out
@@ -280,7 +264,8 @@ impl Collector {
         let cause = self.classifier.classify(&ev);
         self.tally.record(&ev, cause);
         if let (Cause::ConntrackTableFull, Some(ns)) = (cause, ev.netns) {
-            self.snapshots.table_full(ns, || find_namespace(ns));
+            let registry = &self.sampler.registry;
+            self.snapshots.table_full(ns, || find_namespace(ns).map(|(_, path)| (registry.display_name(ns), path)));
         }
         Some((ev, cause))
     }
@@ -294,7 +279,8 @@ impl Collector {
                 Some(p) => p.clone(),
                 None => match sampler.registry.get(ns) {
                     Some(h) => {
-                        let p = (h.name.as_deref().map(Rc::from), ev.ifindex.and_then(|i| h.ifname(i)).map(|n| Rc::from(n.as_str())));
+                        let ifname = ev.ifindex.and_then(|i| h.ifname(i)).map(|n| Rc::from(n.as_str()));
+                        let p = (sampler.registry.display_name(ns).as_deref().map(Rc::from), ifname);
                         labels.places.insert((ns, ev.ifindex), p.clone());
                         p
                     }
@@ -336,10 +322,8 @@ impl Collector {
             eprintln!("ctdrop: note: {e}");
         }
         let limits = self.sampler.limits();
-        let registry = &mut self.sampler.registry;
-        self.advice = crate::advice::from_run(&self.tally, &self.snapshots.taken, limits, &Host::detect(), |ns| {
-            registry.get(ns).and_then(|h| h.name.clone())
-        });
+        let registry = &self.sampler.registry;
+        self.advice = crate::advice::from_run(&self.tally, &self.snapshots.taken, limits, &Host::detect(), |ns| registry.display_name(ns));
     }
 
     /// Kernel counters now against the baselines, for every namespace that
@@ -355,7 +339,7 @@ impl Collector {
             if delta.get("drop") == 0 && table_full + insert_failed == 0 {
                 continue;
             }
-            let netns_name = self.sampler.registry.get(ns).and_then(|h| h.name.clone());
+            let netns_name = self.sampler.registry.display_name(ns);
             out.push(CounterCheck { netns: ns, netns_name, delta, table_full, insert_failed });
         }
         out
@@ -364,20 +348,27 @@ impl Collector {
 
 pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
     let color = args.color.resolve(unsafe { libc::isatty(1) } == 1);
-    let out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+    // Never a blocking stdout: a reader that stops reading must not stall tracing.
+    let (out, out_handle) = crate::output::writer::stdout();
+    // Metrics are for scraping: per-drop lines on a terminal only bury them.
+    let quiet = args.quiet || (args.metrics.is_some() && !args.json);
     let mut sinks: Vec<Box<dyn Sink>> =
-        if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color))] };
+        if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color).quiet(quiet))] };
     if let Some(addr) = &args.metrics {
         let metrics = std::sync::Arc::new(crate::output::metrics::Metrics::new());
         serve_metrics(addr, metrics.clone(), "").await?;
         sinks.push(Box::new(crate::output::metrics::MetricsSink::new(metrics)));
     }
     let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: false, service: false };
-    if args.count_only {
-        return crate::counting::run(&opts, args.report_every, sinks).await;
-    }
-    run(&opts, sinks).await
+    let r = if args.count_only { crate::counting::run(&opts, args.report_every, sinks).await } else { run(&opts, sinks).await };
+    out_handle.finish_and_report(OUTPUT_GRACE);
+    r
 }
+
+/// How long the end of a run waits for a slow stdout reader to take the
+/// rest (the summary): long enough for a reader that keeps up, short
+/// enough that a stalled one cannot hold ctdrop past --duration.
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 
 /// Starts serving `metrics` on `addr` (`--metrics`). Bound before
 /// attaching: a busy port is bad input, not a late surprise. `level` goes
@@ -411,6 +402,8 @@ pub struct SessionInfo<'a> {
     pub limits: Option<crate::conntrack::stats::CtLimits>,
     pub counters_at_start: &'a BTreeMap<u32, CtCounters>,
     pub filter: &'a FilterConfig,
+    /// Names namespaces, as every output does.
+    pub namespaces: &'a NsRegistry,
 }
 
 pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Result<()> {
@@ -473,6 +466,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         limits: crate::conntrack::stats::CtLimits::read(),
         counters_at_start: &collector.baselines,
         filter: &p.filter,
+        namespaces: &collector.sampler.registry,
     };
     for s in sinks.iter_mut() {
         s.start(&info).context("starting output")?;
@@ -700,7 +694,7 @@ fn show_released(c: &Collector, ready: Vec<crate::probe::order::Released>, sinks
 }
 
 pub(crate) fn filtered(f: &FilterConfig) -> bool {
-    f.netns != 0 || f.l4_proto != 0 || f.port != 0 || f.host_len != 0
+    crate::filter::narrows(f)
 }
 
 pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
