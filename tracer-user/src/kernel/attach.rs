@@ -124,7 +124,7 @@ impl Tracer {
                 Some(aya::maps::Map::LruHashMap(m)) => m.fd().as_fd().try_clone_to_owned().context("duplicating the HOOK_MARKS fd")?,
                 _ => return Err(anyhow!("embedded object lacks the HOOK_MARKS map")),
             };
-            let only = (filter.netns != 0).then_some(filter.netns);
+            let only = (filter.n_netns != 0).then(|| filter.netns[..filter.n_netns as usize].to_vec());
             match NfHooks::start(abi, &marks, only) {
                 Ok(h) => {
                     mechanisms.extend(tier::hook_mechanisms(h.namespaces_at_start));

@@ -551,7 +551,7 @@ struct NsLinks {
 
 struct Attacher {
     progs: Arc<Programs>,
-    only: Option<u32>,
+    only: Option<Vec<u32>>,
     links: HashMap<u32, NsLinks>,
     /// After the first scan: say on stderr when a new namespace is covered.
     started: bool,
@@ -563,7 +563,7 @@ struct Attacher {
 
 impl Attacher {
     fn scan(&mut self) {
-        let found = namespaces(self.only, &mut self.pids);
+        let found = namespaces(self.only.as_deref(), &mut self.pids);
         for (ns, path) in &found {
             if self.links.contains_key(ns) || self.refused.contains_key(ns) {
                 continue;
@@ -639,12 +639,12 @@ const FULL_EVERY: u32 = 40;
 /// Every network namespace reachable now: our own, named ones
 /// (`/run/netns`), and those of running processes (`/proc/*/ns/net`),
 /// by inode, each with a path that opens it.
-fn namespaces(only: Option<u32>, pids: &mut PidNamespaces) -> HashMap<u32, PathBuf> {
+fn namespaces(only: Option<&[u32]>, pids: &mut PidNamespaces) -> HashMap<u32, PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let ino = |p: &Path| std::fs::metadata(p).ok().map(|m| m.ino() as u32);
     let mut out: HashMap<u32, PathBuf> = HashMap::new();
     let mut add = |ns: u32, p: PathBuf| {
-        if only.is_none_or(|o| o == ns) {
+        if only.is_none_or(|o| o.contains(&ns)) {
             out.entry(ns).or_insert(p);
         }
     };
@@ -691,7 +691,7 @@ impl NfHooks {
     /// Loads the programs against `marks` (the HOOK_MARKS map) and attaches
     /// them in every namespace found now; fails when the own namespace
     /// refuses them (then nothing is left attached).
-    pub fn start(abi: HookAbi, marks: impl AsFd, only_netns: Option<u32>) -> Result<NfHooks> {
+    pub fn start(abi: HookAbi, marks: impl AsFd, only_netns: Option<Vec<u32>>) -> Result<NfHooks> {
         let map = marks.as_fd().as_raw_fd();
         let progs = Arc::new(Programs {
             enter: load("ct_hook_enter", &enter_program(map), &abi)?,
@@ -702,7 +702,7 @@ impl NfHooks {
         let coverage = HookCoverage::default();
         let mut attacher = Attacher {
             progs,
-            only: only_netns,
+            only: only_netns.clone(),
             links: HashMap::new(),
             started: false,
             pids: PidNamespaces::default(),
@@ -714,15 +714,17 @@ impl NfHooks {
         // If our own namespace (or the one asked for) refuses, the
         // mechanism is unavailable (no CONFIG_NETFILTER_BPF_LINK, say), not
         // merely absent in one namespace.
-        let target = match only_netns {
-            Some(ns) => ns,
-            None => crate::conntrack::netns::own_netns()?,
+        let targets = match only_netns {
+            Some(nss) => nss,
+            None => vec![crate::conntrack::netns::own_netns()?],
         };
-        if let Some(e) = attacher.refused.get(&target) {
-            bail!("cannot attach netfilter hook programs in namespace {target}: {e}");
-        }
-        if !attacher.links.contains_key(&target) {
-            bail!("network namespace {target} not found to attach netfilter hook programs in");
+        for target in targets {
+            if let Some(e) = attacher.refused.get(&target) {
+                bail!("cannot attach netfilter hook programs in namespace {target}: {e}");
+            }
+            if !attacher.links.contains_key(&target) {
+                bail!("network namespace {target} not found to attach netfilter hook programs in");
+            }
         }
         let namespaces_at_start = attacher.links.len();
         let stop = Arc::new(AtomicBool::new(false));
