@@ -263,7 +263,7 @@ fn explain_and_fix(log: &Mutex<Log>) -> Result<()> {
     let adv = advice::for_namespace(&ev, &Host::detect());
     let mut out = std::io::stdout().lock();
     for l in unreported {
-        writeln!(out, "{l}")?;
+        writeln!(out, "{}", sink::fold_line(&l))?;
     }
     writeln!(out)?;
     writeln!(out, "[3/5] who fills the table? a snapshot of {SERVER}'s conntrack table:")?;
