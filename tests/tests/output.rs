@@ -142,10 +142,15 @@ fn a_flood_in_human_mode_folds_to_bounded_lines_per_second_and_every_lost_ping_s
     // Every lost ping still prints, each with its cause.
     let downs: Vec<&str> = out.stdout.lines().filter(|l| l.contains("  down  ")).collect();
     let summary_line = out.stdout.lines().find(|l| l.trim_start().starts_with(&format!("{}:", topo.receiver_addr))).expect("probe summary");
-    let lost: u64 = summary_line.split("lost ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
-    assert!(lost >= 5, "{summary_line}");
-    assert_eq!(downs.len() as u64, lost, "{}", out.stdout);
-    assert!(downs.iter().all(|l| l.contains("conntrack_table_full")), "{downs:?}");
+    let pings_lost: u64 = summary_line.split("lost ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+    assert!(pings_lost >= 5, "{summary_line}");
+    assert_eq!(downs.len() as u64, pings_lost, "{}", out.stdout);
+    // Each with its cause, unless its drop record was among those the ring
+    // lost under the flood (then it says so: no drop seen).
+    assert!(downs.iter().all(|l| l.contains("conntrack_table_full") || l.contains("no drop seen")), "{downs:?}");
+    if lost == 0 {
+        assert!(downs.iter().all(|l| l.contains("conntrack_table_full")), "{downs:?}");
+    }
     // The summary's namespace table uses the name the drop lines use.
     let by_ns = out.stdout.split("by namespace:").nth(1).expect("namespace table");
     assert!(by_ns.lines().nth(1).unwrap().trim_start().starts_with(&topo.receiver.name), "{by_ns}");
