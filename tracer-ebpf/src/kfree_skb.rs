@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use tracer_common::{flags, source, stat, DropRecord, DropRecordWithHeader};
+use tracer_common::{ct_signal, flags, source, stat, DropRecord, DropRecordWithHeader};
 
 use crate::{bump, count::count, filter::matches, skb, EVENTS, SCRATCH};
 
@@ -79,17 +79,22 @@ unsafe fn build(ctx: &BtfTracePointContext, reason: u32, rec: &mut DropRecord) -
     rec.cpu = bpf_get_smp_processor_id();
     rec.source = source::KFREE_SKB;
     skb::fill(skb_ptr, rec, true);
-    if !matches(rec) {
-        return false;
-    }
-    // A .rodata flag: with no verdict producer attached the verifier sees
-    // the branch is never taken and removes the lookup.
-    if filt!(ct_probes) != 0 {
+    // Before the filter: a verdict or mark left on a filtered-out packet
+    // would otherwise outlive it and be read for the next skb at its
+    // address. A .rodata flag: with no producer of a kind attached the
+    // verifier sees its branch is never taken and removes the lookup.
+    let signals = filt!(ct_probes);
+    if signals & ct_signal::PROBES != 0 {
         if let Some(src) = crate::conntrack::take_verdict(skb_ptr as u64, rec.ts_ns) {
             rec.source = src;
         }
     }
-    true
+    if signals & ct_signal::HOOKS != 0 {
+        if let Some(src) = crate::hooks::take_mark(skb_ptr, rec.ts_ns) {
+            rec.source = src;
+        }
+    }
+    matches(rec)
 }
 
 /// The ring is full: the record is built aside only to learn whether the

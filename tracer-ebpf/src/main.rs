@@ -30,6 +30,7 @@ macro_rules! filt {
 
 mod conntrack;
 mod count;
+mod hooks;
 mod filter;
 mod kfree_skb;
 mod skb;

@@ -69,7 +69,15 @@ pub fn run(args: &CheckArgs) -> Result<()> {
         },
     });
     drop(tracer);
-    let tier_name = if mechanisms.iter().any(|m| m.chosen.as_deref().is_some_and(|c| c.contains("kretprobe"))) { "kprobe" } else { "tracepoint" };
+    let uses = |what: &str| mechanisms.iter().any(|m| m.chosen.as_deref().is_some_and(|c| c.contains(what)));
+    let tier_name = if uses("kretprobe") {
+        "kprobe"
+    } else if uses("bpf netfilter hooks") {
+        "tracepoint+netfilter-hook"
+    } else {
+        "tracepoint"
+    };
+    caps.push(netfilter_prog_capability(&btf));
 
     let limits = CtLimits::read();
     let mut registry = NsRegistry::new();
@@ -214,4 +222,18 @@ pub fn write_occupancy_human(reports: &[OccupancyReport], out: &mut dyn Write) -
         advice::write_human(&r.advice, out)?;
     }
     Ok(())
+}
+
+/// Whether this kernel loads BPF_PROG_TYPE_NETFILTER programs, found by
+/// loading a two-instruction one.
+fn netfilter_prog_capability(btf: &KernelBtf) -> Capability {
+    let r = crate::kernel::nfhook::HookAbi::from_btf(btf).and_then(|abi| crate::kernel::nfhook::supported(&abi));
+    Capability {
+        name: "bpf netfilter prog",
+        ok: r.is_ok(),
+        detail: match r {
+            Ok(()) => "BPF_PROG_TYPE_NETFILTER loads (hook marks around conntrack, kernel 6.4+)".into(),
+            Err(e) => format!("{e:#}"),
+        },
+    }
 }

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
-use tracer_common::FilterConfig;
+use tracer_common::{source, FilterConfig};
 
 use crate::{
     advice::{Advice, Host},
@@ -106,6 +106,10 @@ pub struct Collector {
     /// Filled by [`Collector::conclude`] at the end of a run.
     pub advice: Vec<Advice>,
     labels: Labels,
+    /// Namespaces where netfilter hook marks tell conntrack drops apart.
+    pub hooks: Option<crate::kernel::nfhook::HookCoverage>,
+    /// Records whose cause the `drop` counter budget decided.
+    pub inferred_by_budget: u64,
 }
 
 type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -149,6 +153,8 @@ impl Collector {
             labels: Labels::default(),
             snapshots: Snapshots::new(SNAPSHOT_GAP),
             advice: Vec::new(),
+            hooks: None,
+            inferred_by_budget: 0,
         }
     }
 
@@ -238,11 +244,21 @@ impl Collector {
         if ev.ct_fill.is_none() {
             if let Some(ns) = ev.netns {
                 // A netfilter drop of a packet without an entry may be a
-                // conntrack drop: ask the namespace's drop counter.
-                let candidate = ev.ct.is_none()
+                // conntrack drop: the hook marks know where they cover the
+                // namespace; elsewhere ask the namespace's drop counter.
+                let mut candidate = ev.ct.is_none()
                     && !self.classifier.probes
-                    && Some(ev.reason) == self.classifier.netfilter_drop;
+                    && Some(ev.reason) == self.classifier.netfilter_drop
+                    && !matches!(ev.source, source::CT_HOOK_IN | source::CT_HOOK_CONFIRM);
+                if candidate && ev.source == source::KFREE_SKB && self.hooks.as_ref().is_some_and(|h| h.covers(ns, ev.ts_ns)) {
+                    ev.source = source::HOOK_NOT_CONNTRACK;
+                    candidate = false;
+                }
                 ev.ct_fill = if candidate { self.sampler.judge(ns, ev.ts_ns) } else { self.sampler.fill(ns) };
+                if candidate && ev.ct_fill.is_some_and(|f| f.counted_drop.is_some()) {
+                    ev.source = source::INFERRED_BY_BUDGET;
+                    self.inferred_by_budget += 1;
+                }
             }
         }
         let cause = self.classifier.classify(&ev);
@@ -410,6 +426,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     })?;
     release_freed_memory();
     collector.classifier.probes = tracer.probes_drop_paths();
+    collector.hooks = tracer.hook_coverage();
     let mut ring = RingReader::new(tracer.take_ring()?)?;
     // Before the `attached` line: a SIGUSR1 sent as soon as it shows must
     // not meet the default action (which ends the process).
@@ -418,7 +435,13 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         "ctdrop: {}attached tp_btf/kfree_skb in {} ms ({}; {}); Ctrl-C to stop",
         if args.service { "info: " } else { "" },
         tracer.attach_time.as_millis(),
-        if collector.classifier.probes { "tier kprobe: conntrack paths probed" } else { "tier tracepoint: conntrack causes inferred" },
+        if collector.classifier.probes {
+            "tier kprobe: conntrack paths probed"
+        } else if collector.hooks.is_some() {
+            "tier tracepoint + netfilter hooks: conntrack drops marked per packet"
+        } else {
+            "tier tracepoint: conntrack causes inferred"
+        },
         if p.filter.all_reasons != 0 { "all drop reasons" } else { "netfilter drops" }
     );
     // Test hook (tests/tests/reliability.rs): a bug in userspace while

@@ -67,6 +67,7 @@ impl Summary<'_> {
             "drops_total": t.total,
             "drops_by_cause": by_cause,
             "drops_by_netns": by_netns,
+            "inferred_by_budget": self.collector.inferred_by_budget,
             "netns_names": netns_names,
             "events_lost": self.stats.lost,
             "events_sent": self.stats.sent,
@@ -109,6 +110,13 @@ impl Summary<'_> {
             if n > 0 {
                 writeln!(out, "  {:<26} {n:>10}", c.as_str())?;
             }
+        }
+        if self.collector.inferred_by_budget > 0 {
+            writeln!(
+                out,
+                "  ({} records' cause decided by the namespace's `drop` counter budget, not per packet: evidence inferred:drop_counter)",
+                self.collector.inferred_by_budget
+            )?;
         }
         if !t.by_netns.is_empty() {
             writeln!(out, "by namespace:")?;

@@ -27,6 +27,11 @@ pub fn own_netns() -> Result<u32> {
     Ok(std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino() as u32)
 }
 
+/// Inode of the calling thread's network namespace (after a setns).
+pub fn thread_netns() -> Result<u32> {
+    Ok(std::fs::metadata("/proc/thread-self/ns/net").context("reading /proc/thread-self/ns/net")?.ino() as u32)
+}
+
 /// Named namespaces (`ip netns add`), by inode.
 pub fn named_namespaces() -> HashMap<u32, (String, PathBuf)> {
     let mut out = HashMap::new();
