@@ -200,6 +200,16 @@ fn capture_report_equals_the_live_run_and_the_kernel_counters() {
     assert_eq!(p["lost_by_cause"]["conntrack_table_full"], p["lost"], "{p}");
     assert_eq!(p["lost_probes"].as_array().unwrap().len() as u64, p["lost"].as_u64().unwrap());
 
+    // The table snapshot taken when the table filled is stored in the file
+    // (format 2) and is the one the live run showed.
+    let snaps = rep["occupancy"].as_array().unwrap();
+    let live_snaps = sum["occupancy"].as_array().unwrap();
+    assert_eq!(snaps.len(), live_snaps.len(), "{rep}");
+    let snap = snaps.iter().find(|o| o["netns"] == inc.rx).unwrap_or_else(|| panic!("no snapshot of the receiver in {rep}"));
+    assert_eq!(snap["entries"], MAX, "{snap}");
+    let live_snap = live_snaps.iter().find(|o| o["netns"] == inc.rx).unwrap();
+    assert_eq!((&snap["top_dst_ports"], &snap["taken_ns"]), (&live_snap["top_dst_ports"], &live_snap["taken_ns"]));
+
     // CSV: one row per drop, the very fields and values of the JSON lines.
     let csv_out = report(&[&file, "--format", "csv"]);
     assert!(csv_out.status.success(), "{}", csv_out.stderr);
