@@ -19,27 +19,6 @@ const MAX: u64 = 64;
 /// This suite's namespace prefix (xtask reaps leftovers by it).
 const PREFIX: &str = "ctdc";
 
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let p = std::env::temp_dir().join(format!("ctdc-test-{}-{}", std::process::id(), next_id()));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A small tmpfs, unmounted on drop: a disk that fills up.
 struct SmallDisk(PathBuf);
 

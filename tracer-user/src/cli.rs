@@ -18,6 +18,9 @@ pub struct Cli {
 pub enum Command {
     /// Trace drops live until Ctrl-C, SIGTERM or --duration, then summarize.
     Live(LiveArgs),
+    /// One screen during an incident: table fill per namespace, drops/s by
+    /// cause, top flows and ports, probes (q quits).
+    Top(TopArgs),
     /// Record drops and probe verdicts to a capture file for later reports.
     Capture(CaptureArgs),
     /// Summarize a capture file, or compare two (--before/--after).
@@ -152,6 +155,17 @@ pub struct LiveArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Stop after this long (e.g. 10s, 2m); else at q, Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct CaptureArgs {
     #[command(flatten)]
     pub trace: TraceArgs,
@@ -182,6 +196,8 @@ pub enum ReportFormat {
     Json,
     Csv,
     Prometheus,
+    /// One self-contained page with the timeline plot (inline SVG, no fetches).
+    Html,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -202,6 +218,9 @@ pub struct ReportArgs {
     /// Flows listed in the top-flows table.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
+    /// Write the report to this file instead of stdout (e.g. report.html).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -291,9 +310,11 @@ pub struct CheckArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// nf_conntrack_max during the demo.
-    #[arg(long, default_value_t = 64)]
-    pub max: u32,
+    /// Lower nf_conntrack_max to this for the demo (refused while another
+    /// namespace holds entries). Without it the demo fills its own
+    /// namespace's table to the current limit and changes no sysctl.
+    #[arg(long)]
+    pub max: Option<u64>,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration> {

@@ -46,7 +46,13 @@ pub fn boot_offset_ns() -> u64 {
 /// small freed blocks in its heap otherwise, and the parsed BTF is tens of
 /// megabytes of them.
 pub fn release_freed_memory() {
-    unsafe { libc::malloc_trim(0) };
+    // SAFETY: malloc_trim only walks glibc's own heap; no pointer of ours is involved.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
+    // musl (the static release build) has no malloc_trim: its allocator
+    // returns freed spans to the kernel by itself.
 }
 
 /// Everything found out before attaching.
@@ -106,6 +112,8 @@ pub struct Collector {
     /// Probe verdicts and passive echo-loss grouping (always on: an
     /// operator's own ping loop is matched even without `--ping`).
     pub matcher: Matcher,
+    /// Verdicts held until every earlier probe has its own.
+    pub order: crate::probe::order::InOrder,
     pub probe_labels: Vec<String>,
     baselines: BTreeMap<u32, CtCounters>,
     /// Table snapshots taken when a namespace's table was full.
@@ -150,6 +158,7 @@ impl Collector {
             boot_offset: boot_offset_ns(),
             decode_errors: 0,
             matcher: Matcher::new(probes.iter().map(|t| t.target.addr()).collect(), probe_timeout.as_nanos() as u64),
+            order: crate::probe::order::InOrder::new(probes.len()),
             probe_labels: probes.iter().map(|t| t.label.clone()).collect(),
             baselines,
             labels: Labels::default(),
@@ -498,6 +507,11 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                 }
                 expire_probes(&mut collector, &mut sinks);
                 collector.poll_snapshots(&mut sinks);
+                let mut sink_failed = false;
+                for k in sinks.iter_mut() {
+                    sink_failed |= k.poll().is_err();
+                }
+                if stopping.is_none() && (sink_failed || sinks.iter().any(|k| k.wants_stop())) && begin_stop(&mut stopping, &mut probes, &collector) { break; }
                 if stopping.is_some() && collector.matcher.pending() == 0 { break; }
                 if let Some(t) = stopping {
                     if t.elapsed() > args.probe.timeout + Duration::from_millis(200) { break; }
@@ -541,6 +555,9 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     // flood, and the records in the ring plus the lost count are final.
     tracer.detach();
     ring.drain(usize::MAX, |b| collector.handle(b, &mut sinks));
+    // Verdicts still waiting for a probe the run ended before judging.
+    let held = collector.order.flush();
+    show_released(&collector, held, &mut sinks);
     let stats = tracer.stats()?;
     let ct_events = tracer.ct_events()?;
     let mechanisms = tracer.mechanisms.clone();
@@ -622,10 +639,13 @@ async fn recv_probe(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ProbeEv
 
 fn handle_probe(c: &mut Collector, ev: ProbeEvent, sinks: &mut [Box<dyn Sink>]) {
     match ev {
-        ProbeEvent::Sent { target, number, wire, mono_ns } => c.matcher.sent(target, number, wire, mono_ns),
+        ProbeEvent::Sent { target, number, wire, mono_ns } => {
+            c.matcher.sent(target, number, wire, mono_ns);
+            c.order.sent(target, number);
+        }
         ProbeEvent::Reply { target, wire, mono_ns } => {
             if let Some(o) = c.matcher.replied(target, wire, mono_ns) {
-                show_outcome(c, &o, sinks);
+                show_outcome(c, o, sinks);
             }
         }
         ProbeEvent::Failed { target, error } => {
@@ -636,16 +656,24 @@ fn handle_probe(c: &mut Collector, ev: ProbeEvent, sinks: &mut [Box<dyn Sink>]) 
 
 fn expire_probes(c: &mut Collector, sinks: &mut [Box<dyn Sink>]) {
     for o in c.matcher.expire(crate::probe::mono_ns()) {
-        show_outcome(c, &o, sinks);
+        show_outcome(c, o, sinks);
     }
 }
 
-fn show_outcome(c: &Collector, o: &crate::probe::Outcome, sinks: &mut [Box<dyn Sink>]) {
-    let st = &c.matcher.stats[o.target];
-    let shown = ProbeShown { label: &c.probe_labels[o.target], outcome: o, wall_ns: o.sent_ns + c.boot_offset, lost: st.lost, sent: st.sent };
-    for s in sinks.iter_mut() {
-        let _ = s.probe(&shown);
-        let _ = s.flush();
+/// Hands a verdict to the ordering; shows whatever it releases.
+fn show_outcome(c: &mut Collector, o: crate::probe::Outcome, sinks: &mut [Box<dyn Sink>]) {
+    let ready = c.order.verdict(o);
+    show_released(c, ready, sinks);
+}
+
+fn show_released(c: &Collector, ready: Vec<crate::probe::order::Released>, sinks: &mut [Box<dyn Sink>]) {
+    for r in ready {
+        let o = &r.outcome;
+        let shown = ProbeShown { label: &c.probe_labels[o.target], outcome: o, wall_ns: o.sent_ns + c.boot_offset, lost: r.lost, sent: r.sent };
+        for s in sinks.iter_mut() {
+            let _ = s.probe(&shown);
+            let _ = s.flush();
+        }
     }
 }
 

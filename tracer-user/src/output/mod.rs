@@ -89,4 +89,13 @@ pub trait Sink {
     fn wants_counters(&self) -> bool {
         false
     }
+    /// Every 50 ms: for a sink that reads input or redraws between events
+    /// (the `top` screen). An error stops the session, as from `tick`.
+    fn poll(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// The sink asks the session to stop, as Ctrl-C would (`top`'s `q`).
+    fn wants_stop(&self) -> bool {
+        false
+    }
 }

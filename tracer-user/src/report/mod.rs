@@ -3,8 +3,10 @@
 //! tools; `compare` puts two side by side; `export` writes pcap-ng.
 pub mod compare;
 pub mod export;
+pub mod html;
 pub mod json;
 pub mod text;
+pub mod timeline;
 #[cfg(test)]
 mod tests;
 
@@ -89,6 +91,8 @@ pub struct Report {
     pub by_ns_cause_proto: BTreeMap<(Option<u32>, Cause, Option<u8>), u64>,
     /// Table snapshots stored in the capture (format 2 on): who held the table.
     pub occupancy: Vec<crate::conntrack::occupancy::Occupancy>,
+    /// Drops per second by cause, fill, lost probes (the HTML plot's data).
+    pub timeline: timeline::Timeline,
 }
 
 impl Report {
@@ -110,6 +114,7 @@ impl Report {
             drops_with_headers: 0,
             by_ns_cause_proto: BTreeMap::new(),
             occupancy: Vec::new(),
+            timeline: timeline::Timeline::new(),
         };
         for p in &r.header.probes {
             r.probes.entry(p.clone()).or_default();
@@ -126,6 +131,7 @@ impl Report {
                         r.per_second.resize(sec + 1, 0);
                     }
                     r.per_second[sec] += 1;
+                    r.timeline.drop(sec, d.cause, ev.netns, ev.ct_fill.map(|f| (f.count, f.max)));
                     r.last_drop_ts = Some(r.last_drop_ts.unwrap_or(0).max(ev.ts_ns));
                     r.drops_with_headers += ev.header.is_some() as u64;
                     let netns_name = d.netns_name.map(|id| reader.string(id));
@@ -166,6 +172,8 @@ impl Report {
         // The series covers the whole capture, quiet seconds at its end included.
         let secs = (r.duration_s().ceil() as usize).clamp(r.per_second.len(), MAX_SECONDS);
         r.per_second.resize(secs, 0);
+        r.timeline.grow(secs);
+        r.timeline.lost_probes = timeline::lost_probes(&r.probes, r.header.started_wall_ns);
         r
     }
 
@@ -287,7 +295,10 @@ impl Report {
 }
 
 pub fn run(args: &ReportArgs) -> Result<()> {
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out: std::io::BufWriter<Box<dyn Write>> = std::io::BufWriter::new(match &args.output {
+        Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        None => Box::new(std::io::stdout().lock()),
+    });
     if let (Some(b), Some(a)) = (&args.before, &args.after) {
         let before = load(b, |_| {})?;
         let after = load(a, |_| {})?;
@@ -299,6 +310,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             }
             ReportFormat::Table => out.write_all(c.render(false).as_bytes())?,
             ReportFormat::Markdown => out.write_all(c.render(true).as_bytes())?,
+            ReportFormat::Html => out.write_all(html::render_comparison(&c).as_bytes())?,
             ReportFormat::Csv | ReportFormat::Prometheus => {
                 anyhow::bail!("--before/--after compares for people or tools: use --format table, markdown or json")
             }
@@ -335,6 +347,10 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             if let Some(d) = r.end.describe() {
                 eprintln!("ctdrop: {}: {d}", path.display());
             }
+        }
+        ReportFormat::Html => {
+            let r = load(path, |_| {})?;
+            out.write_all(html::render(&r, args.top).as_bytes())?;
         }
         ReportFormat::Table | ReportFormat::Markdown => {
             let r = load(path, |_| {})?;

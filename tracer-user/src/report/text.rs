@@ -82,6 +82,33 @@ pub fn rate(v: f64) -> String {
     }
 }
 
+/// A flow's two ends as shown: `addr:port` for TCP/UDP, `addr id N` for
+/// an ICMP echo, the address alone otherwise.
+pub fn flow_ends(id: &crate::flows::FlowId) -> (String, String) {
+    let end = |a: Option<std::net::IpAddr>, p: u16| match (a, id.proto) {
+        (Some(a), 6 | 17) => format!("{a}:{p}"),
+        (Some(a), _) => a.to_string(),
+        (None, _) => "?".into(),
+    };
+    if matches!(id.proto, 1 | 58) && id.sport != 0 {
+        (format!("{} id {}", end(id.src, 0), id.sport), end(id.dst, 0))
+    } else {
+        (end(id.src, id.sport), end(id.dst, id.dport))
+    }
+}
+
+/// The kernel-vs-ctdrop verdict for one namespace (`filtered`: a capture
+/// filter was set, so a difference is expected).
+pub fn counter_verdict(c: &crate::conntrack::stats::CounterCheck, filtered: bool) -> String {
+    if c.agrees() {
+        "agree".to_string()
+    } else if filtered {
+        "differ (a filter was set)".to_string()
+    } else {
+        format!("DIFFER by {}", c.delta.get("drop") as i64 - (c.table_full + c.insert_failed) as i64)
+    }
+}
+
 pub fn render(r: &Report, top: usize, md: bool) -> String {
     let mut o = String::new();
     let h = &r.header;
@@ -183,16 +210,7 @@ pub fn render(r: &Report, top: usize, md: bool) -> String {
         section(&mut o, "Top flows");
         let mut rows = vec![vec!["drops".to_string(), "proto".into(), "source".into(), "destination".into(), "cause".into(), "first".into(), "last".into()]];
         for (id, s) in flows {
-            let end = |a: Option<std::net::IpAddr>, p: u16| match (a, id.proto) {
-                (Some(a), 6 | 17) => format!("{a}:{p}"),
-                (Some(a), _) => a.to_string(),
-                (None, _) => "?".into(),
-            };
-            let (src, dst) = if matches!(id.proto, 1 | 58) && id.sport != 0 {
-                (format!("{} id {}", end(id.src, 0), id.sport), end(id.dst, 0))
-            } else {
-                (end(id.src, id.sport), end(id.dst, id.dport))
-            };
+            let (src, dst) = flow_ends(id);
             rows.push(vec![
                 s.drops.to_string(),
                 proto_name(id.proto),
@@ -228,13 +246,7 @@ pub fn render(r: &Report, top: usize, md: bool) -> String {
                 "verdict".into(),
             ]];
             for c in &cs {
-                let verdict = if c.agrees() {
-                    "agree".to_string()
-                } else if h.filter.narrows() {
-                    "differ (a filter was set)".to_string()
-                } else {
-                    format!("DIFFER by {}", c.delta.get("drop") as i64 - (c.table_full + c.insert_failed) as i64)
-                };
+                let verdict = counter_verdict(c, h.filter.narrows());
                 let name = match &c.netns_name {
                     Some(n) => format!("{n} ({})", c.netns),
                     None => c.netns.to_string(),
