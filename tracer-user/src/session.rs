@@ -432,8 +432,11 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     collector.classifier.probes = tracer.probes_drop_paths();
     collector.hooks = tracer.hook_coverage();
     let mut ring = RingReader::new(tracer.take_ring()?)?;
-    // Before the `attached` line: a SIGUSR1 sent as soon as it shows must
-    // not meet the default action (which ends the process).
+    // Before the `attached` line: a signal sent as soon as it shows must
+    // not meet the default action, which ends the process with no summary
+    // (and, for a capture, no trailer).
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigusr1 = if args.service { Some(signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?) } else { None };
     eprintln!(
         "ctdrop: {}attached tp_btf/kfree_skb in {} ms ({}; {}); Ctrl-C to stop",
