@@ -36,7 +36,7 @@ fn drop_no(i: u64, header: bool) -> DropEvent {
         flow: Some(Flow { src, dst, proto: if ping { 1 } else { 17 }, ports: (!ping).then_some((32768 + (i % 28000) as u16, 20000 + (i % 40000) as u16)) }),
         icmp: ping.then_some(Icmp { ty: 8, code: 0, echo: Some((4000 + (i / 10) as u16, 1)) }),
         ct: None,
-        ct_fill: Some(CtFill { count: 64, max: 64, sampled: true }),
+        ct_fill: Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: Some(true) }),
         truncated: false,
         header: header.then(|| Box::new([0x45; 128])),
     }

@@ -16,3 +16,5 @@ pub mod session;
 pub mod summary;
 pub mod probe;
 pub mod report;
+pub mod watch;
+pub mod top;

@@ -3,6 +3,8 @@ use ctdrop::cli::{Cli, Command};
 
 fn main() {
     one_line_panics();
+    // One descriptor per traced namespace, and the soft 1024 is a relic.
+    ctdrop::conntrack::netns::raise_fd_limit();
     if let Some(dir) = dist_assets_dir() {
         if let Err(e) = ctdrop::assets::write(&dir) {
             fail(e);
@@ -17,11 +19,13 @@ fn main() {
     let result = rt.block_on(async {
         match &cli.cmd {
             Command::Live(a) => ctdrop::session::run_live(a).await,
+            Command::Top(a) => ctdrop::top::run(a).await,
             Command::Check(a) => ctdrop::check::run(a),
             Command::Capture(a) => ctdrop::capture::run(a).await,
             Command::Report(a) => ctdrop::report::run(a),
             Command::Export(a) => ctdrop::report::export::run(a),
             Command::Demo(a) => ctdrop::demo::run(a).await,
+            Command::Watch(a) => ctdrop::watch::run(a).await,
         }
     });
     if let Err(e) = result {

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Rounds per configuration (the median is reported).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..))]
     pub rounds: u64,
     /// Flood length per round, in seconds.
     #[arg(long, default_value_t = 3.0)]
@@ -41,6 +41,11 @@ pub struct BenchArgs {
     /// Also run (b) with each of these --ring-size values, e.g. `--ring-sweep 256k,1M,16M`.
     #[arg(long, value_delimiter = ',')]
     pub ring_sweep: Vec<String>,
+    /// Another configuration, KEY=ctdrop arguments (repeatable), run like (b)
+    /// with stdout to /dev/null, e.g. `--ctdrop-config "w=watch --ring-size 1M"`;
+    /// it must print ctdrop's `attached` and `stopped` lines.
+    #[arg(long = "ctdrop-config")]
+    pub ctdrop_configs: Vec<String>,
     /// Extra argument for every ctdrop run (repeatable), e.g. `--ctdrop-arg=--ring-size=1M`.
     #[arg(long = "ctdrop-arg", allow_hyphen_values = true)]
     pub ctdrop_args: Vec<String>,

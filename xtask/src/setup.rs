@@ -25,6 +25,10 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",   // promtool, to validate the metrics output
     "bpftrace",     // the one-liners `cargo xtask bench` measures ctdrop against
     "linux-perf",   // `perf` to profile ctdrop when a bench target is missed
+    "systemd",      // systemd-analyze verify for deploy/systemd (tests/tests/watch.rs)
+    "tmux",         // drive `ctdrop top` in a real terminal (tests/tests/see.rs)
+    "chromium",     // open the HTML report headless: screenshot, no fetches, numbers
+    "aha",          // tmux pane with colours -> HTML, for the `top` screenshot
     "gcc-aarch64-linux-gnu", // linker driver for the aarch64 musl release binary (dist)
     "qemu-user-static",      // runs that aarch64 binary in the ship tests
     "buildah",               // `cargo xtask image`: the FROM scratch OCI archive

@@ -139,10 +139,12 @@ pub fn bench(a: &crate::BenchArgs) -> Result<()> {
         seconds: a.seconds,
         only: a.only.clone(),
         ring_sweep: a.ring_sweep.clone(),
+        ctdrop_configs: a.ctdrop_configs.clone(),
         ctdrop_args: a.ctdrop_args.clone(),
         skip_scale: a.no_scale,
         cpu: Some(a.cpu),
         ctdrop: bin,
         out_dir: env::target_dir().join("bench"),
+        load_at_start: crate::bench::load(),
     })
 }
