@@ -1,5 +1,5 @@
-//! Least privilege: `live` needs CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN and
-//! CAP_SYS_PTRACE, not root. Run as an unprivileged uid (nobody) holding
+//! Least privilege: `live` needs CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN,
+//! CAP_SYS_PTRACE and CAP_NET_ADMIN, not root. Run as an unprivileged uid (nobody) holding
 //! exactly that set as ambient capabilities it counts a full table exactly;
 //! with any one of them missing it refuses in one line naming it. Needs
 //! root (to hand out the capabilities); run under the dev lock.
@@ -13,7 +13,7 @@ const MAX: u64 = 64;
 const NOBODY: &str = "65534";
 
 /// The set ctdrop documents for tracing, in setpriv's spelling.
-const TRACING: &[&str] = &["bpf", "perfmon", "sys_admin", "sys_ptrace"];
+const TRACING: &[&str] = &["bpf", "perfmon", "sys_admin", "sys_ptrace", "net_admin"];
 
 /// `setpriv` turning this (root) test into uid/gid nobody with exactly
 /// `caps` inheritable and ambient, hence effective in ctdrop after exec.

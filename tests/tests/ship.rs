@@ -398,3 +398,93 @@ fn aarch64_binary_under_qemu_reports_and_exports_a_capture_like_x86_64() {
         "packets in the aarch64 export vs drops"
     );
 }
+
+/// The DaemonSet passes the Kubernetes schemas (strict: no unknown field),
+/// runs `watch` as documented, and adds exactly the capabilities ctdrop
+/// itself names when it refuses to trace without them.
+#[test]
+fn daemonset_passes_the_kubernetes_schemas_and_asks_for_exactly_ctdrops_capabilities() {
+    let manifest =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/ctdrop-daemonset.yaml");
+    let m = manifest.to_string_lossy().into_owned();
+    let v = String::from_utf8(output(&["kubernetes-validate", "--strict", &m])).unwrap();
+    assert!(v.contains("passed for resource daemonset/ctdrop"), "{v}");
+    let json = output(&[
+        "python3",
+        "-c",
+        "import json,sys,yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+        &m,
+    ]);
+    let docs: Vec<Value> = serde_json::from_slice(&json).unwrap();
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("no DaemonSet");
+    let pod = &ds["spec"]["template"];
+    assert_eq!(pod["spec"]["hostNetwork"], true);
+    assert_eq!(pod["spec"]["hostPID"], true);
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/scrape"],
+        "true"
+    );
+    assert_eq!(pod["metadata"]["annotations"]["prometheus.io/port"], "9469");
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(
+        c["args"],
+        serde_json::json!([
+            "watch",
+            "--dir",
+            "/var/lib/ctdrop",
+            "--metrics",
+            "0.0.0.0:9469"
+        ])
+    );
+    assert_eq!(c["securityContext"]["privileged"], false);
+    assert_eq!(
+        c["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    let mut added: Vec<String> = c["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("CAP_{}", s.as_str().unwrap()))
+        .collect();
+    added.sort();
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let btf = mounts
+        .iter()
+        .find(|m| m["mountPath"] == "/sys/kernel/btf")
+        .expect("no /sys/kernel/btf mount");
+    assert_eq!(btf["readOnly"], true);
+    assert!(
+        mounts.iter().any(|m| m["mountPath"] == "/var/lib/ctdrop"),
+        "no hostPath for captures"
+    );
+    // What ctdrop asks for: its refusal with no capability at all lists them.
+    let bin = ctdrop_bin().to_string_lossy().into_owned();
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            &bin,
+            "live",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let listed = err
+        .split(" needs ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_else(|| panic!("no capability list in: {err}"));
+    let mut wanted: Vec<String> = listed.split(", ").map(|s| s.trim().to_owned()).collect();
+    wanted.sort();
+    assert_eq!(
+        added, wanted,
+        "the DaemonSet's capabilities vs what ctdrop requires"
+    );
+}

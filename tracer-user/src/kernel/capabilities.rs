@@ -14,6 +14,7 @@ pub struct Need {
     pub why: &'static str,
 }
 
+const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -34,6 +35,11 @@ pub const TRACING: &[Need] = &[
         bit: CAP_SYS_PTRACE,
         name: "CAP_SYS_PTRACE",
         why: "find unnamed namespaces through other users' /proc/PID/ns/net",
+    },
+    Need {
+        bit: CAP_NET_ADMIN,
+        name: "CAP_NET_ADMIN",
+        why: "dump a full conntrack table over netlink for its snapshot (EPERM without)",
     },
 ];
 
