@@ -16,6 +16,7 @@
 pub mod bpf;
 pub mod clash;
 pub mod flood;
+pub mod mixed;
 
 use std::{
     collections::BTreeMap,

@@ -243,7 +243,7 @@ fn explain_and_fix(log: &Mutex<Log>) -> Result<()> {
     let snap = occupancy::snapshot(&ns_path(SERVER), crate::conntrack::netns::resolve_netns_arg(SERVER).ok(), Some(SERVER.to_string()))?;
     let (drops, flows, unreported) = {
         let mut l = log.lock().unwrap();
-        (l.table_full_ns.len() as u64, l.flows_turned_away.len() as u64, std::mem::take(&mut l.flood_unreported))
+        (l.table_full_ns.len() as u64, l.flows_turned_away.len() as u64, l.flood.take_lines())
     };
     let limits = crate::conntrack::stats::CtLimits::read();
     let ev = NsEvidence {
@@ -258,8 +258,8 @@ fn explain_and_fix(log: &Mutex<Log>) -> Result<()> {
     };
     let adv = advice::for_namespace(&ev, &Host::detect());
     let mut out = std::io::stdout().lock();
-    if unreported > 0 {
-        writeln!(out, "{}", sink::flood_line(unreported))?;
+    for l in unreported {
+        writeln!(out, "{l}")?;
     }
     writeln!(out)?;
     writeln!(out, "[3/5] who fills the table? a snapshot of {SERVER}'s conntrack table:")?;

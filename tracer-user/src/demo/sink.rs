@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     cause::Cause,
-    output::{ProbeShown, Shown, Sink},
+    output::{fold::Folder, ProbeShown, Shown, Sink},
     probe::Status,
     session::SessionInfo,
 };
@@ -33,13 +33,8 @@ pub struct Log {
     pub flows_turned_away: HashSet<(std::net::IpAddr, u16, u16)>,
     /// Drops elsewhere or for other causes (other tests may run meanwhile).
     pub other_drops: u64,
-    /// Flood drops not yet summed up on screen.
-    pub flood_unreported: u64,
-}
-
-/// The line that sums up the flood's drops since the last one.
-pub fn flood_line(n: u64) -> String {
-    format!("             + {n} flood packets turned away: {}", Cause::ConntrackTableFull)
+    /// Flood drops not yet summed up on screen (live's folding, all folded).
+    pub flood: Folder,
 }
 
 pub struct DemoSink {
@@ -96,7 +91,7 @@ impl Sink for DemoSink {
                 log.flows_turned_away.insert((f.src, sp, dp));
             }
             if !is_echo {
-                log.flood_unreported += 1;
+                log.flood.fold(s);
             }
         } else {
             log.other_drops += 1;
@@ -114,10 +109,11 @@ impl Sink for DemoSink {
         log.pings.push(rec);
         let mut out = std::io::stdout().lock();
         writeln!(out, "{}", ping_line(p))?;
-        if log.flood_unreported > 0 && p.wall_ns.saturating_sub(self.last_report_ns) >= REPORT_EVERY_NS {
-            writeln!(out, "{}", flood_line(log.flood_unreported))?;
-            log.flood_unreported = 0;
-            self.last_report_ns = p.wall_ns;
+        if p.wall_ns.saturating_sub(self.last_report_ns) >= REPORT_EVERY_NS {
+            for l in log.flood.take_lines() {
+                writeln!(out, "{l}")?;
+                self.last_report_ns = p.wall_ns;
+            }
         }
         Ok(())
     }

@@ -100,11 +100,7 @@ impl Default for Metrics {
 
 /// A namespace as a label: its name when it has one, else its inode.
 pub fn netns_label(netns: Option<u32>, name: Option<&str>) -> String {
-    match (name, netns) {
-        (Some(n), _) => n.to_string(),
-        (None, Some(i)) => i.to_string(),
-        (None, None) => "unknown".into(),
-    }
+    crate::conntrack::netns::label(netns, name)
 }
 
 impl Metrics {

@@ -7,6 +7,8 @@ pub mod json;
 pub mod metrics;
 pub mod pcapng;
 pub mod symbols;
+pub mod writer;
+pub mod fold;
 
 use std::{collections::BTreeMap, time::Duration};
 
