@@ -70,7 +70,7 @@ pub struct Prepared {
 /// bytes to each record (for pcap-ng export; costs ring space and a copy).
 pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
     let ring_size = validate_ring_size(args.ring_size)?;
-    capabilities::require_root()?;
+    capabilities::require("tracing", capabilities::TRACING)?;
     capabilities::require_btf(&args.btf)?;
     let btf = KernelBtf::open(&args.btf)?;
     let reasons = DropReasons::from_btf(&btf)?;
