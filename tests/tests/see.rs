@@ -1083,23 +1083,18 @@ fn html_report_opens_offline_and_matches_the_json_report() {
     }
     eprintln!("page numbers checked against JSON: {}", keys.len());
 
-    // Before/after: the advised NOTRACK rules applied in the receiver (the
-    // raw DROP for port 9 stays first), the same traffic captured again.
-    for proto in ["udp", "icmp"] {
-        inc.topo
-            .receiver
-            .exec(&[
-                "iptables",
-                "-t",
-                "raw",
-                "-A",
-                "PREROUTING",
-                "-p",
-                proto,
-                "-j",
-                "NOTRACK",
-            ])
-            .unwrap();
+    // Before/after: the advised NOTRACK rules applied in the receiver
+    // (PREROUTING for what comes in, OUTPUT for its echo replies; the raw
+    // DROP for port 9 stays first), the same traffic captured again.
+    for chain in ["PREROUTING", "OUTPUT"] {
+        for proto in ["udp", "icmp"] {
+            inc.topo
+                .receiver
+                .exec(&[
+                    "iptables", "-t", "raw", "-A", chain, "-p", proto, "-j", "NOTRACK",
+                ])
+                .unwrap();
+        }
     }
     let after = scratch.file("after.ctdrop");
     capture_incident(&inc, &after, "4s", 5, 40_000);

@@ -321,7 +321,7 @@ pub fn timeline_svg(
         let why = l.cause.as_deref().unwrap_or("no drop seen on this host");
         let _ = writeln!(
             o,
-            "<path class=\"lost-probe\" d=\"M{:.1},{TOP}l-4,-8h8z M{cx:.1},{TOP}V{:.1}\" fill=\"#000\" stroke=\"#000\" stroke-opacity=\"0.35\"><title>{} #{} lost at {:.1} s: {}</title></path>",
+            "<path class=\"lost-probe\" d=\"M{:.1},{TOP}l-4,-8h8z M{cx:.1},{TOP}V{:.1}\" fill=\"#000\" stroke=\"#000\" stroke-opacity=\"0.2\" stroke-dasharray=\"3 3\"><title>{} #{} lost at {:.1} s: {}</title></path>",
             cx,
             TOP + ph,
             esc(&l.host),
