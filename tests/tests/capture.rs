@@ -121,24 +121,6 @@ fn assert_one_line_error(out: &Out) {
     assert!(!out.stderr.contains("panicked"), "stderr: {}", out.stderr);
 }
 
-fn tool(cmd: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    use std::io::Write;
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (cargo xtask setup installs it)"));
-    let mut i = child.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        i.write_all(s.as_bytes()).unwrap();
-    }
-    drop(i);
-    let out = child.wait_with_output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
 #[test]
 fn capture_report_equals_the_live_run_and_the_kernel_counters() {
     const N: u16 = 300;

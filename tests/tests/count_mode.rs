@@ -45,14 +45,22 @@ fn send_many_flows(ns: &Netns, dst: std::net::Ipv4Addr, n: u32) {
     .unwrap();
 }
 
-#[test]
-fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
+/// A sender/receiver pair whose receiver table is full (nf_conntrack_max
+/// held at MAX), with its `drop` counter settled: (topology, receiver
+/// inode, the guard, the counter).
+fn receiver_with_a_full_table() -> (Topology, u32, ConntrackMaxGuard, u64) {
     let topo = Topology::pair().unwrap();
     topo.track_receiver().unwrap();
     let rx = topo.receiver.inode().unwrap();
-    let _max = ConntrackMaxGuard::set(MAX).unwrap();
+    let max = ConntrackMaxGuard::set(MAX).unwrap();
     send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, MAX as u16 + 16).unwrap();
     let before = settled_drops(&topo.receiver);
+    (topo, rx, max, before)
+}
+
+#[test]
+fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
+    let (topo, rx, _max, before) = receiver_with_a_full_table();
 
     let ctdrop = Ctdrop::spawn(&["live", "--json", "--count-only", "--report-every", "200ms"]).unwrap();
     send_many_flows(&topo.sender, topo.receiver_addr, FLOWS);
@@ -90,6 +98,49 @@ fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
     let top = summary["top_flows"].as_array().unwrap();
     assert!(!top.is_empty(), "no top flows: {summary}");
     assert!(top.iter().any(|f| f["dst"] == topo.receiver_addr.to_string() && f["cause"] == "conntrack_table_full"), "top flows {top:?}");
+}
+
+/// The kernel keeps per-flow detail for at most this many flows per CPU
+/// (count.rs: 4-way sets in a per-CPU array); beyond it drops are counted
+/// only in the totals.
+fn kernel_flow_bound() -> u64 {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as u64;
+    tracer_common::FLOW_SETS as u64 * tracer_common::SET_WAYS as u64 * cpus
+}
+
+#[test]
+fn count_only_totals_equal_kernel_drop_counter_under_a_new_flow_flood_past_every_flow_bound() {
+    let bound = kernel_flow_bound();
+    // Twice what all CPUs together could keep per flow, so the per-flow
+    // path overflows on every CPU whatever the spread.
+    let flows = (2 * bound).max(FLOWS as u64) as u32;
+    let (topo, rx, _max, before) = receiver_with_a_full_table();
+
+    // Only the receiver's drops: other namespaces on the machine stay out
+    // of the per-flow arithmetic below.
+    let ctdrop = Ctdrop::spawn(&["live", "--json", "--count-only", "--netns", &rx.to_string(), "--report-every", "500ms"]).unwrap();
+    send_many_flows(&topo.sender, topo.receiver_addr, flows);
+    let delta = settled_drops(&topo.receiver) - before;
+    let out = ctdrop.stop().unwrap();
+    assert!(out.status.success(), "ctdrop failed: {:?}\n{}", out.status, out.stderr);
+    assert!(delta >= flows as u64 * 9 / 10, "the table did not stay full: drop +{delta} for {flows} flows");
+
+    let summary = out.summary().unwrap();
+    let total = summary["drops_total"].as_u64().unwrap();
+    assert_eq!(total, delta, "count-mode total vs the receiver's kernel drop counter; summary {summary}");
+    assert_eq!(summary["drops_by_cause"]["conntrack_table_full"].as_u64(), Some(delta), "causes: {}", summary["drops_by_cause"]);
+
+    let stopped = out.stderr_lines().into_iter().find(|l| l.starts_with("ctdrop: stopped")).unwrap_or_else(|| panic!("no stopped line: {}", out.stderr)).to_string();
+    let tracked = number_before(&stopped, " flows tracked").unwrap();
+    let beyond = number_before(&stopped, " drops in flows beyond the kernel flow map").unwrap();
+    assert!(tracked <= bound, "{tracked} flows kept in detail, bound {bound}: {stopped}");
+    assert!(beyond > 0, "no drop past the per-flow bound with {flows} flows: {stopped}");
+    // Every flow of the flood is one packet: each drop is either in a kept
+    // flow or counted as beyond the bound, never in neither or both. (A
+    // later sending socket may get an earlier one's port: each such reuse
+    // can make one kept flow two packets.)
+    let reuses = (flows as u64).div_ceil(u16::MAX as u64) - 1;
+    assert!(tracked + beyond <= total && tracked + beyond + reuses >= total, "flows kept {tracked} + drops beyond {beyond} vs total {total}: {stopped}");
 }
 
 #[test]

@@ -107,7 +107,7 @@ pub struct DropRecordWithHeader {
 /// Key of the in-kernel per-flow counters (count mode: exact counts, no
 /// per-packet ring-buffer traffic).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
@@ -128,7 +128,7 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
 /// does not fill up under a flood of new flows, and per-cause totals stay
 /// exact.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct GroupKey {
     pub netns: u32,
     pub reason: u32,
@@ -153,6 +153,53 @@ pub struct FlowCount {
     pub first_ns: u64,
     pub last_ns: u64,
 }
+
+/// Count mode's cheap per-packet path: counters live in per-CPU arrays of
+/// small sets (one array lookup per packet, a few key compares, no hash map
+/// and no insert). A key takes the first free slot of its set and keeps it;
+/// slots are never freed. Userspace sums equal keys over slots and CPUs.
+pub const SET_WAYS: usize = 4;
+
+/// One group's counter in [`GroupSet`]; `drops == 0` marks a free slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+pub struct GroupSlot {
+    pub key: GroupKey,
+    pub _pad: u32,
+    pub drops: u64,
+}
+const _: () = assert!(core::mem::size_of::<GroupSlot>() == 24);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+pub struct GroupSet {
+    pub slots: [GroupSlot; SET_WAYS],
+}
+
+/// Sets of the per-CPU group array. A group whose set is full is counted
+/// in the per-CPU group hash map instead (exact, just slower).
+pub const GROUP_SETS: u32 = 256;
+
+/// One flow's counters in [`FlowSet`]; `count.packets == 0` marks a free slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+pub struct FlowSlot {
+    pub key: FlowKey,
+    pub count: FlowCount,
+}
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 80);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+pub struct FlowSet {
+    pub slots: [FlowSlot; SET_WAYS],
+}
+
+/// Sets of the per-CPU flow array: per-flow detail is bounded to
+/// `FLOW_SETS * SET_WAYS` flows per CPU (1.25 MiB per CPU); drops of flows
+/// that find their set taken are counted in [`stat::FLOW_MAP_FULL`] and in
+/// every total, not per flow.
+pub const FLOW_SETS: u32 = 4096;
 
 /// Indices of the per-CPU statistics array.
 pub mod stat {
@@ -283,6 +330,8 @@ mod user_pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowCount {}
     unsafe impl aya::Pod for super::GroupKey {}
+    unsafe impl aya::Pod for super::GroupSet {}
+    unsafe impl aya::Pod for super::FlowSet {}
     unsafe impl aya::Pod for super::Offsets {}
     unsafe impl aya::Pod for super::FilterConfig {}
     unsafe impl aya::Pod for super::CtEventCounts {}

@@ -29,14 +29,15 @@ macro_rules! filt {
 }
 
 mod conntrack;
+mod count;
 mod kfree_skb;
 mod skb;
 
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{PerCpuArray, RingBuf},
 };
-use tracer_common::{stat, FilterConfig, FlowCount, FlowKey, GroupKey, Offsets, GROUP_MAP_ENTRIES, OFFSET_ABSENT};
+use tracer_common::{stat, FilterConfig, Offsets, OFFSET_ABSENT};
 
 
 /// Filled in by userspace at load time (`EbpfLoader::set_global`); the
@@ -80,14 +81,6 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::LEN, 0);
-
-/// Count mode: exact per-flow counters instead of per-packet records.
-#[map]
-static FLOWS: PerCpuHashMap<FlowKey, FlowCount> = PerCpuHashMap::with_max_entries(65536, 0);
-
-/// Count mode: exact drop counts per (namespace, reason, protocol, ...).
-#[map]
-static GROUPS: PerCpuHashMap<GroupKey, u64> = PerCpuHashMap::with_max_entries(GROUP_MAP_ENTRIES, 0);
 
 /// The record under construction lives here, not on the stack.
 #[map]

@@ -3,10 +3,13 @@
 
 mod bench;
 mod bpf_linker;
+mod dist;
 mod env;
 mod proc;
 mod setup;
 mod tasks;
+#[path = "../../toolchains.rs"]
+mod toolchains;
 
 use std::process::ExitCode;
 
@@ -26,7 +29,7 @@ struct Cli {
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Rounds per configuration (the median is reported).
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..))]
     pub rounds: u64,
     /// Flood length per round, in seconds.
     #[arg(long, default_value_t = 3.0)]
@@ -37,6 +40,11 @@ pub struct BenchArgs {
     /// Also run (b) with each of these --ring-size values, e.g. `--ring-sweep 256k,1M,16M`.
     #[arg(long, value_delimiter = ',')]
     pub ring_sweep: Vec<String>,
+    /// Another configuration, KEY=ctdrop arguments (repeatable), run like (b)
+    /// with stdout to /dev/null, e.g. `--ctdrop-config "w=watch --ring-size 1M"`;
+    /// it must print ctdrop's `attached` and `stopped` lines.
+    #[arg(long = "ctdrop-config")]
+    pub ctdrop_configs: Vec<String>,
     /// Extra argument for every ctdrop run (repeatable), e.g. `--ctdrop-arg=--ring-size=1M`.
     #[arg(long = "ctdrop-arg", allow_hyphen_values = true)]
     pub ctdrop_args: Vec<String>,
@@ -54,6 +62,13 @@ enum Task {
     Setup,
     /// Setup, then build target/release/ctdrop (with the eBPF object embedded).
     Build,
+    /// Static release tarballs in target/dist (musl; x86_64 and aarch64), with
+    /// man pages, completions, licences and sha256 files.
+    Dist {
+        /// Only this target (repeatable), e.g. x86_64-unknown-linux-musl.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+    },
     /// Setup and build, then run unit and integration tests (root needed).
     Test {
         /// Passed to every test binary, e.g. a name filter or --nocapture.
@@ -87,6 +102,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
     match task {
         Task::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Task::Build => tasks::build().map(|_| ExitCode::SUCCESS),
+        Task::Dist { targets } => dist::run(&targets).map(|_| ExitCode::SUCCESS),
         Task::Test { args } => tasks::test(&args),
         Task::Demo { args } => tasks::demo(&args),
         Task::Bench(a) => tasks::bench(&a).map(|()| ExitCode::SUCCESS),

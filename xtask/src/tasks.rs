@@ -39,6 +39,8 @@ fn build_binary() -> Result<PathBuf> {
 
 pub fn test(args: &[String]) -> Result<ExitCode> {
     let bin = build()?;
+    // The release tarballs too: tests/tests/ship.rs runs what ships.
+    crate::dist::run(&[])?;
     let mut failed = Vec::new();
     if !proc::status(&mut unit_tests(args))?.success() {
         failed.push("unit tests".to_owned());
@@ -84,6 +86,7 @@ fn integration_tests(args: &[String], bin: &std::path::Path) -> Command {
     ])
     .args(args)
     .env("CTDROP_BIN", bin)
+    .env("CTDROP_DIST", env::target_dir().join("dist"))
     .current_dir(env::repo_root());
     cmd
 }
@@ -135,10 +138,12 @@ pub fn bench(a: &crate::BenchArgs) -> Result<()> {
         seconds: a.seconds,
         only: a.only.clone(),
         ring_sweep: a.ring_sweep.clone(),
+        ctdrop_configs: a.ctdrop_configs.clone(),
         ctdrop_args: a.ctdrop_args.clone(),
         skip_scale: a.no_scale,
         cpu: Some(a.cpu),
         ctdrop: bin,
         out_dir: env::target_dir().join("bench"),
+        load_at_start: crate::bench::load(),
     })
 }

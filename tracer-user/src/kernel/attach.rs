@@ -8,7 +8,7 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use tracer_common::{stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, GroupKey, Offsets};
+use tracer_common::{stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet, GroupKey, GroupSet, Offsets, FLOW_SETS, GROUP_SETS};
 
 use super::tier::{self, Mechanism, Mode};
 
@@ -54,7 +54,8 @@ pub struct Tracer {
     ebpf: Option<Ebpf>,
     stats: PerCpuArray<MapData, u64>,
     ct_events: Option<PerCpuHashMap<MapData, u32, CtEventCounts>>,
-    flows: Option<PerCpuHashMap<MapData, FlowKey, FlowCount>>,
+    flow_sets: Option<PerCpuArray<MapData, FlowSet>>,
+    group_sets: Option<PerCpuArray<MapData, GroupSet>>,
     groups: Option<PerCpuHashMap<MapData, GroupKey, u64>>,
     /// Wall time from load start to the first program attached.
     pub attach_time: std::time::Duration,
@@ -75,6 +76,11 @@ impl Tracer {
             .override_global("OFFSETS", &opts.offsets, true)
             .override_global("FILTER", &filter, true)
             .map_max_entries("EVENTS", opts.ring_size)
+            // Count mode's counter arrays take memory on every CPU: one
+            // set each unless counting.
+            .map_max_entries("FLOW_SET_ARRAY", if filter.count_only != 0 { FLOW_SETS } else { 1 })
+            .map_max_entries("FLOW_TAG_ARRAY", if filter.count_only != 0 { FLOW_SETS } else { 1 })
+            .map_max_entries("GROUP_SET_ARRAY", if filter.count_only != 0 { GROUP_SETS } else { 1 })
             .load(TRACER_OBJ)
             .map_err(explain_load_error)?;
         let prog: &mut BtfTracePoint = ebpf
@@ -98,9 +104,10 @@ impl Tracer {
         }
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or_else(|| anyhow!("no STATS map"))?)?;
         let ct_events = ebpf.take_map("CT_EVENTS").map(PerCpuHashMap::try_from).transpose()?;
-        let flows = ebpf.take_map("FLOWS").map(PerCpuHashMap::try_from).transpose()?;
+        let flow_sets = ebpf.take_map("FLOW_SET_ARRAY").map(PerCpuArray::try_from).transpose()?;
+        let group_sets = ebpf.take_map("GROUP_SET_ARRAY").map(PerCpuArray::try_from).transpose()?;
         let groups = ebpf.take_map("GROUPS").map(PerCpuHashMap::try_from).transpose()?;
-        Ok(Tracer { ebpf: Some(ebpf), stats, ct_events, flows, groups, attach_time, mechanisms })
+        Ok(Tracer { ebpf: Some(ebpf), stats, ct_events, flow_sets, group_sets, groups, attach_time, mechanisms })
     }
 
     /// Detaches and unloads every program. The counters keep their final
@@ -172,44 +179,82 @@ impl Tracer {
         })
     }
 
-    /// Per-group drop counts of count mode (cumulative), summed over CPUs.
+    /// Per-group drop counts of count mode (cumulative), summed over slots
+    /// and CPUs, plus the overflow hash.
     pub fn group_counts(&self) -> Result<Vec<(GroupKey, u64)>> {
+        let sets = self.group_sets.as_ref().ok_or_else(|| anyhow!("no GROUP_SET_ARRAY map"))?;
         let map = self.groups.as_ref().ok_or_else(|| anyhow!("no GROUPS map"))?;
-        let mut out = Vec::new();
+        let mut sum: std::collections::HashMap<GroupKey, u64> = std::collections::HashMap::new();
+        for i in 0..sets.len() {
+            for set in sets.get(&i, 0).context("reading GROUP_SET_ARRAY")?.iter() {
+                for slot in set.slots.iter().filter(|s| s.drops != 0) {
+                    *sum.entry(slot.key).or_default() += slot.drops;
+                }
+            }
+        }
         for item in map.iter() {
             let (k, per_cpu) = item.context("reading GROUPS map")?;
-            out.push((k, per_cpu.iter().sum()));
+            *sum.entry(k).or_default() += per_cpu.iter().sum::<u64>();
         }
-        Ok(out)
+        Ok(sum.into_iter().collect())
     }
 
-    /// Per-flow counters of count mode, summed over CPUs.
+    /// Per-flow counters of count mode, summed over slots and CPUs.
     pub fn flow_counts(&self) -> Result<Vec<(FlowKey, FlowCount)>> {
-        let map = self.flows.as_ref().ok_or_else(|| anyhow!("no FLOWS map"))?;
-        let mut out = Vec::new();
-        for item in map.iter() {
-            let (k, per_cpu) = item.context("reading FLOWS map")?;
-            let mut total = FlowCount::default();
-            for c in per_cpu.iter() {
-                if c.packets == 0 {
-                    continue;
+        let sets = self.flow_sets.as_ref().ok_or_else(|| anyhow!("no FLOW_SET_ARRAY map"))?;
+        let mut sum: std::collections::HashMap<FlowKey, FlowCount> = std::collections::HashMap::new();
+        for i in 0..sets.len() {
+            for set in sets.get(&i, 0).context("reading FLOW_SET_ARRAY")?.iter() {
+                for slot in set.slots.iter().filter(|s| s.count.packets != 0) {
+                    merge_flow(sum.entry(slot.key).or_default(), &slot.count);
                 }
-                total.packets += c.packets;
-                total.bytes += c.bytes;
-                total.first_ns = if total.first_ns == 0 { c.first_ns } else { total.first_ns.min(c.first_ns) };
-                total.last_ns = total.last_ns.max(c.last_ns);
             }
-            out.push((k, total));
         }
-        Ok(out)
+        Ok(sum.into_iter().collect())
     }
 }
 
+/// Adds one CPU's (or slot's) counters of a flow to its total.
+fn merge_flow(total: &mut FlowCount, c: &FlowCount) {
+    total.packets += c.packets;
+    total.bytes += c.bytes;
+    total.first_ns = if total.first_ns == 0 { c.first_ns } else { total.first_ns.min(c.first_ns) };
+    total.last_ns = total.last_ns.max(c.last_ns);
+}
+
 fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
-    let text = e.to_string();
+    // aya names the map or program; the cause is in the error's sources.
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text += &format!(": {more}");
+        }
+        src = s.source();
+    }
+    if let Some(why) = resource_cause(&text) {
+        return anyhow!("cannot load ctdrop's kernel programs: {why} ({text})");
+    }
     if text.contains("EPERM") || text.contains("Operation not permitted") {
         anyhow!("the kernel refused to load ctdrop's programs ({text}): run as root; lockdown or unprivileged BPF limits may apply")
     } else {
         anyhow!("cannot load ctdrop's kernel programs: {text}")
     }
+}
+
+/// What to tell the operator when the kernel said EMFILE or ENOMEM.
+fn resource_cause(text: &str) -> Option<String> {
+    if text.contains("os error 24") || text.contains("Too many open files") {
+        let (soft, hard) = crate::conntrack::netns::fd_limits();
+        return Some(format!(
+            "out of file descriptors (EMFILE: limit {soft}, hard limit {hard}); raise it with `ulimit -n` or LimitNOFILE= in the service unit"
+        ));
+    }
+    if text.contains("os error 12") || text.contains("Cannot allocate memory") {
+        return Some(
+            "the kernel could not allocate memory for a BPF map (ENOMEM): check RLIMIT_MEMLOCK (`ulimit -l`) on kernels before 5.11, the memory cgroup limit, or try a smaller --ring-size".to_string(),
+        );
+    }
+    None
 }

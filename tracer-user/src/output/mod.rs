@@ -83,6 +83,8 @@ pub trait Sink {
     fn tick(&mut self, _p: &Progress) -> std::io::Result<()> {
         Ok(())
     }
+    /// SIGUSR1 arrived (services only, see `SessionOptions::service`).
+    fn user_signal(&mut self) {}
     /// Whether [`Progress::counters`] should be read for this sink.
     fn wants_counters(&self) -> bool {
         false

@@ -99,5 +99,7 @@ pub fn to_json(r: &Report, top: usize) -> Value {
         "filtered": h.filter.narrows(),
         "probes": probes,
         "advice": crate::advice::to_json(&r.advice()),
+        "occupancy": r.occupancy,
+        "watch": tr.and_then(|t| t.watch.as_ref()),
     })
 }

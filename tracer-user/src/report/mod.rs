@@ -89,6 +89,8 @@ pub struct Report {
     pub drops_with_headers: u64,
     /// Drops per (namespace, cause, L4 protocol): the metrics' labels.
     pub by_ns_cause_proto: BTreeMap<(Option<u32>, Cause, Option<u8>), u64>,
+    /// Table snapshots stored in the capture (format 2 on): who held the table.
+    pub occupancy: Vec<crate::conntrack::occupancy::Occupancy>,
     /// Drops per second by cause, fill, lost probes (the HTML plot's data).
     pub timeline: timeline::Timeline,
 }
@@ -111,6 +113,7 @@ impl Report {
             last_drop_ts: None,
             drops_with_headers: 0,
             by_ns_cause_proto: BTreeMap::new(),
+            occupancy: Vec::new(),
             timeline: timeline::Timeline::new(),
         };
         for p in &r.header.probes {
@@ -160,6 +163,7 @@ impl Report {
             }
         }
         r.end = reader.end().cloned().unwrap_or(End::NoTrailer { at: 0 });
+        r.occupancy = std::mem::take(&mut reader.occupancy);
         for c in r.header.counters_at_start.iter().chain(r.end.trailer().map(|t| &t.counters_at_end[..]).unwrap_or(&[])) {
             if let Some(n) = &c.netns_name {
                 r.netns_names.entry(c.netns).or_insert_with(|| n.clone());
@@ -173,14 +177,23 @@ impl Report {
         r
     }
 
-    /// Advice from what the capture recorded. A capture holds no table
-    /// snapshot, so there is no NOTRACK advice here: `ctdrop check
-    /// --occupancy` on the host names the flows to untrack. The module's
-    /// kind and entry size are the capturing host's, unknown here.
+    /// Advice from what the capture recorded. Without a stored table
+    /// snapshot (captures before format 2, or no table-full drop) there is
+    /// no NOTRACK advice: `ctdrop check --occupancy` on the host names the
+    /// flows to untrack. The module's kind and entry size are the capturing
+    /// host's, unknown here.
     pub fn advice(&self) -> Vec<crate::advice::Advice> {
         let limits = self.header.conntrack_max.map(|max| crate::conntrack::stats::CtLimits { max, buckets: self.header.conntrack_buckets.unwrap_or(0) });
         let host = crate::advice::Host { module: crate::advice::ModuleKind::Unknown, entry_bytes: None };
-        crate::advice::from_run(&self.tally, &BTreeMap::new(), limits, &host, |ns| self.netns_names.get(&ns).cloned())
+        // Per namespace, the fullest snapshot (as the live run keeps them).
+        let mut snaps = BTreeMap::new();
+        for o in &self.occupancy {
+            let Some(ns) = o.netns else { continue };
+            if snaps.get(&ns).is_none_or(|old: &crate::conntrack::occupancy::Occupancy| o.entries >= old.entries) {
+                snaps.insert(ns, o.clone());
+            }
+        }
+        crate::advice::from_run(&self.tally, &snaps, limits, &host, |ns| self.netns_names.get(&ns).cloned())
     }
 
     pub fn trailer(&self) -> Option<&crate::capture::meta::Trailer> {

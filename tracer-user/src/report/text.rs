@@ -298,6 +298,34 @@ pub fn render(r: &Report, top: usize, md: bool) -> String {
             }
         }
     }
+    if let Some(w) = r.trailer().and_then(|t| t.watch.as_ref()) {
+        section(&mut o, "Recorded by ctdrop watch");
+        let fill = match (w.entries, w.max) {
+            (Some(e), Some(m)) if m > 0 => format!(", table {e}/{m} ({:.0}%)", e as f64 * 100.0 / m as f64),
+            _ => String::new(),
+        };
+        let _ = writeln!(o, "{bullet}trigger {} in {} at {}{fill}", w.trigger, r.netns_label(w.netns), date(w.triggered_wall_ns));
+        let _ = writeln!(o, "{bullet}window: {:.0} s before the trigger to {:.0} s after the last drop", w.pre_s, w.post_s);
+        if w.drops_not_kept > 0 {
+            let _ = writeln!(o, "{bullet}{} drops in this window were not kept: the in-memory buffer ({} records) was full", w.drops_not_kept, w.buffer_cap);
+        }
+        if w.cut_by_shutdown {
+            let _ = writeln!(o, "{bullet}ctdrop stopped before the window ended");
+        }
+    }
+    for snap in &r.occupancy {
+        section(&mut o, &format!("Who held the table (snapshot at {})", date(snap.taken_ns)));
+        let mut text = Vec::new();
+        let _ = snap.write_human(&mut text);
+        let text = String::from_utf8_lossy(&text);
+        if md {
+            let _ = writeln!(o, "```\n{}```", text);
+        } else {
+            for l in text.lines() {
+                let _ = writeln!(o, "  {l}");
+            }
+        }
+    }
     let advice = r.advice();
     if !advice.is_empty() {
         section(&mut o, "advice");

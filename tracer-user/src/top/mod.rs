@@ -44,6 +44,7 @@ pub async fn run(args: &TopArgs) -> Result<()> {
         probe: &args.probe,
         duration: args.duration,
         capture_headers: false,
+        service: false,
     };
     session::run(&opts, vec![Box::new(TopSink::default())]).await
 }

@@ -3,8 +3,10 @@
 //! alternating rounds, with medians printed and every round kept in a JSON
 //! file. Root only; it holds the nf_conntrack_max lock for the whole run.
 
+mod bpf_stats;
 mod flood;
 mod report;
+pub use report::load;
 mod topology;
 mod tracer;
 
@@ -40,11 +42,15 @@ pub struct Options {
     pub only: Vec<String>,
     /// Extra (b) runs with these `--ring-size` values.
     pub ring_sweep: Vec<String>,
+    /// Extra configurations `KEY=ctdrop arguments` (split at whitespace).
+    pub ctdrop_configs: Vec<String>,
     pub ctdrop_args: Vec<String>,
     pub skip_scale: bool,
     pub cpu: Option<usize>,
     pub ctdrop: PathBuf,
     pub out_dir: PathBuf,
+    /// `/proc/loadavg` when the bench started.
+    pub load_at_start: String,
 }
 
 /// One flood under one configuration.
@@ -63,6 +69,12 @@ pub struct RoundResult {
 impl RoundResult {
     pub fn rate(&self) -> f64 {
         self.kernel_drops as f64 / self.seconds
+    }
+
+    /// Kernel run time of the tracer's programs per drop the kernel counted.
+    pub fn bpf_ns_per_drop(&self) -> Option<f64> {
+        let b = self.tracer.bpf?;
+        (self.kernel_drops > 0).then(|| b.run_time_ns as f64 / self.kernel_drops as f64)
     }
 }
 
@@ -83,6 +95,12 @@ pub fn run(opts: &Options) -> Result<()> {
         c.extra = vec!["--ring-size".into(), size.clone()];
         configs.push(c);
     }
+    for spec in &opts.ctdrop_configs {
+        let (key, args) = spec.split_once('=').ok_or_else(|| anyhow!("--ctdrop-config wants KEY=ARGS, got {spec:?}"))?;
+        let mut c = Config::new(key, Kind::CtdropCustom);
+        c.extra = args.split_whitespace().map(String::from).collect();
+        configs.push(c);
+    }
     if !opts.only.is_empty() {
         configs.retain(|c| c.key == "a" || opts.only.iter().any(|o| c.key == *o || c.key.starts_with(&format!("{o}@"))));
     }
@@ -95,6 +113,11 @@ pub fn run(opts: &Options) -> Result<()> {
         unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
     }
     let ct_max = ConntrackMax::set(BENCH_CONNTRACK_MAX)?;
+    let stats_on = bpf_stats::StatsOn::enable()?;
+    println!(
+        "bench: BPF run-time statistics on through BPF_ENABLE_STATS (kernel.bpf_stats_enabled untouched, reads {}; off when this process exits, however it exits)",
+        bpf_stats::sysctl_value().unwrap_or_default()
+    );
     println!("bench: holding {} with nf_conntrack_max={BENCH_CONNTRACK_MAX} (was {}; restored at exit)", topology::LOCK_PATH, ct_max.previous());
     let topo = Topology::create()?;
     let mut counter = DropCounter::open(RECEIVER)?;
@@ -138,6 +161,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
     }
     drop(topo);
+    drop(stats_on);
     drop(ct_max);
 
     let summary = report::summarize(&configs, &results);
@@ -179,6 +203,9 @@ fn one_round(cfg: &Config, env: &Env, sender: &Path, flood: &FloodSpec, counter:
     let (d0, _) = counter.read()?;
     let f = flood::run(sender, flood)?;
     let (d1, entries) = counter.read()?;
+    if let Some(r) = running.as_mut() {
+        r.mark_flood_end();
+    }
     check_stop()?;
     let report = match running {
         Some(r) => r.stop()?,

@@ -22,6 +22,33 @@ pub struct ConfigSummary {
     pub cpu_per_million: Option<f64>,
     pub peak_rss_mb: Option<f64>,
     pub attach_ms: Option<f64>,
+    /// Median and min-max over rounds of the kernel time per drop.
+    pub bpf_ns: Option<Spread>,
+    /// Rate over the same round's (a), median and min-max.
+    pub round_ratio: Option<Spread>,
+    pub cpu_spread: Option<Spread>,
+    /// Median of the per-round `bpf_ns / (d)'s bpf_ns` of the same round.
+    pub bpf_vs_d: Option<f64>,
+}
+
+/// Median and range of one figure over the rounds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(v: Vec<f64>) -> Option<Spread> {
+        let min = v.iter().copied().reduce(f64::min)?;
+        let max = v.iter().copied().reduce(f64::max)?;
+        Some(Spread { median: median(v)?, min, max })
+    }
+
+    fn show(&self, decimals: usize) -> String {
+        format!("{:.d$} [{:.d$}-{:.d$}]", self.median, self.min, self.max, d = decimals)
+    }
 }
 
 pub fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -55,6 +82,16 @@ pub fn summarize(configs: &[Config], results: &[RoundResult]) -> Vec<ConfigSumma
                 ),
                 peak_rss_mb: rs.iter().filter_map(|r| r.tracer.peak_rss_kb).max().map(|k| k as f64 / 1024.0),
                 attach_ms: median(rs.iter().filter_map(|r| r.tracer.attach_ms).collect()),
+                bpf_ns: Spread::of(rs.iter().filter_map(|r| r.bpf_ns_per_drop()).collect()),
+                round_ratio: Spread::of(
+                    rs.iter().filter_map(|r| same_round(results, "a", r.round).filter(|a| a.rate() > 0.0).map(|a| r.rate() / a.rate())).collect(),
+                ),
+                cpu_spread: Spread::of(rs.iter().filter_map(|r| r.tracer.cpu_s.map(|c| c / (r.kernel_drops.max(1) as f64 / 1e6))).collect()),
+                bpf_vs_d: median(
+                    rs.iter()
+                        .filter_map(|r| Some(r.bpf_ns_per_drop()? / same_round(results, "d", r.round)?.bpf_ns_per_drop().filter(|d| *d > 0.0)?))
+                        .collect(),
+                ),
             }
         })
         .collect();
@@ -65,13 +102,18 @@ pub fn summarize(configs: &[Config], results: &[RoundResult]) -> Vec<ConfigSumma
     out
 }
 
+fn same_round<'a>(results: &'a [RoundResult], key: &str, round: usize) -> Option<&'a RoundResult> {
+    results.iter().find(|r| r.key == key && r.round == round)
+}
+
 pub fn progress_line(r: &RoundResult) -> String {
     let t = &r.tracer;
     format!(
-        "bench: round {} ({:<9}) {:>9.0} drops/s  kernel {:>9}  delivered {:>9}  lost {:>7}  cpu {:>6}  rss {:>7}  attach {:>7}",
+        "bench: round {} ({:<9}) {:>9.0} drops/s  bpf {:>8}  kernel {:>9}  delivered {:>9}  lost {:>7}  cpu {:>6}  rss {:>7}  attach {:>7}",
         r.round + 1,
         r.key,
         r.rate(),
+        r.bpf_ns_per_drop().map(|n| format!("{n:.0}ns/d")).unwrap_or_else(|| "-".into()),
         r.kernel_drops,
         t.delivered.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
         t.lost.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
@@ -91,26 +133,32 @@ pub fn print_table(configs: &[Config], env: &Env, summary: &[ConfigSummary], sca
         "bench: {} rounds x {:.1} s per configuration, medians; flood = 1 sender, sendmmsg, a new UDP flow per packet, receiver's conntrack table full",
         opts.rounds, opts.seconds
     );
+    println!("bench: load at start {}", opts.load_at_start);
+    println!("bench: load at end   {}", load());
     println!(
-        "{:<4} {:<58} {:>10} {:>7} {:>24} {:>9} {:>11} {:>9} {:>9}",
-        "", "configuration", "drops/s", "vs (a)", "delivered / kernel drop", "lost", "CPU s/Mdrop", "peak RSS", "attach"
+        "{:<4} {:<44} {:>18} {:>6} {:>10} {:>19} {:>26} {:>7} {:>17} {:>9} {:>7}",
+        "", "configuration", "BPF ns/drop", "vs (d)", "drops/s", "vs (a)", "delivered / kernel drop", "lost", "CPU s/Mdrop", "peak RSS", "attach"
     );
     for (c, s) in configs.iter().zip(summary) {
         let mut d = c.describe(env);
-        d.truncate(58);
+        d.truncate(44);
         println!(
-            "{:<4} {:<58} {:>10.0} {:>7} {:>24} {:>9} {:>11} {:>9} {:>9}",
+            "{:<4} {:<44} {:>18} {:>6} {:>10.0} {:>19} {:>26} {:>7} {:>17} {:>9} {:>7}",
             format!("({})", c.key),
             d,
+            dash(s.bpf_ns, |b| b.show(0)),
+            dash(s.bpf_vs_d, |r| format!("{r:.2}")),
             s.rate,
-            dash(s.ratio, |r| format!("{r:.3}")),
+            dash(s.round_ratio, |r| r.show(3)),
             dash(s.delivered, |d| format!("{d} / {} ({}/{})", s.kernel_drops, s.exact_rounds, s.rounds)),
             dash(s.lost, |l| l.to_string()),
-            dash(s.cpu_per_million, |c| format!("{c:.2}")),
+            dash(s.cpu_spread, |c| c.show(2)),
             dash(s.peak_rss_mb, |m| format!("{m:.1} MB")),
             dash(s.attach_ms, |a| format!("{a:.0} ms")),
         );
     }
+    println!("(BPF ns/drop: kernel run time of the tracer's own programs (bpf_stats run_time_ns) / the receiver's conntrack `drop` increase; median [min-max] over rounds)");
+    println!("(vs (d): median over rounds of BPF ns/drop / bpftrace map-count's in the same round; vs (a): drops/s / the same round's untraced rate)");
     println!("(delivered / kernel drop: summed over rounds, then (rounds where they were equal / rounds))");
     for r in scale {
         let notes: Vec<String> = r.tracer.notes.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -133,6 +181,8 @@ fn round_json(r: &RoundResult) -> Value {
         "seconds": r.seconds, "drops_per_s": r.rate(), "entries": r.entries,
         "delivered": t.delivered, "lost": t.lost, "cpu_s": t.cpu_s, "peak_rss_kb": t.peak_rss_kb,
         "attach_ms": t.attach_ms, "own_attach_ms": t.own_attach_ms,
+        "bpf_run_time_ns": t.bpf.map(|b| b.run_time_ns), "bpf_run_cnt": t.bpf.map(|b| b.run_cnt),
+        "bpf_programs": t.bpf.map(|b| b.programs), "bpf_ns_per_drop": r.bpf_ns_per_drop(),
         "notes": t.notes.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
     })
 }
@@ -159,6 +209,9 @@ pub fn write_json(
                 "delivered": s.delivered, "kernel_drops": s.kernel_drops, "exact_rounds": s.exact_rounds,
                 "lost": s.lost, "cpu_s_per_million_drops_median": s.cpu_per_million,
                 "peak_rss_mb_max": s.peak_rss_mb, "attach_ms_median": s.attach_ms,
+                "bpf_ns_per_drop": s.bpf_ns.map(spread_json), "bpf_ns_vs_d_median": s.bpf_vs_d,
+                "ratio_to_same_round_a": s.round_ratio.map(spread_json),
+                "cpu_s_per_million_drops": s.cpu_spread.map(spread_json),
             })
         })
         .collect();
@@ -166,6 +219,7 @@ pub fn write_json(
         "unix_time": ts,
         "machine": machine(),
         "git": crate::proc::probe(std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).current_dir(crate::env::repo_root())).map(|s| s.trim().to_string()),
+        "load_at_start": opts.load_at_start, "load_at_end": load(),
         "rounds": opts.rounds, "seconds_per_round": opts.seconds, "sender_cpu": opts.cpu,
         "ctdrop_args": opts.ctdrop_args,
         "configs": cfgs,
@@ -174,6 +228,17 @@ pub fn write_json(
     });
     std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+fn spread_json(s: Spread) -> Value {
+    json!({ "median": s.median, "min": s.min, "max": s.max })
+}
+
+/// `/proc/loadavg`: 1, 5, 15-minute load averages (other users of the
+/// machine move the throughput ratios, hence printed with every run).
+pub fn load() -> String {
+    let s = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
 fn machine() -> Value {

@@ -20,6 +20,10 @@ pub enum Kind {
     CtdropJson,
     /// `ctdrop live --count-only > /dev/null`: in-kernel counters.
     CtdropCount,
+    /// `ctdrop <extra args> > /dev/null`: a configuration named on the
+    /// command line (`--ctdrop-config watch='watch ...'`); it must print
+    /// ctdrop's `attached` and `stopped` lines like `live` does.
+    CtdropCustom,
     /// bpftrace map-count one-liner.
     BpftraceCount,
     /// bpftrace per-event printf one-liner.
@@ -45,6 +49,7 @@ impl Config {
             Kind::None => "no tracer".to_string(),
             Kind::CtdropJson => "ctdrop live --json > /dev/null".to_string(),
             Kind::CtdropCount => "ctdrop live --count-only > /dev/null".to_string(),
+            Kind::CtdropCustom => "ctdrop".to_string(),
             Kind::BpftraceCount => format!("bpftrace '{}'", bpftrace_count_script()),
             Kind::BpftracePrintf => format!("bpftrace '{}' | wc -l", bpftrace_printf_script(env.netfilter_drop)),
         };
@@ -91,6 +96,8 @@ pub struct Report {
     pub own_attach_ms: Option<f64>,
     /// Extra facts (flows tracked, flows beyond the cap, ...).
     pub notes: Vec<(String, u64)>,
+    /// Kernel run time of the tracer's BPF programs during the flood.
+    pub bpf: Option<super::bpf_stats::ProgStats>,
 }
 
 enum Line {
@@ -108,12 +115,19 @@ pub struct Running {
     err: Vec<String>,
     report: Report,
     cpu_at_flood: Option<f64>,
+    bpf_at_flood: Option<super::bpf_stats::ProgStats>,
     netfilter_drop: u32,
 }
 
 pub fn start(cfg: &Config, env: &Env) -> Result<Option<Running>> {
     let mut cmd = match cfg.kind {
         Kind::None => return Ok(None),
+        Kind::CtdropCustom => {
+            let mut c = Command::new(&env.ctdrop);
+            c.args(&cfg.extra).args(&env.ctdrop_args);
+            c.stdout(Stdio::null());
+            c
+        }
         Kind::CtdropJson | Kind::CtdropCount => {
             let mut c = Command::new(&env.ctdrop);
             c.arg("live").arg(if cfg.kind == Kind::CtdropJson { "--json" } else { "--count-only" });
@@ -158,6 +172,7 @@ pub fn start(cfg: &Config, env: &Env) -> Result<Option<Running>> {
         err: Vec::new(),
         report: Report::default(),
         cpu_at_flood: None,
+        bpf_at_flood: None,
         netfilter_drop: env.netfilter_drop,
     }))
 }
@@ -204,7 +219,7 @@ impl Running {
         while Instant::now() < deadline {
             let Some((l, stdout, t)) = self.take_line(Duration::from_millis(100))? else { continue };
             let ready = match self.kind {
-                Kind::CtdropJson | Kind::CtdropCount => !stdout && l.starts_with("ctdrop: attached"),
+                Kind::CtdropJson | Kind::CtdropCount | Kind::CtdropCustom => !stdout && l.starts_with("ctdrop: attached"),
                 _ => stdout && l == "ready",
             };
             if ready {
@@ -218,6 +233,14 @@ impl Running {
 
     pub fn mark_flood_start(&mut self) {
         self.cpu_at_flood = cpu_seconds(self.child.id()).ok();
+        self.bpf_at_flood = super::bpf_stats::of_process(self.child.id()).ok();
+    }
+
+    /// Right after the flood, before the tracer is stopped (its programs
+    /// are gone once it exits).
+    pub fn mark_flood_end(&mut self) {
+        let now = super::bpf_stats::of_process(self.child.id()).ok();
+        self.report.bpf = now.zip(self.bpf_at_flood).map(|(n, s)| n.since(s));
     }
 
     /// SIGINT, wait for exit, collect what it printed and its rusage.
@@ -241,11 +264,11 @@ impl Running {
         }
         let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
         // bpftrace exits non-zero after SIGINT on some versions; judge it by its output.
-        if !ok && matches!(self.kind, Kind::CtdropJson | Kind::CtdropCount) {
+        if !ok && matches!(self.kind, Kind::CtdropJson | Kind::CtdropCount | Kind::CtdropCustom) {
             bail!("ctdrop failed (status {status:#x}): {}", self.err.join(" | "));
         }
         match self.kind {
-            Kind::CtdropJson | Kind::CtdropCount => self.parse_ctdrop()?,
+            Kind::CtdropJson | Kind::CtdropCount | Kind::CtdropCustom => self.parse_ctdrop()?,
             Kind::BpftraceCount => {
                 self.report.delivered = Some(self.bpftrace_map_value()?);
                 self.report.lost = Some(0);

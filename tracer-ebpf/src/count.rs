@@ -1,0 +1,168 @@
+//! Count mode's per-drop work: one counter per group (namespace, reason,
+//! protocol, conntrack reference, ICMP type/code) and one per flow, with
+//! no hash map and no insert on the common path.
+//!
+//! Both live in per-CPU arrays of 4-way sets: hash the key, look up its set
+//! (one array lookup), compare with up to four slots. A new key takes the
+//! set's first free slot and keeps it (slots are never freed, so a key is
+//! always found before the first free slot). Under a flood of new flows
+//! the flow sets fill up and every later new flow costs one lookup and four
+//! compares, then is counted only in the totals. Groups are few; a group
+//! whose set is full falls back to the per-CPU group hash, so group totals
+//! stay exact whatever the flood.
+//!
+//! Measured in `cargo xtask bench` (c): see README "Performance".
+
+use aya_ebpf::{
+    macros::map,
+    maps::{PerCpuArray, PerCpuHashMap},
+};
+use tracer_common::{flags, stat, DropRecord, FlowKey, FlowSet, GroupKey, GroupSet, FLOW_SETS, GROUP_MAP_ENTRIES, GROUP_SETS, SET_WAYS};
+
+use crate::bump;
+
+#[map]
+static GROUP_SET_ARRAY: PerCpuArray<GroupSet> = PerCpuArray::with_max_entries(GROUP_SETS, 0);
+
+/// Groups whose set in `GROUP_SET_ARRAY` was full (rare: > 4 groups
+/// hashing to one of 256 sets on one CPU).
+#[map]
+static GROUPS: PerCpuHashMap<GroupKey, u64> = PerCpuHashMap::with_max_entries(GROUP_MAP_ENTRIES, 0);
+
+#[map]
+static FLOW_SET_ARRAY: PerCpuArray<FlowSet> = PerCpuArray::with_max_entries(FLOW_SETS, 0);
+
+/// A 32-bit tag of each slot's key (0 = free), 16 bytes per set: a flood of
+/// new flows then reads 64 KiB per CPU, which stays in cache, instead of a
+/// random 320-byte set of the 1.25 MiB slot array per packet (in `cargo
+/// xtask bench` (c) that miss was most of the per-drop cost).
+#[map]
+static FLOW_TAG_ARRAY: PerCpuArray<[u32; SET_WAYS]> = PerCpuArray::with_max_entries(FLOW_SETS, 0);
+
+const _: () = assert!(GROUP_SETS.is_power_of_two() && FLOW_SETS.is_power_of_two());
+
+/// Multiply-xor over the key's words: a few instructions per word, spread
+/// well enough for set selection (not for adversaries: a colliding flood
+/// only loses per-flow detail, never counts).
+#[inline(always)]
+fn mix<const N: usize>(w: &[u32; N]) -> u32 {
+    let mut h: u32 = 0x9e37_79b9;
+    for x in w {
+        h = (h ^ x).wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 15;
+    }
+    h
+}
+
+/// Word-wise equality without an early exit (a byte compare of arrays
+/// would become a call to the linker's byte-wise `bcmp`).
+#[inline(always)]
+fn same<const N: usize>(a: &[u32; N], b: &[u32; N]) -> bool {
+    let mut diff = 0;
+    for i in 0..N {
+        diff |= a[i] ^ b[i];
+    }
+    diff == 0
+}
+
+/// Word-wise copy (a struct assignment can become a `memcpy` call).
+#[inline(always)]
+unsafe fn put<const N: usize>(dst: *mut [u32; N], src: &[u32; N]) {
+    let d = dst as *mut u32;
+    for (i, w) in src.iter().enumerate() {
+        // SAFETY: i < N, inside the destination array.
+        core::ptr::write_volatile(d.add(i), *w);
+    }
+}
+
+// Not inlined: its keys get their own stack frame instead of pushing
+// handle()'s past 6.1's 512-byte limit.
+#[inline(never)]
+pub unsafe fn count(rec: &DropRecord) {
+    bump(stat::COUNTED);
+    let has_ct = (rec.flags & flags::HAS_CT != 0) as u8;
+    let group = GroupKey {
+        netns: rec.netns,
+        reason: rec.reason,
+        l4_proto: rec.l4_proto,
+        has_ct,
+        icmp_type: rec.icmp_type,
+        icmp_code: rec.icmp_code,
+    };
+    count_group(&group);
+    let key = FlowKey {
+        saddr: rec.saddr,
+        daddr: rec.daddr,
+        netns: rec.netns,
+        reason: rec.reason,
+        sport: rec.sport,
+        dport: rec.dport,
+        l3_proto: rec.l3_proto,
+        l4_proto: rec.l4_proto,
+        has_ct,
+    };
+    count_flow(&key, rec);
+}
+
+#[inline(always)]
+unsafe fn count_group(group: &GroupKey) {
+    // SAFETY: GroupKey is Pod, 12 bytes, 4-aligned: exactly three words.
+    let k: [u32; 3] = core::mem::transmute(*group);
+    let set = mix(&k) & (GROUP_SETS - 1);
+    if let Some(s) = GROUP_SET_ARRAY.get_ptr_mut(set) {
+        for i in 0..SET_WAYS {
+            let slot = &mut (*s).slots[i];
+            let slot_key = &mut slot.key as *mut GroupKey as *mut [u32; 3];
+            if slot.drops == 0 {
+                put(slot_key, &k);
+                slot.drops = 1;
+                return;
+            }
+            if same(&*slot_key, &k) {
+                slot.drops += 1;
+                return;
+            }
+        }
+    }
+    match GROUPS.get_ptr_mut(group) {
+        Some(n) => *n += 1,
+        None => {
+            if GROUPS.insert(group, &1u64, 0).is_err() {
+                bump(stat::GROUP_MAP_FULL);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn count_flow(key: &FlowKey, rec: &DropRecord) {
+    // SAFETY: FlowKey is Pod, 48 bytes, 4-aligned: exactly twelve words.
+    let k: [u32; 12] = core::mem::transmute(*key);
+    let h = mix(&k);
+    let set = h & (FLOW_SETS - 1);
+    // The bits above the set index; never 0, which marks a free slot.
+    let tag = (h >> FLOW_SETS.trailing_zeros()) | 0x8000_0000;
+    if let (Some(tags), Some(s)) = (FLOW_TAG_ARRAY.get_ptr_mut(set), FLOW_SET_ARRAY.get_ptr_mut(set)) {
+        for i in 0..SET_WAYS {
+            let t = (*tags)[i];
+            let slot = &mut (*s).slots[i];
+            let slot_key = &mut slot.key as *mut FlowKey as *mut [u32; 12];
+            if t == 0 {
+                (*tags)[i] = tag;
+                put(slot_key, &k);
+                slot.count.packets = 1;
+                slot.count.bytes = rec.skb_len as u64;
+                slot.count.first_ns = rec.ts_ns;
+                slot.count.last_ns = rec.ts_ns;
+                return;
+            }
+            if t == tag && same(&*slot_key, &k) {
+                slot.count.packets += 1;
+                slot.count.bytes += rec.skb_len as u64;
+                slot.count.last_ns = rec.ts_ns;
+                return;
+            }
+        }
+    }
+    bump(stat::FLOW_MAP_FULL);
+}
