@@ -1064,6 +1064,15 @@ fn html_report_opens_offline_and_matches_the_json_report() {
         keys.contains_key(&format!("drops_by_netns/{}", inc.rx)),
         "no total for the receiver: {keys:?}"
     );
+    // The capture holds the table snapshot taken when the table filled up.
+    let snaps = report["occupancy"].as_array().map(Vec::len).unwrap_or(0);
+    for i in 0..snaps {
+        assert!(
+            keys.contains_key(&format!("occupancy/{i}/entries")),
+            "snapshot {i} not in the page: {keys:?}"
+        );
+    }
+    eprintln!("snapshots in the capture: {snaps}");
     for (k, text) in keys {
         let text = text.as_str().unwrap().trim().trim_start_matches('+');
         let want = at(&report, k);
