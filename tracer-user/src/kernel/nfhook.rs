@@ -713,7 +713,7 @@ fn namespaces(only: Option<u32>, pids: &mut PidNamespaces) -> HashMap<u32, PathB
 pub struct NfHooks {
     coverage: HookCoverage,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Attacher>>,
     pub namespaces_at_start: usize,
 }
 
@@ -766,11 +766,12 @@ impl NfHooks {
                     for _ in 0..5 {
                         std::thread::sleep(POLL / 5);
                         if flag.load(Ordering::Relaxed) {
-                            return;
+                            return attacher;
                         }
                     }
                     attacher.scan();
                 }
+                attacher
             })
             .context("starting the namespace watcher")?;
         Ok(NfHooks {
@@ -786,10 +787,27 @@ impl NfHooks {
     }
 }
 
+/// Threads that close links at exit.
+const CLOSERS: usize = 32;
+
 impl Drop for NfHooks {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        let Some(Ok(attacher)) = self.thread.take().map(|t| t.join()) else { return };
+        // Each link's release unregisters its hook and waits out an RCU
+        // grace period: closed one after another, 80 namespaces' links took
+        // over 20 s. Closed from many threads at once, the waits overlap.
+        let mut links: Vec<OwnedFd> = attacher.links.into_values().flat_map(|l| l._links).collect();
+        let per = links.len().div_ceil(CLOSERS).max(1);
+        let mut closers = Vec::new();
+        while !links.is_empty() {
+            let chunk: Vec<OwnedFd> = links.drain(..per.min(links.len())).collect();
+            // On a failed spawn the chunk goes down with the closure: closed here.
+            if let Ok(t) = std::thread::Builder::new().name("ctdrop-unlink".into()).spawn(move || drop(chunk)) {
+                closers.push(t);
+            }
+        }
+        for t in closers {
             let _ = t.join();
         }
     }
