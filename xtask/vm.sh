@@ -12,7 +12,9 @@
 #       Boots the guest (2 vCPUs, 2G, TCG) sharing this machine's root fs read-only
 #       with <rwdir> writable, runs <command...> as root in the current directory,
 #       and exits with the command's exit status (124 on timeout, 125 if the guest
-#       never reported one). The guest command's stdout/stderr go to ours.
+#       never reported one: such a boot is retried once, and the output says so).
+#       The guest command's stdout goes to ours; its stderr and the kernel console
+#       go to a log file, kept (and its tail printed) when the run fails.
 #       See xtask/VM-NOTES.md for what the guests look like.
 #
 #   xtask/vm.sh list          print "<short> <release> <vmlinuz>" per prepared kernel
@@ -24,7 +26,9 @@
 #   CTDROP_VM_MEM         guest memory (default 2G)
 #   CTDROP_VM_CPUS        guest vCPUs (default 2)
 #   CTDROP_VM_KVM=1       use KVM instead of TCG (KVM is broken on the dev machines)
-#   CTDROP_VM_VERBOSE=1   pass -v to vng (shows the kernel console)
+#   CTDROP_VM_VERBOSE=1   also show the kernel console on stderr while the guest runs
+#   CTDROP_VM_LOGDIR      where guest console logs go (default $CTDROP_CACHE/vm-logs);
+#                         a failed boot's log is kept and its path printed
 #   CTDROP_VM_BLACKLIST   modules the guest must not load (default: hardware/crypto
 #                         drivers udev would load; set to "" to allow everything)
 #   CTDROP_PKG_6_1 / CTDROP_PKG_6_12   override the kernel package names
@@ -32,8 +36,11 @@ set -euo pipefail
 
 CACHE="${CTDROP_CACHE:-$HOME/.cache/ctdrop}"
 KDIR="$CACHE/kernels"
+# Guest console logs of failed boots (kept) and of running ones.
+LOGDIR="${CTDROP_VM_LOGDIR:-$CACHE/vm-logs}"
 VENV="$CACHE/venv"
-VNG="$VENV/bin/vng"
+# CTDROP_VNG: a stand-in for vng (the tests check the retry policy with one).
+VNG="${CTDROP_VNG:-$VENV/bin/vng}"
 VNG_PIN="${CTDROP_VNG_VERSION:-1.42}"
 
 # short name -> default package, and a regex used to pick a newer package of the
@@ -217,26 +224,68 @@ cmd_run() {
     # watchdogs, input, crypto accel): under TCG that halves the boot time.
     local bl=${CTDROP_VM_BLACKLIST-$DEFAULT_BLACKLIST}
     [ -z "$bl" ] || args+=(-a "module_blacklist=$bl")
-    [ "${CTDROP_VM_VERBOSE:-0}" = 1 ] && args+=(-v)
-    local rc=0
-    # qemu re-opens /proc/self/fd/{1,2} for the guest's stdout/stderr; on a regular
-    # file that restarts at offset 0 and overwrites what was there (NUL-filled holes).
-    # Going through pipes keeps our stdout/stderr appendable whatever they are.
+    # no_timer_check: under TCG on a loaded host the guest's IO-APIC timer
+    # check (check_timer) can miss the emulated timer's ticks and panic with
+    # "IO-APIC + timer doesn't work!" before init runs; vng then exits 255
+    # with no status. That was the occasional "vng exit 255" on fresh
+    # machines (load 14: apt, builds). The check guards against broken
+    # 1990s boards, not QEMU's timer.
+    args+=(-a no_timer_check)
+    # Always -v: the kernel console is what says why a guest died before
+    # reporting a status (panic, init failure, missing virtio ports). It
+    # goes to stderr together with the guest command's stderr, so both are
+    # kept in a log file: printed on failure, removed on success.
+    args+=(-v)
+    mkdir -p "$LOGDIR"
+    local attempt rc log
+    for attempt in 1 2; do
+        log="$LOGDIR/console-$short-$(date +%Y%m%d-%H%M%S)-$$-$attempt.log"
+        rm -f "$status"
+        rc=0
+        guest_once "$log" "$script" "${args[@]}" || rc=$?
+        if [ -s "$status" ]; then
+            rc=$(<"$status")
+            rm -f "$status" "$script"
+            if [ "$rc" = 0 ]; then
+                rm -f "$log"
+            else
+                log "guest command on $short exited $rc; console and stderr: $log"
+                tail -n 40 "$log" | sed 's/^/vm.sh: | /' >&2
+            fi
+            [ "$attempt" = 1 ] || log "note: the first boot of $short never reported a status; this retry did"
+            return "$rc"
+        fi
+        if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+            rm -f "$script"
+            log "guest timed out after ${CTDROP_VM_TIMEOUT:-600}s; console and stderr: $log"
+            tail -n 40 "$log" | sed 's/^/vm.sh: | /' >&2
+            return 124
+        fi
+        log "guest on $short did not report an exit status (vng exit $rc); console and stderr kept: $log"
+        tail -n 40 "$log" | sed 's/^/vm.sh: | /' >&2
+        # Only a boot that never reported a status is retried, once: a
+        # command that ran and failed is never run twice.
+        [ "$attempt" = 1 ] && log "retrying the $short boot once"
+    done
+    rm -f "$script"
+    return 125
+}
+
+# One boot. qemu re-opens /proc/self/fd/{1,2} for the guest's stdout,
+# stderr and console; on a regular file that restarts at offset 0 and
+# overwrites what was there (NUL-filled holes), so both go through pipes:
+# stdout to ours, stderr (console included) to the log file.
+guest_once() {
+    local log=$1 script=$2; shift 2
+    local rc=0 keep=(cat)
+    # CTDROP_VM_VERBOSE=1: the console on stderr as it happens, too.
+    [ "${CTDROP_VM_VERBOSE:-0}" = 1 ] && keep=(tee /dev/stderr)
+    # pipefail (set above): the status is vng's unless a cat failed.
     {
         PATH="$VENV/bin:$PATH" timeout -k 15 "${CTDROP_VM_TIMEOUT:-600}" \
-            "$VNG" "${args[@]}" --exec "/bin/bash $script" </dev/null 2>&1 1>&3 3>&- | cat >&2
+            "$VNG" "$@" --exec "/bin/bash $script" </dev/null 2>&1 1>&3 3>&- | "${keep[@]}" > "$log"
     } 3>&1 | cat || rc=$?
-    if [ -s "$status" ]; then
-        rc=$(<"$status")
-        rm -f "$status" "$script"
-        return "$rc"
-    fi
-    rm -f "$script"
-    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-        log "guest timed out after ${CTDROP_VM_TIMEOUT:-600}s"; return 124
-    fi
-    log "guest did not report an exit status (vng exit $rc)"
-    return 125
+    return "$rc"
 }
 
 # ---------------------------------------------------------------- smoke test

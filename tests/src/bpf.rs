@@ -138,3 +138,18 @@ pub fn still_listed(ids: &BTreeSet<(Kind, u64)>) -> Result<Vec<Object>> {
     let objs = objects()?;
     Ok(ids.iter().filter_map(|k| objs.get(k).cloned()).collect())
 }
+
+/// Waits (at most `limit`) until nothing of `held` is listed and no ctdrop
+/// program created after `since` is left without an owner: the kernel frees
+/// programs and maps after an RCU grace period. What is left at the end.
+pub fn wait_released(held: &BTreeSet<(Kind, u64)>, since: &BTreeMap<Kind, u64>, limit: std::time::Duration) -> Result<(Vec<Object>, Vec<Object>)> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = still_listed(held)?;
+        let orphans = orphans_since(since)?;
+        if (left.is_empty() && orphans.is_empty()) || std::time::Instant::now() > deadline {
+            return Ok((left, orphans));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -20,7 +20,7 @@ pub mod flood;
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, UdpSocket},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -42,8 +42,8 @@ use serde_json::Value;
 /// Lock file serializing every test that changes `nf_conntrack_max`, across
 /// processes. While held it also stores the value to restore, so a run that
 /// was killed mid-test is repaired by the next one.
-pub const LOCK_PATH: &str = "/run/ctdrop-tests.lock";
-pub const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+pub const LOCK_PATH: &str = ctlab::LOCK_PATH;
+pub const CONNTRACK_MAX: &str = ctlab::MAX_SYSCTL;
 
 /// The ctdrop binary: `$CTDROP_BIN`, else `<workspace>/target/release/ctdrop`.
 pub fn ctdrop_bin() -> PathBuf {
@@ -202,59 +202,30 @@ pub fn write_conntrack_max(v: u64) -> Result<()> {
     std::fs::write(CONNTRACK_MAX, format!("{v}\n")).with_context(|| format!("setting nf_conntrack_max to {v}"))
 }
 
-/// Holds an exclusive `flock` on [`LOCK_PATH`] and the global
-/// `nf_conntrack_max`; puts the previous value back on drop (also when the
-/// test panics), then releases the lock.
+/// Holds the lock on [`LOCK_PATH`] and the global `nf_conntrack_max`
+/// (through `ctlab`, the same guard `ctdrop demo` uses: one lock, one wait
+/// policy); puts the previous value back on drop (also when the test
+/// panics), then releases the lock.
 pub struct ConntrackMaxGuard {
-    lock: File,
-    previous: u64,
+    inner: ctlab::MaxGuard,
 }
 
 impl ConntrackMaxGuard {
-    /// Waits for the lock, then sets `nf_conntrack_max` to `value`.
+    /// Waits for the lock, then sets `nf_conntrack_max` to `value`. Lowering
+    /// is refused, with the namespace and its count, while a namespace
+    /// other than this test process's own (`*-<pid>-*`) holds conntrack
+    /// entries: on a developer's busy laptop the host and its containers
+    /// would start dropping packets.
     pub fn set(value: u64) -> Result<ConntrackMaxGuard> {
-        let mut lock = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(LOCK_PATH)
-            .with_context(|| format!("opening {LOCK_PATH}"))?;
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            bail!("flock {LOCK_PATH}: {}", std::io::Error::last_os_error());
-        }
-        // A value left in the file: its holder died before restoring it.
-        let mut pending = String::new();
-        lock.read_to_string(&mut pending)?;
-        if let Ok(v) = pending.trim().parse::<u64>() {
-            eprintln!("ctdrop-tests: restoring nf_conntrack_max={v} left over by a killed run");
-            write_conntrack_max(v)?;
-        }
-        let previous = read_conntrack_max()?;
-        lock.set_len(0)?;
-        lock.seek(SeekFrom::Start(0))?;
-        write!(lock, "{previous}")?;
-        lock.sync_all()?;
-        let guard = ConntrackMaxGuard { lock, previous };
-        write_conntrack_max(value)?;
-        Ok(guard)
+        let mut inner = ctlab::MaxGuard::lock(&|| false)?;
+        let mine = format!("-{}-", std::process::id());
+        inner.set(value, &|n| n.name.as_deref().is_some_and(|name| name.contains(&mine))).map_err(|e| anyhow!("ctdrop-tests: {e:#}"))?;
+        Ok(ConntrackMaxGuard { inner })
     }
 
     /// The value that will be restored.
     pub fn previous(&self) -> u64 {
-        self.previous
-    }
-}
-
-impl Drop for ConntrackMaxGuard {
-    fn drop(&mut self) {
-        match write_conntrack_max(self.previous) {
-            // Only forget the value once it is back; the lock goes with the file.
-            Ok(()) => {
-                let _ = self.lock.set_len(0);
-            }
-            Err(e) => eprintln!("ctdrop-tests: cannot restore nf_conntrack_max={}: {e:#}", self.previous),
-        }
+        self.inner.previous()
     }
 }
 
@@ -439,6 +410,12 @@ pub(crate) fn echo_request(id: u16, seq: u16) -> Vec<u8> {
     p.extend_from_slice(&id.to_be_bytes());
     p.extend_from_slice(&seq.to_be_bytes());
     p.extend_from_slice(b"ctdrop-tests pin");
+    set_icmp_checksum(&mut p);
+    p
+}
+
+/// Fills in the checksum (bytes 2-3, zero before) of the ICMP message `p`.
+pub fn set_icmp_checksum(p: &mut [u8]) {
     let mut sum = 0u32;
     for c in p.chunks(2) {
         sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
@@ -447,7 +424,6 @@ pub(crate) fn echo_request(id: u16, seq: u16) -> Vec<u8> {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     p[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    p
 }
 
 // ------------------------------------------------------------------ ctdrop
@@ -491,20 +467,26 @@ impl Ctdrop {
 
     /// [`Ctdrop::spawn`] with extra environment variables (test hooks).
     pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Result<Ctdrop> {
-        Ctdrop::spawn_opts(args, env, Stdout::All)
+        Ctdrop::spawn_opts(args, env, Stdout::All, None)
+    }
+
+    /// [`Ctdrop::spawn_env`] with RLIMIT_NOFILE set to `(soft, hard)` in the
+    /// child before it runs ctdrop, as `ulimit -n` would.
+    pub fn spawn_nofile(args: &[&str], env: &[(&str, &str)], nofile: (u64, u64)) -> Result<Ctdrop> {
+        Ctdrop::spawn_opts(args, env, Stdout::All, Some(nofile))
     }
 
     /// [`Ctdrop::spawn`] keeping only the last `lines` lines of stdout: for
     /// floods, whose millions of drop lines nobody reads (the summary is
     /// the last line).
     pub fn spawn_tail(args: &[&str], lines: usize) -> Result<Ctdrop> {
-        Ctdrop::spawn_opts(args, &[], Stdout::Tail(lines))
+        Ctdrop::spawn_opts(args, &[], Stdout::Tail(lines), None)
     }
 
     /// [`Ctdrop::spawn`] leaving stdout to the test ([`Ctdrop::take_stdout`]),
     /// e.g. to close it like `ctdrop live | head -1` does.
     pub fn spawn_own_stdout(args: &[&str]) -> Result<Ctdrop> {
-        Ctdrop::spawn_opts(args, &[], Stdout::Caller)
+        Ctdrop::spawn_opts(args, &[], Stdout::Caller, None)
     }
 
     /// The pipe ctdrop writes to, with [`Ctdrop::spawn_own_stdout`].
@@ -512,16 +494,41 @@ impl Ctdrop {
         self.own_stdout.take()
     }
 
-    fn spawn_opts(args: &[&str], env: &[(&str, &str)], mode: Stdout) -> Result<Ctdrop> {
-        let bin = ctdrop_bin();
-        let mut child = Command::new(&bin)
-            .args(args)
-            .envs(env.iter().copied())
+    fn spawn_opts(args: &[&str], env: &[(&str, &str)], mode: Stdout, nofile: Option<(u64, u64)>) -> Result<Ctdrop> {
+        let mut cmd = Command::new(ctdrop_bin());
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            // SAFETY: setrlimit is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
+        cmd.args(args).envs(env.iter().copied());
+        Ctdrop::spawn_command(cmd, mode)
+    }
+
+    /// [`Ctdrop::spawn`] of a command line of the test's own making: another
+    /// ctdrop binary, or one run through a wrapper (`chroot ROOT /ctdrop`).
+    pub fn spawn_argv(argv: &[&str]) -> Result<Ctdrop> {
+        let (first, rest) = argv.split_first().ok_or_else(|| anyhow!("empty command line"))?;
+        let mut cmd = Command::new(first);
+        cmd.args(rest);
+        Ctdrop::spawn_command(cmd, Stdout::All)
+    }
+
+    fn spawn_command(mut cmd: Command, mode: Stdout) -> Result<Ctdrop> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
         let out = child.stdout.take().unwrap();
         let (out, own_stdout) = match mode {
             Stdout::Caller => (None, Some(out)),
@@ -565,7 +572,8 @@ impl Ctdrop {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.starts_with("ctdrop: attached") => return Ok(me),
+                // `watch` logs as a service: `ctdrop: info: attached ...`.
+                Ok(line) if line.starts_with("ctdrop: attached") || line.starts_with("ctdrop: info: attached") => return Ok(me),
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     bail!("ctdrop did not attach within 20 s; stderr: {}", me.stderr_text.lock().unwrap())
@@ -694,6 +702,26 @@ pub fn run_ctdrop(prefix: &[&str], args: &[&str], timeout: Duration) -> Result<C
     c.finish(timeout)
 }
 
+/// Runs an outside tool (promtool, tshark, systemd-analyze, ...) with
+/// `stdin` fed to it: (exit 0?, stdout, stderr). A missing tool panics with
+/// the hint that `cargo xtask setup` installs it.
+pub fn tool(cmd: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd}: {e} (cargo xtask setup installs it)"));
+    let mut i = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        i.write_all(s.as_bytes()).unwrap();
+    }
+    drop(i);
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// Every non-empty line must be one JSON object.
 pub fn parse_json_lines(stdout: &str) -> Result<Vec<Value>> {
     stdout
@@ -735,6 +763,33 @@ impl CtdropOutput {
 
     pub fn stderr_lines(&self) -> Vec<&str> {
         self.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+    }
+}
+
+/// A scratch directory under the temp dir, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let p = std::env::temp_dir().join(format!("ctdt-scratch-{}-{}", std::process::id(), next_id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+
+    pub fn file(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch::new()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

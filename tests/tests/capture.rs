@@ -19,27 +19,6 @@ const MAX: u64 = 64;
 /// This suite's namespace prefix (xtask reaps leftovers by it).
 const PREFIX: &str = "ctdc";
 
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        let p = std::env::temp_dir().join(format!("ctdc-test-{}-{}", std::process::id(), next_id()));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A small tmpfs, unmounted on drop: a disk that fills up.
 struct SmallDisk(PathBuf);
 
@@ -140,24 +119,6 @@ fn assert_one_line_error(out: &Out) {
     assert_eq!(lines.len(), 1, "stderr: {}", out.stderr);
     assert!(lines[0].starts_with("ctdrop: "), "stderr: {}", out.stderr);
     assert!(!out.stderr.contains("panicked"), "stderr: {}", out.stderr);
-}
-
-fn tool(cmd: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    use std::io::Write;
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd}: {e} (cargo xtask setup installs it)"));
-    let mut i = child.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        i.write_all(s.as_bytes()).unwrap();
-    }
-    drop(i);
-    let out = child.wait_with_output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]

@@ -9,7 +9,10 @@ use std::{
     io::{BufRead, BufReader},
     os::fd::AsRawFd,
     process::{Command, Stdio},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -41,11 +44,66 @@ fn host_state() -> HostState {
     state
 }
 
+/// Another namespace in use, as on a host with containers: it holds 300
+/// conntrack entries and keeps opening new flows (10 every 100 ms) until
+/// dropped. Its kernel `drop` counter must never move.
+struct BusyNeighbour {
+    topo: Topology,
+    stop: Arc<AtomicBool>,
+    worker: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl BusyNeighbour {
+    fn start() -> BusyNeighbour {
+        let topo = Topology::pair().unwrap();
+        topo.track_receiver().unwrap();
+        send_udp_flows(&topo.sender, topo.receiver_addr, 1000, 300).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, sender, dst) = (stop.clone(), topo.sender.path(), topo.receiver_addr);
+        let worker = std::thread::spawn(move || {
+            in_netns(&sender, move || {
+                let mut opened = 0u64;
+                let mut port = 2000u16;
+                while !s.load(Ordering::Relaxed) {
+                    for _ in 0..10 {
+                        let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+                        sock.send_to(b"busy neighbour", (dst, port))?;
+                        port = if port == 60000 { 2000 } else { port + 1 };
+                        opened += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(opened)
+            })
+            .unwrap()
+        });
+        let b = BusyNeighbour { topo, stop, worker: Some(worker) };
+        let entries = settled_ct_stats(&b.topo.receiver, "entries").unwrap()["entries"];
+        assert!(entries >= 300, "the neighbour holds only {entries} entries");
+        b
+    }
+
+    fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        ct_stats(&self.topo.receiver).unwrap()
+    }
+
+    /// Stops the flows; how many it opened.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.worker.take().unwrap().join().unwrap()
+    }
+}
+
 /// Runs the demo; `interrupt_at`: send SIGINT once a line containing it
 /// appears. Returns (exit success, stdout lines, stderr).
 fn demo(interrupt_at: Option<&str>) -> (bool, Vec<String>, String) {
+    demo_with(&[], interrupt_at)
+}
+
+fn demo_with(extra: &[&str], interrupt_at: Option<&str>) -> (bool, Vec<String>, String) {
     let mut child = Command::new(ctdrop_bin())
         .arg("demo")
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -100,15 +158,29 @@ fn row(lines: &[String], label: &str) -> (u64, u64) {
     (nums[0], nums[1])
 }
 
+/// The story, told while another namespace holds 300 entries and keeps
+/// opening flows: the demo fills only its own namespace's table (to the
+/// real limit, no sysctl changed), and the neighbour drops nothing.
 #[test]
-fn demo_tells_the_story_and_leaves_nothing_behind() {
+fn demo_tells_the_story_without_touching_the_limit_and_a_busy_neighbour_drops_nothing() {
     let before = host_state();
     assert!(before.demo_namespaces.is_empty(), "demo namespaces exist before the test: {before:?}");
+    assert!(before.conntrack_max >= 4096, "nf_conntrack_max is {}: someone left it lowered", before.conntrack_max);
+    let busy = BusyNeighbour::start();
+    let busy_before = busy.counters();
     let (ok, lines, stderr) = demo(None);
+    let busy_after = busy.counters();
+    let opened = busy.stop();
     let after = host_state();
     let text = lines.join("\n");
     assert!(ok, "demo failed: {stderr}\n{text}");
     assert_eq!(after, before, "the demo left something behind");
+    assert_eq!(busy_after["drop"], busy_before["drop"], "the busy namespace dropped packets during the demo");
+    assert!(busy_after["entries"] > busy_before["entries"] && opened > 100, "the neighbour did not keep opening flows ({opened})");
+    // Its own table filled to the real limit, with no sysctl changed.
+    let full = format!("table: {} of {} entries", before.conntrack_max, before.conntrack_max);
+    assert!(text.contains(&full), "the demo did not fill its table to {}:\n{text}", before.conntrack_max);
+    assert!(text.contains("no sysctl was changed"), "{text}");
 
     // Baseline ok, then pings down and each one explained.
     let step = |s: &str| lines.iter().position(|l| l.starts_with(s)).unwrap_or_else(|| panic!("no {s}:\n{text}"));
@@ -130,6 +202,40 @@ fn demo_tells_the_story_and_leaves_nothing_behind() {
     assert!(text.contains("the fix worked"));
     for l in &lines {
         assert!(l.chars().count() <= 80, "wider than 80 columns: {l:?}");
+    }
+}
+
+/// Lowering the global limit is refused, in one line naming the namespace
+/// that holds entries and its count, and nothing is changed.
+#[test]
+fn demo_refuses_to_lower_the_limit_while_another_namespace_holds_entries() {
+    let before = host_state();
+    let busy = BusyNeighbour::start();
+    let name = busy.topo.receiver.name.clone();
+    let busy_before = busy.counters();
+    let (ok, lines, stderr) = demo_with(&["--max", "1000"], None);
+    let busy_after = busy.counters();
+    busy.stop();
+    let after = host_state();
+    assert!(!ok, "lowering was not refused:\n{}", lines.join("\n"));
+    let err: Vec<&str> = stderr.lines().filter(|l| l.starts_with("ctdrop:")).collect();
+    assert_eq!(err.len(), 1, "one line: {stderr}");
+    assert!(err[0].contains("not lowering nf_conntrack_max") && err[0].contains("conntrack entries"), "{stderr}");
+    // Named by the namespace the neighbour's entries are in, with its count.
+    assert!(err[0].contains(&format!("namespace {name} holds ")), "the refusal does not name {name}: {stderr}");
+    assert_eq!(busy_after["drop"], busy_before["drop"]);
+    assert_eq!(after, before, "a refused demo changed something");
+}
+
+#[test]
+fn demo_refuses_nonsensical_max_values() {
+    let current = host_state().conntrack_max.to_string();
+    for bad in ["0", "5", current.as_str(), "1000000000000000"] {
+        let out = run_ctdrop(&[], &["demo", "--max", bad], Duration::from_secs(60)).unwrap();
+        assert!(!out.status.success(), "--max {bad} accepted");
+        assert_eq!(out.stderr_lines().len(), 1, "--max {bad}: {}", out.stderr);
+        assert!(out.stderr.contains("--max"), "--max {bad}: {}", out.stderr);
+        assert!(out.stdout.is_empty(), "--max {bad}: {}", out.stdout);
     }
 }
 

@@ -54,6 +54,61 @@ fn debian_6_12_kprobe_tier_counts_match_the_kernel() {
     run_in_guest("6.12").unwrap();
 }
 
+/// A stand-in for vng: boot `n` (counted in `count`) "panics" (no status,
+/// exit 255, a panic line on stderr) while `n < panics`, else runs the
+/// `--exec` command as the guest would.
+fn fake_vng(dir: &Path, panics: u32) -> std::path::PathBuf {
+    let p = dir.join("fake-vng");
+    let count = dir.join("count");
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/bash\nn=$(cat {c} 2>/dev/null || echo 0); echo $((n+1)) > {c}\n\
+             if [ \"$n\" -lt {panics} ]; then echo \"Kernel panic - not syncing: IO-APIC + timer doesn't work!\" >&2; exit 255; fi\n\
+             while [ $# -gt 0 ]; do if [ \"$1\" = --exec ]; then eval \"$2\"; exit 0; fi; shift; done\nexit 1\n",
+            c = count.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    p
+}
+
+/// `vm.sh run` with the fake vng: (exit code, stderr, boots, kept logs).
+fn run_with_fake_vng(panics: u32, cmd: &[&str]) -> (i32, String, u32, usize) {
+    let st = Command::new(vm_script()).arg("prepare").output().unwrap();
+    assert!(st.status.success(), "vm.sh prepare failed");
+    let dir = std::env::temp_dir().join(format!("ctdrop-fakevng-{}-{panics}-{}", std::process::id(), cmd.join("_")));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let vng = fake_vng(&dir, panics);
+    let out = Command::new(vm_script())
+        .args(["run", "6.1", dir.join("rw").to_str().unwrap()])
+        .args(cmd)
+        .env("CTDROP_VNG", &vng)
+        .env("CTDROP_VM_LOGDIR", dir.join("logs"))
+        .output()
+        .unwrap();
+    let boots = std::fs::read_to_string(dir.join("count")).unwrap().trim().parse().unwrap();
+    let logs = std::fs::read_dir(dir.join("logs")).unwrap().count();
+    let _ = std::fs::remove_dir_all(&dir);
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned(), boots, logs)
+}
+
+/// The exit-255 boot: retried once, said so, and its console log kept;
+/// a command that ran and failed is not run twice; two dead boots give up.
+#[test]
+fn a_boot_that_never_reports_a_status_is_retried_once_and_its_console_log_kept() {
+    let (rc, err, boots, logs) = run_with_fake_vng(1, &["true"]);
+    assert_eq!((rc, boots, logs), (0, 2, 1), "{err}");
+    assert!(err.contains("did not report an exit status (vng exit 255)") && err.contains("retrying the 6.1 boot once"), "{err}");
+    assert!(err.contains("IO-APIC + timer doesn't work") && err.contains("this retry did"), "{err}");
+    let (rc, err, boots, logs) = run_with_fake_vng(0, &["false"]);
+    assert_eq!((rc, boots, logs), (1, 1, 1), "a failed command is kept, not retried: {err}");
+    let (rc, err, boots, logs) = run_with_fake_vng(5, &["true"]);
+    assert_eq!((rc, boots, logs), (125, 2, 2), "{err}");
+}
+
 // ------------------------------------------------------------ in the guest
 
 fn count_cause(out: &ctdrop_tests::CtdropOutput, netns: u32, cause: &str) -> u64 {

@@ -154,15 +154,7 @@ fn ends_without_leftovers(how: Ending) {
     }
     // The kernel frees programs and maps after an RCU grace period: give it
     // a moment before calling anything a leak.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (left, orphans) = loop {
-        let left = bpf::still_listed(&held).unwrap();
-        let orphans = bpf::orphans_since(&since).unwrap();
-        if (left.is_empty() && orphans.is_empty()) || Instant::now() > deadline {
-            break (left, orphans);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let (left, orphans) = bpf::wait_released(&held, &since, Duration::from_secs(10)).unwrap();
     assert!(left.is_empty(), "{how:?}: still there after exit: {:?}", left.iter().map(|o| &o.raw).collect::<Vec<_>>());
     assert!(orphans.is_empty(), "{how:?}: ctdrop programs nobody holds: {:?}", orphans.iter().map(|o| &o.raw).collect::<Vec<_>>());
 }

@@ -18,6 +18,9 @@ pub struct Cli {
 pub enum Command {
     /// Trace drops live until Ctrl-C, SIGTERM or --duration, then summarize.
     Live(LiveArgs),
+    /// One screen during an incident: table fill per namespace, drops/s by
+    /// cause, top flows and ports, probes (q quits).
+    Top(TopArgs),
     /// Record drops and probe verdicts to a capture file for later reports.
     Capture(CaptureArgs),
     /// Summarize a capture file, or compare two (--before/--after).
@@ -28,6 +31,8 @@ pub enum Command {
     Check(CheckArgs),
     /// The incident, reproduced in throwaway namespaces and explained.
     Demo(DemoArgs),
+    /// Always on: a flight recorder that writes a capture per incident.
+    Watch(WatchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -150,6 +155,17 @@ pub struct LiveArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Stop after this long (e.g. 10s, 2m); else at q, Ctrl-C or SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct CaptureArgs {
     #[command(flatten)]
     pub trace: TraceArgs,
@@ -180,6 +196,8 @@ pub enum ReportFormat {
     Json,
     Csv,
     Prometheus,
+    /// One self-contained page with the timeline plot (inline SVG, no fetches).
+    Html,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -200,6 +218,9 @@ pub struct ReportArgs {
     /// Flows listed in the top-flows table.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
+    /// Write the report to this file instead of stdout (e.g. report.html).
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -230,6 +251,46 @@ impl LiveArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Where incident captures go (created 0700 if missing).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ctdrop")]
+    pub dir: PathBuf,
+    /// Drops kept from before the trigger.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub pre: Duration,
+    /// Recording goes on until this long after the incident's last drop.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub post: Duration,
+    /// Trigger when a namespace drops this many conntrack_table_full or
+    /// conntrack_insert_failed packets within a second (default: on the first one).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub trigger_rate: Option<u64>,
+    /// Also trigger when a namespace's table reaches PCT % of
+    /// nf_conntrack_max, before any drop (checked once a second).
+    #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub trigger_fill: Option<u8>,
+    /// Keep at most this many captures in DIR (oldest deleted first).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_files: u64,
+    /// Keep at most this many bytes of captures in DIR (oldest deleted first).
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    pub max_bytes: u64,
+    /// Drop records held in memory at most (pre-trigger window and the
+    /// incident being recorded); past it, drops are counted, not kept, and
+    /// each capture's trailer says how many of its drops were not kept.
+    #[arg(long, default_value_t = crate::watch::DEFAULT_BUFFER_RECORDS)]
+    pub buffer_records: usize,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (a bare PORT
+    /// listens on 127.0.0.1 only).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct CheckArgs {
     /// Kernel BTF to read struct layouts from.
     #[arg(long, default_value = DEFAULT_BTF)]
@@ -249,9 +310,11 @@ pub struct CheckArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// nf_conntrack_max during the demo.
-    #[arg(long, default_value_t = 64)]
-    pub max: u32,
+    /// Lower nf_conntrack_max to this for the demo (refused while another
+    /// namespace holds entries). Without it the demo fills its own
+    /// namespace's table to the current limit and changes no sysctl.
+    #[arg(long)]
+    pub max: Option<u64>,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration> {

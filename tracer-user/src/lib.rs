@@ -1,5 +1,6 @@
 //! ctdrop: which packets the connection tracker dropped, for which flows, why.
 pub mod advice;
+pub mod assets;
 pub mod capture;
 pub mod cause;
 pub mod check;
@@ -15,3 +16,5 @@ pub mod session;
 pub mod summary;
 pub mod probe;
 pub mod report;
+pub mod watch;
+pub mod top;

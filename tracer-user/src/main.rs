@@ -3,6 +3,14 @@ use ctdrop::cli::{Cli, Command};
 
 fn main() {
     one_line_panics();
+    // One descriptor per traced namespace, and the soft 1024 is a relic.
+    ctdrop::conntrack::netns::raise_fd_limit();
+    if let Some(dir) = dist_assets_dir() {
+        if let Err(e) = ctdrop::assets::write(&dir) {
+            fail(e);
+        }
+        return;
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -11,16 +19,24 @@ fn main() {
     let result = rt.block_on(async {
         match &cli.cmd {
             Command::Live(a) => ctdrop::session::run_live(a).await,
+            Command::Top(a) => ctdrop::top::run(a).await,
             Command::Check(a) => ctdrop::check::run(a),
             Command::Capture(a) => ctdrop::capture::run(a).await,
             Command::Report(a) => ctdrop::report::run(a),
             Command::Export(a) => ctdrop::report::export::run(a),
             Command::Demo(a) => ctdrop::demo::run(a).await,
+            Command::Watch(a) => ctdrop::watch::run(a).await,
         }
     });
     if let Err(e) = result {
         fail(e);
     }
+}
+
+/// `ctdrop __dist-assets DIR` (hidden; `cargo xtask dist` runs it).
+fn dist_assets_dir() -> Option<std::path::PathBuf> {
+    let mut args = std::env::args_os().skip(1);
+    (args.next()? == ctdrop::assets::HIDDEN_ARG).then(|| args.next().map(Into::into)).flatten()
 }
 
 /// One line, no backtrace: the operator is in the middle of an incident.

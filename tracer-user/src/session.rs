@@ -46,7 +46,13 @@ pub fn boot_offset_ns() -> u64 {
 /// small freed blocks in its heap otherwise, and the parsed BTF is tens of
 /// megabytes of them.
 pub fn release_freed_memory() {
-    unsafe { libc::malloc_trim(0) };
+    // SAFETY: malloc_trim only walks glibc's own heap; no pointer of ours is involved.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
+    // musl (the static release build) has no malloc_trim: its allocator
+    // returns freed spans to the kernel by itself.
 }
 
 /// Everything found out before attaching.
@@ -106,6 +112,8 @@ pub struct Collector {
     /// Probe verdicts and passive echo-loss grouping (always on: an
     /// operator's own ping loop is matched even without `--ping`).
     pub matcher: Matcher,
+    /// Verdicts held until every earlier probe has its own.
+    pub order: crate::probe::order::InOrder,
     pub probe_labels: Vec<String>,
     baselines: BTreeMap<u32, CtCounters>,
     /// Table snapshots taken when a namespace's table was full.
@@ -150,6 +158,7 @@ impl Collector {
             boot_offset: boot_offset_ns(),
             decode_errors: 0,
             matcher: Matcher::new(probes.iter().map(|t| t.target.addr()).collect(), probe_timeout.as_nanos() as u64),
+            order: crate::probe::order::InOrder::new(probes.len()),
             probe_labels: probes.iter().map(|t| t.label.clone()).collect(),
             baselines,
             labels: Labels::default(),
@@ -343,18 +352,25 @@ pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
     let mut sinks: Vec<Box<dyn Sink>> =
         if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color))] };
     if let Some(addr) = &args.metrics {
-        // Bound before attaching: a busy port is bad input, not a late surprise.
         let metrics = std::sync::Arc::new(crate::output::metrics::Metrics::new());
-        let listener = crate::output::metrics::bind(addr).await?;
-        eprintln!("ctdrop: metrics on http://{}/metrics", listener.local_addr().context("reading the metrics address")?);
-        tokio::spawn(crate::output::metrics::serve(listener, metrics.clone()));
+        serve_metrics(addr, metrics.clone(), "").await?;
         sinks.push(Box::new(crate::output::metrics::MetricsSink::new(metrics)));
     }
-    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: false };
+    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: false, service: false };
     if args.count_only {
         return crate::counting::run(&opts, args.report_every, sinks).await;
     }
     run(&opts, sinks).await
+}
+
+/// Starts serving `metrics` on `addr` (`--metrics`). Bound before
+/// attaching: a busy port is bad input, not a late surprise. `level` goes
+/// in front of the message (`info: ` for a service).
+pub async fn serve_metrics(addr: &str, metrics: std::sync::Arc<crate::output::metrics::Metrics>, level: &str) -> Result<()> {
+    let listener = crate::output::metrics::bind(addr).await?;
+    eprintln!("ctdrop: {level}metrics on http://{}/metrics", listener.local_addr().context("reading the metrics address")?);
+    tokio::spawn(crate::output::metrics::serve(listener, metrics));
+    Ok(())
 }
 
 /// What a session traces and for how long; outputs come as sinks.
@@ -364,6 +380,10 @@ pub struct SessionOptions<'a> {
     pub duration: Option<Duration>,
     /// Copy packet headers into each record (capture --headers).
     pub capture_headers: bool,
+    /// Running as a service (`watch`): ctdrop's own lines carry a level,
+    /// SIGUSR1 is handed to the sinks ([`Sink::user_signal`]), and
+    /// namespaces created after the start are looked for every 10 s.
+    pub service: bool,
 }
 
 /// Facts about the run that a sink may record before any event.
@@ -398,8 +418,12 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     release_freed_memory();
     collector.classifier.probes = tracer.probes_drop_paths();
     let mut ring = RingReader::new(tracer.take_ring()?)?;
+    // Before the `attached` line: a SIGUSR1 sent as soon as it shows must
+    // not meet the default action (which ends the process).
+    let mut sigusr1 = if args.service { Some(signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?) } else { None };
     eprintln!(
-        "ctdrop: attached tp_btf/kfree_skb in {} ms ({}; {}); Ctrl-C to stop",
+        "ctdrop: {}attached tp_btf/kfree_skb in {} ms ({}; {}); Ctrl-C to stop",
+        if args.service { "info: " } else { "" },
         tracer.attach_time.as_millis(),
         if collector.classifier.probes { "tier kprobe: conntrack paths probed" } else { "tier tracepoint: conntrack causes inferred" },
         if p.filter.all_reasons != 0 { "all drop reasons" } else { "netfilter drops" }
@@ -445,6 +469,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     let started = Instant::now();
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut ticks = 0u64;
     let mut deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // After a stall, one tick, not a burst of catch-up ticks: the loss
@@ -481,6 +506,11 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                 }
                 expire_probes(&mut collector, &mut sinks);
                 collector.poll_snapshots(&mut sinks);
+                let mut sink_failed = false;
+                for k in sinks.iter_mut() {
+                    sink_failed |= k.poll().is_err();
+                }
+                if stopping.is_none() && (sink_failed || sinks.iter().any(|k| k.wants_stop())) && begin_stop(&mut stopping, &mut probes, &collector) { break; }
                 if stopping.is_some() && collector.matcher.pending() == 0 { break; }
                 if let Some(t) = stopping {
                     if t.elapsed() > args.probe.timeout + Duration::from_millis(200) { break; }
@@ -488,9 +518,14 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
             }
             _ = sigint.recv() => { if begin_stop(&mut stopping, &mut probes, &collector) { break; } }
             _ = sigterm.recv() => { if begin_stop(&mut stopping, &mut probes, &collector) { break; } }
+            _ = recv_signal(&mut sigusr1) => for s in sinks.iter_mut() { s.user_signal(); },
             _ = sleep_until(deadline) => { deadline = None; if begin_stop(&mut stopping, &mut probes, &collector) { break; } }
             _ = sample_tick.tick() => collector.sampler.sample_active(),
             _ = tick.tick() => {
+                ticks += 1;
+                if args.service && ticks.is_multiple_of(10) {
+                    collector.sampler.registry.discover_all();
+                }
                 collector.sampler.sample_all();
                 let s = tracer.stats()?;
                 if s.lost > last_lost {
@@ -519,6 +554,9 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     // flood, and the records in the ring plus the lost count are final.
     tracer.detach();
     ring.drain(usize::MAX, |b| collector.handle(b, &mut sinks));
+    // Verdicts still waiting for a probe the run ended before judging.
+    let held = collector.order.flush();
+    show_released(&collector, held, &mut sinks);
     let stats = tracer.stats()?;
     let ct_events = tracer.ct_events()?;
     let mechanisms = tracer.mechanisms.clone();
@@ -548,7 +586,8 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     // every drop made it out.
     let t = &collector.tally;
     eprintln!(
-        "ctdrop: stopped after {:.1} s: {} drops recorded, {} events lost, {} flows tracked, {} drops in flows beyond --max-flows",
+        "ctdrop: {}stopped after {:.1} s: {} drops recorded, {} events lost, {} flows tracked, {} drops in flows beyond --max-flows",
+        if args.service { "info: " } else { "" },
         started.elapsed().as_secs_f64(),
         t.total,
         stats.lost,
@@ -583,6 +622,13 @@ fn begin_stop(
     collector.matcher.pending() == 0
 }
 
+async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn recv_probe(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ProbeEvent>>) -> Option<ProbeEvent> {
     match rx {
         Some(rx) => rx.recv().await,
@@ -592,10 +638,13 @@ async fn recv_probe(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ProbeEv
 
 fn handle_probe(c: &mut Collector, ev: ProbeEvent, sinks: &mut [Box<dyn Sink>]) {
     match ev {
-        ProbeEvent::Sent { target, number, wire, mono_ns } => c.matcher.sent(target, number, wire, mono_ns),
+        ProbeEvent::Sent { target, number, wire, mono_ns } => {
+            c.matcher.sent(target, number, wire, mono_ns);
+            c.order.sent(target, number);
+        }
         ProbeEvent::Reply { target, wire, mono_ns } => {
             if let Some(o) = c.matcher.replied(target, wire, mono_ns) {
-                show_outcome(c, &o, sinks);
+                show_outcome(c, o, sinks);
             }
         }
         ProbeEvent::Failed { target, error } => {
@@ -606,16 +655,24 @@ fn handle_probe(c: &mut Collector, ev: ProbeEvent, sinks: &mut [Box<dyn Sink>]) 
 
 fn expire_probes(c: &mut Collector, sinks: &mut [Box<dyn Sink>]) {
     for o in c.matcher.expire(crate::probe::mono_ns()) {
-        show_outcome(c, &o, sinks);
+        show_outcome(c, o, sinks);
     }
 }
 
-fn show_outcome(c: &Collector, o: &crate::probe::Outcome, sinks: &mut [Box<dyn Sink>]) {
-    let st = &c.matcher.stats[o.target];
-    let shown = ProbeShown { label: &c.probe_labels[o.target], outcome: o, wall_ns: o.sent_ns + c.boot_offset, lost: st.lost, sent: st.sent };
-    for s in sinks.iter_mut() {
-        let _ = s.probe(&shown);
-        let _ = s.flush();
+/// Hands a verdict to the ordering; shows whatever it releases.
+fn show_outcome(c: &mut Collector, o: crate::probe::Outcome, sinks: &mut [Box<dyn Sink>]) {
+    let ready = c.order.verdict(o);
+    show_released(c, ready, sinks);
+}
+
+fn show_released(c: &Collector, ready: Vec<crate::probe::order::Released>, sinks: &mut [Box<dyn Sink>]) {
+    for r in ready {
+        let o = &r.outcome;
+        let shown = ProbeShown { label: &c.probe_labels[o.target], outcome: o, wall_ns: o.sent_ns + c.boot_offset, lost: r.lost, sent: r.sent };
+        for s in sinks.iter_mut() {
+            let _ = s.probe(&shown);
+            let _ = s.flush();
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{env, proc};
+use crate::{env, proc, toolchains::{BPF_LINKER, EBPF_NIGHTLY}};
 
 /// Nightly's shared LLVM library, e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`.
 struct Llvm {
@@ -23,17 +23,19 @@ struct Llvm {
 pub fn ensure(sysroot: &Path) -> Result<()> {
     let llvm = find_llvm(sysroot)?;
     let marker = env::cache_dir()?.join("bpf-linker.llvm");
-    if linker_runs() && recorded(&marker).as_deref() == Some(llvm.file.as_str()) {
-        println!("setup: bpf-linker ok (llvm {})", llvm.major);
+    if linker_version().as_deref() == Some(BPF_LINKER) && recorded(&marker).as_deref() == Some(llvm.file.as_str()) {
+        println!("setup: bpf-linker {BPF_LINKER} ok (llvm {})", llvm.major);
         return Ok(());
     }
     install(&llvm)?;
-    if !linker_runs() {
-        bail!("bpf-linker was installed but `bpf-linker --version` fails");
+    match linker_version() {
+        Some(v) if v == BPF_LINKER => {}
+        Some(v) => bail!("installed bpf-linker {BPF_LINKER} but `bpf-linker --version` says {v}"),
+        None => bail!("bpf-linker was installed but `bpf-linker --version` fails"),
     }
     fs::write(&marker, format!("{}\n", llvm.file))
         .with_context(|| format!("writing {}", marker.display()))?;
-    println!("setup: bpf-linker ok (llvm {}, rebuilt)", llvm.major);
+    println!("setup: bpf-linker {BPF_LINKER} ok (llvm {}, rebuilt)", llvm.major);
     Ok(())
 }
 
@@ -65,13 +67,10 @@ fn llvm_major(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-fn linker_runs() -> bool {
-    proc::probe(
-        Command::new("bpf-linker")
-            .arg("--version")
-            .stderr(Stdio::null()),
-    )
-    .is_some()
+/// `bpf-linker 0.13.0` -> `0.13.0`; None when it is missing or broken.
+fn linker_version() -> Option<String> {
+    let out = proc::probe(Command::new("bpf-linker").arg("--version").stderr(Stdio::null()))?;
+    Some(out.split_whitespace().nth(1)?.to_owned())
 }
 
 fn recorded(marker: &Path) -> Option<String> {
@@ -80,7 +79,7 @@ fn recorded(marker: &Path) -> Option<String> {
 
 fn install(llvm: &Llvm) -> Result<()> {
     println!(
-        "setup: building bpf-linker against nightly's llvm {} (about a minute)",
+        "setup: building bpf-linker {BPF_LINKER} against {EBPF_NIGHTLY}'s llvm {} (about a minute)",
         llvm.major
     );
     let prefix = llvm_prefix(llvm)?;
@@ -88,12 +87,15 @@ fn install(llvm: &Llvm) -> Result<()> {
         Command::new("rustup")
             .args([
                 "run",
-                "nightly",
+                EBPF_NIGHTLY,
                 "cargo",
                 "install",
                 "--quiet",
                 "--force",
+                "--locked",
                 "bpf-linker",
+                "--version",
+                &format!("={BPF_LINKER}"),
             ])
             .args([
                 "--no-default-features",

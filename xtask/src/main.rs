@@ -3,10 +3,13 @@
 
 mod bench;
 mod bpf_linker;
+mod dist;
 mod env;
 mod proc;
 mod setup;
 mod tasks;
+#[path = "../../toolchains.rs"]
+mod toolchains;
 
 use std::process::ExitCode;
 
@@ -59,6 +62,13 @@ enum Task {
     Setup,
     /// Setup, then build target/release/ctdrop (with the eBPF object embedded).
     Build,
+    /// Static release tarballs in target/dist (musl; x86_64 and aarch64), with
+    /// man pages, completions, licences and sha256 files.
+    Dist {
+        /// Only this target (repeatable), e.g. x86_64-unknown-linux-musl.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+    },
     /// Setup and build, then run unit and integration tests (root needed).
     Test {
         /// Passed to every test binary, e.g. a name filter or --nocapture.
@@ -92,6 +102,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
     match task {
         Task::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Task::Build => tasks::build().map(|_| ExitCode::SUCCESS),
+        Task::Dist { targets } => dist::run(&targets).map(|_| ExitCode::SUCCESS),
         Task::Test { args } => tasks::test(&args),
         Task::Demo { args } => tasks::demo(&args),
         Task::Bench(a) => tasks::bench(&a).map(|()| ExitCode::SUCCESS),

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{bpf_linker, proc};
+use crate::{bpf_linker, proc, toolchains::{DIST_TARGETS, EBPF_NIGHTLY, RELEASE}};
 
 /// Debian packages the build, tests and demo shell out to.
 pub const APT_PACKAGES: &[&str] = &[
@@ -25,6 +25,15 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",   // promtool, to validate the metrics output
     "bpftrace",     // the one-liners `cargo xtask bench` measures ctdrop against
     "linux-perf",   // `perf` to profile ctdrop when a bench target is missed
+    "systemd",      // systemd-analyze verify for deploy/systemd (tests/tests/watch.rs)
+    "tmux",         // drive `ctdrop top` in a real terminal (tests/tests/see.rs)
+    "chromium",     // open the HTML report headless: screenshot, no fetches, numbers
+    "aha",          // tmux pane with colours -> HTML, for the `top` screenshot
+    "gcc-aarch64-linux-gnu", // linker driver for the aarch64 musl release binary (dist)
+    "qemu-user-static",      // runs that aarch64 binary in the ship tests
+    "buildah",               // `cargo xtask image`: the FROM scratch OCI archive
+    "podman",                // runs `ctdrop check` in that image (ship tests)
+    "umoci",                 // unpacks the image when containers cannot run
 ];
 
 /// Without this the wireshark-common postinst asks whether non-root users
@@ -34,7 +43,27 @@ const TSHARK_PRESEED: &str = "wireshark-common wireshark-common/install-setuid b
 pub fn run() -> Result<()> {
     apt_packages()?;
     let sysroot = nightly()?;
-    bpf_linker::ensure(&sysroot)
+    bpf_linker::ensure(&sysroot)?;
+    release_toolchain()
+}
+
+/// The pinned stable toolchain and the musl targets `cargo xtask dist`
+/// builds for; rustup skips what is already there.
+fn release_toolchain() -> Result<()> {
+    let have = proc::probe(
+        Command::new("rustup").args(["target", "list", "--installed", "--toolchain", RELEASE]).stderr(Stdio::null()),
+    )
+    .unwrap_or_default();
+    if DIST_TARGETS.iter().all(|t| have.lines().any(|l| l.trim() == *t)) {
+        println!("setup: {RELEASE} ok (targets {})", DIST_TARGETS.join(" "));
+        return Ok(());
+    }
+    println!("setup: installing {RELEASE} with targets {}", DIST_TARGETS.join(" "));
+    proc::check(
+        Command::new("rustup")
+            .args(["toolchain", "install", RELEASE, "--profile", "minimal", "--target"])
+            .args(DIST_TARGETS),
+    )
 }
 
 fn apt_packages() -> Result<()> {
@@ -111,35 +140,35 @@ fn preseed_tshark() -> Result<()> {
     Ok(())
 }
 
-/// aya-build compiles the eBPF crate with nightly and `-Z build-std=core`,
+/// aya-build compiles the eBPF crate with the pinned nightly and `-Z build-std=core`,
 /// which needs rust-src. Returns the nightly sysroot.
 fn nightly() -> Result<PathBuf> {
     let sysroot = match nightly_sysroot() {
         Some(s) => s,
         None => {
-            println!("setup: installing nightly toolchain");
+            println!("setup: installing {EBPF_NIGHTLY}");
             proc::check(Command::new("rustup").args([
                 "toolchain",
                 "install",
-                "nightly",
+                EBPF_NIGHTLY,
                 "--profile",
                 "minimal",
             ]))?;
             nightly_sysroot()
-                .context("nightly still unusable after `rustup toolchain install nightly`")?
+                .with_context(|| format!("{EBPF_NIGHTLY} still unusable after `rustup toolchain install`"))?
         }
     };
     if !has_rust_src(&sysroot) {
-        println!("setup: adding rust-src to nightly");
+        println!("setup: adding rust-src to {EBPF_NIGHTLY}");
         proc::check(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
-            "nightly",
+            EBPF_NIGHTLY,
         ]))?;
     }
-    println!("setup: nightly ok (with rust-src)");
+    println!("setup: {EBPF_NIGHTLY} ok (with rust-src)");
     Ok(sysroot)
 }
 
@@ -148,7 +177,7 @@ fn nightly_sysroot() -> Option<PathBuf> {
     let out = proc::probe(
         Command::new("rustup")
             .env("RUSTUP_AUTO_INSTALL", "0")
-            .args(["run", "nightly", "rustc", "--print", "sysroot"])
+            .args(["run", EBPF_NIGHTLY, "rustc", "--print", "sysroot"])
             .stderr(Stdio::null()),
     )?;
     Some(PathBuf::from(out.trim())).filter(|p| p.is_dir())

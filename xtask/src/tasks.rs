@@ -39,6 +39,8 @@ fn build_binary() -> Result<PathBuf> {
 
 pub fn test(args: &[String]) -> Result<ExitCode> {
     let bin = build()?;
+    // The release tarballs too: tests/tests/ship.rs runs what ships.
+    crate::dist::run(&[])?;
     let mut failed = Vec::new();
     if !proc::status(&mut unit_tests(args))?.success() {
         failed.push("unit tests".to_owned());
@@ -84,6 +86,7 @@ fn integration_tests(args: &[String], bin: &std::path::Path) -> Command {
     ])
     .args(args)
     .env("CTDROP_BIN", bin)
+    .env("CTDROP_DIST", env::target_dir().join("dist"))
     .current_dir(env::repo_root());
     cmd
 }

@@ -12,7 +12,8 @@
 use std::io::Read;
 
 pub const MAGIC: [u8; 8] = *b"\x89CTDROP\n";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2 added the occupancy block; files of version 1 read as before.
+pub const FORMAT_VERSION: u32 = 2;
 pub const PREAMBLE_LEN: usize = 12;
 pub const BLOCK_HEADER_LEN: usize = 12;
 /// Far above what the writer produces; a damaged length past it is not
@@ -26,6 +27,8 @@ pub mod kind {
     pub const RECORDS: u8 = b'R';
     /// JSON: how the capture ended. Its absence means it did not end well.
     pub const TRAILER: u8 = b'T';
+    /// JSON: a conntrack table snapshot (who held the table), version 2 on.
+    pub const OCCUPANCY: u8 = b'O';
 }
 
 pub fn preamble() -> [u8; PREAMBLE_LEN] {
@@ -109,7 +112,7 @@ pub fn read_block(r: &mut impl Read) -> Result<Option<(u8, Vec<u8>)>, BlockError
         return Err(BlockError::Cut { need: BLOCK_HEADER_LEN as u64, have: n as u64 });
     }
     let kind = head[0];
-    if ![kind::HEADER, kind::RECORDS, kind::TRAILER].contains(&kind) || head[1..4] != [0, 0, 0] {
+    if ![kind::HEADER, kind::RECORDS, kind::TRAILER, kind::OCCUPANCY].contains(&kind) || head[1..4] != [0, 0, 0] {
         return Err(BlockError::UnknownKind(kind));
     }
     let len = u32::from_le_bytes(head[4..8].try_into().unwrap());

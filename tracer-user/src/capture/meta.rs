@@ -91,6 +91,31 @@ pub struct Trailer {
     /// Every namespace's counters at the end (exact where a delta is
     /// given, else as read at the last once-a-second tick).
     pub counters_at_end: Vec<NsCounters>,
+    /// Written by `ctdrop watch`: what triggered this capture and what its
+    /// in-memory buffer could not keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<Box<WatchTrailer>>,
+}
+
+/// Why `ctdrop watch` wrote a capture, and over which window.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WatchTrailer {
+    /// first_drop, drop_rate, fill, signal or shutdown.
+    pub trigger: String,
+    pub netns: Option<u32>,
+    pub netns_name: Option<String>,
+    /// The namespace's table count and `nf_conntrack_max` at the trigger.
+    pub entries: Option<u64>,
+    pub max: Option<u64>,
+    pub triggered_wall_ns: u64,
+    pub pre_s: f64,
+    pub post_s: f64,
+    /// The recorder's in-memory cap (records), and the drops inside this
+    /// window it could not keep because the cap was reached.
+    pub buffer_cap: usize,
+    pub drops_not_kept: u64,
+    /// The run ended (SIGTERM) before the post-trigger window did.
+    pub cut_by_shutdown: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -48,7 +48,7 @@ pub async fn run(args: &CaptureArgs) -> Result<()> {
         if args.json { Box::new(JsonSink::new(out)) } else { Box::new(SummaryOnly::new(out)) },
         Box::new(sink::CaptureSink::new(w, meta, progress)),
     ];
-    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: args.headers };
+    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: args.headers, service: false };
     let result = session::run(&opts, sinks).await;
     let size = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);
     match result {

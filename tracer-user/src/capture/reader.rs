@@ -69,6 +69,9 @@ pub struct CaptureReader<R: Read> {
     end: Option<End>,
     /// Set when the current block failed mid-way: ends after its good records.
     end_after_pending: Option<End>,
+    /// Table snapshots stored in the file, in file order (filled as the
+    /// blocks holding them are read).
+    pub occupancy: Vec<crate::conntrack::occupancy::Occupancy>,
 }
 
 impl CaptureReader<BufReader<File>> {
@@ -129,6 +132,7 @@ impl<R: Read> CaptureReader<R> {
             pending: VecDeque::new(),
             end: None,
             end_after_pending: None,
+            occupancy: Vec::new(),
         })
     }
 
@@ -169,6 +173,13 @@ impl<R: Read> CaptureReader<R> {
             Ok(Some((kind::RECORDS, payload))) => {
                 self.offset += (BLOCK_HEADER_LEN + payload.len()) as u64;
                 self.decode_records(at, &payload);
+            }
+            Ok(Some((kind::OCCUPANCY, payload))) => {
+                self.offset += (BLOCK_HEADER_LEN + payload.len()) as u64;
+                match crate::conntrack::occupancy::Occupancy::from_stored(&payload) {
+                    Ok(o) => self.occupancy.push(o),
+                    Err(e) => self.end = Some(End::Stopped { at, why: format!("the table snapshot is not valid ({e})") }),
+                }
             }
             Ok(Some((k, _))) => self.end = Some(End::Stopped { at, why: format!("unexpected block kind {k:#04x}") }),
             Err(e @ BlockError::Cut { .. }) => self.end = Some(End::Stopped { at, why: format!("{e}: the capture was cut short (killed mid-write or the disk filled)") }),

@@ -77,6 +77,47 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// The header of a capture taken by this session, starting at `mono`
+/// (CLOCK_MONOTONIC) with these counters.
+pub fn header(info: &SessionInfo, meta: &CaptureMeta, mono: u64, counters_at_start: Vec<NsCounters>) -> Header {
+    let f = info.filter;
+    let host = match f.host_len {
+        4 => Some(std::net::Ipv4Addr::new(f.host[0], f.host[1], f.host[2], f.host[3]).to_string()),
+        16 => Some(std::net::Ipv6Addr::from(f.host).to_string()),
+        _ => None,
+    };
+    Header {
+        format_version: FORMAT_VERSION,
+        ctdrop_version: env!("CARGO_PKG_VERSION").to_string(),
+        host: host_name(),
+        kernel_release: kernel_release(),
+        started_wall_ns: mono + info.boot_offset_ns,
+        started_mono_ns: mono,
+        boot_offset_ns: info.boot_offset_ns,
+        mechanisms: info
+            .mechanisms
+            .iter()
+            .map(|m| (m.signal.to_string(), m.chosen.clone().unwrap_or_else(|| format!("none ({})", m.note))))
+            .collect(),
+        drop_reasons: info.reasons.pairs().map(|(v, n)| (v, n.to_string())).collect(),
+        conntrack_max: info.limits.map(|l| l.max),
+        conntrack_buckets: info.limits.map(|l| l.buckets),
+        counters_at_start,
+        filter: CaptureFilter {
+            netns: (f.netns != 0).then_some(f.netns),
+            proto: (f.l4_proto != 0).then_some(f.l4_proto),
+            host,
+            port: (f.port != 0).then_some(f.port),
+            all_reasons: f.all_reasons != 0,
+        },
+        headers: meta.headers,
+        duration_s: meta.duration.map(|d| d.as_secs_f64()),
+        probes: meta.probes.clone(),
+        command: meta.command.clone(),
+        max_flows: Some(meta.max_flows),
+    }
+}
+
 impl Sink for CaptureSink {
     fn start(&mut self, info: &SessionInfo) -> std::io::Result<()> {
         self.boot_offset = info.boot_offset_ns;
@@ -86,43 +127,7 @@ impl Sink for CaptureSink {
             .iter()
             .map(|(ns, c)| (*ns, NsCounters { netns: *ns, netns_name: names.get(ns).map(|n| n.0.clone()), counters: c.columns.clone() }))
             .collect();
-        let f = info.filter;
-        let host = match f.host_len {
-            4 => Some(std::net::Ipv4Addr::new(f.host[0], f.host[1], f.host[2], f.host[3]).to_string()),
-            16 => Some(std::net::Ipv6Addr::from(f.host).to_string()),
-            _ => None,
-        };
-        let mono = crate::probe::mono_ns();
-        let h = Header {
-            format_version: FORMAT_VERSION,
-            ctdrop_version: env!("CARGO_PKG_VERSION").to_string(),
-            host: host_name(),
-            kernel_release: kernel_release(),
-            started_wall_ns: mono + info.boot_offset_ns,
-            started_mono_ns: mono,
-            boot_offset_ns: info.boot_offset_ns,
-            mechanisms: info
-                .mechanisms
-                .iter()
-                .map(|m| (m.signal.to_string(), m.chosen.clone().unwrap_or_else(|| format!("none ({})", m.note))))
-                .collect(),
-            drop_reasons: info.reasons.pairs().map(|(v, n)| (v, n.to_string())).collect(),
-            conntrack_max: info.limits.map(|l| l.max),
-            conntrack_buckets: info.limits.map(|l| l.buckets),
-            counters_at_start: self.start.values().cloned().collect(),
-            filter: CaptureFilter {
-                netns: (f.netns != 0).then_some(f.netns),
-                proto: (f.l4_proto != 0).then_some(f.l4_proto),
-                host,
-                port: (f.port != 0).then_some(f.port),
-                all_reasons: f.all_reasons != 0,
-            },
-            headers: self.meta.headers,
-            duration_s: self.meta.duration.map(|d| d.as_secs_f64()),
-            probes: self.meta.probes.clone(),
-            command: self.meta.command.clone(),
-            max_flows: Some(self.meta.max_flows),
-        };
+        let h = header(info, &self.meta, crate::probe::mono_ns(), self.start.values().cloned().collect());
         self.w.write_header(&h)
     }
 
@@ -132,6 +137,10 @@ impl Sink for CaptureSink {
 
     fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()> {
         self.w.probe(&probe_json(p))
+    }
+
+    fn occupancy(&mut self, o: &crate::conntrack::occupancy::Occupancy) -> std::io::Result<()> {
+        self.w.occupancy(o)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -183,6 +192,7 @@ impl Sink for CaptureSink {
             probes_written: self.w.probes,
             kernel_counters,
             counters_at_end: at_end.into_values().collect(),
+            watch: None,
         };
         self.w.finish(&t)
     }

@@ -48,6 +48,7 @@ pub fn trailer(drops: u64, kernel_drop: u64) -> Trailer {
         probes_written: 1,
         kernel_counters: vec![CounterDelta { netns: 7, netns_name: Some("recv".into()), delta: [("drop".to_string(), kernel_drop), ("entries".to_string(), 64)].into() }],
         counters_at_end: vec![NsCounters { netns: 7, netns_name: Some("recv".into()), counters: [("drop".to_string(), 5 + kernel_drop), ("entries".to_string(), 64)].into() }],
+        watch: None,
     }
 }
 
@@ -291,4 +292,72 @@ proptest! {
     fn random_files_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
         let _ = read_all(&bytes);
     }
+}
+
+/// Written by ctdrop at format version 1 (commit 8094ae3) from a real
+/// table-full incident: 12 drops, the kernel's `drop` +12.
+const V1_FILE: &[u8] = include_bytes!("testdata/v1-table-full.ctdrop");
+
+#[test]
+fn format_1_files_from_before_snapshots_still_read_whole() {
+    assert_eq!(u32::from_le_bytes(V1_FILE[8..12].try_into().unwrap()), 1, "the test file must stay a version 1 file");
+    let reader = CaptureReader::new(V1_FILE).unwrap();
+    assert_eq!(reader.header.format_version, 1);
+    let r = read_all(V1_FILE).unwrap();
+    assert_eq!(r.drops.len(), 12);
+    assert!(r.drops.iter().all(|d| d.1 == Cause::ConntrackTableFull));
+    let End::Complete(t) = &r.end else { panic!("{:?}", r.end) };
+    assert_eq!(t.kernel_counters.len(), 1);
+    assert_eq!(t.kernel_counters[0].delta["drop"], 12);
+    assert!(t.watch.is_none());
+    let rep = crate::report::Report::build(std::path::Path::new("v1"), CaptureReader::new(V1_FILE).unwrap(), |_| {});
+    assert!(rep.occupancy.is_empty());
+    let checks = rep.counter_checks().unwrap();
+    assert!(checks[0].agrees() && checks[0].table_full == 12);
+}
+
+#[test]
+fn a_table_snapshot_is_stored_as_its_own_block_and_reported() {
+    use crate::conntrack::occupancy::{CtEntry, OccupancyBuilder};
+    let mut b = OccupancyBuilder::default();
+    for i in 0..40u16 {
+        b.add(&CtEntry {
+            proto: 17,
+            src: "198.18.0.1".parse().unwrap(),
+            dst: "198.18.0.2".parse().unwrap(),
+            sport: 40000 + i,
+            dport: 5353,
+            tcp_state: None,
+            status: 8, // confirmed, never answered
+        });
+    }
+    let mut o = b.finish(5);
+    o.netns = Some(7);
+    o.netns_name = Some("recv".into());
+    o.max = Some(64);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.ctdrop");
+    let mut w = CaptureWriter::create(&path, false).unwrap();
+    w.write_header(&header()).unwrap();
+    let (ev, cause) = drop_no(0);
+    w.drop_event(&ev, cause, "nf_hook_slow", Some("recv"), None).unwrap();
+    w.occupancy(&o).unwrap();
+    w.finish(&trailer(1, 1)).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), FORMAT_VERSION);
+    // Records before the snapshot, the snapshot, then the trailer: all read.
+    let r = read_all(&bytes).unwrap();
+    assert_eq!(r.drops.len(), 1);
+    assert!(matches!(r.end, End::Complete(_)));
+    let rep = crate::report::Report::build(&path, CaptureReader::new(&bytes[..]).unwrap(), |_| {});
+    assert_eq!(rep.occupancy.len(), 1);
+    let back = &rep.occupancy[0];
+    assert_eq!((back.netns, back.entries, back.unreplied), (Some(7), 40, 40));
+    let port = &back.top_dst_ports[0];
+    assert_eq!((port.proto_num, port.port, port.entries), (17, 5353, 40), "proto_num restored from the name");
+    assert_eq!(back.by_proto_state, o.by_proto_state);
+    let text = crate::report::text::render(&rep, 5, false);
+    assert!(text.contains("Who held the table") && text.contains("udp 5353"), "{text}");
+    let json = crate::report::json::to_json(&rep, 5);
+    assert_eq!(json["occupancy"][0]["top_dst_ports"][0]["port"], 5353);
 }

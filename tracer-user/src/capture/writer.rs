@@ -195,6 +195,14 @@ impl CaptureWriter {
         r
     }
 
+    /// A table snapshot as its own block, after the records so far (the
+    /// records pending are flushed first, keeping the file in time order).
+    pub fn occupancy(&mut self, o: &crate::conntrack::occupancy::Occupancy) -> io::Result<()> {
+        self.flush()?;
+        let json = serde_json::to_vec(o).map_err(io::Error::other)?;
+        self.write(&block::framed(kind::OCCUPANCY, &json))
+    }
+
     /// Flushes, writes the trailer and syncs: the capture is complete.
     pub fn finish(&mut self, t: &Trailer) -> io::Result<()> {
         self.flush()?;

@@ -11,6 +11,10 @@ use std::{
     io::{Read, Seek, SeekFrom},
     os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -53,7 +57,15 @@ pub fn resolve_netns_arg(arg: &str) -> Result<u32> {
 /// Runs `f` on a thread that has entered the namespace at `ns_path`.
 pub fn in_netns<T: Send + 'static>(ns_path: &Path, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     let ns = File::open(ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
+    in_netns_file(ns, f)
+}
+
+/// Runs `f` on a thread that has entered the namespace `ns` (an open
+/// namespace file).
+fn in_netns_file<T: Send + 'static>(ns: File, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     std::thread::spawn(move || {
+        // SAFETY: setns on an open namespace file; it changes only this
+        // short-lived thread's network namespace.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             bail!("entering network namespace: {}", std::io::Error::last_os_error());
         }
@@ -63,29 +75,73 @@ pub fn in_netns<T: Send + 'static>(ns_path: &Path, f: impl FnOnce() -> Result<T>
     .map_err(|_| anyhow!("namespace worker panicked"))?
 }
 
-/// What we keep open inside one namespace.
+/// What we know of one namespace. Its counter file is opened lazily and
+/// may be closed again by the registry (see [`NsRegistry`]); interface
+/// names are looked up once each through a socket opened for the lookup.
 pub struct NsHandle {
     pub inum: u32,
     pub name: Option<String>,
+    path: PathBuf,
     stat: Option<File>,
-    /// A socket created inside the namespace answers SIOCGIFNAME for it.
-    ifsock: Option<std::os::fd::OwnedFd>,
+    /// Opening failed (conntrack not loaded, namespace gone): not retried
+    /// on every drop.
+    stat_failed: Option<Instant>,
+    open: Arc<AtomicUsize>,
     ifnames: HashMap<u32, Option<String>>,
 }
 
 impl NsHandle {
-    fn open(inum: u32, name: Option<String>, path: &Path) -> Result<NsHandle> {
-        let (stat, ifsock) = in_netns(path, || {
-            let stat = File::open("/proc/thread-self/net/stat/nf_conntrack").ok();
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-            let sock = (fd >= 0).then(|| unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-            Ok((stat, sock))
-        })?;
-        Ok(NsHandle { inum, name, stat, ifsock, ifnames: HashMap::new() })
+    fn new(inum: u32, name: Option<String>, path: PathBuf, open: Arc<AtomicUsize>) -> NsHandle {
+        NsHandle { inum, name, path, stat: None, stat_failed: None, open, ifnames: HashMap::new() }
     }
 
-    /// None when conntrack is not loaded.
+    /// Runs `f` inside this namespace, after checking that `path` still
+    /// names it (a `/proc/PID/ns/net` path outlives its process's
+    /// namespace; a name can be reused for a new one).
+    fn enter<T: Send + 'static>(&mut self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+        let ns = match open_checked(&self.path, self.inum) {
+            Some(f) => f,
+            None => {
+                let (name, path) = find_namespace(self.inum).ok_or_else(|| anyhow!("network namespace {} is gone", self.inum))?;
+                let f = open_checked(&path, self.inum).ok_or_else(|| anyhow!("network namespace {} is gone", self.inum))?;
+                if name.is_some() {
+                    self.name = name;
+                }
+                self.path = path;
+                f
+            }
+        };
+        in_netns_file(ns, f)
+    }
+
+    fn is_open(&self) -> bool {
+        self.stat.is_some()
+    }
+
+    fn close(&mut self) {
+        if self.stat.take().is_some() {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// None when conntrack is not loaded (or the namespace is gone).
     pub fn counters(&mut self) -> Option<CtCounters> {
+        if self.stat.is_none() {
+            if self.stat_failed.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return None;
+            }
+            match self.enter(|| File::open("/proc/thread-self/net/stat/nf_conntrack").context("opening conntrack stats")) {
+                Ok(f) => {
+                    self.stat = Some(f);
+                    self.stat_failed = None;
+                    self.open.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    self.stat_failed = Some(Instant::now());
+                    return None;
+                }
+            }
+        }
         let f = self.stat.as_mut()?;
         let mut s = String::new();
         f.seek(SeekFrom::Start(0)).ok()?;
@@ -97,26 +153,107 @@ impl NsHandle {
         if let Some(n) = self.ifnames.get(&ifindex) {
             return n.clone();
         }
-        let name = self.ifsock.as_ref().and_then(|s| ifname_via(s.as_raw_fd(), ifindex));
+        // A socket created inside the namespace answers SIOCGIFNAME for it;
+        // it is closed right after, so names cost no descriptor while held.
+        let name = self
+            .enter(move || {
+                // SAFETY: plain socket(2); the result is checked and owned below.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+                if fd < 0 {
+                    return Ok(None);
+                }
+                // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+                let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                Ok(ifname_via(sock.as_raw_fd(), ifindex))
+            })
+            .ok()
+            .flatten();
         self.ifnames.insert(ifindex, name.clone());
         name
     }
 }
 
+impl Drop for NsHandle {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// `path` opened, if it is the namespace with inode `inum`.
+fn open_checked(path: &Path, inum: u32) -> Option<File> {
+    let f = File::open(path).ok()?;
+    (f.metadata().ok()?.ino() as u32 == inum).then_some(f)
+}
+
 fn ifname_via(sock: i32, ifindex: u32) -> Option<String> {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     req.ifr_ifru.ifru_ifindex = ifindex as i32;
-    if unsafe { libc::ioctl(sock, libc::SIOCGIFNAME, &mut req) } != 0 {
+    // SAFETY: SIOCGIFNAME reads ifr_ifindex and writes ifr_name inside `req`.
+    if unsafe { libc::ioctl(sock, libc::SIOCGIFNAME as _, &mut req) } != 0 {
         return None;
     }
     let bytes: Vec<u8> = req.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
     String::from_utf8(bytes).ok()
 }
 
-/// Finds and caches namespace handles by inode.
+/// Descriptors kept free for everything else ctdrop opens (maps, programs,
+/// links, the ring, probe sockets, snapshot and metrics sockets, capture
+/// files), out of the soft RLIMIT_NOFILE.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (as Go programs do at
+/// start): the soft 1024 of most shells is a relic of select(2), which
+/// ctdrop does not use. Returns the soft limit in force afterwards.
+pub fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write `r`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 1024;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                r.rlim_cur = r.rlim_max;
+            }
+        }
+    }
+    r.rlim_cur
+}
+
+/// The soft and hard RLIMIT_NOFILE now.
+pub fn fd_limits() -> (u64, u64) {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes `r`.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+    (r.rlim_cur, r.rlim_max)
+}
+
+/// Counter files held open at once: what the descriptor limit leaves after
+/// [`FD_RESERVE`]. `CTDROP_TEST_MAX_NS_HANDLES` lowers it (a test hook, so
+/// the closing and reopening is exercised without thousands of namespaces).
+fn handle_budget() -> usize {
+    let budget = fd_limits().0.saturating_sub(FD_RESERVE).clamp(16, 1 << 20) as usize;
+    match std::env::var("CTDROP_TEST_MAX_NS_HANDLES").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) if n > 0 => n.min(budget),
+        _ => budget,
+    }
+}
+
+/// Finds namespaces by inode and keeps what we know of each. Every
+/// namespace found stays known (name, path, interface names); at most
+/// `budget` of them hold their counter file open, the least recently used
+/// is closed first and reopened when needed. A busy node has a namespace
+/// per pod, and the descriptor limit must not decide whether ctdrop starts.
 pub struct NsRegistry {
     handles: HashMap<u32, NsHandle>,
     unknown: HashMap<u32, Instant>,
+    /// Last use of each namespace, for closing the least recently used.
+    used: HashMap<u32, u64>,
+    clock: u64,
+    open: Arc<AtomicUsize>,
+    budget: usize,
 }
 
 impl Default for NsRegistry {
@@ -127,7 +264,14 @@ impl Default for NsRegistry {
 
 impl NsRegistry {
     pub fn new() -> Self {
-        NsRegistry { handles: HashMap::new(), unknown: HashMap::new() }
+        NsRegistry {
+            handles: HashMap::new(),
+            unknown: HashMap::new(),
+            used: HashMap::new(),
+            clock: 0,
+            open: Arc::new(AtomicUsize::new(0)),
+            budget: handle_budget(),
+        }
     }
 
     /// The handle for `inum`, looking the namespace up at most once a second
@@ -139,10 +283,10 @@ impl NsRegistry {
                     return None;
                 }
             }
-            match find_namespace(inum).and_then(|(name, path)| NsHandle::open(inum, name, &path).ok()) {
-                Some(h) => {
+            match find_namespace(inum) {
+                Some((name, path)) => {
                     self.unknown.remove(&inum);
-                    self.handles.insert(inum, h);
+                    self.handles.insert(inum, NsHandle::new(inum, name, path, self.open.clone()));
                 }
                 None => {
                     self.unknown.insert(inum, Instant::now());
@@ -150,10 +294,25 @@ impl NsRegistry {
                 }
             }
         }
+        self.clock += 1;
+        self.used.insert(inum, self.clock);
+        // Room for this one to open its file, should it need to.
+        if self.open.load(Ordering::Relaxed) >= self.budget && !self.handles[&inum].is_open() {
+            self.close_least_recent(inum);
+        }
         self.handles.get_mut(&inum)
     }
 
-    /// Every namespace we can find now, opened (for start-of-run baselines).
+    fn close_least_recent(&mut self, keep: u32) {
+        let victim = self.handles.values().filter(|h| h.inum != keep && h.is_open()).min_by_key(|h| self.used.get(&h.inum).copied().unwrap_or(0)).map(|h| h.inum);
+        if let Some(v) = victim {
+            if let Some(h) = self.handles.get_mut(&v) {
+                h.close();
+            }
+        }
+    }
+
+    /// Every namespace we can find now (for start-of-run baselines).
     pub fn discover_all(&mut self) {
         let mut seen = Vec::new();
         for (inum, _) in named_namespaces() {
@@ -167,8 +326,14 @@ impl NsRegistry {
         }
     }
 
+    /// Every namespace known, whether its file is open or not.
     pub fn inodes(&self) -> Vec<u32> {
         self.handles.keys().copied().collect()
+    }
+
+    /// Counter files open now, and the most allowed at once.
+    pub fn open_files(&self) -> (usize, usize) {
+        (self.open.load(Ordering::Relaxed), self.budget)
     }
 }
 

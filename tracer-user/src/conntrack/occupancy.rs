@@ -28,7 +28,7 @@ use netlink_packet_netfilter::{
     conntrack::{ConntrackMessage, Status},
     NetfilterHeader, NetfilterMessage, NetfilterProtoFamily,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::events::decode::proto_name;
 
@@ -342,25 +342,27 @@ fn align4(n: usize) -> usize {
 }
 
 /// Entries per (protocol, state).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateRow {
     pub proto: String,
-    pub state: &'static str,
+    /// Cow: a name from the tables here, or read back from a capture file.
+    pub state: std::borrow::Cow<'static, str>,
     pub entries: u64,
     pub unreplied: u64,
     pub assured: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddrRow {
     pub addr: IpAddr,
     pub entries: u64,
     pub unreplied: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortRow {
     pub proto: String,
+    /// Not in the JSON (`proto` names it); [`Occupancy::from_stored`] puts it back.
     #[serde(skip)]
     pub proto_num: u8,
     pub port: u16,
@@ -371,8 +373,8 @@ pub struct PortRow {
     pub sources: u64,
 }
 
-/// What a snapshot found, ready to show.
-#[derive(Clone, Debug, Serialize)]
+/// What a snapshot found, ready to show (and, as JSON, stored in captures).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Occupancy {
     pub netns: Option<u32>,
     pub netns_name: Option<String>,
@@ -498,7 +500,7 @@ impl OccupancyBuilder {
                 if entries > 0 {
                     by_proto_state.push(StateRow {
                         proto: proto_name(p as u8),
-                        state: slot_label(slot),
+                        state: slot_label(slot).into(),
                         entries,
                         unreplied: n[Liveness::Unreplied as usize],
                         assured: n[Liveness::Assured as usize],
@@ -506,7 +508,7 @@ impl OccupancyBuilder {
                 }
             }
         }
-        by_proto_state.sort_by(|a, b| b.entries.cmp(&a.entries).then_with(|| (&a.proto, a.state).cmp(&(&b.proto, b.state))));
+        by_proto_state.sort_by(|a, b| b.entries.cmp(&a.entries).then_with(|| (&a.proto, &a.state).cmp(&(&b.proto, &b.state))));
         let top_addrs = |m: FastMap<IpAddr, (u64, u64)>| {
             let mut v: Vec<AddrRow> = m.into_iter().map(|(addr, (entries, unreplied))| AddrRow { addr, entries, unreplied }).collect();
             v.sort_by(|a, b| b.entries.cmp(&a.entries).then_with(|| a.addr.cmp(&b.addr)));
@@ -776,6 +778,15 @@ impl Snapshots {
 }
 
 impl Occupancy {
+    /// A snapshot read back from its JSON (a capture file's block).
+    pub fn from_stored(json: &[u8]) -> serde_json::Result<Occupancy> {
+        let mut o: Occupancy = serde_json::from_slice(json)?;
+        for p in &mut o.top_dst_ports {
+            p.proto_num = crate::cli::parse_proto(&p.proto).unwrap_or(0);
+        }
+        Ok(o)
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or_default()
     }
@@ -880,8 +891,8 @@ mod tests {
         let o = b.finish(3);
         assert_eq!(o.entries, 47);
         assert_eq!((o.unreplied, o.replied, o.assured, o.nat), (41, 1, 5, 1));
-        assert_eq!(o.by_proto_state[0], StateRow { proto: "udp".into(), state: "UNREPLIED", entries: 41, unreplied: 41, assured: 0 });
-        assert_eq!(o.by_proto_state[1], StateRow { proto: "tcp".into(), state: "ESTABLISHED", entries: 5, unreplied: 0, assured: 5 });
+        assert_eq!(o.by_proto_state[0], StateRow { proto: "udp".into(), state: "UNREPLIED".into(), entries: 41, unreplied: 41, assured: 0 });
+        assert_eq!(o.by_proto_state[1], StateRow { proto: "tcp".into(), state: "ESTABLISHED".into(), entries: 5, unreplied: 0, assured: 5 });
         assert_eq!(o.top_sources[0].addr, "198.18.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(o.top_sources[0].entries, 45);
         assert_eq!((o.top_dst_ports[0].port, o.top_dst_ports[0].entries, o.top_dst_ports[0].unreplied, o.top_dst_ports[0].sources), (5353, 40, 40, 1));

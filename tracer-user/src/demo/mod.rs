@@ -4,6 +4,7 @@
 //! table's snapshot names the flood; ctdrop advises NOTRACK rules; the demo
 //! applies them (in its own namespace only) and shows that the drops and
 //! the ping loss went to zero.
+pub mod fill;
 pub mod sink;
 pub mod stage;
 
@@ -31,8 +32,12 @@ const INTERVAL_MS: u64 = 500;
 const BASELINE: Duration = Duration::from_secs(6);
 const FULL: Duration = Duration::from_secs(12);
 const RECOVERY: Duration = Duration::from_secs(12);
-/// Flood packets a second: far more new flows than the lowered table holds.
+/// New flows a second once the table is full.
 const FLOOD_RATE: u32 = 200;
+/// When lowering is the only affordable way: the limit the demo uses.
+const FALLBACK_MAX: u64 = 4096;
+/// Share of MemAvailable a fill may take in kernel memory.
+const FILL_MEM_SHARE: u64 = 4;
 
 fn wall_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
@@ -96,15 +101,37 @@ async fn tell(args: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
     for ns in stage::remove_leftovers()? {
         writeln!(out, "removed {ns}, left over by an earlier demo")?;
     }
+    let current = ctlab::read_max()?;
+    let lower_to = match args.max {
+        Some(v) => {
+            stage::check_max(v, current)?;
+            Some(v)
+        }
+        None => {
+            let cost = current * fill::entry_bytes();
+            match fill::mem_available() {
+                Some(avail) if cost > avail / FILL_MEM_SHARE || current > fill::max_flows() => {
+                    writeln!(out, "filling a {current}-entry table would take {} MiB of kernel memory ({} MiB available):", cost >> 20, avail >> 20)?;
+                    writeln!(out, "  lowering nf_conntrack_max to {FALLBACK_MAX} instead, if no other namespace holds entries")?;
+                    Some(FALLBACK_MAX)
+                }
+                _ => None,
+            }
+        }
+    };
     writeln!(out, "ctdrop demo: the incident, in throwaway namespaces (about 40 s)")?;
     writeln!(out, "  {CLIENTS} ({CLIENT_ADDR}) pings {SERVER} ({SERVER_ADDR}) twice a second,")?;
-    writeln!(out, "  each ping a new flow; {SERVER} tracks connections (a state rule),")?;
-    writeln!(out, "  and nf_conntrack_max is lowered to {} for the demo.", args.max)?;
-    let max = args.max;
+    writeln!(out, "  each ping a new flow; {SERVER} tracks connections (a state rule).")?;
     let st = stop.clone();
-    let stage = tokio::task::spawn_blocking(move || Stage::build(max, &st)).await.map_err(|_| anyhow!("demo set-up panicked"))??;
+    let stage = tokio::task::spawn_blocking(move || Stage::build(lower_to, &st)).await.map_err(|_| anyhow!("demo set-up panicked"))??;
+    match lower_to {
+        Some(v) => writeln!(out, "  nf_conntrack_max is lowered to {v} for the demo (was {}; put back at the end).", stage.previous_max)?,
+        None => {
+            writeln!(out, "  Each namespace's entries count against the one nf_conntrack_max ({}),", stage.limit)?;
+            writeln!(out, "  so the demo fills {SERVER}'s own table and changes no sysctl.")?;
+        }
+    }
     let server_netns = crate::conntrack::netns::resolve_netns_arg(SERVER)?;
-    writeln!(out, "  (nf_conntrack_max was {}; it is put back at the end)", stage.previous_max)?;
     if stop.load(Ordering::Relaxed) {
         bail!("demo interrupted");
     }
@@ -135,7 +162,7 @@ async fn tell(args: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
         .context("starting the demo")?;
 
 
-    let opts = SessionOptions { trace: &live.trace, probe: &live.probe, duration: Some(total + Duration::from_secs(10)), capture_headers: false };
+    let opts = SessionOptions { trace: &live.trace, probe: &live.probe, duration: Some(total + Duration::from_secs(10)), capture_headers: false, service: false };
     let traced = session::run(&opts, sinks).await;
     // However the session ended, the story ends too.
     stop.store(true, Ordering::Relaxed);
@@ -149,13 +176,14 @@ async fn tell(args: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
     };
     let delivered = stage.service_received.load(Ordering::Relaxed);
     let sent = stage.flood_sent.load(Ordering::Relaxed);
+    let lowered = stage.lowered;
     drop(stage);
     traced.context("demo: tracing")?;
     if t.end == 0 {
-        bail!("demo interrupted; namespaces removed and nf_conntrack_max restored");
+        bail!("demo interrupted; namespaces removed{}", if lowered { " and nf_conntrack_max restored" } else { "" });
     }
     let log = log.lock().unwrap();
-    compare(&log, &t, sent, delivered)
+    compare(&log, &t, sent, delivered, lowered)
 }
 
 /// The story's clock: phases, the flood, the fix, and the kernel's drop
@@ -172,8 +200,15 @@ fn story(mut stage: Stage, attached: mpsc::Receiver<()>, log: &Mutex<Log>, stop:
     }
     t.drop_at_flood = server_counters()?.get("drop");
     t.flood_on = wall_ns();
+    banner("2/5", &format!("{} clients open two-way UDP streams to port {SERVICE_PORT}; more keep coming", stage.limit));
+    let (filled, entries) = stage.fill(stop)?;
+    println!(
+        "             {SERVER}'s table: {entries} of {} entries after {:.1} s (about {} MiB of kernel memory)",
+        stage.limit,
+        filled.elapsed.as_secs_f64(),
+        (entries * fill::entry_bytes()) >> 20
+    );
     stage.start_flood(FLOOD_RATE)?;
-    banner("2/5", &format!("a UDP flood, new source port each packet, hits port {SERVICE_PORT}"));
     if !pause(FULL, stop) {
         return Ok((stage, t));
     }
@@ -250,7 +285,7 @@ fn explain_and_fix(log: &Mutex<Log>) -> Result<()> {
 }
 
 /// Before/after: the full-table window against the window after the fix.
-fn compare(log: &Log, t: &Timeline, flood_sent: u64, delivered: u64) -> Result<()> {
+fn compare(log: &Log, t: &Timeline, flood_sent: u64, delivered: u64, lowered: bool) -> Result<()> {
     let in_win = |ns: u64, a: u64, b: u64| ns >= a && ns < b;
     let pings = |a, b| log.pings.iter().filter(|p| in_win(p.sent_ns, a, b)).collect::<Vec<_>>();
     let (before, after) = (pings(t.flood_on, t.fix_start), pings(t.fix_done, t.end));
@@ -277,7 +312,7 @@ fn compare(log: &Log, t: &Timeline, flood_sent: u64, delivered: u64) -> Result<(
         bail!("demo: drops went on after the NOTRACK rules ({d_after} seen, kernel counted {k_after}, {} pings lost)", lost(&after));
     }
     writeln!(out, "the fix worked: drops went from {d_before} to 0, lost pings from {} to 0.", lost(&before))?;
-    writeln!(out, "cleaned up: namespaces removed, nf_conntrack_max restored.")?;
+    writeln!(out, "cleaned up: namespaces removed{}.", if lowered { ", nf_conntrack_max restored" } else { "; no sysctl was changed" })?;
     Ok(())
 }
 

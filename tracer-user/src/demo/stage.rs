@@ -1,10 +1,11 @@
-//! The demo's throwaway world: two namespaces joined by a veth, a lowered
-//! `nf_conntrack_max` held under the tests' lock, a quiet UDP service and a
-//! flood. Everything is undone by `Drop`, on every exit path that unwinds.
+//! The demo's throwaway world: two namespaces joined by a veth, the lock on
+//! `nf_conntrack_max` (lowered only on request, and only when no other
+//! namespace holds entries), a quiet UDP service, the streams that fill its
+//! table and a flood. Everything is undone by `Drop`, on every exit path
+//! that unwinds.
 
 use std::{
     fs::File,
-    io::{Read, Seek, SeekFrom, Write},
     net::{Ipv4Addr, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -18,12 +19,6 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-
-/// Shared with the integration tests: whoever changes the global
-/// `nf_conntrack_max` holds this lock, and writes the value to restore in
-/// it so that a killed holder is repaired by the next one.
-pub const LOCK_PATH: &str = "/run/ctdrop-tests.lock";
-const MAX_SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
 pub const CLIENTS: &str = "ctdemo-net";
 pub const SERVER: &str = "ctdemo-srv";
@@ -54,69 +49,6 @@ pub fn in_ns(ns: &str, args: &[&str]) -> Result<String> {
 
 pub fn ns_path(ns: &str) -> PathBuf {
     Path::new("/run/netns").join(ns)
-}
-
-/// The global sysctl, lowered under the lock and put back on drop.
-struct MaxGuard {
-    lock: File,
-    previous: u64,
-}
-
-fn read_max() -> Result<u64> {
-    let s = std::fs::read_to_string(MAX_SYSCTL).context("reading nf_conntrack_max")?;
-    s.trim().parse().context("parsing nf_conntrack_max")
-}
-
-fn write_max(v: u64) -> Result<()> {
-    std::fs::write(MAX_SYSCTL, format!("{v}\n")).with_context(|| format!("setting nf_conntrack_max to {v}"))
-}
-
-impl MaxGuard {
-    fn set(value: u64, stop: &AtomicBool) -> Result<MaxGuard> {
-        let mut lock = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(LOCK_PATH)
-            .with_context(|| format!("opening {LOCK_PATH}"))?;
-        let mut said = false;
-        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            if !said {
-                println!("waiting for {LOCK_PATH}: a test is using nf_conntrack_max");
-                said = true;
-            }
-            if stop.load(Ordering::Relaxed) {
-                bail!("interrupted while waiting for {LOCK_PATH}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let mut pending = String::new();
-        lock.read_to_string(&mut pending)?;
-        if let Ok(v) = pending.trim().parse::<u64>() {
-            println!("restoring nf_conntrack_max={v} left over by a killed run");
-            write_max(v)?;
-        }
-        let previous = read_max()?;
-        lock.set_len(0)?;
-        lock.seek(SeekFrom::Start(0))?;
-        write!(lock, "{previous}")?;
-        lock.sync_all()?;
-        let guard = MaxGuard { lock, previous };
-        write_max(value)?;
-        Ok(guard)
-    }
-}
-
-impl Drop for MaxGuard {
-    fn drop(&mut self) {
-        match write_max(self.previous) {
-            Ok(()) => {
-                let _ = self.lock.set_len(0);
-            }
-            Err(e) => eprintln!("ctdrop: demo: cannot restore nf_conntrack_max={}: {e:#}", self.previous),
-        }
-    }
 }
 
 /// Namespaces that exist until drop.
@@ -165,18 +97,47 @@ pub struct Stage {
     flood: Option<Worker>,
     _service: Worker,
     _namespaces: Namespaces,
-    _max: MaxGuard,
+    /// The lock on nf_conntrack_max, held for the whole demo (a test must
+    /// not lower the limit under it), and the limit put back if lowered.
+    _max: ctlab::MaxGuard,
     pub flood_sent: Arc<AtomicU64>,
     /// The flood's last source port: a restarted flood goes on from there.
     flood_port: Arc<AtomicU64>,
     pub service_received: Arc<AtomicU64>,
     pub previous_max: u64,
+    /// The server's table holds this many entries once full.
+    pub limit: u64,
+    /// true when the demo lowered nf_conntrack_max to `limit`.
+    pub lowered: bool,
+}
+
+/// Below this the demo's own pings would not fit before the fill.
+pub const MIN_MAX: u64 = 32;
+
+/// Why a `--max` cannot be used, if it cannot.
+pub fn check_max(max: u64, current: u64) -> Result<()> {
+    if max < MIN_MAX {
+        bail!("--max {max} is too small: the demo needs at least {MIN_MAX} entries");
+    }
+    if max >= current {
+        bail!("--max {max} is not below the current nf_conntrack_max ({current}); without --max the demo fills its own namespace to {current}");
+    }
+    Ok(())
 }
 
 impl Stage {
-    pub fn build(max: u32, stop: &AtomicBool) -> Result<Stage> {
-        let max_guard = MaxGuard::set(max as u64, stop)?;
-        let previous_max = max_guard.previous;
+    /// `lower_to`: lower nf_conntrack_max to it for the demo (refused while
+    /// another namespace holds entries); None: keep the limit and fill the
+    /// server's table to it.
+    pub fn build(lower_to: Option<u64>, stop: &AtomicBool) -> Result<Stage> {
+        let mut max_guard = ctlab::MaxGuard::lock(&|| stop.load(Ordering::Relaxed))?;
+        let previous_max = max_guard.previous();
+        if let Some(v) = lower_to {
+            check_max(v, previous_max)?;
+            // Our own namespaces cannot exist yet (leftovers were removed).
+            max_guard.set(v, &|n| n.name.as_deref().is_some_and(|n| n.starts_with("ctdemo-")))?;
+        }
+        let limit = lower_to.unwrap_or(previous_max);
         let mut namespaces = Namespaces(Vec::new());
         for ns in [CLIENTS, SERVER] {
             run(&["ip", "netns", "add", ns])?;
@@ -190,6 +151,9 @@ impl Stage {
             in_ns(ns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             in_ns(ns, &["ip", "link", "set", dev, "up"])?;
         }
+        // The fill's clients live behind the client namespace.
+        let (net, bits) = super::fill::CLIENT_NET;
+        in_ns(SERVER, &["ip", "route", "add", &format!("{net}/{bits}"), "via", &CLIENT_ADDR.to_string()])?;
         // A state rule, as on the incident's host: it is what makes the
         // server track every connection.
         in_ns(SERVER, &["iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])?;
@@ -204,7 +168,22 @@ impl Stage {
             flood_port: Arc::new(AtomicU64::new(20000)),
             service_received,
             previous_max,
+            limit,
+            lowered: lower_to.is_some(),
         })
+    }
+
+    /// Fills the server's table to the limit with two-way UDP streams to
+    /// the service; returns what it did and the table's count after.
+    pub fn fill(&self, stop: &AtomicBool) -> Result<(super::fill::Filled, u64)> {
+        let f = super::fill::fill(self.limit, &ns_path(CLIENTS), &ns_path(SERVER), (SERVER_ADDR, SERVICE_PORT), &|| stop.load(Ordering::Relaxed))?;
+        // The fill's datagrams are not the flood's.
+        self.service_received.store(0, Ordering::Relaxed);
+        let entries = crate::conntrack::netns::in_netns(&ns_path(SERVER), || {
+            let s = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack").context("reading conntrack stats")?;
+            ctlab::parse_entries(&s).ok_or_else(|| anyhow!("no entries column"))
+        })?;
+        Ok((f, entries))
     }
 
     /// New UDP flows to the service from ever new source ports, `rate` a

@@ -223,10 +223,38 @@ fn merge_flow(total: &mut FlowCount, c: &FlowCount) {
 }
 
 fn explain_load_error(e: aya::EbpfError) -> anyhow::Error {
-    let text = e.to_string();
+    // aya names the map or program; the cause is in the error's sources.
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text += &format!(": {more}");
+        }
+        src = s.source();
+    }
+    if let Some(why) = resource_cause(&text) {
+        return anyhow!("cannot load ctdrop's kernel programs: {why} ({text})");
+    }
     if text.contains("EPERM") || text.contains("Operation not permitted") {
         anyhow!("the kernel refused to load ctdrop's programs ({text}): run as root; lockdown or unprivileged BPF limits may apply")
     } else {
         anyhow!("cannot load ctdrop's kernel programs: {text}")
     }
+}
+
+/// What to tell the operator when the kernel said EMFILE or ENOMEM.
+fn resource_cause(text: &str) -> Option<String> {
+    if text.contains("os error 24") || text.contains("Too many open files") {
+        let (soft, hard) = crate::conntrack::netns::fd_limits();
+        return Some(format!(
+            "out of file descriptors (EMFILE: limit {soft}, hard limit {hard}); raise it with `ulimit -n` or LimitNOFILE= in the service unit"
+        ));
+    }
+    if text.contains("os error 12") || text.contains("Cannot allocate memory") {
+        return Some(
+            "the kernel could not allocate memory for a BPF map (ENOMEM): check RLIMIT_MEMLOCK (`ulimit -l`) on kernels before 5.11, the memory cgroup limit, or try a smaller --ring-size".to_string(),
+        );
+    }
+    None
 }

@@ -44,7 +44,7 @@ struct LostLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct NsLabels {
+pub(crate) struct NsLabels {
     netns: String,
 }
 
@@ -55,8 +55,38 @@ struct StatLabels {
     counter: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TriggerLabels {
+    /// first_drop, drop_rate, fill or signal.
+    trigger: String,
+    netns: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabels {
+    reason: String,
+}
+
+/// `ctdrop watch`'s own families (flight recorder state).
+#[derive(Default)]
+pub struct WatchMetrics {
+    pub(crate) triggers: Family<TriggerLabels, Counter>,
+    /// 1 while a namespace's incident is being recorded.
+    pub(crate) recording: Family<NsLabels, Gauge>,
+    pub(crate) captures_written: Counter,
+    pub(crate) capture_bytes: Counter,
+    pub(crate) captures_deleted: Counter,
+    pub(crate) captures_not_written: Family<ReasonLabels, Counter>,
+    pub(crate) disk_full: Gauge,
+    pub(crate) buffered_records: Gauge,
+    pub(crate) buffer_not_kept: Counter,
+    pub(crate) last_capture_time: Gauge,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub watch: WatchMetrics,
+    ct_fill: Family<NsLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     drops: Family<DropLabels, Counter>,
     events_lost: Counter,
     probes_sent: Family<HostLabels, Counter>,
@@ -92,6 +122,8 @@ impl Metrics {
             ct_entries: Family::default(),
             ct_max: Family::default(),
             ct_stat: Family::default(),
+            watch: WatchMetrics::default(),
+            ct_fill: Family::default(),
         };
         m.registry.register("ctdrop_drops", "Dropped packets traced, by cause, network namespace and L4 protocol", m.drops.clone());
         m.registry.register("ctdrop_events_lost", "Drop records the kernel could not queue (ring buffer full)", m.events_lost.clone());
@@ -100,7 +132,44 @@ impl Metrics {
         m.registry.register("ctdrop_conntrack_entries", "Conntrack table entries in the namespace", m.ct_entries.clone());
         m.registry.register("ctdrop_conntrack_max", "nf_conntrack_max (a global limit), per namespace", m.ct_max.clone());
         m.registry.register("ctdrop_conntrack_stat", "Kernel conntrack statistics of the namespace (/proc/net/stat/nf_conntrack)", m.ct_stat.clone());
+        m.registry.register("ctdrop_conntrack_fill_ratio", "Conntrack table entries of the namespace over nf_conntrack_max (0 to 1)", m.ct_fill.clone());
         m
+    }
+
+    /// Registers `ctdrop watch`'s families (only a recorder has them).
+    pub fn with_watch() -> Metrics {
+        let mut m = Metrics::new();
+        let w = &m.watch;
+        let r = &mut m.registry;
+        r.register("ctdrop_watch_triggers", "Incidents that started a recording, by trigger and namespace", w.triggers.clone());
+        r.register("ctdrop_watch_recording", "1 while an incident in the namespace is being recorded (trigger state)", w.recording.clone());
+        r.register("ctdrop_watch_captures_written", "Capture files written", w.captures_written.clone());
+        r.register("ctdrop_watch_capture_bytes", "Bytes of capture files written", w.capture_bytes.clone());
+        r.register("ctdrop_watch_captures_deleted", "Old capture files deleted for --max-files/--max-bytes", w.captures_deleted.clone());
+        r.register("ctdrop_watch_captures_not_written", "Captures not written (disk nearly full, write error), by reason", w.captures_not_written.clone());
+        r.register("ctdrop_watch_disk_full", "1 while the capture directory is too full to write to", w.disk_full.clone());
+        r.register("ctdrop_watch_buffered_records", "Drop records held in memory for the pre-trigger window", w.buffered_records.clone());
+        r.register("ctdrop_watch_buffer_not_kept", "Drop records not kept because the in-memory buffer was at its cap", w.buffer_not_kept.clone());
+        r.register("ctdrop_watch_last_capture_timestamp_seconds", "Unix time of the last capture written", w.last_capture_time.clone());
+        // Shown at 0 from the start: a family without samples is absent
+        // from the scrape, and alerts and dashboards need the series.
+        for reason in ["disk_full", "write_error"] {
+            let _ = w.captures_not_written.get_or_create(&ReasonLabels { reason: reason.into() });
+        }
+        m
+    }
+
+    pub fn watch_trigger(&self, trigger: &str, netns: &str) {
+        self.watch.triggers.get_or_create(&TriggerLabels { trigger: trigger.into(), netns: netns.into() }).inc();
+        self.watch.recording.get_or_create(&NsLabels { netns: netns.into() }).set(1);
+    }
+
+    pub fn watch_recorded(&self, netns: &str) {
+        self.watch.recording.get_or_create(&NsLabels { netns: netns.into() }).set(0);
+    }
+
+    pub fn watch_not_written(&self, reason: &str) {
+        self.watch.captures_not_written.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
     }
 
     /// The counter of one (cause, namespace, protocol); callers keep it to
@@ -140,6 +209,9 @@ impl Metrics {
         self.ct_entries.get_or_create(&ns).set(counters.entries() as i64);
         if let Some(m) = max {
             self.ct_max.get_or_create(&ns).set(m as i64);
+            if m > 0 {
+                self.ct_fill.get_or_create(&ns).set(counters.entries() as f64 / m as f64);
+            }
         }
         for (k, v) in counters.columns.iter().filter(|(k, _)| *k != "entries") {
             Self::raise(&self.ct_stat.get_or_create(&StatLabels { netns: netns.into(), counter: k.clone() }), *v);

@@ -83,8 +83,19 @@ pub trait Sink {
     fn tick(&mut self, _p: &Progress) -> std::io::Result<()> {
         Ok(())
     }
+    /// SIGUSR1 arrived (services only, see `SessionOptions::service`).
+    fn user_signal(&mut self) {}
     /// Whether [`Progress::counters`] should be read for this sink.
     fn wants_counters(&self) -> bool {
+        false
+    }
+    /// Every 50 ms: for a sink that reads input or redraws between events
+    /// (the `top` screen). An error stops the session, as from `tick`.
+    fn poll(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// The sink asks the session to stop, as Ctrl-C would (`top`'s `q`).
+    fn wants_stop(&self) -> bool {
         false
     }
 }

@@ -1,6 +1,7 @@
 //! The built-in prober (ICMP echo, TCP SYN, UDP) and the matcher that ties
 //! lost probes to the drops that ate them.
 pub mod matcher;
+pub mod order;
 pub mod sender;
 pub mod target;
 

@@ -87,6 +87,7 @@ pub fn to_json(r: &Report, top: usize) -> Value {
         "drops_by_netns": by_netns,
         "drops_by_interface": by_interface,
         "drops_per_second": r.per_second,
+        "timeline": r.timeline.to_json(),
         "top_flows": top_flows,
         "flows_tracked": t.flows_tracked(),
         "flows_untracked": t.flows_untracked,
@@ -98,5 +99,7 @@ pub fn to_json(r: &Report, top: usize) -> Value {
         "filtered": h.filter.narrows(),
         "probes": probes,
         "advice": crate::advice::to_json(&r.advice()),
+        "occupancy": r.occupancy,
+        "watch": tr.and_then(|t| t.watch.as_ref()),
     })
 }

@@ -3,8 +3,10 @@
 //! tools; `compare` puts two side by side; `export` writes pcap-ng.
 pub mod compare;
 pub mod export;
+pub mod html;
 pub mod json;
 pub mod text;
+pub mod timeline;
 #[cfg(test)]
 mod tests;
 
@@ -87,6 +89,10 @@ pub struct Report {
     pub drops_with_headers: u64,
     /// Drops per (namespace, cause, L4 protocol): the metrics' labels.
     pub by_ns_cause_proto: BTreeMap<(Option<u32>, Cause, Option<u8>), u64>,
+    /// Table snapshots stored in the capture (format 2 on): who held the table.
+    pub occupancy: Vec<crate::conntrack::occupancy::Occupancy>,
+    /// Drops per second by cause, fill, lost probes (the HTML plot's data).
+    pub timeline: timeline::Timeline,
 }
 
 impl Report {
@@ -107,6 +113,8 @@ impl Report {
             last_drop_ts: None,
             drops_with_headers: 0,
             by_ns_cause_proto: BTreeMap::new(),
+            occupancy: Vec::new(),
+            timeline: timeline::Timeline::new(),
         };
         for p in &r.header.probes {
             r.probes.entry(p.clone()).or_default();
@@ -123,6 +131,7 @@ impl Report {
                         r.per_second.resize(sec + 1, 0);
                     }
                     r.per_second[sec] += 1;
+                    r.timeline.drop(sec, d.cause, ev.netns, ev.ct_fill.map(|f| (f.count, f.max)));
                     r.last_drop_ts = Some(r.last_drop_ts.unwrap_or(0).max(ev.ts_ns));
                     r.drops_with_headers += ev.header.is_some() as u64;
                     let netns_name = d.netns_name.map(|id| reader.string(id));
@@ -154,6 +163,7 @@ impl Report {
             }
         }
         r.end = reader.end().cloned().unwrap_or(End::NoTrailer { at: 0 });
+        r.occupancy = std::mem::take(&mut reader.occupancy);
         for c in r.header.counters_at_start.iter().chain(r.end.trailer().map(|t| &t.counters_at_end[..]).unwrap_or(&[])) {
             if let Some(n) = &c.netns_name {
                 r.netns_names.entry(c.netns).or_insert_with(|| n.clone());
@@ -162,17 +172,28 @@ impl Report {
         // The series covers the whole capture, quiet seconds at its end included.
         let secs = (r.duration_s().ceil() as usize).clamp(r.per_second.len(), MAX_SECONDS);
         r.per_second.resize(secs, 0);
+        r.timeline.grow(secs);
+        r.timeline.lost_probes = timeline::lost_probes(&r.probes, r.header.started_wall_ns);
         r
     }
 
-    /// Advice from what the capture recorded. A capture holds no table
-    /// snapshot, so there is no NOTRACK advice here: `ctdrop check
-    /// --occupancy` on the host names the flows to untrack. The module's
-    /// kind and entry size are the capturing host's, unknown here.
+    /// Advice from what the capture recorded. Without a stored table
+    /// snapshot (captures before format 2, or no table-full drop) there is
+    /// no NOTRACK advice: `ctdrop check --occupancy` on the host names the
+    /// flows to untrack. The module's kind and entry size are the capturing
+    /// host's, unknown here.
     pub fn advice(&self) -> Vec<crate::advice::Advice> {
         let limits = self.header.conntrack_max.map(|max| crate::conntrack::stats::CtLimits { max, buckets: self.header.conntrack_buckets.unwrap_or(0) });
         let host = crate::advice::Host { module: crate::advice::ModuleKind::Unknown, entry_bytes: None };
-        crate::advice::from_run(&self.tally, &BTreeMap::new(), limits, &host, |ns| self.netns_names.get(&ns).cloned())
+        // Per namespace, the fullest snapshot (as the live run keeps them).
+        let mut snaps = BTreeMap::new();
+        for o in &self.occupancy {
+            let Some(ns) = o.netns else { continue };
+            if snaps.get(&ns).is_none_or(|old: &crate::conntrack::occupancy::Occupancy| o.entries >= old.entries) {
+                snaps.insert(ns, o.clone());
+            }
+        }
+        crate::advice::from_run(&self.tally, &snaps, limits, &host, |ns| self.netns_names.get(&ns).cloned())
     }
 
     pub fn trailer(&self) -> Option<&crate::capture::meta::Trailer> {
@@ -274,7 +295,10 @@ impl Report {
 }
 
 pub fn run(args: &ReportArgs) -> Result<()> {
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out: std::io::BufWriter<Box<dyn Write>> = std::io::BufWriter::new(match &args.output {
+        Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        None => Box::new(std::io::stdout().lock()),
+    });
     if let (Some(b), Some(a)) = (&args.before, &args.after) {
         let before = load(b, |_| {})?;
         let after = load(a, |_| {})?;
@@ -286,6 +310,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             }
             ReportFormat::Table => out.write_all(c.render(false).as_bytes())?,
             ReportFormat::Markdown => out.write_all(c.render(true).as_bytes())?,
+            ReportFormat::Html => out.write_all(html::render_comparison(&c).as_bytes())?,
             ReportFormat::Csv | ReportFormat::Prometheus => {
                 anyhow::bail!("--before/--after compares for people or tools: use --format table, markdown or json")
             }
@@ -322,6 +347,10 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             if let Some(d) = r.end.describe() {
                 eprintln!("ctdrop: {}: {d}", path.display());
             }
+        }
+        ReportFormat::Html => {
+            let r = load(path, |_| {})?;
+            out.write_all(html::render(&r, args.top).as_bytes())?;
         }
         ReportFormat::Table | ReportFormat::Markdown => {
             let r = load(path, |_| {})?;

@@ -82,6 +82,33 @@ pub fn rate(v: f64) -> String {
     }
 }
 
+/// A flow's two ends as shown: `addr:port` for TCP/UDP, `addr id N` for
+/// an ICMP echo, the address alone otherwise.
+pub fn flow_ends(id: &crate::flows::FlowId) -> (String, String) {
+    let end = |a: Option<std::net::IpAddr>, p: u16| match (a, id.proto) {
+        (Some(a), 6 | 17) => format!("{a}:{p}"),
+        (Some(a), _) => a.to_string(),
+        (None, _) => "?".into(),
+    };
+    if matches!(id.proto, 1 | 58) && id.sport != 0 {
+        (format!("{} id {}", end(id.src, 0), id.sport), end(id.dst, 0))
+    } else {
+        (end(id.src, id.sport), end(id.dst, id.dport))
+    }
+}
+
+/// The kernel-vs-ctdrop verdict for one namespace (`filtered`: a capture
+/// filter was set, so a difference is expected).
+pub fn counter_verdict(c: &crate::conntrack::stats::CounterCheck, filtered: bool) -> String {
+    if c.agrees() {
+        "agree".to_string()
+    } else if filtered {
+        "differ (a filter was set)".to_string()
+    } else {
+        format!("DIFFER by {}", c.delta.get("drop") as i64 - (c.table_full + c.insert_failed) as i64)
+    }
+}
+
 pub fn render(r: &Report, top: usize, md: bool) -> String {
     let mut o = String::new();
     let h = &r.header;
@@ -183,16 +210,7 @@ pub fn render(r: &Report, top: usize, md: bool) -> String {
         section(&mut o, "Top flows");
         let mut rows = vec![vec!["drops".to_string(), "proto".into(), "source".into(), "destination".into(), "cause".into(), "first".into(), "last".into()]];
         for (id, s) in flows {
-            let end = |a: Option<std::net::IpAddr>, p: u16| match (a, id.proto) {
-                (Some(a), 6 | 17) => format!("{a}:{p}"),
-                (Some(a), _) => a.to_string(),
-                (None, _) => "?".into(),
-            };
-            let (src, dst) = if matches!(id.proto, 1 | 58) && id.sport != 0 {
-                (format!("{} id {}", end(id.src, 0), id.sport), end(id.dst, 0))
-            } else {
-                (end(id.src, id.sport), end(id.dst, id.dport))
-            };
+            let (src, dst) = flow_ends(id);
             rows.push(vec![
                 s.drops.to_string(),
                 proto_name(id.proto),
@@ -228,13 +246,7 @@ pub fn render(r: &Report, top: usize, md: bool) -> String {
                 "verdict".into(),
             ]];
             for c in &cs {
-                let verdict = if c.agrees() {
-                    "agree".to_string()
-                } else if h.filter.narrows() {
-                    "differ (a filter was set)".to_string()
-                } else {
-                    format!("DIFFER by {}", c.delta.get("drop") as i64 - (c.table_full + c.insert_failed) as i64)
-                };
+                let verdict = counter_verdict(c, h.filter.narrows());
                 let name = match &c.netns_name {
                     Some(n) => format!("{n} ({})", c.netns),
                     None => c.netns.to_string(),
@@ -283,6 +295,34 @@ pub fn render(r: &Report, top: usize, md: bool) -> String {
             }
             if p.lost_probes.len() > 20 {
                 let _ = writeln!(o, "{bullet}{host}: {} more lost probes (see --format json)", p.lost_probes.len() - 20);
+            }
+        }
+    }
+    if let Some(w) = r.trailer().and_then(|t| t.watch.as_ref()) {
+        section(&mut o, "Recorded by ctdrop watch");
+        let fill = match (w.entries, w.max) {
+            (Some(e), Some(m)) if m > 0 => format!(", table {e}/{m} ({:.0}%)", e as f64 * 100.0 / m as f64),
+            _ => String::new(),
+        };
+        let _ = writeln!(o, "{bullet}trigger {} in {} at {}{fill}", w.trigger, r.netns_label(w.netns), date(w.triggered_wall_ns));
+        let _ = writeln!(o, "{bullet}window: {:.0} s before the trigger to {:.0} s after the last drop", w.pre_s, w.post_s);
+        if w.drops_not_kept > 0 {
+            let _ = writeln!(o, "{bullet}{} drops in this window were not kept: the in-memory buffer ({} records) was full", w.drops_not_kept, w.buffer_cap);
+        }
+        if w.cut_by_shutdown {
+            let _ = writeln!(o, "{bullet}ctdrop stopped before the window ended");
+        }
+    }
+    for snap in &r.occupancy {
+        section(&mut o, &format!("Who held the table (snapshot at {})", date(snap.taken_ns)));
+        let mut text = Vec::new();
+        let _ = snap.write_human(&mut text);
+        let text = String::from_utf8_lossy(&text);
+        if md {
+            let _ = writeln!(o, "```\n{}```", text);
+        } else {
+            for l in text.lines() {
+                let _ = writeln!(o, "  {l}");
             }
         }
     }
