@@ -2,8 +2,9 @@
 //!
 //! Drops always come from `tp_btf/kfree_skb`. The conntrack paths are
 //! watched by kprobes/kretprobes where the kernel has them (distribution
-//! kernels); elsewhere the tracepoint tier infers table-full drops from
-//! the namespace's table fill and cross-checks them with its counters.
+//! kernels); elsewhere by BPF netfilter programs marking each packet around
+//! conntrack's hooks (kernel 6.4+, `nfhook.rs`); failing both, the
+//! tracepoint tier infers table-full drops from the namespace's counters.
 
 use std::collections::HashSet;
 
@@ -20,6 +21,10 @@ pub enum Mode {
     Kprobe,
     /// fentry/fexit (fail if unavailable).
     Fentry,
+    /// BPF netfilter programs marking each packet around conntrack's hooks
+    /// (kernel 6.4+; fail if unavailable). Auto picks them where there are
+    /// no kprobes.
+    NetfilterHook,
 }
 
 /// One signal and how it is served (or why it is not).
@@ -78,6 +83,33 @@ pub fn kallsyms_functions(wanted: &[&str]) -> HashSet<String> {
 /// Whether conntrack probes should be tried in this mode on this kernel.
 pub fn want_kprobes(mode: Mode) -> bool {
     matches!(mode, Mode::Auto | Mode::Kprobe) && kprobes_available()
+}
+
+/// Whether netfilter hook marks should be tried: where asked for, or in
+/// auto mode when no kprobes serve the conntrack paths.
+pub fn want_hooks(mode: Mode) -> bool {
+    match mode {
+        Mode::NetfilterHook => true,
+        Mode::Auto => !kprobes_available(),
+        _ => false,
+    }
+}
+
+/// Mechanisms when the netfilter hook marks are attached.
+pub fn hook_mechanisms(namespaces: usize) -> Vec<Mechanism> {
+    let mark = |what: &str| Some(format!("bpf netfilter hooks: {what} (IPv4+IPv6, {namespaces} namespaces at start, new ones as they appear)"));
+    SIGNALS
+        .iter()
+        .skip(1)
+        .map(|s| {
+            let (chosen, note) = match *s {
+                "table_full" | "conntrack_in" => (mark("marks at priority -201/-199 (or the nearest free) around nf_conntrack_in on PRE_ROUTING and LOCAL_OUT"), String::new()),
+                "insert_failed" => (mark("mark at INT_MAX-2 (or the nearest free below) before confirm on POST_ROUTING and LOCAL_IN"), String::new()),
+                _ => (None, "no kprobes; per-namespace totals only, from /proc/net/stat/nf_conntrack".to_string()),
+            };
+            Mechanism { signal: s, chosen, note }
+        })
+        .collect()
 }
 
 pub fn check_mode(mode: Mode) -> Result<()> {
