@@ -12,7 +12,7 @@ use crate::{env, proc, setup};
 
 /// Namespace prefixes the tests and the demo create; anything left with
 /// these names after a run is a cleanup bug worth failing on.
-const OUR_NETNS_PREFIXES: &[&str] = &["ctdt-", "ctdc-", "ctdo-", "ctdemo-", "ctdb-"];
+const OUR_NETNS_PREFIXES: &[&str] = &["ctdt-", "ctdc-", "ctdo-", "ctdemo-", "ctdb-", "ctdw-"];
 
 pub fn build() -> Result<PathBuf> {
     setup::run()?;
