@@ -107,6 +107,35 @@ pub fn syn_pairs(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, first_sport: u16, pai
     }
 }
 
+/// Sends SYN pairs from `ns` (3000 pairs a round, a new source port per
+/// pair) until its `insert_failed` counter rose by `enough` since the
+/// first round, or eight rounds went by: clashes are a race.
+pub fn race_until_insert_failed(ns: &crate::Netns, src: Ipv4Addr, dst: Ipv4Addr, dport: u16, enough: u64) -> anyhow::Result<()> {
+    let path = ns.path();
+    let before = crate::ct_stats(ns)?["insert_failed"];
+    let mut sport = 1024u16;
+    for _ in 0..8 {
+        let p = path.clone();
+        crate::in_netns(&path, move || {
+            syn_pairs(src, dst, dport, sport, 3000, move || enter(&p));
+            Ok(())
+        })?;
+        sport = sport.wrapping_add(3000);
+        if crate::ct_stats(ns)?["insert_failed"] - before >= enough {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// setns for a helper thread that must send from the namespace at `p`.
+fn enter(p: &std::path::Path) {
+    let f = std::fs::File::open(p).unwrap();
+    // SAFETY: setns changes only this thread's namespace; f is a valid fd.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,59 @@ pub mod source {
     /// `nf_conntrack_in` accepted the packet but gave it no entry
     /// (invalid); a rule that drops it later is a conntrack_invalid drop.
     pub const CT_INVALID: u8 = 5;
+    /// Dropped inside conntrack's own netfilter hook (between ctdrop's
+    /// hook marks at priority -201 and -199): `nf_conntrack_in` refused it.
+    pub const CT_HOOK_IN: u8 = 6;
+    /// Dropped at conntrack's confirm hook (marked at INT_MAX-2, same
+    /// `_nfct`, still unconfirmed): the insert failed.
+    pub const CT_HOOK_CONFIRM: u8 = 7;
+    /// A hook mark was found but was older than [`crate::HOOK_MARK_MAX_AGE_NS`]:
+    /// the marks cannot tell, the counters must.
+    pub const CT_HOOK_STALE: u8 = 8;
+    /// Set by userspace, never by a kernel program: hook marks covered the
+    /// packet's namespace and none was left on it, so conntrack's hooks did
+    /// not drop it.
+    pub const HOOK_NOT_CONNTRACK: u8 = 9;
+    /// Set by userspace: the cause was decided by the namespace's `drop`
+    /// counter budget among candidates of both kinds (no mark could tell).
+    pub const INFERRED_BY_BUDGET: u8 = 10;
 }
+
+/// Bits of [`FilterConfig::ct_probes`]: which conntrack signal sources the
+/// `kfree_skb` program consults.
+pub mod ct_signal {
+    /// kprobes leave verdicts in `VERDICTS`.
+    pub const PROBES: u8 = 1;
+    /// Netfilter hook programs leave marks in `HOOK_MARKS`.
+    pub const HOOKS: u8 = 2;
+}
+
+/// Kinds of [`HookMark`].
+pub mod hook_mark {
+    /// Set at priority -201 (before `nf_conntrack_in`), cleared at -199.
+    pub const IN: u64 = 1;
+    /// Set at INT_MAX-2 on an unconfirmed entry (just before confirm).
+    pub const CONFIRM: u64 = 2;
+}
+
+/// What a netfilter hook program leaves on an skb (keyed by its address)
+/// for the `kfree_skb` program. Written by hand-assembled programs
+/// (tracer-user/src/kernel/nfhook.rs): keep the layout plain u64s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct HookMark {
+    pub ts_ns: u64,
+    /// One of [`hook_mark`].
+    pub kind: u64,
+    /// `skb->_nfct` when marked (CONFIRM only; 0 otherwise).
+    pub nfct: u64,
+}
+const _: () = assert!(core::mem::size_of::<HookMark>() == 24);
+
+/// A mark older than this at `kfree_skb` is not trusted: a conntrack drop
+/// frees the skb microseconds after the mark, inside the same hook call;
+/// an older mark is one the skb's address kept from an earlier life.
+pub const HOOK_MARK_MAX_AGE_NS: u64 = 5_000_000;
 
 /// Bits of [`DropRecord::flags`]: which optional parts of a record are valid.
 pub mod flags {
@@ -248,32 +300,63 @@ pub struct Offsets {
 
 pub const OFFSET_ABSENT: u32 = u32::MAX;
 
+/// Most values per filter kind (`--host`, `--port`, `--netns`, `--ifname`):
+/// the kernel checks them in bounded, unrolled loops.
+pub const FILTER_MAX: usize = 8;
+
+/// One `--host` prefix. Words are the address bytes read as native-endian
+/// u32s, as the kernel side reads `DropRecord::saddr`/`daddr`; `addr` is
+/// already masked. IPv4 uses word 0 only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct FilterNet {
+    pub addr: [u32; 4],
+    pub mask: [u32; 4],
+}
+
+/// One `--ifname`, resolved to its index in one namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct FilterIf {
+    pub netns: u32,
+    pub ifindex: u32,
+}
+
 /// What the kernel side sends and which packets it considers; set once at
 /// load time as a read-only global so the verifier prunes what is unused.
+/// Within a kind the values are alternatives (any may match); kinds given
+/// together must all match.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
 pub struct FilterConfig {
-    /// Address to match at either end (when `host_len` is 4 or 16).
-    pub host: [u8; 16],
+    /// Prefixes matched at either end; the first `n_nets` count.
+    pub nets: [FilterNet; FILTER_MAX],
+    /// Namespace inodes; the first `n_netns` count.
+    pub netns: [u32; FILTER_MAX],
+    /// (namespace, ifindex) of the packet's device; the first `n_ifs` count.
+    pub ifs: [FilterIf; FILTER_MAX],
+    /// Ports matched at either end; the first `n_ports` count.
+    pub ports: [u16; FILTER_MAX],
     /// Only drops with this reason, unless `all_reasons` is set.
     pub netfilter_drop_reason: u32,
-    /// 0 = any namespace.
-    pub netns: u32,
-    /// 0 = any port; matched at either end.
-    pub port: u16,
+    pub n_nets: u8,
+    /// Bit i set: `nets[i]` is IPv6.
+    pub nets_v6: u8,
+    pub n_netns: u8,
+    pub n_ifs: u8,
+    pub n_ports: u8,
     /// 0 = any protocol.
     pub l4_proto: u8,
     pub all_reasons: u8,
-    /// 0 = any host, 4 = IPv4, 16 = IPv6.
-    pub host_len: u8,
     /// 1 = copy header bytes after each record.
     pub capture_headers: u8,
     /// 1 = count in the per-flow map instead of sending records.
     pub count_only: u8,
-    /// 1 = conntrack-path probes are attached: look up their verdicts.
+    /// Bits of [`ct_signal`]: which conntrack signal maps to consult.
     pub ct_probes: u8,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<FilterConfig>() == 384);
 
 /// Per-namespace conntrack path events counted by the probe tier (keyed
 /// by namespace inode in a per-CPU hash): the table-fill timeline and the
@@ -336,4 +419,5 @@ mod user_pod {
     unsafe impl aya::Pod for super::FilterConfig {}
     unsafe impl aya::Pod for super::CtEventCounts {}
     unsafe impl aya::Pod for super::SkbVerdict {}
+    unsafe impl aya::Pod for super::HookMark {}
 }

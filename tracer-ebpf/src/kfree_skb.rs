@@ -6,61 +6,14 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use tracer_common::{flags, source, stat, DropRecord, DropRecordWithHeader};
+use tracer_common::{ct_signal, flags, source, stat, DropRecord, DropRecordWithHeader};
 
-use crate::{bump, count::count, skb, EVENTS, SCRATCH};
+use crate::{bump, count::count, filter::matches, skb, EVENTS, SCRATCH};
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     unsafe { handle(&ctx) };
     0
-}
-
-#[inline(always)]
-fn matches(r: &DropRecord) -> bool {
-    let netns = filt!(netns);
-    if netns != 0 && r.netns != netns {
-        return false;
-    }
-    let proto = filt!(l4_proto);
-    if proto != 0 && r.l4_proto != proto {
-        return false;
-    }
-    let port = filt!(port);
-    if port != 0 && r.sport != port && r.dport != port {
-        return false;
-    }
-    let host_len = filt!(host_len);
-    if host_len == 4 || host_len == 16 {
-        let host = filt!(host);
-        let v6 = host_len == 16;
-        if r.l3_proto != if v6 { 0x86dd } else { 0x0800 } {
-            return false;
-        }
-        // Word compares: a byte-slice compare would call bcmp.
-        let words = |a: &[u8; 16]| -> [u32; 4] {
-            [
-                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-            ]
-        };
-        let (h, s, d) = (words(&host), words(&r.saddr), words(&r.daddr));
-        let n = if v6 { 4 } else { 1 };
-        let mut src_eq = true;
-        let mut dst_eq = true;
-        for i in 0..4 {
-            if i < n {
-                src_eq &= s[i] == h[i];
-                dst_eq &= d[i] == h[i];
-            }
-        }
-        if !src_eq && !dst_eq {
-            return false;
-        }
-    }
-    true
 }
 
 #[inline(always)]
@@ -126,17 +79,22 @@ unsafe fn build(ctx: &BtfTracePointContext, reason: u32, rec: &mut DropRecord) -
     rec.cpu = bpf_get_smp_processor_id();
     rec.source = source::KFREE_SKB;
     skb::fill(skb_ptr, rec, true);
-    if !matches(rec) {
-        return false;
-    }
-    // A .rodata flag: with no verdict producer attached the verifier sees
-    // the branch is never taken and removes the lookup.
-    if filt!(ct_probes) != 0 {
+    // Before the filter: a verdict or mark left on a filtered-out packet
+    // would otherwise outlive it and be read for the next skb at its
+    // address. A .rodata flag: with no producer of a kind attached the
+    // verifier sees its branch is never taken and removes the lookup.
+    let signals = filt!(ct_probes);
+    if signals & ct_signal::PROBES != 0 {
         if let Some(src) = crate::conntrack::take_verdict(skb_ptr as u64, rec.ts_ns) {
             rec.source = src;
         }
     }
-    true
+    if signals & ct_signal::HOOKS != 0 {
+        if let Some(src) = crate::hooks::take_mark(skb_ptr, rec.ts_ns) {
+            rec.source = src;
+        }
+    }
+    matches(rec)
 }
 
 /// The ring is full: the record is built aside only to learn whether the

@@ -30,6 +30,8 @@ macro_rules! filt {
 
 mod conntrack;
 mod count;
+mod hooks;
+mod filter;
 mod kfree_skb;
 mod skb;
 
@@ -37,7 +39,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use tracer_common::{stat, FilterConfig, Offsets, OFFSET_ABSENT};
+use tracer_common::{stat, FilterConfig, FilterIf, FilterNet, Offsets, FILTER_MAX, OFFSET_ABSENT};
 
 
 /// Filled in by userspace at load time (`EbpfLoader::set_global`); the
@@ -63,16 +65,22 @@ static OFFSETS: Offsets = Offsets {
 
 #[no_mangle]
 static FILTER: FilterConfig = FilterConfig {
-    host: [0; 16],
+    nets: [FilterNet { addr: [0; 4], mask: [0; 4] }; FILTER_MAX],
+    netns: [0; FILTER_MAX],
+    ifs: [FilterIf { netns: 0, ifindex: 0 }; FILTER_MAX],
+    ports: [0; FILTER_MAX],
     netfilter_drop_reason: 0,
-    netns: 0,
-    port: 0,
+    n_nets: 0,
+    nets_v6: 0,
+    n_netns: 0,
+    n_ifs: 0,
+    n_ports: 0,
     l4_proto: 0,
     all_reasons: 0,
-    host_len: 0,
     capture_headers: 0,
     count_only: 0,
     ct_probes: 0,
+    _pad: [0; 2],
 };
 
 /// Userspace resizes this at load (`--ring-size`).

@@ -24,6 +24,19 @@ const HEADROOM: f64 = 1.25;
 /// A port group must hold this share of the table to be worth untracking.
 const NOTRACK_MIN_SHARE: f64 = 0.10;
 const NOTRACK_MAX_RULES: usize = 3;
+/// A namespace whose table never held this share of `nf_conntrack_max`
+/// (and turned nothing away) gets no capacity and no NOTRACK advice:
+/// there is no pressure to relieve.
+pub const NEAR_FULL: f64 = 0.80;
+/// One source (or one port) holding this share of the entries, or sending
+/// this share of the turned-away packets, is a flood to limit at its
+/// origin before any limit is raised.
+pub const ONE_SOURCE_SHARE: f64 = 0.50;
+/// Fewer entries or drops than this say nothing about concentration.
+const CONCENTRATION_MIN: u64 = 8;
+/// New flows per second one source may open before the advised hashlimit
+/// rule drops the rest (a start; tune to the source's legitimate rate).
+const SOURCE_RATE: u32 = 50;
 /// Name of the nft table the advised NOTRACK rules live in.
 pub const NFT_TABLE: &str = "ctdrop_notrack";
 
@@ -40,6 +53,62 @@ pub struct NsEvidence<'a> {
     pub peak_entries: u64,
     pub occupancy: Option<&'a Occupancy>,
     pub limits: Option<CtLimits>,
+    /// Sources of the table-full drops, most first (from the drop records).
+    pub drop_sources: Vec<(IpAddr, u64)>,
+}
+
+/// Where the pressure comes from: one source, or many to one port.
+#[derive(Clone, Debug, PartialEq)]
+enum Concentration {
+    /// `n` of `of` entries (`entries`, from a snapshot) or turned-away
+    /// packets; `unreplied`: of its entries, those never answered.
+    Source { addr: IpAddr, n: u64, of: u64, entries: bool, unreplied: u64 },
+    Port { proto: u8, port: u16, n: u64, of: u64, sources: u64, entries: bool, unreplied: u64 },
+}
+
+impl Concentration {
+    /// Entries the flood holds: its never-answered ones (known from a
+    /// snapshot only). Answered ones are someone's real connections, e.g.
+    /// a proxy's, and stay demand.
+    fn flood_entries(&self) -> u64 {
+        match self {
+            Concentration::Source { unreplied, .. } | Concentration::Port { unreplied, .. } => *unreplied,
+        }
+    }
+}
+
+fn concentration(e: &NsEvidence) -> Option<Concentration> {
+    let share = |n: u64, of: u64| of >= CONCENTRATION_MIN && n as f64 >= of as f64 * ONE_SOURCE_SHARE;
+    if let Some(o) = e.occupancy {
+        if let Some(s) = o.top_sources.first().filter(|s| share(s.entries, o.entries)) {
+            return Some(Concentration::Source { addr: s.addr, n: s.entries, of: o.entries, entries: true, unreplied: s.unreplied });
+        }
+        // Many sources to one port is a flood only when mostly unanswered:
+        // a busy service's answered connections are its real load.
+        if let Some(p) = o.top_dst_ports.first().filter(|p| share(p.entries, o.entries) && p.unreplied * 2 >= p.entries) {
+            return Some(Concentration::Port { proto: p.proto_num, port: p.port, n: p.entries, of: o.entries, sources: p.sources, entries: true, unreplied: p.unreplied });
+        }
+    }
+    let drops: u64 = e.table_full_drops;
+    if let Some((a, n)) = e.drop_sources.first().filter(|(_, n)| share(*n, drops)) {
+        return Some(Concentration::Source { addr: *a, n: *n, of: drops, entries: false, unreplied: 0 });
+    }
+    // Drops to one port from many sources look alike for a flood and for
+    // a busy service's growth: only a snapshot (unanswered entries) tells.
+    None
+}
+
+/// Whether the table was ever close enough to full for capacity or
+/// NOTRACK advice.
+fn near_full(e: &NsEvidence) -> bool {
+    if e.table_full_drops > 0 {
+        return true;
+    }
+    let seen = e.peak_entries.max(e.occupancy.map(|o| o.entries).unwrap_or(0));
+    match e.limits.map(|l| l.max) {
+        Some(max) if max > 0 => seen as f64 >= max as f64 * NEAR_FULL,
+        _ => true,
+    }
 }
 
 /// ICMP errors for path-MTU discovery that a filter rule dropped.
@@ -165,21 +234,32 @@ pub fn hashsize_for_max(max: u64) -> u64 {
 }
 
 fn label(netns: Option<u32>, name: &Option<String>) -> String {
-    name.clone().or_else(|| netns.map(|n| n.to_string())).unwrap_or_else(|| "?".into())
+    crate::conntrack::netns::label(netns, name.as_deref())
 }
 
 /// Everything to say about one namespace.
 pub fn for_namespace(e: &NsEvidence, host: &Host) -> Vec<Advice> {
     let mut out = Vec::new();
-    if e.table_full_drops > 0 || e.occupancy.is_some() {
-        out.push(capacity(e, host));
+    let pressure = near_full(e);
+    if !pressure && e.occupancy.is_some() {
+        out.push(headroom(e));
+    }
+    let conc = if pressure { concentration(e) } else { None };
+    // Limit a flood at its origin first: raising the limit only feeds it.
+    if let Some(c) = &conc {
+        out.push(limit_origin(e, c));
+    }
+    if pressure && (e.table_full_drops > 0 || e.occupancy.is_some()) {
+        out.push(capacity(e, host, conc.as_ref()));
     }
     if let Some(o) = e.occupancy {
         if o.nat_rules == Some(true) || o.nat > 0 {
             out.push(nat(e, o));
         }
-        if let Some(a) = notrack(e, o) {
-            out.push(a);
+        if pressure {
+            if let Some(a) = notrack(e, o) {
+                out.push(a);
+            }
         }
     }
     if e.insert_failed > 0 {
@@ -188,18 +268,108 @@ pub fn for_namespace(e: &NsEvidence, host: &Host) -> Vec<Advice> {
     out
 }
 
-fn capacity(e: &NsEvidence, host: &Host) -> Advice {
+/// A namespace that was never near full: say so, and why nothing is advised.
+fn headroom(e: &NsEvidence) -> Advice {
+    let seen = e.peak_entries.max(e.occupancy.map(|o| o.entries).unwrap_or(0));
+    let max = e.limits.map(|l| l.max).unwrap_or(0);
+    Advice {
+        cause: Cause::ConntrackTableFull.as_str(),
+        topic: "headroom",
+        netns: e.netns,
+        netns_name: e.netns_name.clone(),
+        headline: format!(
+            "the table held {seen} of {max} entries ({:.0}%) and turned nothing away: nothing to change (capacity and NOTRACK advice start at {:.0}% of nf_conntrack_max)",
+            seen as f64 * 100.0 / max.max(1) as f64,
+            NEAR_FULL * 100.0
+        ),
+        notes: Vec::new(),
+        steps: Vec::new(),
+        values: serde_json::json!({ "observed_entries": seen, "current_max": max, "near_full_share": NEAR_FULL }),
+    }
+}
+
+/// One source, or many sources to one port, fill the table: limit that
+/// (exact rules), or find the client, before raising any limit.
+fn limit_origin(e: &NsEvidence, c: &Concentration) -> Advice {
+    let max = e.limits.map(|l| l.max).unwrap_or(0);
+    // One source may hold a tenth of the table (at least 16 entries).
+    let per_source = (max / 10).max(16);
+    let what = |n: u64, of: u64, entries: bool| {
+        format!("{} of {of} {} ({:.0}%)", n, if entries { "entries" } else { "turned-away packets" }, n as f64 * 100.0 / of.max(1) as f64)
+    };
+    let mut notes = Vec::new();
+    let mut steps = Vec::new();
+    let (headline, values) = match c {
+        Concentration::Source { addr, n, of, entries, .. } => {
+            let a = addr.to_string();
+            let ipt = if addr.is_ipv6() { "ip6tables" } else { "iptables" };
+            let rate = format!("{SOURCE_RATE}/sec");
+            let burst = (SOURCE_RATE * 2).to_string();
+            steps.push(Step::run(&[ipt, "-I", "INPUT", "-s", &a, "-m", "conntrack", "--ctstate", "NEW", "-m", "hashlimit", "--hashlimit-above", &rate, "--hashlimit-burst", &burst, "--hashlimit-mode", "srcip", "--hashlimit-name", "ctdrop_src", "-j", "DROP"], true));
+            steps.push(Step::run(&[ipt, "-I", "INPUT", "-s", &a, "-m", "connlimit", "--connlimit-above", &per_source.to_string(), "--connlimit-mask", if addr.is_ipv6() { "128" } else { "32" }, "-j", "DROP"], true));
+            steps.push(Step::run(&["conntrack", "-D", "-s", &a], true));
+            notes.push(format!("or find the client: on {a}, which program opens these flows (ss -tunap); a client in a retry loop, a scanner or a misconfigured health check is fixed at its source."));
+            notes.push(format!("the rules drop {a}'s new flows beyond {SOURCE_RATE} a second and beyond {per_source} held at once (a tenth of nf_conntrack_max); packets dropped there free their entry at once. Use FORWARD instead of INPUT on a router."));
+            notes.push("conntrack -D -s removes the entries it already holds.".into());
+            (
+                format!("{a} is behind {}: limit or fix that source before raising nf_conntrack_max", what(*n, *of, *entries)),
+                serde_json::json!({ "source": a, "share_of": if *entries { "entries" } else { "drops" }, "count": n, "of": of, "rate_per_s": SOURCE_RATE, "connlimit": per_source }),
+            )
+        }
+        Concentration::Port { proto, port, n, of, sources, entries, .. } => {
+            let p = proto_name(*proto);
+            let port_s = port.to_string();
+            let rate = format!("{SOURCE_RATE}/sec");
+            let burst = (SOURCE_RATE * 2).to_string();
+            let name = format!("ctdrop_port_{port}");
+            steps.push(Step::run(&["iptables", "-I", "INPUT", "-p", &p, "--dport", &port_s, "-m", "conntrack", "--ctstate", "NEW", "-m", "hashlimit", "--hashlimit-above", &rate, "--hashlimit-burst", &burst, "--hashlimit-mode", "srcip", "--hashlimit-name", &name, "-j", "DROP"], true));
+            notes.push(format!("the rule drops new {p}/{port} flows beyond {SOURCE_RATE} a second per source; if the service is stateless, untracking it (NOTRACK) removes the pressure instead."));
+            let from = if *sources > 1 { format!(" from {sources} sources") } else { String::new() };
+            (
+                format!("{p}/{port}{from} is behind {}: limit new flows to it per source before raising nf_conntrack_max", what(*n, *of, *entries)),
+                serde_json::json!({ "proto": p, "port": port, "sources": sources, "share_of": if *entries { "entries" } else { "drops" }, "count": n, "of": of, "rate_per_s": SOURCE_RATE }),
+            )
+        }
+    };
+    Advice { cause: Cause::ConntrackTableFull.as_str(), topic: "limit_origin", netns: e.netns, netns_name: e.netns_name.clone(), headline, notes, steps, values }
+}
+
+fn proto_name(p: u8) -> String {
+    crate::events::decode::proto_name(p)
+}
+
+fn capacity(e: &NsEvidence, host: &Host, conc: Option<&Concentration>) -> Advice {
     let max = e.limits.map(|l| l.max);
     let buckets = e.limits.map(|l| l.buckets).filter(|b| *b > 0);
     let seen = e.peak_entries.max(e.occupancy.map(|o| o.entries).unwrap_or(0));
-    // Every flow turned away wanted one entry more than the table had.
-    let peak = seen + e.table_full_flows;
+    // Sized from the entries legitimately held: a flood's own entries and
+    // its dropped packets are not demand (they are what the limit is for).
+    // Without a flood, each flow turned away wanted an entry, counted up to
+    // what was held (no extrapolation beyond doubling: measure again).
+    let legit = match conc {
+        Some(c) => seen.saturating_sub(c.flood_entries()),
+        None => seen,
+    };
+    let peak = if conc.is_some() { legit } else { seen + e.table_full_flows.min(seen.max(1)) };
     let needed = max_for_peak(peak);
     let recommended = needed.max(max.unwrap_or(0));
-    let change = e.table_full_drops > 0 || max.map(|m| needed > m).unwrap_or(true);
+    let change = max.map(|m| needed > m).unwrap_or(true) || (conc.is_none() && e.table_full_drops > 0);
     let hashsize = hashsize_for_max(recommended);
     let mut notes = Vec::new();
-    let headline = if e.table_full_drops > 0 {
+    let headline = if conc.is_some() && !change {
+        format!(
+            "without the flood the table holds {legit} entries, which nf_conntrack_max {} holds with headroom: do not raise it; {} dropped packets are the flood's, not demand",
+            max.unwrap_or(0),
+            e.table_full_drops
+        )
+    } else if conc.is_some_and(|c| c.flood_entries() > 0) {
+        format!("without the flood the table still holds {legit} entries: set nf_conntrack_max to {recommended} and hashsize to {hashsize}")
+    } else if conc.is_some() {
+        format!(
+            "limit the flood first; if the table still fills after that, set nf_conntrack_max to {recommended} and hashsize to {hashsize} (the {seen} entries held, with headroom; not sized from the {} dropped packets)",
+            e.table_full_drops
+        )
+    } else if e.table_full_drops > 0 {
         format!(
             "{} packets of {} flows found the table full ({} entries): it needed at least {peak}; set nf_conntrack_max to {recommended} and hashsize to {hashsize}",
             e.table_full_drops, e.table_full_flows, seen
@@ -245,7 +415,7 @@ fn capacity(e: &NsEvidence, host: &Host) -> Advice {
         notes,
         steps,
         values: serde_json::json!({
-            "observed_entries": seen, "turned_away_flows": e.table_full_flows, "observed_peak": peak,
+            "observed_entries": seen, "legit_entries": legit, "turned_away_flows": e.table_full_flows, "observed_peak": peak,
             "current_max": max, "current_buckets": buckets, "recommended_max": recommended,
             "recommended_hashsize": hashsize, "change_needed": change,
         }),
@@ -414,6 +584,15 @@ pub fn from_run(
     for ns in nss {
         let table_full_drops = tally.count_in(ns, Cause::ConntrackTableFull);
         let occupancy = snapshots.get(&ns);
+        let mut by_src: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        for (id, st) in tally.flows().filter(|(id, s)| id.netns == Some(ns) && s.by_cause[full] > 0) {
+            if let Some(a) = id.src {
+                *by_src.entry(a).or_default() += st.by_cause[full];
+            }
+        }
+        let mut drop_sources: Vec<(IpAddr, u64)> = by_src.into_iter().collect();
+        drop_sources.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        drop_sources.truncate(3);
         let ev = NsEvidence {
             netns: Some(ns),
             netns_name: occupancy.and_then(|o| o.netns_name.clone()).or_else(|| name_of(ns)),
@@ -424,6 +603,7 @@ pub fn from_run(
             peak_entries: if table_full_drops > 0 { limits.map(|l| l.max).unwrap_or(0) } else { 0 },
             occupancy,
             limits,
+            drop_sources,
         };
         out.extend(for_namespace(&ev, host));
     }
@@ -462,6 +642,36 @@ fn wrap(text: &str, indent: &str, width: usize) -> Vec<String> {
     lines
 }
 
+/// `    $ cmd`, continued with ` \` on lines of at most `width` columns
+/// (still pastes into a shell as one command).
+fn wrap_command(cmd: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    // Words as the shell sees them: never break inside single quotes.
+    let mut words: Vec<String> = Vec::new();
+    let mut quoted = false;
+    for w in cmd.split(' ') {
+        match words.last_mut() {
+            Some(last) if quoted => {
+                last.push(' ');
+                last.push_str(w);
+            }
+            _ => words.push(w.to_string()),
+        }
+        quoted ^= w.matches('\'').count() % 2 == 1;
+    }
+    let mut cur = String::from("    $");
+    for w in &words {
+        if cur.len() > 6 && cur.len() + 1 + w.len() + 2 > width {
+            cur.push_str(" \\");
+            lines.push(std::mem::replace(&mut cur, String::from("       ")));
+        }
+        cur.push(' ');
+        cur.push_str(w);
+    }
+    lines.push(cur);
+    lines
+}
+
 /// Human rendering, readable at 80 columns.
 pub fn write_human(advice: &[Advice], out: &mut dyn Write) -> std::io::Result<()> {
     if advice.is_empty() {
@@ -492,7 +702,9 @@ pub fn write_human(advice: &[Advice], out: &mut dyn Write) -> std::io::Result<()
                         writeln!(out, "    in {ns} (ip netns exec {ns} ...):")?;
                         said_ns = true;
                     }
-                    writeln!(out, "    $ {}", s.command_line().unwrap_or_default())?;
+                    for l in wrap_command(&s.command_line().unwrap_or_default(), 80) {
+                        writeln!(out, "{l}")?;
+                    }
                 }
                 Step::Persist { file, line } => {
                     writeln!(out, "    persist in {file}:")?;
@@ -597,22 +809,78 @@ mod tests {
     }
 
     #[test]
-    fn table_full_advice_names_port_and_a_max_above_the_peak() {
+    fn one_source_flood_is_limited_at_its_source_and_the_limit_is_not_sized_from_its_drops() {
+        // 58 unanswered UDP flows to 5353 and 5 TCP connections, all from
+        // 198.18.0.1, fill a 64-entry table; 40 more packets turned away.
         let o = table(5353, 58, 5, false);
         let e = NsEvidence { netns: Some(7), netns_name: Some("ctdo-b".into()), table_full_drops: 40, table_full_flows: 40, peak_entries: 64, occupancy: Some(&o), limits: limits(64), ..Default::default() };
         let a = for_namespace(&e, &host());
-        let cap = a.iter().find(|a| a.topic == "capacity").unwrap();
-        assert_eq!(cap.values["observed_peak"], 104);
-        assert_eq!(cap.values["recommended_max"], 256);
-        assert!(cap.steps.iter().any(|s| s.command_line().as_deref() == Some("sysctl -w net.netfilter.nf_conntrack_max=256")));
-        let nt = a.iter().find(|a| a.topic == "notrack").unwrap();
+        let topics: Vec<&str> = a.iter().map(|a| a.topic).collect();
+        assert_eq!(topics, vec!["limit_origin", "capacity", "notrack"], "the source first, before any limit");
+        let src = &a[0];
+        assert!(src.headline.starts_with("198.18.0.1 is behind 63 of 63 entries (100%)"), "{}", src.headline);
+        let cmds: Vec<String> = src.steps.iter().filter_map(Step::command_line).collect();
+        assert_eq!(
+            cmds,
+            vec![
+                "iptables -I INPUT -s 198.18.0.1 -m conntrack --ctstate NEW -m hashlimit --hashlimit-above 50/sec --hashlimit-burst 100 --hashlimit-mode srcip --hashlimit-name ctdrop_src -j DROP",
+                "iptables -I INPUT -s 198.18.0.1 -m connlimit --connlimit-above 16 --connlimit-mask 32 -j DROP",
+                "conntrack -D -s 198.18.0.1",
+            ]
+        );
+        assert!(src.notes.iter().any(|n| n.contains("find the client")));
+        // Sized from what was legitimately held (the 5 answered TCP
+        // connections), not from 64 + 40 turned-away flood packets.
+        let cap = &a[1];
+        assert_eq!(cap.values["legit_entries"], 6);
+        assert_eq!(cap.values["change_needed"], false);
+        assert_eq!(cap.values["recommended_max"], 64);
+        assert!(cap.steps.is_empty(), "{:?}", cap.steps);
+        assert!(cap.headline.contains("do not raise it"), "{}", cap.headline);
+        let nt = &a[2];
         let cmds: Vec<String> = nt.steps.iter().filter_map(Step::command_line).collect();
         assert!(cmds.contains(&"iptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK".to_string()));
         assert!(cmds.contains(&"iptables -t raw -A OUTPUT -p udp --sport 5353 -j NOTRACK".to_string()));
         assert!(cmds.contains(&"conntrack -D -p udp --orig-port-dst 5353".to_string()));
         // The ASSURED TCP connections are stateful: never advised away.
         assert!(!cmds.iter().any(|c| c.contains("8080")));
-        assert!(!a.iter().any(|a| a.topic == "nat"));
+    }
+
+    #[test]
+    fn legit_growth_raises_the_limit_from_the_entries_held() {
+        // 72 answered connections from 72 clients fill a 72-entry table;
+        // 30 more clients were turned away, each once.
+        let mut b = OccupancyBuilder::default();
+        for i in 0..72u32 {
+            let src = IpAddr::from([198, 18, 1, i as u8]);
+            b.add(&CtEntry { proto: 6, src, dst: "198.18.0.2".parse().unwrap(), sport: 40000, dport: 443, tcp_state: Some(3), status: (Status::Confirmed | Status::SeenReply | Status::Assured).bits() });
+        }
+        let o = b.finish(5);
+        let drop_sources: Vec<(IpAddr, u64)> = (0..3u8).map(|i| (IpAddr::from([198, 18, 2, i]), 1)).collect();
+        let e = NsEvidence { netns: Some(3), table_full_drops: 30, table_full_flows: 30, peak_entries: 72, occupancy: Some(&o), limits: limits(72), drop_sources, ..Default::default() };
+        let a = for_namespace(&e, &host());
+        let topics: Vec<&str> = a.iter().map(|a| a.topic).collect();
+        // Port 443 holds every entry, but answered: a busy service, not a flood.
+        assert_eq!(topics, vec!["capacity"]);
+        assert_eq!(a[0].values["observed_peak"], 102);
+        assert_eq!(a[0].values["recommended_max"], 128);
+        assert_eq!(a[0].values["change_needed"], true);
+        assert!(a[0].steps.iter().any(|s| s.command_line().as_deref() == Some("sysctl -w net.netfilter.nf_conntrack_max=128")));
+    }
+
+    #[test]
+    fn idle_big_table_gets_no_capacity_or_notrack_advice_and_says_the_threshold() {
+        // The case: 4 entries in a 262,144-entry table.
+        let o = table(5353, 2, 2, false);
+        let e = NsEvidence { netns: Some(1), occupancy: Some(&o), limits: limits(262144), peak_entries: 4, ..Default::default() };
+        let a = for_namespace(&e, &host());
+        assert_eq!(a.iter().map(|a| a.topic).collect::<Vec<_>>(), vec!["headroom"]);
+        assert!(a[0].headline.contains("4 of 262144 entries (0%)"), "{}", a[0].headline);
+        assert!(a[0].headline.contains("start at 80% of nf_conntrack_max"), "{}", a[0].headline);
+        assert!(a[0].steps.is_empty());
+        // At 80% the same table is near full: advice comes back.
+        let e = NsEvidence { limits: limits(5), ..e };
+        assert!(for_namespace(&e, &host()).iter().any(|a| a.topic == "capacity"));
     }
 
     #[test]
@@ -621,17 +889,6 @@ mod tests {
         let e = NsEvidence { occupancy: Some(&o), limits: limits(262144), ..Default::default() };
         let a = for_namespace(&e, &host());
         assert!(a.iter().any(|a| a.topic == "nat" && a.headline.contains("cannot be disabled")));
-    }
-
-    #[test]
-    fn roomy_table_needs_no_change() {
-        let o = table(5353, 40, 5, false);
-        let e = NsEvidence { occupancy: Some(&o), limits: limits(262144), peak_entries: 45, ..Default::default() };
-        let a = for_namespace(&e, &host());
-        let cap = &a[0];
-        assert_eq!(cap.values["change_needed"], false);
-        assert_eq!(cap.values["recommended_max"], 262144);
-        assert!(cap.steps.is_empty());
     }
 
     #[test]
@@ -644,9 +901,9 @@ mod tests {
     #[test]
     fn built_in_module_hashsize_goes_on_the_command_line() {
         let e = NsEvidence { table_full_drops: 1, table_full_flows: 1, peak_entries: 64, limits: limits(64), ..Default::default() };
-        let cap = capacity(&e, &host());
+        let cap = capacity(&e, &host(), None);
         assert!(cap.notes.iter().any(|n| n.contains("nf_conntrack.hashsize=128")));
-        let cap = capacity(&e, &Host { module: ModuleKind::Loadable, entry_bytes: None });
+        let cap = capacity(&e, &Host { module: ModuleKind::Loadable, entry_bytes: None }, None);
         assert!(cap.steps.contains(&Step::Persist { file: "/etc/modprobe.d/nf_conntrack.conf".into(), line: "options nf_conntrack hashsize=128".into() }));
     }
 
@@ -681,11 +938,15 @@ mod tests {
         t.record(&ev(3, 17, 7, None), Cause::NetfilterRule);
         let a = from_run(&t, &BTreeMap::new(), limits(64), &host(), |ns| Some(format!("ns{ns}")));
         let topics: Vec<(&str, Option<u32>)> = a.iter().map(|a| (a.topic, a.netns)).collect();
-        assert_eq!(topics, vec![("capacity", Some(1)), ("icmp_error_blocked", Some(2))]);
-        assert_eq!(a[0].values["turned_away_flows"], 30);
-        assert_eq!(a[0].values["observed_peak"], 94);
-        assert_eq!(a[0].netns_name.as_deref(), Some("ns1"));
-        assert_eq!(a[1].netns_name.as_deref(), Some("ns2"));
+        assert_eq!(topics, vec![("limit_origin", Some(1)), ("capacity", Some(1)), ("icmp_error_blocked", Some(2))]);
+        // Every turned-away packet came from one source: that source is named,
+        // and the limit is sized from the 64 entries held, not 64 + 30 drops.
+        assert_eq!(a[0].values["source"], "198.18.0.1");
+        assert_eq!((a[0].values["count"].as_u64(), a[0].values["of"].as_u64()), (Some(31), Some(31)));
+        assert_eq!(a[1].values["turned_away_flows"], 30);
+        assert_eq!(a[1].values["observed_peak"], 64);
+        assert_eq!(a[1].netns_name.as_deref(), Some("ns1"));
+        assert_eq!(a[2].netns_name.as_deref(), Some("ns2"));
     }
 
     #[test]
@@ -724,7 +985,7 @@ mod tests {
     #[test]
     fn human_advice_fits_80_columns() {
         let o = table(5353, 58, 5, true);
-        let e = NsEvidence { netns: Some(4026532000), netns_name: Some("ctdemo-srv".into()), table_full_drops: 123456, table_full_flows: 100000, insert_failed: 3, peak_entries: 262144, occupancy: Some(&o), limits: limits(262144) };
+        let e = NsEvidence { netns: Some(4026532000), netns_name: Some("ctdemo-srv".into()), table_full_drops: 123456, table_full_flows: 100000, insert_failed: 3, peak_entries: 262144, occupancy: Some(&o), limits: limits(262144), ..Default::default() };
         let mut a = for_namespace(&e, &host());
         a.extend(for_icmp_blocked(&[IcmpBlocked { netns: Some(1), netns_name: None, src: "2001:db8::1".parse().ok(), dst: "2001:db8::2".parse().ok(), drops: 9 }]));
         let mut out = Vec::new();
@@ -734,5 +995,9 @@ mod tests {
             assert!(l.chars().count() <= 80, "{l:?} is {} columns", l.chars().count());
         }
         assert!(s.contains("$ iptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK"));
+        // Long commands continue with a backslash, never inside quotes.
+        assert!(s.contains("$ iptables -I INPUT -s 198.18.0.1 -m conntrack --ctstate NEW -m hashlimit \\\n"), "{s}");
+        assert_eq!(wrap_command("sh -c 'echo 1 > /a/very/long/path/that/goes/on/and/on/and/on/hashsize' x", 40)[0], "    $ sh -c \\");
+        assert!(wrap_command("sh -c 'echo 1 > /a/very/long/path/that/goes/on/and/on/and/on/hashsize' x", 40).iter().any(|l| l.trim_start() == "'echo 1 > /a/very/long/path/that/goes/on/and/on/and/on/hashsize' \\"));
     }
 }

@@ -65,6 +65,10 @@ pub fn evidence(src: u8, cause: Cause) -> &'static str {
         source::CT_ALLOC_FAIL => "probe:__nf_conntrack_alloc",
         source::CT_CONFIRM_DROP => "probe:__nf_conntrack_confirm",
         source::CT_IN_DROP | source::CT_INVALID => "probe:nf_conntrack_in",
+        source::CT_HOOK_IN if cause == Cause::ConntrackTableFull => "hook:conntrack_in",
+        source::CT_HOOK_CONFIRM if cause == Cause::ConntrackInsertFailed => "hook:conntrack_confirm",
+        source::HOOK_NOT_CONNTRACK => "hook:outside_conntrack",
+        source::INFERRED_BY_BUDGET => "inferred:drop_counter",
         _ if cause == Cause::ConntrackTableFull => "inferred:table_fill",
         _ => "drop_reason",
     }
@@ -87,6 +91,11 @@ impl Classifier {
             // Conntrack let it through without an entry; a rule then
             // dropped it (`--ctstate INVALID -j DROP`).
             source::CT_INVALID if Some(ev.reason) == self.netfilter_drop => return Cause::ConntrackInvalid,
+            // Dropped between ctdrop's marks around nf_conntrack_in: it
+            // refused the packet for want of an entry (see kernel/nfhook.rs
+            // for the one rarer case this name also covers).
+            source::CT_HOOK_IN if Some(ev.reason) == self.netfilter_drop => return Cause::ConntrackTableFull,
+            source::CT_HOOK_CONFIRM if Some(ev.reason) == self.netfilter_drop => return Cause::ConntrackInsertFailed,
             _ => {}
         }
         if Some(ev.reason) != self.netfilter_drop {
@@ -101,7 +110,9 @@ impl Classifier {
         // allocation failure arrives as CT_ALLOC_FAIL above); the collector
         // cross-checks it with the `drop` counter.
         let no_entry = ev.ct.is_none();
-        if !self.probes && no_entry {
+        // Hook marks covered the packet and it carried none: conntrack's
+        // hooks did not drop it, whatever the counters did meanwhile.
+        if !self.probes && no_entry && ev.source != source::HOOK_NOT_CONNTRACK {
             if let Some(fill) = ev.ct_fill {
                 // The namespace's own drop counter is the better witness;
                 // the table fill only stands in when there is no history.
@@ -215,6 +226,28 @@ mod tests {
         assert_eq!(c().classify(&e), Cause::ConntrackInvalid);
         e.reason = 2;
         assert_eq!(c().classify(&e), Cause::Other);
+    }
+
+    #[test]
+    fn hook_marks_decide_without_the_counters() {
+        let mut e = ev(NF);
+        // Counters say "counted", but the packet left conntrack's hook alive.
+        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: Some(true) });
+        e.source = source::HOOK_NOT_CONNTRACK;
+        assert_eq!(c().classify(&e), Cause::NetfilterRule);
+        assert_eq!(evidence(e.source, Cause::NetfilterRule), "hook:outside_conntrack");
+        // Counters say "not counted", but it was dropped inside the hook.
+        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: Some(false) });
+        e.source = source::CT_HOOK_IN;
+        assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
+        assert_eq!(evidence(e.source, Cause::ConntrackTableFull), "hook:conntrack_in");
+        e.source = source::CT_HOOK_CONFIRM;
+        assert_eq!(c().classify(&e), Cause::ConntrackInsertFailed);
+        assert_eq!(evidence(e.source, Cause::ConntrackInsertFailed), "hook:conntrack_confirm");
+        // A stale mark leaves it to the counters.
+        e.source = source::CT_HOOK_STALE;
+        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: Some(true) });
+        assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct Capability {
 }
 
 pub fn run(args: &CheckArgs) -> Result<()> {
-    capabilities::require_root()?;
+    capabilities::require("ctdrop check", capabilities::TRACING)?;
     capabilities::require_btf(&args.btf)?;
     let btf = KernelBtf::open(&args.btf)?;
     let reasons = DropReasons::from_btf(&btf);
@@ -69,7 +69,15 @@ pub fn run(args: &CheckArgs) -> Result<()> {
         },
     });
     drop(tracer);
-    let tier_name = if mechanisms.iter().any(|m| m.chosen.as_deref().is_some_and(|c| c.contains("kretprobe"))) { "kprobe" } else { "tracepoint" };
+    let uses = |what: &str| mechanisms.iter().any(|m| m.chosen.as_deref().is_some_and(|c| c.contains(what)));
+    let tier_name = if uses("kretprobe") {
+        "kprobe"
+    } else if uses("bpf netfilter hooks") {
+        "tracepoint+netfilter-hook"
+    } else {
+        "tracepoint"
+    };
+    caps.push(netfilter_prog_capability(&btf));
 
     let limits = CtLimits::read();
     let mut registry = NsRegistry::new();
@@ -78,8 +86,8 @@ pub fn run(args: &CheckArgs) -> Result<()> {
     let mut inodes = registry.inodes();
     inodes.sort();
     for ns in inodes {
+        let name = registry.display_name(ns);
         let Some(h) = registry.get(ns) else { continue };
-        let name = h.name.clone();
         if let Some(c) = h.counters() {
             let in_use = c.columns.iter().any(|(_, v)| *v != 0);
             if in_use {
@@ -167,8 +175,8 @@ pub fn occupancy_reports(netns: Option<&str>) -> Result<Vec<OccupancyReport>> {
             let mut v = Vec::new();
             for ns in inodes {
                 let busy = registry.get(ns).and_then(|h| h.counters()).map(|c| c.entries() > 0).unwrap_or(false);
-                if let (true, Some((name, path))) = (busy, find_namespace(ns)) {
-                    v.push(occupancy::snapshot(&path, Some(ns), name)?);
+                if let (true, Some((_, path))) = (busy, find_namespace(ns)) {
+                    v.push(occupancy::snapshot(&path, Some(ns), registry.display_name(ns))?);
                 }
             }
             v
@@ -214,4 +222,18 @@ pub fn write_occupancy_human(reports: &[OccupancyReport], out: &mut dyn Write) -
         advice::write_human(&r.advice, out)?;
     }
     Ok(())
+}
+
+/// Whether this kernel loads BPF_PROG_TYPE_NETFILTER programs, found by
+/// loading a two-instruction one.
+fn netfilter_prog_capability(btf: &KernelBtf) -> Capability {
+    let r = crate::kernel::nfhook::HookAbi::from_btf(btf).and_then(|abi| crate::kernel::nfhook::supported(&abi));
+    Capability {
+        name: "bpf netfilter prog",
+        ok: r.is_ok(),
+        detail: match r {
+            Ok(()) => "BPF_PROG_TYPE_NETFILTER loads (hook marks around conntrack, kernel 6.4+)".into(),
+            Err(e) => format!("{e:#}"),
+        },
+    }
 }

@@ -1,6 +1,6 @@
 //! Command line: clap definitions and argument parsing only.
 
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
@@ -37,18 +37,24 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct TraceArgs {
-    /// Only drops in this network namespace (name from `ip netns list`, or inode).
-    #[arg(long)]
-    pub netns: Option<String>,
+    /// Only drops in this network namespace: a name from `ip netns list`, a
+    /// path (/proc/PID/ns/net, /run/netns/X), a PID, or an inode (repeatable).
+    #[arg(long, value_name = "NAME|PATH|PID|INODE")]
+    pub netns: Vec<String>,
+    /// Only drops of packets on this interface (repeatable; looked up in the
+    /// --netns namespaces, else in this host's and every named one).
+    #[arg(long, value_name = "NAME")]
+    pub ifname: Vec<String>,
     /// Only this L4 protocol: tcp, udp, icmp, icmpv6, sctp or a number.
     #[arg(long, value_parser = parse_proto)]
     pub proto: Option<u8>,
-    /// Only packets from or to this address.
-    #[arg(long)]
-    pub host: Option<IpAddr>,
-    /// Only packets from or to this TCP/UDP port.
+    /// Only packets from or to this address or prefix: 198.18.0.2,
+    /// 10.0.0.0/8, 2001:db8::/32 (repeatable).
+    #[arg(long, value_name = "ADDR[/LEN]", value_parser = crate::filter::parse_net)]
+    pub host: Vec<crate::filter::Net>,
+    /// Only packets from or to this TCP/UDP port (repeatable).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
-    pub port: Option<u16>,
+    pub port: Vec<u16>,
     /// Report every kernel drop, not only netfilter's.
     #[arg(long)]
     pub all_reasons: bool,
@@ -137,6 +143,10 @@ pub struct LiveArgs {
     /// JSON lines: one object per drop, then one summary object.
     #[arg(long)]
     pub json: bool,
+    /// No per-drop lines (human output): probe verdicts, table snapshots,
+    /// warnings and the summary only. Implied by --metrics without --json.
+    #[arg(long, conflicts_with = "json")]
+    pub quiet: bool,
     /// Stop after this long (e.g. 10s, 2m).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,

@@ -150,6 +150,7 @@ pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<
         limits: crate::conntrack::stats::CtLimits::read(),
         counters_at_start: collector.baselines(),
         filter: &filter,
+        namespaces: &collector.sampler.registry,
     };
     for s in sinks.iter_mut() {
         s.start(&info).context("starting output")?;
@@ -230,7 +231,7 @@ fn report_period(tracer: &Tracer, groups: &mut GroupCounter, c: &mut Collector, 
         .by_netns
         .iter()
         .map(|(ns, n)| {
-            let name = c.sampler.registry.get(*ns).and_then(|h| h.name.clone());
+            let name = c.sampler.registry.display_name(*ns);
             (*ns, name, *n, c.sampler.fill(*ns))
         })
         .collect();

@@ -9,6 +9,7 @@ pub mod conntrack;
 pub mod counting;
 pub mod demo;
 pub mod events;
+pub mod filter;
 pub mod flows;
 pub mod kernel;
 pub mod output;

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
-use tracer_common::FilterConfig;
+use tracer_common::{source, FilterConfig};
 
 use crate::{
     advice::{Advice, Host},
@@ -70,7 +70,7 @@ pub struct Prepared {
 /// bytes to each record (for pcap-ng export; costs ring space and a copy).
 pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
     let ring_size = validate_ring_size(args.ring_size)?;
-    capabilities::require_root()?;
+    capabilities::require("tracing", capabilities::TRACING)?;
     capabilities::require_btf(&args.btf)?;
     let btf = KernelBtf::open(&args.btf)?;
     let reasons = DropReasons::from_btf(&btf)?;
@@ -82,22 +82,7 @@ pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
     filter.netfilter_drop_reason = nf.unwrap_or(u32::MAX);
     filter.all_reasons = args.all_reasons as u8;
     filter.capture_headers = capture_headers as u8;
-    if let Some(ns) = &args.netns {
-        filter.netns = crate::conntrack::netns::resolve_netns_arg(ns)?;
-    }
-    filter.l4_proto = args.proto.unwrap_or(0);
-    filter.port = args.port.unwrap_or(0);
-    match args.host {
-        Some(std::net::IpAddr::V4(a)) => {
-            filter.host[..4].copy_from_slice(&a.octets());
-            filter.host_len = 4;
-        }
-        Some(std::net::IpAddr::V6(a)) => {
-            filter.host = a.octets();
-            filter.host_len = 16;
-        }
-        None => {}
-    }
+    crate::filter::fill(args, &mut filter)?;
     Ok(Prepared { offsets, reasons, filter, ring_size, conntrack_loaded: capabilities::conntrack_loaded() })
 }
 
@@ -121,6 +106,10 @@ pub struct Collector {
     /// Filled by [`Collector::conclude`] at the end of a run.
     pub advice: Vec<Advice>,
     labels: Labels,
+    /// Namespaces where netfilter hook marks tell conntrack drops apart.
+    pub hooks: Option<crate::kernel::nfhook::HookCoverage>,
+    /// Records whose cause the `drop` counter budget decided.
+    pub inferred_by_budget: u64,
 }
 
 type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -164,6 +153,8 @@ impl Collector {
             labels: Labels::default(),
             snapshots: Snapshots::new(SNAPSHOT_GAP),
             advice: Vec::new(),
+            hooks: None,
+            inferred_by_budget: 0,
         }
     }
 
@@ -177,8 +168,7 @@ impl Collector {
         let mut out = BTreeMap::new();
         for ns in self.sampler.registry.inodes() {
             if let Some(c) = self.sampler.counters(ns) {
-                let name = self.sampler.registry.get(ns).and_then(|h| h.name.clone());
-                out.insert(ns, (name, c));
+                out.insert(ns, (self.sampler.registry.display_name(ns), c));
             }
         }
         out
@@ -254,17 +244,28 @@ impl Collector {
         if ev.ct_fill.is_none() {
             if let Some(ns) = ev.netns {
                 // A netfilter drop of a packet without an entry may be a
-                // conntrack drop: ask the namespace's drop counter.
-                let candidate = ev.ct.is_none()
+                // conntrack drop: the hook marks know where they cover the
+                // namespace; elsewhere ask the namespace's drop counter.
+                let mut candidate = ev.ct.is_none()
                     && !self.classifier.probes
-                    && Some(ev.reason) == self.classifier.netfilter_drop;
+                    && Some(ev.reason) == self.classifier.netfilter_drop
+                    && !matches!(ev.source, source::CT_HOOK_IN | source::CT_HOOK_CONFIRM);
+                if candidate && ev.source == source::KFREE_SKB && self.hooks.as_ref().is_some_and(|h| h.covers(ns, ev.ts_ns)) {
+                    ev.source = source::HOOK_NOT_CONNTRACK;
+                    candidate = false;
+                }
                 ev.ct_fill = if candidate { self.sampler.judge(ns, ev.ts_ns) } else { self.sampler.fill(ns) };
+                if candidate && ev.ct_fill.is_some_and(|f| f.counted_drop.is_some()) {
+                    ev.source = source::INFERRED_BY_BUDGET;
+                    self.inferred_by_budget += 1;
+                }
             }
         }
         let cause = self.classifier.classify(&ev);
         self.tally.record(&ev, cause);
         if let (Cause::ConntrackTableFull, Some(ns)) = (cause, ev.netns) {
-            self.snapshots.table_full(ns, || find_namespace(ns));
+            let registry = &self.sampler.registry;
+            self.snapshots.table_full(ns, || find_namespace(ns).map(|(_, path)| (registry.display_name(ns), path)));
         }
         Some((ev, cause))
     }
@@ -278,7 +279,8 @@ impl Collector {
                 Some(p) => p.clone(),
                 None => match sampler.registry.get(ns) {
                     Some(h) => {
-                        let p = (h.name.as_deref().map(Rc::from), ev.ifindex.and_then(|i| h.ifname(i)).map(|n| Rc::from(n.as_str())));
+                        let ifname = ev.ifindex.and_then(|i| h.ifname(i)).map(|n| Rc::from(n.as_str()));
+                        let p = (sampler.registry.display_name(ns).as_deref().map(Rc::from), ifname);
                         labels.places.insert((ns, ev.ifindex), p.clone());
                         p
                     }
@@ -320,10 +322,8 @@ impl Collector {
             eprintln!("ctdrop: note: {e}");
         }
         let limits = self.sampler.limits();
-        let registry = &mut self.sampler.registry;
-        self.advice = crate::advice::from_run(&self.tally, &self.snapshots.taken, limits, &Host::detect(), |ns| {
-            registry.get(ns).and_then(|h| h.name.clone())
-        });
+        let registry = &self.sampler.registry;
+        self.advice = crate::advice::from_run(&self.tally, &self.snapshots.taken, limits, &Host::detect(), |ns| registry.display_name(ns));
     }
 
     /// Kernel counters now against the baselines, for every namespace that
@@ -339,7 +339,7 @@ impl Collector {
             if delta.get("drop") == 0 && table_full + insert_failed == 0 {
                 continue;
             }
-            let netns_name = self.sampler.registry.get(ns).and_then(|h| h.name.clone());
+            let netns_name = self.sampler.registry.display_name(ns);
             out.push(CounterCheck { netns: ns, netns_name, delta, table_full, insert_failed });
         }
         out
@@ -348,20 +348,27 @@ impl Collector {
 
 pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
     let color = args.color.resolve(unsafe { libc::isatty(1) } == 1);
-    let out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+    // Never a blocking stdout: a reader that stops reading must not stall tracing.
+    let (out, out_handle) = crate::output::writer::stdout();
+    // Metrics are for scraping: per-drop lines on a terminal only bury them.
+    let quiet = args.quiet || (args.metrics.is_some() && !args.json);
     let mut sinks: Vec<Box<dyn Sink>> =
-        if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color))] };
+        if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color).quiet(quiet))] };
     if let Some(addr) = &args.metrics {
         let metrics = std::sync::Arc::new(crate::output::metrics::Metrics::new());
         serve_metrics(addr, metrics.clone(), "").await?;
         sinks.push(Box::new(crate::output::metrics::MetricsSink::new(metrics)));
     }
     let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: false, service: false };
-    if args.count_only {
-        return crate::counting::run(&opts, args.report_every, sinks).await;
-    }
-    run(&opts, sinks).await
+    let r = if args.count_only { crate::counting::run(&opts, args.report_every, sinks).await } else { run(&opts, sinks).await };
+    out_handle.finish_and_report(OUTPUT_GRACE);
+    r
 }
+
+/// How long the end of a run waits for a slow stdout reader to take the
+/// rest (the summary): long enough for a reader that keeps up, short
+/// enough that a stalled one cannot hold ctdrop past --duration.
+pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 
 /// Starts serving `metrics` on `addr` (`--metrics`). Bound before
 /// attaching: a busy port is bad input, not a late surprise. `level` goes
@@ -395,6 +402,8 @@ pub struct SessionInfo<'a> {
     pub limits: Option<crate::conntrack::stats::CtLimits>,
     pub counters_at_start: &'a BTreeMap<u32, CtCounters>,
     pub filter: &'a FilterConfig,
+    /// Names namespaces, as every output does.
+    pub namespaces: &'a NsRegistry,
 }
 
 pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Result<()> {
@@ -408,6 +417,10 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         eprintln!("ctdrop: note: {e:#}");
     }
     let mut collector = Collector::new(&p, args.trace.max_flows, &targets, args.probe.timeout);
+    // Before attaching: a Ctrl-C right after the `attached` line must end
+    // the run with its summary, not kill the process.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut tracer = Tracer::load(&LoadOptions {
         btf_path: &args.trace.btf,
         offsets: p.offsets,
@@ -417,15 +430,25 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     })?;
     release_freed_memory();
     collector.classifier.probes = tracer.probes_drop_paths();
+    collector.hooks = tracer.hook_coverage();
     let mut ring = RingReader::new(tracer.take_ring()?)?;
-    // Before the `attached` line: a SIGUSR1 sent as soon as it shows must
-    // not meet the default action (which ends the process).
+    // Before the `attached` line: a signal sent as soon as it shows must
+    // not meet the default action, which ends the process with no summary
+    // (and, for a capture, no trailer).
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigusr1 = if args.service { Some(signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?) } else { None };
     eprintln!(
         "ctdrop: {}attached tp_btf/kfree_skb in {} ms ({}; {}); Ctrl-C to stop",
         if args.service { "info: " } else { "" },
         tracer.attach_time.as_millis(),
-        if collector.classifier.probes { "tier kprobe: conntrack paths probed" } else { "tier tracepoint: conntrack causes inferred" },
+        if collector.classifier.probes {
+            "tier kprobe: conntrack paths probed"
+        } else if collector.hooks.is_some() {
+            "tier tracepoint + netfilter hooks: conntrack drops marked per packet"
+        } else {
+            "tier tracepoint: conntrack causes inferred"
+        },
         if p.filter.all_reasons != 0 { "all drop reasons" } else { "netfilter drops" }
     );
     // Test hook (tests/tests/reliability.rs): a bug in userspace while
@@ -450,6 +473,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         limits: crate::conntrack::stats::CtLimits::read(),
         counters_at_start: &collector.baselines,
         filter: &p.filter,
+        namespaces: &collector.sampler.registry,
     };
     for s in sinks.iter_mut() {
         s.start(&info).context("starting output")?;
@@ -467,8 +491,6 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         })?)
     };
     let started = Instant::now();
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut ticks = 0u64;
     let mut deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -677,7 +699,7 @@ fn show_released(c: &Collector, ready: Vec<crate::probe::order::Released>, sinks
 }
 
 pub(crate) fn filtered(f: &FilterConfig) -> bool {
-    f.netns != 0 || f.l4_proto != 0 || f.port != 0 || f.host_len != 0
+    crate::filter::narrows(f)
 }
 
 pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {

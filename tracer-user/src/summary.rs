@@ -32,6 +32,10 @@ impl Summary<'_> {
             .iter()
             .map(|(ns, n)| (ns.map(|x| x.to_string()).unwrap_or_else(|| "unknown".into()), n.total.into()))
             .collect();
+        // Keys above stay inodes (a contract); names, as every output shows them:
+        let names = &self.collector.sampler.registry;
+        let netns_names: serde_json::Map<String, serde_json::Value> =
+            t.by_netns.keys().flatten().map(|ns| (ns.to_string(), names.display_name(*ns).into())).collect();
         let top: Vec<serde_json::Value> = t
             .top_flows(10)
             .into_iter()
@@ -63,6 +67,8 @@ impl Summary<'_> {
             "drops_total": t.total,
             "drops_by_cause": by_cause,
             "drops_by_netns": by_netns,
+            "inferred_by_budget": self.collector.inferred_by_budget,
+            "netns_names": netns_names,
             "events_lost": self.stats.lost,
             "events_sent": self.stats.sent,
             "decode_errors": self.collector.decode_errors,
@@ -105,10 +111,17 @@ impl Summary<'_> {
                 writeln!(out, "  {:<26} {n:>10}", c.as_str())?;
             }
         }
+        if self.collector.inferred_by_budget > 0 {
+            writeln!(
+                out,
+                "  ({} records' cause decided by the namespace's `drop` counter budget, not per packet: evidence inferred:drop_counter)",
+                self.collector.inferred_by_budget
+            )?;
+        }
         if !t.by_netns.is_empty() {
             writeln!(out, "by namespace:")?;
             for (ns, n) in &t.by_netns {
-                writeln!(out, "  {:<26} {:>10}", ns.map(|x| x.to_string()).unwrap_or_else(|| "unknown".into()), n.total)?;
+                writeln!(out, "  {:<26} {:>10}", self.collector.sampler.registry.label(*ns), n.total)?;
             }
         }
         let top = t.top_flows(5);
@@ -135,12 +148,13 @@ impl Summary<'_> {
         for (ns, c) in self.ct_events {
             writeln!(
                 out,
-                "conntrack events in {ns}: {} inserted, {} evicted by early_drop ({} found nothing), {} allocations failed, {} confirm drops, {} clashes resolved, {} invalid",
+                "conntrack events in {}: {} inserted, {} evicted by early_drop ({} found nothing), {} allocations failed, {} confirm drops, {} clashes resolved, {} invalid",
+                self.collector.sampler.registry.label(Some(*ns)),
                 c.inserts, c.early_drop_evicted, c.early_drop_failed, c.alloc_failed, c.confirm_dropped, c.clash_resolved, c.invalid
             )?;
         }
         for c in self.checks {
-            let name = c.netns_name.clone().unwrap_or_else(|| c.netns.to_string());
+            let name = crate::conntrack::netns::label(Some(c.netns), c.netns_name.as_deref());
             let verdict = if c.agrees() {
                 "agrees".to_string()
             } else if self.stats.lost > 0 && c.unrecorded() <= self.stats.lost {

@@ -39,8 +39,9 @@ fn build_binary() -> Result<PathBuf> {
 
 pub fn test(args: &[String]) -> Result<ExitCode> {
     let bin = build()?;
-    // The release tarballs too: tests/tests/ship.rs runs what ships.
+    // The release tarballs and the image too: tests/tests/ship.rs runs what ships.
     crate::dist::run(&[])?;
+    crate::image::run()?;
     let mut failed = Vec::new();
     if !proc::status(&mut unit_tests(args))?.success() {
         failed.push("unit tests".to_owned());

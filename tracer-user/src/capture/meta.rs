@@ -59,17 +59,48 @@ impl NsCounters {
 /// counters, and a report says so.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CaptureFilter {
+    /// The first of `netns_all` (what files before repeatable filters held).
     pub netns: Option<u32>,
     pub proto: Option<u8>,
+    /// The first of `hosts`.
     pub host: Option<String>,
+    /// The first of `ports`.
     pub port: Option<u16>,
     pub all_reasons: bool,
+    /// Every --netns, --host (address or prefix), --port and --ifname
+    /// (as namespace inode and interface index).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub netns_all: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<(u32, u32)>,
 }
 
 impl CaptureFilter {
+    /// From the kernel filter in force.
+    pub fn from_config(f: &tracer_common::FilterConfig) -> CaptureFilter {
+        let netns_all: Vec<u32> = f.netns[..f.n_netns as usize].to_vec();
+        let hosts = crate::filter::nets(f);
+        let ports: Vec<u16> = f.ports[..f.n_ports as usize].to_vec();
+        CaptureFilter {
+            netns: netns_all.first().copied(),
+            proto: (f.l4_proto != 0).then_some(f.l4_proto),
+            host: hosts.first().cloned(),
+            port: ports.first().copied(),
+            all_reasons: f.all_reasons != 0,
+            netns_all,
+            hosts,
+            ports,
+            interfaces: f.ifs[..f.n_ifs as usize].iter().map(|i| (i.netns, i.ifindex)).collect(),
+        }
+    }
+
     /// Only some conntrack drops were traced.
     pub fn narrows(&self) -> bool {
-        self.netns.is_some() || self.proto.is_some() || self.host.is_some() || self.port.is_some()
+        self.netns.is_some() || self.proto.is_some() || self.host.is_some() || self.port.is_some() || !self.interfaces.is_empty()
     }
 }
 

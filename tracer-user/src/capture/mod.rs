@@ -15,8 +15,6 @@ pub mod sink;
 pub(crate) mod tests;
 pub mod writer;
 
-use std::io::BufWriter;
-
 use anyhow::Result;
 
 pub use block::FORMAT_VERSION;
@@ -41,7 +39,7 @@ pub async fn run(args: &CaptureArgs) -> Result<()> {
         max_flows: args.trace.max_flows,
     };
     let progress = unsafe { libc::isatty(2) } == 1;
-    let out = BufWriter::with_capacity(1 << 16, std::io::stdout());
+    let (out, out_handle) = crate::output::writer::stdout();
     // The file's sink last: if it fails at the end (disk full), the
     // summary on stdout is already out.
     let sinks: Vec<Box<dyn Sink>> = vec![
@@ -50,6 +48,7 @@ pub async fn run(args: &CaptureArgs) -> Result<()> {
     ];
     let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: args.headers, service: false };
     let result = session::run(&opts, sinks).await;
+    out_handle.finish_and_report(session::OUTPUT_GRACE);
     let size = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);
     match result {
         // Failed before the header was written: leave no empty file behind.

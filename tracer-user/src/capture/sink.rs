@@ -80,12 +80,6 @@ pub fn human_bytes(n: u64) -> String {
 /// The header of a capture taken by this session, starting at `mono`
 /// (CLOCK_MONOTONIC) with these counters.
 pub fn header(info: &SessionInfo, meta: &CaptureMeta, mono: u64, counters_at_start: Vec<NsCounters>) -> Header {
-    let f = info.filter;
-    let host = match f.host_len {
-        4 => Some(std::net::Ipv4Addr::new(f.host[0], f.host[1], f.host[2], f.host[3]).to_string()),
-        16 => Some(std::net::Ipv6Addr::from(f.host).to_string()),
-        _ => None,
-    };
     Header {
         format_version: FORMAT_VERSION,
         ctdrop_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -103,13 +97,7 @@ pub fn header(info: &SessionInfo, meta: &CaptureMeta, mono: u64, counters_at_sta
         conntrack_max: info.limits.map(|l| l.max),
         conntrack_buckets: info.limits.map(|l| l.buckets),
         counters_at_start,
-        filter: CaptureFilter {
-            netns: (f.netns != 0).then_some(f.netns),
-            proto: (f.l4_proto != 0).then_some(f.l4_proto),
-            host,
-            port: (f.port != 0).then_some(f.port),
-            all_reasons: f.all_reasons != 0,
-        },
+        filter: CaptureFilter::from_config(info.filter),
         headers: meta.headers,
         duration_s: meta.duration.map(|d| d.as_secs_f64()),
         probes: meta.probes.clone(),
@@ -121,11 +109,10 @@ pub fn header(info: &SessionInfo, meta: &CaptureMeta, mono: u64, counters_at_sta
 impl Sink for CaptureSink {
     fn start(&mut self, info: &SessionInfo) -> std::io::Result<()> {
         self.boot_offset = info.boot_offset_ns;
-        let names = crate::conntrack::netns::named_namespaces();
         self.start = info
             .counters_at_start
             .iter()
-            .map(|(ns, c)| (*ns, NsCounters { netns: *ns, netns_name: names.get(ns).map(|n| n.0.clone()), counters: c.columns.clone() }))
+            .map(|(ns, c)| (*ns, NsCounters { netns: *ns, netns_name: info.namespaces.display_name(*ns), counters: c.columns.clone() }))
             .collect();
         let h = header(info, &self.meta, crate::probe::mono_ns(), self.start.values().cloned().collect());
         self.w.write_header(&h)

@@ -27,6 +27,11 @@ pub fn own_netns() -> Result<u32> {
     Ok(std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino() as u32)
 }
 
+/// Inode of the calling thread's network namespace (after a setns).
+pub fn thread_netns() -> Result<u32> {
+    Ok(std::fs::metadata("/proc/thread-self/ns/net").context("reading /proc/thread-self/ns/net")?.ino() as u32)
+}
+
 /// Named namespaces (`ip netns add`), by inode.
 pub fn named_namespaces() -> HashMap<u32, (String, PathBuf)> {
     let mut out = HashMap::new();
@@ -41,17 +46,57 @@ pub fn named_namespaces() -> HashMap<u32, (String, PathBuf)> {
     out
 }
 
-/// `--netns NAME|INODE` to an inode.
+/// `--netns NAME|INODE` to an inode (see [`resolve_netns`]).
 pub fn resolve_netns_arg(arg: &str) -> Result<u32> {
-    if let Ok(n) = arg.parse::<u32>() {
-        return Ok(n);
+    Ok(resolve_netns(arg)?.0)
+}
+
+/// PIDs are at most this (`PID_MAX_LIMIT`); namespace inodes are far above.
+const PID_MAX_LIMIT: u64 = 1 << 22;
+
+/// `--netns` to (inode, a path that opens it): a name from `ip netns list`,
+/// a path to a namespace file (`/proc/PID/ns/net`, `/run/netns/X`), a PID,
+/// or an inode that some process or name holds. Anything else is an error:
+/// tracing a namespace that is not there would trace nothing, silently.
+pub fn resolve_netns(arg: &str) -> Result<(u32, PathBuf)> {
+    if arg.is_empty() {
+        bail!("--netns needs a name, a path, a PID or an inode");
     }
-    if arg.contains('/') || arg.is_empty() {
-        bail!("--netns takes a name from `ip netns list` or an inode number, got {arg:?}");
+    if arg.contains('/') {
+        let p = PathBuf::from(arg);
+        return Ok((net_ns_file_inode(&p)?, p));
+    }
+    if let Ok(n) = arg.parse::<u64>() {
+        if n <= PID_MAX_LIMIT {
+            let p = PathBuf::from(format!("/proc/{n}/ns/net"));
+            if !Path::new(&format!("/proc/{n}")).exists() {
+                bail!("no process {n} (a number below {PID_MAX_LIMIT} is taken as a PID; namespace inodes are larger)");
+            }
+            return Ok((net_ns_file_inode(&p)?, p));
+        }
+        let inum = u32::try_from(n).map_err(|_| anyhow!("no network namespace with inode {n}"))?;
+        let (_, p) = find_namespace(inum).ok_or_else(|| {
+            anyhow!("no network namespace with inode {n} (none held by a process or an `ip netns` name; give its path instead)")
+        })?;
+        return Ok((inum, p));
     }
     let p = Path::new("/run/netns").join(arg);
-    let m = std::fs::metadata(&p).map_err(|_| anyhow!("no network namespace named {arg:?} (see `ip netns list`)"))?;
-    Ok(m.ino() as u32)
+    if !p.exists() {
+        bail!("no network namespace named {arg:?} (see `ip netns list`)");
+    }
+    Ok((net_ns_file_inode(&p)?, p))
+}
+
+/// The inode of a network namespace file; an error for anything else.
+fn net_ns_file_inode(p: &Path) -> Result<u32> {
+    let f = File::open(p).map_err(|e| anyhow!("cannot open network namespace {}: {e}", p.display()))?;
+    // NS_GET_NSTYPE (_IO(0xb7, 0x3)): which kind of namespace an nsfs file is.
+    // SAFETY: an ioctl without arguments on a file descriptor we own.
+    let ty = unsafe { libc::ioctl(f.as_raw_fd(), 0xb703) };
+    if ty != libc::CLONE_NEWNET {
+        bail!("{} is not a network namespace", p.display());
+    }
+    Ok(f.metadata().with_context(|| format!("reading {}", p.display()))?.ino() as u32)
 }
 
 /// Runs `f` on a thread that has entered the namespace at `ns_path`.
@@ -249,11 +294,23 @@ fn handle_budget() -> usize {
 pub struct NsRegistry {
     handles: HashMap<u32, NsHandle>,
     unknown: HashMap<u32, Instant>,
+    /// What [`NsRegistry::display_name`] found, per inode (None: no name).
+    names: std::cell::RefCell<HashMap<u32, Option<String>>>,
     /// Last use of each namespace, for closing the least recently used.
     used: HashMap<u32, u64>,
     clock: u64,
     open: Arc<AtomicUsize>,
     budget: usize,
+}
+
+/// How every output shows a namespace: its [`NsRegistry::display_name`]
+/// when it has one, else its inode.
+pub fn label(inode: Option<u32>, name: Option<&str>) -> String {
+    match (name, inode) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(i)) => i.to_string(),
+        (None, None) => "unknown".into(),
+    }
 }
 
 impl Default for NsRegistry {
@@ -267,11 +324,30 @@ impl NsRegistry {
         NsRegistry {
             handles: HashMap::new(),
             unknown: HashMap::new(),
+            names: Default::default(),
             used: HashMap::new(),
             clock: 0,
             open: Arc::new(AtomicUsize::new(0)),
             budget: handle_budget(),
         }
+    }
+
+    /// The one name of a namespace in every output (drop lines, JSON,
+    /// summary, captures and reports, metrics, advice): today its `ip netns`
+    /// name; None when it has none (outputs then show the inode, see
+    /// [`label`]). Looked up once per inode.
+    pub fn display_name(&self, inum: u32) -> Option<String> {
+        if let Some(n) = self.names.borrow().get(&inum) {
+            return n.clone();
+        }
+        let name = named_namespaces().remove(&inum).map(|(n, _)| n);
+        self.names.borrow_mut().insert(inum, name.clone());
+        name
+    }
+
+    /// [`NsRegistry::display_name`] rendered: the name, else the inode.
+    pub fn label(&self, inum: Option<u32>) -> String {
+        label(inum, inum.and_then(|i| self.display_name(i)).as_deref())
     }
 
     /// The handle for `inum`, looking the namespace up at most once a second

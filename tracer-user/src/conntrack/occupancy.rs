@@ -861,9 +861,8 @@ pub fn snapshot_arg(netns: Option<&str>) -> Result<Occupancy> {
             snapshot(Path::new("/proc/self/ns/net"), own, None)
         }
         Some(arg) => {
-            let inum = super::netns::resolve_netns_arg(arg)?;
-            let (name, path) = super::netns::find_namespace(inum).ok_or_else(|| anyhow!("no network namespace {arg:?} found"))?;
-            snapshot(&path, Some(inum), name)
+            let (inum, path) = super::netns::resolve_netns(arg)?;
+            snapshot(&path, Some(inum), super::netns::NsRegistry::new().display_name(inum))
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Loading the embedded kernel programs and attaching them.
 
-use std::{path::Path, time::Instant};
+use std::{os::fd::AsFd, path::Path, time::Instant};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
@@ -8,9 +8,15 @@ use aya::{
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfLoader,
 };
-use tracer_common::{stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet, GroupKey, GroupSet, Offsets, FLOW_SETS, GROUP_SETS};
+use tracer_common::{
+    ct_signal, stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet, GroupKey, GroupSet, Offsets, FLOW_SETS, GROUP_SETS,
+};
 
-use super::tier::{self, Mechanism, Mode};
+use super::{
+    btf::KernelBtf,
+    nfhook::{HookAbi, HookCoverage, NfHooks},
+    tier::{self, Mechanism, Mode},
+};
 
 static TRACER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
@@ -57,7 +63,9 @@ pub struct Tracer {
     flow_sets: Option<PerCpuArray<MapData, FlowSet>>,
     group_sets: Option<PerCpuArray<MapData, GroupSet>>,
     groups: Option<PerCpuHashMap<MapData, GroupKey, u64>>,
-    /// Wall time from load start to the first program attached.
+    /// Netfilter hook marks (after `ebpf`: dropped after the consumer).
+    hooks: Option<NfHooks>,
+    /// Wall time from load start until every program is attached.
     pub attach_time: std::time::Duration,
     /// How each signal is served on this kernel.
     pub mechanisms: Vec<Mechanism>,
@@ -70,12 +78,27 @@ impl Tracer {
             .with_context(|| format!("cannot parse kernel BTF at {}", opts.btf_path.display()))?;
         tier::check_mode(opts.mode)?;
         let mut filter = opts.filter;
-        filter.ct_probes = tier::want_kprobes(opts.mode) as u8;
+        let probes = tier::want_kprobes(opts.mode);
+        let mut hook_refused = None;
+        let hook_abi = if tier::want_hooks(opts.mode) {
+            match KernelBtf::open(opts.btf_path).and_then(|b| HookAbi::from_btf(&b)) {
+                Ok(abi) => Some(abi),
+                Err(e) if opts.mode == Mode::NetfilterHook => return Err(e.context("--mode netfilter-hook")),
+                Err(e) => {
+                    hook_refused = Some(format!("{e:#}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        filter.ct_probes = if probes { ct_signal::PROBES } else { 0 } | if hook_abi.is_some() { ct_signal::HOOKS } else { 0 };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("OFFSETS", &opts.offsets, true)
             .override_global("FILTER", &filter, true)
             .map_max_entries("EVENTS", opts.ring_size)
+            .map_max_entries("HOOK_MARKS", super::nfhook::mark_map_entries())
             // Count mode's counter arrays take memory on every CPU: one
             // set each unless counting.
             .map_max_entries("FLOW_SET_ARRAY", if filter.count_only != 0 { FLOW_SETS } else { 1 })
@@ -90,31 +113,72 @@ impl Tracer {
         prog.load("kfree_skb", &btf)
             .map_err(|e| anyhow!("{e}"))
             .context("the kernel refused the kfree_skb tp_btf program (needs BTF tracepoints, kernel 5.5+)")?;
-        prog.attach().map_err(|e| anyhow!("{e}")).context("cannot attach to tracepoint kfree_skb")?;
-        let attach_time = start.elapsed();
+        // Producers first, the consumer last: a drop recorded before its
+        // conntrack signal was attached would be called a rule drop.
         let mut mechanisms = vec![Mechanism { signal: "drops", chosen: Some("tp_btf/kfree_skb".into()), note: String::new() }];
-        if filter.ct_probes != 0 {
+        let mut hooks = None;
+        if probes {
             mechanisms.extend(tier::attach_ct_probes(&mut ebpf, opts.mode)?);
-        } else {
-            let why = match opts.mode {
-                Mode::Tracepoint => "--mode tracepoint",
-                _ => "no kprobe support in this kernel",
+        } else if let Some(abi) = hook_abi {
+            let marks = match ebpf.map("HOOK_MARKS") {
+                Some(aya::maps::Map::LruHashMap(m)) => m.fd().as_fd().try_clone_to_owned().context("duplicating the HOOK_MARKS fd")?,
+                _ => return Err(anyhow!("embedded object lacks the HOOK_MARKS map")),
             };
-            mechanisms.extend(tier::tracepoint_mechanisms(why));
+            let only = (filter.n_netns != 0).then(|| filter.netns[..filter.n_netns as usize].to_vec());
+            match NfHooks::start(abi, &marks, only) {
+                Ok(h) => {
+                    mechanisms.extend(tier::hook_mechanisms(h.namespaces_at_start));
+                    hooks = Some(h);
+                }
+                Err(e) if opts.mode == Mode::NetfilterHook => return Err(e.context("--mode netfilter-hook")),
+                Err(e) => hook_refused = Some(format!("{e:#}")),
+            }
         }
+        // Marks left before the consumer existed prove nothing: written
+        // before attaching, and again after (then the marks of drops freed
+        // while the attach was under way count as stale too).
+        let set_epoch = |ebpf: &mut aya::Ebpf| -> Result<()> {
+            let mut epoch: aya::maps::Array<_, u64> =
+                aya::maps::Array::try_from(ebpf.map_mut("HOOK_EPOCH").ok_or_else(|| anyhow!("no HOOK_EPOCH map"))?)?;
+            epoch.set(0, crate::probe::mono_ns(), 0).context("writing HOOK_EPOCH")
+        };
+        if hooks.is_some() {
+            set_epoch(&mut ebpf)?;
+        } else if !probes {
+            let why = match (opts.mode, &hook_refused) {
+                (Mode::Tracepoint, _) => "--mode tracepoint".to_string(),
+                (_, Some(e)) => format!("no kprobe support in this kernel; netfilter hook programs unavailable: {e}"),
+                _ => "no kprobe support in this kernel".to_string(),
+            };
+            mechanisms.extend(tier::tracepoint_mechanisms(&why));
+        }
+        let prog: &mut BtfTracePoint = ebpf.program_mut("kfree_skb").ok_or_else(|| anyhow!("no kfree_skb program"))?.try_into()?;
+        prog.attach().map_err(|e| anyhow!("{e}")).context("cannot attach to tracepoint kfree_skb")?;
+        if hooks.is_some() {
+            set_epoch(&mut ebpf)?;
+        }
+        let attach_time = start.elapsed();
         let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or_else(|| anyhow!("no STATS map"))?)?;
         let ct_events = ebpf.take_map("CT_EVENTS").map(PerCpuHashMap::try_from).transpose()?;
         let flow_sets = ebpf.take_map("FLOW_SET_ARRAY").map(PerCpuArray::try_from).transpose()?;
         let group_sets = ebpf.take_map("GROUP_SET_ARRAY").map(PerCpuArray::try_from).transpose()?;
         let groups = ebpf.take_map("GROUPS").map(PerCpuHashMap::try_from).transpose()?;
-        Ok(Tracer { ebpf: Some(ebpf), stats, ct_events, flow_sets, group_sets, groups, attach_time, mechanisms })
+        Ok(Tracer { ebpf: Some(ebpf), stats, ct_events, flow_sets, group_sets, groups, hooks, attach_time, mechanisms })
     }
 
     /// Detaches and unloads every program. The counters keep their final
     /// values and what is in the ring stays readable, so a drain after this
     /// ends, and delivered + lost adds up exactly.
     pub fn detach(&mut self) {
+        // The consumer first: with the marks gone while kfree_skb still
+        // ran, conntrack drops would look like rule drops.
         self.ebpf = None;
+        self.hooks = None;
+    }
+
+    /// Where and since when netfilter hook marks decide conntrack drops.
+    pub fn hook_coverage(&self) -> Option<HookCoverage> {
+        self.hooks.as_ref().map(|h| h.coverage())
     }
 
     /// Loads (never attaches) a trivial fentry program: does this kernel

@@ -2,4 +2,5 @@
 pub mod attach;
 pub mod btf;
 pub mod capabilities;
+pub mod nfhook;
 pub mod tier;

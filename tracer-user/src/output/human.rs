@@ -16,11 +16,7 @@ pub fn clock(wall_ns: u64) -> String {
 }
 
 pub fn netns_label(netns: Option<u32>, name: Option<&str>) -> String {
-    match (netns, name) {
-        (Some(_), Some(n)) => n.to_string(),
-        (Some(i), None) => i.to_string(),
-        (None, _) => "?".into(),
-    }
+    crate::conntrack::netns::label(netns, name)
 }
 
 pub fn drop_line(s: &Shown, out: &mut String) {
@@ -113,11 +109,37 @@ pub struct HumanSink<W: std::io::Write> {
     out: W,
     color: bool,
     line: String,
+    /// No per-drop lines at all (`--quiet`).
+    quiet: bool,
+    folder: super::fold::Folder,
+    folded: Vec<String>,
+    boot_offset_ns: u64,
 }
 
 impl<W: std::io::Write> HumanSink<W> {
     pub fn new(out: W, color: bool) -> Self {
-        HumanSink { out, color, line: String::with_capacity(256) }
+        HumanSink {
+            out,
+            color,
+            line: String::with_capacity(256),
+            quiet: false,
+            folder: super::fold::Folder::new(super::fold::DEFAULT_LIMIT),
+            folded: Vec::new(),
+            boot_offset_ns: 0,
+        }
+    }
+
+    /// `--quiet`: probe verdicts, snapshots and the summary, no drop lines.
+    pub fn quiet(mut self, quiet: bool) -> Self {
+        self.quiet = quiet;
+        self
+    }
+
+    fn write_folded(&mut self) -> std::io::Result<()> {
+        for l in self.folded.drain(..) {
+            writeln!(self.out, "{l}")?;
+        }
+        Ok(())
     }
 
     fn paint(&self, code: &str, s: &str) -> String {
@@ -130,10 +152,29 @@ impl<W: std::io::Write> HumanSink<W> {
 }
 
 impl<W: std::io::Write> Sink for HumanSink<W> {
+    fn start(&mut self, info: &crate::session::SessionInfo) -> std::io::Result<()> {
+        self.boot_offset_ns = info.boot_offset_ns;
+        Ok(())
+    }
+
     fn drop_event(&mut self, s: &Shown) -> std::io::Result<()> {
+        if self.quiet {
+            return Ok(());
+        }
+        self.folder.due(s.wall_ns, &mut self.folded);
+        self.write_folded()?;
+        if !self.folder.admit(s) {
+            return Ok(());
+        }
         self.line.clear();
         drop_line(s, &mut self.line);
         writeln!(self.out, "{}", self.line)
+    }
+
+    fn tick(&mut self, p: &super::Progress) -> std::io::Result<()> {
+        // A fold line also comes when the flood has stopped.
+        self.folder.due(p.mono_ns + self.boot_offset_ns, &mut self.folded);
+        self.write_folded()
     }
 
     fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()> {
@@ -164,6 +205,8 @@ impl<W: std::io::Write> Sink for HumanSink<W> {
     }
 
     fn summary(&mut self, s: &crate::summary::Summary) -> std::io::Result<()> {
+        self.folded = self.folder.take_lines();
+        self.write_folded()?;
         s.write_human(&mut self.out)
     }
 

@@ -1,11 +1,14 @@
 //! How drops, probe verdicts and summaries reach the operator. Each output
 //! is a [`Sink`]; the session hands every event to each sink it was given.
 pub mod csv;
+pub mod http;
 pub mod human;
 pub mod json;
 pub mod metrics;
 pub mod pcapng;
 pub mod symbols;
+pub mod writer;
+pub mod fold;
 
 use std::{collections::BTreeMap, time::Duration};
 

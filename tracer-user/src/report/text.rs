@@ -131,16 +131,24 @@ pub fn render(r: &Report, top: usize, md: bool) -> String {
     let mech: Vec<String> = h.mechanisms.iter().map(|(k, v)| format!("{k} via {v}")).collect();
     let _ = writeln!(o, "{bullet}{}", mech.join("; "));
     let mut filt = Vec::new();
-    if let Some(n) = h.filter.netns {
+    // Files from before repeatable filters hold only the single fields.
+    let f = &h.filter;
+    let netns = if f.netns_all.is_empty() { f.netns.into_iter().collect() } else { f.netns_all.clone() };
+    let hosts = if f.hosts.is_empty() { f.host.clone().into_iter().collect() } else { f.hosts.clone() };
+    let ports = if f.ports.is_empty() { f.port.into_iter().collect() } else { f.ports.clone() };
+    for n in netns {
         filt.push(format!("netns {}", r.netns_label(Some(n))));
     }
-    if let Some(p) = h.filter.proto {
+    for (ns, i) in &f.interfaces {
+        filt.push(format!("interface #{i} in {}", r.netns_label(Some(*ns))));
+    }
+    if let Some(p) = f.proto {
         filt.push(format!("proto {}", proto_name(p)));
     }
-    if let Some(a) = &h.filter.host {
+    for a in hosts {
         filt.push(format!("host {a}"));
     }
-    if let Some(p) = h.filter.port {
+    for p in ports {
         filt.push(format!("port {p}"));
     }
     let scope = if h.filter.all_reasons { "all drop reasons" } else { "netfilter drops" };

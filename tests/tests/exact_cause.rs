@@ -1,0 +1,351 @@
+//! Exact cause per packet on the tracepoint tier (issue #13): conntrack's
+//! own drops against rule drops of entry-less packets, interleaved in one
+//! namespace, judged record by record against the port each packet was
+//! sent to. Needs root; run single-threaded under the dev lock.
+
+use std::time::Duration;
+
+use ctdrop_tests::{
+    bpf, clash, ct_stats,
+    mixed::{self, judge, send_mixed, Scene, MAX},
+    settled_ct_stats, ConntrackMaxGuard, Ctdrop, Netns, Topology,
+};
+
+fn mixed(v6: bool) {
+    let s = Scene::new(v6);
+    let _max = ConntrackMaxGuard::set(MAX).unwrap();
+    s.fill();
+    let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
+    let before = ct_stats(&s.topo.receiver).unwrap();
+    let rule_before = s.rule_packets();
+    let (flood, ruled) = send_mixed(&s.topo.sender.path(), s.dst);
+    let after = settled_ct_stats(&s.topo.receiver, "drop").unwrap();
+    let rule_after = s.rule_packets();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ctdrop.stop().unwrap();
+    assert!(
+        out.status.success(),
+        "ctdrop failed: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
+    eprintln!("sent {flood} flood + {ruled} ruled datagrams");
+    let wrong = judge(
+        &s,
+        &out,
+        after["drop"] - before["drop"],
+        rule_after - rule_before,
+    );
+    assert!(
+        after["drop"] - before["drop"] > 1000 && rule_after - rule_before == ruled,
+        "the scene did not happen: {before:?} -> {after:?}"
+    );
+    assert_eq!(wrong, 0, "records whose cause is not their packet's");
+    let summary = out.summary().unwrap();
+    eprintln!(
+        "summary inferred_by_budget: {}",
+        summary["inferred_by_budget"]
+    );
+}
+
+#[test]
+fn mixed_table_full_and_raw_rule_drops_each_record_exact_ipv4() {
+    mixed(false);
+}
+
+#[test]
+fn mixed_table_full_and_raw_rule_drops_each_record_exact_ipv6() {
+    mixed(true);
+}
+
+#[test]
+fn two_namespaces_full_at_once_each_record_exact() {
+    let a = Scene::new(false);
+    let b = Scene::new(true);
+    let _max = ConntrackMaxGuard::set(MAX).unwrap();
+    a.fill();
+    b.fill();
+    let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
+    let (ba, bb) = (
+        ct_stats(&a.topo.receiver).unwrap(),
+        ct_stats(&b.topo.receiver).unwrap(),
+    );
+    let (ra, rb) = (a.rule_packets(), b.rule_packets());
+    let (pa, pb) = (a.topo.sender.path(), b.topo.sender.path());
+    let (da, db) = (a.dst, b.dst);
+    let ta = std::thread::spawn(move || send_mixed(&pa, da));
+    let tb = std::thread::spawn(move || send_mixed(&pb, db));
+    let (fa, fb) = (ta.join().unwrap(), tb.join().unwrap());
+    let (aa, ab) = (
+        settled_ct_stats(&a.topo.receiver, "drop").unwrap(),
+        settled_ct_stats(&b.topo.receiver, "drop").unwrap(),
+    );
+    let (ra2, rb2) = (a.rule_packets(), b.rule_packets());
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ctdrop.stop().unwrap();
+    assert!(
+        out.status.success(),
+        "ctdrop failed: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
+    eprintln!("sent {fa:?} and {fb:?}");
+    let wa = judge(&a, &out, aa["drop"] - ba["drop"], ra2 - ra);
+    let wb = judge(&b, &out, ab["drop"] - bb["drop"], rb2 - rb);
+    assert_eq!(
+        (wa, wb),
+        (0, 0),
+        "records whose cause is not their packet's"
+    );
+}
+
+#[test]
+fn ctdrop_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
+    let (rx, out) = mixed::ctdrop_started_during_a_flood(&["live", "--json"]);
+    let causes = mixed::assert_flood_all_table_full(rx, &out);
+    // On this host every record must rest on a mark: the hooks were in
+    // before kfree_skb. A few in flight at the attach instant may be left
+    // to the counters; a consumer attached first would leave many.
+    let mine = out.drops_in(rx);
+    let inferred = mine
+        .iter()
+        .filter(|r| r["evidence"] != "hook:conntrack_in")
+        .count();
+    eprintln!("{causes:?}; {inferred} not decided by a mark");
+    assert!(
+        inferred <= 16,
+        "{inferred} records not decided by a hook mark"
+    );
+}
+
+#[test]
+fn insert_clash_drops_are_named_insert_failed_per_packet() {
+    let t = Topology::pair().unwrap();
+    // Conntrack on in the sender: its OUTPUT creates, POSTROUTING confirms.
+    t.sender
+        .exec(&[
+            "iptables",
+            "-A",
+            "OUTPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-j",
+            "ACCEPT",
+        ])
+        .unwrap();
+    let tx = t.sender.inode().unwrap();
+    let c = Ctdrop::spawn(&["live", "--json"]).unwrap();
+    let before = ct_stats(&t.sender).unwrap();
+    clash::race_until_insert_failed(&t.sender, t.sender_addr, t.receiver_addr, 80, 20).unwrap();
+    let after = settled_ct_stats(&t.sender, "insert_failed").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = c.stop().unwrap();
+    assert!(
+        out.status.success(),
+        "ctdrop failed: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
+    let failed = after["insert_failed"] - before["insert_failed"];
+    let mine = out.drops_in(tx);
+    let causes = mixed::by_cause(mine.iter().copied());
+    eprintln!(
+        "sender {tx}: insert_failed +{failed}, drop +{}; records {causes:?}",
+        after["drop"] - before["drop"]
+    );
+    assert!(failed > 0, "no insert clash happened");
+    assert_eq!(
+        causes.get("conntrack_insert_failed").copied().unwrap_or(0),
+        failed,
+        "insert-failed records vs the kernel's insert_failed"
+    );
+    for r in &mine {
+        assert_eq!(r["cause"], "conntrack_insert_failed", "{r}");
+        assert_eq!(r["evidence"], "hook:conntrack_confirm", "{r}");
+        assert_eq!(
+            (r["proto"].as_str(), r["dport"].as_u64()),
+            (Some("tcp"), Some(80)),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn sigkill_leaves_no_hook_link_program_or_map() {
+    let _ns = Netns::new().unwrap();
+    let since = bpf::high_water().unwrap();
+    let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
+    let held = bpf::held_by(ctdrop.pid());
+    let objs = bpf::still_listed(&held).unwrap();
+    let hooks: Vec<&bpf::Object> = objs
+        .iter()
+        .filter(|o| o.kind == bpf::Kind::Prog && o.name.starts_with("ct_hook"))
+        .collect();
+    assert!(hooks.len() >= 3, "ctdrop holds no hook programs: {objs:?}");
+    let links = objs
+        .iter()
+        .filter(|o| o.kind == bpf::Kind::Link && hooks.iter().any(|p| Some(p.id) == o.prog_id))
+        .count();
+    // 12 links per namespace; at least ours and the initial one.
+    assert!(links >= 24, "only {links} hook links: {objs:?}");
+    let out = ctdrop.stop_with(libc::SIGKILL).unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL));
+    let (left, orphans) = bpf::wait_released(&held, &since, Duration::from_secs(10)).unwrap();
+    assert!(
+        left.is_empty(),
+        "still there after SIGKILL: {:?}",
+        left.iter().map(|o| &o.raw).collect::<Vec<_>>()
+    );
+    assert!(
+        orphans.is_empty(),
+        "hook objects nobody holds: {:?}",
+        orphans.iter().map(|o| &o.raw).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_namespace_created_after_start_gets_marks_and_exact_causes() {
+    let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
+    let s = Scene::new(false);
+    let _max = ConntrackMaxGuard::set(MAX).unwrap();
+    // The watcher says when the new namespace is covered (bounded wait).
+    let line = format!("marks attached in new network namespace {}", s.rx);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ctdrop.stderr_so_far().contains(&line) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        ctdrop.stderr_so_far().contains(&line),
+        "no hook marks in the new namespace: {}",
+        ctdrop.stderr_so_far()
+    );
+    let before = ct_stats(&s.topo.receiver).unwrap();
+    let rule_before = s.rule_packets();
+    // Everything from here on, the fill's own overflow included, is judged.
+    s.fill();
+    send_mixed(&s.topo.sender.path(), s.dst);
+    let after = settled_ct_stats(&s.topo.receiver, "drop").unwrap();
+    let rule_after = s.rule_packets();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ctdrop.stop().unwrap();
+    assert!(
+        out.status.success(),
+        "ctdrop failed: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
+    let wrong = judge(
+        &s,
+        &out,
+        after["drop"] - before["drop"],
+        rule_after - rule_before,
+    );
+    assert_eq!(wrong, 0, "records whose cause is not their packet's");
+    let hooked = out
+        .drops_in(s.rx)
+        .iter()
+        .filter(|r| {
+            r["evidence"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("hook:"))
+        })
+        .count();
+    assert_eq!(
+        hooked,
+        out.drops_in(s.rx).len(),
+        "records not decided by a mark"
+    );
+}
+
+/// Without marks (`--mode tracepoint`) the counters decide among mixed
+/// candidates: totals stay exact, and every such record says so.
+#[test]
+fn without_marks_each_budget_decided_record_says_so_and_is_counted() {
+    let s = Scene::new(false);
+    let _max = ConntrackMaxGuard::set(MAX).unwrap();
+    s.fill();
+    let ctdrop = Ctdrop::spawn(&["live", "--json", "--mode", "tracepoint"]).unwrap();
+    let before = ct_stats(&s.topo.receiver).unwrap();
+    let rule_before = s.rule_packets();
+    send_mixed(&s.topo.sender.path(), s.dst);
+    let after = settled_ct_stats(&s.topo.receiver, "drop").unwrap();
+    let rule_after = s.rule_packets();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ctdrop.stop().unwrap();
+    assert!(
+        out.status.success(),
+        "ctdrop failed: {:?}\n{}",
+        out.status,
+        out.stderr
+    );
+    // The wrong records of the inference are the point of issue #13; here
+    // only their honesty is checked.
+    let wrong = judge(
+        &s,
+        &out,
+        after["drop"] - before["drop"],
+        rule_after - rule_before,
+    );
+    eprintln!("--mode tracepoint: {wrong} records carry the other packet's cause");
+    let mine = out.drops_in(s.rx);
+    let budget = mine
+        .iter()
+        .filter(|r| r["evidence"] == "inferred:drop_counter")
+        .count() as u64;
+    assert_eq!(
+        budget,
+        mine.len() as u64,
+        "records decided by budget without saying so"
+    );
+    let summary = out.summary().unwrap();
+    assert!(
+        summary["inferred_by_budget"].as_u64().unwrap() >= budget,
+        "summary: {}",
+        summary["inferred_by_budget"]
+    );
+}
+
+#[test]
+fn check_names_the_netfilter_hooks_and_mode_can_force_or_refuse_them() {
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(ctdrop_tests::ctdrop_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let mechanism = |v: &serde_json::Value, signal: &str| -> String {
+        let m = v["mechanisms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["signal"] == signal)
+            .unwrap();
+        m["mechanism"].as_str().unwrap_or("none").to_string()
+    };
+    let auto = run(&["check", "--json"]);
+    assert_eq!(auto["tier"], "tracepoint+netfilter-hook", "{auto}");
+    for signal in ["table_full", "insert_failed", "conntrack_in"] {
+        assert!(
+            mechanism(&auto, signal).starts_with("bpf netfilter hooks"),
+            "{signal}: {auto}"
+        );
+    }
+    let forced = run(&["check", "--json", "--mode", "netfilter-hook"]);
+    assert_eq!(forced["tier"], "tracepoint+netfilter-hook");
+    let refused = run(&["check", "--json", "--mode", "tracepoint"]);
+    assert_eq!(refused["tier"], "tracepoint");
+    assert!(
+        mechanism(&refused, "table_full").starts_with("inferred"),
+        "{refused}"
+    );
+    assert_eq!(mechanism(&refused, "insert_failed"), "none");
+}
