@@ -99,6 +99,7 @@ impl StoredStat {
 /// - the hash index holds (entry number, 32 bits of the hash): 8 bytes a
 ///   bucket, and growing it re-hashes nothing (no stall of the reader while
 ///   the ring fills: that stall lost 43,547 events at 1M flows).
+///
 /// About 105 bytes a flow plus 9-18 bytes of index.
 struct FlowTable {
     hasher: foldhash::fast::RandomState,
@@ -134,7 +135,7 @@ impl FlowTable {
 
     fn insert(&mut self, h: u32, id: FlowId, stat: StoredStat) {
         let i = self.len as u32;
-        if self.len % CHUNK == 0 {
+        if self.len.is_multiple_of(CHUNK) {
             self.chunks.push(Vec::with_capacity(CHUNK));
         }
         self.chunks.last_mut().expect("a chunk was just ensured").push((id, stat));
