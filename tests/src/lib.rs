@@ -262,6 +262,21 @@ pub fn parse_ct_stats(text: &str) -> Result<BTreeMap<String, u64>> {
     Ok(out)
 }
 
+/// A `<prefix>-…` pair whose receiver's table is full at `max` entries
+/// (the global limit lowered under the guard): every new flow into it is a
+/// `conntrack_table_full` drop from now on, for the 30 s the fill lives.
+pub fn full_pair_with_prefix(prefix: &str, max: u64) -> Result<(Topology, ConntrackMaxGuard)> {
+    let topo = Topology::pair_with_prefix(prefix)?;
+    topo.track_receiver()?;
+    let guard = ConntrackMaxGuard::set(max)?;
+    send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, max as u16 + 16)?;
+    let s = settled_ct_stats(&topo.receiver, "drop")?;
+    if s["entries"] != max {
+        bail!("table not full after the fill: {s:?}");
+    }
+    Ok((topo, guard))
+}
+
 /// `ns`'s counters once column `col` stops moving (packets on a veth are
 /// delivered asynchronously): read every 100 ms, at most 5 s.
 pub fn settled_ct_stats(ns: &Netns, col: &str) -> Result<BTreeMap<String, u64>> {

@@ -63,8 +63,16 @@ fn traced(topo: &Topology, filters: &[&str], traffic: impl FnOnce()) -> Traced {
     assert!(out.status.success(), "{}", out.stderr);
     let delta = after["drop"] - before["drop"];
     let reference: Vec<Value> = refout.drops_in(rx).into_iter().cloned().collect();
-    assert_eq!(reference.len() as u64, delta, "the unfiltered reference disagrees with the kernel");
-    Traced { recs: out.drops().into_iter().cloned().collect(), reference, delta }
+    assert_eq!(
+        reference.len() as u64,
+        delta,
+        "the unfiltered reference disagrees with the kernel"
+    );
+    Traced {
+        recs: out.drops().into_iter().cloned().collect(),
+        reference,
+        delta,
+    }
 }
 
 type Key = (String, String, u64, u64);
@@ -74,7 +82,12 @@ fn port_of(r: &Value) -> u16 {
 }
 
 fn key(r: &Value) -> Key {
-    (r["src"].as_str().unwrap_or("").into(), r["dst"].as_str().unwrap_or("").into(), r["sport"].as_u64().unwrap_or(0), r["dport"].as_u64().unwrap_or(0))
+    (
+        r["src"].as_str().unwrap_or("").into(),
+        r["dst"].as_str().unwrap_or("").into(),
+        r["sport"].as_u64().unwrap_or(0),
+        r["dport"].as_u64().unwrap_or(0),
+    )
 }
 
 /// The filtered records are exactly the reference's records that `pred`
@@ -84,7 +97,10 @@ fn selects(t: &Traced, pred: impl Fn(&Value) -> bool) -> usize {
     let mut got: Vec<Key> = t.recs.iter().map(key).collect();
     want.sort();
     got.sort();
-    assert_eq!(got, want, "filtered records differ from the selected reference records");
+    assert_eq!(
+        got, want,
+        "filtered records differ from the selected reference records"
+    );
     got.len()
 }
 
@@ -96,12 +112,25 @@ fn repeated_ports_select_exactly_their_drops() {
     fill(&topo);
     let rx = topo.receiver.inode().unwrap();
     let ns = rx.to_string();
-    let t = traced(&topo, &["--netns", &ns, "--port", "7001", "--port", "7002"], || {
-        send_udp(&topo.sender, topo.receiver_addr, [vec![7001; 30], vec![7002; 20], vec![7003; 25]].concat()).unwrap();
-    });
+    let t = traced(
+        &topo,
+        &["--netns", &ns, "--port", "7001", "--port", "7002"],
+        || {
+            send_udp(
+                &topo.sender,
+                topo.receiver_addr,
+                [vec![7001; 30], vec![7002; 20], vec![7003; 25]].concat(),
+            )
+            .unwrap();
+        },
+    );
     assert!(t.delta >= 70, "the table was not full: {}", t.delta);
     let n = selects(&t, |r| port_of(r) == 7001 || port_of(r) == 7002);
-    assert!(n >= 45 && (n as u64) < t.delta, "ports 7001 and 7002 only: {n} of {}", t.delta);
+    assert!(
+        n >= 45 && (n as u64) < t.delta,
+        "ports 7001 and 7002 only: {n} of {}",
+        t.delta
+    );
 }
 
 #[test]
@@ -111,12 +140,26 @@ fn ipv4_prefixes_and_addresses_select_exactly_their_sources() {
     // A second source address on the sender, in another /24 of 198.18.0.0/15.
     let o = topo.sender_addr.octets();
     let alias = Ipv4Addr::new(198, 19, o[2], 1);
-    topo.sender.exec(&["ip", "addr", "add", &format!("{alias}/32"), "dev", &topo.veth.sender_if]).unwrap();
+    topo.sender
+        .exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{alias}/32"),
+            "dev",
+            &topo.veth.sender_if,
+        ])
+        .unwrap();
     let _max = ConntrackMaxGuard::set(MAX).unwrap();
     fill(&topo);
     let dst = IpAddr::V4(topo.receiver_addr);
     let traffic = || {
-        send_from(&topo.sender, IpAddr::V4(topo.sender_addr), dst, vec![7100; 30]);
+        send_from(
+            &topo.sender,
+            IpAddr::V4(topo.sender_addr),
+            dst,
+            vec![7100; 30],
+        );
         send_from(&topo.sender, IpAddr::V4(alias), dst, vec![7100; 20]);
     };
     let name = topo.receiver.name.clone();
@@ -124,13 +167,25 @@ fn ipv4_prefixes_and_addresses_select_exactly_their_sources() {
     let alias_s = alias.to_string();
     let t = traced(&topo, &["--netns", &name, "--host", &prefix], traffic);
     let n = selects(&t, |r| r["src"] == alias_s.as_str());
-    assert!(n >= 15 && (n as u64) < t.delta, "only the /24 of the alias: {n} of {}", t.delta);
+    assert!(
+        n >= 15 && (n as u64) < t.delta,
+        "only the /24 of the alias: {n} of {}",
+        t.delta
+    );
     // Repeated: the prefix or the primary address (a /32): everything.
     let primary = topo.sender_addr.to_string();
-    let t = traced(&topo, &["--netns", &name, "--host", &prefix, "--host", &primary], traffic);
+    let t = traced(
+        &topo,
+        &["--netns", &name, "--host", &prefix, "--host", &primary],
+        traffic,
+    );
     assert_eq!(selects(&t, |_| true) as u64, t.delta);
     // A prefix holding neither: nothing, while the kernel still drops.
-    let t = traced(&topo, &["--netns", &name, "--host", "198.19.255.0/24"], traffic);
+    let t = traced(
+        &topo,
+        &["--netns", &name, "--host", "198.19.255.0/24"],
+        traffic,
+    );
     assert_eq!(selects(&t, |_| false), 0);
     assert!(t.delta >= 45);
 }
@@ -139,13 +194,48 @@ fn ipv4_prefixes_and_addresses_select_exactly_their_sources() {
 fn an_ipv6_prefix_selects_exactly_the_ipv6_drops() {
     let topo = Topology::pair_with_prefix("ctdflt").unwrap();
     topo.track_receiver().unwrap();
-    topo.receiver.exec(&["ip6tables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]).unwrap();
+    topo.receiver
+        .exec(&[
+            "ip6tables",
+            "-A",
+            "INPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-j",
+            "ACCEPT",
+        ])
+        .unwrap();
     // IPv6 benchmarking addresses (RFC 5180, 2001:2::/48), no DAD, no router solicitations.
     let n = topo.sender_addr.octets()[2] as u16;
-    let (s6, r6) = (Ipv6Addr::new(0x2001, 2, 0, n, 0, 0, 0, 1), Ipv6Addr::new(0x2001, 2, 0, n, 0, 0, 0, 2));
-    for (ns, dev, a) in [(&topo.sender, &topo.veth.sender_if, s6), (&topo.receiver, &topo.veth.receiver_if, r6)] {
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0", &format!("net.ipv6.conf.{dev}.router_solicitations=0"), &format!("net.ipv6.conf.{dev}.disable_ipv6=0")]).unwrap();
-        ns.exec(&["ip", "-6", "addr", "add", &format!("{a}/64"), "dev", dev, "nodad"]).unwrap();
+    let (s6, r6) = (
+        Ipv6Addr::new(0x2001, 2, 0, n, 0, 0, 0, 1),
+        Ipv6Addr::new(0x2001, 2, 0, n, 0, 0, 0, 2),
+    );
+    for (ns, dev, a) in [
+        (&topo.sender, &topo.veth.sender_if, s6),
+        (&topo.receiver, &topo.veth.receiver_if, r6),
+    ] {
+        ns.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=0",
+            &format!("net.ipv6.conf.{dev}.router_solicitations=0"),
+            &format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
+        ])
+        .unwrap();
+        ns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ])
+        .unwrap();
     }
     let _max = ConntrackMaxGuard::set(MAX).unwrap();
     fill(&topo);
@@ -155,12 +245,21 @@ fn an_ipv6_prefix_selects_exactly_the_ipv6_drops() {
     let name = topo.receiver.name.clone();
     let prefix = format!("2001:2:0:{n:x}::/64");
     let t = traced(&topo, &["--netns", &name, "--host", &prefix], || {
-        send_from(&topo.sender, IpAddr::V4(topo.sender_addr), IpAddr::V4(topo.receiver_addr), vec![7200; 30]);
+        send_from(
+            &topo.sender,
+            IpAddr::V4(topo.sender_addr),
+            IpAddr::V4(topo.receiver_addr),
+            vec![7200; 30],
+        );
         send_from(&topo.sender, IpAddr::V6(s6), IpAddr::V6(r6), vec![7200; 25]);
     });
     let s6s = s6.to_string();
     let n = selects(&t, |r| r["src"] == s6s.as_str());
-    assert!(n >= 20 && (n as u64) < t.delta, "only the IPv6 flows: {n} of {}", t.delta);
+    assert!(
+        n >= 20 && (n as u64) < t.delta,
+        "only the IPv6 flows: {n} of {}",
+        t.delta
+    );
     assert!(t.recs.iter().all(|r| r["cause"] == "conntrack_table_full"));
 }
 
@@ -170,12 +269,34 @@ fn ifname_selects_exactly_the_drops_on_that_interface() {
     topo.track_receiver().unwrap();
     // A second link between the same two namespaces, on its own subnet.
     // (VethPair names every pair ctdt-tx/ctdt-rx: this one needs its own.)
-    let second = VethPair { sender_if: "ctdf-tx2".into(), receiver_if: "ctdf-rx2".into() };
-    run(&["ip", "link", "add", &second.sender_if, "netns", &topo.sender.name, "type", "veth", "peer", "name", &second.receiver_if, "netns", &topo.receiver.name]).unwrap();
+    let second = VethPair {
+        sender_if: "ctdf-tx2".into(),
+        receiver_if: "ctdf-rx2".into(),
+    };
+    run(&[
+        "ip",
+        "link",
+        "add",
+        &second.sender_if,
+        "netns",
+        &topo.sender.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &second.receiver_if,
+        "netns",
+        &topo.receiver.name,
+    ])
+    .unwrap();
     let k = topo.sender_addr.octets()[2];
     let (s2, r2) = (Ipv4Addr::new(198, 19, k, 1), Ipv4Addr::new(198, 19, k, 2));
-    for (ns, dev, a) in [(&topo.sender, &second.sender_if, s2), (&topo.receiver, &second.receiver_if, r2)] {
-        ns.exec(&["ip", "addr", "add", &format!("{a}/24"), "dev", dev]).unwrap();
+    for (ns, dev, a) in [
+        (&topo.sender, &second.sender_if, s2),
+        (&topo.receiver, &second.receiver_if, r2),
+    ] {
+        ns.exec(&["ip", "addr", "add", &format!("{a}/24"), "dev", dev])
+            .unwrap();
         ns.exec(&["ip", "link", "set", dev, "up"]).unwrap();
     }
     let _max = ConntrackMaxGuard::set(MAX).unwrap();
@@ -187,10 +308,25 @@ fn ifname_selects_exactly_the_drops_on_that_interface() {
     // Without --netns the name is looked up in every named namespace.
     let t = traced(&topo, &["--ifname", &second.receiver_if], traffic);
     let n = selects(&t, |r| r["ifname"] == second.receiver_if.as_str());
-    assert!(n >= 15 && (n as u64) < t.delta, "only the second link: {n} of {}", t.delta);
+    assert!(
+        n >= 15 && (n as u64) < t.delta,
+        "only the second link: {n} of {}",
+        t.delta
+    );
     assert!(t.recs.iter().all(|r| r["dst"] == r2.to_string().as_str()));
     let name = topo.receiver.name.clone();
-    let t = traced(&topo, &["--netns", &name, "--ifname", &second.receiver_if, "--ifname", &topo.veth.receiver_if], traffic);
+    let t = traced(
+        &topo,
+        &[
+            "--netns",
+            &name,
+            "--ifname",
+            &second.receiver_if,
+            "--ifname",
+            &topo.veth.receiver_if,
+        ],
+        traffic,
+    );
     assert_eq!(selects(&t, |_| true) as u64, t.delta);
 }
 
@@ -204,7 +340,10 @@ fn netns_as_a_path_and_as_a_pid_each_select_exactly_their_namespace() {
     fill(&a);
     fill(&b);
     // A process living in b's receiver namespace: --netns PID.
-    let mut holder = std::process::Command::new("ip").args(["netns", "exec", &b.receiver.name, "sleep", "60"]).spawn().unwrap();
+    let mut holder = std::process::Command::new("ip")
+        .args(["netns", "exec", &b.receiver.name, "sleep", "60"])
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let pid = holder.id().to_string();
     let path = a.receiver.path().to_str().unwrap().to_string();
@@ -221,29 +360,56 @@ fn netns_as_a_path_and_as_a_pid_each_select_exactly_their_namespace() {
     let _ = holder.wait();
     assert!(out.status.success(), "{}", out.stderr);
     let (ia, ib) = (a.receiver.inode().unwrap(), b.receiver.inode().unwrap());
-    assert_eq!(out.drops_in(ia).len() as u64, after_a["drop"] - before_a["drop"]);
-    assert_eq!(out.drops_in(ib).len() as u64, after_b["drop"] - before_b["drop"]);
+    assert_eq!(
+        out.drops_in(ia).len() as u64,
+        after_a["drop"] - before_a["drop"]
+    );
+    assert_eq!(
+        out.drops_in(ib).len() as u64,
+        after_b["drop"] - before_b["drop"]
+    );
     assert_eq!(out.drops().len(), 50, "nothing from any other namespace");
 }
 
 #[test]
 fn nonexistent_namespaces_interfaces_and_inodes_are_refused_in_one_line() {
     for (args, says) in [
-        (&["--netns", "4026999999"][..], "no network namespace with inode 4026999999"),
+        (
+            &["--netns", "4026999999"][..],
+            "no network namespace with inode 4026999999",
+        ),
         (&["--netns", "4194000"][..], "no process 4194000"),
-        (&["--netns", "ctdflt-no-such-ns"][..], "no network namespace named"),
-        (&["--netns", "/proc/self/ns/mnt"][..], "is not a network namespace"),
-        (&["--netns", "/nonexistent/ns"][..], "cannot open network namespace"),
-        (&["--ifname", "nosuch0"][..], "no interface named \"nosuch0\""),
+        (
+            &["--netns", "ctdflt-no-such-ns"][..],
+            "no network namespace named",
+        ),
+        (
+            &["--netns", "/proc/self/ns/mnt"][..],
+            "is not a network namespace",
+        ),
+        (
+            &["--netns", "/nonexistent/ns"][..],
+            "cannot open network namespace",
+        ),
+        (
+            &["--ifname", "nosuch0"][..],
+            "no interface named \"nosuch0\"",
+        ),
         (&["--host", "198.18.0.0/33"][..], "bad prefix length"),
     ] {
         let mut full = vec!["live", "--duration", "1s"];
         full.extend_from_slice(args);
-        let out = std::process::Command::new(ctdrop_bin()).args(&full).output().unwrap();
+        let out = std::process::Command::new(ctdrop_bin())
+            .args(&full)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(out.stdout.is_empty(), "{args:?} printed on stdout");
         assert!(err.contains(says), "{args:?}: {err}");
-        assert!(!err.contains("attached"), "{args:?} attached before refusing: {err}");
+        assert!(
+            !err.contains("attached"),
+            "{args:?} attached before refusing: {err}"
+        );
     }
 }

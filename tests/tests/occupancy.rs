@@ -442,13 +442,17 @@ fn report_of_a_one_source_flood_capture_names_the_source_and_sizes_from_entries_
     assert_eq!(cap["netns"], rx);
     assert_eq!(cap["values"]["current_max"], 64);
     assert_eq!(cap["values"]["turned_away_flows"], turned_away);
-    // Every drop came from the sender: limit it first; the table is sized
-    // from the 64 entries held, not from 64 + the dropped flood packets.
+    // The sender holds every entry (the capture keeps the snapshot taken
+    // when the table filled): limit it first. The table is sized from the
+    // entries legitimately held (none: all are the flood's unanswered
+    // ones), not from 64 + the dropped flood packets: no raise.
     let src = advice(&r["advice"], "limit_origin").unwrap_or_else(|| panic!("no source advice: {}", r["advice"]));
     assert_eq!(src["values"]["source"], topo.sender_addr.to_string());
-    assert_eq!((src["values"]["count"].as_u64(), src["values"]["of"].as_u64()), (Some(dropped), Some(dropped)));
-    assert_eq!(cap["values"]["observed_peak"], 64);
-    assert_eq!(cap["values"]["recommended_max"], 128);
+    assert_eq!((src["values"]["share_of"].as_str(), src["values"]["count"].as_u64(), src["values"]["of"].as_u64()), (Some("entries"), Some(64), Some(64)), "{}", r["advice"]);
+    assert_eq!(r["advice"][0]["topic"], "limit_origin", "the source comes first: {}", r["advice"]);
+    assert_eq!(cap["values"]["legit_entries"], 0, "{cap}");
+    assert_eq!(cap["values"]["change_needed"], false, "{cap}");
+    assert_eq!(cap["values"]["recommended_max"], 64, "{cap}");
     let text = String::from_utf8(text.stdout).unwrap();
-    assert!(text.contains("advice:") && text.contains("[capacity]"), "{text}");
+    assert!(text.contains("advice:") && text.contains("[limit_origin]") && text.contains("[capacity]"), "{text}");
 }

@@ -21,13 +21,7 @@ const MAX: u64 = 64;
 /// A pair whose receiver's table is full: every new flow into it is a
 /// `conntrack_table_full` drop from now on (for the 30 s the fill lives).
 fn full_pair() -> (Topology, ConntrackMaxGuard) {
-    let topo = Topology::pair().unwrap();
-    topo.track_receiver().unwrap();
-    let guard = ConntrackMaxGuard::set(MAX).unwrap();
-    send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, MAX as u16 + 16).unwrap();
-    let s = settled_ct_stats(&topo.receiver, "drop").unwrap();
-    assert_eq!(s["entries"], MAX, "table not full after the fill: {s:?}");
-    (topo, guard)
+    full_pair_with_prefix("ctdt", MAX).unwrap()
 }
 
 fn u(v: &Value) -> u64 {

@@ -61,7 +61,9 @@ pub fn matches(r: &DropRecord) -> bool {
         let mut hit = false;
         for i in 0..FILTER_MAX {
             if i < n {
-                hit |= r.flags & flags::HAS_DEV != 0 && filt_at!(ifs[i].netns) == r.netns && filt_at!(ifs[i].ifindex) == r.ifindex;
+                hit |= r.flags & flags::HAS_DEV != 0
+                    && filt_at!(ifs[i].netns) == r.netns
+                    && filt_at!(ifs[i].ifindex) == r.ifindex;
             }
         }
         if !hit {

@@ -39,7 +39,13 @@ impl Net {
         let mut m = [0u8; 16];
         for (i, b) in m.iter_mut().enumerate().take(self.bits() as usize / 8) {
             let left = self.prefix as i32 - i as i32 * 8;
-            *b = if left >= 8 { 0xff } else if left <= 0 { 0 } else { !(0xffu8 >> left) };
+            *b = if left >= 8 {
+                0xff
+            } else if left <= 0 {
+                0
+            } else {
+                !(0xffu8 >> left)
+            };
         }
         for i in 0..16 {
             a[i] &= m[i];
@@ -53,7 +59,12 @@ impl Net {
             return false;
         }
         let (a, m) = self.bytes();
-        let other = Net { addr: *ip, prefix: self.bits() }.bytes().0;
+        let other = Net {
+            addr: *ip,
+            prefix: self.bits(),
+        }
+        .bytes()
+        .0;
         (0..16).all(|i| other[i] & m[i] == a[i])
     }
 }
@@ -81,11 +92,18 @@ pub fn parse_net(s: &str) -> Result<Net> {
         Some((a, p)) => (a, Some(p)),
         None => (s, None),
     };
-    let addr: IpAddr = a.trim().parse().map_err(|_| anyhow!("bad address {s:?} (try 198.18.0.2, 10.0.0.0/8 or 2001:db8::/32)"))?;
+    let addr: IpAddr = a
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("bad address {s:?} (try 198.18.0.2, 10.0.0.0/8 or 2001:db8::/32)"))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let prefix = match p {
         None => max,
-        Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| anyhow!("bad prefix length in {s:?} (0-{max})"))?,
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| anyhow!("bad prefix length in {s:?} (0-{max})"))?,
     };
     Ok(Net { addr, prefix })
 }
@@ -130,7 +148,10 @@ pub fn fill(args: &TraceArgs, f: &mut FilterConfig) -> Result<()> {
     }
     f.n_netns = nss.len() as u8;
     let ifs = resolve_ifnames(&args.ifname, &nss)?;
-    too_many("--ifname (one per namespace it names an interface in)", ifs.len())?;
+    too_many(
+        "--ifname (one per namespace it names an interface in)",
+        ifs.len(),
+    )?;
     for (i, x) in ifs.iter().enumerate() {
         f.ifs[i] = *x;
     }
@@ -146,8 +167,15 @@ fn resolve_ifnames(names: &[String], nss: &[(u32, PathBuf)]) -> Result<Vec<Filte
         return Ok(Vec::new());
     }
     let places: Vec<(u32, PathBuf)> = if nss.is_empty() {
-        let mut v = vec![(crate::conntrack::netns::own_netns()?, PathBuf::from("/proc/self/ns/net"))];
-        v.extend(crate::conntrack::netns::named_namespaces().into_iter().map(|(ino, (_, p))| (ino, p)));
+        let mut v = vec![(
+            crate::conntrack::netns::own_netns()?,
+            PathBuf::from("/proc/self/ns/net"),
+        )];
+        v.extend(
+            crate::conntrack::netns::named_namespaces()
+                .into_iter()
+                .map(|(ino, (_, p))| (ino, p)),
+        );
         v
     } else {
         nss.to_vec()
@@ -161,18 +189,31 @@ fn resolve_ifnames(names: &[String], nss: &[(u32, PathBuf)]) -> Result<Vec<Filte
         for (ino, path) in &places {
             let n = name.clone();
             let idx = crate::conntrack::netns::in_netns(path, move || {
-                let c = std::ffi::CString::new(n).map_err(|_| anyhow!("interface name with a NUL"))?;
+                let c =
+                    std::ffi::CString::new(n).map_err(|_| anyhow!("interface name with a NUL"))?;
                 // SAFETY: c is a valid NUL-terminated string for the call.
                 Ok(unsafe { libc::if_nametoindex(c.as_ptr()) })
             })
             .with_context(|| format!("looking up interface {name:?}"))?;
-            if idx != 0 && !out.contains(&FilterIf { netns: *ino, ifindex: idx }) {
-                out.push(FilterIf { netns: *ino, ifindex: idx });
+            if idx != 0
+                && !out.contains(&FilterIf {
+                    netns: *ino,
+                    ifindex: idx,
+                })
+            {
+                out.push(FilterIf {
+                    netns: *ino,
+                    ifindex: idx,
+                });
                 found = true;
             }
         }
         if !found {
-            let scope = if nss.is_empty() { "this host's namespace or any named one (add --netns)" } else { "the --netns namespaces" };
+            let scope = if nss.is_empty() {
+                "this host's namespace or any named one (add --netns)"
+            } else {
+                "the --netns namespaces"
+            };
             bail!("no interface named {name:?} in {scope}");
         }
     }
@@ -196,7 +237,11 @@ pub fn nets(f: &FilterConfig) -> Vec<String> {
                 m[k * 4..k * 4 + 4].copy_from_slice(&f.nets[i].mask[k].to_ne_bytes());
             }
             let prefix = m.iter().map(|b| b.count_ones() as u8).sum();
-            let addr = if f.nets_v6 & (1 << i) != 0 { IpAddr::from(a) } else { IpAddr::from([a[0], a[1], a[2], a[3]]) };
+            let addr = if f.nets_v6 & (1 << i) != 0 {
+                IpAddr::from(a)
+            } else {
+                IpAddr::from([a[0], a[1], a[2], a[3]])
+            };
             Net { addr, prefix }.to_string()
         })
         .collect()
@@ -222,25 +267,50 @@ mod tests {
         assert!(parse_net("bogus/8").is_err());
         assert!(parse_net("::1/129").is_err());
         assert_eq!(parse_net("0.0.0.0/0").unwrap().to_string(), "0.0.0.0/0");
-        assert!(parse_net("0.0.0.0/0").unwrap().contains(&"1.2.3.4".parse().unwrap()));
+        assert!(parse_net("0.0.0.0/0")
+            .unwrap()
+            .contains(&"1.2.3.4".parse().unwrap()));
     }
 
     #[test]
     fn filter_words_round_trip() {
-        let args = crate::cli::LiveArgs::from_args(&["--host", "198.18.0.0/15", "--host", "2001:db8::/32", "--host", "198.18.3.4", "--port", "53", "--port", "5353"]).unwrap();
+        let args = crate::cli::LiveArgs::from_args(&[
+            "--host",
+            "198.18.0.0/15",
+            "--host",
+            "2001:db8::/32",
+            "--host",
+            "198.18.3.4",
+            "--port",
+            "53",
+            "--port",
+            "5353",
+        ])
+        .unwrap();
         let mut f: FilterConfig = bytemuck::Zeroable::zeroed();
         fill(&args.trace, &mut f).unwrap();
-        assert_eq!(nets(&f), vec!["198.18.0.0/15", "2001:db8::/32", "198.18.3.4"]);
-        assert_eq!((f.n_nets, f.nets_v6, f.n_ports, &f.ports[..2]), (3, 0b010, 2, &[53u16, 5353][..]));
+        assert_eq!(
+            nets(&f),
+            vec!["198.18.0.0/15", "2001:db8::/32", "198.18.3.4"]
+        );
+        assert_eq!(
+            (f.n_nets, f.nets_v6, f.n_ports, &f.ports[..2]),
+            (3, 0b010, 2, &[53u16, 5353][..])
+        );
         assert!(narrows(&f));
     }
 
     #[test]
     fn more_than_the_kernel_holds_is_refused() {
-        let many: Vec<String> = (1..=9).flat_map(|p| ["--port".to_string(), p.to_string()]).collect();
+        let many: Vec<String> = (1..=9)
+            .flat_map(|p| ["--port".to_string(), p.to_string()])
+            .collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
         let args = crate::cli::LiveArgs::from_args(&refs).unwrap();
         let mut f: FilterConfig = bytemuck::Zeroable::zeroed();
-        assert!(fill(&args.trace, &mut f).unwrap_err().to_string().contains("at most 8 --port"));
+        assert!(fill(&args.trace, &mut f)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 8 --port"));
     }
 }

@@ -4,7 +4,6 @@
 //! while groups under the rate still print drop by drop. Used by human
 //! `live` and by the demo (which folds all of its flood).
 
-
 use super::{human::netns_label, Shown};
 use crate::{cause::Cause, events::decode::proto_name};
 
@@ -45,7 +44,11 @@ impl Default for Folder {
 impl Folder {
     /// `limit` lines per group and second before folding (0: fold all).
     pub fn new(limit: u32) -> Folder {
-        Folder { limit, second: 0, groups: HashMap::default() }
+        Folder {
+            limit,
+            second: 0,
+            groups: HashMap::default(),
+        }
     }
 
     /// Whether to print this drop's own line; when not, it is counted for
@@ -68,7 +71,12 @@ impl Folder {
     }
 
     fn group(&mut self, s: &Shown) -> &mut Group {
-        self.groups.entry((s.ev.netns, s.cause)).or_insert_with(|| Group { label: netns_label(s.ev.netns, s.netns_name), ..Default::default() })
+        self.groups
+            .entry((s.ev.netns, s.cause))
+            .or_insert_with(|| Group {
+                label: netns_label(s.ev.netns, s.netns_name),
+                ..Default::default()
+            })
     }
 
     /// Fold lines for seconds that ended before `wall_ns`: call before each
@@ -93,11 +101,20 @@ impl Folder {
     }
 
     fn take_lines_at(&mut self, sec: u64, out: &mut Vec<String>) {
-        let mut keys: Vec<Key> = self.groups.iter().filter(|(_, g)| g.folded > 0).map(|(k, _)| *k).collect();
+        let mut keys: Vec<Key> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.folded > 0)
+            .map(|(k, _)| *k)
+            .collect();
         keys.sort();
         for k in keys {
             let g = self.groups.get_mut(&k).unwrap();
-            let top = g.ports.iter().max_by_key(|(p, n)| (**n, std::cmp::Reverse(**p))).map(|(p, n)| (p.0, p.1, *n));
+            let top = g
+                .ports
+                .iter()
+                .max_by_key(|(p, n)| (**n, std::cmp::Reverse(**p)))
+                .map(|(p, n)| (p.0, p.1, *n));
             out.push(fold_line(sec * 1_000_000_000, g.folded, k.1, &g.label, top));
             g.folded = 0;
             g.ports.clear();
@@ -121,8 +138,17 @@ fn fold_into(g: &mut Group, s: &Shown) {
 }
 
 /// `hh:mm:ss.000000 + N drops: CAUSE in ns X, top port udp/5353 (M)`.
-pub fn fold_line(wall_ns: u64, n: u64, cause: Cause, ns: &str, top: Option<(u8, u16, u64)>) -> String {
-    let mut l = format!("{} + {n} drops: {cause} in ns {ns}", super::human::clock(wall_ns));
+pub fn fold_line(
+    wall_ns: u64,
+    n: u64,
+    cause: Cause,
+    ns: &str,
+    top: Option<(u8, u16, u64)>,
+) -> String {
+    let mut l = format!(
+        "{} + {n} drops: {cause} in ns {ns}",
+        super::human::clock(wall_ns)
+    );
     if let Some((proto, port, k)) = top {
         l += &format!(", top port {}/{port} ({k})", proto_name(proto));
     }
@@ -146,7 +172,12 @@ mod tests {
             netns: Some(ns),
             ifindex: None,
             skb_len: 64,
-            flow: Some(Flow { src: "198.18.0.1".parse().unwrap(), dst: "198.18.0.2".parse().unwrap(), proto: 17, ports: Some((1000, dport)) }),
+            flow: Some(Flow {
+                src: "198.18.0.1".parse().unwrap(),
+                dst: "198.18.0.2".parse().unwrap(),
+                proto: 17,
+                ports: Some((1000, dport)),
+            }),
             icmp: None,
             ct: None,
             ct_fill: None,
@@ -156,7 +187,15 @@ mod tests {
     }
 
     fn shown<'a>(ev: &'a DropEvent, cause: Cause, wall_ns: u64) -> Shown<'a> {
-        Shown { ev, cause, wall_ns, reason: "NETFILTER_DROP", netns_name: Some("srv"), ifname: None, location: "" }
+        Shown {
+            ev,
+            cause,
+            wall_ns,
+            reason: "NETFILTER_DROP",
+            netns_name: Some("srv"),
+            ifname: None,
+            location: "",
+        }
     }
 
     #[test]
@@ -181,7 +220,10 @@ mod tests {
         assert_eq!(printed, 3 * 10 + 3 * 2);
         assert_eq!(lines.len(), 3, "{lines:?}");
         for l in &lines {
-            assert!(l.ends_with("+ 990 drops: conntrack_table_full in ns srv, top port udp/5353 (990)"), "{l}");
+            assert!(
+                l.ends_with("+ 990 drops: conntrack_table_full in ns srv, top port udp/5353 (990)"),
+                "{l}"
+            );
         }
         assert!(f.take_lines().is_empty());
     }
@@ -195,6 +237,9 @@ mod tests {
         }
         let l = f.take_lines();
         assert_eq!(l.len(), 1);
-        assert!(l[0].contains("+ 5 drops: conntrack_table_full in ns srv, top port udp/7 (5)"), "{l:?}");
+        assert!(
+            l[0].contains("+ 5 drops: conntrack_table_full in ns srv, top port udp/7 (5)"),
+            "{l:?}"
+        );
     }
 }

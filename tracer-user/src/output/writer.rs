@@ -75,7 +75,11 @@ pub fn stdout() -> (QueuedOut, OutHandle) {
         let mut st: libc::stat = std::mem::zeroed();
         libc::fstat(1, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
     };
-    queued_pieces(Fd1(fd1), MAX_QUEUED_BYTES, if pipe { PIPE_BUF } else { usize::MAX })
+    queued_pieces(
+        Fd1(fd1),
+        MAX_QUEUED_BYTES,
+        if pipe { PIPE_BUF } else { usize::MAX },
+    )
 }
 
 /// A pipe write of at most this many bytes is atomic: all or nothing.
@@ -106,14 +110,22 @@ fn piece_end(b: &[u8], max: usize) -> usize {
     }
     match b[..max].iter().rposition(|c| *c == b'\n') {
         Some(i) => i + 1,
-        None => b[max..].iter().position(|c| *c == b'\n').map(|i| max + i + 1).unwrap_or(b.len()),
+        None => b[max..]
+            .iter()
+            .position(|c| *c == b'\n')
+            .map(|i| max + i + 1)
+            .unwrap_or(b.len()),
     }
 }
 
 /// `piece`: the most written at once, in whole lines. On a pipe, writes of
 /// at most PIPE_BUF are atomic, so a reader that stalls (and a ctdrop that
 /// ends meanwhile) leaves whole lines in the pipe, never half of one.
-fn queued_pieces<W: Write + Send + 'static>(mut out: W, max_queued: u64, piece: usize) -> (QueuedOut, OutHandle) {
+fn queued_pieces<W: Write + Send + 'static>(
+    mut out: W,
+    max_queued: u64,
+    piece: usize,
+) -> (QueuedOut, OutHandle) {
     let shared = Arc::new(Shared::default());
     let s = shared.clone();
     std::thread::Builder::new()
@@ -147,8 +159,10 @@ fn queued_pieces<W: Write + Send + 'static>(mut out: W, max_queued: u64, piece: 
                 }
                 *s.in_flight.lock().unwrap() = (None, 0);
                 if pos < data.len() {
-                    s.dropped_lines.fetch_add(lines_in(&data[pos..]), Ordering::Relaxed);
-                    s.queued_bytes.fetch_sub((data.len() - pos) as u64, Ordering::Relaxed);
+                    s.dropped_lines
+                        .fetch_add(lines_in(&data[pos..]), Ordering::Relaxed);
+                    s.queued_bytes
+                        .fetch_sub((data.len() - pos) as u64, Ordering::Relaxed);
                 }
                 if let Ok(mut v) = Arc::try_unwrap(data) {
                     v.clear();
@@ -157,7 +171,12 @@ fn queued_pieces<W: Write + Send + 'static>(mut out: W, max_queued: u64, piece: 
             }
         })
         .expect("starting the stdout writer thread");
-    let q = QueuedOut { buf: Vec::with_capacity(CHUNK), shared: shared.clone(), max_queued, warned_at: None };
+    let q = QueuedOut {
+        buf: Vec::with_capacity(CHUNK),
+        shared: shared.clone(),
+        max_queued,
+        warned_at: None,
+    };
     (q, OutHandle { shared })
 }
 
@@ -173,7 +192,11 @@ impl QueuedOut {
             let n = lines_in(&self.buf);
             let total = s.dropped_lines.fetch_add(n, Ordering::Relaxed) + n;
             self.buf.clear();
-            if !closed && self.warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            if !closed
+                && self
+                    .warned_at
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
                 self.warned_at = Some(Instant::now());
                 eprintln!("ctdrop: warning: stdout is not being read: {total} lines not written so far (tracing and counting go on)");
             }
@@ -228,7 +251,10 @@ impl OutHandle {
     pub fn finish(&self, grace: Duration) -> u64 {
         let s = &self.shared;
         let until = Instant::now() + grace;
-        while s.queued_bytes.load(Ordering::Relaxed) > 0 && !s.closed.load(Ordering::Relaxed) && Instant::now() < until {
+        while s.queued_bytes.load(Ordering::Relaxed) > 0
+            && !s.closed.load(Ordering::Relaxed)
+            && Instant::now() < until
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
         let queued = lines_in(&s.pending.lock().unwrap());
@@ -244,7 +270,9 @@ impl OutHandle {
     pub fn finish_and_report(&self, grace: Duration) {
         let n = self.finish(grace);
         if n > 0 && !self.shared.closed.load(Ordering::Relaxed) {
-            eprintln!("ctdrop: {n} lines of output not written: stdout was not being read fast enough");
+            eprintln!(
+                "ctdrop: {n} lines of output not written: stdout was not being read fast enough"
+            );
         }
     }
 }
@@ -279,7 +307,13 @@ mod tests {
     fn a_stalled_reader_never_blocks_the_writer_and_every_line_is_written_or_counted() {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let got = Arc::new(Mutex::new(Vec::new()));
-        let (mut q, h) = queued(Stalled { gate: gate.clone(), got: got.clone() }, 256 << 10);
+        let (mut q, h) = queued(
+            Stalled {
+                gate: gate.clone(),
+                got: got.clone(),
+            },
+            256 << 10,
+        );
         let line = [b'x'; 99];
         let started = Instant::now();
         for _ in 0..100_000 {
@@ -291,14 +325,20 @@ mod tests {
         // caller was never blocked (a bound, not a timing).
         assert!(started.elapsed() < Duration::from_secs(30));
         let stuck = h.finish(Duration::from_millis(10));
-        assert!(stuck > 90_000, "most lines cannot have gone anywhere: {stuck}");
+        assert!(
+            stuck > 90_000,
+            "most lines cannot have gone anywhere: {stuck}"
+        );
         // Release the reader: what was queued gets written, the rest counted.
         *gate.0.lock().unwrap() = true;
         gate.1.notify_all();
         let unwritten = h.finish(Duration::from_secs(30));
         let written = lines_in(&got.lock().unwrap());
         assert_eq!(written + unwritten, 100_000);
-        assert!(written > 0 && written <= (256 << 10) / 100 + 1, "only what fit in the queue: {written}");
+        assert!(
+            written > 0 && written <= (256 << 10) / 100 + 1,
+            "only what fit in the queue: {written}"
+        );
     }
 
     #[test]
@@ -315,7 +355,13 @@ mod tests {
     fn a_reader_that_keeps_up_gets_everything() {
         let got = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new((Mutex::new(true), Condvar::new()));
-        let (mut q, h) = queued(Stalled { gate, got: got.clone() }, MAX_QUEUED_BYTES);
+        let (mut q, h) = queued(
+            Stalled {
+                gate,
+                got: got.clone(),
+            },
+            MAX_QUEUED_BYTES,
+        );
         for i in 0..50_000 {
             writeln!(q, "line {i}").unwrap();
             if i % 100 == 0 {
