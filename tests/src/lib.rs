@@ -836,3 +836,29 @@ mod tests {
         assert_eq!(sum, 0xffff);
     }
 }
+
+/// A pair whose receiver's table is full (`max` entries, held by the
+/// returned guard): every new flow into it is a `conntrack_table_full` drop.
+pub fn full_table_pair(max: u64) -> (Topology, ConntrackMaxGuard) {
+    let topo = Topology::pair().unwrap();
+    topo.track_receiver().unwrap();
+    let guard = ConntrackMaxGuard::set(max).unwrap();
+    send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, max as u16 + 16).unwrap();
+    let s = settled_ct_stats(&topo.receiver, "drop").unwrap();
+    assert_eq!(s["entries"], max, "table not full after the fill: {s:?}");
+    (topo, guard)
+}
+
+/// One `conntrack_table_full` record in namespace `rx` per drop the kernel
+/// counted there (`drop_delta`), nothing else, nothing lost, and the
+/// summary's kernel counters agreeing.
+pub fn assert_table_full_exact(out: &CtdropOutput, rx: u32, drop_delta: u64) {
+    let mine = out.drops_in(rx);
+    let full = mine.iter().filter(|r| r["cause"] == "conntrack_table_full").count() as u64;
+    assert_eq!(full, drop_delta, "table-full records vs the kernel's drop counter; stderr:\n{}", out.stderr);
+    assert_eq!(mine.len() as u64, full, "records other than table-full");
+    let s = out.summary().unwrap();
+    assert_eq!(s["events_lost"], 0, "summary {s}");
+    let kc = out.kernel_counters(rx).unwrap().unwrap_or_else(|| panic!("no kernel_counters for {rx}: {s}"));
+    assert_eq!(kc["agree"], true, "kernel counters {kc}");
+}

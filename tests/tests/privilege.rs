@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use ctdrop_tests::*;
-use serde_json::Value;
 
 const MAX: u64 = 64;
 const NOBODY: &str = "65534";
@@ -29,22 +28,10 @@ fn as_nobody_with(caps: &[&str]) -> Vec<String> {
     ]
 }
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
-}
-
 #[test]
 fn live_as_nobody_with_exactly_the_tracing_capabilities_counts_a_full_table_exactly() {
     const N: u16 = 100;
-    let topo = Topology::pair().unwrap();
-    topo.track_receiver().unwrap();
-    let _max = ConntrackMaxGuard::set(MAX).unwrap();
-    send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, MAX as u16 + 16).unwrap();
-    assert_eq!(
-        settled_ct_stats(&topo.receiver, "drop").unwrap()["entries"],
-        MAX,
-        "table not full"
-    );
+    let (topo, _max) = full_table_pair(MAX);
     let bin = ctdrop_bin().to_string_lossy().into_owned();
     let mut argv = as_nobody_with(TRACING);
     argv.extend([
@@ -74,24 +61,7 @@ fn live_as_nobody_with_exactly_the_tracing_capabilities_counts_a_full_table_exac
         drop_delta >= N as u64 * 9 / 10,
         "only {drop_delta} of {N} dropped"
     );
-    let mine = out.drops_in(rx);
-    let full = mine
-        .iter()
-        .filter(|r| r["cause"] == "conntrack_table_full")
-        .count() as u64;
-    assert_eq!(
-        full, drop_delta,
-        "table-full records vs the kernel's drop counter; stderr:\n{}",
-        out.stderr
-    );
-    assert_eq!(mine.len() as u64, full, "records other than table-full");
-    let s = out.summary().unwrap();
-    assert_eq!(u(&s["events_lost"]), 0, "summary {s}");
-    let kc = out
-        .kernel_counters(rx)
-        .unwrap()
-        .unwrap_or_else(|| panic!("no kernel counters for {rx} as nobody: {s}"));
-    assert_eq!(kc["agree"], true, "kernel counters {kc}");
+    assert_table_full_exact(&out, rx, drop_delta);
 }
 
 #[test]

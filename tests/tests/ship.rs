@@ -202,22 +202,6 @@ impl Drop for Root {
     }
 }
 
-/// A pair whose receiver's table is full: every new flow into it is a
-/// `conntrack_table_full` drop.
-fn full_pair() -> (Topology, ConntrackMaxGuard) {
-    let topo = Topology::pair().unwrap();
-    topo.track_receiver().unwrap();
-    let guard = ConntrackMaxGuard::set(MAX).unwrap();
-    send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, MAX as u16 + 16).unwrap();
-    let s = settled_ct_stats(&topo.receiver, "drop").unwrap();
-    assert_eq!(s["entries"], MAX, "table not full after the fill: {s:?}");
-    (topo, guard)
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
-}
-
 /// Traces (live or capture, chrooted) while 100 new flows hit the full
 /// table; asserts one table-full record per kernel drop and returns them.
 fn traced_in_root(root: &Root, topo: &Topology, args: &[&str]) -> CtdropOutput {
@@ -240,23 +224,7 @@ fn traced_in_root(root: &Root, topo: &Topology, args: &[&str]) -> CtdropOutput {
         drop_delta >= N as u64 * 9 / 10,
         "only {drop_delta} of {N} dropped"
     );
-    let mine = out.drops_in(rx);
-    let full = mine
-        .iter()
-        .filter(|r| r["cause"] == "conntrack_table_full")
-        .count() as u64;
-    assert_eq!(
-        full, drop_delta,
-        "table-full records vs the kernel's drop counter"
-    );
-    assert_eq!(mine.len() as u64, full, "records other than table-full");
-    let s = out.summary().unwrap();
-    assert_eq!(u(&s["events_lost"]), 0, "summary {s}");
-    let kc = out
-        .kernel_counters(rx)
-        .unwrap()
-        .unwrap_or_else(|| panic!("no kernel_counters for {rx}: {s}"));
-    assert_eq!(kc["agree"], true, "kernel counters {kc}");
+    assert_table_full_exact(&out, rx, drop_delta);
     out
 }
 
@@ -315,7 +283,7 @@ fn image_unpacked_by_umoci_runs_check_from_its_own_root() {
 #[test]
 fn static_binary_in_an_empty_root_traces_a_full_table_exactly() {
     let root = Root::new();
-    let (topo, _max) = full_pair();
+    let (topo, _max) = full_table_pair(MAX);
     traced_in_root(
         &root,
         &topo,
@@ -326,7 +294,7 @@ fn static_binary_in_an_empty_root_traces_a_full_table_exactly() {
 #[test]
 fn aarch64_binary_under_qemu_reports_and_exports_a_capture_like_x86_64() {
     let root = Root::new();
-    let (topo, _max) = full_pair();
+    let (topo, _max) = full_table_pair(MAX);
     let live = traced_in_root(
         &root,
         &topo,
