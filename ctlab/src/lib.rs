@@ -139,7 +139,7 @@ pub fn namespaces_with_entries() -> Vec<NsEntries> {
             });
         }
     }
-    out.sort_by(|a, b| b.entries.cmp(&a.entries));
+    out.sort_by_key(|n| std::cmp::Reverse(n.entries));
     out
 }
 

@@ -179,6 +179,16 @@ fn capture_report_equals_the_live_run_and_the_kernel_counters() {
     assert_eq!(p["lost_by_cause"]["conntrack_table_full"], p["lost"], "{p}");
     assert_eq!(p["lost_probes"].as_array().unwrap().len() as u64, p["lost"].as_u64().unwrap());
 
+    // The table snapshot taken when the table filled is stored in the file
+    // (format 2) and is the one the live run showed.
+    let snaps = rep["occupancy"].as_array().unwrap();
+    let live_snaps = sum["occupancy"].as_array().unwrap();
+    assert_eq!(snaps.len(), live_snaps.len(), "{rep}");
+    let snap = snaps.iter().find(|o| o["netns"] == inc.rx).unwrap_or_else(|| panic!("no snapshot of the receiver in {rep}"));
+    assert_eq!(snap["entries"], MAX, "{snap}");
+    let live_snap = live_snaps.iter().find(|o| o["netns"] == inc.rx).unwrap();
+    assert_eq!((&snap["top_dst_ports"], &snap["taken_ns"]), (&live_snap["top_dst_ports"], &live_snap["taken_ns"]));
+
     // CSV: one row per drop, the very fields and values of the JSON lines.
     let csv_out = report(&[&file, "--format", "csv"]);
     assert!(csv_out.status.success(), "{}", csv_out.stderr);
@@ -370,12 +380,12 @@ fn a_capture_from_a_newer_format_version_is_refused_by_name() {
     let c = ctdrop(&["capture", "-o", &file, "--duration", "1s"]);
     assert!(c.status.success(), "{}", c.stderr);
     let mut bytes = std::fs::read(&file).unwrap();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
     std::fs::write(&file, &bytes).unwrap();
     for args in [vec!["report", file.as_str()], vec!["export", file.as_str(), "--pcap", "/dev/null", "--force"]] {
         let out = ctdrop(&args);
         assert_one_line_error(&out);
-        assert!(out.stderr.contains("format version 2") && out.stderr.contains("newer ctdrop"), "{}", out.stderr);
+        assert!(out.stderr.contains("format version 3") && out.stderr.contains("newer ctdrop"), "{}", out.stderr);
     }
 }
 

@@ -178,8 +178,10 @@ fn demo_tells_the_story_without_touching_the_limit_and_a_busy_neighbour_drops_no
     assert_eq!(busy_after["drop"], busy_before["drop"], "the busy namespace dropped packets during the demo");
     assert!(busy_after["entries"] > busy_before["entries"] && opened > 100, "the neighbour did not keep opening flows ({opened})");
     // Its own table filled to the real limit, with no sysctl changed.
-    let full = format!("table: {} of {} entries", before.conntrack_max, before.conntrack_max);
-    assert!(text.contains(&full), "the demo did not fill its table to {}:\n{text}", before.conntrack_max);
+    // (The baseline pings' entries hold a few places the fill cannot take.)
+    let filled = lines.iter().find_map(|l| l.split("table: ").nth(1)?.split('/').next()?.parse::<u64>().ok());
+    let filled = filled.unwrap_or_else(|| panic!("no fill line:\n{text}"));
+    assert!(filled + 32 >= before.conntrack_max && text.contains(&format!("/{} entries", before.conntrack_max)), "the demo did not fill its table to {}:\n{text}", before.conntrack_max);
     assert!(text.contains("no sysctl was changed"), "{text}");
 
     // Baseline ok, then pings down and each one explained.

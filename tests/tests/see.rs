@@ -539,6 +539,17 @@ fn at<'a>(v: &'a Value, path: &str) -> &'a Value {
     })
 }
 
+/// Causes with at least one drop in a JSON report.
+fn causes_seen(report: &Value) -> BTreeSet<String> {
+    report["drops_by_cause"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, n)| n.as_u64() > Some(0))
+        .map(|(c, _)| c.clone())
+        .collect()
+}
+
 fn report_len(json: &[u8]) -> u64 {
     serde_json::from_slice::<Value>(json)
         .ok()
@@ -552,6 +563,40 @@ fn ctdrop(args: &[&str]) -> std::process::Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+/// Captures `duration` of the incident into `file`: pings from the sender
+/// into the receiver, and `rounds` of 30 new UDP flows plus 5 datagrams to
+/// port 9, 400 ms apart, from port `first_port` up.
+fn capture_incident(inc: &Incident, file: &str, duration: &str, rounds: u16, first_port: u16) {
+    let rx_addr = inc.topo.receiver_addr.to_string();
+    let capture = Ctdrop::spawn(&[
+        "capture",
+        "--duration",
+        duration,
+        "-o",
+        file,
+        "--ping",
+        &rx_addr,
+        "--from-netns",
+        &inc.topo.sender.name,
+        "--interval",
+        "500ms",
+    ])
+    .unwrap();
+    for round in 0..rounds {
+        send_udp_flows(
+            &inc.topo.sender,
+            inc.topo.receiver_addr,
+            first_port + round * 40,
+            30,
+        )
+        .unwrap();
+        send_udp(&inc.topo.sender, inc.topo.receiver_addr, vec![9; 5]).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let out = capture.wait(Duration::from_secs(60)).unwrap();
+    assert!(out.status.success(), "capture failed: {}", out.stderr);
 }
 
 // ---------------------------------------------------------------- tests
@@ -886,34 +931,7 @@ fn html_report_opens_offline_and_matches_the_json_report() {
         .unwrap();
     let cap = PathBuf::from(scratch.file("incident.ctdrop"));
     let cap_s = cap.display().to_string();
-    let rx_addr = inc.topo.receiver_addr.to_string();
-    let capture = Ctdrop::spawn(&[
-        "capture",
-        "--duration",
-        "6s",
-        "-o",
-        &cap_s,
-        "--ping",
-        &rx_addr,
-        "--from-netns",
-        &inc.topo.sender.name,
-        "--interval",
-        "500ms",
-    ])
-    .unwrap();
-    for round in 0..8u16 {
-        send_udp_flows(
-            &inc.topo.sender,
-            inc.topo.receiver_addr,
-            30_000 + round * 40,
-            30,
-        )
-        .unwrap();
-        send_udp(&inc.topo.sender, inc.topo.receiver_addr, vec![9; 5]).unwrap();
-        std::thread::sleep(Duration::from_millis(400));
-    }
-    let out = capture.wait(Duration::from_secs(60)).unwrap();
-    assert!(out.status.success(), "capture failed: {}", out.stderr);
+    capture_incident(&inc, &cap_s, "6s", 8, 30_000);
 
     let t = Instant::now();
     let j = ctdrop(&["report", &cap_s, "--format", "json"]);
@@ -939,13 +957,7 @@ fn html_report_opens_offline_and_matches_the_json_report() {
     assert!(h.status.success(), "{}", String::from_utf8_lossy(&h.stderr));
     assert!(h.stdout.is_empty(), "-o: nothing on stdout");
 
-    let seen: BTreeSet<String> = report["drops_by_cause"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(_, n)| n.as_u64() > Some(0))
-        .map(|(c, _)| c.clone())
-        .collect();
+    let seen = causes_seen(&report);
     let want: BTreeSet<String> = ["conntrack_table_full", "netfilter_rule"]
         .iter()
         .map(|s| s.to_string())
@@ -1052,6 +1064,15 @@ fn html_report_opens_offline_and_matches_the_json_report() {
         keys.contains_key(&format!("drops_by_netns/{}", inc.rx)),
         "no total for the receiver: {keys:?}"
     );
+    // The capture holds the table snapshot taken when the table filled up.
+    let snaps = report["occupancy"].as_array().map(Vec::len).unwrap_or(0);
+    for i in 0..snaps {
+        assert!(
+            keys.contains_key(&format!("occupancy/{i}/entries")),
+            "snapshot {i} not in the page: {keys:?}"
+        );
+    }
+    eprintln!("snapshots in the capture: {snaps}");
     for (k, text) in keys {
         let text = text.as_str().unwrap().trim().trim_start_matches('+');
         let want = at(&report, k);
@@ -1071,14 +1092,35 @@ fn html_report_opens_offline_and_matches_the_json_report() {
     }
     eprintln!("page numbers checked against JSON: {}", keys.len());
 
-    // Before/after: the same capture twice is enough to lay out two plots.
+    // Before/after: the advised NOTRACK rules applied in the receiver
+    // (PREROUTING for what comes in, OUTPUT for its echo replies; the raw
+    // DROP for port 9 stays first), the same traffic captured again.
+    for chain in ["PREROUTING", "OUTPUT"] {
+        for proto in ["udp", "icmp"] {
+            inc.topo
+                .receiver
+                .exec(&[
+                    "iptables", "-t", "raw", "-A", chain, "-p", proto, "-j", "NOTRACK",
+                ])
+                .unwrap();
+        }
+    }
+    let after = scratch.file("after.ctdrop");
+    capture_incident(&inc, &after, "4s", 5, 40_000);
+    let aj = ctdrop(&["report", &after, "--format", "json"]);
+    let after_report: Value = serde_json::from_slice(&aj.stdout).unwrap();
+    let after_seen = causes_seen(&after_report);
+    assert!(
+        !after_seen.contains("conntrack_table_full") && after_seen.contains("netfilter_rule"),
+        "after NOTRACK: {after_seen:?}"
+    );
     let cmp_html = PathBuf::from(scratch.file("compare.html"));
     let c = ctdrop(&[
         "report",
         "--before",
         &cap_s,
         "--after",
-        &cap_s,
+        &after,
         "--format",
         "html",
         "-o",
@@ -1086,7 +1128,7 @@ fn html_report_opens_offline_and_matches_the_json_report() {
     ]);
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     let cj = ctdrop(&[
-        "report", "--before", &cap_s, "--after", &cap_s, "--format", "json",
+        "report", "--before", &cap_s, "--after", &after, "--format", "json",
     ]);
     let cmp: Value = serde_json::from_slice(&cj.stdout).unwrap();
     let visit = b.open(&cmp_html);
@@ -1097,16 +1139,27 @@ fn html_report_opens_offline_and_matches_the_json_report() {
         visit.requests
     );
     let facts: Value = serde_json::from_str(b.eval(PAGE_FACTS).as_str().unwrap()).unwrap();
-    let ids: Vec<&str> = facts["svgs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
+    b.screenshot(&shot_path(&scratch, "report-before-after.png"));
+    let svgs = facts["svgs"].as_array().unwrap();
+    let ids: Vec<&str> = svgs.iter().map(|s| s["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["before", "after"], "{facts}");
-    for s in facts["svgs"].as_array().unwrap() {
-        assert_eq!(s["series"].as_array().unwrap().len(), seen.len(), "{facts}");
+    for (svg, want) in svgs.iter().zip([&seen, &after_seen]) {
+        let got: BTreeSet<String> = svg["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            &got, want,
+            "{}: one series per cause seen on that side",
+            svg["id"]
+        );
     }
+    assert_eq!(
+        facts["keys"]["after/drops_total"].as_str(),
+        Some(after_report["drops_total"].to_string().as_str())
+    );
     assert_eq!(
         facts["keys"]["verdict"], cmp["verdict"],
         "verdict in the page vs JSON"

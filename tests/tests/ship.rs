@@ -89,23 +89,67 @@ fn elf_machine_and_interp(bin: &Path) -> (u16, bool) {
 /// An empty root holding only the x86_64 release binary, and mount points.
 struct Root {
     dir: PathBuf,
+    root: PathBuf,
 }
 
 impl Root {
     fn new() -> Root {
-        let dir = PathBuf::from(format!(
-            "/tmp/ctdrop-ship-{}-{}",
-            std::process::id(),
-            next_id()
-        ));
+        let dir = scratch_dir();
         let unpacked = dir.join("unpacked");
         fs::create_dir_all(&unpacked).unwrap();
         let pkg = unpack("x86_64", &unpacked);
         let root = dir.join("root");
-        for d in ["proc", "sys", "run/netns"] {
-            fs::create_dir_all(root.join(d)).unwrap();
-        }
+        fs::create_dir_all(&root).unwrap();
         fs::copy(pkg.join("ctdrop"), root.join("ctdrop")).unwrap();
+        Root::with_mount_points(dir, root)
+    }
+
+    /// The root filesystem of the OCI image `cargo xtask image` wrote,
+    /// unpacked by umoci: what a container runtime would start.
+    fn from_image() -> Root {
+        let dist = dist_dir();
+        let name = fs::read_dir(&dist)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .find(|n| n.ends_with("-x86_64-image.oci.tar"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no ctdrop-*-x86_64-image.oci.tar in {}; run `cargo xtask image` first",
+                    dist.display()
+                )
+            });
+        let version = name
+            .trim_start_matches("ctdrop-")
+            .trim_end_matches("-x86_64-image.oci.tar");
+        let dir = scratch_dir();
+        let layout = dir.join("layout");
+        fs::create_dir_all(&layout).unwrap();
+        output(&[
+            "tar",
+            "xf",
+            &dist.join(&name).to_string_lossy(),
+            "-C",
+            &layout.to_string_lossy(),
+        ]);
+        let bundle = dir.join("bundle");
+        output(&[
+            "umoci",
+            "unpack",
+            "--image",
+            &format!("{}:ctdrop:{version}", layout.display()),
+            &bundle.to_string_lossy(),
+        ]);
+        let config: Value =
+            serde_json::from_slice(&fs::read(bundle.join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            config["process"]["args"],
+            serde_json::json!(["/ctdrop", "check"]),
+            "the image's entrypoint and command"
+        );
+        Root::with_mount_points(dir, bundle.join("rootfs"))
+    }
+
+    fn with_mount_points(dir: PathBuf, root: PathBuf) -> Root {
         let (machine, interp) = elf_machine_and_interp(&root.join("ctdrop"));
         assert_eq!(machine, 62, "not an x86_64 binary");
         assert!(
@@ -117,16 +161,15 @@ impl Root {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         entries.sort();
-        assert_eq!(
-            entries,
-            ["ctdrop", "proc", "run", "sys"],
-            "the root is not empty but for the binary"
-        );
-        Root { dir }
+        assert_eq!(entries, ["ctdrop"], "the root holds more than the binary");
+        for d in ["proc", "sys", "run/netns"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        Root { dir, root }
     }
 
     fn root(&self) -> PathBuf {
-        self.dir.join("root")
+        self.root.clone()
     }
 
     /// `ctdrop ARGS` chrooted into the root. The mounts are made in a
@@ -217,6 +260,14 @@ fn traced_in_root(root: &Root, topo: &Topology, args: &[&str]) -> CtdropOutput {
     out
 }
 
+fn scratch_dir() -> PathBuf {
+    PathBuf::from(format!(
+        "/tmp/ctdrop-ship-{}-{}",
+        std::process::id(),
+        next_id()
+    ))
+}
+
 /// Runs a command line to its end; stdout, and an assertion on success.
 fn output(argv: &[&str]) -> Vec<u8> {
     let o = Command::new(argv[0]).args(&argv[1..]).output().unwrap();
@@ -229,9 +280,7 @@ fn output(argv: &[&str]) -> Vec<u8> {
     o.stdout
 }
 
-#[test]
-fn static_binary_alone_in_an_empty_root_runs_check() {
-    let root = Root::new();
+fn check_in(root: &Root) {
     let r = root.root().to_string_lossy().into_owned();
     let out = String::from_utf8(output(&root.argv(&r, &["check"]))).unwrap();
     assert!(
@@ -246,6 +295,21 @@ fn static_binary_alone_in_an_empty_root_runs_check() {
         out.contains("drops          tp_btf/kfree_skb"),
         "no drop signal:\n{out}"
     );
+}
+
+#[test]
+fn static_binary_alone_in_an_empty_root_runs_check() {
+    check_in(&Root::new());
+}
+
+/// Containers cannot start on this machine (crun's setrlimit is refused:
+/// the sandbox withholds CAP_SYS_RESOURCE), so the image is proven the way
+/// a runtime would start it: umoci unpacks its root filesystem and the
+/// configured command runs chrooted there, with /proc, /sys and /run/netns
+/// mounted as the DaemonSet mounts them.
+#[test]
+fn image_unpacked_by_umoci_runs_check_from_its_own_root() {
+    check_in(&Root::from_image());
 }
 
 #[test]
@@ -332,5 +396,95 @@ fn aarch64_binary_under_qemu_reports_and_exports_a_capture_like_x86_64() {
         String::from_utf8_lossy(&frames).lines().count() as u64,
         drops,
         "packets in the aarch64 export vs drops"
+    );
+}
+
+/// The DaemonSet passes the Kubernetes schemas (strict: no unknown field),
+/// runs `watch` as documented, and adds exactly the capabilities ctdrop
+/// itself names when it refuses to trace without them.
+#[test]
+fn daemonset_passes_the_kubernetes_schemas_and_asks_for_exactly_ctdrops_capabilities() {
+    let manifest =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/ctdrop-daemonset.yaml");
+    let m = manifest.to_string_lossy().into_owned();
+    let v = String::from_utf8(output(&["kubernetes-validate", "--strict", &m])).unwrap();
+    assert!(v.contains("passed for resource daemonset/ctdrop"), "{v}");
+    let json = output(&[
+        "python3",
+        "-c",
+        "import json,sys,yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+        &m,
+    ]);
+    let docs: Vec<Value> = serde_json::from_slice(&json).unwrap();
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("no DaemonSet");
+    let pod = &ds["spec"]["template"];
+    assert_eq!(pod["spec"]["hostNetwork"], true);
+    assert_eq!(pod["spec"]["hostPID"], true);
+    assert_eq!(
+        pod["metadata"]["annotations"]["prometheus.io/scrape"],
+        "true"
+    );
+    assert_eq!(pod["metadata"]["annotations"]["prometheus.io/port"], "9469");
+    let c = &pod["spec"]["containers"][0];
+    assert_eq!(
+        c["args"],
+        serde_json::json!([
+            "watch",
+            "--dir",
+            "/var/lib/ctdrop",
+            "--metrics",
+            "0.0.0.0:9469"
+        ])
+    );
+    assert_eq!(c["securityContext"]["privileged"], false);
+    assert_eq!(
+        c["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    let mut added: Vec<String> = c["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("CAP_{}", s.as_str().unwrap()))
+        .collect();
+    added.sort();
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let btf = mounts
+        .iter()
+        .find(|m| m["mountPath"] == "/sys/kernel/btf")
+        .expect("no /sys/kernel/btf mount");
+    assert_eq!(btf["readOnly"], true);
+    assert!(
+        mounts.iter().any(|m| m["mountPath"] == "/var/lib/ctdrop"),
+        "no hostPath for captures"
+    );
+    // What ctdrop asks for: its refusal with no capability at all lists them.
+    let bin = ctdrop_bin().to_string_lossy().into_owned();
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            &bin,
+            "live",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let listed = err
+        .split(" needs ")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .unwrap_or_else(|| panic!("no capability list in: {err}"));
+    let mut wanted: Vec<String> = listed.split(", ").map(|s| s.trim().to_owned()).collect();
+    wanted.sort();
+    assert_eq!(
+        added, wanted,
+        "the DaemonSet's capabilities vs what ctdrop requires"
     );
 }

@@ -54,7 +54,12 @@ static CT_EVENTS: PerCpuHashMap<u32, CtEventCounts> = PerCpuHashMap::with_max_en
 #[inline(always)]
 fn push(which: u32, arg: u64) {
     let Some(depth) = STASH_DEPTH.get_ptr_mut(which) else { return };
-    let d = unsafe { *depth };
+    let mut d = unsafe { *depth };
+    // Far deeper than any nesting: pushes without pops (a missed kretprobe
+    // instance) piled up. Start over rather than lose every later verdict.
+    if d >= DEPTH * 4 {
+        d = 0;
+    }
     if d < DEPTH {
         if let Some(f) = STASH_FRAMES.get_ptr_mut(which * DEPTH + d) {
             unsafe { *f = Frame { arg, alloc_failed: 0 } };

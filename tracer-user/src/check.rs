@@ -28,7 +28,7 @@ pub struct Capability {
 }
 
 pub fn run(args: &CheckArgs) -> Result<()> {
-    capabilities::require_root()?;
+    capabilities::require("ctdrop check", capabilities::TRACING)?;
     capabilities::require_btf(&args.btf)?;
     let btf = KernelBtf::open(&args.btf)?;
     let reasons = DropReasons::from_btf(&btf);

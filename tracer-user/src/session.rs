@@ -70,7 +70,7 @@ pub struct Prepared {
 /// bytes to each record (for pcap-ng export; costs ring space and a copy).
 pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
     let ring_size = validate_ring_size(args.ring_size)?;
-    capabilities::require_root()?;
+    capabilities::require("tracing", capabilities::TRACING)?;
     capabilities::require_btf(&args.btf)?;
     let btf = KernelBtf::open(&args.btf)?;
     let reasons = DropReasons::from_btf(&btf)?;
@@ -417,6 +417,10 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         eprintln!("ctdrop: note: {e:#}");
     }
     let mut collector = Collector::new(&p, args.trace.max_flows, &targets, args.probe.timeout);
+    // Before attaching: a Ctrl-C right after the `attached` line must end
+    // the run with its summary, not kill the process.
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut tracer = Tracer::load(&LoadOptions {
         btf_path: &args.trace.btf,
         offsets: p.offsets,
@@ -428,8 +432,11 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     collector.classifier.probes = tracer.probes_drop_paths();
     collector.hooks = tracer.hook_coverage();
     let mut ring = RingReader::new(tracer.take_ring()?)?;
-    // Before the `attached` line: a SIGUSR1 sent as soon as it shows must
-    // not meet the default action (which ends the process).
+    // Before the `attached` line: a signal sent as soon as it shows must
+    // not meet the default action, which ends the process with no summary
+    // (and, for a capture, no trailer).
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigusr1 = if args.service { Some(signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?) } else { None };
     eprintln!(
         "ctdrop: {}attached tp_btf/kfree_skb in {} ms ({}; {}); Ctrl-C to stop",
@@ -484,8 +491,6 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         })?)
     };
     let started = Instant::now();
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut ticks = 0u64;
     let mut deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));

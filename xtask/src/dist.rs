@@ -21,7 +21,6 @@ use crate::{
 
 /// What one target produced (`image` packs the binary).
 pub struct Artefact {
-    pub target: &'static str,
     pub binary: PathBuf,
 }
 
@@ -63,7 +62,7 @@ pub fn run(only: &[String]) -> Result<Vec<Artefact>> {
             size(&tarball)?,
             size(&binary)?
         );
-        out.push(Artefact { target, binary });
+        out.push(Artefact { binary });
     }
     Ok(out)
 }
@@ -193,7 +192,7 @@ fn size(p: &Path) -> Result<u64> {
 
 /// The last commit's time, so packing the same commit twice gives the same
 /// bytes; SOURCE_DATE_EPOCH wins, as everywhere else.
-fn source_date_epoch() -> Result<u64> {
+pub fn source_date_epoch() -> Result<u64> {
     if let Some(v) = std::env::var_os("SOURCE_DATE_EPOCH") {
         return v.to_string_lossy().parse().context("SOURCE_DATE_EPOCH is not a number");
     }

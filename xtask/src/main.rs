@@ -5,6 +5,7 @@ mod bench;
 mod bpf_linker;
 mod dist;
 mod env;
+mod image;
 mod proc;
 mod setup;
 mod tasks;
@@ -69,6 +70,9 @@ enum Task {
         #[arg(long = "target")]
         targets: Vec<String>,
     },
+    /// The FROM scratch OCI image (x86_64 static binary) as an OCI archive
+    /// in target/dist, built with buildah.
+    Image,
     /// Setup and build, then run unit and integration tests (root needed).
     Test {
         /// Passed to every test binary, e.g. a name filter or --nocapture.
@@ -103,6 +107,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Task::Build => tasks::build().map(|_| ExitCode::SUCCESS),
         Task::Dist { targets } => dist::run(&targets).map(|_| ExitCode::SUCCESS),
+        Task::Image => image::run().map(|_| ExitCode::SUCCESS),
         Task::Test { args } => tasks::test(&args),
         Task::Demo { args } => tasks::demo(&args),
         Task::Bench(a) => tasks::bench(&a).map(|()| ExitCode::SUCCESS),

@@ -44,7 +44,21 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     let sysroot = nightly()?;
     bpf_linker::ensure(&sysroot)?;
-    release_toolchain()
+    release_toolchain()?;
+    pip_tools()
+}
+
+/// PyPI tools the tests run: kubernetes-validate checks the DaemonSet
+/// against the Kubernetes schemas offline (they ship inside the package).
+fn pip_tools() -> Result<()> {
+    const KUBERNETES_VALIDATE: &str = "1.37.0";
+    let have = proc::probe(Command::new("kubernetes-validate").arg("--version").stderr(Stdio::null()));
+    if have.as_deref().map(str::trim) == Some(KUBERNETES_VALIDATE) {
+        println!("setup: kubernetes-validate {KUBERNETES_VALIDATE} ok");
+        return Ok(());
+    }
+    println!("setup: pip: installing kubernetes-validate {KUBERNETES_VALIDATE}");
+    proc::check(Command::new("python3").args(["-m", "pip", "install", "--quiet"]).arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE}")))
 }
 
 /// The pinned stable toolchain and the musl targets `cargo xtask dist`

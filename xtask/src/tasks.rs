@@ -12,7 +12,7 @@ use crate::{env, proc, setup};
 
 /// Namespace prefixes the tests and the demo create; anything left with
 /// these names after a run is a cleanup bug worth failing on.
-const OUR_NETNS_PREFIXES: &[&str] = &["ctdt-", "ctdc-", "ctdo-", "ctdemo-", "ctdb-"];
+const OUR_NETNS_PREFIXES: &[&str] = &["ctdt-", "ctdc-", "ctdo-", "ctdemo-", "ctdb-", "ctdw-"];
 
 pub fn build() -> Result<PathBuf> {
     setup::run()?;
@@ -39,8 +39,9 @@ fn build_binary() -> Result<PathBuf> {
 
 pub fn test(args: &[String]) -> Result<ExitCode> {
     let bin = build()?;
-    // The release tarballs too: tests/tests/ship.rs runs what ships.
+    // The release tarballs and the image too: tests/tests/ship.rs runs what ships.
     crate::dist::run(&[])?;
+    crate::image::run()?;
     let mut failed = Vec::new();
     if !proc::status(&mut unit_tests(args))?.success() {
         failed.push("unit tests".to_owned());

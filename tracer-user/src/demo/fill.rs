@@ -189,9 +189,12 @@ pub fn fill(
     let ask: Vec<[u8; 36]> = (0..flows).map(|i| datagram(client(i), server)).collect();
     let answer: Vec<[u8; 36]> = (0..flows).map(|i| datagram(server, client(i))).collect();
     send_all(&out, &ask)?;
+    // The last flow was created now: two seconds from here, every one is
+    // old enough to count as a stream.
+    let created = Instant::now();
     send_all(&back, &answer)?;
     drop(answer);
-    while start.elapsed() < STREAM_AFTER {
+    while created.elapsed() < STREAM_AFTER {
         if stop() {
             bail!("interrupted");
         }

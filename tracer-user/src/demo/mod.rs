@@ -136,7 +136,10 @@ async fn tell(args: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
         bail!("demo interrupted");
     }
 
-    let total = BASELINE + FULL + RECOVERY;
+    // The fill's time grows with the limit (~15 us a flow measured, twice
+    // that allowed for a loaded machine); the story ends the session when
+    // it is done, these only bound it.
+    let total = BASELINE + FULL + RECOVERY + Duration::from_secs_f64(stage.limit as f64 * 30e-6) + Duration::from_secs(20);
     let pings = total.as_millis() as u64 / INTERVAL_MS;
     let live = LiveArgs::from_args(&[
         "--netns", SERVER, "--ping", &SERVER_ADDR.to_string(), "--from-netns", CLIENTS,
@@ -153,10 +156,11 @@ async fn tell(args: &DemoArgs, stop: Arc<AtomicBool>) -> Result<()> {
         .name("ctdemo-story".into())
         .spawn(move || {
             let told = story(stage, attached_rx, &story_log, &story_stop);
-            if told.is_err() {
-                // End the tracing session too: the story cannot go on.
-                unsafe { libc::raise(libc::SIGINT) };
-            }
+            // The story is told (or cannot go on): end the tracing session,
+            // as Ctrl-C would.
+            // SAFETY: raise(3) sends a signal to this process; the session
+            // and the demo listen for SIGINT.
+            unsafe { libc::raise(libc::SIGINT) };
             told
         })
         .context("starting the demo")?;
@@ -203,7 +207,7 @@ fn story(mut stage: Stage, attached: mpsc::Receiver<()>, log: &Mutex<Log>, stop:
     banner("2/5", &format!("{} clients open two-way UDP streams to port {SERVICE_PORT}; more keep coming", stage.limit));
     let (filled, entries) = stage.fill(stop)?;
     println!(
-        "             {SERVER}'s table: {entries} of {} entries after {:.1} s (about {} MiB of kernel memory)",
+        "  {SERVER}'s table: {entries}/{} entries in {:.1} s, ~{} MiB kernel memory",
         stage.limit,
         filled.elapsed.as_secs_f64(),
         (entries * fill::entry_bytes()) >> 20
@@ -259,7 +263,7 @@ fn explain_and_fix(log: &Mutex<Log>) -> Result<()> {
     let adv = advice::for_namespace(&ev, &Host::detect());
     let mut out = std::io::stdout().lock();
     for l in unreported {
-        writeln!(out, "{l}")?;
+        writeln!(out, "{}", sink::fold_line(&l))?;
     }
     writeln!(out)?;
     writeln!(out, "[3/5] who fills the table? a snapshot of {SERVER}'s conntrack table:")?;

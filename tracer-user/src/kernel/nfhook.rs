@@ -539,6 +539,18 @@ impl HookCoverage {
 /// no mark; it leaves conntrack within microseconds. Records this soon
 /// after attaching are left to the counters.
 const SETTLE_NS: u64 = 1_000_000;
+/// Links per namespace: 3 hooks x 2 places x 2 families.
+const LINKS_PER_NS: usize = 12;
+
+/// Namespaces that may hold links: a quarter of the descriptors the soft
+/// limit leaves (the counter files of every namespace need most of the
+/// rest). At `ulimit -n 1024` that is 16 namespaces; ctdrop raises the soft
+/// limit to the hard one at start, which is far higher on most systems.
+fn link_budget() -> usize {
+    let (soft, _) = crate::conntrack::netns::fd_limits();
+    ((soft.saturating_sub(256) / 4) as usize / LINKS_PER_NS).max(1)
+}
+
 /// How often new namespaces are looked for.
 const POLL: Duration = Duration::from_millis(250);
 /// Scans a namespace may be missing from before its links are closed.
@@ -555,6 +567,8 @@ struct Attacher {
     links: HashMap<u32, NsLinks>,
     /// After the first scan: say on stderr when a new namespace is covered.
     started: bool,
+    /// The descriptor budget stopped attaching (said once).
+    over_budget: bool,
     pids: PidNamespaces,
     /// Namespaces that refused links (say once, do not retry every scan).
     refused: HashMap<u32, String>,
@@ -564,13 +578,29 @@ struct Attacher {
 impl Attacher {
     fn scan(&mut self) {
         let found = namespaces(self.only.as_deref(), &mut self.pids);
-        for (ns, path) in &found {
+        // Our own namespace, then named ones, then the rest: who gets marks
+        // first when the descriptor budget runs out.
+        let own = crate::conntrack::netns::own_netns().unwrap_or(0);
+        let mut order: Vec<(&u32, &PathBuf)> = found.iter().collect();
+        order.sort_by_key(|(ns, p)| (**ns != own, !p.starts_with("/run/netns"), **ns));
+        for (ns, path) in order {
             if self.links.contains_key(ns) || self.refused.contains_key(ns) {
                 continue;
             }
+            if self.links.len() >= link_budget() {
+                if !self.over_budget {
+                    self.over_budget = true;
+                    eprintln!(
+                        "ctdrop: note: netfilter hook marks in {} namespaces only (file descriptor limit, {} links each); conntrack causes in the others are inferred from their counters",
+                        self.links.len(),
+                        LINKS_PER_NS
+                    );
+                }
+                break;
+            }
             if let Err(e) = self.attach(*ns, path) {
-                if !path.exists() {
-                    continue; // the process went away meanwhile: not a refusal
+                if !path.exists() || format!("{e:#}").contains("Too many open files") {
+                    continue; // gone meanwhile, or out of descriptors: not a refusal
                 }
                 // Said once; that namespace's records fall back to the counters.
                 eprintln!("ctdrop: note: netfilter hook marks not attached in network namespace {ns}: {e:#}; its conntrack causes are inferred");
@@ -683,7 +713,7 @@ fn namespaces(only: Option<&[u32]>, pids: &mut PidNamespaces) -> HashMap<u32, Pa
 pub struct NfHooks {
     coverage: HookCoverage,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Attacher>>,
     pub namespaces_at_start: usize,
 }
 
@@ -705,6 +735,7 @@ impl NfHooks {
             only: only_netns.clone(),
             links: HashMap::new(),
             started: false,
+            over_budget: false,
             pids: PidNamespaces::default(),
             refused: HashMap::new(),
             coverage: coverage.clone(),
@@ -737,11 +768,12 @@ impl NfHooks {
                     for _ in 0..5 {
                         std::thread::sleep(POLL / 5);
                         if flag.load(Ordering::Relaxed) {
-                            return;
+                            return attacher;
                         }
                     }
                     attacher.scan();
                 }
+                attacher
             })
             .context("starting the namespace watcher")?;
         Ok(NfHooks {
@@ -757,10 +789,27 @@ impl NfHooks {
     }
 }
 
+/// Threads that close links at exit.
+const CLOSERS: usize = 32;
+
 impl Drop for NfHooks {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        let Some(Ok(attacher)) = self.thread.take().map(|t| t.join()) else { return };
+        // Each link's release unregisters its hook and waits out an RCU
+        // grace period: closed one after another, 80 namespaces' links took
+        // over 20 s. Closed from many threads at once, the waits overlap.
+        let mut links: Vec<OwnedFd> = attacher.links.into_values().flat_map(|l| l._links).collect();
+        let per = links.len().div_ceil(CLOSERS).max(1);
+        let mut closers = Vec::new();
+        while !links.is_empty() {
+            let chunk: Vec<OwnedFd> = links.drain(..per.min(links.len())).collect();
+            // On a failed spawn the chunk goes down with the closure: closed here.
+            if let Ok(t) = std::thread::Builder::new().name("ctdrop-unlink".into()).spawn(move || drop(chunk)) {
+                closers.push(t);
+            }
+        }
+        for t in closers {
             let _ = t.join();
         }
     }

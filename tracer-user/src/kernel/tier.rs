@@ -43,7 +43,7 @@ pub struct CtProbe {
     pub signal: &'static str,
 }
 
-/// Entry probes precede their return probes so stashes pair up.
+/// Attached return probes first (see `attach_ct_probes`).
 pub const CT_PROBES: &[CtProbe] = &[
     CtProbe { program: "ct_in_entry", function: "nf_conntrack_in", ret: false, signal: "conntrack_in" },
     CtProbe { program: "ct_in_return", function: "nf_conntrack_in", ret: true, signal: "conntrack_in" },
@@ -133,7 +133,15 @@ pub fn attach_ct_probes(ebpf: &mut Ebpf, mode: Mode) -> Result<Vec<Mechanism>> {
     let mut failures: Vec<(&'static str, String)> = Vec::new();
     let mut attached: Vec<&'static str> = Vec::new();
     let mut links = Vec::new();
-    for p in CT_PROBES {
+    // Return probes before entry probes: a kretprobe catches only calls that
+    // enter after it is attached, so a call then either meets both probes
+    // or only the return one (its pop finds an empty stash). Entry probes
+    // first left, under a flood, every call entered in between with a push
+    // and no pop: the per-CPU stash stayed too deep for good and every later
+    // conntrack drop went without its verdict (all 20,060 table-full drops
+    // called rule drops when ctdrop started during a flood on 6.12).
+    let ordered = CT_PROBES.iter().filter(|p| p.ret).chain(CT_PROBES.iter().filter(|p| !p.ret));
+    for p in ordered {
         if !present.contains(p.function) {
             failures.push((p.signal, format!("{} not in /proc/kallsyms (inlined, renamed or nf_conntrack not loaded)", p.function)));
             continue;

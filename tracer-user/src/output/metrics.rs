@@ -7,7 +7,6 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 use anyhow::{anyhow, Context, Result};
@@ -16,10 +15,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::TcpListener;
 
 use super::{Progress, ProbeShown, Shown, Sink};
 use crate::{cause::Cause, conntrack::stats::CtCounters, events::decode::proto_name, probe::Status};
@@ -324,67 +320,19 @@ pub async fn bind(s: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for --metrics"))
 }
 
-/// Answers `GET /metrics` until the runtime ends.
+/// Answers `GET /metrics` until the runtime ends (hyper, with limits: see
+/// output/http.rs).
 pub async fn serve(listener: TcpListener, m: Arc<Metrics>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            // Out of descriptors, say: back off instead of spinning.
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let m = m.clone();
-        tokio::spawn(async move {
-            // A client that never finishes its request does not hold a task forever.
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &m)).await;
-        });
-    }
-}
-
-async fn answer(mut s: TcpStream, m: &Metrics) -> std::io::Result<()> {
-    let mut req = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    // Bare-LF clients (`printf 'GET /metrics\n\n' | nc`) end headers with "\n\n".
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && !req.windows(2).any(|w| w == b"\n\n") {
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        req.extend_from_slice(&buf[..n]);
-        if req.len() > 16 << 10 {
-            return respond(&mut s, "431 Request Header Fields Too Large", "text/plain", "request too large\n").await;
-        }
-    }
-    let line = req.split(|b| *b == b'\n').next().unwrap_or_default();
-    let mut parts = std::str::from_utf8(line).unwrap_or("").split_whitespace();
-    match (parts.next(), parts.next().map(|p| p.split('?').next().unwrap_or(p))) {
-        (Some("GET"), Some("/metrics")) => {
-            // Prometheus asks for OpenMetrics; curl, promtool and older
-            // scrapers get the classic format.
-            let head = String::from_utf8_lossy(&req).to_ascii_lowercase();
-            if head.lines().any(|l| l.starts_with("accept:") && l.contains("application/openmetrics-text")) {
-                respond(&mut s, "200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", &m.encode()).await
-            } else {
-                respond(&mut s, "200 OK", "text/plain; version=0.0.4; charset=utf-8", &m.encode_classic()).await
-            }
-        }
-        (Some("GET"), _) => respond(&mut s, "404 Not Found", "text/plain", "ctdrop serves /metrics only\n").await,
-        _ => respond(&mut s, "405 Method Not Allowed", "text/plain", "GET /metrics\n").await,
-    }
-}
-
-async fn respond(s: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
-    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body.as_bytes()).await?;
-    s.shutdown().await
+    super::http::serve(listener, m).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
 
     #[test]
     fn listen_addresses_default_to_loopback() {
@@ -411,11 +359,16 @@ mod tests {
         let addr = l.local_addr().unwrap();
         tokio::spawn(serve(l, m));
         let classic = ask(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(classic.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4"), "{classic}");
+        // Header names are case-insensitive (hyper writes them in lower case).
+        assert!(classic.starts_with("HTTP/1.1 200 OK\r\n") && classic.to_ascii_lowercase().contains("\r\ncontent-type: text/plain; version=0.0.4"), "{classic}");
         assert!(classic.contains("\r\n\r\n# HELP ctdrop_events_lost_total ") && classic.contains("ctdrop_events_lost_total 7\n"), "{classic}");
         let om = ask(addr, "GET /metrics?x=1 HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0\r\n\r\n").await;
-        assert!(om.contains("Content-Type: application/openmetrics-text") && om.ends_with("# EOF\n"), "{om}");
-        assert!(ask(addr, "GET /metrics\n\n").await.starts_with("HTTP/1.1 200"), "bare LF");
+        assert!(om.to_ascii_lowercase().contains("content-type: application/openmetrics-text") && om.ends_with("# EOF\n"), "{om}");
+        let lf = ask(addr, "GET /metrics HTTP/1.0\n\n").await;
+        assert!(lf.starts_with("HTTP/1.0 200 OK"), "bare LF: {lf}");
+        assert!(ask(addr, "GET /metrics\n\n").await.starts_with("HTTP/1.1 400"), "no HTTP version: malformed");
+        let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(64 << 10));
+        assert!(ask(addr, &huge).await.starts_with("HTTP/1.1 431"), "a 64 KiB header is refused");
         assert!(ask(addr, "GET / HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
         assert!(ask(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
     }

@@ -1,6 +1,7 @@
 //! How drops, probe verdicts and summaries reach the operator. Each output
 //! is a [`Sink`]; the session hands every event to each sink it was given.
 pub mod csv;
+pub mod http;
 pub mod human;
 pub mod json;
 pub mod metrics;

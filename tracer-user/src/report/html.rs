@@ -321,7 +321,7 @@ pub fn timeline_svg(
         let why = l.cause.as_deref().unwrap_or("no drop seen on this host");
         let _ = writeln!(
             o,
-            "<path class=\"lost-probe\" d=\"M{:.1},{TOP}l-4,-8h8z M{cx:.1},{TOP}V{:.1}\" fill=\"#000\" stroke=\"#000\" stroke-opacity=\"0.35\"><title>{} #{} lost at {:.1} s: {}</title></path>",
+            "<path class=\"lost-probe\" d=\"M{:.1},{TOP}l-4,-8h8z M{cx:.1},{TOP}V{:.1}\" fill=\"#000\" stroke=\"#000\" stroke-opacity=\"0.2\" stroke-dasharray=\"3 3\"><title>{} #{} lost at {:.1} s: {}</title></path>",
             cx,
             TOP + ph,
             esc(&l.host),
@@ -360,13 +360,6 @@ pub fn timeline_svg(
 
 fn netns_name(r: &Report, ns: u32) -> String {
     r.netns_label(Some(ns))
-}
-
-/// Table snapshots the capture holds.
-// HOOK: captures hold no occupancy snapshot yet (wt-15 adds them); when
-// the report model carries them, return them here and they are rendered.
-fn snapshots(_r: &Report) -> &[Occupancy] {
-    &[]
 }
 
 pub fn render(r: &Report, top: usize) -> String {
@@ -517,8 +510,8 @@ pub fn render(r: &Report, top: usize) -> String {
         }
     }
 
-    for snap in snapshots(r) {
-        occupancy(&mut o, snap);
+    for (i, snap) in r.occupancy.iter().enumerate() {
+        occupancy(&mut o, i, snap);
     }
 
     let _ = writeln!(o, "<h2>Kernel counters vs ctdrop</h2>");
@@ -587,10 +580,11 @@ pub fn render(r: &Report, top: usize) -> String {
     page(&format!("ctdrop report: {}", r.path.display()), &o)
 }
 
-fn occupancy(o: &mut String, s: &Occupancy) {
+/// The `i`th table snapshot of the capture (JSON: `occupancy/i`).
+fn occupancy(o: &mut String, i: usize, s: &Occupancy) {
     let _ = writeln!(
         o,
-        "<h2>Table snapshot: {}</h2>\n<p>{} entries{} at {}: {} unreplied, {} replied, {} assured, {} NATed</p>",
+        "<h2>Table snapshot: {}</h2>\n<p><span data-key=\"occupancy/{i}/entries\">{}</span> entries{} at {}: {} unreplied, {} replied, {} assured, {} NATed</p>",
         esc(&s.label()),
         s.entries,
         s.max.map(|m| format!(" of {m}")).unwrap_or_default(),
@@ -621,10 +615,14 @@ fn occupancy(o: &mut String, s: &Occupancy) {
     let rows: Vec<Vec<String>> = s
         .top_dst_ports
         .iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(j, p)| {
             vec![
                 format!("{}/{}", esc(&p.proto), p.port),
-                p.entries.to_string(),
+                keyed(
+                    &format!("occupancy/{i}/top_dst_ports/{j}/entries"),
+                    p.entries,
+                ),
                 p.unreplied.to_string(),
                 p.sources.to_string(),
             ]

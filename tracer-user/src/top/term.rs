@@ -64,7 +64,10 @@ pub fn enter() -> std::io::Result<(Receiver<Input>, Receiver<String>)> {
             match event::poll(Duration::from_millis(200)) {
                 Ok(true) => {}
                 Ok(false) if ACTIVE.load(Ordering::SeqCst) => continue,
-                _ => return,
+                Ok(false) => return,
+                // A signal landed on this thread: not a reason to go deaf.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return gone(&tx),
             }
             let sent = match event::read() {
                 Ok(Event::Key(k)) => match key(k) {
@@ -73,13 +76,22 @@ pub fn enter() -> std::io::Result<(Receiver<Input>, Receiver<String>)> {
                 },
                 Ok(Event::Resize(..)) => tx.send(Input::Resize),
                 Ok(_) => Ok(()),
-                Err(_) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+                Err(_) => return gone(&tx),
             };
             if sent.is_err() {
                 return;
             }
         })?;
     Ok((keys, lines))
+}
+
+/// The terminal cannot be read any more (hung up, closed): nobody can press
+/// `q`, and raw mode keeps Ctrl-C from becoming SIGINT, so quit.
+fn gone(tx: &mpsc::Sender<Input>) {
+    if ACTIVE.load(Ordering::SeqCst) {
+        let _ = tx.send(Input::Key(Key::Quit));
+    }
 }
 
 /// q, Esc and Ctrl-C quit (raw mode turns Ctrl-C into a key, not SIGINT).

@@ -219,7 +219,7 @@ impl Running {
         while Instant::now() < deadline {
             let Some((l, stdout, t)) = self.take_line(Duration::from_millis(100))? else { continue };
             let ready = match self.kind {
-                Kind::CtdropJson | Kind::CtdropCount | Kind::CtdropCustom => !stdout && l.starts_with("ctdrop: attached"),
+                Kind::CtdropJson | Kind::CtdropCount | Kind::CtdropCustom => !stdout && unlevelled(&l).starts_with("ctdrop: attached"),
                 _ => stdout && l == "ready",
             };
             if ready {
@@ -287,7 +287,7 @@ impl Running {
         let line = self
             .err
             .iter()
-            .find(|l| l.starts_with("ctdrop: stopped"))
+            .find(|l| unlevelled(l).starts_with("ctdrop: stopped"))
             .ok_or_else(|| anyhow!("ctdrop printed no `ctdrop: stopped` line: {}", self.err.join(" | ")))?
             .clone();
         self.report.delivered = number_before(&line, " drops");
@@ -399,5 +399,13 @@ mod tests {
         assert_eq!(number_before(l, " nothing"), None);
         assert_eq!(number_before("attached in 41 ms", " ms"), Some(41));
         assert_eq!(lost_events("Lost 1234 events"), Some(1234));
+    }
+}
+
+/// `ctdrop: info: x` (`watch` logs with a level) read as `ctdrop: x`.
+fn unlevelled(l: &str) -> std::borrow::Cow<'_, str> {
+    match l.strip_prefix("ctdrop: info: ") {
+        Some(rest) => format!("ctdrop: {rest}").into(),
+        None => l.into(),
     }
 }
