@@ -522,7 +522,10 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                 // Drops already in the ring may explain a probe about to
                 // expire. The kernel wakes us only per 1/16 of the ring, so
                 // this tick is also what bounds the delay of a lone drop.
-                if ring.drain(crate::events::ring::BATCH, |b| collector.handle(b, &mut sinks)) > 0 && output_closed(&mut sinks) {
+                ring.drain(crate::events::ring::BATCH, |b| collector.handle(b, &mut sinks));
+                // Also with nothing new: stdout's writer thread may have met
+                // a closed pipe since the last drain (flushes are cheap).
+                if output_closed(&mut sinks) {
                     closed = true;
                     break;
                 }
