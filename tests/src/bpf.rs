@@ -57,12 +57,21 @@ pub fn objects() -> Result<BTreeMap<(Kind, u64), Object>> {
     let mut out = BTreeMap::new();
     for kind in Kind::ALL {
         let text = run(&["bpftool", "-j", kind.bpftool(), "show"])?;
-        let list: Vec<Value> =
-            serde_json::from_str(&text).with_context(|| format!("bpftool {} show: not JSON: {text:.200}", kind.bpftool()))?;
+        let list: Vec<Value> = serde_json::from_str(&text)
+            .with_context(|| format!("bpftool {} show: not JSON: {text:.200}", kind.bpftool()))?;
         for v in list {
             let Some(id) = v["id"].as_u64() else { continue };
             let name = v["name"].as_str().unwrap_or("").to_string();
-            out.insert((kind, id), Object { kind, id, name, prog_id: v["prog_id"].as_u64(), raw: v });
+            out.insert(
+                (kind, id),
+                Object {
+                    kind,
+                    id,
+                    name,
+                    prog_id: v["prog_id"].as_u64(),
+                    raw: v,
+                },
+            );
         }
     }
     Ok(out)
@@ -71,16 +80,32 @@ pub fn objects() -> Result<BTreeMap<(Kind, u64), Object>> {
 /// The highest id of each kind now: objects above it were created later.
 pub fn high_water() -> Result<BTreeMap<Kind, u64>> {
     let objs = objects()?;
-    Ok(Kind::ALL.iter().map(|k| (*k, objs.keys().filter(|(kk, _)| kk == k).map(|(_, id)| *id).max().unwrap_or(0))).collect())
+    Ok(Kind::ALL
+        .iter()
+        .map(|k| {
+            (
+                *k,
+                objs.keys()
+                    .filter(|(kk, _)| kk == k)
+                    .map(|(_, id)| *id)
+                    .max()
+                    .unwrap_or(0),
+            )
+        })
+        .collect())
 }
 
 /// Ids the process `pid` holds through its file descriptors.
 pub fn held_by(pid: u32) -> BTreeSet<(Kind, u64)> {
     let mut out = BTreeSet::new();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return out };
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return out;
+    };
     for e in dir.flatten() {
         // An fd can close between listing and reading: skip it.
-        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
         for line in text.lines() {
             for kind in Kind::ALL {
                 if let Some(v) = line.strip_prefix(kind.fdinfo_key()) {
@@ -142,7 +167,11 @@ pub fn still_listed(ids: &BTreeSet<(Kind, u64)>) -> Result<Vec<Object>> {
 /// Waits (at most `limit`) until nothing of `held` is listed and no ctdrop
 /// program created after `since` is left without an owner: the kernel frees
 /// programs and maps after an RCU grace period. What is left at the end.
-pub fn wait_released(held: &BTreeSet<(Kind, u64)>, since: &BTreeMap<Kind, u64>, limit: std::time::Duration) -> Result<(Vec<Object>, Vec<Object>)> {
+pub fn wait_released(
+    held: &BTreeSet<(Kind, u64)>,
+    since: &BTreeMap<Kind, u64>,
+    limit: std::time::Duration,
+) -> Result<(Vec<Object>, Vec<Object>)> {
     let deadline = std::time::Instant::now() + limit;
     loop {
         let left = still_listed(held)?;

@@ -69,11 +69,20 @@ fn send(fd: i32, pkt: &[u8], dst: Ipv4Addr) {
     let sa = libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst.octets()) },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
         sin_zero: [0; 8],
     };
     unsafe {
-        libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of_val(&sa) as u32);
+        libc::sendto(
+            fd,
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of_val(&sa) as u32,
+        );
     }
 }
 
@@ -82,7 +91,14 @@ fn send(fd: i32, pkt: &[u8], dst: Ipv4Addr) {
 /// thread already inside the sending namespace; the threads it spawns
 /// inherit that namespace only if `enter` puts them there, so it is called
 /// in each of them.
-pub fn syn_pairs(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, first_sport: u16, pairs: u16, enter: impl Fn() + Send + Sync + 'static) {
+pub fn syn_pairs(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    first_sport: u16,
+    pairs: u16,
+    enter: impl Fn() + Send + Sync + 'static,
+) {
     let barrier = Arc::new(Barrier::new(2));
     let enter = Arc::new(enter);
     let handles: Vec<_> = (0..2)
@@ -110,7 +126,13 @@ pub fn syn_pairs(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, first_sport: u16, pai
 /// Sends SYN pairs from `ns` (3000 pairs a round, a new source port per
 /// pair) until its `insert_failed` counter rose by `enough` since the
 /// first round, or eight rounds went by: clashes are a race.
-pub fn race_until_insert_failed(ns: &crate::Netns, src: Ipv4Addr, dst: Ipv4Addr, dport: u16, enough: u64) -> anyhow::Result<()> {
+pub fn race_until_insert_failed(
+    ns: &crate::Netns,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    enough: u64,
+) -> anyhow::Result<()> {
     let path = ns.path();
     let before = crate::ct_stats(ns)?["insert_failed"];
     let mut sport = 1024u16;
@@ -142,7 +164,12 @@ mod tests {
 
     #[test]
     fn syn_checksums_verify() {
-        let p = syn_packet(Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2), 40000, 80);
+        let p = syn_packet(
+            Ipv4Addr::new(198, 18, 0, 1),
+            Ipv4Addr::new(198, 18, 0, 2),
+            40000,
+            80,
+        );
         assert_eq!(fold(sum16(&p[..20], 0)), 0);
         let mut pseudo = Vec::new();
         pseudo.extend_from_slice(&p[12..20]);

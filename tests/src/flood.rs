@@ -46,7 +46,8 @@ impl Flood {
     /// Floods `dst` from inside `ns` until [`Flood::stop`], or until
     /// `limit` packets went out when given.
     pub fn start(ns: &Netns, dst: Ipv4Addr, kind: FloodKind, limit: Option<u64>) -> Result<Flood> {
-        let nsf = File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
+        let nsf =
+            File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
@@ -58,7 +59,10 @@ impl Flood {
                 FloodKind::Echo => flood_echo(dst, &flag, limit),
             }
         });
-        Ok(Flood { stop, handle: Some(handle) })
+        Ok(Flood {
+            stop,
+            handle: Some(handle),
+        })
     }
 
     /// Stops the flood; the number of packets the kernel accepted to send.
@@ -73,7 +77,11 @@ impl Flood {
     }
 
     fn join(&mut self) -> Result<u64> {
-        self.handle.take().unwrap().join().map_err(|_| anyhow!("flood thread panicked"))?
+        self.handle
+            .take()
+            .unwrap()
+            .join()
+            .map_err(|_| anyhow!("flood thread panicked"))?
     }
 }
 
@@ -105,9 +113,18 @@ fn socket(ty: i32, proto: i32) -> Result<OwnedFd> {
 /// One `sendmmsg` of `payloads[i]` to `addrs[i]`; how many went out. A
 /// full device queue (ENOBUFS) or socket buffer (EAGAIN) is not an error:
 /// those packets just never reach conntrack.
-fn send_batch(fd: &OwnedFd, payloads: &mut [Vec<u8>], addrs: &mut [libc::sockaddr_in]) -> Result<u64> {
-    let mut iovs: Vec<libc::iovec> =
-        payloads.iter_mut().map(|p| libc::iovec { iov_base: p.as_mut_ptr() as *mut libc::c_void, iov_len: p.len() }).collect();
+fn send_batch(
+    fd: &OwnedFd,
+    payloads: &mut [Vec<u8>],
+    addrs: &mut [libc::sockaddr_in],
+) -> Result<u64> {
+    let mut iovs: Vec<libc::iovec> = payloads
+        .iter_mut()
+        .map(|p| libc::iovec {
+            iov_base: p.as_mut_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
     let mut msgs: Vec<libc::mmsghdr> = iovs
         .iter_mut()
         .zip(addrs.iter_mut())
@@ -117,7 +134,10 @@ fn send_batch(fd: &OwnedFd, payloads: &mut [Vec<u8>], addrs: &mut [libc::sockadd
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             h.msg_iov = iov;
             h.msg_iovlen = 1;
-            libc::mmsghdr { msg_hdr: h, msg_len: 0 }
+            libc::mmsghdr {
+                msg_hdr: h,
+                msg_len: 0,
+            }
         })
         .collect();
     let n = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0) };
@@ -132,7 +152,9 @@ fn send_batch(fd: &OwnedFd, payloads: &mut [Vec<u8>], addrs: &mut [libc::sockadd
 }
 
 fn flood_udp(dst: Ipv4Addr, stop: &AtomicBool, limit: Option<u64>) -> Result<u64> {
-    let socks = (0..UDP_SOURCES).map(|_| socket(libc::SOCK_DGRAM, 0)).collect::<Result<Vec<_>>>()?;
+    let socks = (0..UDP_SOURCES)
+        .map(|_| socket(libc::SOCK_DGRAM, 0))
+        .collect::<Result<Vec<_>>>()?;
     let mut payloads = vec![b"ctdrop-tests fld".to_vec(); BATCH];
     let mut port: u16 = 1024;
     let (mut sent, mut round) = (0u64, 0usize);

@@ -69,14 +69,21 @@ pub fn run(cmd: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs `f` on a fresh thread that has entered the network namespace at
 /// `ns_path` (the calling thread stays where it is).
-pub fn in_netns<T: Send + 'static>(ns_path: &Path, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns_path: &Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let ns = File::open(ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
     std::thread::spawn(move || {
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -107,7 +114,12 @@ impl Netns {
         let name = format!("{prefix}-{}-{}", std::process::id(), next_id());
         run(&["ip", "netns", "add", &name])?;
         let ns = Netns { name };
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        ns.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])?;
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -148,8 +160,25 @@ pub struct VethPair {
 impl VethPair {
     pub fn create(sender: &Netns, receiver: &Netns) -> Result<VethPair> {
         let (s, r) = ("ctdt-tx".to_string(), "ctdt-rx".to_string());
-        run(&["ip", "link", "add", &s, "netns", &sender.name, "type", "veth", "peer", "name", &r, "netns", &receiver.name])?;
-        Ok(VethPair { sender_if: s, receiver_if: r })
+        run(&[
+            "ip",
+            "link",
+            "add",
+            &s,
+            "netns",
+            &sender.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &r,
+            "netns",
+            &receiver.name,
+        ])?;
+        Ok(VethPair {
+            sender_if: s,
+            receiver_if: r,
+        })
     }
 }
 
@@ -177,17 +206,36 @@ impl Topology {
         let n = (next_id() % 256) as u8;
         let sender_addr = Ipv4Addr::new(198, 18, n, 1);
         let receiver_addr = Ipv4Addr::new(198, 18, n, 2);
-        for (ns, dev, addr) in [(&sender, &veth.sender_if, sender_addr), (&receiver, &veth.receiver_if, receiver_addr)] {
+        for (ns, dev, addr) in [
+            (&sender, &veth.sender_if, sender_addr),
+            (&receiver, &veth.receiver_if, receiver_addr),
+        ] {
             ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             ns.exec(&["ip", "link", "set", dev, "up"])?;
         }
-        Ok(Topology { veth, sender_addr, receiver_addr, sender, receiver })
+        Ok(Topology {
+            veth,
+            sender_addr,
+            receiver_addr,
+            sender,
+            receiver,
+        })
     }
 
     /// `iptables -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT`
     /// in the receiver: this is what turns conntrack on there.
     pub fn track_receiver(&self) -> Result<()> {
-        self.receiver.exec(&["iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])?;
+        self.receiver.exec(&[
+            "iptables",
+            "-A",
+            "INPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-j",
+            "ACCEPT",
+        ])?;
         Ok(())
     }
 }
@@ -196,11 +244,14 @@ impl Topology {
 
 pub fn read_conntrack_max() -> Result<u64> {
     let s = std::fs::read_to_string(CONNTRACK_MAX).context("reading nf_conntrack_max")?;
-    s.trim().parse().with_context(|| format!("parsing nf_conntrack_max {s:?}"))
+    s.trim()
+        .parse()
+        .with_context(|| format!("parsing nf_conntrack_max {s:?}"))
 }
 
 pub fn write_conntrack_max(v: u64) -> Result<()> {
-    std::fs::write(CONNTRACK_MAX, format!("{v}\n")).with_context(|| format!("setting nf_conntrack_max to {v}"))
+    std::fs::write(CONNTRACK_MAX, format!("{v}\n"))
+        .with_context(|| format!("setting nf_conntrack_max to {v}"))
 }
 
 /// Holds the lock on [`LOCK_PATH`] and the global `nf_conntrack_max`
@@ -220,7 +271,11 @@ impl ConntrackMaxGuard {
     pub fn set(value: u64) -> Result<ConntrackMaxGuard> {
         let mut inner = ctlab::MaxGuard::lock(&|| false)?;
         let mine = format!("-{}-", std::process::id());
-        inner.set(value, &|n| n.name.as_deref().is_some_and(|name| name.contains(&mine))).map_err(|e| anyhow!("ctdrop-tests: {e:#}"))?;
+        inner
+            .set(value, &|n| {
+                n.name.as_deref().is_some_and(|name| name.contains(&mine))
+            })
+            .map_err(|e| anyhow!("ctdrop-tests: {e:#}"))?;
         Ok(ConntrackMaxGuard { inner })
     }
 
@@ -241,12 +296,20 @@ pub fn ct_stats(ns: &Netns) -> Result<BTreeMap<String, u64>> {
 
 pub fn parse_ct_stats(text: &str) -> Result<BTreeMap<String, u64>> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().ok_or_else(|| anyhow!("empty stat file"))?.split_whitespace().collect();
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| anyhow!("empty stat file"))?
+        .split_whitespace()
+        .collect();
     let mut out: BTreeMap<String, u64> = header.iter().map(|h| (h.to_string(), 0)).collect();
     for (i, line) in lines.enumerate() {
         let cols: Vec<&str> = line.split_whitespace().collect();
         if cols.len() != header.len() {
-            bail!("stat line {line:?} has {} columns, header {}", cols.len(), header.len());
+            bail!(
+                "stat line {line:?} has {} columns, header {}",
+                cols.len(),
+                header.len()
+            );
         }
         for (name, v) in header.iter().zip(cols) {
             let v = u64::from_str_radix(v, 16).with_context(|| format!("hex {v:?}"))?;
@@ -297,7 +360,9 @@ pub fn settled_ct_stats(ns: &Netns, col: &str) -> Result<BTreeMap<String, u64>> 
 /// Sends one 16-byte datagram to each of `dst:first_port .. first_port+n`
 /// from inside `ns`: `n` new conntrack flows.
 pub fn send_udp_flows(ns: &Netns, dst: Ipv4Addr, first_port: u16, n: u16) -> Result<Vec<u16>> {
-    let last = first_port.checked_add(n).ok_or_else(|| anyhow!("port overflow"))?;
+    let last = first_port
+        .checked_add(n)
+        .ok_or_else(|| anyhow!("port overflow"))?;
     send_udp(ns, dst, (first_port..last).collect())
 }
 
@@ -310,7 +375,8 @@ pub fn send_udp(ns: &Netns, dst: Ipv4Addr, dports: Vec<u16>) -> Result<Vec<u16>>
         let mut socks = Vec::with_capacity(dports.len());
         for port in dports {
             let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-            sock.send_to(b"ctdrop-tests udp", (dst, port)).with_context(|| format!("sending to {dst}:{port}"))?;
+            sock.send_to(b"ctdrop-tests udp", (dst, port))
+                .with_context(|| format!("sending to {dst}:{port}"))?;
             socks.push(sock);
         }
         socks.iter().map(|s| Ok(s.local_addr()?.port())).collect()
@@ -330,7 +396,8 @@ impl UdpSink {
             ports
                 .into_iter()
                 .map(|p| {
-                    let s = UdpSocket::bind((addr, p)).with_context(|| format!("binding {addr}:{p}"))?;
+                    let s = UdpSocket::bind((addr, p))
+                        .with_context(|| format!("binding {addr}:{p}"))?;
                     s.set_nonblocking(true)?;
                     Ok((p, s))
                 })
@@ -367,16 +434,39 @@ pub struct EchoProbe {
 /// Sends `count` ICMP echo requests from inside `ns` on a raw socket, with
 /// ids `first_id + i` (so each is a new conntrack flow) and seq `i + 1`,
 /// then waits up to `wait` for the replies.
-pub fn ping(ns: &Netns, dst: Ipv4Addr, first_id: u16, count: u16, wait: Duration) -> Result<Vec<EchoProbe>> {
+pub fn ping(
+    ns: &Netns,
+    dst: Ipv4Addr,
+    first_id: u16,
+    count: u16,
+    wait: Duration,
+) -> Result<Vec<EchoProbe>> {
     in_netns(&ns.path(), move || {
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_ICMP,
+            )
+        };
         if fd < 0 {
             bail!("raw ICMP socket: {}", std::io::Error::last_os_error());
         }
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 50_000,
+        };
         let tv_len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, tv_len) };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                tv_len,
+            )
+        };
         let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
         addr.sin_family = libc::AF_INET as libc::sa_family_t;
         addr.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
@@ -397,12 +487,23 @@ pub fn ping(ns: &Netns, dst: Ipv4Addr, first_id: u16, count: u16, wait: Duration
             if sent != pkt.len() as isize {
                 bail!("sending echo request: {}", std::io::Error::last_os_error());
             }
-            probes.push(EchoProbe { id, seq, replied: false });
+            probes.push(EchoProbe {
+                id,
+                seq,
+                replied: false,
+            });
         }
         let deadline = Instant::now() + wait;
         let mut buf = [0u8; 1500];
         while Instant::now() < deadline && probes.iter().any(|p| !p.replied) {
-            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            let n = unsafe {
+                libc::recv(
+                    sock.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                )
+            };
             if n <= 0 {
                 continue; // timeout tick
             }
@@ -510,11 +611,19 @@ impl Ctdrop {
         self.own_stdout.take()
     }
 
-    fn spawn_opts(args: &[&str], env: &[(&str, &str)], mode: Stdout, nofile: Option<(u64, u64)>) -> Result<Ctdrop> {
+    fn spawn_opts(
+        args: &[&str],
+        env: &[(&str, &str)],
+        mode: Stdout,
+        nofile: Option<(u64, u64)>,
+    ) -> Result<Ctdrop> {
         let mut cmd = Command::new(ctdrop_bin());
         if let Some((soft, hard)) = nofile {
             use std::os::unix::process::CommandExt;
-            let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
             // SAFETY: setrlimit is async-signal-safe and touches only the child.
             unsafe {
                 cmd.pre_exec(move || {
@@ -532,7 +641,9 @@ impl Ctdrop {
     /// [`Ctdrop::spawn`] of a command line of the test's own making: another
     /// ctdrop binary, or one run through a wrapper (`chroot ROOT /ctdrop`).
     pub fn spawn_argv(argv: &[&str]) -> Result<Ctdrop> {
-        let (first, rest) = argv.split_first().ok_or_else(|| anyhow!("empty command line"))?;
+        let (first, rest) = argv
+            .split_first()
+            .ok_or_else(|| anyhow!("empty command line"))?;
         let mut cmd = Command::new(first);
         cmd.args(rest);
         Ctdrop::spawn_command(cmd, Stdout::All)
@@ -583,20 +694,37 @@ impl Ctdrop {
                 let _ = tx.send(line);
             }
         });
-        let mut me = Ctdrop { child, own_stdout, stdout: Some(stdout), stderr: Some(stderr), stderr_text };
+        let mut me = Ctdrop {
+            child,
+            own_stdout,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            stderr_text,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 // `watch` logs as a service: `ctdrop: info: attached ...`.
-                Ok(line) if line.starts_with("ctdrop: attached") || line.starts_with("ctdrop: info: attached") => return Ok(me),
+                Ok(line)
+                    if line.starts_with("ctdrop: attached")
+                        || line.starts_with("ctdrop: info: attached") =>
+                {
+                    return Ok(me)
+                }
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    bail!("ctdrop did not attach within 20 s; stderr: {}", me.stderr_text.lock().unwrap())
+                    bail!(
+                        "ctdrop did not attach within 20 s; stderr: {}",
+                        me.stderr_text.lock().unwrap()
+                    )
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = me.child.wait()?;
-                    bail!("ctdrop exited ({status}) before attaching; stderr: {}", me.stderr_text.lock().unwrap())
+                    bail!(
+                        "ctdrop exited ({status}) before attaching; stderr: {}",
+                        me.stderr_text.lock().unwrap()
+                    )
                 }
             }
         }
@@ -639,13 +767,34 @@ impl Ctdrop {
 
     fn finish(&mut self, timeout: Duration) -> Result<CtdropOutput> {
         let status = wait_timeout(&mut self.child, timeout)?;
-        let stdout = self.stdout.take().unwrap().join().map_err(|_| anyhow!("stdout reader panicked"))?;
-        self.stderr.take().unwrap().join().map_err(|_| anyhow!("stderr reader panicked"))?;
+        let stdout = self
+            .stdout
+            .take()
+            .unwrap()
+            .join()
+            .map_err(|_| anyhow!("stdout reader panicked"))?;
+        self.stderr
+            .take()
+            .unwrap()
+            .join()
+            .map_err(|_| anyhow!("stderr reader panicked"))?;
         let stderr = self.stderr_text.lock().unwrap().clone();
         // Human output has no records; JSON output must be JSON throughout.
-        let json = stdout.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.starts_with('{'));
-        let records = if json { parse_json_lines(&stdout)? } else { Vec::new() };
-        Ok(CtdropOutput { status, stdout, stderr, records })
+        let json = stdout
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .is_some_and(|l| l.starts_with('{'));
+        let records = if json {
+            parse_json_lines(&stdout)?
+        } else {
+            Vec::new()
+        };
+        Ok(CtdropOutput {
+            status,
+            stdout,
+            stderr,
+            records,
+        })
     }
 }
 
@@ -660,9 +809,16 @@ impl Drop for Ctdrop {
 
 /// `VmRSS` of process `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).ok_or_else(|| anyhow!("no VmRSS for pid {pid}"))?;
-    let kib = line.split_whitespace().nth(1).ok_or_else(|| anyhow!("bad line {line:?}"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow!("no VmRSS for pid {pid}"))?;
+    let kib = line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow!("bad line {line:?}"))?;
     kib.parse().with_context(|| format!("bad line {line:?}"))
 }
 
@@ -701,7 +857,13 @@ pub fn run_ctdrop(prefix: &[&str], args: &[&str], timeout: Duration) -> Result<C
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let mut c = Ctdrop { child, own_stdout: None, stdout: None, stderr: None, stderr_text: Arc::new(Mutex::new(String::new())) };
+    let mut c = Ctdrop {
+        child,
+        own_stdout: None,
+        stdout: None,
+        stderr: None,
+        stderr_text: Arc::new(Mutex::new(String::new())),
+    };
     let mut out = c.child.stdout.take().unwrap();
     c.stdout = Some(std::thread::spawn(move || {
         let mut s = String::new();
@@ -735,7 +897,11 @@ pub fn tool(cmd: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, Str
     }
     drop(i);
     let out = child.wait_with_output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Every non-empty line must be one JSON object.
@@ -750,21 +916,40 @@ pub fn parse_json_lines(stdout: &str) -> Result<Vec<Value>> {
 impl CtdropOutput {
     /// The `kind: drop` records.
     pub fn drops(&self) -> Vec<&Value> {
-        self.records.iter().filter(|r| r["kind"] == "drop").collect()
+        self.records
+            .iter()
+            .filter(|r| r["kind"] == "drop")
+            .collect()
     }
 
     /// Drop records in the namespace with inode `netns`.
     pub fn drops_in(&self, netns: u32) -> Vec<&Value> {
-        self.drops().into_iter().filter(|r| r["netns"].as_u64() == Some(netns as u64)).collect()
+        self.drops()
+            .into_iter()
+            .filter(|r| r["netns"].as_u64() == Some(netns as u64))
+            .collect()
     }
 
     /// The one `kind: summary` record, which must be the last line.
     pub fn summary(&self) -> Result<&Value> {
-        let sums: Vec<&Value> = self.records.iter().filter(|r| r["kind"] == "summary").collect();
+        let sums: Vec<&Value> = self
+            .records
+            .iter()
+            .filter(|r| r["kind"] == "summary")
+            .collect();
         if sums.len() != 1 {
-            bail!("expected one summary line, got {}; stderr: {}", sums.len(), self.stderr);
+            bail!(
+                "expected one summary line, got {}; stderr: {}",
+                sums.len(),
+                self.stderr
+            );
         }
-        if self.records.last().map(|r| r["kind"] != "summary").unwrap_or(true) {
+        if self
+            .records
+            .last()
+            .map(|r| r["kind"] != "summary")
+            .unwrap_or(true)
+        {
             bail!("the summary is not the last line");
         }
         Ok(sums[0])
@@ -773,12 +958,19 @@ impl CtdropOutput {
     /// The summary's `kernel_counters` entry for `netns`, if any.
     pub fn kernel_counters(&self, netns: u32) -> Result<Option<&Value>> {
         let s = self.summary()?;
-        let list = s["kernel_counters"].as_array().ok_or_else(|| anyhow!("summary without kernel_counters: {s}"))?;
-        Ok(list.iter().find(|c| c["netns"].as_u64() == Some(netns as u64)))
+        let list = s["kernel_counters"]
+            .as_array()
+            .ok_or_else(|| anyhow!("summary without kernel_counters: {s}"))?;
+        Ok(list
+            .iter()
+            .find(|c| c["netns"].as_u64() == Some(netns as u64)))
     }
 
     pub fn stderr_lines(&self) -> Vec<&str> {
-        self.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
     }
 }
 
@@ -787,7 +979,8 @@ pub struct Scratch(pub PathBuf);
 
 impl Scratch {
     pub fn new() -> Scratch {
-        let p = std::env::temp_dir().join(format!("ctdt-scratch-{}-{}", std::process::id(), next_id()));
+        let p =
+            std::env::temp_dir().join(format!("ctdt-scratch-{}-{}", std::process::id(), next_id()));
         std::fs::create_dir_all(&p).unwrap();
         Scratch(p)
     }
@@ -807,6 +1000,42 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// A pair whose receiver's table is full (`max` entries, held by the
+/// returned guard): every new flow into it is a `conntrack_table_full` drop.
+pub fn full_table_pair(max: u64) -> (Topology, ConntrackMaxGuard) {
+    let topo = Topology::pair().unwrap();
+    topo.track_receiver().unwrap();
+    let guard = ConntrackMaxGuard::set(max).unwrap();
+    send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, max as u16 + 16).unwrap();
+    let s = settled_ct_stats(&topo.receiver, "drop").unwrap();
+    assert_eq!(s["entries"], max, "table not full after the fill: {s:?}");
+    (topo, guard)
+}
+
+/// One `conntrack_table_full` record in namespace `rx` per drop the kernel
+/// counted there (`drop_delta`), nothing else, nothing lost, and the
+/// summary's kernel counters agreeing.
+pub fn assert_table_full_exact(out: &CtdropOutput, rx: u32, drop_delta: u64) {
+    let mine = out.drops_in(rx);
+    let full = mine
+        .iter()
+        .filter(|r| r["cause"] == "conntrack_table_full")
+        .count() as u64;
+    assert_eq!(
+        full, drop_delta,
+        "table-full records vs the kernel's drop counter; stderr:\n{}",
+        out.stderr
+    );
+    assert_eq!(mine.len() as u64, full, "records other than table-full");
+    let s = out.summary().unwrap();
+    assert_eq!(s["events_lost"], 0, "summary {s}");
+    let kc = out
+        .kernel_counters(rx)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no kernel_counters for {rx}: {s}"));
+    assert_eq!(kc["agree"], true, "kernel counters {kc}");
 }
 
 #[cfg(test)]
@@ -835,30 +1064,4 @@ mod tests {
         }
         assert_eq!(sum, 0xffff);
     }
-}
-
-/// A pair whose receiver's table is full (`max` entries, held by the
-/// returned guard): every new flow into it is a `conntrack_table_full` drop.
-pub fn full_table_pair(max: u64) -> (Topology, ConntrackMaxGuard) {
-    let topo = Topology::pair().unwrap();
-    topo.track_receiver().unwrap();
-    let guard = ConntrackMaxGuard::set(max).unwrap();
-    send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, max as u16 + 16).unwrap();
-    let s = settled_ct_stats(&topo.receiver, "drop").unwrap();
-    assert_eq!(s["entries"], max, "table not full after the fill: {s:?}");
-    (topo, guard)
-}
-
-/// One `conntrack_table_full` record in namespace `rx` per drop the kernel
-/// counted there (`drop_delta`), nothing else, nothing lost, and the
-/// summary's kernel counters agreeing.
-pub fn assert_table_full_exact(out: &CtdropOutput, rx: u32, drop_delta: u64) {
-    let mine = out.drops_in(rx);
-    let full = mine.iter().filter(|r| r["cause"] == "conntrack_table_full").count() as u64;
-    assert_eq!(full, drop_delta, "table-full records vs the kernel's drop counter; stderr:\n{}", out.stderr);
-    assert_eq!(mine.len() as u64, full, "records other than table-full");
-    let s = out.summary().unwrap();
-    assert_eq!(s["events_lost"], 0, "summary {s}");
-    let kc = out.kernel_counters(rx).unwrap().unwrap_or_else(|| panic!("no kernel_counters for {rx}: {s}"));
-    assert_eq!(kc["agree"], true, "kernel counters {kc}");
 }

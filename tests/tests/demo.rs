@@ -27,11 +27,22 @@ struct HostState {
 }
 
 fn host_state() -> HostState {
-    let lock = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(LOCK_PATH).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(LOCK_PATH)
+        .unwrap();
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
     let state = HostState {
         conntrack_max: read_conntrack_max().unwrap(),
-        ruleset: run(&["iptables-save"]).unwrap().lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n"),
+        ruleset: run(&["iptables-save"])
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n"),
         demo_namespaces: run(&["ip", "netns", "list"])
             .unwrap()
             .lines()
@@ -77,7 +88,11 @@ impl BusyNeighbour {
             })
             .unwrap()
         });
-        let b = BusyNeighbour { topo, stop, worker: Some(worker) };
+        let b = BusyNeighbour {
+            topo,
+            stop,
+            worker: Some(worker),
+        };
         let entries = settled_ct_stats(&b.topo.receiver, "entries").unwrap()["entries"];
         assert!(entries >= 300, "the neighbour holds only {entries} entries");
         b
@@ -141,7 +156,10 @@ fn demo_with(extra: &[&str], interrupt_at: Option<&str>) -> (bool, Vec<String>, 
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if Instant::now() > deadline {
                     let _ = child.kill();
-                    panic!("demo still running after 600 s; output so far:\n{}", lines.join("\n"));
+                    panic!(
+                        "demo still running after 600 s; output so far:\n{}",
+                        lines.join("\n")
+                    );
                 }
             }
         }
@@ -153,8 +171,14 @@ fn demo_with(extra: &[&str], interrupt_at: Option<&str>) -> (bool, Vec<String>, 
 
 /// The two numbers of a before/after row.
 fn row(lines: &[String], label: &str) -> (u64, u64) {
-    let l = lines.iter().find(|l| l.trim_start().starts_with(label)).unwrap_or_else(|| panic!("no {label:?} row:\n{}", lines.join("\n")));
-    let nums: Vec<u64> = l[l.find(label).unwrap() + label.len()..].split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let l = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} row:\n{}", lines.join("\n")));
+    let nums: Vec<u64> = l[l.find(label).unwrap() + label.len()..]
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
     (nums[0], nums[1])
 }
 
@@ -164,8 +188,15 @@ fn row(lines: &[String], label: &str) -> (u64, u64) {
 #[test]
 fn demo_tells_the_story_without_touching_the_limit_and_a_busy_neighbour_drops_nothing() {
     let before = host_state();
-    assert!(before.demo_namespaces.is_empty(), "demo namespaces exist before the test: {before:?}");
-    assert!(before.conntrack_max >= 4096, "nf_conntrack_max is {}: someone left it lowered", before.conntrack_max);
+    assert!(
+        before.demo_namespaces.is_empty(),
+        "demo namespaces exist before the test: {before:?}"
+    );
+    assert!(
+        before.conntrack_max >= 4096,
+        "nf_conntrack_max is {}: someone left it lowered",
+        before.conntrack_max
+    );
     let busy = BusyNeighbour::start();
     let busy_before = busy.counters();
     let (ok, lines, stderr) = demo(None);
@@ -175,32 +206,80 @@ fn demo_tells_the_story_without_touching_the_limit_and_a_busy_neighbour_drops_no
     let text = lines.join("\n");
     assert!(ok, "demo failed: {stderr}\n{text}");
     assert_eq!(after, before, "the demo left something behind");
-    assert_eq!(busy_after["drop"], busy_before["drop"], "the busy namespace dropped packets during the demo");
-    assert!(busy_after["entries"] > busy_before["entries"] && opened > 100, "the neighbour did not keep opening flows ({opened})");
+    assert_eq!(
+        busy_after["drop"], busy_before["drop"],
+        "the busy namespace dropped packets during the demo"
+    );
+    assert!(
+        busy_after["entries"] > busy_before["entries"] && opened > 100,
+        "the neighbour did not keep opening flows ({opened})"
+    );
     // Its own table filled to the real limit, with no sysctl changed.
     // (The baseline pings' entries hold a few places the fill cannot take.)
-    let filled = lines.iter().find_map(|l| l.split("table: ").nth(1)?.split('/').next()?.parse::<u64>().ok());
+    let filled = lines.iter().find_map(|l| {
+        l.split("table: ")
+            .nth(1)?
+            .split('/')
+            .next()?
+            .parse::<u64>()
+            .ok()
+    });
     let filled = filled.unwrap_or_else(|| panic!("no fill line:\n{text}"));
-    assert!(filled + 32 >= before.conntrack_max && text.contains(&format!("/{} entries", before.conntrack_max)), "the demo did not fill its table to {}:\n{text}", before.conntrack_max);
+    assert!(
+        filled + 32 >= before.conntrack_max
+            && text.contains(&format!("/{} entries", before.conntrack_max)),
+        "the demo did not fill its table to {}:\n{text}",
+        before.conntrack_max
+    );
     assert!(text.contains("no sysctl was changed"), "{text}");
 
     // Baseline ok, then pings down and each one explained.
-    let step = |s: &str| lines.iter().position(|l| l.starts_with(s)).unwrap_or_else(|| panic!("no {s}:\n{text}"));
-    let (s1, s2, s3, s4, s5) = (step("[1/5]"), step("[2/5]"), step("[3/5]"), step("[4/5]"), step("[5/5]"));
+    let step = |s: &str| {
+        lines
+            .iter()
+            .position(|l| l.starts_with(s))
+            .unwrap_or_else(|| panic!("no {s}:\n{text}"))
+    };
+    let (s1, s2, s3, s4, s5) = (
+        step("[1/5]"),
+        step("[2/5]"),
+        step("[3/5]"),
+        step("[4/5]"),
+        step("[5/5]"),
+    );
     assert!(s1 < s2 && s2 < s3 && s3 < s4 && s4 < s5);
-    assert!(lines[s1..s2].iter().any(|l| l.contains("  ok ")), "no ok ping in the baseline:\n{text}");
-    assert!(lines[s2..s3].iter().any(|l| l.contains("down  conntrack_table_full in ctdemo-srv")), "no explained down ping:\n{text}");
+    assert!(
+        lines[s1..s2].iter().any(|l| l.contains("  ok ")),
+        "no ok ping in the baseline:\n{text}"
+    );
+    assert!(
+        lines[s2..s3]
+            .iter()
+            .any(|l| l.contains("down  conntrack_table_full in ctdemo-srv")),
+        "no explained down ping:\n{text}"
+    );
     // Occupancy names the flood; the advice and the applied rule name its port.
-    assert!(lines[s3..s4].iter().any(|l| l.trim_start().starts_with("udp 5353")), "{text}");
+    assert!(
+        lines[s3..s4]
+            .iter()
+            .any(|l| l.trim_start().starts_with("udp 5353")),
+        "{text}"
+    );
     let rule = "$ iptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK";
-    assert!(lines[s4..s5].iter().filter(|l| l.contains(rule)).count() >= 2, "rule not advised and applied:\n{text}");
+    assert!(
+        lines[s4..s5].iter().filter(|l| l.contains(rule)).count() >= 2,
+        "rule not advised and applied:\n{text}"
+    );
     // Before/after, by ctdrop and by the kernel.
     let (lost_before, lost_after) = row(&lines, "pings lost");
     let (ct_before, ct_after) = row(&lines, "conntrack_table_full drops (ctdrop)");
     let (k_before, k_after) = row(&lines, "kernel drop counter (ctdemo-srv)");
     assert!(lost_before > 0 && ct_before > 0, "{text}");
     assert_eq!((lost_after, ct_after, k_after), (0, 0, 0), "{text}");
-    assert_eq!(ct_before, k_before, "ctdrop and the kernel disagree:\n{text}");
+    assert_eq!(
+        ct_before, k_before,
+        "ctdrop and the kernel disagree:\n{text}"
+    );
     assert!(text.contains("the fix worked"));
     for l in &lines {
         assert!(l.chars().count() <= 80, "wider than 80 columns: {l:?}");
@@ -220,11 +299,20 @@ fn demo_refuses_to_lower_the_limit_while_another_namespace_holds_entries() {
     busy.stop();
     let after = host_state();
     assert!(!ok, "lowering was not refused:\n{}", lines.join("\n"));
-    let err: Vec<&str> = stderr.lines().filter(|l| l.starts_with("ctdrop:")).collect();
+    let err: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("ctdrop:"))
+        .collect();
     assert_eq!(err.len(), 1, "one line: {stderr}");
-    assert!(err[0].contains("not lowering nf_conntrack_max") && err[0].contains("conntrack entries"), "{stderr}");
+    assert!(
+        err[0].contains("not lowering nf_conntrack_max") && err[0].contains("conntrack entries"),
+        "{stderr}"
+    );
     // Named by the namespace the neighbour's entries are in, with its count.
-    assert!(err[0].contains(&format!("namespace {name} holds ")), "the refusal does not name {name}: {stderr}");
+    assert!(
+        err[0].contains(&format!("namespace {name} holds ")),
+        "the refusal does not name {name}: {stderr}"
+    );
     assert_eq!(busy_after["drop"], busy_before["drop"]);
     assert_eq!(after, before, "a refused demo changed something");
 }
@@ -246,7 +334,11 @@ fn interrupted_demo_cleans_up() {
     let before = host_state();
     let (ok, lines, stderr) = demo(Some("[2/5]"));
     let after = host_state();
-    assert!(!ok, "an interrupted demo must not claim success:\n{}", lines.join("\n"));
+    assert!(
+        !ok,
+        "an interrupted demo must not claim success:\n{}",
+        lines.join("\n")
+    );
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_eq!(after, before, "the interrupted demo left something behind");
 }

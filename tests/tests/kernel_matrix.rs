@@ -9,7 +9,10 @@
 use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use ctdrop_tests::{clash, ct_stats, ctdrop_bin, in_netns, mixed, ping, send_udp_flows, ConntrackMaxGuard, Ctdrop, Topology};
+use ctdrop_tests::{
+    clash, ct_stats, ctdrop_bin, in_netns, mixed, ping, send_udp_flows, ConntrackMaxGuard, Ctdrop,
+    Topology,
+};
 
 fn vm_script() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../xtask/vm.sh")
@@ -17,7 +20,10 @@ fn vm_script() -> std::path::PathBuf {
 
 /// Boots `kernel` and runs the guest tests there; their output is ours.
 fn run_in_guest(kernel: &str) -> Result<()> {
-    let st = Command::new(vm_script()).arg("prepare").status().context("running xtask/vm.sh prepare")?;
+    let st = Command::new(vm_script())
+        .arg("prepare")
+        .status()
+        .context("running xtask/vm.sh prepare")?;
     if !st.success() {
         bail!("vm.sh prepare failed: {st}");
     }
@@ -26,14 +32,20 @@ fn run_in_guest(kernel: &str) -> Result<()> {
     let exe = std::env::current_exe()?;
     let out = Command::new(vm_script())
         .args(["run", kernel, rw.to_str().unwrap(), "env"])
-        .arg(format!("CTDROP_BIN={}", ctdrop_bin().canonicalize()?.display()))
+        .arg(format!(
+            "CTDROP_BIN={}",
+            ctdrop_bin().canonicalize()?.display()
+        ))
         .arg(&exe)
         .args(["--ignored", "--test-threads=1", "--nocapture", "guest_"])
         .output()
         .context("running the guest")?;
     let _ = std::fs::remove_dir_all(&rw);
     let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("--- guest {kernel} ---\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "--- guest {kernel} ---\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     if !out.status.success() {
         bail!("guest tests failed on {kernel} ({})", out.status);
     }
@@ -78,7 +90,11 @@ fn fake_vng(dir: &Path, panics: u32) -> std::path::PathBuf {
 fn run_with_fake_vng(panics: u32, cmd: &[&str]) -> (i32, String, u32, usize) {
     let st = Command::new(vm_script()).arg("prepare").output().unwrap();
     assert!(st.status.success(), "vm.sh prepare failed");
-    let dir = std::env::temp_dir().join(format!("ctdrop-fakevng-{}-{panics}-{}", std::process::id(), cmd.join("_")));
+    let dir = std::env::temp_dir().join(format!(
+        "ctdrop-fakevng-{}-{panics}-{}",
+        std::process::id(),
+        cmd.join("_")
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("logs")).unwrap();
     let vng = fake_vng(&dir, panics);
@@ -89,10 +105,19 @@ fn run_with_fake_vng(panics: u32, cmd: &[&str]) -> (i32, String, u32, usize) {
         .env("CTDROP_VM_LOGDIR", dir.join("logs"))
         .output()
         .unwrap();
-    let boots = std::fs::read_to_string(dir.join("count")).unwrap().trim().parse().unwrap();
+    let boots = std::fs::read_to_string(dir.join("count"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let logs = std::fs::read_dir(dir.join("logs")).unwrap().count();
     let _ = std::fs::remove_dir_all(&dir);
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned(), boots, logs)
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        boots,
+        logs,
+    )
 }
 
 /// The exit-255 boot: retried once, said so, and its console log kept;
@@ -101,10 +126,21 @@ fn run_with_fake_vng(panics: u32, cmd: &[&str]) -> (i32, String, u32, usize) {
 fn a_boot_that_never_reports_a_status_is_retried_once_and_its_console_log_kept() {
     let (rc, err, boots, logs) = run_with_fake_vng(1, &["true"]);
     assert_eq!((rc, boots, logs), (0, 2, 1), "{err}");
-    assert!(err.contains("did not report an exit status (vng exit 255)") && err.contains("retrying the 6.1 boot once"), "{err}");
-    assert!(err.contains("IO-APIC + timer doesn't work") && err.contains("this retry did"), "{err}");
+    assert!(
+        err.contains("did not report an exit status (vng exit 255)")
+            && err.contains("retrying the 6.1 boot once"),
+        "{err}"
+    );
+    assert!(
+        err.contains("IO-APIC + timer doesn't work") && err.contains("this retry did"),
+        "{err}"
+    );
     let (rc, err, boots, logs) = run_with_fake_vng(0, &["false"]);
-    assert_eq!((rc, boots, logs), (1, 1, 1), "a failed command is kept, not retried: {err}");
+    assert_eq!(
+        (rc, boots, logs),
+        (1, 1, 1),
+        "a failed command is kept, not retried: {err}"
+    );
     let (rc, err, boots, logs) = run_with_fake_vng(5, &["true"]);
     assert_eq!((rc, boots, logs), (125, 2, 2), "{err}");
 }
@@ -112,7 +148,10 @@ fn a_boot_that_never_reports_a_status_is_retried_once_and_its_console_log_kept()
 // ------------------------------------------------------------ in the guest
 
 fn count_cause(out: &ctdrop_tests::CtdropOutput, netns: u32, cause: &str) -> u64 {
-    out.drops_in(netns).iter().filter(|d| d["cause"] == cause).count() as u64
+    out.drops_in(netns)
+        .iter()
+        .filter(|d| d["cause"] == cause)
+        .count() as u64
 }
 
 fn ct_events(out: &ctdrop_tests::CtdropOutput, netns: u32) -> serde_json::Value {
@@ -132,14 +171,36 @@ fn guest_check_reports_kprobe_tier_for_conntrack_signals() {
     // nf_conntrack must be loaded for its functions to be in kallsyms.
     let t = Topology::pair().unwrap();
     t.track_receiver().unwrap();
-    let out = Command::new(ctdrop_bin()).args(["check", "--json"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(ctdrop_bin())
+        .args(["check", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tier"], "kprobe", "{v}");
-    for signal in ["table_full", "insert_failed", "conntrack_in", "early_drop", "clash_resolve", "inserts"] {
-        let m = v["mechanisms"].as_array().unwrap().iter().find(|m| m["signal"] == signal).unwrap();
+    for signal in [
+        "table_full",
+        "insert_failed",
+        "conntrack_in",
+        "early_drop",
+        "clash_resolve",
+        "inserts",
+    ] {
+        let m = v["mechanisms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["signal"] == signal)
+            .unwrap();
         let mech = m["mechanism"].as_str().unwrap_or("");
-        assert!(mech.starts_with("kprobe/") || mech.starts_with("kretprobe/"), "{signal}: {m}");
+        assert!(
+            mech.starts_with("kprobe/") || mech.starts_with("kretprobe/"),
+            "{signal}: {m}"
+        );
     }
 }
 
@@ -154,7 +215,14 @@ fn guest_table_full_records_equal_the_drop_increase_via_alloc_probe() {
     let before = ct_stats(&t.receiver).unwrap();
     let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
     send_udp_flows(&t.sender, t.receiver_addr, 20000, 200).unwrap();
-    let pings = ping(&t.sender, t.receiver_addr, 7000, 5, Duration::from_millis(300)).unwrap();
+    let pings = ping(
+        &t.sender,
+        t.receiver_addr,
+        7000,
+        5,
+        Duration::from_millis(300),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let out = c.stop().unwrap();
     let after = ct_stats(&t.receiver).unwrap();
@@ -162,15 +230,28 @@ fn guest_table_full_records_equal_the_drop_increase_via_alloc_probe() {
     let full = count_cause(&out, rx, "conntrack_table_full");
     eprintln!("guest table full: kernel drop +{drop}, conntrack_table_full records {full}");
     assert!(drop >= 150, "the table did not stay full: drop +{drop}");
-    assert_eq!(full, drop, "table-full records vs the kernel's drop increase");
+    assert_eq!(
+        full, drop,
+        "table-full records vs the kernel's drop increase"
+    );
     assert_eq!(out.summary().unwrap()["tier"], "kprobe");
     for d in out.drops_in(rx) {
         assert_eq!(d["evidence"], "probe:__nf_conntrack_alloc", "{d}");
-        assert!(d["src"].is_string() && d["dst"].is_string(), "record without its flow: {d}");
-        assert!(d["proto"] == "icmp" || d["dport"].as_u64().unwrap() >= 20000, "{d}");
+        assert!(
+            d["src"].is_string() && d["dst"].is_string(),
+            "record without its flow: {d}"
+        );
+        assert!(
+            d["proto"] == "icmp" || d["dport"].as_u64().unwrap() >= 20000,
+            "{d}"
+        );
     }
     for p in pings.iter().filter(|p| !p.replied) {
-        let n = out.drops_in(rx).iter().filter(|d| d["icmp_id"] == p.id && d["icmp_seq"] == p.seq).count();
+        let n = out
+            .drops_in(rx)
+            .iter()
+            .filter(|d| d["icmp_id"] == p.id && d["icmp_seq"] == p.seq)
+            .count();
         assert_eq!(n, 1, "lost ping id {} seq {}", p.id, p.seq);
     }
     let ev = ct_events(&out, rx);
@@ -183,7 +264,19 @@ fn guest_table_full_records_equal_the_drop_increase_via_alloc_probe() {
 fn guest_insert_failed_records_equal_the_insert_failed_increase() {
     let t = Topology::pair().unwrap();
     // Conntrack on in the sender: its OUTPUT creates, POSTROUTING confirms.
-    t.sender.exec(&["iptables", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"]).unwrap();
+    t.sender
+        .exec(&[
+            "iptables",
+            "-A",
+            "OUTPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-j",
+            "ACCEPT",
+        ])
+        .unwrap();
     widen_race_window(&t.sender);
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
@@ -199,22 +292,48 @@ fn guest_insert_failed_records_equal_the_insert_failed_increase() {
     let rec_failed = count_cause(&out, tx, "conntrack_insert_failed");
     let rec_full = count_cause(&out, tx, "conntrack_table_full");
     eprintln!("guest insert clash: kernel insert_failed +{failed}, drop +{drop}; records insert_failed {rec_failed}, table_full {rec_full}");
-    assert_eq!(rec_failed, failed, "insert-failed records vs the kernel's insert_failed increase");
-    assert_eq!(rec_full + rec_failed, drop, "table-full + insert-failed records vs the drop increase");
-    for d in out.drops_in(tx).iter().filter(|d| d["cause"] == "conntrack_insert_failed") {
+    assert_eq!(
+        rec_failed, failed,
+        "insert-failed records vs the kernel's insert_failed increase"
+    );
+    assert_eq!(
+        rec_full + rec_failed,
+        drop,
+        "table-full + insert-failed records vs the drop increase"
+    );
+    for d in out
+        .drops_in(tx)
+        .iter()
+        .filter(|d| d["cause"] == "conntrack_insert_failed")
+    {
         assert_eq!(d["proto"], "tcp");
         assert_eq!(d["dport"], 80);
         assert_eq!(d["src"], t.sender_addr.to_string());
         assert_eq!(d["evidence"], "probe:__nf_conntrack_confirm");
     }
-    assert_eq!(ct_events(&out, tx)["confirm_dropped"].as_u64(), Some(failed));
+    assert_eq!(
+        ct_events(&out, tx)["confirm_dropped"].as_u64(),
+        Some(failed)
+    );
 }
 
 #[test]
 #[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
 fn guest_udp_clashes_are_resolved_and_counted_not_dropped() {
     let t = Topology::pair().unwrap();
-    t.sender.exec(&["iptables", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"]).unwrap();
+    t.sender
+        .exec(&[
+            "iptables",
+            "-A",
+            "OUTPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-j",
+            "ACCEPT",
+        ])
+        .unwrap();
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
     let before = ct_stats(&t.sender).unwrap();
@@ -234,11 +353,17 @@ fn guest_udp_clashes_are_resolved_and_counted_not_dropped() {
     let out = c.stop().unwrap();
     let after = ct_stats(&t.sender).unwrap();
     let resolved = after["clashres"] - before["clashres"];
-    eprintln!("guest udp clash: kernel clashres +{resolved}, ctdrop clash_resolved {}", ct_events(&out, tx)["clash_resolved"]);
+    eprintln!(
+        "guest udp clash: kernel clashres +{resolved}, ctdrop clash_resolved {}",
+        ct_events(&out, tx)["clash_resolved"]
+    );
     assert!(resolved > 0, "no UDP clash happened");
     assert_eq!(after["insert_failed"] - before["insert_failed"], 0);
     assert_eq!(count_cause(&out, tx, "conntrack_insert_failed"), 0);
-    assert_eq!(ct_events(&out, tx)["clash_resolved"].as_u64(), Some(resolved));
+    assert_eq!(
+        ct_events(&out, tx)["clash_resolved"].as_u64(),
+        Some(resolved)
+    );
 }
 
 /// Attach order (issue #13): with kprobes that take seconds to attach under
@@ -259,11 +384,26 @@ fn guest_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
 fn guest_netfilter_hook_mode_is_exact_or_refused_in_one_line() {
     // First: it loads nf_conntrack, whose BTF the hook programs need.
     let s = mixed::Scene::new(false);
-    let check = Command::new(ctdrop_bin()).args(["check", "--json"]).output().unwrap();
+    let check = Command::new(ctdrop_bin())
+        .args(["check", "--json"])
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
-    let cap = v["capabilities"].as_array().unwrap().iter().find(|c| c["name"] == "bpf netfilter prog").cloned().unwrap();
-    eprintln!("guest check: tier {}, bpf netfilter prog {} ({})", v["tier"], cap["ok"], cap["detail"]);
-    assert_eq!(v["tier"], "kprobe", "auto must keep the kprobe tier where kprobes exist");
+    let cap = v["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "bpf netfilter prog")
+        .cloned()
+        .unwrap();
+    eprintln!(
+        "guest check: tier {}, bpf netfilter prog {} ({})",
+        v["tier"], cap["ok"], cap["detail"]
+    );
+    assert_eq!(
+        v["tier"], "kprobe",
+        "auto must keep the kprobe tier where kprobes exist"
+    );
     if cap["ok"] == true {
         let _max = ConntrackMaxGuard::set(mixed::MAX).unwrap();
         s.fill();
@@ -276,10 +416,25 @@ fn guest_netfilter_hook_mode_is_exact_or_refused_in_one_line() {
         std::thread::sleep(Duration::from_millis(500));
         let out = c.stop().unwrap();
         assert!(out.status.success(), "{}", out.stderr);
-        let wrong = mixed::judge(&s, &out, after["drop"] - before["drop"], rule_after - rule_before);
+        let wrong = mixed::judge(
+            &s,
+            &out,
+            after["drop"] - before["drop"],
+            rule_after - rule_before,
+        );
         assert_eq!(wrong, 0, "records whose cause is not their packet's");
     } else {
-        let out = Command::new(ctdrop_bin()).args(["live", "--json", "--mode", "netfilter-hook", "--duration", "1s"]).output().unwrap();
+        let out = Command::new(ctdrop_bin())
+            .args([
+                "live",
+                "--json",
+                "--mode",
+                "netfilter-hook",
+                "--duration",
+                "1s",
+            ])
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         eprintln!("guest --mode netfilter-hook: {}", err.trim());
         assert!(!out.status.success());
@@ -300,7 +455,8 @@ fn widen_race_window(ns: &ctdrop_tests::Netns) {
     rules.push_str("COMMIT\n");
     let path = std::env::temp_dir().join(format!("ctdrop-race-{}.rules", std::process::id()));
     std::fs::write(&path, rules).unwrap();
-    ns.exec(&["iptables-restore", "--noflush", path.to_str().unwrap()]).unwrap();
+    ns.exec(&["iptables-restore", "--noflush", path.to_str().unwrap()])
+        .unwrap();
     let _ = std::fs::remove_file(&path);
 }
 
@@ -313,7 +469,12 @@ fn enter(p: &Path) {
 
 /// The first datagram of the same UDP flow from two CPUs at once: two
 /// SO_REUSEPORT sockets bound to one source port, connected to one peer.
-fn udp_same_flow_pairs(dst: Ipv4Addr, first_sport: u16, pairs: u16, enter: impl Fn() + Send + Sync + 'static) {
+fn udp_same_flow_pairs(
+    dst: Ipv4Addr,
+    first_sport: u16,
+    pairs: u16,
+    enter: impl Fn() + Send + Sync + 'static,
+) {
     use std::sync::{Arc, Barrier};
     let barrier = Arc::new(Barrier::new(2));
     let enter = Arc::new(enter);
@@ -346,12 +507,26 @@ fn reuseport_socket(sport: u16, dst: Ipv4Addr, dport: u16) -> i32 {
     unsafe {
         let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
         let one: i32 = 1;
-        libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_REUSEPORT, (&one as *const i32).cast(), 4);
-        libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const i32).cast(), 4);
+        libc::setsockopt(
+            s,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&one as *const i32).cast(),
+            4,
+        );
+        libc::setsockopt(
+            s,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const i32).cast(),
+            4,
+        );
         let sa = |a: Ipv4Addr, p: u16| libc::sockaddr_in {
             sin_family: libc::AF_INET as u16,
             sin_port: p.to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.octets()),
+            },
             sin_zero: [0; 8],
         };
         let local = sa(Ipv4Addr::UNSPECIFIED, sport);
@@ -361,4 +536,3 @@ fn reuseport_socket(sport: u16, dst: Ipv4Addr, dport: u16) -> i32 {
         s
     }
 }
-

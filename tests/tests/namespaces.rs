@@ -276,7 +276,17 @@ fn the_harness_refuses_to_lower_the_limit_while_another_namespace_holds_entries(
     let r = std::panic::catch_unwind(|| {
         in_ns(&path, || {
             run_here(&["ip", "link", "set", "lo", "up"])?;
-            run_here(&["iptables", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])?;
+            run_here(&[
+                "iptables",
+                "-A",
+                "OUTPUT",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ])?;
             let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
             for port in 0..50u16 {
                 sock.send_to(b"busy", (Ipv4Addr::LOCALHOST, 30000 + port))?;
@@ -285,9 +295,14 @@ fn the_harness_refuses_to_lower_the_limit_while_another_namespace_holds_entries(
         })
         .unwrap();
         let before = ctdrop_tests::read_conntrack_max().unwrap();
-        let err = ConntrackMaxGuard::set(64).err().expect("lowering was not refused");
+        let err = ConntrackMaxGuard::set(64)
+            .err()
+            .expect("lowering was not refused");
         let msg = format!("{err:#}");
-        assert!(msg.contains(&format!("namespace {name} holds 50 conntrack entries")), "{msg}");
+        assert!(
+            msg.contains(&format!("namespace {name} holds 50 conntrack entries")),
+            "{msg}"
+        );
         assert!(!msg.contains('\n'), "one line: {msg}");
         assert_eq!(ctdrop_tests::read_conntrack_max().unwrap(), before);
         // Raising (or keeping) the limit harms nobody and is allowed.

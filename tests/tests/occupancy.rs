@@ -54,7 +54,10 @@ impl Counter {
 /// Returns the streams; the connections last as long as they do.
 fn tcp_connections(topo: &Topology, port: u16, m: usize) -> (Vec<TcpStream>, Vec<TcpStream>) {
     let addr = topo.receiver_addr;
-    let listener = in_netns(&topo.receiver.path(), move || Ok(TcpListener::bind((addr, port))?)).unwrap();
+    let listener = in_netns(&topo.receiver.path(), move || {
+        Ok(TcpListener::bind((addr, port))?)
+    })
+    .unwrap();
     let server = std::thread::spawn(move || {
         (0..m)
             .map(|_| {
@@ -82,7 +85,11 @@ fn tcp_connections(topo: &Topology, port: u16, m: usize) -> (Vec<TcpStream>, Vec
 }
 
 fn occupancy_of(out: &CtdropOutput) -> Value {
-    let rec = out.records.iter().find(|r| r["kind"] == "check").unwrap_or_else(|| panic!("no check record: {}", out.stdout));
+    let rec = out
+        .records
+        .iter()
+        .find(|r| r["kind"] == "check")
+        .unwrap_or_else(|| panic!("no check record: {}", out.stdout));
     rec["occupancy"][0].clone()
 }
 
@@ -97,12 +104,23 @@ fn run_steps(a: &Value) -> Vec<Vec<String>> {
         .unwrap()
         .iter()
         .filter(|s| s["kind"] == "run")
-        .map(|s| s["argv"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect())
+        .map(|s| {
+            s["argv"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap().to_string())
+                .collect()
+        })
         .collect()
 }
 
-fn row<'a>(rows: &'a Value, f: impl Fn(&Value) -> bool) -> &'a Value {
-    rows.as_array().unwrap().iter().find(|r| f(r)).unwrap_or_else(|| panic!("no such row in {rows}"))
+fn row(rows: &Value, f: impl Fn(&Value) -> bool) -> &Value {
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| f(r))
+        .unwrap_or_else(|| panic!("no such row in {rows}"))
 }
 
 #[test]
@@ -117,54 +135,119 @@ fn occupancy_counts_unreplied_udp_and_assured_tcp_exactly_and_advice_names_the_p
     // 45 entries in a 50-entry table: near full (advice starts at 80%).
     let _max = ConntrackMaxGuard::set(50).unwrap();
 
-    let out = run_ctdrop(&[], &["check", "--json", "--occupancy", "--netns", &topo.receiver.name], Duration::from_secs(60)).unwrap();
+    let out = run_ctdrop(
+        &[],
+        &[
+            "check",
+            "--json",
+            "--occupancy",
+            "--netns",
+            &topo.receiver.name,
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
     assert!(out.status.success(), "check failed: {}", out.stderr);
     let o = occupancy_of(&out);
     let kernel = ct_stats(&topo.receiver).unwrap();
 
     assert_eq!(o["netns_name"], topo.receiver.name.as_str());
     assert_eq!(o["entries"], (N + M) as u64, "{o}");
-    assert_eq!(kernel["entries"], (N + M) as u64, "the kernel's own count differs: {kernel:?}");
+    assert_eq!(
+        kernel["entries"],
+        (N + M) as u64,
+        "the kernel's own count differs: {kernel:?}"
+    );
     assert_eq!(o["unreplied"], N as u64);
     assert_eq!(o["assured"], M as u64);
     assert_eq!(o["unreadable"], 0);
     let udp = row(&o["by_proto_state"], |r| r["proto"] == "udp");
-    assert_eq!((udp["state"].as_str(), udp["entries"].as_u64(), udp["unreplied"].as_u64()), (Some("UNREPLIED"), Some(N as u64), Some(N as u64)));
+    assert_eq!(
+        (
+            udp["state"].as_str(),
+            udp["entries"].as_u64(),
+            udp["unreplied"].as_u64()
+        ),
+        (Some("UNREPLIED"), Some(N as u64), Some(N as u64))
+    );
     let tcp = row(&o["by_proto_state"], |r| r["proto"] == "tcp");
-    assert_eq!((tcp["state"].as_str(), tcp["entries"].as_u64(), tcp["assured"].as_u64()), (Some("ESTABLISHED"), Some(M as u64), Some(M as u64)));
+    assert_eq!(
+        (
+            tcp["state"].as_str(),
+            tcp["entries"].as_u64(),
+            tcp["assured"].as_u64()
+        ),
+        (Some("ESTABLISHED"), Some(M as u64), Some(M as u64))
+    );
     let top_port = &o["top_dst_ports"][0];
-    assert_eq!((top_port["proto"].as_str(), top_port["port"].as_u64(), top_port["entries"].as_u64()), (Some("udp"), Some(P as u64), Some(N as u64)));
+    assert_eq!(
+        (
+            top_port["proto"].as_str(),
+            top_port["port"].as_u64(),
+            top_port["entries"].as_u64()
+        ),
+        (Some("udp"), Some(P as u64), Some(N as u64))
+    );
     assert_eq!(top_port["sources"], 1);
     assert_eq!(o["top_sources"][0]["addr"], topo.sender_addr.to_string());
     assert_eq!(o["top_sources"][0]["entries"], (N + M) as u64);
-    assert_eq!(o["top_destinations"][0]["addr"], topo.receiver_addr.to_string());
+    assert_eq!(
+        o["top_destinations"][0]["addr"],
+        topo.receiver_addr.to_string()
+    );
     assert_eq!(o["nat_rules"], false);
 
     let adv = &o["advice"];
     // One source holds every entry: named first, with the rules to limit it.
     let src = advice(adv, "limit_origin").expect("advice to limit the one source");
     assert_eq!(src["values"]["source"], topo.sender_addr.to_string());
-    assert_eq!(adv[0]["topic"], "limit_origin", "the source comes before any limit: {adv}");
+    assert_eq!(
+        adv[0]["topic"], "limit_origin",
+        "the source comes before any limit: {adv}"
+    );
     // Sized from the answered connections, not from the unanswered flood.
     let cap = advice(adv, "capacity").expect("capacity advice");
     assert_eq!(cap["values"]["legit_entries"], M as u64, "{cap}");
     assert_eq!(cap["values"]["change_needed"], false, "{cap}");
     let nt = advice(adv, "notrack").expect("NOTRACK advice");
     let lines: Vec<String> = run_steps(nt).iter().map(|a| a.join(" ")).collect();
-    assert!(lines.contains(&format!("iptables -t raw -A PREROUTING -p udp --dport {P} -j NOTRACK")), "{lines:?}");
-    assert!(lines.contains(&format!("iptables -t raw -A OUTPUT -p udp --sport {P} -j NOTRACK")), "{lines:?}");
+    assert!(
+        lines.contains(&format!(
+            "iptables -t raw -A PREROUTING -p udp --dport {P} -j NOTRACK"
+        )),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&format!(
+            "iptables -t raw -A OUTPUT -p udp --sport {P} -j NOTRACK"
+        )),
+        "{lines:?}"
+    );
     // The assured TCP service is stateful: never advised away.
     assert!(!lines.iter().any(|l| l.contains("8080")), "{lines:?}");
     // The nft form is valid for this kernel (checked, not applied).
-    let script = nt["steps"].as_array().unwrap().iter().find(|s| s["kind"] == "nft").unwrap()["script"].as_str().unwrap().to_string();
+    let script = nt["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "nft")
+        .unwrap()["script"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(script.contains(&format!("udp dport {P} notrack")));
     let file = std::env::temp_dir().join(format!("ctdo-{}.nft", std::process::id()));
     std::fs::write(&file, &script).unwrap();
-    let checked = topo.receiver.exec(&["nft", "-c", "-f", file.to_str().unwrap()]);
+    let checked = topo
+        .receiver
+        .exec(&["nft", "-c", "-f", file.to_str().unwrap()]);
     let _ = std::fs::remove_file(&file);
     checked.expect("nft rejects the advised script");
     // Human output of the same check, for an operator at 80 columns.
-    let human = std::process::Command::new(ctdrop_bin()).args(["check", "--occupancy", "--netns", &topo.receiver.name]).output().unwrap();
+    let human = std::process::Command::new(ctdrop_bin())
+        .args(["check", "--occupancy", "--netns", &topo.receiver.name])
+        .output()
+        .unwrap();
     assert!(human.status.success());
     let human = String::from_utf8(human.stdout).unwrap();
     let from = human.find("conntrack table in").expect("occupancy section");
@@ -192,16 +275,27 @@ fn applying_the_advised_notrack_rules_stops_table_full_drops() {
     let dropped = (after["drop"] - before["drop"]) as usize;
     assert!(dropped > 0, "the flood did not fill the table: {after:?}");
     assert_eq!(arrived as usize + dropped, FLOWS);
-    let full = out.drops_in(rx).iter().filter(|d| d["cause"] == "conntrack_table_full").count();
+    let full = out
+        .drops_in(rx)
+        .iter()
+        .filter(|d| d["cause"] == "conntrack_table_full")
+        .count();
     assert_eq!(full, dropped, "ctdrop and the kernel disagree");
 
     let s = out.summary().unwrap();
-    let occ = s["occupancy"].as_array().unwrap().iter().find(|o| o["netns"] == rx).expect("a snapshot of the full table");
+    let occ = s["occupancy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["netns"] == rx)
+        .expect("a snapshot of the full table");
     assert_eq!(occ["top_dst_ports"][0]["port"], P);
-    let nt = advice(&s["advice"], "notrack").unwrap_or_else(|| panic!("no NOTRACK advice: {}", s["advice"]));
+    let nt = advice(&s["advice"], "notrack")
+        .unwrap_or_else(|| panic!("no NOTRACK advice: {}", s["advice"]));
     assert_eq!(nt["netns"], rx);
     // A flood from one source: limit it, do not size the table from it.
-    let src = advice(&s["advice"], "limit_origin").unwrap_or_else(|| panic!("no source advice: {}", s["advice"]));
+    let src = advice(&s["advice"], "limit_origin")
+        .unwrap_or_else(|| panic!("no source advice: {}", s["advice"]));
     assert_eq!(src["values"]["source"], topo.sender_addr.to_string());
     let cap = advice(&s["advice"], "capacity").unwrap();
     assert_eq!(cap["values"]["change_needed"], false, "{cap}");
@@ -225,9 +319,21 @@ fn applying_the_advised_notrack_rules_stops_table_full_drops() {
     let out = live.stop().unwrap();
     let after = ct_stats(&topo.receiver).unwrap();
     assert_eq!(arrived as usize, FLOWS, "untracked flood not delivered");
-    assert_eq!(after["drop"] - before["drop"], 0, "the kernel still drops: {after:?}");
-    assert_eq!(out.drops_in(rx).len(), 0, "ctdrop still sees drops: {:?}", out.drops_in(rx));
-    assert!(out.summary().unwrap()["occupancy"].as_array().unwrap().is_empty());
+    assert_eq!(
+        after["drop"] - before["drop"],
+        0,
+        "the kernel still drops: {after:?}"
+    );
+    assert_eq!(
+        out.drops_in(rx).len(),
+        0,
+        "ctdrop still sees drops: {:?}",
+        out.drops_in(rx)
+    );
+    assert!(out.summary().unwrap()["occupancy"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     // The new flows took no entries: tracked, 36 of them would have found
     // the table full.
     assert!(after["entries"] < 64, "{after:?}");
@@ -244,17 +350,71 @@ fn frag_needed_dropped_by_a_filter_rule_is_icmp_error_blocked() {
     let n = (next_id() % 200) as u8 + 20;
     let (s_addr, r1) = (format!("198.19.{n}.1"), format!("198.19.{n}.2"));
     let (r2, f_addr) = (format!("198.19.{}.1", n + 1), format!("198.19.{}.2", n + 1));
-    run(&["ip", "link", "add", "ctdo-s", "netns", &sender.name, "type", "veth", "peer", "name", "ctdo-r1", "netns", &router.name]).unwrap();
-    run(&["ip", "link", "add", "ctdo-r2", "netns", &router.name, "type", "veth", "peer", "name", "ctdo-f", "netns", &far.name]).unwrap();
-    for (ns, dev, addr, mtu) in [(&sender, "ctdo-s", &s_addr, "1500"), (&router, "ctdo-r1", &r1, "1500"), (&router, "ctdo-r2", &r2, "1280"), (&far, "ctdo-f", &f_addr, "1280")] {
-        ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", dev]).unwrap();
-        ns.exec(&["ip", "link", "set", dev, "mtu", mtu, "up"]).unwrap();
+    run(&[
+        "ip",
+        "link",
+        "add",
+        "ctdo-s",
+        "netns",
+        &sender.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ctdo-r1",
+        "netns",
+        &router.name,
+    ])
+    .unwrap();
+    run(&[
+        "ip",
+        "link",
+        "add",
+        "ctdo-r2",
+        "netns",
+        &router.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ctdo-f",
+        "netns",
+        &far.name,
+    ])
+    .unwrap();
+    for (ns, dev, addr, mtu) in [
+        (&sender, "ctdo-s", &s_addr, "1500"),
+        (&router, "ctdo-r1", &r1, "1500"),
+        (&router, "ctdo-r2", &r2, "1280"),
+        (&far, "ctdo-f", &f_addr, "1280"),
+    ] {
+        ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", dev])
+            .unwrap();
+        ns.exec(&["ip", "link", "set", dev, "mtu", mtu, "up"])
+            .unwrap();
     }
-    sender.exec(&["ip", "route", "add", "default", "via", &r1]).unwrap();
-    far.exec(&["ip", "route", "add", "default", "via", &r2]).unwrap();
-    router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    sender
+        .exec(&["ip", "route", "add", "default", "via", &r1])
+        .unwrap();
+    far.exec(&["ip", "route", "add", "default", "via", &r2])
+        .unwrap();
+    router
+        .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
     // The chapter's second case: someone "disabled ICMP".
-    sender.exec(&["iptables", "-A", "INPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"]).unwrap();
+    sender
+        .exec(&[
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "icmp",
+            "--icmp-type",
+            "fragmentation-needed",
+            "-j",
+            "DROP",
+        ])
+        .unwrap();
     let s_ino = sender.inode().unwrap();
 
     let live = Ctdrop::spawn(&["live", "--json", "--netns", &sender.name]).unwrap();
@@ -280,8 +440,13 @@ fn frag_needed_dropped_by_a_filter_rule_is_icmp_error_blocked() {
     .unwrap();
     // The rule's own packet counter is the kernel's account of the drops.
     let rule_hits = || -> u64 {
-        let t = sender.exec(&["iptables", "-L", "INPUT", "-v", "-x", "-n"]).unwrap();
-        t.lines().find(|l| l.contains("DROP")).and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap()
+        let t = sender
+            .exec(&["iptables", "-L", "INPUT", "-v", "-x", "-n"])
+            .unwrap();
+        t.lines()
+            .find(|l| l.contains("DROP"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap()
     };
     let deadline = Instant::now() + Duration::from_secs(2);
     while rule_hits() == 0 && Instant::now() < deadline {
@@ -290,17 +455,33 @@ fn frag_needed_dropped_by_a_filter_rule_is_icmp_error_blocked() {
     let out = live.stop().unwrap();
     let hits = rule_hits();
     assert!(hits >= 1, "no frag-needed reached the sender");
-    let blocked: Vec<&Value> = out.drops_in(s_ino).into_iter().filter(|d| d["cause"] == "icmp_error_blocked").collect();
-    assert_eq!(blocked.len() as u64, hits, "ctdrop {:?} vs rule counter {hits}", out.drops_in(s_ino));
+    let blocked: Vec<&Value> = out
+        .drops_in(s_ino)
+        .into_iter()
+        .filter(|d| d["cause"] == "icmp_error_blocked")
+        .collect();
+    assert_eq!(
+        blocked.len() as u64,
+        hits,
+        "ctdrop {:?} vs rule counter {hits}",
+        out.drops_in(s_ino)
+    );
     for d in &blocked {
-        assert_eq!((d["icmp_type"].as_u64(), d["icmp_code"].as_u64()), (Some(3), Some(4)));
+        assert_eq!(
+            (d["icmp_type"].as_u64(), d["icmp_code"].as_u64()),
+            (Some(3), Some(4))
+        );
         assert_eq!(d["src"], r1.as_str());
     }
     let s = out.summary().unwrap();
     assert_eq!(s["drops_by_cause"]["icmp_error_blocked"], hits);
-    let w = advice(&s["advice"], "icmp_error_blocked").unwrap_or_else(|| panic!("no warning: {}", s["advice"]));
+    let w = advice(&s["advice"], "icmp_error_blocked")
+        .unwrap_or_else(|| panic!("no warning: {}", s["advice"]));
     assert_eq!(w["cause"], "icmp_error_blocked");
-    assert!(w["headline"].as_str().unwrap().contains("path-MTU discovery"));
+    assert!(w["headline"]
+        .as_str()
+        .unwrap()
+        .contains("path-MTU discovery"));
 }
 
 #[test]
@@ -341,8 +522,22 @@ fn a_full_size_table_is_counted_entry_for_entry() {
         }
         kernel = now;
     }
-    assert!(kernel >= FULL * 9 / 10, "only {kernel} entries after the fill");
-    let out = run_ctdrop(&[], &["check", "--json", "--occupancy", "--netns", &topo.receiver.name], Duration::from_secs(120)).unwrap();
+    assert!(
+        kernel >= FULL * 9 / 10,
+        "only {kernel} entries after the fill"
+    );
+    let out = run_ctdrop(
+        &[],
+        &[
+            "check",
+            "--json",
+            "--occupancy",
+            "--netns",
+            &topo.receiver.name,
+        ],
+        Duration::from_secs(120),
+    )
+    .unwrap();
     assert!(out.status.success(), "{}", out.stderr);
     let o = occupancy_of(&out);
     assert_eq!(o["entries"], kernel, "snapshot vs the kernel's own count");
@@ -351,7 +546,10 @@ fn a_full_size_table_is_counted_entry_for_entry() {
     assert_eq!(o["top_sources"][0]["entries"], kernel);
     assert_eq!(o["top_dst_ports"].as_array().unwrap().len(), 5);
     // Speed is measured, not asserted (cargo xtask bench owns timing).
-    eprintln!("full table: {kernel} entries read in {} ms ({} ms CPU)", o["elapsed_ms"], o["cpu_ms"]);
+    eprintln!(
+        "full table: {kernel} entries read in {} ms ({} ms CPU)",
+        o["elapsed_ms"], o["cpu_ms"]
+    );
 }
 
 #[test]
@@ -360,17 +558,49 @@ fn nat_in_the_namespace_is_named_and_conntrack_kept() {
     topo.track_receiver().unwrap();
     // Port 5353 is redirected: NAT needs conntrack for these flows.
     topo.receiver
-        .exec(&["iptables", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "--dport", &P.to_string(), "-j", "REDIRECT", "--to-ports", "5354"])
+        .exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "udp",
+            "--dport",
+            &P.to_string(),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "5354",
+        ])
         .unwrap();
     let _sink = Counter::bind(&topo.receiver, topo.receiver_addr, 5354);
     send_udp(&topo.sender, topo.receiver_addr, vec![P; 10]).unwrap();
-    let out = run_ctdrop(&[], &["check", "--json", "--occupancy", "--netns", &topo.receiver.name], Duration::from_secs(60)).unwrap();
+    let out = run_ctdrop(
+        &[],
+        &[
+            "check",
+            "--json",
+            "--occupancy",
+            "--netns",
+            &topo.receiver.name,
+        ],
+        Duration::from_secs(60),
+    )
+    .unwrap();
     let o = occupancy_of(&out);
     assert_eq!(o["entries"], 10);
     assert_eq!(o["nat"], 10, "{o}");
     assert_eq!(o["nat_rules"], true);
-    let nat = advice(&o["advice"], "nat").unwrap_or_else(|| panic!("no NAT advice: {}", o["advice"]));
-    assert!(nat["headline"].as_str().unwrap().contains("conntrack cannot be disabled"), "{nat}");
+    let nat =
+        advice(&o["advice"], "nat").unwrap_or_else(|| panic!("no NAT advice: {}", o["advice"]));
+    assert!(
+        nat["headline"]
+            .as_str()
+            .unwrap()
+            .contains("conntrack cannot be disabled"),
+        "{nat}"
+    );
 }
 
 #[test]
@@ -382,7 +612,16 @@ fn count_mode_snapshots_the_full_table_and_advises_too() {
     let _sink = Counter::bind(&topo.receiver, topo.receiver_addr, P);
     let _max = ConntrackMaxGuard::set(64).unwrap();
     let before = ct_stats(&topo.receiver).unwrap();
-    let live = Ctdrop::spawn(&["live", "--json", "--count-only", "--report-every", "200ms", "--netns", &topo.receiver.name]).unwrap();
+    let live = Ctdrop::spawn(&[
+        "live",
+        "--json",
+        "--count-only",
+        "--report-every",
+        "200ms",
+        "--netns",
+        &topo.receiver.name,
+    ])
+    .unwrap();
     send_udp(&topo.sender, topo.receiver_addr, vec![P; FLOWS]).unwrap();
     // A report period has to see the drops before the stop.
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -396,17 +635,42 @@ fn count_mode_snapshots_the_full_table_and_advises_too() {
     assert!(dropped > 0);
     let s = out.summary().unwrap();
     assert_eq!(s["drops_by_cause"]["conntrack_table_full"], dropped);
-    let occ = s["occupancy"].as_array().unwrap().iter().find(|o| o["netns"] == rx).unwrap_or_else(|| panic!("no snapshot: {s}"));
+    let occ = s["occupancy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["netns"] == rx)
+        .unwrap_or_else(|| panic!("no snapshot: {s}"));
     assert_eq!(occ["top_dst_ports"][0]["port"], P);
-    assert_eq!(occ["top_dst_ports"][0]["unreplied"], occ["top_dst_ports"][0]["entries"]);
-    let nt = advice(&s["advice"], "notrack").unwrap_or_else(|| panic!("no NOTRACK advice: {}", s["advice"]));
-    assert!(run_steps(nt).iter().any(|a| a.join(" ") == format!("iptables -t raw -A PREROUTING -p udp --dport {P} -j NOTRACK")));
+    assert_eq!(
+        occ["top_dst_ports"][0]["unreplied"],
+        occ["top_dst_ports"][0]["entries"]
+    );
+    let nt = advice(&s["advice"], "notrack")
+        .unwrap_or_else(|| panic!("no NOTRACK advice: {}", s["advice"]));
+    assert!(run_steps(nt)
+        .iter()
+        .any(|a| a.join(" ")
+            == format!("iptables -t raw -A PREROUTING -p udp --dport {P} -j NOTRACK")));
     let cap = advice(&s["advice"], "capacity").unwrap();
-    assert!(cap["values"]["recommended_max"].as_u64().unwrap() >= cap["values"]["observed_peak"].as_u64().unwrap());
+    assert!(
+        cap["values"]["recommended_max"].as_u64().unwrap()
+            >= cap["values"]["observed_peak"].as_u64().unwrap()
+    );
     // The flood's unanswered entries and dropped packets are not demand.
-    assert!(cap["values"]["observed_peak"].as_u64().unwrap() < 64, "{cap}");
-    assert!(advice(&s["advice"], "limit_origin").is_some(), "{}", s["advice"]);
-    assert!(out.records.iter().any(|r| r["kind"] == "occupancy"), "no occupancy line in the stream");
+    assert!(
+        cap["values"]["observed_peak"].as_u64().unwrap() < 64,
+        "{cap}"
+    );
+    assert!(
+        advice(&s["advice"], "limit_origin").is_some(),
+        "{}",
+        s["advice"]
+    );
+    assert!(
+        out.records.iter().any(|r| r["kind"] == "occupancy"),
+        "no occupancy line in the stream"
+    );
 }
 
 #[test]
@@ -416,12 +680,21 @@ fn report_of_a_one_source_flood_capture_names_the_source_and_sizes_from_entries_
     topo.track_receiver().unwrap();
     let rx = topo.receiver.inode().unwrap();
     let _sink = Counter::bind(&topo.receiver, topo.receiver_addr, P);
-    let file = std::env::temp_dir().join(format!("ctdo-{}-{}.ctdrop", std::process::id(), next_id()));
+    let file =
+        std::env::temp_dir().join(format!("ctdo-{}-{}.ctdrop", std::process::id(), next_id()));
     let file_s = file.to_str().unwrap().to_string();
     let (dropped, turned_away) = {
         let _max = ConntrackMaxGuard::set(64).unwrap();
         let before = ct_stats(&topo.receiver).unwrap();
-        let cap = Ctdrop::spawn(&["capture", "-o", &file_s, "--json", "--netns", &topo.receiver.name]).unwrap();
+        let cap = Ctdrop::spawn(&[
+            "capture",
+            "-o",
+            &file_s,
+            "--json",
+            "--netns",
+            &topo.receiver.name,
+        ])
+        .unwrap();
         let ports = send_udp(&topo.sender, topo.receiver_addr, vec![P; FLOWS]).unwrap();
         std::thread::sleep(Duration::from_millis(500));
         let out = cap.stop().unwrap();
@@ -432,13 +705,24 @@ fn report_of_a_one_source_flood_capture_names_the_source_and_sizes_from_entries_
         (dropped, dropped)
     };
     assert!(dropped > 0);
-    let json = std::process::Command::new(ctdrop_bin()).args(["report", &file_s, "--format", "json"]).output().unwrap();
-    let text = std::process::Command::new(ctdrop_bin()).args(["report", &file_s]).output().unwrap();
+    let json = std::process::Command::new(ctdrop_bin())
+        .args(["report", &file_s, "--format", "json"])
+        .output()
+        .unwrap();
+    let text = std::process::Command::new(ctdrop_bin())
+        .args(["report", &file_s])
+        .output()
+        .unwrap();
     let _ = std::fs::remove_file(&file);
-    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
     // The report is one pretty-printed JSON document.
     let r: Value = serde_json::from_slice(&json.stdout).unwrap();
-    let cap = advice(&r["advice"], "capacity").unwrap_or_else(|| panic!("no capacity advice: {}", r["advice"]));
+    let cap = advice(&r["advice"], "capacity")
+        .unwrap_or_else(|| panic!("no capacity advice: {}", r["advice"]));
     assert_eq!(cap["netns"], rx);
     assert_eq!(cap["values"]["current_max"], 64);
     assert_eq!(cap["values"]["turned_away_flows"], turned_away);
@@ -446,13 +730,30 @@ fn report_of_a_one_source_flood_capture_names_the_source_and_sizes_from_entries_
     // when the table filled): limit it first. The table is sized from the
     // entries legitimately held (none: all are the flood's unanswered
     // ones), not from 64 + the dropped flood packets: no raise.
-    let src = advice(&r["advice"], "limit_origin").unwrap_or_else(|| panic!("no source advice: {}", r["advice"]));
+    let src = advice(&r["advice"], "limit_origin")
+        .unwrap_or_else(|| panic!("no source advice: {}", r["advice"]));
     assert_eq!(src["values"]["source"], topo.sender_addr.to_string());
-    assert_eq!((src["values"]["share_of"].as_str(), src["values"]["count"].as_u64(), src["values"]["of"].as_u64()), (Some("entries"), Some(64), Some(64)), "{}", r["advice"]);
-    assert_eq!(r["advice"][0]["topic"], "limit_origin", "the source comes first: {}", r["advice"]);
+    assert_eq!(
+        (
+            src["values"]["share_of"].as_str(),
+            src["values"]["count"].as_u64(),
+            src["values"]["of"].as_u64()
+        ),
+        (Some("entries"), Some(64), Some(64)),
+        "{}",
+        r["advice"]
+    );
+    assert_eq!(
+        r["advice"][0]["topic"], "limit_origin",
+        "the source comes first: {}",
+        r["advice"]
+    );
     assert_eq!(cap["values"]["legit_entries"], 0, "{cap}");
     assert_eq!(cap["values"]["change_needed"], false, "{cap}");
     assert_eq!(cap["values"]["recommended_max"], 64, "{cap}");
     let text = String::from_utf8(text.stdout).unwrap();
-    assert!(text.contains("advice:") && text.contains("[limit_origin]") && text.contains("[capacity]"), "{text}");
+    assert!(
+        text.contains("advice:") && text.contains("[limit_origin]") && text.contains("[capacity]"),
+        "{text}"
+    );
 }

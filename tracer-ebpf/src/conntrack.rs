@@ -53,7 +53,9 @@ static CT_EVENTS: PerCpuHashMap<u32, CtEventCounts> = PerCpuHashMap::with_max_en
 
 #[inline(always)]
 fn push(which: u32, arg: u64) {
-    let Some(depth) = STASH_DEPTH.get_ptr_mut(which) else { return };
+    let Some(depth) = STASH_DEPTH.get_ptr_mut(which) else {
+        return;
+    };
     let mut d = unsafe { *depth };
     // Far deeper than any nesting: pushes without pops (a missed kretprobe
     // instance) piled up. Start over rather than lose every later verdict.
@@ -62,7 +64,12 @@ fn push(which: u32, arg: u64) {
     }
     if d < DEPTH {
         if let Some(f) = STASH_FRAMES.get_ptr_mut(which * DEPTH + d) {
-            unsafe { *f = Frame { arg, alloc_failed: 0 } };
+            unsafe {
+                *f = Frame {
+                    arg,
+                    alloc_failed: 0,
+                }
+            };
         }
     }
     // Past the bottom we still count, so pops stay paired with pushes.
@@ -130,7 +137,11 @@ fn count(netns: u32, f: impl FnOnce(&mut CtEventCounts)) {
 
 #[inline(always)]
 fn verdict(skb: u64, src: u8) {
-    let v = SkbVerdict { ts_ns: unsafe { bpf_ktime_get_ns() }, source: src, _pad: [0; 7] };
+    let v = SkbVerdict {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        source: src,
+        _pad: [0; 7],
+    };
     let _ = VERDICTS.insert(&skb, &v, 0);
 }
 
@@ -142,7 +153,9 @@ pub fn ct_in_entry(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn ct_in_return(ctx: RetProbeContext) -> u32 {
-    let Some(f) = pop(stash::CONNTRACK_IN) else { return 0 };
+    let Some(f) = pop(stash::CONNTRACK_IN) else {
+        return 0;
+    };
     let ret: u64 = ctx.ret();
     let skb = f.arg;
     let ns = unsafe { skb_netns(skb) };
@@ -168,7 +181,9 @@ pub fn ct_alloc_return(ctx: RetProbeContext) -> u32 {
     let ret: u64 = ctx.ret();
     if ret >= 0u64.wrapping_sub(MAX_ERRNO) {
         mark_alloc_failed();
-            let skb = top(stash::CONNTRACK_IN).map(|f| unsafe { (*f).arg }).unwrap_or(0);
+        let skb = top(stash::CONNTRACK_IN)
+            .map(|f| unsafe { (*f).arg })
+            .unwrap_or(0);
         let ns = unsafe { skb_netns(skb) };
         count(ns, |c| c.alloc_failed += 1);
     }
@@ -183,11 +198,13 @@ pub fn ct_confirm_entry(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn ct_confirm_return(ctx: RetProbeContext) -> u32 {
-    let Some(f) = pop(stash::CONFIRM) else { return 0 };
+    let Some(f) = pop(stash::CONFIRM) else {
+        return 0;
+    };
     let ret: u64 = ctx.ret();
     if (ret as u32) & 0xff == NF_DROP {
         verdict(f.arg, source::CT_CONFIRM_DROP);
-            let ns = unsafe { skb_netns(f.arg) };
+        let ns = unsafe { skb_netns(f.arg) };
         count(ns, |c| c.confirm_dropped += 1);
     }
     0
@@ -201,7 +218,9 @@ pub fn ct_early_drop_entry(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn ct_early_drop_return(ctx: RetProbeContext) -> u32 {
-    let Some(f) = pop(stash::EARLY_DROP) else { return 0 };
+    let Some(f) = pop(stash::EARLY_DROP) else {
+        return 0;
+    };
     let ret: u64 = ctx.ret();
     let ns = unsafe { net_netns(f.arg) };
     if ret as u32 != 0 {
@@ -220,10 +239,12 @@ pub fn ct_clash_entry(ctx: ProbeContext) -> u32 {
 
 #[kretprobe]
 pub fn ct_clash_return(ctx: RetProbeContext) -> u32 {
-    let Some(f) = pop(stash::RESOLVE_CLASH) else { return 0 };
+    let Some(f) = pop(stash::RESOLVE_CLASH) else {
+        return 0;
+    };
     let ret: u64 = ctx.ret();
     if (ret as u32) & 0xff == NF_ACCEPT {
-            let ns = unsafe { skb_netns(f.arg) };
+        let ns = unsafe { skb_netns(f.arg) };
         count(ns, |c| c.clash_resolved += 1);
     }
     0

@@ -17,7 +17,10 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, PerCpuHashMap},
 };
-use tracer_common::{flags, stat, DropRecord, FlowKey, FlowSet, GroupKey, GroupSet, FLOW_SETS, GROUP_MAP_ENTRIES, GROUP_SETS, SET_WAYS};
+use tracer_common::{
+    flags, stat, DropRecord, FlowKey, FlowSet, GroupKey, GroupSet, FLOW_SETS, GROUP_MAP_ENTRIES,
+    GROUP_SETS, SET_WAYS,
+};
 
 use crate::bump;
 
@@ -142,7 +145,10 @@ unsafe fn count_flow(key: &FlowKey, rec: &DropRecord) {
     let set = h & (FLOW_SETS - 1);
     // The bits above the set index; never 0, which marks a free slot.
     let tag = (h >> FLOW_SETS.trailing_zeros()) | 0x8000_0000;
-    if let (Some(tags), Some(s)) = (FLOW_TAG_ARRAY.get_ptr_mut(set), FLOW_SET_ARRAY.get_ptr_mut(set)) {
+    if let (Some(tags), Some(s)) = (
+        FLOW_TAG_ARRAY.get_ptr_mut(set),
+        FLOW_SET_ARRAY.get_ptr_mut(set),
+    ) {
         for i in 0..SET_WAYS {
             let t = (*tags)[i];
             let slot = &mut (*s).slots[i];

@@ -26,7 +26,8 @@ use crate::skb::read;
 /// Each CPU's list holds max_entries / CPUs; userspace sizes the map per
 /// CPU so an in-flight mark is never the least recently used.
 #[map]
-pub static HOOK_MARKS: LruHashMap<u64, HookMark> = LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
+pub static HOOK_MARKS: LruHashMap<u64, HookMark> =
+    LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
 /// [0]: monotonic ns once `kfree_skb` is attached. A mark older than that
 /// may have been left while no one consumed marks; it proves nothing.

@@ -25,7 +25,9 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
         return;
     }
     if filt!(count_only) != 0 {
-        let Some(rec) = SCRATCH.get_ptr_mut(0) else { return };
+        let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+            return;
+        };
         let rec = &mut *rec;
         if build(ctx, reason, rec) {
             count(rec);
@@ -102,7 +104,9 @@ unsafe fn build(ctx: &BtfTracePointContext, reason: u32, rec: &mut DropRecord) -
 /// lost == matching drops, exactly).
 #[inline(never)]
 unsafe fn no_room(ctx: &BtfTracePointContext, reason: u32) {
-    let Some(rec) = SCRATCH.get_ptr_mut(0) else { return };
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
     if build(ctx, reason, &mut *rec) {
         bump(stat::LOST);
     }
@@ -140,7 +144,10 @@ fn wakeup_flags(len: u64) -> u64 {
 #[inline(always)]
 fn zero(rec: &mut DropRecord) {
     const WORDS: usize = core::mem::size_of::<DropRecord>() / 8;
-    const _: () = assert!(core::mem::size_of::<DropRecord>() % 8 == 0 && core::mem::align_of::<DropRecord>() == 8);
+    const _: () = assert!(
+        core::mem::size_of::<DropRecord>().is_multiple_of(8)
+            && core::mem::align_of::<DropRecord>() == 8
+    );
     let w = rec as *mut DropRecord as *mut u64;
     for i in 0..WORDS {
         // SAFETY: in bounds (WORDS words of an 8-aligned record); all-zero

@@ -2,36 +2,36 @@
 //! offset comes from the `OFFSETS` global that userspace resolves from BTF.
 #![no_std]
 #![no_main]
+// Map keys and values are passed by reference as the kernel's map API
+// takes them, and loops index bounded arrays by a counter the verifier can
+// follow: both are kept on purpose, as what the verifier accepted on 6.1.
+#![allow(clippy::needless_borrows_for_generic_args, clippy::needless_range_loop)]
 
 /// One field of `OFFSETS`. Volatile so the compiler cannot fold the
 /// placeholder values in; per field so no copy of the struct lands on the
 /// stack (6.1's verifier caps the stack of a program and its callees).
 macro_rules! off {
-    ($f:ident) => {
-        {
-            #[allow(unused_unsafe)]
-            unsafe {
-                core::ptr::read_volatile(&crate::OFFSETS.$f)
-            }
+    ($f:ident) => {{
+        #[allow(unused_unsafe)]
+        unsafe {
+            core::ptr::read_volatile(&crate::OFFSETS.$f)
         }
-    };
+    }};
 }
 
 macro_rules! filt {
-    ($f:ident) => {
-        {
-            #[allow(unused_unsafe)]
-            unsafe {
-                core::ptr::read_volatile(&crate::FILTER.$f)
-            }
+    ($f:ident) => {{
+        #[allow(unused_unsafe)]
+        unsafe {
+            core::ptr::read_volatile(&crate::FILTER.$f)
         }
-    };
+    }};
 }
 
 mod conntrack;
 mod count;
-mod hooks;
 mod filter;
+mod hooks;
 mod kfree_skb;
 mod skb;
 
@@ -40,7 +40,6 @@ use aya_ebpf::{
     maps::{PerCpuArray, RingBuf},
 };
 use tracer_common::{stat, FilterConfig, FilterIf, FilterNet, Offsets, FILTER_MAX, OFFSET_ABSENT};
-
 
 /// Filled in by userspace at load time (`EbpfLoader::set_global`); the
 /// verifier then sees the values as constants.
@@ -65,9 +64,15 @@ static OFFSETS: Offsets = Offsets {
 
 #[no_mangle]
 static FILTER: FilterConfig = FilterConfig {
-    nets: [FilterNet { addr: [0; 4], mask: [0; 4] }; FILTER_MAX],
+    nets: [FilterNet {
+        addr: [0; 4],
+        mask: [0; 4],
+    }; FILTER_MAX],
     netns: [0; FILTER_MAX],
-    ifs: [FilterIf { netns: 0, ifindex: 0 }; FILTER_MAX],
+    ifs: [FilterIf {
+        netns: 0,
+        ifindex: 0,
+    }; FILTER_MAX],
     ports: [0; FILTER_MAX],
     netfilter_drop_reason: 0,
     n_nets: 0,

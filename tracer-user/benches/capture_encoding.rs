@@ -33,10 +33,24 @@ fn drop_no(i: u64, header: bool) -> DropEvent {
         netns: Some(4026532521),
         ifindex: Some(2),
         skb_len: if ping { 84 } else { 29 },
-        flow: Some(Flow { src, dst, proto: if ping { 1 } else { 17 }, ports: (!ping).then_some((32768 + (i % 28000) as u16, 20000 + (i % 40000) as u16)) }),
-        icmp: ping.then_some(Icmp { ty: 8, code: 0, echo: Some((4000 + (i / 10) as u16, 1)) }),
+        flow: Some(Flow {
+            src,
+            dst,
+            proto: if ping { 1 } else { 17 },
+            ports: (!ping).then_some((32768 + (i % 28000) as u16, 20000 + (i % 40000) as u16)),
+        }),
+        icmp: ping.then_some(Icmp {
+            ty: 8,
+            code: 0,
+            echo: Some((4000 + (i / 10) as u16, 1)),
+        }),
         ct: None,
-        ct_fill: Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: Some(true) }),
+        ct_fill: Some(CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: Some(true),
+        }),
         truncated: false,
         header: header.then(|| Box::new([0x45; 128])),
     }
@@ -79,7 +93,14 @@ fn binary(n: u64, header: bool, dir: &std::path::Path) -> Result_ {
     let mut w = CaptureWriter::create(&path, true).unwrap();
     w.write_header(&capture_header()).unwrap();
     for ev in &evs {
-        w.drop_event(ev, Cause::ConntrackTableFull, "nf_hook_slow+0x7d", Some("ctdc-rcv"), Some("ctdc-b")).unwrap();
+        w.drop_event(
+            ev,
+            Cause::ConntrackTableFull,
+            "nf_hook_slow+0x7d",
+            Some("ctdc-rcv"),
+            Some("ctdc-b"),
+        )
+        .unwrap();
     }
     w.flush().unwrap();
     let write_ns = t.elapsed().as_nanos() as f64 / n as f64;
@@ -92,7 +113,11 @@ fn binary(n: u64, header: bool, dir: &std::path::Path) -> Result_ {
     }
     assert_eq!(seen, n);
     let read_ns = t.elapsed().as_nanos() as f64 / seen as f64;
-    Result_ { bytes_per_drop: size as f64 / n as f64, write_ns, read_ns }
+    Result_ {
+        bytes_per_drop: size as f64 / n as f64,
+        write_ns,
+        read_ns,
+    }
 }
 
 fn json_lines(n: u64, header: bool, dir: &std::path::Path) -> Result_ {
@@ -142,17 +167,30 @@ fn json_lines(n: u64, header: bool, dir: &std::path::Path) -> Result_ {
         seen += v.get("kind").is_some() as u64;
     }
     let read_ns = t.elapsed().as_nanos() as f64 / seen as f64;
-    Result_ { bytes_per_drop: size as f64 / n as f64, write_ns, read_ns }
+    Result_ {
+        bytes_per_drop: size as f64 / n as f64,
+        write_ns,
+        read_ns,
+    }
 }
 
 fn main() {
-    let n: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let n: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let dir = std::env::temp_dir().join(format!("ctdrop-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     println!("{n} drops per run; CPU share = write cost x 300k drops/s");
-    println!("{:<28} {:>12} {:>12} {:>14} {:>12}", "encoding", "bytes/drop", "write ns", "CPU @300k/s", "read ns");
+    println!(
+        "{:<28} {:>12} {:>12} {:>14} {:>12}",
+        "encoding", "bytes/drop", "write ns", "CPU @300k/s", "read ns"
+    );
     for header in [false, true] {
-        for (name, r) in [("binary", binary(n, header, &dir)), ("json lines", json_lines(n, header, &dir))] {
+        for (name, r) in [
+            ("binary", binary(n, header, &dir)),
+            ("json lines", json_lines(n, header, &dir)),
+        ] {
             let label = format!("{name}{}", if header { " + 128 B header" } else { "" });
             println!(
                 "{label:<28} {:>12.1} {:>12.0} {:>13.1}% {:>12.0}",

@@ -62,8 +62,22 @@ pub struct NsEvidence<'a> {
 enum Concentration {
     /// `n` of `of` entries (`entries`, from a snapshot) or turned-away
     /// packets; `unreplied`: of its entries, those never answered.
-    Source { addr: IpAddr, n: u64, of: u64, entries: bool, unreplied: u64 },
-    Port { proto: u8, port: u16, n: u64, of: u64, sources: u64, entries: bool, unreplied: u64 },
+    Source {
+        addr: IpAddr,
+        n: u64,
+        of: u64,
+        entries: bool,
+        unreplied: u64,
+    },
+    Port {
+        proto: u8,
+        port: u16,
+        n: u64,
+        of: u64,
+        sources: u64,
+        entries: bool,
+        unreplied: u64,
+    },
 }
 
 impl Concentration {
@@ -72,26 +86,57 @@ impl Concentration {
     /// a proxy's, and stay demand.
     fn flood_entries(&self) -> u64 {
         match self {
-            Concentration::Source { unreplied, .. } | Concentration::Port { unreplied, .. } => *unreplied,
+            Concentration::Source { unreplied, .. } | Concentration::Port { unreplied, .. } => {
+                *unreplied
+            }
         }
     }
 }
 
 fn concentration(e: &NsEvidence) -> Option<Concentration> {
-    let share = |n: u64, of: u64| of >= CONCENTRATION_MIN && n as f64 >= of as f64 * ONE_SOURCE_SHARE;
+    let share =
+        |n: u64, of: u64| of >= CONCENTRATION_MIN && n as f64 >= of as f64 * ONE_SOURCE_SHARE;
     if let Some(o) = e.occupancy {
-        if let Some(s) = o.top_sources.first().filter(|s| share(s.entries, o.entries)) {
-            return Some(Concentration::Source { addr: s.addr, n: s.entries, of: o.entries, entries: true, unreplied: s.unreplied });
+        if let Some(s) = o
+            .top_sources
+            .first()
+            .filter(|s| share(s.entries, o.entries))
+        {
+            return Some(Concentration::Source {
+                addr: s.addr,
+                n: s.entries,
+                of: o.entries,
+                entries: true,
+                unreplied: s.unreplied,
+            });
         }
         // Many sources to one port is a flood only when mostly unanswered:
         // a busy service's answered connections are its real load.
-        if let Some(p) = o.top_dst_ports.first().filter(|p| share(p.entries, o.entries) && p.unreplied * 2 >= p.entries) {
-            return Some(Concentration::Port { proto: p.proto_num, port: p.port, n: p.entries, of: o.entries, sources: p.sources, entries: true, unreplied: p.unreplied });
+        if let Some(p) = o
+            .top_dst_ports
+            .first()
+            .filter(|p| share(p.entries, o.entries) && p.unreplied * 2 >= p.entries)
+        {
+            return Some(Concentration::Port {
+                proto: p.proto_num,
+                port: p.port,
+                n: p.entries,
+                of: o.entries,
+                sources: p.sources,
+                entries: true,
+                unreplied: p.unreplied,
+            });
         }
     }
     let drops: u64 = e.table_full_drops;
     if let Some((a, n)) = e.drop_sources.first().filter(|(_, n)| share(*n, drops)) {
-        return Some(Concentration::Source { addr: *a, n: *n, of: drops, entries: false, unreplied: 0 });
+        return Some(Concentration::Source {
+            addr: *a,
+            n: *n,
+            of: drops,
+            entries: false,
+            unreplied: 0,
+        });
     }
     // Drops to one port from many sources look alike for a flood and for
     // a busy service's growth: only a snapshot (unanswered entries) tells.
@@ -104,7 +149,9 @@ fn near_full(e: &NsEvidence) -> bool {
     if e.table_full_drops > 0 {
         return true;
     }
-    let seen = e.peak_entries.max(e.occupancy.map(|o| o.entries).unwrap_or(0));
+    let seen = e
+        .peak_entries
+        .max(e.occupancy.map(|o| o.entries).unwrap_or(0));
     match e.limits.map(|l| l.max) {
         Some(max) if max > 0 => seen as f64 >= max as f64 * NEAR_FULL,
         _ => true,
@@ -135,20 +182,30 @@ pub enum Step {
 
 impl Step {
     fn run(argv: &[&str], in_netns: bool) -> Step {
-        Step::Run { argv: argv.iter().map(|s| s.to_string()).collect(), in_netns }
+        Step::Run {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            in_netns,
+        }
     }
 
     /// The command as an operator pastes it into a shell.
     pub fn command_line(&self) -> Option<String> {
         match self {
-            Step::Run { argv, .. } => Some(argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")),
+            Step::Run { argv, .. } => Some(
+                argv.iter()
+                    .map(|a| shell_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
             _ => None,
         }
     }
 }
 
 fn shell_quote(a: &str) -> String {
-    let plain = !a.is_empty() && a.bytes().all(|b| b.is_ascii_alphanumeric() || b"_./=:,+-@%".contains(&b));
+    let plain = !a.is_empty()
+        && a.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_./=:,+-@%".contains(&b));
     if plain {
         a.to_string()
     } else {
@@ -212,13 +269,18 @@ pub struct Host {
 
 impl Host {
     pub fn detect() -> Host {
-        Host { module: ModuleKind::detect(), entry_bytes: slab_entry_bytes() }
+        Host {
+            module: ModuleKind::detect(),
+            entry_bytes: slab_entry_bytes(),
+        }
     }
 }
 
 fn slab_entry_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/slabinfo").ok()?;
-    let l = s.lines().find(|l| l.split_whitespace().next() == Some("nf_conntrack"))?;
+    let l = s
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("nf_conntrack"))?;
     l.split_whitespace().nth(3)?.parse().ok()
 }
 
@@ -270,7 +332,9 @@ pub fn for_namespace(e: &NsEvidence, host: &Host) -> Vec<Advice> {
 
 /// A namespace that was never near full: say so, and why nothing is advised.
 fn headroom(e: &NsEvidence) -> Advice {
-    let seen = e.peak_entries.max(e.occupancy.map(|o| o.entries).unwrap_or(0));
+    let seen = e
+        .peak_entries
+        .max(e.occupancy.map(|o| o.entries).unwrap_or(0));
     let max = e.limits.map(|l| l.max).unwrap_or(0);
     Advice {
         cause: Cause::ConntrackTableFull.as_str(),
@@ -295,43 +359,155 @@ fn limit_origin(e: &NsEvidence, c: &Concentration) -> Advice {
     // One source may hold a tenth of the table (at least 16 entries).
     let per_source = (max / 10).max(16);
     let what = |n: u64, of: u64, entries: bool| {
-        format!("{} of {of} {} ({:.0}%)", n, if entries { "entries" } else { "turned-away packets" }, n as f64 * 100.0 / of.max(1) as f64)
+        format!(
+            "{} of {of} {} ({:.0}%)",
+            n,
+            if entries {
+                "entries"
+            } else {
+                "turned-away packets"
+            },
+            n as f64 * 100.0 / of.max(1) as f64
+        )
     };
     let mut notes = Vec::new();
     let mut steps = Vec::new();
     let (headline, values) = match c {
-        Concentration::Source { addr, n, of, entries, .. } => {
+        Concentration::Source {
+            addr,
+            n,
+            of,
+            entries,
+            ..
+        } => {
             let a = addr.to_string();
-            let ipt = if addr.is_ipv6() { "ip6tables" } else { "iptables" };
+            let ipt = if addr.is_ipv6() {
+                "ip6tables"
+            } else {
+                "iptables"
+            };
             let rate = format!("{SOURCE_RATE}/sec");
             let burst = (SOURCE_RATE * 2).to_string();
-            steps.push(Step::run(&[ipt, "-I", "INPUT", "-s", &a, "-m", "conntrack", "--ctstate", "NEW", "-m", "hashlimit", "--hashlimit-above", &rate, "--hashlimit-burst", &burst, "--hashlimit-mode", "srcip", "--hashlimit-name", "ctdrop_src", "-j", "DROP"], true));
-            steps.push(Step::run(&[ipt, "-I", "INPUT", "-s", &a, "-m", "connlimit", "--connlimit-above", &per_source.to_string(), "--connlimit-mask", if addr.is_ipv6() { "128" } else { "32" }, "-j", "DROP"], true));
+            steps.push(Step::run(
+                &[
+                    ipt,
+                    "-I",
+                    "INPUT",
+                    "-s",
+                    &a,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW",
+                    "-m",
+                    "hashlimit",
+                    "--hashlimit-above",
+                    &rate,
+                    "--hashlimit-burst",
+                    &burst,
+                    "--hashlimit-mode",
+                    "srcip",
+                    "--hashlimit-name",
+                    "ctdrop_src",
+                    "-j",
+                    "DROP",
+                ],
+                true,
+            ));
+            steps.push(Step::run(
+                &[
+                    ipt,
+                    "-I",
+                    "INPUT",
+                    "-s",
+                    &a,
+                    "-m",
+                    "connlimit",
+                    "--connlimit-above",
+                    &per_source.to_string(),
+                    "--connlimit-mask",
+                    if addr.is_ipv6() { "128" } else { "32" },
+                    "-j",
+                    "DROP",
+                ],
+                true,
+            ));
             steps.push(Step::run(&["conntrack", "-D", "-s", &a], true));
             notes.push(format!("or find the client: on {a}, which program opens these flows (ss -tunap); a client in a retry loop, a scanner or a misconfigured health check is fixed at its source."));
             notes.push(format!("the rules drop {a}'s new flows beyond {SOURCE_RATE} a second and beyond {per_source} held at once (a tenth of nf_conntrack_max); packets dropped there free their entry at once. Use FORWARD instead of INPUT on a router."));
             notes.push("conntrack -D -s removes the entries it already holds.".into());
             (
-                format!("{a} is behind {}: limit or fix that source before raising nf_conntrack_max", what(*n, *of, *entries)),
+                format!(
+                    "{a} is behind {}: limit or fix that source before raising nf_conntrack_max",
+                    what(*n, *of, *entries)
+                ),
                 serde_json::json!({ "source": a, "share_of": if *entries { "entries" } else { "drops" }, "count": n, "of": of, "rate_per_s": SOURCE_RATE, "connlimit": per_source }),
             )
         }
-        Concentration::Port { proto, port, n, of, sources, entries, .. } => {
+        Concentration::Port {
+            proto,
+            port,
+            n,
+            of,
+            sources,
+            entries,
+            ..
+        } => {
             let p = proto_name(*proto);
             let port_s = port.to_string();
             let rate = format!("{SOURCE_RATE}/sec");
             let burst = (SOURCE_RATE * 2).to_string();
             let name = format!("ctdrop_port_{port}");
-            steps.push(Step::run(&["iptables", "-I", "INPUT", "-p", &p, "--dport", &port_s, "-m", "conntrack", "--ctstate", "NEW", "-m", "hashlimit", "--hashlimit-above", &rate, "--hashlimit-burst", &burst, "--hashlimit-mode", "srcip", "--hashlimit-name", &name, "-j", "DROP"], true));
+            steps.push(Step::run(
+                &[
+                    "iptables",
+                    "-I",
+                    "INPUT",
+                    "-p",
+                    &p,
+                    "--dport",
+                    &port_s,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW",
+                    "-m",
+                    "hashlimit",
+                    "--hashlimit-above",
+                    &rate,
+                    "--hashlimit-burst",
+                    &burst,
+                    "--hashlimit-mode",
+                    "srcip",
+                    "--hashlimit-name",
+                    &name,
+                    "-j",
+                    "DROP",
+                ],
+                true,
+            ));
             notes.push(format!("the rule drops new {p}/{port} flows beyond {SOURCE_RATE} a second per source; if the service is stateless, untracking it (NOTRACK) removes the pressure instead."));
-            let from = if *sources > 1 { format!(" from {sources} sources") } else { String::new() };
+            let from = if *sources > 1 {
+                format!(" from {sources} sources")
+            } else {
+                String::new()
+            };
             (
                 format!("{p}/{port}{from} is behind {}: limit new flows to it per source before raising nf_conntrack_max", what(*n, *of, *entries)),
                 serde_json::json!({ "proto": p, "port": port, "sources": sources, "share_of": if *entries { "entries" } else { "drops" }, "count": n, "of": of, "rate_per_s": SOURCE_RATE }),
             )
         }
     };
-    Advice { cause: Cause::ConntrackTableFull.as_str(), topic: "limit_origin", netns: e.netns, netns_name: e.netns_name.clone(), headline, notes, steps, values }
+    Advice {
+        cause: Cause::ConntrackTableFull.as_str(),
+        topic: "limit_origin",
+        netns: e.netns,
+        netns_name: e.netns_name.clone(),
+        headline,
+        notes,
+        steps,
+        values,
+    }
 }
 
 fn proto_name(p: u8) -> String {
@@ -341,7 +517,9 @@ fn proto_name(p: u8) -> String {
 fn capacity(e: &NsEvidence, host: &Host, conc: Option<&Concentration>) -> Advice {
     let max = e.limits.map(|l| l.max);
     let buckets = e.limits.map(|l| l.buckets).filter(|b| *b > 0);
-    let seen = e.peak_entries.max(e.occupancy.map(|o| o.entries).unwrap_or(0));
+    let seen = e
+        .peak_entries
+        .max(e.occupancy.map(|o| o.entries).unwrap_or(0));
     // Sized from the entries legitimately held: a flood's own entries and
     // its dropped packets are not demand (they are what the limit is for).
     // Without a flood, each flow turned away wanted an entry, counted up to
@@ -350,10 +528,15 @@ fn capacity(e: &NsEvidence, host: &Host, conc: Option<&Concentration>) -> Advice
         Some(c) => seen.saturating_sub(c.flood_entries()),
         None => seen,
     };
-    let peak = if conc.is_some() { legit } else { seen + e.table_full_flows.min(seen.max(1)) };
+    let peak = if conc.is_some() {
+        legit
+    } else {
+        seen + e.table_full_flows.min(seen.max(1))
+    };
     let needed = max_for_peak(peak);
     let recommended = needed.max(max.unwrap_or(0));
-    let change = max.map(|m| needed > m).unwrap_or(true) || (conc.is_none() && e.table_full_drops > 0);
+    let change =
+        max.map(|m| needed > m).unwrap_or(true) || (conc.is_none() && e.table_full_drops > 0);
     let hashsize = hashsize_for_max(recommended);
     let mut notes = Vec::new();
     let headline = if conc.is_some() && !change {
@@ -379,31 +562,60 @@ fn capacity(e: &NsEvidence, host: &Host, conc: Option<&Concentration>) -> Advice
     } else {
         format!("the table holds {seen} entries; nf_conntrack_max {} holds that with headroom (needs {needed})", max.unwrap_or(0))
     };
-    notes.push("nf_conntrack_max is global: each namespace counts its own entries against the one limit.".to_string());
+    notes.push(
+        "nf_conntrack_max is global: each namespace counts its own entries against the one limit."
+            .to_string(),
+    );
     if e.occupancy.is_none() && e.table_full_drops > 0 {
         let ns = e.netns_name.clone().unwrap_or_else(|| "NAME".into());
         notes.push(format!("to see who holds the entries (and which flows to untrack instead): ctdrop check --occupancy --netns {ns}"));
     }
     if let (Some(b), true) = (host.entry_bytes, change) {
-        notes.push(format!("{recommended} entries of {b} bytes take up to {} of kernel memory.", bytes_human(recommended * b)));
+        notes.push(format!(
+            "{recommended} entries of {b} bytes take up to {} of kernel memory.",
+            bytes_human(recommended * b)
+        ));
     }
     if let Some(m) = max {
         if m as f64 > buckets.unwrap_or(m) as f64 * 4.0 {
-            notes.push(format!("today {m} entries share {} buckets: long hash chains.", buckets.unwrap_or(0)));
+            notes.push(format!(
+                "today {m} entries share {} buckets: long hash chains.",
+                buckets.unwrap_or(0)
+            ));
         }
     }
     let mut steps = Vec::new();
     if change {
         let v = recommended.to_string();
-        steps.push(Step::run(&["sysctl", "-w", &format!("net.netfilter.nf_conntrack_max={v}")], false));
-        steps.push(Step::Persist { file: "/etc/sysctl.d/90-conntrack.conf".into(), line: format!("net.netfilter.nf_conntrack_max = {v}") });
+        steps.push(Step::run(
+            &[
+                "sysctl",
+                "-w",
+                &format!("net.netfilter.nf_conntrack_max={v}"),
+            ],
+            false,
+        ));
+        steps.push(Step::Persist {
+            file: "/etc/sysctl.d/90-conntrack.conf".into(),
+            line: format!("net.netfilter.nf_conntrack_max = {v}"),
+        });
         let h = hashsize.to_string();
-        steps.push(Step::run(&["sh", "-c", &format!("echo {h} > /sys/module/nf_conntrack/parameters/hashsize")], false));
+        steps.push(Step::run(
+            &[
+                "sh",
+                "-c",
+                &format!("echo {h} > /sys/module/nf_conntrack/parameters/hashsize"),
+            ],
+            false,
+        ));
         match host.module {
             ModuleKind::BuiltIn => {
                 notes.push(format!("nf_conntrack is built into this kernel: persist the hash size on the kernel command line, nf_conntrack.hashsize={h}."));
             }
-            _ => steps.push(Step::Persist { file: "/etc/modprobe.d/nf_conntrack.conf".into(), line: format!("options nf_conntrack hashsize={h}") }),
+            _ => steps.push(Step::Persist {
+                file: "/etc/modprobe.d/nf_conntrack.conf".into(),
+                line: format!("options nf_conntrack hashsize={h}"),
+            }),
         }
     }
     Advice {
@@ -436,7 +648,10 @@ fn nat(e: &NsEvidence, o: &Occupancy) -> Advice {
         topic: "nat",
         netns: e.netns,
         netns_name: e.netns_name.clone(),
-        headline: format!("NAT is in use in {}: conntrack cannot be disabled there", label(e.netns, &e.netns_name)),
+        headline: format!(
+            "NAT is in use in {}: conntrack cannot be disabled there",
+            label(e.netns, &e.netns_name)
+        ),
         notes,
         steps: Vec::new(),
         values: serde_json::json!({ "nat_entries": o.nat, "nat_rules": o.nat_rules }),
@@ -460,13 +675,22 @@ fn notrack(e: &NsEvidence, o: &Occupancy) -> Option<Advice> {
         return None;
     }
     let held: u64 = c.iter().map(|p| p.entries).sum();
-    let names: Vec<String> = c.iter().map(|p| format!("{} port {}", p.proto, p.port)).collect();
+    let names: Vec<String> = c
+        .iter()
+        .map(|p| format!("{} port {}", p.proto, p.port))
+        .collect();
     let mut steps = Vec::new();
     for p in &c {
         let (proto, port) = (p.proto.as_str(), p.port.to_string());
         for chain in ["PREROUTING", "OUTPUT"] {
             for dir in ["--dport", "--sport"] {
-                steps.push(Step::run(&["iptables", "-t", "raw", "-A", chain, "-p", proto, dir, &port, "-j", "NOTRACK"], true));
+                steps.push(Step::run(
+                    &[
+                        "iptables", "-t", "raw", "-A", chain, "-p", proto, dir, &port, "-j",
+                        "NOTRACK",
+                    ],
+                    true,
+                ));
             }
         }
     }
@@ -474,14 +698,27 @@ fn notrack(e: &NsEvidence, o: &Occupancy) -> Option<Advice> {
     for (chain, hook) in [("prerouting", "prerouting"), ("output", "output")] {
         script += &format!("  chain {chain} {{\n    type filter hook {hook} priority raw;\n");
         for p in &c {
-            script += &format!("    {} dport {} notrack\n    {} sport {} notrack\n", p.proto, p.port, p.proto, p.port);
+            script += &format!(
+                "    {} dport {} notrack\n    {} sport {} notrack\n",
+                p.proto, p.port, p.proto, p.port
+            );
         }
         script += "  }\n";
     }
     script += "}\n";
     steps.push(Step::Nft { script });
     for p in &c {
-        steps.push(Step::run(&["conntrack", "-D", "-p", &p.proto, "--orig-port-dst", &p.port.to_string()], true));
+        steps.push(Step::run(
+            &[
+                "conntrack",
+                "-D",
+                "-p",
+                &p.proto,
+                "--orig-port-dst",
+                &p.port.to_string(),
+            ],
+            true,
+        ));
     }
     let notes = vec![
         "PREROUTING covers packets that arrive, OUTPUT those this host sends; iptables or nft, not both.".to_string(),
@@ -585,7 +822,10 @@ pub fn from_run(
         let table_full_drops = tally.count_in(ns, Cause::ConntrackTableFull);
         let occupancy = snapshots.get(&ns);
         let mut by_src: BTreeMap<IpAddr, u64> = BTreeMap::new();
-        for (id, st) in tally.flows().filter(|(id, s)| id.netns == Some(ns) && s.by_cause[full] > 0) {
+        for (id, st) in tally
+            .flows()
+            .filter(|(id, s)| id.netns == Some(ns) && s.by_cause[full] > 0)
+        {
             if let Some(a) = id.src {
                 *by_src.entry(a).or_default() += st.by_cause[full];
             }
@@ -595,12 +835,21 @@ pub fn from_run(
         drop_sources.truncate(3);
         let ev = NsEvidence {
             netns: Some(ns),
-            netns_name: occupancy.and_then(|o| o.netns_name.clone()).or_else(|| name_of(ns)),
+            netns_name: occupancy
+                .and_then(|o| o.netns_name.clone())
+                .or_else(|| name_of(ns)),
             table_full_drops,
-            table_full_flows: tally.flows().filter(|(id, s)| id.netns == Some(ns) && s.by_cause[full] > 0).count() as u64,
+            table_full_flows: tally
+                .flows()
+                .filter(|(id, s)| id.netns == Some(ns) && s.by_cause[full] > 0)
+                .count() as u64,
             insert_failed: tally.count_in(ns, Cause::ConntrackInsertFailed),
             // A table-full drop means the count stood at the max.
-            peak_entries: if table_full_drops > 0 { limits.map(|l| l.max).unwrap_or(0) } else { 0 },
+            peak_entries: if table_full_drops > 0 {
+                limits.map(|l| l.max).unwrap_or(0)
+            } else {
+                0
+            },
             occupancy,
             limits,
             drop_sources,
@@ -617,7 +866,13 @@ pub fn from_run(
     }
     let groups: Vec<IcmpBlocked> = icmp
         .into_iter()
-        .map(|((netns, src, dst), drops)| IcmpBlocked { netns, netns_name: netns.and_then(&mut name_of), src, dst, drops })
+        .map(|((netns, src, dst), drops)| IcmpBlocked {
+            netns,
+            netns_name: netns.and_then(&mut name_of),
+            src,
+            dst,
+            drops,
+        })
         .collect();
     out.extend(for_icmp_blocked(&groups));
     out
@@ -679,7 +934,12 @@ pub fn write_human(advice: &[Advice], out: &mut dyn Write) -> std::io::Result<()
     }
     writeln!(out, "advice (ctdrop changes nothing itself):")?;
     for a in advice {
-        let head = format!("[{}] {}: {}", a.topic, label(a.netns, &a.netns_name), a.headline);
+        let head = format!(
+            "[{}] {}: {}",
+            a.topic,
+            label(a.netns, &a.netns_name),
+            a.headline
+        );
         for (i, l) in wrap(&head, "  ", 80).into_iter().enumerate() {
             writeln!(out, "{}{}", if i == 0 { "" } else { "  " }, l)?;
         }
@@ -726,7 +986,13 @@ pub fn write_human(advice: &[Advice], out: &mut dyn Write) -> std::io::Result<()
 /// and file lines in fenced blocks.
 pub fn write_markdown(advice: &[Advice], out: &mut dyn Write) -> std::io::Result<()> {
     for a in advice {
-        writeln!(out, "**{}** in {}: {}\n", a.topic, label(a.netns, &a.netns_name), a.headline)?;
+        writeln!(
+            out,
+            "**{}** in {}: {}\n",
+            a.topic,
+            label(a.netns, &a.netns_name),
+            a.headline
+        )?;
         for n in &a.notes {
             writeln!(out, "- {n}")?;
         }
@@ -734,9 +1000,17 @@ pub fn write_markdown(advice: &[Advice], out: &mut dyn Write) -> std::io::Result
             writeln!(out)?;
         }
         let ns = label(a.netns, &a.netns_name);
-        let runs: Vec<&Step> = a.steps.iter().filter(|s| matches!(s, Step::Run { .. })).collect();
+        let runs: Vec<&Step> = a
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Run { .. }))
+            .collect();
         if !runs.is_empty() {
-            if runs.iter().any(|s| matches!(s, Step::Run { in_netns: true, .. })) && a.netns_name.is_some() {
+            if runs
+                .iter()
+                .any(|s| matches!(s, Step::Run { in_netns: true, .. }))
+                && a.netns_name.is_some()
+            {
                 writeln!(out, "in {ns} (`ip netns exec {ns} ...`):\n")?;
             }
             writeln!(out, "```sh")?;
@@ -747,8 +1021,12 @@ pub fn write_markdown(advice: &[Advice], out: &mut dyn Write) -> std::io::Result
         }
         for s in &a.steps {
             match s {
-                Step::Persist { file, line } => writeln!(out, "persist in `{file}`:\n\n```\n{line}\n```\n")?,
-                Step::Nft { script } => writeln!(out, "or with nft (`nft -f FILE`):\n\n```\n{}```\n", script)?,
+                Step::Persist { file, line } => {
+                    writeln!(out, "persist in `{file}`:\n\n```\n{line}\n```\n")?
+                }
+                Step::Nft { script } => {
+                    writeln!(out, "or with nft (`nft -f FILE`):\n\n```\n{}```\n", script)?
+                }
                 Step::Run { .. } => {}
             }
         }
@@ -771,27 +1049,63 @@ mod tests {
         let src = "198.18.0.1".parse().unwrap();
         let dst = "198.18.0.2".parse().unwrap();
         for i in 0..udp {
-            let st = if nat { Status::Confirmed | Status::DstNat } else { Status::Confirmed };
-            b.add(&CtEntry { proto: 17, src, dst, sport: 1000 + i as u16, dport: udp_port, tcp_state: None, status: st.bits() });
+            let st = if nat {
+                Status::Confirmed | Status::DstNat
+            } else {
+                Status::Confirmed
+            };
+            b.add(&CtEntry {
+                proto: 17,
+                src,
+                dst,
+                sport: 1000 + i as u16,
+                dport: udp_port,
+                tcp_state: None,
+                status: st.bits(),
+            });
         }
         for i in 0..tcp {
-            b.add(&CtEntry { proto: 6, src, dst, sport: 2000 + i as u16, dport: 8080, tcp_state: Some(3), status: (Status::Confirmed | Status::SeenReply | Status::Assured).bits() });
+            b.add(&CtEntry {
+                proto: 6,
+                src,
+                dst,
+                sport: 2000 + i as u16,
+                dport: 8080,
+                tcp_state: Some(3),
+                status: (Status::Confirmed | Status::SeenReply | Status::Assured).bits(),
+            });
         }
         b.finish(5)
     }
 
     fn host() -> Host {
-        Host { module: ModuleKind::BuiltIn, entry_bytes: Some(256) }
+        Host {
+            module: ModuleKind::BuiltIn,
+            entry_bytes: Some(256),
+        }
     }
 
     fn limits(max: u64) -> Option<CtLimits> {
-        Some(CtLimits { max, buckets: 262144 })
+        Some(CtLimits {
+            max,
+            buckets: 262144,
+        })
     }
 
     #[test]
     fn commands_paste_into_a_shell() {
-        let s = Step::run(&["sh", "-c", "echo 128 > /sys/module/nf_conntrack/parameters/hashsize"], false);
-        assert_eq!(s.command_line().unwrap(), "sh -c 'echo 128 > /sys/module/nf_conntrack/parameters/hashsize'");
+        let s = Step::run(
+            &[
+                "sh",
+                "-c",
+                "echo 128 > /sys/module/nf_conntrack/parameters/hashsize",
+            ],
+            false,
+        );
+        assert_eq!(
+            s.command_line().unwrap(),
+            "sh -c 'echo 128 > /sys/module/nf_conntrack/parameters/hashsize'"
+        );
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
         assert_eq!(bytes_human(128 * 256), "32 KiB");
         assert_eq!(bytes_human(524288 * 256), "128 MiB");
@@ -813,12 +1127,30 @@ mod tests {
         // 58 unanswered UDP flows to 5353 and 5 TCP connections, all from
         // 198.18.0.1, fill a 64-entry table; 40 more packets turned away.
         let o = table(5353, 58, 5, false);
-        let e = NsEvidence { netns: Some(7), netns_name: Some("ctdo-b".into()), table_full_drops: 40, table_full_flows: 40, peak_entries: 64, occupancy: Some(&o), limits: limits(64), ..Default::default() };
+        let e = NsEvidence {
+            netns: Some(7),
+            netns_name: Some("ctdo-b".into()),
+            table_full_drops: 40,
+            table_full_flows: 40,
+            peak_entries: 64,
+            occupancy: Some(&o),
+            limits: limits(64),
+            ..Default::default()
+        };
         let a = for_namespace(&e, &host());
         let topics: Vec<&str> = a.iter().map(|a| a.topic).collect();
-        assert_eq!(topics, vec!["limit_origin", "capacity", "notrack"], "the source first, before any limit");
+        assert_eq!(
+            topics,
+            vec!["limit_origin", "capacity", "notrack"],
+            "the source first, before any limit"
+        );
         let src = &a[0];
-        assert!(src.headline.starts_with("198.18.0.1 is behind 63 of 63 entries (100%)"), "{}", src.headline);
+        assert!(
+            src.headline
+                .starts_with("198.18.0.1 is behind 63 of 63 entries (100%)"),
+            "{}",
+            src.headline
+        );
         let cmds: Vec<String> = src.steps.iter().filter_map(Step::command_line).collect();
         assert_eq!(
             cmds,
@@ -839,8 +1171,11 @@ mod tests {
         assert!(cap.headline.contains("do not raise it"), "{}", cap.headline);
         let nt = &a[2];
         let cmds: Vec<String> = nt.steps.iter().filter_map(Step::command_line).collect();
-        assert!(cmds.contains(&"iptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK".to_string()));
-        assert!(cmds.contains(&"iptables -t raw -A OUTPUT -p udp --sport 5353 -j NOTRACK".to_string()));
+        assert!(cmds
+            .contains(&"iptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK".to_string()));
+        assert!(
+            cmds.contains(&"iptables -t raw -A OUTPUT -p udp --sport 5353 -j NOTRACK".to_string())
+        );
         assert!(cmds.contains(&"conntrack -D -p udp --orig-port-dst 5353".to_string()));
         // The ASSURED TCP connections are stateful: never advised away.
         assert!(!cmds.iter().any(|c| c.contains("8080")));
@@ -853,11 +1188,30 @@ mod tests {
         let mut b = OccupancyBuilder::default();
         for i in 0..72u32 {
             let src = IpAddr::from([198, 18, 1, i as u8]);
-            b.add(&CtEntry { proto: 6, src, dst: "198.18.0.2".parse().unwrap(), sport: 40000, dport: 443, tcp_state: Some(3), status: (Status::Confirmed | Status::SeenReply | Status::Assured).bits() });
+            b.add(&CtEntry {
+                proto: 6,
+                src,
+                dst: "198.18.0.2".parse().unwrap(),
+                sport: 40000,
+                dport: 443,
+                tcp_state: Some(3),
+                status: (Status::Confirmed | Status::SeenReply | Status::Assured).bits(),
+            });
         }
         let o = b.finish(5);
-        let drop_sources: Vec<(IpAddr, u64)> = (0..3u8).map(|i| (IpAddr::from([198, 18, 2, i]), 1)).collect();
-        let e = NsEvidence { netns: Some(3), table_full_drops: 30, table_full_flows: 30, peak_entries: 72, occupancy: Some(&o), limits: limits(72), drop_sources, ..Default::default() };
+        let drop_sources: Vec<(IpAddr, u64)> = (0..3u8)
+            .map(|i| (IpAddr::from([198, 18, 2, i]), 1))
+            .collect();
+        let e = NsEvidence {
+            netns: Some(3),
+            table_full_drops: 30,
+            table_full_flows: 30,
+            peak_entries: 72,
+            occupancy: Some(&o),
+            limits: limits(72),
+            drop_sources,
+            ..Default::default()
+        };
         let a = for_namespace(&e, &host());
         let topics: Vec<&str> = a.iter().map(|a| a.topic).collect();
         // Port 443 holds every entry, but answered: a busy service, not a flood.
@@ -865,30 +1219,62 @@ mod tests {
         assert_eq!(a[0].values["observed_peak"], 102);
         assert_eq!(a[0].values["recommended_max"], 128);
         assert_eq!(a[0].values["change_needed"], true);
-        assert!(a[0].steps.iter().any(|s| s.command_line().as_deref() == Some("sysctl -w net.netfilter.nf_conntrack_max=128")));
+        assert!(a[0]
+            .steps
+            .iter()
+            .any(|s| s.command_line().as_deref()
+                == Some("sysctl -w net.netfilter.nf_conntrack_max=128")));
     }
 
     #[test]
     fn idle_big_table_gets_no_capacity_or_notrack_advice_and_says_the_threshold() {
         // The issue's case: 4 entries in a 262,144-entry table.
         let o = table(5353, 2, 2, false);
-        let e = NsEvidence { netns: Some(1), occupancy: Some(&o), limits: limits(262144), peak_entries: 4, ..Default::default() };
+        let e = NsEvidence {
+            netns: Some(1),
+            occupancy: Some(&o),
+            limits: limits(262144),
+            peak_entries: 4,
+            ..Default::default()
+        };
         let a = for_namespace(&e, &host());
-        assert_eq!(a.iter().map(|a| a.topic).collect::<Vec<_>>(), vec!["headroom"]);
-        assert!(a[0].headline.contains("4 of 262144 entries (0%)"), "{}", a[0].headline);
-        assert!(a[0].headline.contains("start at 80% of nf_conntrack_max"), "{}", a[0].headline);
+        assert_eq!(
+            a.iter().map(|a| a.topic).collect::<Vec<_>>(),
+            vec!["headroom"]
+        );
+        assert!(
+            a[0].headline.contains("4 of 262144 entries (0%)"),
+            "{}",
+            a[0].headline
+        );
+        assert!(
+            a[0].headline.contains("start at 80% of nf_conntrack_max"),
+            "{}",
+            a[0].headline
+        );
         assert!(a[0].steps.is_empty());
         // At 80% the same table is near full: advice comes back.
-        let e = NsEvidence { limits: limits(5), ..e };
-        assert!(for_namespace(&e, &host()).iter().any(|a| a.topic == "capacity"));
+        let e = NsEvidence {
+            limits: limits(5),
+            ..e
+        };
+        assert!(for_namespace(&e, &host())
+            .iter()
+            .any(|a| a.topic == "capacity"));
     }
 
     #[test]
     fn nat_present_says_conntrack_stays() {
         let o = table(53, 30, 0, true);
-        let e = NsEvidence { occupancy: Some(&o), limits: limits(262144), ..Default::default() };
+        let e = NsEvidence {
+            occupancy: Some(&o),
+            limits: limits(262144),
+            ..Default::default()
+        };
         let a = for_namespace(&e, &host());
-        assert!(a.iter().any(|a| a.topic == "nat" && a.headline.contains("cannot be disabled")));
+        assert!(a
+            .iter()
+            .any(|a| a.topic == "nat" && a.headline.contains("cannot be disabled")));
     }
 
     #[test]
@@ -900,11 +1286,30 @@ mod tests {
 
     #[test]
     fn built_in_module_hashsize_goes_on_the_command_line() {
-        let e = NsEvidence { table_full_drops: 1, table_full_flows: 1, peak_entries: 64, limits: limits(64), ..Default::default() };
+        let e = NsEvidence {
+            table_full_drops: 1,
+            table_full_flows: 1,
+            peak_entries: 64,
+            limits: limits(64),
+            ..Default::default()
+        };
         let cap = capacity(&e, &host(), None);
-        assert!(cap.notes.iter().any(|n| n.contains("nf_conntrack.hashsize=128")));
-        let cap = capacity(&e, &Host { module: ModuleKind::Loadable, entry_bytes: None }, None);
-        assert!(cap.steps.contains(&Step::Persist { file: "/etc/modprobe.d/nf_conntrack.conf".into(), line: "options nf_conntrack hashsize=128".into() }));
+        assert!(cap
+            .notes
+            .iter()
+            .any(|n| n.contains("nf_conntrack.hashsize=128")));
+        let cap = capacity(
+            &e,
+            &Host {
+                module: ModuleKind::Loadable,
+                entry_bytes: None,
+            },
+            None,
+        );
+        assert!(cap.steps.contains(&Step::Persist {
+            file: "/etc/modprobe.d/nf_conntrack.conf".into(),
+            line: "options nf_conntrack hashsize=128".into()
+        }));
     }
 
     #[test]
@@ -921,7 +1326,12 @@ mod tests {
             netns: Some(ns),
             ifindex: None,
             skb_len: 64,
-            flow: Some(Flow { src: "198.18.0.1".parse().unwrap(), dst: "198.18.0.2".parse().unwrap(), proto, ports: (proto == 17).then_some((sport, 5353)) }),
+            flow: Some(Flow {
+                src: "198.18.0.1".parse().unwrap(),
+                dst: "198.18.0.2".parse().unwrap(),
+                proto,
+                ports: (proto == 17).then_some((sport, 5353)),
+            }),
             icmp,
             ct: None,
             ct_fill: None,
@@ -934,15 +1344,39 @@ mod tests {
         }
         // The same flow again: one more drop, no more demand.
         t.record(&ev(1, 17, 1000, None), Cause::ConntrackTableFull);
-        t.record(&ev(2, 1, 0, Some(Icmp { ty: 3, code: 4, echo: None })), Cause::IcmpErrorBlocked);
+        t.record(
+            &ev(
+                2,
+                1,
+                0,
+                Some(Icmp {
+                    ty: 3,
+                    code: 4,
+                    echo: None,
+                }),
+            ),
+            Cause::IcmpErrorBlocked,
+        );
         t.record(&ev(3, 17, 7, None), Cause::NetfilterRule);
-        let a = from_run(&t, &BTreeMap::new(), limits(64), &host(), |ns| Some(format!("ns{ns}")));
+        let a = from_run(&t, &BTreeMap::new(), limits(64), &host(), |ns| {
+            Some(format!("ns{ns}"))
+        });
         let topics: Vec<(&str, Option<u32>)> = a.iter().map(|a| (a.topic, a.netns)).collect();
-        assert_eq!(topics, vec![("limit_origin", Some(1)), ("capacity", Some(1)), ("icmp_error_blocked", Some(2))]);
+        assert_eq!(
+            topics,
+            vec![
+                ("limit_origin", Some(1)),
+                ("capacity", Some(1)),
+                ("icmp_error_blocked", Some(2))
+            ]
+        );
         // Every turned-away packet came from one source: that source is named,
         // and the limit is sized from the 64 entries held, not 64 + 30 drops.
         assert_eq!(a[0].values["source"], "198.18.0.1");
-        assert_eq!((a[0].values["count"].as_u64(), a[0].values["of"].as_u64()), (Some(31), Some(31)));
+        assert_eq!(
+            (a[0].values["count"].as_u64(), a[0].values["of"].as_u64()),
+            (Some(31), Some(31))
+        );
         assert_eq!(a[1].values["turned_away_flows"], 30);
         assert_eq!(a[1].values["observed_peak"], 64);
         assert_eq!(a[1].netns_name.as_deref(), Some("ns1"));
@@ -951,17 +1385,38 @@ mod tests {
 
     #[test]
     fn insert_clashes_get_their_causes_and_mitigations() {
-        let e = NsEvidence { netns: Some(9), insert_failed: 120, limits: limits(262144), ..Default::default() };
+        let e = NsEvidence {
+            netns: Some(9),
+            insert_failed: 120,
+            limits: limits(262144),
+            ..Default::default()
+        };
         let a = for_namespace(&e, &host());
-        assert_eq!(a.len(), 1, "no table advice without a snapshot or table-full drops");
-        assert_eq!((a[0].topic, a[0].cause), ("insert_clash", "conntrack_insert_failed"));
+        assert_eq!(
+            a.len(),
+            1,
+            "no table advice without a snapshot or table-full drops"
+        );
+        assert_eq!(
+            (a[0].topic, a[0].cause),
+            ("insert_clash", "conntrack_insert_failed")
+        );
         assert!(a[0].headline.starts_with("120 packets"));
-        assert!(a[0].notes.iter().any(|n| n.contains("single-request-reopen")));
+        assert!(a[0]
+            .notes
+            .iter()
+            .any(|n| n.contains("single-request-reopen")));
     }
 
     #[test]
     fn icmp_blocked_warns_about_pmtu() {
-        let g = IcmpBlocked { netns: Some(3), netns_name: Some("ctdo-e".into()), src: "198.18.1.1".parse().ok(), dst: "198.18.0.1".parse().ok(), drops: 2 };
+        let g = IcmpBlocked {
+            netns: Some(3),
+            netns_name: Some("ctdo-e".into()),
+            src: "198.18.1.1".parse().ok(),
+            dst: "198.18.0.1".parse().ok(),
+            drops: 2,
+        };
         let a = for_icmp_blocked(&[g.clone(), IcmpBlocked { drops: 1, ..g }]);
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].cause, "icmp_error_blocked");
@@ -972,12 +1427,24 @@ mod tests {
     #[test]
     fn markdown_fences_the_commands() {
         let o = table(5353, 58, 5, false);
-        let e = NsEvidence { netns: Some(4), netns_name: Some("srv".into()), table_full_drops: 9, table_full_flows: 9, peak_entries: 64, occupancy: Some(&o), limits: limits(64), ..Default::default() };
+        let e = NsEvidence {
+            netns: Some(4),
+            netns_name: Some("srv".into()),
+            table_full_drops: 9,
+            table_full_flows: 9,
+            peak_entries: 64,
+            occupancy: Some(&o),
+            limits: limits(64),
+            ..Default::default()
+        };
         let mut out = Vec::new();
         write_markdown(&for_namespace(&e, &host()), &mut out).unwrap();
         let md = String::from_utf8(out).unwrap();
         assert!(md.contains("**notrack** in srv:"), "{md}");
-        assert!(md.contains("```sh\niptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK\n"), "{md}");
+        assert!(
+            md.contains("```sh\niptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK\n"),
+            "{md}"
+        );
         assert!(md.contains("- nf_conntrack_max is global"), "{md}");
         assert_eq!(md.matches("```").count() % 2, 0, "unbalanced fences:\n{md}");
     }
@@ -985,19 +1452,56 @@ mod tests {
     #[test]
     fn human_advice_fits_80_columns() {
         let o = table(5353, 58, 5, true);
-        let e = NsEvidence { netns: Some(4026532000), netns_name: Some("ctdemo-srv".into()), table_full_drops: 123456, table_full_flows: 100000, insert_failed: 3, peak_entries: 262144, occupancy: Some(&o), limits: limits(262144), ..Default::default() };
+        let e = NsEvidence {
+            netns: Some(4026532000),
+            netns_name: Some("ctdemo-srv".into()),
+            table_full_drops: 123456,
+            table_full_flows: 100000,
+            insert_failed: 3,
+            peak_entries: 262144,
+            occupancy: Some(&o),
+            limits: limits(262144),
+            ..Default::default()
+        };
         let mut a = for_namespace(&e, &host());
-        a.extend(for_icmp_blocked(&[IcmpBlocked { netns: Some(1), netns_name: None, src: "2001:db8::1".parse().ok(), dst: "2001:db8::2".parse().ok(), drops: 9 }]));
+        a.extend(for_icmp_blocked(&[IcmpBlocked {
+            netns: Some(1),
+            netns_name: None,
+            src: "2001:db8::1".parse().ok(),
+            dst: "2001:db8::2".parse().ok(),
+            drops: 9,
+        }]));
         let mut out = Vec::new();
         write_human(&a, &mut out).unwrap();
         let s = String::from_utf8(out).unwrap();
         for l in s.lines() {
-            assert!(l.chars().count() <= 80, "{l:?} is {} columns", l.chars().count());
+            assert!(
+                l.chars().count() <= 80,
+                "{l:?} is {} columns",
+                l.chars().count()
+            );
         }
         assert!(s.contains("$ iptables -t raw -A PREROUTING -p udp --dport 5353 -j NOTRACK"));
         // Long commands continue with a backslash, never inside quotes.
-        assert!(s.contains("$ iptables -I INPUT -s 198.18.0.1 -m conntrack --ctstate NEW -m hashlimit \\\n"), "{s}");
-        assert_eq!(wrap_command("sh -c 'echo 1 > /a/very/long/path/that/goes/on/and/on/and/on/hashsize' x", 40)[0], "    $ sh -c \\");
-        assert!(wrap_command("sh -c 'echo 1 > /a/very/long/path/that/goes/on/and/on/and/on/hashsize' x", 40).iter().any(|l| l.trim_start() == "'echo 1 > /a/very/long/path/that/goes/on/and/on/and/on/hashsize' \\"));
+        assert!(
+            s.contains(
+                "$ iptables -I INPUT -s 198.18.0.1 -m conntrack --ctstate NEW -m hashlimit \\\n"
+            ),
+            "{s}"
+        );
+        assert_eq!(
+            wrap_command(
+                "sh -c 'echo 1 > /a/very/long/path/that/goes/on/and/on/and/on/hashsize' x",
+                40
+            )[0],
+            "    $ sh -c \\"
+        );
+        assert!(wrap_command(
+            "sh -c 'echo 1 > /a/very/long/path/that/goes/on/and/on/and/on/hashsize' x",
+            40
+        )
+        .iter()
+        .any(|l| l.trim_start()
+            == "'echo 1 > /a/very/long/path/that/goes/on/and/on/and/on/hashsize' \\"));
     }
 }

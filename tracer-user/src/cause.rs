@@ -49,7 +49,10 @@ impl Cause {
 
     /// A conntrack failure (as opposed to a rule doing its job).
     pub fn is_conntrack(self) -> bool {
-        matches!(self, Cause::ConntrackTableFull | Cause::ConntrackInsertFailed | Cause::ConntrackInvalid)
+        matches!(
+            self,
+            Cause::ConntrackTableFull | Cause::ConntrackInsertFailed | Cause::ConntrackInvalid
+        )
     }
 }
 
@@ -66,7 +69,9 @@ pub fn evidence(src: u8, cause: Cause) -> &'static str {
         source::CT_CONFIRM_DROP => "probe:__nf_conntrack_confirm",
         source::CT_IN_DROP | source::CT_INVALID => "probe:nf_conntrack_in",
         source::CT_HOOK_IN if cause == Cause::ConntrackTableFull => "hook:conntrack_in",
-        source::CT_HOOK_CONFIRM if cause == Cause::ConntrackInsertFailed => "hook:conntrack_confirm",
+        source::CT_HOOK_CONFIRM if cause == Cause::ConntrackInsertFailed => {
+            "hook:conntrack_confirm"
+        }
         source::HOOK_NOT_CONNTRACK => "hook:outside_conntrack",
         source::INFERRED_BY_BUDGET => "inferred:drop_counter",
         _ if cause == Cause::ConntrackTableFull => "inferred:table_fill",
@@ -90,12 +95,18 @@ impl Classifier {
             source::CT_IN_DROP => return Cause::ConntrackInvalid,
             // Conntrack let it through without an entry; a rule then
             // dropped it (`--ctstate INVALID -j DROP`).
-            source::CT_INVALID if Some(ev.reason) == self.netfilter_drop => return Cause::ConntrackInvalid,
+            source::CT_INVALID if Some(ev.reason) == self.netfilter_drop => {
+                return Cause::ConntrackInvalid
+            }
             // Dropped between ctdrop's marks around nf_conntrack_in: it
             // refused the packet for want of an entry (see kernel/nfhook.rs
             // for the one rarer case this name also covers).
-            source::CT_HOOK_IN if Some(ev.reason) == self.netfilter_drop => return Cause::ConntrackTableFull,
-            source::CT_HOOK_CONFIRM if Some(ev.reason) == self.netfilter_drop => return Cause::ConntrackInsertFailed,
+            source::CT_HOOK_IN if Some(ev.reason) == self.netfilter_drop => {
+                return Cause::ConntrackTableFull
+            }
+            source::CT_HOOK_CONFIRM if Some(ev.reason) == self.netfilter_drop => {
+                return Cause::ConntrackInsertFailed
+            }
             _ => {}
         }
         if Some(ev.reason) != self.netfilter_drop {
@@ -127,7 +138,9 @@ impl Classifier {
 }
 
 fn is_pmtu_icmp_error(ev: &DropEvent) -> bool {
-    let (Some(flow), Some(icmp)) = (&ev.flow, &ev.icmp) else { return false };
+    let (Some(flow), Some(icmp)) = (&ev.flow, &ev.icmp) else {
+        return false;
+    };
     (flow.proto == 1 && icmp.ty == 3 && icmp.code == 4) || (flow.proto == 58 && icmp.ty == 2)
 }
 
@@ -150,7 +163,12 @@ mod tests {
             netns: Some(1),
             ifindex: Some(2),
             skb_len: 84,
-            flow: Some(Flow { src: "198.18.0.1".parse().unwrap(), dst: "198.18.0.2".parse().unwrap(), proto: 17, ports: Some((1, 2)) }),
+            flow: Some(Flow {
+                src: "198.18.0.1".parse().unwrap(),
+                dst: "198.18.0.2".parse().unwrap(),
+                proto: 17,
+                ports: Some((1, 2)),
+            }),
             icmp: None,
             ct: None,
             ct_fill: None,
@@ -160,20 +178,33 @@ mod tests {
     }
 
     fn c() -> Classifier {
-        Classifier { netfilter_drop: Some(NF), probes: false }
+        Classifier {
+            netfilter_drop: Some(NF),
+            probes: false,
+        }
     }
 
     #[test]
     fn no_entry_in_full_table_is_table_full() {
         let mut e = ev(NF);
-        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: None });
+        e.ct_fill = Some(CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: None,
+        });
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
     }
 
     #[test]
     fn no_entry_with_room_is_a_rule() {
         let mut e = ev(NF);
-        e.ct_fill = Some(CtFill { count: 10, max: 64, sampled: true, counted_drop: None });
+        e.ct_fill = Some(CtFill {
+            count: 10,
+            max: 64,
+            sampled: true,
+            counted_drop: None,
+        });
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
         e.ct_fill = None;
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
@@ -182,16 +213,33 @@ mod tests {
     #[test]
     fn entry_attached_is_a_rule_even_when_full() {
         let mut e = ev(NF);
-        e.ct = Some(CtRef { info: 2, status: Some(0), zone: 0 });
-        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: None });
+        e.ct = Some(CtRef {
+            info: 2,
+            status: Some(0),
+            zone: 0,
+        });
+        e.ct_fill = Some(CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: None,
+        });
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
     }
 
     #[test]
     fn with_probes_a_full_table_alone_is_not_table_full() {
         let mut e = ev(NF);
-        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: None });
-        let c = Classifier { netfilter_drop: Some(NF), probes: true };
+        e.ct_fill = Some(CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: None,
+        });
+        let c = Classifier {
+            netfilter_drop: Some(NF),
+            probes: true,
+        };
         assert_eq!(c.classify(&e), Cause::NetfilterRule);
     }
 
@@ -199,17 +247,34 @@ mod tests {
     fn the_drop_counter_outranks_the_table_fill() {
         let mut e = ev(NF);
         // Table flushed right after the drop: fill says room, counter says counted.
-        e.ct_fill = Some(CtFill { count: 0, max: 64, sampled: true, counted_drop: Some(true) });
+        e.ct_fill = Some(CtFill {
+            count: 0,
+            max: 64,
+            sampled: true,
+            counted_drop: Some(true),
+        });
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
         // Table full but the counter did not move: a rule dropped it.
-        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: Some(false) });
+        e.ct_fill = Some(CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: Some(false),
+        });
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
     }
 
     #[test]
     fn other_reasons_stay_other() {
         assert_eq!(c().classify(&ev(2)), Cause::Other);
-        assert_eq!(Classifier { netfilter_drop: None, probes: false }.classify(&ev(NF)), Cause::Other);
+        assert_eq!(
+            Classifier {
+                netfilter_drop: None,
+                probes: false
+            }
+            .classify(&ev(NF)),
+            Cause::Other
+        );
     }
 
     #[test]
@@ -232,21 +297,45 @@ mod tests {
     fn hook_marks_decide_without_the_counters() {
         let mut e = ev(NF);
         // Counters say "counted", but the packet left conntrack's hook alive.
-        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: Some(true) });
+        e.ct_fill = Some(CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: Some(true),
+        });
         e.source = source::HOOK_NOT_CONNTRACK;
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
-        assert_eq!(evidence(e.source, Cause::NetfilterRule), "hook:outside_conntrack");
+        assert_eq!(
+            evidence(e.source, Cause::NetfilterRule),
+            "hook:outside_conntrack"
+        );
         // Counters say "not counted", but it was dropped inside the hook.
-        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: Some(false) });
+        e.ct_fill = Some(CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: Some(false),
+        });
         e.source = source::CT_HOOK_IN;
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
-        assert_eq!(evidence(e.source, Cause::ConntrackTableFull), "hook:conntrack_in");
+        assert_eq!(
+            evidence(e.source, Cause::ConntrackTableFull),
+            "hook:conntrack_in"
+        );
         e.source = source::CT_HOOK_CONFIRM;
         assert_eq!(c().classify(&e), Cause::ConntrackInsertFailed);
-        assert_eq!(evidence(e.source, Cause::ConntrackInsertFailed), "hook:conntrack_confirm");
+        assert_eq!(
+            evidence(e.source, Cause::ConntrackInsertFailed),
+            "hook:conntrack_confirm"
+        );
         // A stale mark leaves it to the counters.
         e.source = source::CT_HOOK_STALE;
-        e.ct_fill = Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: Some(true) });
+        e.ct_fill = Some(CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: Some(true),
+        });
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
     }
 
@@ -254,9 +343,17 @@ mod tests {
     fn blocked_pmtu_errors_are_named() {
         let mut e = ev(NF);
         e.flow.as_mut().unwrap().proto = 1;
-        e.icmp = Some(Icmp { ty: 3, code: 4, echo: None });
+        e.icmp = Some(Icmp {
+            ty: 3,
+            code: 4,
+            echo: None,
+        });
         assert_eq!(c().classify(&e), Cause::IcmpErrorBlocked);
-        e.icmp = Some(Icmp { ty: 3, code: 3, echo: None });
+        e.icmp = Some(Icmp {
+            ty: 3,
+            code: 3,
+            echo: None,
+        });
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
     }
 

@@ -33,32 +33,75 @@ pub fn run(args: &CheckArgs) -> Result<()> {
     let btf = KernelBtf::open(&args.btf)?;
     let reasons = DropReasons::from_btf(&btf);
     let mut caps = vec![
-        Capability { name: "kernel BTF", ok: true, detail: args.btf.display().to_string() },
+        Capability {
+            name: "kernel BTF",
+            ok: true,
+            detail: args.btf.display().to_string(),
+        },
         Capability {
             name: "nf_conntrack module BTF",
             ok: std::path::Path::new("/sys/kernel/btf/nf_conntrack").exists(),
-            detail: "/sys/kernel/btf/nf_conntrack (absent when conntrack is built in or not loaded)".into(),
+            detail:
+                "/sys/kernel/btf/nf_conntrack (absent when conntrack is built in or not loaded)"
+                    .into(),
         },
         Capability {
             name: "drop reasons",
-            ok: reasons.as_ref().map(|r| r.value("NETFILTER_DROP").is_some()).unwrap_or(false),
+            ok: reasons
+                .as_ref()
+                .map(|r| r.value("NETFILTER_DROP").is_some())
+                .unwrap_or(false),
             detail: match &reasons {
-                Ok(r) => format!("NETFILTER_DROP = {}", r.value("NETFILTER_DROP").map(|v| v.to_string()).unwrap_or("absent".into())),
+                Ok(r) => format!(
+                    "NETFILTER_DROP = {}",
+                    r.value("NETFILTER_DROP")
+                        .map(|v| v.to_string())
+                        .unwrap_or("absent".into())
+                ),
                 Err(e) => format!("{e:#}"),
             },
         },
-        Capability { name: "kprobe PMU", ok: tier::kprobes_available(), detail: "/sys/bus/event_source/devices/kprobe".into() },
-        Capability { name: "nf_conntrack loaded", ok: capabilities::conntrack_loaded(), detail: "/proc/sys/net/netfilter/nf_conntrack_max".into() },
+        Capability {
+            name: "kprobe PMU",
+            ok: tier::kprobes_available(),
+            detail: "/sys/bus/event_source/devices/kprobe".into(),
+        },
+        Capability {
+            name: "nf_conntrack loaded",
+            ok: capabilities::conntrack_loaded(),
+            detail: "/proc/sys/net/netfilter/nf_conntrack_max".into(),
+        },
     ];
     let offsets = btf.offsets()?;
     let mut filter: tracer_common::FilterConfig = bytemuck::Zeroable::zeroed();
-    filter.netfilter_drop_reason = reasons.as_ref().ok().and_then(|r| r.value("NETFILTER_DROP")).unwrap_or(u32::MAX);
-    let tracer = Tracer::load(&LoadOptions { btf_path: &args.btf, offsets, filter, ring_size: 4096, mode: args.mode });
+    filter.netfilter_drop_reason = reasons
+        .as_ref()
+        .ok()
+        .and_then(|r| r.value("NETFILTER_DROP"))
+        .unwrap_or(u32::MAX);
+    let tracer = Tracer::load(&LoadOptions {
+        btf_path: &args.btf,
+        offsets,
+        filter,
+        ring_size: 4096,
+        mode: args.mode,
+    });
     let (tp_ok, tp_detail, mechanisms) = match &tracer {
-        Ok(t) => (true, format!("kfree_skb attached in {} ms", t.attach_time.as_millis()), t.mechanisms.clone()),
+        Ok(t) => (
+            true,
+            format!("kfree_skb attached in {} ms", t.attach_time.as_millis()),
+            t.mechanisms.clone(),
+        ),
         Err(e) => (false, format!("{e:#}"), Vec::new()),
     };
-    caps.insert(1, Capability { name: "tp_btf", ok: tp_ok, detail: tp_detail });
+    caps.insert(
+        1,
+        Capability {
+            name: "tp_btf",
+            ok: tp_ok,
+            detail: tp_detail,
+        },
+    );
     let fentry = Tracer::try_fentry(&args.btf);
     caps.push(Capability {
         name: "fentry",
@@ -69,7 +112,11 @@ pub fn run(args: &CheckArgs) -> Result<()> {
         },
     });
     drop(tracer);
-    let uses = |what: &str| mechanisms.iter().any(|m| m.chosen.as_deref().is_some_and(|c| c.contains(what)));
+    let uses = |what: &str| {
+        mechanisms
+            .iter()
+            .any(|m| m.chosen.as_deref().is_some_and(|c| c.contains(what)))
+    };
     let tier_name = if uses("kretprobe") {
         "kprobe"
     } else if uses("bpf netfilter hooks") {
@@ -96,7 +143,11 @@ pub fn run(args: &CheckArgs) -> Result<()> {
         }
     }
 
-    let occupancy = if args.occupancy { Some(occupancy_reports(args.netns.as_deref())?) } else { None };
+    let occupancy = if args.occupancy {
+        Some(occupancy_reports(args.netns.as_deref())?)
+    } else {
+        None
+    };
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -118,7 +169,13 @@ pub fn run(args: &CheckArgs) -> Result<()> {
     writeln!(out, "tier: {tier_name}")?;
     writeln!(out, "\nkernel capabilities (found by trying):")?;
     for c in &caps {
-        writeln!(out, "  {:<24} {:<4} {}", c.name, if c.ok { "yes" } else { "no" }, c.detail)?;
+        writeln!(
+            out,
+            "  {:<24} {:<4} {}",
+            c.name,
+            if c.ok { "yes" } else { "no" },
+            c.detail
+        )?;
     }
     writeln!(out, "\nsignals:")?;
     for m in &mechanisms {
@@ -128,11 +185,17 @@ pub fn run(args: &CheckArgs) -> Result<()> {
         }
     }
     match limits {
-        Some(l) => writeln!(out, "\nconntrack: nf_conntrack_max {} (global), buckets {}", l.max, l.buckets)?,
+        Some(l) => writeln!(
+            out,
+            "\nconntrack: nf_conntrack_max {} (global), buckets {}",
+            l.max, l.buckets
+        )?,
         None => writeln!(out, "\nconntrack: not loaded")?,
     }
     for (ns, name, c) in &namespaces {
-        let fill = limits.map(|l| format!("{}/{}", c.entries(), l.max)).unwrap_or_else(|| c.entries().to_string());
+        let fill = limits
+            .map(|l| format!("{}/{}", c.entries(), l.max))
+            .unwrap_or_else(|| c.entries().to_string());
         writeln!(
             out,
             "  ns {:<20} count {fill:<16} drop {} insert_failed {} early_drop {} invalid {} clashres {}",
@@ -174,9 +237,17 @@ pub fn occupancy_reports(netns: Option<&str>) -> Result<Vec<OccupancyReport>> {
             inodes.sort();
             let mut v = Vec::new();
             for ns in inodes {
-                let busy = registry.get(ns).and_then(|h| h.counters()).map(|c| c.entries() > 0).unwrap_or(false);
+                let busy = registry
+                    .get(ns)
+                    .and_then(|h| h.counters())
+                    .map(|c| c.entries() > 0)
+                    .unwrap_or(false);
                 if let (true, Some((_, path))) = (busy, find_namespace(ns)) {
-                    v.push(occupancy::snapshot(&path, Some(ns), registry.display_name(ns))?);
+                    v.push(occupancy::snapshot(
+                        &path,
+                        Some(ns),
+                        registry.display_name(ns),
+                    )?);
                 }
             }
             v
@@ -196,7 +267,10 @@ pub fn occupancy_reports(netns: Option<&str>) -> Result<Vec<OccupancyReport>> {
                 ..Default::default()
             };
             let advice = advice::for_namespace(&ev, &host);
-            OccupancyReport { occupancy: o, advice }
+            OccupancyReport {
+                occupancy: o,
+                advice,
+            }
         })
         .collect())
 }
@@ -213,7 +287,10 @@ pub fn occupancy_json(reports: &[OccupancyReport]) -> serde_json::Value {
         .into()
 }
 
-pub fn write_occupancy_human(reports: &[OccupancyReport], out: &mut dyn Write) -> std::io::Result<()> {
+pub fn write_occupancy_human(
+    reports: &[OccupancyReport],
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
     if reports.is_empty() {
         writeln!(out, "occupancy: no namespace has conntrack entries")?;
     }
@@ -227,12 +304,15 @@ pub fn write_occupancy_human(reports: &[OccupancyReport], out: &mut dyn Write) -
 /// Whether this kernel loads BPF_PROG_TYPE_NETFILTER programs, found by
 /// loading a two-instruction one.
 fn netfilter_prog_capability(btf: &KernelBtf) -> Capability {
-    let r = crate::kernel::nfhook::HookAbi::from_btf(btf).and_then(|abi| crate::kernel::nfhook::supported(&abi));
+    let r = crate::kernel::nfhook::HookAbi::from_btf(btf)
+        .and_then(|abi| crate::kernel::nfhook::supported(&abi));
     Capability {
         name: "bpf netfilter prog",
         ok: r.is_ok(),
         detail: match r {
-            Ok(()) => "BPF_PROG_TYPE_NETFILTER loads (hook marks around conntrack, kernel 6.4+)".into(),
+            Ok(()) => {
+                "BPF_PROG_TYPE_NETFILTER loads (hook marks around conntrack, kernel 6.4+)".into()
+            }
             Err(e) => format!("{e:#}"),
         },
     }

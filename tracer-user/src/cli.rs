@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::{flows::DEFAULT_MAX_FLOWS, kernel::capabilities::DEFAULT_BTF};
 
 #[derive(Parser, Debug)]
-#[command(name = "ctdrop", version, about = "Which packets the Linux connection tracker dropped, for which flows, why, and which lost pings those were")]
+#[command(
+    name = "ctdrop",
+    version,
+    about = "Which packets the Linux connection tracker dropped, for which flows, why, and which lost pings those were"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Command,
@@ -256,7 +260,9 @@ impl LiveArgs {
             live: LiveArgs,
         }
         let argv = std::iter::once("ctdrop").chain(args.iter().copied());
-        Ok(Wrap::try_parse_from(argv).map_err(|e| anyhow!("bad live arguments: {e}"))?.live)
+        Ok(Wrap::try_parse_from(argv)
+            .map_err(|e| anyhow!("bad live arguments: {e}"))?
+            .live)
     }
 }
 
@@ -328,7 +334,8 @@ pub struct DemoArgs {
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration> {
-    let d = humantime::parse_duration(s).map_err(|e| anyhow!("bad duration {s:?}: {e} (try 10s, 500ms, 2m)"))?;
+    let d = humantime::parse_duration(s)
+        .map_err(|e| anyhow!("bad duration {s:?}: {e} (try 10s, 500ms, 2m)"))?;
     if d.is_zero() {
         return Err(anyhow!("duration must be above zero"));
     }
@@ -342,7 +349,13 @@ pub fn parse_proto(s: &str) -> Result<u8> {
         "udp" => 17,
         "icmpv6" | "ipv6-icmp" => 58,
         "sctp" => 132,
-        other => other.parse::<u8>().ok().filter(|n| *n != 0).ok_or_else(|| anyhow!("unknown protocol {s:?} (tcp, udp, icmp, icmpv6, sctp or 1-255)"))?,
+        other => other
+            .parse::<u8>()
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| {
+                anyhow!("unknown protocol {s:?} (tcp, udp, icmp, icmpv6, sctp or 1-255)")
+            })?,
     })
 }
 
@@ -355,8 +368,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
         Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&t[..i], 1 << 30),
         _ => (t, 1),
     };
-    let n: u64 = num.parse().map_err(|_| anyhow!("bad size {s:?} (try 4M, 256k or a byte count)"))?;
-    n.checked_mul(mult).ok_or_else(|| anyhow!("size {s:?} is too large"))
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow!("bad size {s:?} (try 4M, 256k or a byte count)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| anyhow!("size {s:?} is too large"))
 }
 
 #[cfg(test)]
@@ -373,7 +389,10 @@ mod tests {
         assert_eq!(parse_proto("47").unwrap(), 47);
         assert!(parse_proto("0").is_err());
         assert!(parse_proto("bogus").is_err());
-        assert_eq!(parse_duration("1500ms").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration("1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").is_err());
     }

@@ -47,9 +47,22 @@ pub fn group_event(g: &GroupKey, fill: Option<CtFill>) -> DropEvent {
         netns: (g.netns != 0).then_some(g.netns),
         ifindex: None,
         skb_len: 0,
-        flow: (g.l4_proto != 0).then_some(Flow { src: any, dst: any, proto: g.l4_proto, ports: None }),
-        icmp: is_icmp.then_some(Icmp { ty: g.icmp_type, code: g.icmp_code, echo: None }),
-        ct: (g.has_ct != 0).then_some(CtRef { info: 0, status: None, zone: 0 }),
+        flow: (g.l4_proto != 0).then_some(Flow {
+            src: any,
+            dst: any,
+            proto: g.l4_proto,
+            ports: None,
+        }),
+        icmp: is_icmp.then_some(Icmp {
+            ty: g.icmp_type,
+            code: g.icmp_code,
+            echo: None,
+        }),
+        ct: (g.has_ct != 0).then_some(CtRef {
+            info: 0,
+            status: None,
+            zone: 0,
+        }),
         ct_fill: fill,
         truncated: false,
         header: None,
@@ -67,7 +80,14 @@ pub fn flow_id(k: &FlowKey) -> FlowId {
         0x86dd => Some(IpAddr::V6(Ipv6Addr::from(b))),
         _ => None,
     };
-    FlowId { netns: (k.netns != 0).then_some(k.netns), proto: k.l4_proto, src: addr(k.saddr), dst: addr(k.daddr), sport: k.sport, dport: k.dport }
+    FlowId {
+        netns: (k.netns != 0).then_some(k.netns),
+        proto: k.l4_proto,
+        src: addr(k.saddr),
+        dst: addr(k.daddr),
+        sport: k.sport,
+        dport: k.dport,
+    }
 }
 
 /// Turns cumulative kernel group counters into per-period, per-cause drops.
@@ -89,7 +109,12 @@ pub struct Period {
 impl GroupCounter {
     /// Takes the current cumulative counters; each group's increase gets
     /// the cause `classify` gives it now and goes into the tally.
-    pub fn absorb(&mut self, now: &[(GroupKey, u64)], mut classify: impl FnMut(&GroupKey) -> Cause, tally: &mut crate::flows::Tally) -> Period {
+    pub fn absorb(
+        &mut self,
+        now: &[(GroupKey, u64)],
+        mut classify: impl FnMut(&GroupKey) -> Cause,
+        tally: &mut crate::flows::Tally,
+    ) -> Period {
         let mut p = Period::default();
         for (k, total) in now {
             let before = self.seen.insert(*k, *total).unwrap_or(0);
@@ -99,7 +124,9 @@ impl GroupCounter {
             }
             let cause = classify(k);
             tally.add_counted((k.netns != 0).then_some(k.netns), k.reason, cause, n);
-            self.causes.entry((k.netns, k.reason, k.l4_proto, k.has_ct)).or_default()[cause_index(cause)] += n;
+            self.causes
+                .entry((k.netns, k.reason, k.l4_proto, k.has_ct))
+                .or_default()[cause_index(cause)] += n;
             p.drops += n;
             *p.by_cause.entry(cause).or_default() += n;
             *p.by_netns.entry(k.netns).or_default() += n;
@@ -114,14 +141,30 @@ impl GroupCounter {
         let main = self
             .causes
             .get(&group_of(k))
-            .and_then(|per| per.iter().enumerate().max_by_key(|(_, n)| **n).filter(|(_, n)| **n > 0).map(|(i, _)| i))
+            .and_then(|per| {
+                per.iter()
+                    .enumerate()
+                    .max_by_key(|(_, n)| **n)
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(i, _)| i)
+            })
             .unwrap_or(cause_index(Cause::Other));
         by_cause[main] = c.packets;
-        FlowStat { drops: c.packets, bytes: c.bytes, first_ns: c.first_ns, last_ns: c.last_ns, by_cause }
+        FlowStat {
+            drops: c.packets,
+            bytes: c.bytes,
+            first_ns: c.first_ns,
+            last_ns: c.last_ns,
+            by_cause,
+        }
     }
 }
 
-pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<dyn Sink>>) -> Result<()> {
+pub async fn run(
+    opts: &SessionOptions<'_>,
+    every: Duration,
+    mut sinks: Vec<Box<dyn Sink>>,
+) -> Result<()> {
     let p = prepare(opts.trace, false)?;
     if !p.conntrack_loaded {
         eprintln!("ctdrop: nf_conntrack is not loaded on this host: no conntrack drops can happen; counting other netfilter drops");
@@ -136,7 +179,13 @@ pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<
     if !matches!(opts.trace.mode, Mode::Auto | Mode::Tracepoint) {
         anyhow::bail!("--count-only counts at the kfree_skb tracepoint only: drop --mode or use --mode tracepoint");
     }
-    let tracer = Tracer::load(&LoadOptions { btf_path: &opts.trace.btf, offsets: p.offsets, filter, ring_size: page, mode: Mode::Tracepoint })?;
+    let tracer = Tracer::load(&LoadOptions {
+        btf_path: &opts.trace.btf,
+        offsets: p.offsets,
+        filter,
+        ring_size: page,
+        mode: Mode::Tracepoint,
+    })?;
     crate::session::release_freed_memory();
     eprintln!(
         "ctdrop: attached tp_btf/kfree_skb in {} ms (tier tracepoint; count mode; {}); Ctrl-C to stop",
@@ -174,7 +223,13 @@ pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<
         }
     }
     // Counts up to the stop belong to this run: one last period, then detach.
-    report_period(&tracer, &mut groups, &mut collector, &mut sinks, last.elapsed())?;
+    report_period(
+        &tracer,
+        &mut groups,
+        &mut collector,
+        &mut sinks,
+        last.elapsed(),
+    )?;
     let stats = tracer.stats()?;
     let flows = tracer.flow_counts()?;
     let mechanisms = tracer.mechanisms.clone();
@@ -212,17 +267,38 @@ pub async fn run(opts: &SessionOptions<'_>, every: Duration, mut sinks: Vec<Box<
     Ok(())
 }
 
-fn report_period(tracer: &Tracer, groups: &mut GroupCounter, c: &mut Collector, sinks: &mut [Box<dyn Sink>], interval: Duration) -> Result<()> {
+fn report_period(
+    tracer: &Tracer,
+    groups: &mut GroupCounter,
+    c: &mut Collector,
+    sinks: &mut [Box<dyn Sink>],
+    interval: Duration,
+) -> Result<()> {
     let now = tracer.group_counts()?;
     let period = {
-        let Collector { classifier, sampler, tally, .. } = c;
-        groups.absorb(&now, |g| classifier.classify(&group_event(g, (g.netns != 0).then(|| sampler.fill(g.netns)).flatten())), tally)
+        let Collector {
+            classifier,
+            sampler,
+            tally,
+            ..
+        } = c;
+        groups.absorb(
+            &now,
+            |g| {
+                classifier.classify(&group_event(
+                    g,
+                    (g.netns != 0).then(|| sampler.fill(g.netns)).flatten(),
+                ))
+            },
+            tally,
+        )
     };
     // A namespace turning packets away gets its table snapshotted (rate-
     // limited, off this loop), as in record mode.
     for ns in period.by_netns.keys() {
         if c.tally.count_in(*ns, Cause::ConntrackTableFull) > 0 {
-            c.snapshots.table_full(*ns, || crate::conntrack::netns::find_namespace(*ns));
+            c.snapshots
+                .table_full(*ns, || crate::conntrack::netns::find_namespace(*ns));
         }
     }
     c.poll_snapshots(sinks);
@@ -258,23 +334,55 @@ mod tests {
     const NF: u32 = 12;
 
     fn key(netns: u32, proto: u8, has_ct: u8) -> GroupKey {
-        GroupKey { netns, reason: NF, l4_proto: proto, has_ct, icmp_type: 0, icmp_code: 0 }
+        GroupKey {
+            netns,
+            reason: NF,
+            l4_proto: proto,
+            has_ct,
+            icmp_type: 0,
+            icmp_code: 0,
+        }
     }
 
     #[test]
     fn periods_count_increases_once_and_classify_with_the_fill_then() {
-        let c = Classifier { netfilter_drop: Some(NF), probes: false };
+        let c = Classifier {
+            netfilter_drop: Some(NF),
+            probes: false,
+        };
         let mut g = GroupCounter::default();
         let mut t = Tally::new(10);
-        let full = CtFill { count: 64, max: 64, sampled: true, counted_drop: None };
-        let room = CtFill { count: 3, max: 64, sampled: true, counted_drop: None };
-        let p1 = g.absorb(&[(key(7, 17, 0), 1000)], |k| c.classify(&group_event(k, Some(full))), &mut t);
+        let full = CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: None,
+        };
+        let room = CtFill {
+            count: 3,
+            max: 64,
+            sampled: true,
+            counted_drop: None,
+        };
+        let p1 = g.absorb(
+            &[(key(7, 17, 0), 1000)],
+            |k| c.classify(&group_event(k, Some(full))),
+            &mut t,
+        );
         assert_eq!(p1.drops, 1000);
         assert_eq!(p1.by_cause[&Cause::ConntrackTableFull], 1000);
         // Same cumulative value: nothing new. Then 10 more while the table had room.
-        let p2 = g.absorb(&[(key(7, 17, 0), 1000)], |k| c.classify(&group_event(k, Some(full))), &mut t);
+        let p2 = g.absorb(
+            &[(key(7, 17, 0), 1000)],
+            |k| c.classify(&group_event(k, Some(full))),
+            &mut t,
+        );
         assert_eq!(p2, Period::default());
-        let p3 = g.absorb(&[(key(7, 17, 0), 1010), (key(7, 6, 1), 4)], |k| c.classify(&group_event(k, Some(room))), &mut t);
+        let p3 = g.absorb(
+            &[(key(7, 17, 0), 1010), (key(7, 6, 1), 4)],
+            |k| c.classify(&group_event(k, Some(room))),
+            &mut t,
+        );
         assert_eq!(p3.drops, 14);
         assert_eq!(p3.by_cause[&Cause::NetfilterRule], 14);
         assert_eq!(t.total, 1014);
@@ -284,24 +392,47 @@ mod tests {
 
     #[test]
     fn blocked_pmtu_errors_keep_their_cause_in_groups() {
-        let c = Classifier { netfilter_drop: Some(NF), probes: false };
+        let c = Classifier {
+            netfilter_drop: Some(NF),
+            probes: false,
+        };
         let mut k = key(7, 1, 0);
         k.icmp_type = 3;
         k.icmp_code = 4;
         assert_eq!(c.classify(&group_event(&k, None)), Cause::IcmpErrorBlocked);
         k.has_ct = 1;
         k.icmp_type = 8;
-        let full = CtFill { count: 64, max: 64, sampled: true, counted_drop: None };
-        assert_eq!(c.classify(&group_event(&k, Some(full))), Cause::NetfilterRule);
+        let full = CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: None,
+        };
+        assert_eq!(
+            c.classify(&group_event(&k, Some(full))),
+            Cause::NetfilterRule
+        );
     }
 
     #[test]
     fn flows_take_their_groups_main_cause() {
-        let c = Classifier { netfilter_drop: Some(NF), probes: false };
+        let c = Classifier {
+            netfilter_drop: Some(NF),
+            probes: false,
+        };
         let mut g = GroupCounter::default();
         let mut t = Tally::new(10);
-        let full = CtFill { count: 64, max: 64, sampled: true, counted_drop: None };
-        g.absorb(&[(key(7, 17, 0), 50)], |k| c.classify(&group_event(k, Some(full))), &mut t);
+        let full = CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: None,
+        };
+        g.absorb(
+            &[(key(7, 17, 0), 50)],
+            |k| c.classify(&group_event(k, Some(full))),
+            &mut t,
+        );
         let mut fk: FlowKey = bytemuck::Zeroable::zeroed();
         fk.netns = 7;
         fk.reason = NF;
@@ -309,7 +440,15 @@ mod tests {
         fk.l3_proto = 0x0800;
         fk.saddr[..4].copy_from_slice(&[198, 18, 0, 1]);
         fk.dport = 53;
-        let s = g.flow_stat(&fk, &FlowCount { packets: 3, bytes: 90, first_ns: 1, last_ns: 2 });
+        let s = g.flow_stat(
+            &fk,
+            &FlowCount {
+                packets: 3,
+                bytes: 90,
+                first_ns: 1,
+                last_ns: 2,
+            },
+        );
         assert_eq!(s.main_cause(), Cause::ConntrackTableFull);
         assert_eq!(s.drops, 3);
         let id = flow_id(&fk);
@@ -317,6 +456,16 @@ mod tests {
         assert_eq!(id.dport, 53);
         // A flow whose group was never read is not given a guessed cause.
         fk.netns = 8;
-        assert_eq!(g.flow_stat(&fk, &FlowCount { packets: 1, ..Default::default() }).main_cause(), Cause::Other);
+        assert_eq!(
+            g.flow_stat(
+                &fk,
+                &FlowCount {
+                    packets: 1,
+                    ..Default::default()
+                }
+            )
+            .main_cause(),
+            Cause::Other
+        );
     }
 }

@@ -4,11 +4,7 @@
 //! for at most `max_flows` flows; flows beyond that are counted as
 //! `flows_untracked`, never dropped silently.
 
-use std::{
-    collections::BTreeMap,
-    hash::BuildHasher,
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, hash::BuildHasher, net::IpAddr};
 
 use crate::{cause::Cause, events::DropEvent};
 
@@ -37,7 +33,14 @@ impl FlowId {
             (None, Some((id, _))) => (id, 0),
             _ => (0, 0),
         };
-        FlowId { netns: ev.netns, proto, src, dst, sport, dport }
+        FlowId {
+            netns: ev.netns,
+            proto,
+            src,
+            dst,
+            sport,
+            dport,
+        }
     }
 }
 
@@ -53,7 +56,12 @@ pub struct FlowStat {
 impl FlowStat {
     /// The cause with the most drops in this flow.
     pub fn main_cause(&self) -> Cause {
-        let (i, _) = self.by_cause.iter().enumerate().max_by_key(|(_, n)| **n).unwrap();
+        let (i, _) = self
+            .by_cause
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, n)| **n)
+            .unwrap();
         Cause::ALL[i]
     }
 }
@@ -112,7 +120,12 @@ const CHUNK: usize = 1 << 14;
 
 impl FlowTable {
     fn new() -> FlowTable {
-        FlowTable { hasher: Default::default(), index: hashbrown::HashTable::new(), chunks: Vec::new(), len: 0 }
+        FlowTable {
+            hasher: Default::default(),
+            index: hashbrown::HashTable::new(),
+            chunks: Vec::new(),
+            len: 0,
+        }
     }
 
     /// 32 bits of the hash, widened so hashbrown's control byte (the top
@@ -129,8 +142,16 @@ impl FlowTable {
     fn find(&mut self, id: &FlowId) -> (u32, Option<&mut StoredStat>) {
         let h = self.hash(id);
         let chunks = &mut self.chunks;
-        let found = self.index.find(Self::widen(h), |(i, eh)| *eh == h && chunks[*i as usize / CHUNK][*i as usize % CHUNK].0 == *id).map(|(i, _)| *i);
-        (h, found.map(|i| &mut self.chunks[i as usize / CHUNK][i as usize % CHUNK].1))
+        let found = self
+            .index
+            .find(Self::widen(h), |(i, eh)| {
+                *eh == h && chunks[*i as usize / CHUNK][*i as usize % CHUNK].0 == *id
+            })
+            .map(|(i, _)| *i);
+        (
+            h,
+            found.map(|i| &mut self.chunks[i as usize / CHUNK][i as usize % CHUNK].1),
+        )
     }
 
     fn insert(&mut self, h: u32, id: FlowId, stat: StoredStat) {
@@ -138,9 +159,13 @@ impl FlowTable {
         if self.len.is_multiple_of(CHUNK) {
             self.chunks.push(Vec::with_capacity(CHUNK));
         }
-        self.chunks.last_mut().expect("a chunk was just ensured").push((id, stat));
+        self.chunks
+            .last_mut()
+            .expect("a chunk was just ensured")
+            .push((id, stat));
         self.len += 1;
-        self.index.insert_unique(Self::widen(h), (i, h), |(_, eh)| Self::widen(*eh));
+        self.index
+            .insert_unique(Self::widen(h), (i, h), |(_, eh)| Self::widen(*eh));
     }
 
     fn iter(&self) -> impl Iterator<Item = &(FlowId, StoredStat)> {
@@ -214,7 +239,13 @@ impl Tally {
             }
             _ if len >= self.max_flows => self.flows_untracked += 1,
             (h, None) => {
-                let mut stat = StoredStat { drops: 1, bytes: ev.skb_len as u64, first_ns: ev.ts_ns, last_ns: ev.ts_ns, ..Default::default() };
+                let mut stat = StoredStat {
+                    drops: 1,
+                    bytes: ev.skb_len as u64,
+                    first_ns: ev.ts_ns,
+                    last_ns: ev.ts_ns,
+                    ..Default::default()
+                };
                 stat.by_cause[ci] = 1;
                 self.flows.insert(h, id, stat);
             }
@@ -241,7 +272,10 @@ impl Tally {
             (_, Some(s)) => s.add(&stat),
             _ if len >= self.max_flows => self.flows_untracked += stat.drops,
             (h, None) => {
-                let mut s = StoredStat { first_ns: u64::MAX, ..Default::default() };
+                let mut s = StoredStat {
+                    first_ns: u64::MAX,
+                    ..Default::default()
+                };
                 s.add(&stat);
                 self.flows.insert(h, id, s);
             }
@@ -253,7 +287,10 @@ impl Tally {
     }
 
     pub fn count_in(&self, netns: u32, c: Cause) -> u64 {
-        self.by_netns.get(&Some(netns)).map(|t| t.by_cause[cause_index(c)]).unwrap_or(0)
+        self.by_netns
+            .get(&Some(netns))
+            .map(|t| t.by_cause[cause_index(c)])
+            .unwrap_or(0)
     }
 
     /// Every flow kept in detail, in no particular order.
@@ -269,7 +306,9 @@ impl Tally {
     /// stable order.
     pub fn top_flows(&self, n: usize) -> Vec<(&FlowId, FlowStat)> {
         let mut v: Vec<&(FlowId, StoredStat)> = self.flows.iter().collect();
-        let order = |a: &&(FlowId, StoredStat), b: &&(FlowId, StoredStat)| b.1.drops.cmp(&a.1.drops).then_with(|| a.0.cmp(&b.0));
+        let order = |a: &&(FlowId, StoredStat), b: &&(FlowId, StoredStat)| {
+            b.1.drops.cmp(&a.1.drops).then_with(|| a.0.cmp(&b.0))
+        };
         // Only the first n need sorting: a million flows are not sorted whole.
         if n < v.len() {
             v.select_nth_unstable_by(n, order);
@@ -298,7 +337,12 @@ mod tests {
             netns: Some(netns),
             ifindex: Some(2),
             skb_len: 100,
-            flow: Some(Flow { src: "198.18.0.1".parse().unwrap(), dst: "198.18.0.2".parse().unwrap(), proto: 17, ports: Some((9, dport)) }),
+            flow: Some(Flow {
+                src: "198.18.0.1".parse().unwrap(),
+                dst: "198.18.0.2".parse().unwrap(),
+                proto: 17,
+                ports: Some((9, dport)),
+            }),
             icmp: None,
             ct: None,
             ct_fill: None,
@@ -326,7 +370,11 @@ mod tests {
         let mut t = Tally::new(1);
         t.add_counted(Some(1), 12, Cause::ConntrackTableFull, 1000);
         t.add_counted(Some(2), 12, Cause::NetfilterRule, 5);
-        let stat = |drops| FlowStat { drops, by_cause: [drops, 0, 0, 0, 0, 0], ..Default::default() };
+        let stat = |drops| FlowStat {
+            drops,
+            by_cause: [drops, 0, 0, 0, 0, 0],
+            ..Default::default()
+        };
         t.add_flow(FlowId::of(&ev(1, 1)), stat(600));
         t.add_flow(FlowId::of(&ev(1, 1)), stat(100));
         t.add_flow(FlowId::of(&ev(2, 1)), stat(300));

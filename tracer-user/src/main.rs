@@ -12,7 +12,10 @@ fn main() {
         return;
     }
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => fail(anyhow::anyhow!("cannot start the runtime: {e}")),
     };
@@ -36,7 +39,9 @@ fn main() {
 /// `ctdrop __dist-assets DIR` (hidden; `cargo xtask dist` runs it).
 fn dist_assets_dir() -> Option<std::path::PathBuf> {
     let mut args = std::env::args_os().skip(1);
-    (args.next()? == ctdrop::assets::HIDDEN_ARG).then(|| args.next().map(Into::into)).flatten()
+    (args.next()? == ctdrop::assets::HIDDEN_ARG)
+        .then(|| args.next().map(Into::into))
+        .flatten()
 }
 
 /// One line, no backtrace: the operator is in the middle of an incident.
@@ -60,7 +65,10 @@ fn one_line_panics() {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         eprintln!("ctdrop: internal error (a bug, please report it): {msg}{at}");
     }));
 }

@@ -27,8 +27,16 @@ use crate::{
         btf::{DropReasons, KernelBtf},
         capabilities,
     },
-    output::{human::HumanSink, json::{DropJson, JsonSink}, symbols::Symbols, ProbeShown, Progress, Shown, Sink},
-    probe::{sender::{self, ProbeEvent, ProberConfig}, Matcher, SeenDrop, TargetSpec, Wire},
+    output::{
+        human::HumanSink,
+        json::{DropJson, JsonSink},
+        symbols::Symbols,
+        ProbeShown, Progress, Shown, Sink,
+    },
+    probe::{
+        sender::{self, ProbeEvent, ProberConfig},
+        Matcher, SeenDrop, TargetSpec, Wire,
+    },
     summary::Summary,
 };
 
@@ -83,7 +91,13 @@ pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
     filter.all_reasons = args.all_reasons as u8;
     filter.capture_headers = capture_headers as u8;
     crate::filter::fill(args, &mut filter)?;
-    Ok(Prepared { offsets, reasons, filter, ring_size, conntrack_loaded: capabilities::conntrack_loaded() })
+    Ok(Prepared {
+        offsets,
+        reasons,
+        filter,
+        ring_size,
+        conntrack_loaded: capabilities::conntrack_loaded(),
+    })
 }
 
 pub struct Collector {
@@ -114,6 +128,9 @@ pub struct Collector {
 
 type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// (namespace name, interface name) of one (netns, ifindex).
+type Place = (Option<Rc<str>>, Option<Rc<str>>);
+
 /// Names shown with every drop, looked up once and then shared: copying
 /// them per drop was a visible cost under a flood.
 #[derive(Default)]
@@ -122,11 +139,16 @@ struct Labels {
     locations: Fast<u64, Rc<str>>,
     /// (netns, ifindex) to (namespace name, interface name); only for
     /// namespaces the registry found, so a late one still gets its names.
-    places: Fast<(u32, Option<u32>), (Option<Rc<str>>, Option<Rc<str>>)>,
+    places: Fast<(u32, Option<u32>), Place>,
 }
 
 impl Collector {
-    pub fn new(p: &Prepared, max_flows: usize, probes: &[TargetSpec], probe_timeout: Duration) -> Collector {
+    pub fn new(
+        p: &Prepared,
+        max_flows: usize,
+        probes: &[TargetSpec],
+        probe_timeout: Duration,
+    ) -> Collector {
         let mut registry = NsRegistry::new();
         registry.discover_all();
         let mut sampler = FillSampler::new(registry, Duration::from_millis(50));
@@ -139,14 +161,20 @@ impl Collector {
             }
         }
         Collector {
-            classifier: Classifier { netfilter_drop: p.reasons.value("NETFILTER_DROP"), probes: false },
+            classifier: Classifier {
+                netfilter_drop: p.reasons.value("NETFILTER_DROP"),
+                probes: false,
+            },
             reasons: DropReasons::from_pairs(p.reasons.pairs().map(|(v, n)| (n.to_string(), v))),
             sampler,
             symbols: Symbols::load(),
             tally: Tally::new(max_flows),
             boot_offset: boot_offset_ns(),
             decode_errors: 0,
-            matcher: Matcher::new(probes.iter().map(|t| t.target.addr()).collect(), probe_timeout.as_nanos() as u64),
+            matcher: Matcher::new(
+                probes.iter().map(|t| t.target.addr()).collect(),
+                probe_timeout.as_nanos() as u64,
+            ),
             order: crate::probe::order::InOrder::new(probes.len()),
             probe_labels: probes.iter().map(|t| t.label.clone()).collect(),
             baselines,
@@ -201,7 +229,8 @@ impl Collector {
             if let Some((id, seq)) = icmp.echo {
                 let wire = Wire::Echo { id, seq };
                 if icmp.is_echo_request(flow.proto) {
-                    self.matcher.echo_request_dropped(flow.src, flow.dst, id, seq, s.cause);
+                    self.matcher
+                        .echo_request_dropped(flow.src, flow.dst, id, seq, s.cause);
                     if self.matcher.has_host(flow.dst) {
                         self.matcher.dropped(flow.dst, wire, seen(false));
                     }
@@ -213,17 +242,35 @@ impl Collector {
         }
         if let Some((sp, dp)) = flow.ports {
             if self.matcher.has_host(flow.dst) {
-                self.matcher.dropped(flow.dst, Wire::Port { proto: flow.proto, local: sp, remote: dp }, seen(false));
+                self.matcher.dropped(
+                    flow.dst,
+                    Wire::Port {
+                        proto: flow.proto,
+                        local: sp,
+                        remote: dp,
+                    },
+                    seen(false),
+                );
             }
             if self.matcher.has_host(flow.src) {
-                self.matcher.dropped(flow.src, Wire::Port { proto: flow.proto, local: dp, remote: sp }, seen(true));
+                self.matcher.dropped(
+                    flow.src,
+                    Wire::Port {
+                        proto: flow.proto,
+                        local: dp,
+                        remote: sp,
+                    },
+                    seen(true),
+                );
             }
         }
     }
 
     /// Decodes, classifies and shows one raw record to every sink.
     pub fn handle(&mut self, bytes: &[u8], sinks: &mut [Box<dyn Sink>]) {
-        let Some((ev, cause)) = self.ingest(bytes) else { return };
+        let Some((ev, cause)) = self.ingest(bytes) else {
+            return;
+        };
         self.show(&ev, cause, |me, s| {
             me.feed_matcher(s);
             for sink in sinks.iter_mut() {
@@ -250,11 +297,18 @@ impl Collector {
                     && !self.classifier.probes
                     && Some(ev.reason) == self.classifier.netfilter_drop
                     && !matches!(ev.source, source::CT_HOOK_IN | source::CT_HOOK_CONFIRM);
-                if candidate && ev.source == source::KFREE_SKB && self.hooks.as_ref().is_some_and(|h| h.covers(ns, ev.ts_ns)) {
+                if candidate
+                    && ev.source == source::KFREE_SKB
+                    && self.hooks.as_ref().is_some_and(|h| h.covers(ns, ev.ts_ns))
+                {
                     ev.source = source::HOOK_NOT_CONNTRACK;
                     candidate = false;
                 }
-                ev.ct_fill = if candidate { self.sampler.judge(ns, ev.ts_ns) } else { self.sampler.fill(ns) };
+                ev.ct_fill = if candidate {
+                    self.sampler.judge(ns, ev.ts_ns)
+                } else {
+                    self.sampler.fill(ns)
+                };
                 if candidate && ev.ct_fill.is_some_and(|f| f.counted_drop.is_some()) {
                     ev.source = source::INFERRED_BY_BUDGET;
                     self.inferred_by_budget += 1;
@@ -265,22 +319,49 @@ impl Collector {
         self.tally.record(&ev, cause);
         if let (Cause::ConntrackTableFull, Some(ns)) = (cause, ev.netns) {
             let registry = &self.sampler.registry;
-            self.snapshots.table_full(ns, || find_namespace(ns).map(|(_, path)| (registry.display_name(ns), path)));
+            self.snapshots.table_full(ns, || {
+                find_namespace(ns).map(|(_, path)| (registry.display_name(ns), path))
+            });
         }
         Some((ev, cause))
     }
 
-    pub fn show<R>(&mut self, ev: &DropEvent, cause: Cause, f: impl FnOnce(&mut Self, &Shown) -> R) -> R {
-        let Collector { labels, reasons, symbols, sampler, .. } = self;
-        let reason = labels.reasons.entry(ev.reason).or_insert_with(|| reasons.name(ev.reason).into()).clone();
-        let location = labels.locations.entry(ev.location).or_insert_with(|| symbols.resolve(ev.location).into()).clone();
+    pub fn show<R>(
+        &mut self,
+        ev: &DropEvent,
+        cause: Cause,
+        f: impl FnOnce(&mut Self, &Shown) -> R,
+    ) -> R {
+        let Collector {
+            labels,
+            reasons,
+            symbols,
+            sampler,
+            ..
+        } = self;
+        let reason = labels
+            .reasons
+            .entry(ev.reason)
+            .or_insert_with(|| reasons.name(ev.reason).into())
+            .clone();
+        let location = labels
+            .locations
+            .entry(ev.location)
+            .or_insert_with(|| symbols.resolve(ev.location).into())
+            .clone();
         let (name, ifname) = match ev.netns {
             Some(ns) => match labels.places.get(&(ns, ev.ifindex)) {
                 Some(p) => p.clone(),
                 None => match sampler.registry.get(ns) {
                     Some(h) => {
-                        let ifname = ev.ifindex.and_then(|i| h.ifname(i)).map(|n| Rc::from(n.as_str()));
-                        let p = (sampler.registry.display_name(ns).as_deref().map(Rc::from), ifname);
+                        let ifname = ev
+                            .ifindex
+                            .and_then(|i| h.ifname(i))
+                            .map(|n| Rc::from(n.as_str()));
+                        let p = (
+                            sampler.registry.display_name(ns).as_deref().map(Rc::from),
+                            ifname,
+                        );
                         labels.places.insert((ns, ev.ifindex), p.clone());
                         p
                     }
@@ -323,7 +404,13 @@ impl Collector {
         }
         let limits = self.sampler.limits();
         let registry = &self.sampler.registry;
-        self.advice = crate::advice::from_run(&self.tally, &self.snapshots.taken, limits, &Host::detect(), |ns| registry.display_name(ns));
+        self.advice = crate::advice::from_run(
+            &self.tally,
+            &self.snapshots.taken,
+            limits,
+            &Host::detect(),
+            |ns| registry.display_name(ns),
+        );
     }
 
     /// Kernel counters now against the baselines, for every namespace that
@@ -332,7 +419,9 @@ impl Collector {
         let mut out = Vec::new();
         let nss: Vec<u32> = self.baselines.keys().copied().collect();
         for ns in nss {
-            let Some(now) = self.sampler.counters(ns) else { continue };
+            let Some(now) = self.sampler.counters(ns) else {
+                continue;
+            };
             let delta = now.delta(&self.baselines[&ns]);
             let table_full = self.tally.count_in(ns, Cause::ConntrackTableFull);
             let insert_failed = self.tally.count_in(ns, Cause::ConntrackInsertFailed);
@@ -340,7 +429,13 @@ impl Collector {
                 continue;
             }
             let netns_name = self.sampler.registry.display_name(ns);
-            out.push(CounterCheck { netns: ns, netns_name, delta, table_full, insert_failed });
+            out.push(CounterCheck {
+                netns: ns,
+                netns_name,
+                delta,
+                table_full,
+                insert_failed,
+            });
         }
         out
     }
@@ -352,15 +447,28 @@ pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
     let (out, out_handle) = crate::output::writer::stdout();
     // Metrics are for scraping: per-drop lines on a terminal only bury them.
     let quiet = args.quiet || (args.metrics.is_some() && !args.json);
-    let mut sinks: Vec<Box<dyn Sink>> =
-        if args.json { vec![Box::new(JsonSink::new(out))] } else { vec![Box::new(HumanSink::new(out, color).quiet(quiet))] };
+    let mut sinks: Vec<Box<dyn Sink>> = if args.json {
+        vec![Box::new(JsonSink::new(out))]
+    } else {
+        vec![Box::new(HumanSink::new(out, color).quiet(quiet))]
+    };
     if let Some(addr) = &args.metrics {
         let metrics = std::sync::Arc::new(crate::output::metrics::Metrics::new());
         serve_metrics(addr, metrics.clone(), "").await?;
         sinks.push(Box::new(crate::output::metrics::MetricsSink::new(metrics)));
     }
-    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: false, service: false };
-    let r = if args.count_only { crate::counting::run(&opts, args.report_every, sinks).await } else { run(&opts, sinks).await };
+    let opts = SessionOptions {
+        trace: &args.trace,
+        probe: &args.probe,
+        duration: args.duration,
+        capture_headers: false,
+        service: false,
+    };
+    let r = if args.count_only {
+        crate::counting::run(&opts, args.report_every, sinks).await
+    } else {
+        run(&opts, sinks).await
+    };
     out_handle.finish_and_report(OUTPUT_GRACE);
     r
 }
@@ -373,9 +481,18 @@ pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 /// Starts serving `metrics` on `addr` (`--metrics`). Bound before
 /// attaching: a busy port is bad input, not a late surprise. `level` goes
 /// in front of the message (`info: ` for a service).
-pub async fn serve_metrics(addr: &str, metrics: std::sync::Arc<crate::output::metrics::Metrics>, level: &str) -> Result<()> {
+pub async fn serve_metrics(
+    addr: &str,
+    metrics: std::sync::Arc<crate::output::metrics::Metrics>,
+    level: &str,
+) -> Result<()> {
     let listener = crate::output::metrics::bind(addr).await?;
-    eprintln!("ctdrop: {level}metrics on http://{}/metrics", listener.local_addr().context("reading the metrics address")?);
+    eprintln!(
+        "ctdrop: {level}metrics on http://{}/metrics",
+        listener
+            .local_addr()
+            .context("reading the metrics address")?
+    );
     tokio::spawn(crate::output::metrics::serve(listener, metrics));
     Ok(())
 }
@@ -419,8 +536,8 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     let mut collector = Collector::new(&p, args.trace.max_flows, &targets, args.probe.timeout);
     // Before attaching: a Ctrl-C right after the `attached` line must end
     // the run with its summary, not kill the process.
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let _sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let _sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut tracer = Tracer::load(&LoadOptions {
         btf_path: &args.trace.btf,
         offsets: p.offsets,
@@ -437,7 +554,11 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     // (and, for a capture, no trailer).
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigusr1 = if args.service { Some(signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?) } else { None };
+    let mut sigusr1 = if args.service {
+        Some(signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?)
+    } else {
+        None
+    };
     eprintln!(
         "ctdrop: {}attached tp_btf/kfree_skb in {} ms ({}; {}); Ctrl-C to stop",
         if args.service { "info: " } else { "" },
@@ -449,7 +570,11 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         } else {
             "tier tracepoint: conntrack causes inferred"
         },
-        if p.filter.all_reasons != 0 { "all drop reasons" } else { "netfilter drops" }
+        if p.filter.all_reasons != 0 {
+            "all drop reasons"
+        } else {
+            "netfilter drops"
+        }
     );
     // Test hook (tests/tests/reliability.rs): a bug in userspace while
     // programs are attached must still leave nothing attached.
@@ -463,7 +588,10 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
             if args.capture_headers {
                 m.push(crate::kernel::tier::Mechanism {
                     signal: "packet_headers",
-                    chosen: Some(format!("tp_btf/kfree_skb, first {} bytes of the network header", tracer_common::HEADER_CAPTURE_LEN)),
+                    chosen: Some(format!(
+                        "tp_btf/kfree_skb, first {} bytes of the network header",
+                        tracer_common::HEADER_CAPTURE_LEN
+                    )),
                     note: String::new(),
                 });
             }
@@ -486,7 +614,11 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
             interval: args.probe.interval,
             timeout: args.probe.timeout,
             same_id: args.probe.same_id,
-            netns: args.probe.from_netns.as_ref().map(|n| std::path::Path::new("/run/netns").join(n)),
+            netns: args
+                .probe
+                .from_netns
+                .as_ref()
+                .map(|n| std::path::Path::new("/run/netns").join(n)),
             count: args.probe.count,
         })?)
     };
@@ -654,7 +786,9 @@ async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> 
     }
 }
 
-async fn recv_probe(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ProbeEvent>>) -> Option<ProbeEvent> {
+async fn recv_probe(
+    rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ProbeEvent>>,
+) -> Option<ProbeEvent> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -663,17 +797,29 @@ async fn recv_probe(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ProbeEv
 
 fn handle_probe(c: &mut Collector, ev: ProbeEvent, sinks: &mut [Box<dyn Sink>]) {
     match ev {
-        ProbeEvent::Sent { target, number, wire, mono_ns } => {
+        ProbeEvent::Sent {
+            target,
+            number,
+            wire,
+            mono_ns,
+        } => {
             c.matcher.sent(target, number, wire, mono_ns);
             c.order.sent(target, number);
         }
-        ProbeEvent::Reply { target, wire, mono_ns } => {
+        ProbeEvent::Reply {
+            target,
+            wire,
+            mono_ns,
+        } => {
             if let Some(o) = c.matcher.replied(target, wire, mono_ns) {
                 show_outcome(c, o, sinks);
             }
         }
         ProbeEvent::Failed { target, error } => {
-            eprintln!("ctdrop: probe to {} failed: {error}", c.probe_labels[target]);
+            eprintln!(
+                "ctdrop: probe to {} failed: {error}",
+                c.probe_labels[target]
+            );
         }
     }
 }
@@ -690,10 +836,20 @@ fn show_outcome(c: &mut Collector, o: crate::probe::Outcome, sinks: &mut [Box<dy
     show_released(c, ready, sinks);
 }
 
-fn show_released(c: &Collector, ready: Vec<crate::probe::order::Released>, sinks: &mut [Box<dyn Sink>]) {
+fn show_released(
+    c: &Collector,
+    ready: Vec<crate::probe::order::Released>,
+    sinks: &mut [Box<dyn Sink>],
+) {
     for r in ready {
         let o = &r.outcome;
-        let shown = ProbeShown { label: &c.probe_labels[o.target], outcome: o, wall_ns: o.sent_ns + c.boot_offset, lost: r.lost, sent: r.sent };
+        let shown = ProbeShown {
+            label: &c.probe_labels[o.target],
+            outcome: o,
+            wall_ns: o.sent_ns + c.boot_offset,
+            lost: r.lost,
+            sent: r.sent,
+        };
         for s in sinks.iter_mut() {
             let _ = s.probe(&shown);
             let _ = s.flush();
@@ -711,4 +867,3 @@ pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
-

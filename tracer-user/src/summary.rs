@@ -4,10 +4,7 @@
 use std::{io::Write, time::Duration};
 
 use crate::{
-    cause::Cause,
-    kernel::attach::KernelStats,
-    conntrack::stats::CounterCheck,
-    session::Collector,
+    cause::Cause, conntrack::stats::CounterCheck, kernel::attach::KernelStats, session::Collector,
 };
 
 pub struct Summary<'a> {
@@ -25,17 +22,29 @@ pub struct Summary<'a> {
 impl Summary<'_> {
     pub fn to_json(&self) -> serde_json::Value {
         let t = &self.collector.tally;
-        let by_cause: serde_json::Map<String, serde_json::Value> =
-            Cause::ALL.iter().map(|c| (c.as_str().to_string(), t.count(*c).into())).collect();
+        let by_cause: serde_json::Map<String, serde_json::Value> = Cause::ALL
+            .iter()
+            .map(|c| (c.as_str().to_string(), t.count(*c).into()))
+            .collect();
         let by_netns: serde_json::Map<String, serde_json::Value> = t
             .by_netns
             .iter()
-            .map(|(ns, n)| (ns.map(|x| x.to_string()).unwrap_or_else(|| "unknown".into()), n.total.into()))
+            .map(|(ns, n)| {
+                (
+                    ns.map(|x| x.to_string())
+                        .unwrap_or_else(|| "unknown".into()),
+                    n.total.into(),
+                )
+            })
             .collect();
         // Keys above stay inodes (a contract); names, as every output shows them:
         let names = &self.collector.sampler.registry;
-        let netns_names: serde_json::Map<String, serde_json::Value> =
-            t.by_netns.keys().flatten().map(|ns| (ns.to_string(), names.display_name(*ns).into())).collect();
+        let netns_names: serde_json::Map<String, serde_json::Value> = t
+            .by_netns
+            .keys()
+            .flatten()
+            .map(|ns| (ns.to_string(), names.display_name(*ns).into()))
+            .collect();
         let top: Vec<serde_json::Value> = t
             .top_flows(10)
             .into_iter()
@@ -102,7 +111,11 @@ impl Summary<'_> {
             self.elapsed.as_secs_f64(),
             t.total,
             self.stats.lost,
-            if self.stats.lost > 0 { " (ring buffer full: raise --ring-size)" } else { "" }
+            if self.stats.lost > 0 {
+                " (ring buffer full: raise --ring-size)"
+            } else {
+                ""
+            }
         )?;
         writeln!(out, "by cause:")?;
         for c in Cause::ALL {
@@ -121,14 +134,23 @@ impl Summary<'_> {
         if !t.by_netns.is_empty() {
             writeln!(out, "by namespace:")?;
             for (ns, n) in &t.by_netns {
-                writeln!(out, "  {:<26} {:>10}", self.collector.sampler.registry.label(*ns), n.total)?;
+                writeln!(
+                    out,
+                    "  {:<26} {:>10}",
+                    self.collector.sampler.registry.label(*ns),
+                    n.total
+                )?;
             }
         }
         let top = t.top_flows(5);
         if !top.is_empty() {
             writeln!(out, "top flows:")?;
             for (id, s) in top {
-                let ports = if id.sport != 0 || id.dport != 0 { format!(" {} -> {}", id.sport, id.dport) } else { String::new() };
+                let ports = if id.sport != 0 || id.dport != 0 {
+                    format!(" {} -> {}", id.sport, id.dport)
+                } else {
+                    String::new()
+                };
                 writeln!(
                     out,
                     "  {:>8}  {} {} -> {}{}  {}",
@@ -142,7 +164,11 @@ impl Summary<'_> {
             }
         }
         if t.flows_untracked > 0 {
-            writeln!(out, "  ({} drops in flows beyond --max-flows, counted in totals only)", t.flows_untracked)?;
+            writeln!(
+                out,
+                "  ({} drops in flows beyond --max-flows, counted in totals only)",
+                t.flows_untracked
+            )?;
         }
         self.write_probes_human(out)?;
         for (ns, c) in self.ct_events {
@@ -158,11 +184,19 @@ impl Summary<'_> {
             let verdict = if c.agrees() {
                 "agrees".to_string()
             } else if self.stats.lost > 0 && c.unrecorded() <= self.stats.lost {
-                format!("{} drops have no record: {} events were lost (ring buffer full)", c.unrecorded(), self.stats.lost)
+                format!(
+                    "{} drops have no record: {} events were lost (ring buffer full)",
+                    c.unrecorded(),
+                    self.stats.lost
+                )
             } else if self.filtered {
                 "differs (a filter is set: only matching packets were traced)".to_string()
             } else {
-                format!("DIFFERS: kernel counted {} conntrack drops, ctdrop attributed {}", c.delta.get("drop"), c.table_full + c.insert_failed)
+                format!(
+                    "DIFFERS: kernel counted {} conntrack drops, ctdrop attributed {}",
+                    c.delta.get("drop"),
+                    c.table_full + c.insert_failed
+                )
             };
             writeln!(
                 out,
@@ -202,7 +236,10 @@ impl Summary<'_> {
     /// Echo requests of pings ctdrop did not send, dropped here: per
     /// (src, dst, id) the lost seqs and their causes.
     fn echo_losses_json(&self) -> serde_json::Value {
-        let groups: Vec<serde_json::Value> = self.collector.matcher().passive_groups()
+        let groups: Vec<serde_json::Value> = self
+            .collector
+            .matcher()
+            .passive_groups()
             .map(|(src, dst, id, g)| {
                 let mut causes = std::collections::BTreeMap::<&str, u64>::new();
                 for (_, c) in &g.seqs {
@@ -224,9 +261,16 @@ impl Summary<'_> {
         }
         for (i, label) in c.probe_labels.iter().enumerate() {
             let s = &c.matcher.stats[i];
-            let mut parts: Vec<String> = s.lost_by_cause.iter().map(|(c, n)| format!("{n} {c}")).collect();
+            let mut parts: Vec<String> = s
+                .lost_by_cause
+                .iter()
+                .map(|(c, n)| format!("{n} {c}"))
+                .collect();
             if s.lost_unexplained > 0 {
-                parts.push(format!("{} with no drop seen on this host", s.lost_unexplained));
+                parts.push(format!(
+                    "{} with no drop seen on this host",
+                    s.lost_unexplained
+                ));
             }
             writeln!(
                 out,
@@ -234,13 +278,26 @@ impl Summary<'_> {
                 s.sent,
                 s.answered,
                 s.lost,
-                if s.lost > 0 { format!(" ({})", parts.join(", ")) } else { String::new() },
-                if s.late > 0 { format!(", {} late replies", s.late) } else { String::new() }
+                if s.lost > 0 {
+                    format!(" ({})", parts.join(", "))
+                } else {
+                    String::new()
+                },
+                if s.late > 0 {
+                    format!(", {} late replies", s.late)
+                } else {
+                    String::new()
+                }
             )?;
         }
         for (src, dst, id, g) in c.matcher().passive_groups() {
             let seqs: Vec<String> = g.seqs.iter().map(|s| s.0.to_string()).collect();
-            writeln!(out, "echo loss {src} -> {dst} id {id}: seqs {} ({})", seqs.join(","), g.seqs[0].1)?;
+            writeln!(
+                out,
+                "echo loss {src} -> {dst} id {id}: seqs {} ({})",
+                seqs.join(","),
+                g.seqs[0].1
+            )?;
         }
         Ok(())
     }

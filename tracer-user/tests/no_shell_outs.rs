@@ -29,7 +29,10 @@ const ALLOWED: &[&str] = &[
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).flatten() {
+    for e in std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+    {
         let p = e.path();
         if p.is_dir() {
             rust_files(&p, out);
@@ -63,7 +66,12 @@ fn tracer_user_starts_no_programs() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
-    assert!(files.len() > 10, "found only {} source files under {}", files.len(), src.display());
+    assert!(
+        files.len() > 10,
+        "found only {} source files under {}",
+        files.len(),
+        src.display()
+    );
     let mut found = Vec::new();
     for f in files {
         let rel = f.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
@@ -75,5 +83,9 @@ fn tracer_user_starts_no_programs() {
             found.push(format!("src/{rel}:{n}: {line}"));
         }
     }
-    assert!(found.is_empty(), "ctdrop must not start programs (print advice instead):\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "ctdrop must not start programs (print advice instead):\n{}",
+        found.join("\n")
+    );
 }

@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{env, proc, toolchains::{BPF_LINKER, EBPF_NIGHTLY}};
+use crate::{
+    env, proc,
+    toolchains::{BPF_LINKER, EBPF_NIGHTLY},
+};
 
 /// Nightly's shared LLVM library, e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`.
 struct Llvm {
@@ -23,7 +26,9 @@ struct Llvm {
 pub fn ensure(sysroot: &Path) -> Result<()> {
     let llvm = find_llvm(sysroot)?;
     let marker = env::cache_dir()?.join("bpf-linker.llvm");
-    if linker_version().as_deref() == Some(BPF_LINKER) && recorded(&marker).as_deref() == Some(llvm.file.as_str()) {
+    if linker_version().as_deref() == Some(BPF_LINKER)
+        && recorded(&marker).as_deref() == Some(llvm.file.as_str())
+    {
         println!("setup: bpf-linker {BPF_LINKER} ok (llvm {})", llvm.major);
         return Ok(());
     }
@@ -35,7 +40,10 @@ pub fn ensure(sysroot: &Path) -> Result<()> {
     }
     fs::write(&marker, format!("{}\n", llvm.file))
         .with_context(|| format!("writing {}", marker.display()))?;
-    println!("setup: bpf-linker {BPF_LINKER} ok (llvm {}, rebuilt)", llvm.major);
+    println!(
+        "setup: bpf-linker {BPF_LINKER} ok (llvm {}, rebuilt)",
+        llvm.major
+    );
     Ok(())
 }
 
@@ -69,7 +77,11 @@ fn llvm_major(name: &str) -> Option<u32> {
 
 /// `bpf-linker 0.13.0` -> `0.13.0`; None when it is missing or broken.
 fn linker_version() -> Option<String> {
-    let out = proc::probe(Command::new("bpf-linker").arg("--version").stderr(Stdio::null()))?;
+    let out = proc::probe(
+        Command::new("bpf-linker")
+            .arg("--version")
+            .stderr(Stdio::null()),
+    )?;
     Some(out.split_whitespace().nth(1)?.to_owned())
 }
 

@@ -80,10 +80,18 @@ fn env_key(target: &str) -> String {
 fn build(target: &str) -> Result<PathBuf> {
     let key = env_key(target);
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", RELEASE, "cargo", "build", "--release", "-p", "tracer-user"])
-        .args(["--target", target])
-        .env(format!("CARGO_TARGET_{key}_RUSTFLAGS"), "-Cstrip=symbols")
-        .current_dir(env::repo_root());
+    cmd.args([
+        "run",
+        RELEASE,
+        "cargo",
+        "build",
+        "--release",
+        "-p",
+        "tracer-user",
+    ])
+    .args(["--target", target])
+    .env(format!("CARGO_TARGET_{key}_RUSTFLAGS"), "-Cstrip=symbols")
+    .current_dir(env::repo_root());
     // The cargo that runs xtask exports these; the pinned one must use its own.
     for var in ["CARGO", "RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN"] {
         cmd.env_remove(var);
@@ -100,7 +108,11 @@ fn build(target: &str) -> Result<PathBuf> {
     }
     proc::check(&mut cmd)?;
     let bin = env::target_dir().join(target).join("release/ctdrop");
-    ensure!(bin.is_file(), "cargo build succeeded but {} is missing", bin.display());
+    ensure!(
+        bin.is_file(),
+        "cargo build succeeded but {} is missing",
+        bin.display()
+    );
     Ok(bin)
 }
 
@@ -108,10 +120,23 @@ fn build(target: &str) -> Result<PathBuf> {
 /// ld.so, nothing of the host's userland needed. Checked on the ELF itself.
 fn check_static(bin: &Path, target: &str) -> Result<()> {
     let elf = fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
-    let (machine, interp) = elf_facts(&elf).with_context(|| format!("{} is not a 64-bit little-endian ELF", bin.display()))?;
-    let want = if target.starts_with("aarch64") { EM_AARCH64 } else { EM_X86_64 };
-    ensure!(machine == want, "{} has ELF machine {machine}, expected {want}", bin.display());
-    ensure!(!interp, "{} has a program interpreter: it is not static", bin.display());
+    let (machine, interp) = elf_facts(&elf)
+        .with_context(|| format!("{} is not a 64-bit little-endian ELF", bin.display()))?;
+    let want = if target.starts_with("aarch64") {
+        EM_AARCH64
+    } else {
+        EM_X86_64
+    };
+    ensure!(
+        machine == want,
+        "{} has ELF machine {machine}, expected {want}",
+        bin.display()
+    );
+    ensure!(
+        !interp,
+        "{} has a program interpreter: it is not static",
+        bin.display()
+    );
     Ok(())
 }
 
@@ -162,7 +187,13 @@ fn pack(dist: &Path, target: &str, binary: &Path, assets: &Path, epoch: u64) -> 
     for doc in ["README.md", "LICENSE-MIT", "LICENSE-APACHE"] {
         copy(&root.join(doc), &stage.join(doc))?;
     }
-    proc::check(Command::new("cp").arg("-r").arg(assets.join("man")).arg(assets.join("completions")).arg(&stage))?;
+    proc::check(
+        Command::new("cp")
+            .arg("-r")
+            .arg(assets.join("man"))
+            .arg(assets.join("completions"))
+            .arg(&stage),
+    )?;
     let tarball = dist.join(format!("{name}.tar.gz"));
     proc::check(
         Command::new("tar")
@@ -182,24 +213,36 @@ fn pack(dist: &Path, target: &str, binary: &Path, assets: &Path, epoch: u64) -> 
 }
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
-    fs::copy(from, to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
     Ok(())
 }
 
 fn size(p: &Path) -> Result<u64> {
-    Ok(fs::metadata(p).with_context(|| format!("stat {}", p.display()))?.len())
+    Ok(fs::metadata(p)
+        .with_context(|| format!("stat {}", p.display()))?
+        .len())
 }
 
 /// The last commit's time, so packing the same commit twice gives the same
 /// bytes; SOURCE_DATE_EPOCH wins, as everywhere else.
 pub fn source_date_epoch() -> Result<u64> {
     if let Some(v) = std::env::var_os("SOURCE_DATE_EPOCH") {
-        return v.to_string_lossy().parse().context("SOURCE_DATE_EPOCH is not a number");
+        return v
+            .to_string_lossy()
+            .parse()
+            .context("SOURCE_DATE_EPOCH is not a number");
     }
-    let out = proc::probe(Command::new("git").args(["log", "-1", "--format=%ct"]).current_dir(env::repo_root()));
+    let out = proc::probe(
+        Command::new("git")
+            .args(["log", "-1", "--format=%ct"])
+            .current_dir(env::repo_root()),
+    );
     match out.as_deref().map(str::trim) {
         Some(t) if !t.is_empty() => t.parse().context("git log --format=%ct"),
-        _ => bail!("cannot read the last commit's time (not a git checkout?): set SOURCE_DATE_EPOCH"),
+        _ => {
+            bail!("cannot read the last commit's time (not a git checkout?): set SOURCE_DATE_EPOCH")
+        }
     }
 }
 
@@ -209,7 +252,10 @@ mod tests {
 
     #[test]
     fn env_key_is_cargos_spelling() {
-        assert_eq!(env_key("aarch64-unknown-linux-musl"), "AARCH64_UNKNOWN_LINUX_MUSL");
+        assert_eq!(
+            env_key("aarch64-unknown-linux-musl"),
+            "AARCH64_UNKNOWN_LINUX_MUSL"
+        );
     }
 
     #[test]

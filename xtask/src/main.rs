@@ -88,6 +88,9 @@ enum Task {
     /// Setup and build, then flood drops under no tracer, ctdrop and bpftrace
     /// in alternating rounds and print the table (root; several minutes).
     Bench(BenchArgs),
+    /// rustfmt and clippy (warnings as errors) over every crate, the eBPF one
+    /// on its bpf target; `test` runs these first.
+    Lint,
 }
 
 fn main() -> ExitCode {
@@ -111,5 +114,6 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Test { args } => tasks::test(&args),
         Task::Demo { args } => tasks::demo(&args),
         Task::Bench(a) => tasks::bench(&a).map(|()| ExitCode::SUCCESS),
+        Task::Lint => tasks::lint_task(),
     }
 }

@@ -9,26 +9,29 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{bpf_linker, proc, toolchains::{DIST_TARGETS, EBPF_NIGHTLY, RELEASE}};
+use crate::{
+    bpf_linker, proc,
+    toolchains::{DIST_TARGETS, EBPF_NIGHTLY, RELEASE},
+};
 
 /// Debian packages the build, tests and demo shell out to.
 pub const APT_PACKAGES: &[&str] = &[
-    "iptables",     // reproduce the incident's rules (NOTRACK, state match)
-    "nftables",     // nft -c checks the NOTRACK rules ctdrop advises
-    "conntrack",    // list/flush the table the tests fill up
-    "bpftool",      // inspect what ctdrop loaded when a test fails
-    "iproute2",     // `ip netns` for the throwaway namespaces
-    "iputils-ping", // the lost pings themselves
-    "kmod",         // modprobe nf_conntrack
-    "procps",       // sysctl nf_conntrack_max / _count
-    "tshark",       // cross-check drops against a capture
-    "prometheus",   // promtool, to validate the metrics output
-    "bpftrace",     // the one-liners `cargo xtask bench` measures ctdrop against
-    "linux-perf",   // `perf` to profile ctdrop when a bench target is missed
-    "systemd",      // systemd-analyze verify for deploy/systemd (tests/tests/watch.rs)
-    "tmux",         // drive `ctdrop top` in a real terminal (tests/tests/see.rs)
-    "chromium",     // open the HTML report headless: screenshot, no fetches, numbers
-    "aha",          // tmux pane with colours -> HTML, for the `top` screenshot
+    "iptables",              // reproduce the incident's rules (NOTRACK, state match)
+    "nftables",              // nft -c checks the NOTRACK rules ctdrop advises
+    "conntrack",             // list/flush the table the tests fill up
+    "bpftool",               // inspect what ctdrop loaded when a test fails
+    "iproute2",              // `ip netns` for the throwaway namespaces
+    "iputils-ping",          // the lost pings themselves
+    "kmod",                  // modprobe nf_conntrack
+    "procps",                // sysctl nf_conntrack_max / _count
+    "tshark",                // cross-check drops against a capture
+    "prometheus",            // promtool, to validate the metrics output
+    "bpftrace",              // the one-liners `cargo xtask bench` measures ctdrop against
+    "linux-perf",            // `perf` to profile ctdrop when a bench target is missed
+    "systemd",               // systemd-analyze verify for deploy/systemd (tests/tests/watch.rs)
+    "tmux",                  // drive `ctdrop top` in a real terminal (tests/tests/see.rs)
+    "chromium",              // open the HTML report headless: screenshot, no fetches, numbers
+    "aha",                   // tmux pane with colours -> HTML, for the `top` screenshot
     "gcc-aarch64-linux-gnu", // linker driver for the aarch64 musl release binary (dist)
     "qemu-user-static",      // runs that aarch64 binary in the ship tests
     "buildah",               // `cargo xtask image`: the FROM scratch OCI archive
@@ -45,37 +48,100 @@ pub fn run() -> Result<()> {
     let sysroot = nightly()?;
     bpf_linker::ensure(&sysroot)?;
     release_toolchain()?;
+    lint_components()?;
     pip_tools()
+}
+
+/// rustfmt and clippy for the lint gate of `cargo xtask test`: on the
+/// toolchain that runs cargo here, and clippy on the eBPF nightly too.
+fn lint_components() -> Result<()> {
+    let active = proc::probe(
+        Command::new("rustup")
+            .args(["show", "active-toolchain"])
+            .stderr(Stdio::null()),
+    )
+    .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+    .context("cannot tell rustup's active toolchain")?;
+    for (toolchain, components) in [
+        (active.as_str(), &["rustfmt", "clippy"][..]),
+        (EBPF_NIGHTLY, &["clippy"][..]),
+    ] {
+        let have = proc::probe(
+            Command::new("rustup")
+                .args(["component", "list", "--installed", "--toolchain", toolchain])
+                .stderr(Stdio::null()),
+        )
+        .unwrap_or_default();
+        let missing: Vec<&str> = components
+            .iter()
+            .copied()
+            .filter(|c| !have.lines().any(|l| l.starts_with(&format!("{c}-"))))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        println!("setup: adding {} to {toolchain}", missing.join(" "));
+        proc::check(
+            Command::new("rustup")
+                .args(["component", "add", "--toolchain", toolchain])
+                .args(&missing),
+        )?;
+    }
+    println!("setup: lint components ok");
+    Ok(())
 }
 
 /// PyPI tools the tests run: kubernetes-validate checks the DaemonSet
 /// against the Kubernetes schemas offline (they ship inside the package).
 fn pip_tools() -> Result<()> {
     const KUBERNETES_VALIDATE: &str = "1.37.0";
-    let have = proc::probe(Command::new("kubernetes-validate").arg("--version").stderr(Stdio::null()));
+    let have = proc::probe(
+        Command::new("kubernetes-validate")
+            .arg("--version")
+            .stderr(Stdio::null()),
+    );
     if have.as_deref().map(str::trim) == Some(KUBERNETES_VALIDATE) {
         println!("setup: kubernetes-validate {KUBERNETES_VALIDATE} ok");
         return Ok(());
     }
     println!("setup: pip: installing kubernetes-validate {KUBERNETES_VALIDATE}");
-    proc::check(Command::new("python3").args(["-m", "pip", "install", "--quiet"]).arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE}")))
+    proc::check(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE}")),
+    )
 }
 
 /// The pinned stable toolchain and the musl targets `cargo xtask dist`
 /// builds for; rustup skips what is already there.
 fn release_toolchain() -> Result<()> {
     let have = proc::probe(
-        Command::new("rustup").args(["target", "list", "--installed", "--toolchain", RELEASE]).stderr(Stdio::null()),
+        Command::new("rustup")
+            .args(["target", "list", "--installed", "--toolchain", RELEASE])
+            .stderr(Stdio::null()),
     )
     .unwrap_or_default();
-    if DIST_TARGETS.iter().all(|t| have.lines().any(|l| l.trim() == *t)) {
+    if DIST_TARGETS
+        .iter()
+        .all(|t| have.lines().any(|l| l.trim() == *t))
+    {
         println!("setup: {RELEASE} ok (targets {})", DIST_TARGETS.join(" "));
         return Ok(());
     }
-    println!("setup: installing {RELEASE} with targets {}", DIST_TARGETS.join(" "));
+    println!(
+        "setup: installing {RELEASE} with targets {}",
+        DIST_TARGETS.join(" ")
+    );
     proc::check(
         Command::new("rustup")
-            .args(["toolchain", "install", RELEASE, "--profile", "minimal", "--target"])
+            .args([
+                "toolchain",
+                "install",
+                RELEASE,
+                "--profile",
+                "minimal",
+                "--target",
+            ])
             .args(DIST_TARGETS),
     )
 }
@@ -168,8 +234,9 @@ fn nightly() -> Result<PathBuf> {
                 "--profile",
                 "minimal",
             ]))?;
-            nightly_sysroot()
-                .with_context(|| format!("{EBPF_NIGHTLY} still unusable after `rustup toolchain install`"))?
+            nightly_sysroot().with_context(|| {
+                format!("{EBPF_NIGHTLY} still unusable after `rustup toolchain install`")
+            })?
         }
     };
     if !has_rust_src(&sysroot) {

@@ -39,10 +39,11 @@ fn build_binary() -> Result<PathBuf> {
 
 pub fn test(args: &[String]) -> Result<ExitCode> {
     let bin = build()?;
+    // Lints first: a style slip is named in minutes, not after the suite.
+    let mut failed = lint()?;
     // The release tarballs and the image too: tests/tests/ship.rs runs what ships.
     crate::dist::run(&[])?;
     crate::image::run()?;
-    let mut failed = Vec::new();
     if !proc::status(&mut unit_tests(args))?.success() {
         failed.push("unit tests".to_owned());
     }
@@ -55,6 +56,80 @@ pub fn test(args: &[String]) -> Result<ExitCode> {
     }
     println!("test: all passed");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo xtask lint`: the gates of `test` alone.
+pub fn lint_task() -> Result<ExitCode> {
+    setup::run()?;
+    let failed = lint()?;
+    if !failed.is_empty() {
+        bail!("lint failed: {}", failed.join(", "));
+    }
+    println!("lint: all passed");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Style and lint gates, run before the tests so a slip is named first:
+/// rustfmt over the whole workspace, clippy with warnings as errors on the
+/// host crates, and clippy on the eBPF crate with the pinned nightly and
+/// the bpf target it alone builds for.
+fn lint() -> Result<Vec<String>> {
+    let root = env::repo_root();
+    let mut failed = Vec::new();
+    let fmt = Command::new(env::cargo())
+        .args(["fmt", "--all", "--check"])
+        .current_dir(root)
+        .status()
+        .context("cannot run cargo fmt")?;
+    if !fmt.success() {
+        failed.push("cargo fmt --check (run `cargo fmt --all`)".to_owned());
+    }
+    let host = Command::new(env::cargo())
+        .args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "tracer-ebpf",
+            "--all-targets",
+            "--release",
+        ])
+        .args(["--", "-D", "warnings"])
+        .current_dir(root)
+        .status()
+        .context("cannot run cargo clippy")?;
+    if !host.success() {
+        failed.push("clippy (host crates)".to_owned());
+    }
+    // Its own target dir: the bpf-target check must not invalidate the
+    // release build that aya-build keeps for the embedded object.
+    let ebpf = Command::new("rustup")
+        .args([
+            "run",
+            crate::toolchains::EBPF_NIGHTLY,
+            "cargo",
+            "clippy",
+            "-p",
+            "tracer-ebpf",
+        ])
+        .args([
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+            "--release",
+        ])
+        .args(["--", "-D", "warnings"])
+        .env("CARGO_TARGET_DIR", env::target_dir().join("clippy-bpf"))
+        .env("RUSTFLAGS", "--cfg bpf_target_arch=\"x86_64\"")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .current_dir(root)
+        .status()
+        .context("cannot run clippy for the eBPF crate")?;
+    if !ebpf.success() {
+        failed.push("clippy (tracer-ebpf, bpf target)".to_owned());
+    }
+    Ok(failed)
 }
 
 /// tracer-ebpf is excluded too: it is no_std/no_main and only builds for
@@ -99,7 +174,9 @@ fn reap_leaked_netns() -> Result<Vec<String>> {
         .context("`ip netns list` failed")?;
     let mut leaks = Vec::new();
     for name in listing.lines().filter_map(|l| l.split_whitespace().next()) {
-        let Some(prefix) = OUR_NETNS_PREFIXES.iter().find(|p| name.starts_with(**p)) else { continue };
+        let Some(prefix) = OUR_NETNS_PREFIXES.iter().find(|p| name.starts_with(**p)) else {
+            continue;
+        };
         if owner_alive(&name[prefix.len()..]) {
             // `<prefix><pid>-<n>` of a test process still running: another
             // suite's namespace, not a leak of ours.
@@ -120,7 +197,9 @@ fn owner_alive(rest: &str) -> bool {
     rest.split('-')
         .next()
         .and_then(|p| p.parse::<u32>().ok())
-        .is_some_and(|pid| pid != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .is_some_and(|pid| {
+            pid != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists()
+        })
 }
 
 /// exec, not spawn: Ctrl-C, the exit code and the terminal all belong to ctdrop.

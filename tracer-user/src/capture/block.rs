@@ -68,7 +68,10 @@ pub fn framed(kind: u8, payload: &[u8]) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockError {
     /// The file ends inside a block (header or payload).
-    Cut { need: u64, have: u64 },
+    Cut {
+        need: u64,
+        have: u64,
+    },
     Checksum,
     UnknownKind(u8),
     TooLarge(u32),
@@ -78,10 +81,18 @@ pub enum BlockError {
 impl std::fmt::Display for BlockError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            BlockError::Cut { need, have } => write!(f, "the file ends inside a block ({need} bytes needed, {have} there)"),
-            BlockError::Checksum => f.write_str("block checksum mismatch (damaged or partly written)"),
+            BlockError::Cut { need, have } => write!(
+                f,
+                "the file ends inside a block ({need} bytes needed, {have} there)"
+            ),
+            BlockError::Checksum => {
+                f.write_str("block checksum mismatch (damaged or partly written)")
+            }
             BlockError::UnknownKind(k) => write!(f, "unknown block kind {k:#04x}"),
-            BlockError::TooLarge(n) => write!(f, "block claims {n} bytes, more than the {MAX_BLOCK}-byte limit"),
+            BlockError::TooLarge(n) => write!(
+                f,
+                "block claims {n} bytes, more than the {MAX_BLOCK}-byte limit"
+            ),
             BlockError::Io(e) => write!(f, "read error: {e}"),
         }
     }
@@ -109,10 +120,15 @@ pub fn read_block(r: &mut impl Read) -> Result<Option<(u8, Vec<u8>)>, BlockError
         return Ok(None);
     }
     if n < BLOCK_HEADER_LEN {
-        return Err(BlockError::Cut { need: BLOCK_HEADER_LEN as u64, have: n as u64 });
+        return Err(BlockError::Cut {
+            need: BLOCK_HEADER_LEN as u64,
+            have: n as u64,
+        });
     }
     let kind = head[0];
-    if ![kind::HEADER, kind::RECORDS, kind::TRAILER, kind::OCCUPANCY].contains(&kind) || head[1..4] != [0, 0, 0] {
+    if ![kind::HEADER, kind::RECORDS, kind::TRAILER, kind::OCCUPANCY].contains(&kind)
+        || head[1..4] != [0, 0, 0]
+    {
         return Err(BlockError::UnknownKind(kind));
     }
     let len = u32::from_le_bytes(head[4..8].try_into().unwrap());
@@ -122,7 +138,10 @@ pub fn read_block(r: &mut impl Read) -> Result<Option<(u8, Vec<u8>)>, BlockError
     let mut payload = vec![0u8; len as usize];
     let got = read_full(r, &mut payload)?;
     if got < payload.len() {
-        return Err(BlockError::Cut { need: (BLOCK_HEADER_LEN + payload.len()) as u64, have: (BLOCK_HEADER_LEN + got) as u64 });
+        return Err(BlockError::Cut {
+            need: (BLOCK_HEADER_LEN + payload.len()) as u64,
+            have: (BLOCK_HEADER_LEN + got) as u64,
+        });
     }
     if checksum(&head, &payload) != u32::from_le_bytes(head[8..12].try_into().unwrap()) {
         return Err(BlockError::Checksum);
@@ -137,10 +156,16 @@ mod tests {
     #[test]
     fn a_block_reads_back_and_every_cut_is_named() {
         let b = framed(kind::RECORDS, b"hello records");
-        assert_eq!(read_block(&mut &b[..]).unwrap(), Some((kind::RECORDS, b"hello records".to_vec())));
+        assert_eq!(
+            read_block(&mut &b[..]).unwrap(),
+            Some((kind::RECORDS, b"hello records".to_vec()))
+        );
         assert_eq!(read_block(&mut &b[..0]).unwrap(), None);
         for cut in 1..b.len() {
-            assert!(matches!(read_block(&mut &b[..cut]), Err(BlockError::Cut { .. })), "cut at {cut}");
+            assert!(
+                matches!(read_block(&mut &b[..cut]), Err(BlockError::Cut { .. })),
+                "cut at {cut}"
+            );
         }
     }
 

@@ -49,7 +49,11 @@ impl<'a> Cursor<'a> {
     }
 
     pub fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], CodecError> {
-        let end = self.pos.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or(CodecError(what))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or(CodecError(what))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -96,7 +100,16 @@ mod tests {
 
     #[test]
     fn varints_round_trip_at_the_edges() {
-        for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX - 1, u64::MAX] {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            300,
+            u32::MAX as u64,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
             let mut b = Vec::new();
             put_varint(&mut b, v);
             assert_eq!(Cursor::new(&b).varint("v"), Ok(v), "{v}");
@@ -109,9 +122,14 @@ mod tests {
 
     #[test]
     fn overlong_and_cut_varints_are_errors() {
-        assert_eq!(Cursor::new(&[0x80, 0x80]).varint("ts"), Err(CodecError("ts")));
+        assert_eq!(
+            Cursor::new(&[0x80, 0x80]).varint("ts"),
+            Err(CodecError("ts"))
+        );
         assert!(Cursor::new(&[0xff; 10]).varint("x").is_err());
-        assert!(Cursor::new(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).varint_u32("x").is_err());
+        assert!(Cursor::new(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f])
+            .varint_u32("x")
+            .is_err());
     }
 
     #[test]

@@ -51,7 +51,9 @@ pub struct NsCounters {
 
 impl NsCounters {
     pub fn ct(&self) -> CtCounters {
-        CtCounters { columns: self.counters.clone() }
+        CtCounters {
+            columns: self.counters.clone(),
+        }
     }
 }
 
@@ -94,13 +96,20 @@ impl CaptureFilter {
             netns_all,
             hosts,
             ports,
-            interfaces: f.ifs[..f.n_ifs as usize].iter().map(|i| (i.netns, i.ifindex)).collect(),
+            interfaces: f.ifs[..f.n_ifs as usize]
+                .iter()
+                .map(|i| (i.netns, i.ifindex))
+                .collect(),
         }
     }
 
     /// Only some conntrack drops were traced.
     pub fn narrows(&self) -> bool {
-        self.netns.is_some() || self.proto.is_some() || self.host.is_some() || self.port.is_some() || !self.interfaces.is_empty()
+        self.netns.is_some()
+            || self.proto.is_some()
+            || self.host.is_some()
+            || self.port.is_some()
+            || !self.interfaces.is_empty()
     }
 }
 
@@ -158,9 +167,13 @@ pub struct CounterDelta {
 
 /// `uname -r`.
 pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }

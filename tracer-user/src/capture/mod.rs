@@ -33,7 +33,13 @@ pub async fn run(args: &CaptureArgs) -> Result<()> {
     let w = CaptureWriter::create(&args.output, args.force)?;
     let meta = sink::CaptureMeta {
         command: std::env::args().collect(),
-        probes: args.probe.ping.iter().chain(&args.probe.probe).cloned().collect(),
+        probes: args
+            .probe
+            .ping
+            .iter()
+            .chain(&args.probe.probe)
+            .cloned()
+            .collect(),
         duration: args.duration,
         headers: args.headers,
         max_flows: args.trace.max_flows,
@@ -43,13 +49,25 @@ pub async fn run(args: &CaptureArgs) -> Result<()> {
     // The file's sink last: if it fails at the end (disk full), the
     // summary on stdout is already out.
     let sinks: Vec<Box<dyn Sink>> = vec![
-        if args.json { Box::new(JsonSink::new(out)) } else { Box::new(SummaryOnly::new(out)) },
+        if args.json {
+            Box::new(JsonSink::new(out))
+        } else {
+            Box::new(SummaryOnly::new(out))
+        },
         Box::new(sink::CaptureSink::new(w, meta, progress)),
     ];
-    let opts = SessionOptions { trace: &args.trace, probe: &args.probe, duration: args.duration, capture_headers: args.headers, service: false };
+    let opts = SessionOptions {
+        trace: &args.trace,
+        probe: &args.probe,
+        duration: args.duration,
+        capture_headers: args.headers,
+        service: false,
+    };
     let result = session::run(&opts, sinks).await;
     out_handle.finish_and_report(session::OUTPUT_GRACE);
-    let size = std::fs::metadata(&args.output).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(&args.output)
+        .map(|m| m.len())
+        .unwrap_or(0);
     match result {
         // Failed before the header was written: leave no empty file behind.
         Err(e) if size == 0 => {

@@ -80,7 +80,8 @@ impl CaptureReader<BufReader<File>> {
         if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
             bail!("{} is a directory, not a capture file", path.display());
         }
-        CaptureReader::new(BufReader::with_capacity(1 << 20, f)).with_context(|| format!("reading {}", path.display()))
+        CaptureReader::new(BufReader::with_capacity(1 << 20, f))
+            .with_context(|| format!("reading {}", path.display()))
     }
 }
 
@@ -101,7 +102,9 @@ impl<R: Read> CaptureReader<R> {
         let header = match read_block(&mut r) {
             Ok(Some((kind::HEADER, payload))) => Some(payload),
             Ok(Some(_)) => bail!("damaged: the first block is not the capture header"),
-            Ok(None) => bail!("cut short at byte {PREAMBLE_LEN}, before the capture header: nothing to read"),
+            Ok(None) => bail!(
+                "cut short at byte {PREAMBLE_LEN}, before the capture header: nothing to read"
+            ),
             Err(e) if version == FORMAT_VERSION || version == 0 => {
                 bail!("the capture header at byte {PREAMBLE_LEN} is unreadable ({e}): nothing to read")
             }
@@ -111,7 +114,11 @@ impl<R: Read> CaptureReader<R> {
             let by = header
                 .as_deref()
                 .and_then(|h| serde_json::from_slice::<serde_json::Value>(h).ok())
-                .and_then(|v| v.get("ctdrop_version").and_then(|s| s.as_str()).map(|s| format!("ctdrop {s}")))
+                .and_then(|v| {
+                    v.get("ctdrop_version")
+                        .and_then(|s| s.as_str())
+                        .map(|s| format!("ctdrop {s}"))
+                })
                 .unwrap_or_else(|| "a newer ctdrop".into());
             bail!(
                 "written in capture format version {version} by {by}; this ctdrop ({}) reads format version {FORMAT_VERSION} and older: read it with a newer ctdrop",
@@ -122,7 +129,8 @@ impl<R: Read> CaptureReader<R> {
             bail!("damaged: capture format version 0 does not exist");
         }
         let payload = header.unwrap_or_default();
-        let header: Header = serde_json::from_slice(&payload).map_err(|e| anyhow!("the capture header is not valid: {e}"))?;
+        let header: Header = serde_json::from_slice(&payload)
+            .map_err(|e| anyhow!("the capture header is not valid: {e}"))?;
         Ok(CaptureReader {
             r,
             header,
@@ -142,7 +150,10 @@ impl<R: Read> CaptureReader<R> {
     }
 
     pub fn string(&self, id: u32) -> &str {
-        self.strings.get(id as usize).map(String::as_str).unwrap_or("?")
+        self.strings
+            .get(id as usize)
+            .map(String::as_str)
+            .unwrap_or("?")
     }
 
     pub fn next_item(&mut self) -> Option<Item> {
@@ -167,7 +178,10 @@ impl<R: Read> CaptureReader<R> {
             Ok(Some((kind::TRAILER, payload))) => {
                 self.end = Some(match serde_json::from_slice::<Trailer>(&payload) {
                     Ok(t) => End::Complete(t),
-                    Err(e) => End::Stopped { at, why: format!("the trailer is not valid ({e})") },
+                    Err(e) => End::Stopped {
+                        at,
+                        why: format!("the trailer is not valid ({e})"),
+                    },
                 });
             }
             Ok(Some((kind::RECORDS, payload))) => {
@@ -178,12 +192,34 @@ impl<R: Read> CaptureReader<R> {
                 self.offset += (BLOCK_HEADER_LEN + payload.len()) as u64;
                 match crate::conntrack::occupancy::Occupancy::from_stored(&payload) {
                     Ok(o) => self.occupancy.push(o),
-                    Err(e) => self.end = Some(End::Stopped { at, why: format!("the table snapshot is not valid ({e})") }),
+                    Err(e) => {
+                        self.end = Some(End::Stopped {
+                            at,
+                            why: format!("the table snapshot is not valid ({e})"),
+                        })
+                    }
                 }
             }
-            Ok(Some((k, _))) => self.end = Some(End::Stopped { at, why: format!("unexpected block kind {k:#04x}") }),
-            Err(e @ BlockError::Cut { .. }) => self.end = Some(End::Stopped { at, why: format!("{e}: the capture was cut short (killed mid-write or the disk filled)") }),
-            Err(e) => self.end = Some(End::Stopped { at, why: e.to_string() }),
+            Ok(Some((k, _))) => {
+                self.end = Some(End::Stopped {
+                    at,
+                    why: format!("unexpected block kind {k:#04x}"),
+                })
+            }
+            Err(e @ BlockError::Cut { .. }) => {
+                self.end = Some(End::Stopped {
+                    at,
+                    why: format!(
+                        "{e}: the capture was cut short (killed mid-write or the disk filled)"
+                    ),
+                })
+            }
+            Err(e) => {
+                self.end = Some(End::Stopped {
+                    at,
+                    why: e.to_string(),
+                })
+            }
         }
     }
 
@@ -196,7 +232,9 @@ impl<R: Read> CaptureReader<R> {
                 match c.u8("record kind")? {
                     record::DROP => {
                         let causes = &self.causes;
-                        let d = record::get_drop(&mut c, prev_ts, |id| causes.get(id as usize).copied().flatten())?;
+                        let d = record::get_drop(&mut c, prev_ts, |id| {
+                            causes.get(id as usize).copied().flatten()
+                        })?;
                         prev_ts = d.ev.ts_ns;
                         Ok(Some(Item::Drop(d)))
                     }
@@ -210,7 +248,9 @@ impl<R: Read> CaptureReader<R> {
                         Ok(None)
                     }
                     record::PROBE => Ok(Some(Item::Probe(record::get_probe(&mut c)?))),
-                    record::CHECKPOINT => Ok(Some(Item::Checkpoint(record::get_checkpoint(&mut c)?))),
+                    record::CHECKPOINT => {
+                        Ok(Some(Item::Checkpoint(record::get_checkpoint(&mut c)?)))
+                    }
                     _ => Err(super::codec::CodecError("unknown record kind")),
                 }
             })();
@@ -219,7 +259,10 @@ impl<R: Read> CaptureReader<R> {
                 Ok(None) => {}
                 Err(e) => {
                     let at = block_at + (BLOCK_HEADER_LEN + rec_at) as u64;
-                    self.end_after_pending = Some(End::Stopped { at, why: format!("bad record: {e}") });
+                    self.end_after_pending = Some(End::Stopped {
+                        at,
+                        why: format!("bad record: {e}"),
+                    });
                     return;
                 }
             }

@@ -103,14 +103,26 @@ pub fn put_drop(out: &mut Vec<u8>, prev_ts: u64, ev: &DropEvent, ids: &DropStrin
     set(ev.ifindex.is_some(), bit::IFINDEX);
     set(ids.ifname.is_some(), bit::IFNAME);
     set(ev.flow.is_some(), bit::FLOW);
-    set(matches!(ev.flow, Some(Flow { src: IpAddr::V6(_), .. })), bit::V6);
+    set(
+        matches!(
+            ev.flow,
+            Some(Flow {
+                src: IpAddr::V6(_),
+                ..
+            })
+        ),
+        bit::V6,
+    );
     set(ev.flow.as_ref().and_then(|f| f.ports).is_some(), bit::PORTS);
     set(ev.icmp.is_some(), bit::ICMP);
     set(ev.icmp.and_then(|i| i.echo).is_some(), bit::ECHO);
     set(ev.ct.is_some(), bit::CT);
     set(ev.ct.and_then(|c| c.status).is_some(), bit::CT_STATUS);
     set(ev.ct_fill.is_some(), bit::FILL);
-    set(ev.ct_fill.map(|f| f.sampled).unwrap_or(false), bit::FILL_SAMPLED);
+    set(
+        ev.ct_fill.map(|f| f.sampled).unwrap_or(false),
+        bit::FILL_SAMPLED,
+    );
     set(ev.truncated, bit::TRUNCATED);
     set(ev.header.is_some(), bit::HEADER);
 
@@ -187,9 +199,16 @@ fn v6(a: IpAddr) -> Ipv6Addr {
 
 /// Reads a drop body (after its kind byte). `cause_of` turns a string id
 /// into a cause; None when the id is undefined or names no known cause.
-pub fn get_drop(c: &mut Cursor, prev_ts: u64, cause_of: impl Fn(u32) -> Option<Cause>) -> Result<CapturedDrop, CodecError> {
+pub fn get_drop(
+    c: &mut Cursor,
+    prev_ts: u64,
+    cause_of: impl Fn(u32) -> Option<Cause>,
+) -> Result<CapturedDrop, CodecError> {
     let b = c.varint("drop field bits")?;
-    let b = u16::try_from(b).ok().filter(|b| b & !bit::KNOWN == 0).ok_or(CodecError("drop with unknown field bits"))?;
+    let b = u16::try_from(b)
+        .ok()
+        .filter(|b| b & !bit::KNOWN == 0)
+        .ok_or(CodecError("drop with unknown field bits"))?;
     let has = |f: u16| b & f != 0;
     let ts_ns = prev_ts.wrapping_add(unzigzag(c.varint("drop timestamp")?) as u64);
     let cause_id = c.varint_u32("drop cause")?;
@@ -200,45 +219,92 @@ pub fn get_drop(c: &mut Cursor, prev_ts: u64, cause_of: impl Fn(u32) -> Option<C
     let cpu = c.varint_u32("drop cpu")?;
     let skb_len = c.varint_u32("drop length")?;
     let location = c.varint_u32("drop location")?;
-    let netns = if has(bit::NETNS) { Some(c.varint_u32("drop netns")?) } else { None };
-    let netns_name = if has(bit::NETNS_NAME) { Some(c.varint_u32("drop netns name")?) } else { None };
-    let ifindex = if has(bit::IFINDEX) { Some(c.varint_u32("drop ifindex")?) } else { None };
-    let ifname = if has(bit::IFNAME) { Some(c.varint_u32("drop interface name")?) } else { None };
+    let netns = if has(bit::NETNS) {
+        Some(c.varint_u32("drop netns")?)
+    } else {
+        None
+    };
+    let netns_name = if has(bit::NETNS_NAME) {
+        Some(c.varint_u32("drop netns name")?)
+    } else {
+        None
+    };
+    let ifindex = if has(bit::IFINDEX) {
+        Some(c.varint_u32("drop ifindex")?)
+    } else {
+        None
+    };
+    let ifname = if has(bit::IFNAME) {
+        Some(c.varint_u32("drop interface name")?)
+    } else {
+        None
+    };
     let flow = if has(bit::FLOW) {
         let proto = c.u8("drop protocol")?;
         let (src, dst) = if has(bit::V6) {
-            (IpAddr::V6(Ipv6Addr::from(c.array::<16>("drop source address")?)), IpAddr::V6(Ipv6Addr::from(c.array::<16>("drop destination address")?)))
+            (
+                IpAddr::V6(Ipv6Addr::from(c.array::<16>("drop source address")?)),
+                IpAddr::V6(Ipv6Addr::from(c.array::<16>("drop destination address")?)),
+            )
         } else {
-            (IpAddr::V4(Ipv4Addr::from(c.array::<4>("drop source address")?)), IpAddr::V4(Ipv4Addr::from(c.array::<4>("drop destination address")?)))
+            (
+                IpAddr::V4(Ipv4Addr::from(c.array::<4>("drop source address")?)),
+                IpAddr::V4(Ipv4Addr::from(c.array::<4>("drop destination address")?)),
+            )
         };
-        let ports = if has(bit::PORTS) { Some((c.u16("drop source port")?, c.u16("drop destination port")?)) } else { None };
-        Some(Flow { src, dst, proto, ports })
+        let ports = if has(bit::PORTS) {
+            Some((c.u16("drop source port")?, c.u16("drop destination port")?))
+        } else {
+            None
+        };
+        Some(Flow {
+            src,
+            dst,
+            proto,
+            ports,
+        })
     } else {
         None
     };
     let icmp = if has(bit::ICMP) {
         let ty = c.u8("drop icmp type")?;
         let code = c.u8("drop icmp code")?;
-        let echo = if has(bit::ECHO) { Some((c.u16("drop icmp id")?, c.u16("drop icmp seq")?)) } else { None };
+        let echo = if has(bit::ECHO) {
+            Some((c.u16("drop icmp id")?, c.u16("drop icmp seq")?))
+        } else {
+            None
+        };
         Some(Icmp { ty, code, echo })
     } else {
         None
     };
     let ct = if has(bit::CT) {
         let info = c.u8("drop ct info")?;
-        let zone = u16::try_from(c.varint("drop ct zone")?).map_err(|_| CodecError("drop ct zone"))?;
-        let status = if has(bit::CT_STATUS) { Some(c.varint_u32("drop ct status")?) } else { None };
+        let zone =
+            u16::try_from(c.varint("drop ct zone")?).map_err(|_| CodecError("drop ct zone"))?;
+        let status = if has(bit::CT_STATUS) {
+            Some(c.varint_u32("drop ct status")?)
+        } else {
+            None
+        };
         Some(CtRef { info, status, zone })
     } else {
         None
     };
     let ct_fill = if has(bit::FILL) {
-        Some(CtFill { count: c.varint("drop table count")?, max: c.varint("drop table max")?, sampled: has(bit::FILL_SAMPLED), counted_drop: None })
+        Some(CtFill {
+            count: c.varint("drop table count")?,
+            max: c.varint("drop table max")?,
+            sampled: has(bit::FILL_SAMPLED),
+            counted_drop: None,
+        })
     } else {
         None
     };
     let header = if has(bit::HEADER) {
-        Some(Box::new(c.array::<HEADER_CAPTURE_LEN>("drop packet header")?))
+        Some(Box::new(
+            c.array::<HEADER_CAPTURE_LEN>("drop packet header")?,
+        ))
     } else {
         None
     };
@@ -260,20 +326,32 @@ pub fn get_drop(c: &mut Cursor, prev_ts: u64, cause_of: impl Fn(u32) -> Option<C
         truncated: has(bit::TRUNCATED),
         header,
     };
-    Ok(CapturedDrop { ev, cause, location, netns_name, ifname })
+    Ok(CapturedDrop {
+        ev,
+        cause,
+        location,
+        netns_name,
+        ifname,
+    })
 }
 
 pub fn get_string(c: &mut Cursor) -> Result<(u32, String), CodecError> {
     let id = c.varint_u32("string id")?;
     let len = c.varint("string length")?;
-    let bytes = c.bytes(usize::try_from(len).map_err(|_| CodecError("string length"))?, "string bytes")?;
+    let bytes = c.bytes(
+        usize::try_from(len).map_err(|_| CodecError("string length"))?,
+        "string bytes",
+    )?;
     let s = std::str::from_utf8(bytes).map_err(|_| CodecError("string is not UTF-8"))?;
     Ok((id, s.to_string()))
 }
 
 pub fn get_probe(c: &mut Cursor) -> Result<serde_json::Value, CodecError> {
     let len = c.varint("probe length")?;
-    let bytes = c.bytes(usize::try_from(len).map_err(|_| CodecError("probe length"))?, "probe bytes")?;
+    let bytes = c.bytes(
+        usize::try_from(len).map_err(|_| CodecError("probe length"))?,
+        "probe bytes",
+    )?;
     serde_json::from_slice(bytes).map_err(|_| CodecError("probe is not JSON"))
 }
 
@@ -294,7 +372,10 @@ pub mod tests {
     /// A drop with every optional part present (or absent), for round trips.
     pub fn sample(full: bool, v6: bool) -> DropEvent {
         let (src, dst): (IpAddr, IpAddr) = if v6 {
-            ("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap())
+            (
+                "2001:db8::1".parse().unwrap(),
+                "2001:db8::2".parse().unwrap(),
+            )
         } else {
             ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap())
         };
@@ -309,22 +390,48 @@ pub mod tests {
             netns: full.then_some(4026532000),
             ifindex: full.then_some(7),
             skb_len: 84,
-            flow: full.then_some(Flow { src, dst, proto: if v6 { 58 } else { 1 }, ports: None }),
-            icmp: full.then_some(Icmp { ty: 8, code: 0, echo: Some((77, 65535)) }),
-            ct: full.then_some(CtRef { info: 7, status: Some(0x188), zone: 3 }),
-            ct_fill: full.then_some(CtFill { count: 64, max: 64, sampled: true, counted_drop: None }),
+            flow: full.then_some(Flow {
+                src,
+                dst,
+                proto: if v6 { 58 } else { 1 },
+                ports: None,
+            }),
+            icmp: full.then_some(Icmp {
+                ty: 8,
+                code: 0,
+                echo: Some((77, 65535)),
+            }),
+            ct: full.then_some(CtRef {
+                info: 7,
+                status: Some(0x188),
+                zone: 3,
+            }),
+            ct_fill: full.then_some(CtFill {
+                count: 64,
+                max: 64,
+                sampled: true,
+                counted_drop: None,
+            }),
             truncated: full,
             header: full.then(|| Box::new([0xab; HEADER_CAPTURE_LEN])),
         }
     }
 
     fn round_trip(ev: &DropEvent, prev: u64) -> CapturedDrop {
-        let ids = DropStrings { cause: 0, location: 9, netns_name: Some(3), ifname: None };
+        let ids = DropStrings {
+            cause: 0,
+            location: 9,
+            netns_name: Some(3),
+            ifname: None,
+        };
         let mut out = Vec::new();
         put_drop(&mut out, prev, ev, &ids);
         let mut c = Cursor::new(&out);
         assert_eq!(c.u8("kind").unwrap(), DROP);
-        let d = get_drop(&mut c, prev, |id| (id == 0).then_some(Cause::ConntrackTableFull)).unwrap();
+        let d = get_drop(&mut c, prev, |id| {
+            (id == 0).then_some(Cause::ConntrackTableFull)
+        })
+        .unwrap();
         assert!(c.is_empty(), "trailing bytes");
         d
     }
@@ -335,7 +442,10 @@ pub mod tests {
             let ev = sample(full, v6);
             let d = round_trip(&ev, 0);
             assert_eq!(d.ev, ev);
-            assert_eq!((d.cause, d.location, d.netns_name, d.ifname), (Cause::ConntrackTableFull, 9, Some(3), None));
+            assert_eq!(
+                (d.cause, d.location, d.netns_name, d.ifname),
+                (Cause::ConntrackTableFull, 9, Some(3), None)
+            );
         }
     }
 
@@ -349,7 +459,12 @@ pub mod tests {
     fn udp_ports_round_trip() {
         let mut ev = sample(true, false);
         ev.icmp = None;
-        ev.flow = Some(Flow { src: "198.18.0.1".parse().unwrap(), dst: "198.18.0.2".parse().unwrap(), proto: 17, ports: Some((40000, 53)) });
+        ev.flow = Some(Flow {
+            src: "198.18.0.1".parse().unwrap(),
+            dst: "198.18.0.2".parse().unwrap(),
+            proto: 17,
+            ports: Some((40000, 53)),
+        });
         assert_eq!(round_trip(&ev, 0).ev, ev);
     }
 
@@ -357,20 +472,46 @@ pub mod tests {
     fn every_cut_of_a_drop_is_an_error() {
         let ev = sample(true, true);
         let mut out = Vec::new();
-        put_drop(&mut out, 0, &ev, &DropStrings { cause: 0, location: 1, netns_name: Some(2), ifname: Some(3) });
+        put_drop(
+            &mut out,
+            0,
+            &ev,
+            &DropStrings {
+                cause: 0,
+                location: 1,
+                netns_name: Some(2),
+                ifname: Some(3),
+            },
+        );
         for cut in 1..out.len() {
             let mut c = Cursor::new(&out[1..cut]);
-            assert!(get_drop(&mut c, 0, |_| Some(Cause::Other)).is_err(), "cut at {cut}");
+            assert!(
+                get_drop(&mut c, 0, |_| Some(Cause::Other)).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 
     #[test]
     fn unknown_cause_ids_and_bits_are_refused() {
         let mut out = Vec::new();
-        put_drop(&mut out, 0, &sample(false, false), &DropStrings { cause: 5, location: 1, netns_name: None, ifname: None });
+        put_drop(
+            &mut out,
+            0,
+            &sample(false, false),
+            &DropStrings {
+                cause: 5,
+                location: 1,
+                netns_name: None,
+                ifname: None,
+            },
+        );
         assert!(get_drop(&mut Cursor::new(&out[1..]), 0, |_| None).is_err());
         let mut bad = vec![];
         put_varint(&mut bad, 1 << 15);
-        assert_eq!(get_drop(&mut Cursor::new(&bad), 0, |_| Some(Cause::Other)), Err(CodecError("drop with unknown field bits")));
+        assert_eq!(
+            get_drop(&mut Cursor::new(&bad), 0, |_| Some(Cause::Other)),
+            Err(CodecError("drop with unknown field bits"))
+        );
     }
 }

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     cause::Cause,
-    output::{json::probe_json, Progress, ProbeShown, Shown, Sink},
+    output::{json::probe_json, ProbeShown, Progress, Shown, Sink},
     session::SessionInfo,
     summary::Summary,
 };
@@ -44,7 +44,15 @@ pub struct CaptureSink {
 
 impl CaptureSink {
     pub fn new(w: CaptureWriter, meta: CaptureMeta, progress: bool) -> Self {
-        CaptureSink { w, meta, boot_offset: 0, start: BTreeMap::new(), latest: BTreeMap::new(), progress, drew: false }
+        CaptureSink {
+            w,
+            meta,
+            boot_offset: 0,
+            start: BTreeMap::new(),
+            latest: BTreeMap::new(),
+            progress,
+            drew: false,
+        }
     }
 
     fn draw(&mut self, p: &Progress) {
@@ -56,12 +64,20 @@ impl CaptureSink {
             line += &format!(" of {total}s ({}s left)", total.saturating_sub(secs));
         }
         line += &format!("  {} drops", p.tally.total);
-        let parts: Vec<String> =
-            Cause::ALL.iter().filter(|c| p.tally.count(**c) > 0).map(|c| format!("{} {}", p.tally.count(*c), c)).collect();
+        let parts: Vec<String> = Cause::ALL
+            .iter()
+            .filter(|c| p.tally.count(**c) > 0)
+            .map(|c| format!("{} {}", p.tally.count(*c), c))
+            .collect();
         if !parts.is_empty() {
             line += &format!(" ({})", parts.join(", "));
         }
-        line += &format!("  {} events lost  {} {}", p.stats.lost, self.w.path().display(), human_bytes(self.w.bytes_written()));
+        line += &format!(
+            "  {} events lost  {} {}",
+            p.stats.lost,
+            self.w.path().display(),
+            human_bytes(self.w.bytes_written())
+        );
         let mut err = std::io::stderr().lock();
         let _ = write!(err, "\r\x1b[K{line}");
         let _ = err.flush();
@@ -79,7 +95,12 @@ pub fn human_bytes(n: u64) -> String {
 
 /// The header of a capture taken by this session, starting at `mono`
 /// (CLOCK_MONOTONIC) with these counters.
-pub fn header(info: &SessionInfo, meta: &CaptureMeta, mono: u64, counters_at_start: Vec<NsCounters>) -> Header {
+pub fn header(
+    info: &SessionInfo,
+    meta: &CaptureMeta,
+    mono: u64,
+    counters_at_start: Vec<NsCounters>,
+) -> Header {
     Header {
         format_version: FORMAT_VERSION,
         ctdrop_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -91,9 +112,20 @@ pub fn header(info: &SessionInfo, meta: &CaptureMeta, mono: u64, counters_at_sta
         mechanisms: info
             .mechanisms
             .iter()
-            .map(|m| (m.signal.to_string(), m.chosen.clone().unwrap_or_else(|| format!("none ({})", m.note))))
+            .map(|m| {
+                (
+                    m.signal.to_string(),
+                    m.chosen
+                        .clone()
+                        .unwrap_or_else(|| format!("none ({})", m.note)),
+                )
+            })
             .collect(),
-        drop_reasons: info.reasons.pairs().map(|(v, n)| (v, n.to_string())).collect(),
+        drop_reasons: info
+            .reasons
+            .pairs()
+            .map(|(v, n)| (v, n.to_string()))
+            .collect(),
         conntrack_max: info.limits.map(|l| l.max),
         conntrack_buckets: info.limits.map(|l| l.buckets),
         counters_at_start,
@@ -112,14 +144,29 @@ impl Sink for CaptureSink {
         self.start = info
             .counters_at_start
             .iter()
-            .map(|(ns, c)| (*ns, NsCounters { netns: *ns, netns_name: info.namespaces.display_name(*ns), counters: c.columns.clone() }))
+            .map(|(ns, c)| {
+                (
+                    *ns,
+                    NsCounters {
+                        netns: *ns,
+                        netns_name: info.namespaces.display_name(*ns),
+                        counters: c.columns.clone(),
+                    },
+                )
+            })
             .collect();
-        let h = header(info, &self.meta, crate::probe::mono_ns(), self.start.values().cloned().collect());
+        let h = header(
+            info,
+            &self.meta,
+            crate::probe::mono_ns(),
+            self.start.values().cloned().collect(),
+        );
         self.w.write_header(&h)
     }
 
     fn drop_event(&mut self, s: &Shown) -> std::io::Result<()> {
-        self.w.drop_event(s.ev, s.cause, s.location, s.netns_name, s.ifname)
+        self.w
+            .drop_event(s.ev, s.cause, s.location, s.netns_name, s.ifname)
     }
 
     fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()> {
@@ -140,11 +187,23 @@ impl Sink for CaptureSink {
 
     fn tick(&mut self, p: &Progress) -> std::io::Result<()> {
         for (ns, (name, c)) in p.counters {
-            self.latest.insert(*ns, NsCounters { netns: *ns, netns_name: name.clone(), counters: c.columns.clone() });
+            self.latest.insert(
+                *ns,
+                NsCounters {
+                    netns: *ns,
+                    netns_name: name.clone(),
+                    counters: c.columns.clone(),
+                },
+            );
         }
         let r = self
             .w
-            .checkpoint(&Checkpoint { mono_ns: p.mono_ns, events_sent: p.stats.sent, events_lost: p.stats.lost, drops_seen: p.tally.total })
+            .checkpoint(&Checkpoint {
+                mono_ns: p.mono_ns,
+                events_sent: p.stats.sent,
+                events_lost: p.stats.lost,
+                drops_seen: p.tally.total,
+            })
             .and_then(|()| self.w.flush());
         if self.progress {
             self.draw(p);
@@ -164,9 +223,30 @@ impl Sink for CaptureSink {
         let mut kernel_counters = Vec::new();
         for c in s.checks {
             let start = self.start.get(&c.netns).map(|n| n.ct()).unwrap_or_default();
-            let end = c.delta.columns.iter().map(|(k, d)| (k.clone(), if k == "entries" { *d } else { start.get(k) + d })).collect();
-            at_end.insert(c.netns, NsCounters { netns: c.netns, netns_name: c.netns_name.clone(), counters: end });
-            kernel_counters.push(CounterDelta { netns: c.netns, netns_name: c.netns_name.clone(), delta: c.delta.columns.clone() });
+            let end = c
+                .delta
+                .columns
+                .iter()
+                .map(|(k, d)| {
+                    (
+                        k.clone(),
+                        if k == "entries" { *d } else { start.get(k) + d },
+                    )
+                })
+                .collect();
+            at_end.insert(
+                c.netns,
+                NsCounters {
+                    netns: c.netns,
+                    netns_name: c.netns_name.clone(),
+                    counters: end,
+                },
+            );
+            kernel_counters.push(CounterDelta {
+                netns: c.netns,
+                netns_name: c.netns_name.clone(),
+                delta: c.delta.columns.clone(),
+            });
         }
         let t = Trailer {
             ended_wall_ns: mono + self.boot_offset,

@@ -23,10 +23,18 @@ pub fn header() -> Header {
         started_mono_ns: 1_000_000_000_000,
         boot_offset_ns: 1_699_999_000_000_000_000,
         mechanisms: [("drops".to_string(), "tp_btf/kfree_skb".to_string())].into(),
-        drop_reasons: [(12, "NETFILTER_DROP".to_string()), (2, "NOT_SPECIFIED".to_string())].into(),
+        drop_reasons: [
+            (12, "NETFILTER_DROP".to_string()),
+            (2, "NOT_SPECIFIED".to_string()),
+        ]
+        .into(),
         conntrack_max: Some(64),
         conntrack_buckets: Some(262144),
-        counters_at_start: vec![NsCounters { netns: 7, netns_name: Some("recv".into()), counters: [("drop".to_string(), 5u64), ("entries".to_string(), 64)].into() }],
+        counters_at_start: vec![NsCounters {
+            netns: 7,
+            netns_name: Some("recv".into()),
+            counters: [("drop".to_string(), 5u64), ("entries".to_string(), 64)].into(),
+        }],
         filter: CaptureFilter::default(),
         headers: true,
         duration_s: Some(3.0),
@@ -46,8 +54,24 @@ pub fn trailer(drops: u64, kernel_drop: u64) -> Trailer {
         decode_errors: 0,
         drops_written: drops,
         probes_written: 1,
-        kernel_counters: vec![CounterDelta { netns: 7, netns_name: Some("recv".into()), delta: [("drop".to_string(), kernel_drop), ("entries".to_string(), 64)].into() }],
-        counters_at_end: vec![NsCounters { netns: 7, netns_name: Some("recv".into()), counters: [("drop".to_string(), 5 + kernel_drop), ("entries".to_string(), 64)].into() }],
+        kernel_counters: vec![CounterDelta {
+            netns: 7,
+            netns_name: Some("recv".into()),
+            delta: [
+                ("drop".to_string(), kernel_drop),
+                ("entries".to_string(), 64),
+            ]
+            .into(),
+        }],
+        counters_at_end: vec![NsCounters {
+            netns: 7,
+            netns_name: Some("recv".into()),
+            counters: [
+                ("drop".to_string(), 5 + kernel_drop),
+                ("entries".to_string(), 64),
+            ]
+            .into(),
+        }],
         watch: None,
     }
 }
@@ -62,7 +86,14 @@ pub fn drop_no(i: u64) -> (DropEvent, Cause) {
         ev.icmp = None;
     }
     ev.netns = Some(7);
-    (ev, if i % 4 == 3 { Cause::NetfilterRule } else { Cause::ConntrackTableFull })
+    (
+        ev,
+        if i % 4 == 3 {
+            Cause::NetfilterRule
+        } else {
+            Cause::ConntrackTableFull
+        },
+    )
 }
 
 /// A finished capture of `n` drops in blocks of `per_block`, one probe
@@ -79,10 +110,17 @@ pub fn capture_with(n: u64, per_block: u64, end: Option<Trailer>) -> Vec<u8> {
     w.write_header(&header()).unwrap();
     for i in 0..n {
         let (ev, cause) = drop_no(i);
-        w.drop_event(&ev, cause, "nf_hook_slow+0x9a", Some("recv"), Some("veth1")).unwrap();
+        w.drop_event(&ev, cause, "nf_hook_slow+0x9a", Some("recv"), Some("veth1"))
+            .unwrap();
         if i == 0 {
             w.probe(&serde_json::json!({"kind": "probe", "host": "198.18.0.2", "status": "lost", "cause": "conntrack_table_full", "seq": 1})).unwrap();
-            w.checkpoint(&Checkpoint { mono_ns: ev.ts_ns, events_sent: 1, events_lost: 0, drops_seen: 1 }).unwrap();
+            w.checkpoint(&Checkpoint {
+                mono_ns: ev.ts_ns,
+                events_sent: 1,
+                events_lost: 0,
+                drops_seen: 1,
+            })
+            .unwrap();
         }
         if (i + 1) % per_block == 0 {
             w.flush().unwrap();
@@ -105,7 +143,12 @@ struct Read_ {
 
 fn read_all(bytes: &[u8]) -> anyhow::Result<Read_> {
     let mut r = CaptureReader::new(bytes)?;
-    let mut out = Read_ { drops: vec![], probes: 0, checkpoints: 0, end: End::NoTrailer { at: 0 } };
+    let mut out = Read_ {
+        drops: vec![],
+        probes: 0,
+        checkpoints: 0,
+        end: End::NoTrailer { at: 0 },
+    };
     while let Some(it) = r.next_item() {
         match it {
             Item::Drop(d) => {
@@ -143,7 +186,12 @@ fn a_capture_without_trailer_reads_up_to_its_last_flush() {
     let bytes = capture_bytes(10, 4, false);
     let r = read_all(&bytes).unwrap();
     assert_eq!(r.drops.len(), 10);
-    assert_eq!(r.end, End::NoTrailer { at: bytes.len() as u64 });
+    assert_eq!(
+        r.end,
+        End::NoTrailer {
+            at: bytes.len() as u64
+        }
+    );
     assert!(r.end.describe().unwrap().contains("trailer missing"));
 }
 
@@ -161,15 +209,30 @@ fn cut_at_every_offset() {
     for cut in 0..bytes.len() {
         match read_all(&bytes[..cut]) {
             Err(e) => {
-                assert!(cut < header_end, "cut at {cut} (after the header) failed: {e:#}");
+                assert!(
+                    cut < header_end,
+                    "cut at {cut} (after the header) failed: {e:#}"
+                );
                 let msg = format!("{e:#}");
-                assert!(msg.contains("cut short") || msg.contains("unreadable") || msg.contains("not a ctdrop capture"), "cut at {cut}: {msg}");
+                assert!(
+                    msg.contains("cut short")
+                        || msg.contains("unreadable")
+                        || msg.contains("not a ctdrop capture"),
+                    "cut at {cut}: {msg}"
+                );
             }
             Ok(r) => {
-                assert!(cut >= header_end, "cut at {cut} inside the header was accepted");
+                assert!(
+                    cut >= header_end,
+                    "cut at {cut} inside the header was accepted"
+                );
                 assert!(r.drops.len() >= last_drops, "fewer drops after a later cut");
                 last_drops = r.drops.len();
-                assert_eq!(r.drops[..], full.drops[..r.drops.len()], "cut at {cut}: drops differ from the original's first ones");
+                assert_eq!(
+                    r.drops[..],
+                    full.drops[..r.drops.len()],
+                    "cut at {cut}: drops differ from the original's first ones"
+                );
                 match &r.end {
                     End::NoTrailer { at } => assert_eq!(*at, cut as u64),
                     End::Stopped { at, why } => {
@@ -189,13 +252,23 @@ fn a_newer_format_is_refused_by_name() {
     let mut bytes = capture_bytes(2, 1, true);
     bytes[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
     let e = format!("{:#}", CaptureReader::new(&bytes[..]).err().unwrap());
-    assert!(e.contains(&format!("format version {}", FORMAT_VERSION + 1)), "{e}");
-    assert!(e.contains("ctdrop 0.0.0-test") && e.contains("newer ctdrop"), "{e}");
+    assert!(
+        e.contains(&format!("format version {}", FORMAT_VERSION + 1)),
+        "{e}"
+    );
+    assert!(
+        e.contains("ctdrop 0.0.0-test") && e.contains("newer ctdrop"),
+        "{e}"
+    );
 }
 
 #[test]
 fn other_files_are_not_captures() {
-    for bytes in [&b""[..], b"hello world, not a capture", b"\x89CTDROP\n\x00\x00\x00\x00"] {
+    for bytes in [
+        &b""[..],
+        b"hello world, not a capture",
+        b"\x89CTDROP\n\x00\x00\x00\x00",
+    ] {
         assert!(CaptureReader::new(bytes).is_err());
     }
 }
@@ -209,7 +282,11 @@ fn damage_in_a_middle_block_stops_there() {
     let i = bad.len() - 40;
     bad[i] ^= 0xff;
     let r = read_all(&bad).unwrap();
-    assert!(matches!(&r.end, End::Stopped { why, .. } if why.contains("checksum")), "{:?}", r.end);
+    assert!(
+        matches!(&r.end, End::Stopped { why, .. } if why.contains("checksum")),
+        "{:?}",
+        r.end
+    );
     assert_eq!(r.drops[..], full.drops[..r.drops.len()]);
 }
 
@@ -218,7 +295,10 @@ fn files_are_private_and_never_overwritten_silently() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.ctdrop");
     drop(CaptureWriter::create(&p, false).unwrap());
-    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     std::fs::write(&p, b"precious").unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
     let e = CaptureWriter::create(&p, false).err().unwrap().to_string();
@@ -226,19 +306,32 @@ fn files_are_private_and_never_overwritten_silently() {
     assert_eq!(std::fs::read(&p).unwrap(), b"precious");
     drop(CaptureWriter::create(&p, true).unwrap());
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 0);
-    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
-    assert!(CaptureWriter::create(dir.path(), true).err().unwrap().to_string().contains("directory"));
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(CaptureWriter::create(dir.path(), true)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("directory"));
 }
 
 #[test]
 fn a_full_disk_stops_the_writer_and_says_what_was_kept() {
-    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
     let mut w = CaptureWriter::on(full, std::path::Path::new("/dev/full"));
     let e = w.write_header(&header()).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::StorageFull);
     let (ev, cause) = drop_no(0);
     let again = w.drop_event(&ev, cause, "x", None, None).unwrap_err();
-    assert!(again.to_string().contains("readable up to its last flush"), "{again}");
+    assert!(
+        again.to_string().contains("readable up to its last flush"),
+        "{again}"
+    );
     assert!(w.finish(&trailer(0, 0)).is_err());
 }
 
@@ -300,17 +393,27 @@ const V1_FILE: &[u8] = include_bytes!("testdata/v1-table-full.ctdrop");
 
 #[test]
 fn format_1_files_from_before_snapshots_still_read_whole() {
-    assert_eq!(u32::from_le_bytes(V1_FILE[8..12].try_into().unwrap()), 1, "the test file must stay a version 1 file");
+    assert_eq!(
+        u32::from_le_bytes(V1_FILE[8..12].try_into().unwrap()),
+        1,
+        "the test file must stay a version 1 file"
+    );
     let reader = CaptureReader::new(V1_FILE).unwrap();
     assert_eq!(reader.header.format_version, 1);
     let r = read_all(V1_FILE).unwrap();
     assert_eq!(r.drops.len(), 12);
     assert!(r.drops.iter().all(|d| d.1 == Cause::ConntrackTableFull));
-    let End::Complete(t) = &r.end else { panic!("{:?}", r.end) };
+    let End::Complete(t) = &r.end else {
+        panic!("{:?}", r.end)
+    };
     assert_eq!(t.kernel_counters.len(), 1);
     assert_eq!(t.kernel_counters[0].delta["drop"], 12);
     assert!(t.watch.is_none());
-    let rep = crate::report::Report::build(std::path::Path::new("v1"), CaptureReader::new(V1_FILE).unwrap(), |_| {});
+    let rep = crate::report::Report::build(
+        std::path::Path::new("v1"),
+        CaptureReader::new(V1_FILE).unwrap(),
+        |_| {},
+    );
     assert!(rep.occupancy.is_empty());
     let checks = rep.counter_checks().unwrap();
     assert!(checks[0].agrees() && checks[0].table_full == 12);
@@ -340,11 +443,15 @@ fn a_table_snapshot_is_stored_as_its_own_block_and_reported() {
     let mut w = CaptureWriter::create(&path, false).unwrap();
     w.write_header(&header()).unwrap();
     let (ev, cause) = drop_no(0);
-    w.drop_event(&ev, cause, "nf_hook_slow", Some("recv"), None).unwrap();
+    w.drop_event(&ev, cause, "nf_hook_slow", Some("recv"), None)
+        .unwrap();
     w.occupancy(&o).unwrap();
     w.finish(&trailer(1, 1)).unwrap();
     let bytes = std::fs::read(&path).unwrap();
-    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), FORMAT_VERSION);
+    assert_eq!(
+        u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+        FORMAT_VERSION
+    );
     // Records before the snapshot, the snapshot, then the trailer: all read.
     let r = read_all(&bytes).unwrap();
     assert_eq!(r.drops.len(), 1);
@@ -352,12 +459,22 @@ fn a_table_snapshot_is_stored_as_its_own_block_and_reported() {
     let rep = crate::report::Report::build(&path, CaptureReader::new(&bytes[..]).unwrap(), |_| {});
     assert_eq!(rep.occupancy.len(), 1);
     let back = &rep.occupancy[0];
-    assert_eq!((back.netns, back.entries, back.unreplied), (Some(7), 40, 40));
+    assert_eq!(
+        (back.netns, back.entries, back.unreplied),
+        (Some(7), 40, 40)
+    );
     let port = &back.top_dst_ports[0];
-    assert_eq!((port.proto_num, port.port, port.entries), (17, 5353, 40), "proto_num restored from the name");
+    assert_eq!(
+        (port.proto_num, port.port, port.entries),
+        (17, 5353, 40),
+        "proto_num restored from the name"
+    );
     assert_eq!(back.by_proto_state, o.by_proto_state);
     let text = crate::report::text::render(&rep, 5, false);
-    assert!(text.contains("Who held the table") && text.contains("udp 5353"), "{text}");
+    assert!(
+        text.contains("Who held the table") && text.contains("udp 5353"),
+        "{text}"
+    );
     let json = crate::report::json::to_json(&rep, 5);
     assert_eq!(json["occupancy"][0]["top_dst_ports"][0]["port"], 5353);
 }

@@ -56,13 +56,21 @@ impl CaptureWriter {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 if path.is_dir() {
-                    bail!("{} is a directory: give a file name for the capture", path.display());
+                    bail!(
+                        "{} is a directory: give a file name for the capture",
+                        path.display()
+                    );
                 }
                 if !force {
-                    bail!("{} already exists: choose another name, or add --force to replace it", path.display());
+                    bail!(
+                        "{} already exists: choose another name, or add --force to replace it",
+                        path.display()
+                    );
                 }
-                std::fs::remove_file(path).with_context(|| format!("removing the old {}", path.display()))?;
-                opts.open(path).with_context(|| format!("creating {}", path.display()))?
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing the old {}", path.display()))?;
+                opts.open(path)
+                    .with_context(|| format!("creating {}", path.display()))?
             }
             Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
         };
@@ -98,7 +106,9 @@ impl CaptureWriter {
     }
 
     pub fn failed(&self) -> Option<io::Error> {
-        self.failed.as_ref().map(|(k, m)| io::Error::new(*k, m.clone()))
+        self.failed
+            .as_ref()
+            .map(|(k, m)| io::Error::new(*k, m.clone()))
     }
 
     pub fn write_header(&mut self, h: &Header) -> io::Result<()> {
@@ -118,7 +128,14 @@ impl CaptureWriter {
         id
     }
 
-    pub fn drop_event(&mut self, ev: &DropEvent, cause: Cause, location: &str, netns_name: Option<&str>, ifname: Option<&str>) -> io::Result<()> {
+    pub fn drop_event(
+        &mut self,
+        ev: &DropEvent,
+        cause: Cause,
+        location: &str,
+        netns_name: Option<&str>,
+        ifname: Option<&str>,
+    ) -> io::Result<()> {
         if let Some(e) = self.failed() {
             return Err(e);
         }

@@ -41,7 +41,13 @@ pub struct Sample {
 
 impl Sample {
     pub fn new(mono_ns: u64, c: &CtCounters) -> Sample {
-        Sample { mono_ns, entries: c.entries(), drop: c.get("drop"), insert_failed: c.get("insert_failed"), used: 0 }
+        Sample {
+            mono_ns,
+            entries: c.entries(),
+            drop: c.get("drop"),
+            insert_failed: c.get("insert_failed"),
+            used: 0,
+        }
     }
 }
 
@@ -80,7 +86,10 @@ impl History {
     /// already attributed.
     fn room(&self, i: usize) -> u64 {
         let (a, b) = (&self.samples[i - 1], &self.samples[i]);
-        let budget = b.drop.saturating_sub(a.drop).saturating_sub(b.insert_failed.saturating_sub(a.insert_failed));
+        let budget = b
+            .drop
+            .saturating_sub(a.drop)
+            .saturating_sub(b.insert_failed.saturating_sub(a.insert_failed));
         budget.saturating_sub(b.used)
     }
 
@@ -102,7 +111,10 @@ impl History {
         };
         for d in 0..self.samples.len() {
             let mut any_near = false;
-            for w in [i.checked_sub(d), (d > 0).then_some(i + d)].into_iter().flatten() {
+            for w in [i.checked_sub(d), (d > 0).then_some(i + d)]
+                .into_iter()
+                .flatten()
+            {
                 if w < 1 || w >= self.samples.len() || !near(self, w) {
                     continue;
                 }
@@ -129,7 +141,14 @@ impl History {
 impl FillSampler {
     /// `fresh`: how old a sample may be before a drop triggers a new read.
     pub fn new(registry: NsRegistry, fresh: Duration) -> Self {
-        FillSampler { registry, fresh, last: HashMap::new(), limits: None, history: HashMap::new(), active: HashMap::new() }
+        FillSampler {
+            registry,
+            fresh,
+            last: HashMap::new(),
+            limits: None,
+            history: HashMap::new(),
+            active: HashMap::new(),
+        }
     }
 
     pub fn limits(&mut self) -> Option<CtLimits> {
@@ -154,7 +173,11 @@ impl FillSampler {
         let count = match self.last.get(&netns) {
             Some((t, c)) if now.saturating_duration_since(*t) < self.fresh => *c,
             _ => {
-                let c = self.registry.get(netns).and_then(|h| h.counters()).map(|c| c.entries());
+                let c = self
+                    .registry
+                    .get(netns)
+                    .and_then(|h| h.counters())
+                    .map(|c| c.entries());
                 self.last.insert(netns, (now, c));
                 c
             }
@@ -162,7 +185,12 @@ impl FillSampler {
         // The kernel raises its count before checking the limit and lowers
         // it again when allocation fails; a sample can land in between and
         // read max+1, which means "full", not "over".
-        Some(CtFill { count: count.min(max), max, sampled: true, counted_drop: None })
+        Some(CtFill {
+            count: count.min(max),
+            max,
+            sampled: true,
+            counted_drop: None,
+        })
     }
 
     /// Reads `netns`'s counters now into its history.
@@ -183,7 +211,8 @@ impl FillSampler {
 
     /// Samples the namespaces that saw drops in the last two seconds.
     pub fn sample_active(&mut self) {
-        self.active.retain(|_, t| t.elapsed() < Duration::from_secs(2));
+        self.active
+            .retain(|_, t| t.elapsed() < Duration::from_secs(2));
         let nss: Vec<u32> = self.active.keys().copied().collect();
         for ns in nss {
             self.sample(ns);
@@ -210,7 +239,12 @@ impl FillSampler {
         let h = self.history.get_mut(&netns)?;
         let counted_drop = h.judge(t);
         let count = h.entries_before(t)?;
-        Some(CtFill { count: count.min(max), max, sampled: true, counted_drop })
+        Some(CtFill {
+            count: count.min(max),
+            max,
+            sampled: true,
+            counted_drop,
+        })
     }
 
     pub fn counters(&mut self, netns: u32) -> Option<CtCounters> {
@@ -223,7 +257,13 @@ mod tests {
     use super::*;
 
     fn s(t: u64, drop: u64, insert_failed: u64) -> Sample {
-        Sample { mono_ns: t, entries: 64, drop, insert_failed, used: 0 }
+        Sample {
+            mono_ns: t,
+            entries: 64,
+            drop,
+            insert_failed,
+            used: 0,
+        }
     }
 
     #[test]

@@ -24,12 +24,16 @@ use super::stats::CtCounters;
 
 /// Inode of this process's own network namespace.
 pub fn own_netns() -> Result<u32> {
-    Ok(std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?.ino() as u32)
+    Ok(std::fs::metadata("/proc/self/ns/net")
+        .context("reading /proc/self/ns/net")?
+        .ino() as u32)
 }
 
 /// Inode of the calling thread's network namespace (after a setns).
 pub fn thread_netns() -> Result<u32> {
-    Ok(std::fs::metadata("/proc/thread-self/ns/net").context("reading /proc/thread-self/ns/net")?.ino() as u32)
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")
+        .context("reading /proc/thread-self/ns/net")?
+        .ino() as u32)
 }
 
 /// Named namespaces (`ip netns add`), by inode.
@@ -39,7 +43,10 @@ pub fn named_namespaces() -> HashMap<u32, (String, PathBuf)> {
         for e in dir.flatten() {
             let p = e.path();
             if let Ok(m) = std::fs::metadata(&p) {
-                out.insert(m.ino() as u32, (e.file_name().to_string_lossy().into_owned(), p));
+                out.insert(
+                    m.ino() as u32,
+                    (e.file_name().to_string_lossy().into_owned(), p),
+                );
             }
         }
     }
@@ -89,30 +96,42 @@ pub fn resolve_netns(arg: &str) -> Result<(u32, PathBuf)> {
 
 /// The inode of a network namespace file; an error for anything else.
 fn net_ns_file_inode(p: &Path) -> Result<u32> {
-    let f = File::open(p).map_err(|e| anyhow!("cannot open network namespace {}: {e}", p.display()))?;
+    let f =
+        File::open(p).map_err(|e| anyhow!("cannot open network namespace {}: {e}", p.display()))?;
     // NS_GET_NSTYPE (_IO(0xb7, 0x3)): which kind of namespace an nsfs file is.
     // SAFETY: an ioctl without arguments on a file descriptor we own.
     let ty = unsafe { libc::ioctl(f.as_raw_fd(), 0xb703) };
     if ty != libc::CLONE_NEWNET {
         bail!("{} is not a network namespace", p.display());
     }
-    Ok(f.metadata().with_context(|| format!("reading {}", p.display()))?.ino() as u32)
+    Ok(f.metadata()
+        .with_context(|| format!("reading {}", p.display()))?
+        .ino() as u32)
 }
 
 /// Runs `f` on a thread that has entered the namespace at `ns_path`.
-pub fn in_netns<T: Send + 'static>(ns_path: &Path, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns_path: &Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let ns = File::open(ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
     in_netns_file(ns, f)
 }
 
 /// Runs `f` on a thread that has entered the namespace `ns` (an open
 /// namespace file).
-fn in_netns_file<T: Send + 'static>(ns: File, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+fn in_netns_file<T: Send + 'static>(
+    ns: File,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     std::thread::spawn(move || {
         // SAFETY: setns on an open namespace file; it changes only this
         // short-lived thread's network namespace.
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("entering network namespace: {}", std::io::Error::last_os_error());
+            bail!(
+                "entering network namespace: {}",
+                std::io::Error::last_os_error()
+            );
         }
         f()
     })
@@ -137,18 +156,31 @@ pub struct NsHandle {
 
 impl NsHandle {
     fn new(inum: u32, name: Option<String>, path: PathBuf, open: Arc<AtomicUsize>) -> NsHandle {
-        NsHandle { inum, name, path, stat: None, stat_failed: None, open, ifnames: HashMap::new() }
+        NsHandle {
+            inum,
+            name,
+            path,
+            stat: None,
+            stat_failed: None,
+            open,
+            ifnames: HashMap::new(),
+        }
     }
 
     /// Runs `f` inside this namespace, after checking that `path` still
     /// names it (a `/proc/PID/ns/net` path outlives its process's
     /// namespace; a name can be reused for a new one).
-    fn enter<T: Send + 'static>(&mut self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    fn enter<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let ns = match open_checked(&self.path, self.inum) {
             Some(f) => f,
             None => {
-                let (name, path) = find_namespace(self.inum).ok_or_else(|| anyhow!("network namespace {} is gone", self.inum))?;
-                let f = open_checked(&path, self.inum).ok_or_else(|| anyhow!("network namespace {} is gone", self.inum))?;
+                let (name, path) = find_namespace(self.inum)
+                    .ok_or_else(|| anyhow!("network namespace {} is gone", self.inum))?;
+                let f = open_checked(&path, self.inum)
+                    .ok_or_else(|| anyhow!("network namespace {} is gone", self.inum))?;
                 if name.is_some() {
                     self.name = name;
                 }
@@ -172,10 +204,16 @@ impl NsHandle {
     /// None when conntrack is not loaded (or the namespace is gone).
     pub fn counters(&mut self) -> Option<CtCounters> {
         if self.stat.is_none() {
-            if self.stat_failed.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            if self
+                .stat_failed
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+            {
                 return None;
             }
-            match self.enter(|| File::open("/proc/thread-self/net/stat/nf_conntrack").context("opening conntrack stats")) {
+            match self.enter(|| {
+                File::open("/proc/thread-self/net/stat/nf_conntrack")
+                    .context("opening conntrack stats")
+            }) {
                 Ok(f) => {
                     self.stat = Some(f);
                     self.stat_failed = None;
@@ -203,12 +241,15 @@ impl NsHandle {
         let name = self
             .enter(move || {
                 // SAFETY: plain socket(2); the result is checked and owned below.
-                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+                let fd = unsafe {
+                    libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+                };
                 if fd < 0 {
                     return Ok(None);
                 }
                 // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
-                let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+                let sock =
+                    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
                 Ok(ifname_via(sock.as_raw_fd(), ifindex))
             })
             .ok()
@@ -238,7 +279,12 @@ fn ifname_via(sock: i32, ifindex: u32) -> Option<String> {
     if unsafe { libc::ioctl(sock, libc::SIOCGIFNAME as _, &mut req) } != 0 {
         return None;
     }
-    let bytes: Vec<u8> = req.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    let bytes: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
     String::from_utf8(bytes).ok()
 }
 
@@ -251,14 +297,20 @@ const FD_RESERVE: u64 = 256;
 /// start): the soft 1024 of most shells is a relic of select(2), which
 /// ctdrop does not use. Returns the soft limit in force afterwards.
 pub fn raise_fd_limit() -> u64 {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write `r`.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
             return 1024;
         }
         if r.rlim_cur < r.rlim_max {
-            let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 r.rlim_cur = r.rlim_max;
             }
@@ -269,7 +321,10 @@ pub fn raise_fd_limit() -> u64 {
 
 /// The soft and hard RLIMIT_NOFILE now.
 pub fn fd_limits() -> (u64, u64) {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit only writes `r`.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
     (r.rlim_cur, r.rlim_max)
@@ -280,7 +335,10 @@ pub fn fd_limits() -> (u64, u64) {
 /// the closing and reopening is exercised without thousands of namespaces).
 fn handle_budget() -> usize {
     let budget = fd_limits().0.saturating_sub(FD_RESERVE).clamp(16, 1 << 20) as usize;
-    match std::env::var("CTDROP_TEST_MAX_NS_HANDLES").ok().and_then(|v| v.parse::<usize>().ok()) {
+    match std::env::var("CTDROP_TEST_MAX_NS_HANDLES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         Some(n) if n > 0 => n.min(budget),
         _ => budget,
     }
@@ -362,7 +420,8 @@ impl NsRegistry {
             match find_namespace(inum) {
                 Some((name, path)) => {
                     self.unknown.remove(&inum);
-                    self.handles.insert(inum, NsHandle::new(inum, name, path, self.open.clone()));
+                    self.handles
+                        .insert(inum, NsHandle::new(inum, name, path, self.open.clone()));
                 }
                 None => {
                     self.unknown.insert(inum, Instant::now());
@@ -380,7 +439,12 @@ impl NsRegistry {
     }
 
     fn close_least_recent(&mut self, keep: u32) {
-        let victim = self.handles.values().filter(|h| h.inum != keep && h.is_open()).min_by_key(|h| self.used.get(&h.inum).copied().unwrap_or(0)).map(|h| h.inum);
+        let victim = self
+            .handles
+            .values()
+            .filter(|h| h.inum != keep && h.is_open())
+            .min_by_key(|h| self.used.get(&h.inum).copied().unwrap_or(0))
+            .map(|h| h.inum);
         if let Some(v) = victim {
             if let Some(h) = self.handles.get_mut(&v) {
                 h.close();
@@ -424,7 +488,10 @@ pub fn find_namespace(inum: u32) -> Option<(Option<String>, PathBuf)> {
             continue;
         }
         let p = e.path().join("ns/net");
-        if std::fs::metadata(&p).map(|m| m.ino() as u32 == inum).unwrap_or(false) {
+        if std::fs::metadata(&p)
+            .map(|m| m.ino() as u32 == inum)
+            .unwrap_or(false)
+        {
             return Some((None, p));
         }
     }

@@ -21,8 +21,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NlaBuffer, NetlinkMessage, NetlinkPayload, NlasIterator, NLMSG_DONE, NLMSG_ERROR, NLMSG_OVERRUN, NLM_F_DUMP,
-    NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlaBuffer, NlasIterator,
+    NLMSG_DONE, NLMSG_ERROR, NLMSG_OVERRUN, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::{
     conntrack::{ConntrackMessage, Status},
@@ -130,8 +130,12 @@ impl CtEntry {
                         let ip = ip.ok()?;
                         let v = ip.value();
                         let addr = match ip.kind() {
-                            CTA_IP_V4_SRC | CTA_IP_V4_DST => IpAddr::from(<[u8; 4]>::try_from(v.get(..4)?).ok()?),
-                            CTA_IP_V6_SRC | CTA_IP_V6_DST => IpAddr::from(<[u8; 16]>::try_from(v.get(..16)?).ok()?),
+                            CTA_IP_V4_SRC | CTA_IP_V4_DST => {
+                                IpAddr::from(<[u8; 4]>::try_from(v.get(..4)?).ok()?)
+                            }
+                            CTA_IP_V6_SRC | CTA_IP_V6_DST => {
+                                IpAddr::from(<[u8; 16]>::try_from(v.get(..16)?).ok()?)
+                            }
                             _ => continue,
                         };
                         if matches!(ip.kind(), CTA_IP_V4_SRC | CTA_IP_V6_SRC) {
@@ -147,8 +151,12 @@ impl CtEntry {
                         let v = p.value();
                         match p.kind() {
                             CTA_PROTO_NUM => proto = v.first().copied(),
-                            CTA_PROTO_SRC_PORT => sport = u16::from_be_bytes(v.get(..2)?.try_into().ok()?),
-                            CTA_PROTO_DST_PORT => dport = u16::from_be_bytes(v.get(..2)?.try_into().ok()?),
+                            CTA_PROTO_SRC_PORT => {
+                                sport = u16::from_be_bytes(v.get(..2)?.try_into().ok()?)
+                            }
+                            CTA_PROTO_DST_PORT => {
+                                dport = u16::from_be_bytes(v.get(..2)?.try_into().ok()?)
+                            }
                             _ => {}
                         }
                     }
@@ -157,7 +165,15 @@ impl CtEntry {
             }
         }
         let proto = proto?;
-        Some(CtEntry { proto, src: src?, dst: dst?, sport, dport, tcp_state: if proto == 6 { tcp_state } else { None }, status })
+        Some(CtEntry {
+            proto,
+            src: src?,
+            dst: dst?,
+            sport,
+            dport,
+            tcp_state: if proto == 6 { tcp_state } else { None },
+            status,
+        })
     }
 }
 
@@ -252,7 +268,9 @@ pub fn dump(mut visit: impl FnMut(CtEntry) + Send) -> Result<(u64, u64)> {
             }
         }
         drop(full_tx);
-        let parsed = parser.join().map_err(|_| anyhow!("conntrack dump parser panicked"))?;
+        let parsed = parser
+            .join()
+            .map_err(|_| anyhow!("conntrack dump parser panicked"))?;
         match (parsed, read_error) {
             (Ok(n), _) => Ok(n),
             (Err(_), Some(e)) => Err(anyhow!(e).context("reading the conntrack dump")),
@@ -264,11 +282,16 @@ pub fn dump(mut visit: impl FnMut(CtEntry) + Send) -> Result<(u64, u64)> {
 fn request_dump() -> Result<netlink_sys::Socket> {
     use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
-    let mut socket = Socket::new(NETLINK_NETFILTER).context("opening a netfilter netlink socket")?;
+    let mut socket =
+        Socket::new(NETLINK_NETFILTER).context("opening a netfilter netlink socket")?;
     // Room for the kernel to run ahead of us while we parse.
     let _ = socket.set_rx_buf_sz(4 << 20);
-    socket.bind_auto().context("binding the netfilter netlink socket")?;
-    socket.connect(&SocketAddr::new(0, 0)).context("connecting the netfilter netlink socket")?;
+    socket
+        .bind_auto()
+        .context("binding the netfilter netlink socket")?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .context("connecting the netfilter netlink socket")?;
     let mut hdr = NetlinkHeader::default();
     hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
     hdr.sequence_number = 1;
@@ -283,7 +306,9 @@ fn request_dump() -> Result<netlink_sys::Socket> {
     req.finalize();
     let mut buf = vec![0u8; req.buffer_len()];
     req.serialize(&mut buf);
-    socket.send(&buf, 0).context("sending the conntrack dump request")?;
+    socket
+        .send(&buf, 0)
+        .context("sending the conntrack dump request")?;
     Ok(socket)
 }
 
@@ -311,19 +336,31 @@ fn chunk_is_last(buf: &[u8]) -> bool {
 fn parse_chunk(buf: &[u8], visit: &mut impl FnMut(CtEntry), unreadable: &mut u64) -> Result<bool> {
     let mut off = 0;
     while off < buf.len() {
-        let msg = NetlinkBuffer::new_checked(&buf[off..]).map_err(|e| anyhow!("malformed netlink message in the conntrack dump: {e}"))?;
+        let msg = NetlinkBuffer::new_checked(&buf[off..])
+            .map_err(|e| anyhow!("malformed netlink message in the conntrack dump: {e}"))?;
         let len = msg.length() as usize;
         match msg.message_type() {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
-                let code = msg.payload().get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap())).unwrap_or(0);
+                let code = msg
+                    .payload()
+                    .get(..4)
+                    .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
+                    .unwrap_or(0);
                 if code != 0 {
-                    bail!("the kernel refused the conntrack dump: {}", std::io::Error::from_raw_os_error(-code));
+                    bail!(
+                        "the kernel refused the conntrack dump: {}",
+                        std::io::Error::from_raw_os_error(-code)
+                    );
                 }
                 return Ok(true);
             }
             NLMSG_OVERRUN => bail!("conntrack dump overran the receive buffer"),
-            CT_NEW_MSG => match msg.payload().get(NFGENMSG_LEN..).and_then(CtEntry::from_nlas) {
+            CT_NEW_MSG => match msg
+                .payload()
+                .get(NFGENMSG_LEN..)
+                .and_then(CtEntry::from_nlas)
+            {
                 Some(e) => visit(e),
                 None => *unreadable += 1,
             },
@@ -508,9 +545,20 @@ impl OccupancyBuilder {
                 }
             }
         }
-        by_proto_state.sort_by(|a, b| b.entries.cmp(&a.entries).then_with(|| (&a.proto, &a.state).cmp(&(&b.proto, &b.state))));
+        by_proto_state.sort_by(|a, b| {
+            b.entries
+                .cmp(&a.entries)
+                .then_with(|| (&a.proto, &a.state).cmp(&(&b.proto, &b.state)))
+        });
         let top_addrs = |m: FastMap<IpAddr, (u64, u64)>| {
-            let mut v: Vec<AddrRow> = m.into_iter().map(|(addr, (entries, unreplied))| AddrRow { addr, entries, unreplied }).collect();
+            let mut v: Vec<AddrRow> = m
+                .into_iter()
+                .map(|(addr, (entries, unreplied))| AddrRow {
+                    addr,
+                    entries,
+                    unreplied,
+                })
+                .collect();
             v.sort_by(|a, b| b.entries.cmp(&a.entries).then_with(|| a.addr.cmp(&b.addr)));
             v.truncate(top);
             v
@@ -528,7 +576,11 @@ impl OccupancyBuilder {
                 sources: a.sources.len() as u64,
             })
             .collect();
-        ports.sort_by(|a, b| b.entries.cmp(&a.entries).then_with(|| (a.proto_num, a.port).cmp(&(b.proto_num, b.port))));
+        ports.sort_by(|a, b| {
+            b.entries
+                .cmp(&a.entries)
+                .then_with(|| (a.proto_num, a.port).cmp(&(b.proto_num, b.port)))
+        });
         ports.truncate(top);
         Occupancy {
             netns: None,
@@ -563,7 +615,10 @@ fn thread_cpu_ns() -> u64 {
 }
 
 fn wall_ns() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// Dumps and summarizes the table of the calling thread's namespace.
@@ -589,7 +644,13 @@ pub fn snapshot(ns_path: &Path, netns: Option<u32>, name: Option<String>) -> Res
         o.nat_rules = nat_rules_here();
         Ok(o)
     })
-        .with_context(|| format!("snapshot of the conntrack table in {}", name.clone().unwrap_or_else(|| ns_path.display().to_string())))?;
+    .with_context(|| {
+        format!(
+            "snapshot of the conntrack table in {}",
+            name.clone()
+                .unwrap_or_else(|| ns_path.display().to_string())
+        )
+    })?;
     o.netns = netns;
     o.netns_name = name;
     Ok(o)
@@ -600,7 +661,9 @@ pub fn snapshot(ns_path: &Path, netns: Option<u32>, name: Option<String>) -> Res
 /// rule), or a legacy iptables `nat` table. Asked over netlink and procfs:
 /// ctdrop starts no programs. None when neither could be asked.
 pub fn nat_rules_here() -> Option<bool> {
-    let legacy = std::fs::read_to_string("/proc/thread-self/net/ip_tables_names").ok().map(|s| s.lines().any(|l| l.trim() == "nat"));
+    let legacy = std::fs::read_to_string("/proc/thread-self/net/ip_tables_names")
+        .ok()
+        .map(|s| s.lines().any(|l| l.trim() == "nat"));
     let nft = nft_has_nat_chain().ok();
     match (legacy, nft) {
         (None, None) => None,
@@ -616,9 +679,14 @@ const NFTA_CHAIN_TYPE: u16 = 7;
 fn nft_has_nat_chain() -> Result<bool> {
     use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
-    let mut socket = Socket::new(NETLINK_NETFILTER).context("opening a netfilter netlink socket")?;
-    socket.bind_auto().context("binding the netfilter netlink socket")?;
-    socket.connect(&SocketAddr::new(0, 0)).context("connecting the netfilter netlink socket")?;
+    let mut socket =
+        Socket::new(NETLINK_NETFILTER).context("opening a netfilter netlink socket")?;
+    socket
+        .bind_auto()
+        .context("binding the netfilter netlink socket")?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .context("connecting the netfilter netlink socket")?;
     // nlmsghdr, then nfgenmsg: family unspec (every family), version 0.
     let mut req = Vec::with_capacity(20);
     req.extend_from_slice(&20u32.to_ne_bytes());
@@ -627,27 +695,41 @@ fn nft_has_nat_chain() -> Result<bool> {
     req.extend_from_slice(&1u32.to_ne_bytes());
     req.extend_from_slice(&0u32.to_ne_bytes());
     req.extend_from_slice(&[0, 0, 0, 0]);
-    socket.send(&req, 0).context("asking for nf_tables chains")?;
+    socket
+        .send(&req, 0)
+        .context("asking for nf_tables chains")?;
     let mut nat = false;
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        let n = socket.recv(&mut &mut buf[..], 0).context("reading nf_tables chains")?;
+        let n = socket
+            .recv(&mut &mut buf[..], 0)
+            .context("reading nf_tables chains")?;
         let mut off = 0;
         while off < n {
-            let msg = NetlinkBuffer::new_checked(&buf[off..n]).map_err(|e| anyhow!("malformed netlink message: {e}"))?;
+            let msg = NetlinkBuffer::new_checked(&buf[off..n])
+                .map_err(|e| anyhow!("malformed netlink message: {e}"))?;
             match msg.message_type() {
                 NLMSG_DONE => return Ok(nat),
                 NLMSG_ERROR => {
-                    let code = msg.payload().get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap())).unwrap_or(0);
+                    let code = msg
+                        .payload()
+                        .get(..4)
+                        .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
+                        .unwrap_or(0);
                     if code != 0 {
-                        bail!("nf_tables refused: {}", std::io::Error::from_raw_os_error(-code));
+                        bail!(
+                            "nf_tables refused: {}",
+                            std::io::Error::from_raw_os_error(-code)
+                        );
                     }
                     return Ok(nat);
                 }
                 NFT_NEW_CHAIN => {
                     let attrs = msg.payload().get(NFGENMSG_LEN..).unwrap_or(&[]);
                     for a in NlasIterator::new(attrs).flatten() {
-                        if a.kind() == NFTA_CHAIN_TYPE && a.value().split(|b| *b == 0).next() == Some(b"nat") {
+                        if a.kind() == NFTA_CHAIN_TYPE
+                            && a.value().split(|b| *b == 0).next() == Some(b"nat")
+                        {
                             nat = true;
                         }
                     }
@@ -675,7 +757,10 @@ pub struct SnapshotLimiter {
 
 impl SnapshotLimiter {
     pub fn new(min_gap: Duration) -> Self {
-        SnapshotLimiter { min_gap, last: HashMap::new() }
+        SnapshotLimiter {
+            min_gap,
+            last: HashMap::new(),
+        }
     }
 
     pub fn allow(&mut self, netns: u32, now: Instant) -> bool {
@@ -708,29 +793,45 @@ pub struct Snapshots {
 impl Snapshots {
     pub fn new(min_gap: Duration) -> Self {
         let (tx, rx) = mpsc::channel();
-        Snapshots { limiter: SnapshotLimiter::new(min_gap), tx, rx, in_flight: 0, taken: BTreeMap::new(), errors: Vec::new() }
+        Snapshots {
+            limiter: SnapshotLimiter::new(min_gap),
+            tx,
+            rx,
+            in_flight: 0,
+            taken: BTreeMap::new(),
+            errors: Vec::new(),
+        }
     }
 
     /// A table-full drop in `netns`: start a snapshot unless one was taken
     /// recently. Returns whether one was started.
     /// `locate` finds the namespace's name and path (a /proc scan: only
     /// done when a snapshot is due).
-    pub fn table_full(&mut self, netns: u32, locate: impl FnOnce() -> Option<(Option<String>, PathBuf)>) -> bool {
+    pub fn table_full(
+        &mut self,
+        netns: u32,
+        locate: impl FnOnce() -> Option<(Option<String>, PathBuf)>,
+    ) -> bool {
         if !self.limiter.allow(netns, Instant::now()) {
             return false;
         }
-        let Some((name, path)) = locate() else { return false };
+        let Some((name, path)) = locate() else {
+            return false;
+        };
         let tx = self.tx.clone();
-        let spawned = std::thread::Builder::new().name("ctdrop-occupancy".into()).spawn(move || {
-            let _ = tx.send((netns, snapshot(&path, Some(netns), name)));
-        });
+        let spawned = std::thread::Builder::new()
+            .name("ctdrop-occupancy".into())
+            .spawn(move || {
+                let _ = tx.send((netns, snapshot(&path, Some(netns), name)));
+            });
         match spawned {
             Ok(_) => {
                 self.in_flight += 1;
                 true
             }
             Err(e) => {
-                self.errors.push(format!("cannot start a snapshot thread: {e}"));
+                self.errors
+                    .push(format!("cannot start a snapshot thread: {e}"));
                 false
             }
         }
@@ -754,7 +855,10 @@ impl Snapshots {
             match self.rx.recv_timeout(left) {
                 Ok(r) => self.accept(r, &mut fresh),
                 Err(_) => {
-                    self.errors.push(format!("{} snapshot(s) still running at exit, left out", self.in_flight));
+                    self.errors.push(format!(
+                        "{} snapshot(s) still running at exit, left out",
+                        self.in_flight
+                    ));
                     break;
                 }
             }
@@ -766,7 +870,11 @@ impl Snapshots {
         self.in_flight = self.in_flight.saturating_sub(1);
         match r {
             Ok(o) => {
-                let keep = self.taken.get(&netns).map(|old| o.entries >= old.entries).unwrap_or(true);
+                let keep = self
+                    .taken
+                    .get(&netns)
+                    .map(|old| o.entries >= old.entries)
+                    .unwrap_or(true);
                 if keep {
                     self.taken.insert(netns, o.clone());
                 }
@@ -792,12 +900,21 @@ impl Occupancy {
     }
 
     pub fn label(&self) -> String {
-        self.netns_name.clone().or_else(|| self.netns.map(|n| n.to_string())).unwrap_or_else(|| "this namespace".into())
+        self.netns_name
+            .clone()
+            .or_else(|| self.netns.map(|n| n.to_string()))
+            .unwrap_or_else(|| "this namespace".into())
     }
 
     /// Lines of at most 80 columns.
     pub fn write_human(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-        let pct = |n: u64| if self.entries == 0 { 0.0 } else { n as f64 * 100.0 / self.entries as f64 };
+        let pct = |n: u64| {
+            if self.entries == 0 {
+                0.0
+            } else {
+                n as f64 * 100.0 / self.entries as f64
+            }
+        };
         writeln!(
             out,
             "conntrack table in {}: {} entries{}",
@@ -818,25 +935,51 @@ impl Occupancy {
             writeln!(out, "  {} entries are NAT'd", self.nat)?;
         }
         if self.unreadable > 0 {
-            writeln!(out, "  {} dumped messages could not be read", self.unreadable)?;
+            writeln!(
+                out,
+                "  {} dumped messages could not be read",
+                self.unreadable
+            )?;
         }
         if !self.by_proto_state.is_empty() {
             writeln!(out, "  by protocol and state:")?;
         }
         for r in self.by_proto_state.iter().take(8) {
-            writeln!(out, "    {:<6} {:<12} {:>9}  ({:.0}%)", r.proto, r.state, r.entries, pct(r.entries))?;
+            writeln!(
+                out,
+                "    {:<6} {:<12} {:>9}  ({:.0}%)",
+                r.proto,
+                r.state,
+                r.entries,
+                pct(r.entries)
+            )?;
         }
         if self.by_proto_state.len() > 8 {
             writeln!(out, "    ({} more rows)", self.by_proto_state.len() - 8)?;
         }
-        for (title, rows) in [("top sources:", &self.top_sources), ("top destinations:", &self.top_destinations)] {
+        for (title, rows) in [
+            ("top sources:", &self.top_sources),
+            ("top destinations:", &self.top_destinations),
+        ] {
             if rows.is_empty() {
                 continue;
             }
             writeln!(out, "  {title}")?;
-            let w = rows.iter().map(|r| r.addr.to_string().len()).max().unwrap_or(0).max(15);
+            let w = rows
+                .iter()
+                .map(|r| r.addr.to_string().len())
+                .max()
+                .unwrap_or(0)
+                .max(15);
             for r in rows {
-                writeln!(out, "    {:<w$} {:>9}  ({:.0}%, {} unreplied)", r.addr.to_string(), r.entries, pct(r.entries), r.unreplied)?;
+                writeln!(
+                    out,
+                    "    {:<w$} {:>9}  ({:.0}%, {} unreplied)",
+                    r.addr.to_string(),
+                    r.entries,
+                    pct(r.entries),
+                    r.unreplied
+                )?;
             }
         }
         if !self.top_dst_ports.is_empty() {
@@ -844,10 +987,25 @@ impl Occupancy {
         }
         for r in &self.top_dst_ports {
             let port = format!("{} {}", r.proto, r.port);
-            let srcs = if r.sources as usize >= SOURCES_PER_PORT { format!("{}+ sources", r.sources) } else { format!("{} sources", r.sources) };
-            writeln!(out, "    {:<12} {:>9}  ({:.0}%, {} unreplied, {srcs})", port, r.entries, pct(r.entries), r.unreplied)?;
+            let srcs = if r.sources as usize >= SOURCES_PER_PORT {
+                format!("{}+ sources", r.sources)
+            } else {
+                format!("{} sources", r.sources)
+            };
+            writeln!(
+                out,
+                "    {:<12} {:>9}  ({:.0}%, {} unreplied, {srcs})",
+                port,
+                r.entries,
+                pct(r.entries),
+                r.unreplied
+            )?;
         }
-        writeln!(out, "  (table read in {:.0} ms, {:.0} ms CPU)", self.elapsed_ms, self.cpu_ms)?;
+        writeln!(
+            out,
+            "  (table read in {:.0} ms, {:.0} ms CPU)",
+            self.elapsed_ms, self.cpu_ms
+        )?;
         Ok(())
     }
 }
@@ -862,7 +1020,11 @@ pub fn snapshot_arg(netns: Option<&str>) -> Result<Occupancy> {
         }
         Some(arg) => {
             let (inum, path) = super::netns::resolve_netns(arg)?;
-            snapshot(&path, Some(inum), super::netns::NsRegistry::new().display_name(inum))
+            snapshot(
+                &path,
+                Some(inum),
+                super::netns::NsRegistry::new().display_name(inum),
+            )
         }
     }
 }
@@ -870,10 +1032,20 @@ pub fn snapshot_arg(netns: Option<&str>) -> Result<Occupancy> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_netfilter::conntrack::{ConntrackAttribute, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Tuple};
+    use netlink_packet_netfilter::conntrack::{
+        ConntrackAttribute, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Tuple,
+    };
 
     fn e(proto: u8, src: &str, dport: u16, status: Status, tcp_state: Option<u8>) -> CtEntry {
-        CtEntry { proto, src: src.parse().unwrap(), dst: "198.18.0.2".parse().unwrap(), sport: 40000, dport, tcp_state, status: status.bits() }
+        CtEntry {
+            proto,
+            src: src.parse().unwrap(),
+            dst: "198.18.0.2".parse().unwrap(),
+            sport: 40000,
+            dport,
+            tcp_state,
+            status: status.bits(),
+        }
     }
 
     #[test]
@@ -883,18 +1055,65 @@ mod tests {
             b.add(&e(17, "198.18.0.1", 5353, Status::Confirmed, None));
         }
         for _ in 0..5 {
-            b.add(&e(6, "198.18.0.1", 8080, Status::Confirmed | Status::SeenReply | Status::Assured, Some(3)));
+            b.add(&e(
+                6,
+                "198.18.0.1",
+                8080,
+                Status::Confirmed | Status::SeenReply | Status::Assured,
+                Some(3),
+            ));
         }
-        b.add(&e(1, "198.18.0.9", 0, Status::Confirmed | Status::SeenReply, None));
-        b.add(&e(17, "198.18.0.9", 53, Status::Confirmed | Status::SrcNat, None));
+        b.add(&e(
+            1,
+            "198.18.0.9",
+            0,
+            Status::Confirmed | Status::SeenReply,
+            None,
+        ));
+        b.add(&e(
+            17,
+            "198.18.0.9",
+            53,
+            Status::Confirmed | Status::SrcNat,
+            None,
+        ));
         let o = b.finish(3);
         assert_eq!(o.entries, 47);
         assert_eq!((o.unreplied, o.replied, o.assured, o.nat), (41, 1, 5, 1));
-        assert_eq!(o.by_proto_state[0], StateRow { proto: "udp".into(), state: "UNREPLIED".into(), entries: 41, unreplied: 41, assured: 0 });
-        assert_eq!(o.by_proto_state[1], StateRow { proto: "tcp".into(), state: "ESTABLISHED".into(), entries: 5, unreplied: 0, assured: 5 });
-        assert_eq!(o.top_sources[0].addr, "198.18.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            o.by_proto_state[0],
+            StateRow {
+                proto: "udp".into(),
+                state: "UNREPLIED".into(),
+                entries: 41,
+                unreplied: 41,
+                assured: 0
+            }
+        );
+        assert_eq!(
+            o.by_proto_state[1],
+            StateRow {
+                proto: "tcp".into(),
+                state: "ESTABLISHED".into(),
+                entries: 5,
+                unreplied: 0,
+                assured: 5
+            }
+        );
+        assert_eq!(
+            o.top_sources[0].addr,
+            "198.18.0.1".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(o.top_sources[0].entries, 45);
-        assert_eq!((o.top_dst_ports[0].port, o.top_dst_ports[0].entries, o.top_dst_ports[0].unreplied, o.top_dst_ports[0].sources), (5353, 40, 40, 1));
+        assert_eq!(
+            (
+                o.top_dst_ports[0].port,
+                o.top_dst_ports[0].entries,
+                o.top_dst_ports[0].unreplied,
+                o.top_dst_ports[0].sources
+            ),
+            (5353, 40, 40, 1)
+        );
         assert_eq!(o.top_dst_ports[1].port, 8080);
         assert_eq!(o.top_dst_ports.len(), 3);
         assert_eq!(o.top_destinations[0].entries, 47);
@@ -916,7 +1135,10 @@ mod tests {
         hdr.message_type = CT_NEW_MSG;
         let mut m = NetlinkMessage::new(
             hdr,
-            NetlinkPayload::from(NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0), ConntrackMessage::New(attrs))),
+            NetlinkPayload::from(NetfilterMessage::new(
+                NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+                ConntrackMessage::New(attrs),
+            )),
         );
         m.finalize();
         let mut buf = vec![0u8; m.buffer_len()];
@@ -928,8 +1150,15 @@ mod tests {
     fn reads_a_dumped_entry() {
         let orig = |src: &str, dst: &str| {
             ConntrackAttribute::CtaTupleOrig(vec![
-                Tuple::Ip(vec![IPTuple::SourceAddress(src.parse().unwrap()), IPTuple::DestinationAddress(dst.parse().unwrap())]),
-                Tuple::Proto(vec![ProtoTuple::Protocol(6.into()), ProtoTuple::SourcePort(40000), ProtoTuple::DestinationPort(443)]),
+                Tuple::Ip(vec![
+                    IPTuple::SourceAddress(src.parse().unwrap()),
+                    IPTuple::DestinationAddress(dst.parse().unwrap()),
+                ]),
+                Tuple::Proto(vec![
+                    ProtoTuple::Protocol(6.into()),
+                    ProtoTuple::SourcePort(40000),
+                    ProtoTuple::DestinationPort(443),
+                ]),
             ])
         };
         let rest = vec![
@@ -943,18 +1172,27 @@ mod tests {
         let msg = NetlinkBuffer::new_checked(&buf[..]).unwrap();
         assert_eq!(msg.message_type(), CT_NEW_MSG);
         let c = CtEntry::from_nlas(&msg.payload()[NFGENMSG_LEN..]).unwrap();
-        assert_eq!((c.proto, c.sport, c.dport, c.state_label(), c.liveness()), (6, 40000, 443, "ESTABLISHED", Liveness::Assured));
+        assert_eq!(
+            (c.proto, c.sport, c.dport, c.state_label(), c.liveness()),
+            (6, 40000, 443, "ESTABLISHED", Liveness::Assured)
+        );
         assert_eq!(c.src.to_string(), "198.18.0.1");
 
         let mut attrs = vec![orig("2001:db8::1", "2001:db8::2")];
         attrs.extend(rest.clone());
         let buf = dumped(attrs);
-        let c = CtEntry::from_nlas(&NetlinkBuffer::new_checked(&buf[..]).unwrap().payload()[NFGENMSG_LEN..]).unwrap();
+        let c = CtEntry::from_nlas(
+            &NetlinkBuffer::new_checked(&buf[..]).unwrap().payload()[NFGENMSG_LEN..],
+        )
+        .unwrap();
         assert_eq!(c.dst.to_string(), "2001:db8::2");
 
         // No original tuple: not an entry we can count.
         let buf = dumped(rest);
-        assert!(CtEntry::from_nlas(&NetlinkBuffer::new_checked(&buf[..]).unwrap().payload()[NFGENMSG_LEN..]).is_none());
+        assert!(CtEntry::from_nlas(
+            &NetlinkBuffer::new_checked(&buf[..]).unwrap().payload()[NFGENMSG_LEN..]
+        )
+        .is_none());
     }
 
     #[test]
@@ -971,7 +1209,13 @@ mod tests {
     fn human_lines_fit_80_columns() {
         let mut b = OccupancyBuilder::default();
         for i in 0..300u16 {
-            b.add(&e(17, &format!("2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}"), 60000 + i % 7, Status::empty(), None));
+            b.add(&e(
+                17,
+                &format!("2001:db8:ffff:ffff:ffff:ffff:ffff:{i:x}"),
+                60000 + i % 7,
+                Status::empty(),
+                None,
+            ));
         }
         let mut o = b.finish(TOP_N);
         o.netns_name = Some("ctdemo-srv".into());
@@ -980,7 +1224,11 @@ mod tests {
         o.write_human(&mut out).unwrap();
         let s = String::from_utf8(out).unwrap();
         for l in s.lines() {
-            assert!(l.chars().count() <= 80, "{l:?} is {} columns", l.chars().count());
+            assert!(
+                l.chars().count() <= 80,
+                "{l:?} is {} columns",
+                l.chars().count()
+            );
         }
     }
 }

@@ -14,21 +14,31 @@ pub struct CtCounters {
 impl CtCounters {
     pub fn parse(text: &str) -> Result<Self> {
         let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().ok_or_else(|| anyhow!("empty conntrack stat file"))?.split_whitespace().collect();
+        let header: Vec<&str> = lines
+            .next()
+            .ok_or_else(|| anyhow!("empty conntrack stat file"))?
+            .split_whitespace()
+            .collect();
         if header.is_empty() {
             bail!("conntrack stat file has no header");
         }
-        let mut columns: BTreeMap<String, u64> = header.iter().map(|h| (h.to_string(), 0)).collect();
+        let mut columns: BTreeMap<String, u64> =
+            header.iter().map(|h| (h.to_string(), 0)).collect();
         for line in lines {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.is_empty() {
                 continue;
             }
             if fields.len() != header.len() {
-                bail!("conntrack stat line has {} columns, header has {}", fields.len(), header.len());
+                bail!(
+                    "conntrack stat line has {} columns, header has {}",
+                    fields.len(),
+                    header.len()
+                );
             }
             for (name, f) in header.iter().zip(fields) {
-                let v = u64::from_str_radix(f, 16).map_err(|_| anyhow!("bad hex value {f:?} in conntrack stats"))?;
+                let v = u64::from_str_radix(f, 16)
+                    .map_err(|_| anyhow!("bad hex value {f:?} in conntrack stats"))?;
                 let slot = columns.get_mut(*name).unwrap();
                 if *name == "entries" {
                     *slot = v;
@@ -54,7 +64,11 @@ impl CtCounters {
             .columns
             .iter()
             .map(|(k, v)| {
-                let d = if k == "entries" { *v } else { v.saturating_sub(before.get(k)) };
+                let d = if k == "entries" {
+                    *v
+                } else {
+                    v.saturating_sub(before.get(k))
+                };
                 (k.clone(), d)
             })
             .collect();
@@ -82,7 +96,9 @@ impl CounterCheck {
 
     /// Conntrack drops the kernel counted that have no record (lost events).
     pub fn unrecorded(&self) -> u64 {
-        self.delta.get("drop").saturating_sub(self.table_full + self.insert_failed)
+        self.delta
+            .get("drop")
+            .saturating_sub(self.table_full + self.insert_failed)
     }
 }
 

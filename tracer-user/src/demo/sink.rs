@@ -55,13 +55,23 @@ const REPORT_EVERY_NS: u64 = 2_000_000_000;
 
 impl DemoSink {
     pub fn new(log: Arc<Mutex<Log>>, server_netns: u32, attached: mpsc::Sender<()>) -> Self {
-        DemoSink { log, server_netns, attached: Some(attached), last_report_ns: 0 }
+        DemoSink {
+            log,
+            server_netns,
+            attached: Some(attached),
+            last_report_ns: 0,
+        }
     }
 }
 
 /// `lost/sent  hh:mm:ss  ok|down  why`, at most 80 columns.
 pub fn ping_line(p: &ProbeShown) -> String {
-    let head = format!("  {:>3}/{:<3} {}", p.lost, p.sent, &crate::output::human::clock(p.wall_ns)[..8]);
+    let head = format!(
+        "  {:>3}/{:<3} {}",
+        p.lost,
+        p.sent,
+        &crate::output::human::clock(p.wall_ns)[..8]
+    );
     match &p.outcome.status {
         Status::Ok { rtt_ns } => format!("{head}  ok    {:.2} ms", *rtt_ns as f64 / 1e6),
         Status::Late { .. } => format!("{head}  late  (reply after the timeout)"),

@@ -36,7 +36,11 @@ fn run(args: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("running {}", args[0]))?;
     if !out.status.success() {
-        bail!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -135,7 +139,9 @@ impl Stage {
         if let Some(v) = lower_to {
             check_max(v, previous_max)?;
             // Our own namespaces cannot exist yet (leftovers were removed).
-            max_guard.set(v, &|n| n.name.as_deref().is_some_and(|n| n.starts_with("ctdemo-")))?;
+            max_guard.set(v, &|n| {
+                n.name.as_deref().is_some_and(|n| n.starts_with("ctdemo-"))
+            })?;
         }
         let limit = lower_to.unwrap_or(previous_max);
         let mut namespaces = Namespaces(Vec::new());
@@ -143,20 +149,60 @@ impl Stage {
             run(&["ip", "netns", "add", ns])?;
             namespaces.0.push(ns);
             // Only our packets: no IPv6 router solicitations or DAD.
-            in_ns(ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
+            in_ns(
+                ns,
+                &[
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )?;
             in_ns(ns, &["ip", "link", "set", "lo", "up"])?;
         }
-        run(&["ip", "link", "add", CLIENT_IF, "netns", CLIENTS, "type", "veth", "peer", "name", SERVER_IF, "netns", SERVER])?;
-        for (ns, dev, addr) in [(CLIENTS, CLIENT_IF, CLIENT_ADDR), (SERVER, SERVER_IF, SERVER_ADDR)] {
-            in_ns(ns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+        run(&[
+            "ip", "link", "add", CLIENT_IF, "netns", CLIENTS, "type", "veth", "peer", "name",
+            SERVER_IF, "netns", SERVER,
+        ])?;
+        for (ns, dev, addr) in [
+            (CLIENTS, CLIENT_IF, CLIENT_ADDR),
+            (SERVER, SERVER_IF, SERVER_ADDR),
+        ] {
+            in_ns(
+                ns,
+                &["ip", "addr", "add", &format!("{addr}/24"), "dev", dev],
+            )?;
             in_ns(ns, &["ip", "link", "set", dev, "up"])?;
         }
         // The fill's clients live behind the client namespace.
         let (net, bits) = super::fill::CLIENT_NET;
-        in_ns(SERVER, &["ip", "route", "add", &format!("{net}/{bits}"), "via", &CLIENT_ADDR.to_string()])?;
+        in_ns(
+            SERVER,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{net}/{bits}"),
+                "via",
+                &CLIENT_ADDR.to_string(),
+            ],
+        )?;
         // A state rule, as on the incident's host: it is what makes the
         // server track every connection.
-        in_ns(SERVER, &["iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])?;
+        in_ns(
+            SERVER,
+            &[
+                "iptables",
+                "-A",
+                "INPUT",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ],
+        )?;
         let service_received = Arc::new(AtomicU64::new(0));
         let service = service(service_received.clone())?;
         Ok(Stage {
@@ -176,11 +222,18 @@ impl Stage {
     /// Fills the server's table to the limit with two-way UDP streams to
     /// the service; returns what it did and the table's count after.
     pub fn fill(&self, stop: &AtomicBool) -> Result<(super::fill::Filled, u64)> {
-        let f = super::fill::fill(self.limit, &ns_path(CLIENTS), &ns_path(SERVER), (SERVER_ADDR, SERVICE_PORT), &|| stop.load(Ordering::Relaxed))?;
+        let f = super::fill::fill(
+            self.limit,
+            &ns_path(CLIENTS),
+            &ns_path(SERVER),
+            (SERVER_ADDR, SERVICE_PORT),
+            &|| stop.load(Ordering::Relaxed),
+        )?;
         // The fill's datagrams are not the flood's.
         self.service_received.store(0, Ordering::Relaxed);
         let entries = crate::conntrack::netns::in_netns(&ns_path(SERVER), || {
-            let s = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack").context("reading conntrack stats")?;
+            let s = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack")
+                .context("reading conntrack stats")?;
             ctlab::parse_entries(&s).ok_or_else(|| anyhow!("no entries column"))
         })?;
         Ok((f, entries))
@@ -198,7 +251,10 @@ impl Stage {
             .name("ctdemo-flood".into())
             .spawn(move || {
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    eprintln!("ctdrop: demo: flood cannot enter {CLIENTS}: {}", std::io::Error::last_os_error());
+                    eprintln!(
+                        "ctdrop: demo: flood cannot enter {CLIENTS}: {}",
+                        std::io::Error::last_os_error()
+                    );
                     return;
                 }
                 let gap = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
@@ -207,7 +263,10 @@ impl Stage {
                     port = if port >= 60000 { 20000 } else { port + 1 };
                     last_port.store(port as u64, Ordering::Relaxed);
                     if let Ok(sock) = UdpSocket::bind((CLIENT_ADDR, port)) {
-                        if sock.send_to(b"ctdemo flood", (SERVER_ADDR, SERVICE_PORT)).is_ok() {
+                        if sock
+                            .send_to(b"ctdemo flood", (SERVER_ADDR, SERVICE_PORT))
+                            .is_ok()
+                        {
                             sent.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -215,7 +274,10 @@ impl Stage {
                 }
             })
             .context("starting the flood")?;
-        self.flood = Some(Worker { stop, handle: Some(handle) });
+        self.flood = Some(Worker {
+            stop,
+            handle: Some(handle),
+        });
         Ok(())
     }
 
@@ -238,7 +300,8 @@ fn service(received: Arc<AtomicU64>) -> Result<Worker> {
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     bail!("entering {SERVER}: {}", std::io::Error::last_os_error());
                 }
-                let sock = UdpSocket::bind((SERVER_ADDR, SERVICE_PORT)).context("binding the demo service")?;
+                let sock = UdpSocket::bind((SERVER_ADDR, SERVICE_PORT))
+                    .context("binding the demo service")?;
                 sock.set_read_timeout(Some(Duration::from_millis(100)))?;
                 Ok(sock)
             })();
@@ -260,7 +323,12 @@ fn service(received: Arc<AtomicU64>) -> Result<Worker> {
             }
         })
         .context("starting the demo service")?;
-    let worker = Worker { stop, handle: Some(handle) };
-    ready_rx.recv().map_err(|_| anyhow!("demo service thread died"))??;
+    let worker = Worker {
+        stop,
+        handle: Some(handle),
+    };
+    ready_rx
+        .recv()
+        .map_err(|_| anyhow!("demo service thread died"))??;
     Ok(worker)
 }

@@ -107,14 +107,20 @@ pub const RECORD_LEN: usize = std::mem::size_of::<DropRecord>();
 
 pub fn decode(bytes: &[u8]) -> Result<DropEvent, DecodeError> {
     if bytes.len() < RECORD_LEN {
-        return Err(DecodeError::Short { len: bytes.len(), need: RECORD_LEN });
+        return Err(DecodeError::Short {
+            len: bytes.len(),
+            need: RECORD_LEN,
+        });
     }
     let r: DropRecord = bytemuck::pod_read_unaligned(&bytes[..RECORD_LEN]);
     let mut ev = from_record(&r)?;
     if r.flags & flags::HAS_HEADER != 0 {
         let need = RECORD_LEN + HEADER_CAPTURE_LEN;
         if bytes.len() < need {
-            return Err(DecodeError::Short { len: bytes.len(), need });
+            return Err(DecodeError::Short {
+                len: bytes.len(),
+                need,
+            });
         }
         let mut h = Box::new([0u8; HEADER_CAPTURE_LEN]);
         h.copy_from_slice(&bytes[RECORD_LEN..need]);
@@ -128,15 +134,27 @@ pub fn from_record(r: &DropRecord) -> Result<DropEvent, DecodeError> {
     let flow = if has(flags::HAS_L3) {
         let (src, dst) = match r.l3_proto {
             ETH_P_IP => (
-                IpAddr::V4(Ipv4Addr::new(r.saddr[0], r.saddr[1], r.saddr[2], r.saddr[3])),
-                IpAddr::V4(Ipv4Addr::new(r.daddr[0], r.daddr[1], r.daddr[2], r.daddr[3])),
+                IpAddr::V4(Ipv4Addr::new(
+                    r.saddr[0], r.saddr[1], r.saddr[2], r.saddr[3],
+                )),
+                IpAddr::V4(Ipv4Addr::new(
+                    r.daddr[0], r.daddr[1], r.daddr[2], r.daddr[3],
+                )),
             ),
-            ETH_P_IPV6 => (IpAddr::V6(Ipv6Addr::from(r.saddr)), IpAddr::V6(Ipv6Addr::from(r.daddr))),
+            ETH_P_IPV6 => (
+                IpAddr::V6(Ipv6Addr::from(r.saddr)),
+                IpAddr::V6(Ipv6Addr::from(r.daddr)),
+            ),
             other => return Err(DecodeError::BadAddressFamily(other)),
         };
         let l4 = has(flags::HAS_L4);
         let ports = (l4 && (r.l4_proto == 6 || r.l4_proto == 17)).then_some((r.sport, r.dport));
-        Some(Flow { src, dst, proto: r.l4_proto, ports })
+        Some(Flow {
+            src,
+            dst,
+            proto: r.l4_proto,
+            ports,
+        })
     } else {
         None
     };
@@ -150,7 +168,12 @@ pub fn from_record(r: &DropRecord) -> Result<DropEvent, DecodeError> {
         status: has(flags::HAS_CT_STATUS).then_some(r.ct_status),
         zone: r.zone,
     });
-    let ct_fill = has(flags::CT_FILL_KERNEL).then_some(CtFill { count: r.ct_count as u64, max: r.ct_max as u64, sampled: false, counted_drop: None });
+    let ct_fill = has(flags::CT_FILL_KERNEL).then_some(CtFill {
+        count: r.ct_count as u64,
+        max: r.ct_max as u64,
+        sampled: false,
+        counted_drop: None,
+    });
     Ok(DropEvent {
         ts_ns: r.ts_ns,
         cpu: r.cpu,
@@ -188,7 +211,12 @@ mod tests {
     use tracer_common::source;
 
     fn base() -> DropRecord {
-        DropRecord { ts_ns: 5, reason: 12, source: source::KFREE_SKB, ..bytemuck::Zeroable::zeroed() }
+        DropRecord {
+            ts_ns: 5,
+            reason: 12,
+            source: source::KFREE_SKB,
+            ..bytemuck::Zeroable::zeroed()
+        }
     }
 
     #[test]
@@ -248,14 +276,26 @@ mod tests {
     fn short_and_garbled_records_are_errors() {
         let r = base();
         let b = bytemuck::bytes_of(&r);
-        assert_eq!(decode(&b[..RECORD_LEN - 1]), Err(DecodeError::Short { len: RECORD_LEN - 1, need: RECORD_LEN }));
+        assert_eq!(
+            decode(&b[..RECORD_LEN - 1]),
+            Err(DecodeError::Short {
+                len: RECORD_LEN - 1,
+                need: RECORD_LEN
+            })
+        );
         let mut bad = r;
         bad.flags = flags::HAS_L3;
         bad.l3_proto = 0x1234;
-        assert_eq!(decode(bytemuck::bytes_of(&bad)), Err(DecodeError::BadAddressFamily(0x1234)));
+        assert_eq!(
+            decode(bytemuck::bytes_of(&bad)),
+            Err(DecodeError::BadAddressFamily(0x1234))
+        );
         let mut hdr = r;
         hdr.flags = flags::HAS_HEADER;
-        assert!(matches!(decode(bytemuck::bytes_of(&hdr)), Err(DecodeError::Short { .. })));
+        assert!(matches!(
+            decode(bytemuck::bytes_of(&hdr)),
+            Err(DecodeError::Short { .. })
+        ));
     }
 
     #[test]
@@ -272,15 +312,30 @@ mod tests {
     #[test]
     fn hand_made_broken_records() {
         // Nothing at all.
-        assert_eq!(decode(&[]), Err(DecodeError::Short { len: 0, need: RECORD_LEN }));
+        assert_eq!(
+            decode(&[]),
+            Err(DecodeError::Short {
+                len: 0,
+                need: RECORD_LEN
+            })
+        );
         // Every bit set: flags claim everything, the address family is junk.
-        assert_eq!(decode(&[0xff; RECORD_LEN + HEADER_CAPTURE_LEN]), Err(DecodeError::BadAddressFamily(0xffff)));
+        assert_eq!(
+            decode(&[0xff; RECORD_LEN + HEADER_CAPTURE_LEN]),
+            Err(DecodeError::BadAddressFamily(0xffff))
+        );
         // A header promised and cut in half.
         let mut r = base();
         r.flags = flags::HAS_HEADER;
         let mut b = bytemuck::bytes_of(&r).to_vec();
         b.extend_from_slice(&[7; HEADER_CAPTURE_LEN / 2]);
-        assert_eq!(decode(&b), Err(DecodeError::Short { len: b.len(), need: RECORD_LEN + HEADER_CAPTURE_LEN }));
+        assert_eq!(
+            decode(&b),
+            Err(DecodeError::Short {
+                len: b.len(),
+                need: RECORD_LEN + HEADER_CAPTURE_LEN
+            })
+        );
         // L4 claimed without L3: ICMP fields but no flow, and no panic downstream.
         let mut r = base();
         r.flags = flags::HAS_L4 | flags::ICMP_ECHO;
@@ -294,7 +349,15 @@ mod tests {
         r.flags = flags::HAS_L3;
         r.l3_proto = ETH_P_IP;
         r.saddr = [10, 0, 0, 1, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8];
-        assert_eq!(decode(bytemuck::bytes_of(&r)).unwrap().flow.unwrap().src.to_string(), "10.0.0.1");
+        assert_eq!(
+            decode(bytemuck::bytes_of(&r))
+                .unwrap()
+                .flow
+                .unwrap()
+                .src
+                .to_string(),
+            "10.0.0.1"
+        );
     }
 }
 
@@ -304,24 +367,43 @@ mod tests {
 #[cfg(test)]
 mod fuzz {
     use super::*;
-    use crate::{cause::Classifier, flows::Tally, output::{json::DropJson, Shown}};
+    use crate::{
+        cause::Classifier,
+        flows::Tally,
+        output::{json::DropJson, Shown},
+    };
     use proptest::prelude::*;
 
     const CASES: u32 = 512;
 
     /// Runs a decoded event through everything downstream of decode.
     fn downstream(ev: &DropEvent) {
-        let cause = Classifier { netfilter_drop: Some(12), probes: false }.classify(ev);
+        let cause = Classifier {
+            netfilter_drop: Some(12),
+            probes: false,
+        }
+        .classify(ev);
         let mut t = Tally::new(4);
         t.record(ev, cause);
         let _ = t.top_flows(10);
-        let shown = Shown { ev, cause, wall_ns: ev.ts_ns, reason: "R", netns_name: None, ifname: None, location: "" };
+        let shown = Shown {
+            ev,
+            cause,
+            wall_ns: ev.ts_ns,
+            reason: "R",
+            netns_name: None,
+            ifname: None,
+            location: "",
+        };
         serde_json::to_string(&DropJson::from_shown(&shown)).unwrap();
         let _ = proto_name(ev.flow.as_ref().map_or(0, |f| f.proto));
     }
 
     fn record() -> impl Strategy<Value = DropRecord> {
-        (prop::collection::vec(any::<u8>(), RECORD_LEN), prop::sample::select(vec![ETH_P_IP, ETH_P_IPV6, 0]))
+        (
+            prop::collection::vec(any::<u8>(), RECORD_LEN),
+            prop::sample::select(vec![ETH_P_IP, ETH_P_IPV6, 0]),
+        )
             .prop_map(|(bytes, l3)| {
                 let mut r: DropRecord = bytemuck::pod_read_unaligned(&bytes);
                 r.l3_proto = l3;

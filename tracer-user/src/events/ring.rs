@@ -30,7 +30,11 @@ impl RingReader {
     /// Waits until records are available, then hands at most [`BATCH`] of
     /// them to `f`.
     pub async fn wait_and_drain(&mut self, mut f: impl FnMut(&[u8])) -> Result<usize> {
-        let mut guard = self.fd.readable_mut().await.context("waiting on the ring buffer")?;
+        let mut guard = self
+            .fd
+            .readable_mut()
+            .await
+            .context("waiting on the ring buffer")?;
         let (n, more) = drain_into(guard.get_inner_mut(), BATCH, &mut f);
         // Records left behind: stay ready, so the next wait returns at once
         // (epoll would not wake us for records already there).
@@ -67,7 +71,11 @@ impl Records for RingBuf<MapData> {
 }
 
 /// Takes up to `limit` records; (how many, whether it stopped at the limit).
-pub fn drain_into(src: &mut impl Records, limit: usize, f: &mut impl FnMut(&[u8])) -> (usize, bool) {
+pub fn drain_into(
+    src: &mut impl Records,
+    limit: usize,
+    f: &mut impl FnMut(&[u8]),
+) -> (usize, bool) {
     let mut n = 0;
     while n < limit {
         if !src.next_into(f) {
@@ -110,7 +118,10 @@ mod tests {
     #[test]
     fn a_producer_that_never_stops_cannot_hold_the_reader() {
         let mut seen = 0;
-        assert_eq!(drain_into(&mut Endless(0), BATCH, &mut |_| seen += 1), (BATCH, true));
+        assert_eq!(
+            drain_into(&mut Endless(0), BATCH, &mut |_| seen += 1),
+            (BATCH, true)
+        );
         assert_eq!(seen, BATCH);
     }
 
@@ -118,7 +129,10 @@ mod tests {
     fn a_short_ring_is_emptied_and_says_so() {
         let mut seen = Vec::new();
         let mut src = Finite(vec![vec![1], vec![2], vec![3]]);
-        assert_eq!(drain_into(&mut src, BATCH, &mut |r| seen.push(r[0])), (3, false));
+        assert_eq!(
+            drain_into(&mut src, BATCH, &mut |r| seen.push(r[0])),
+            (3, false)
+        );
         assert_eq!(seen, [3, 2, 1]);
         // Exactly at the limit: it cannot know the ring is empty yet.
         let mut src = Finite(vec![vec![1], vec![2]]);

@@ -9,7 +9,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use tracer_common::{
-    ct_signal, stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet, GroupKey, GroupSet, Offsets, FLOW_SETS, GROUP_SETS,
+    ct_signal, stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet, GroupKey, GroupSet,
+    Offsets, FLOW_SETS, GROUP_SETS,
 };
 
 use super::{
@@ -83,7 +84,9 @@ impl Tracer {
         let hook_abi = if tier::want_hooks(opts.mode) {
             match KernelBtf::open(opts.btf_path).and_then(|b| HookAbi::from_btf(&b)) {
                 Ok(abi) => Some(abi),
-                Err(e) if opts.mode == Mode::NetfilterHook => return Err(e.context("--mode netfilter-hook")),
+                Err(e) if opts.mode == Mode::NetfilterHook => {
+                    return Err(e.context("--mode netfilter-hook"))
+                }
                 Err(e) => {
                     hook_refused = Some(format!("{e:#}"));
                     None
@@ -92,7 +95,12 @@ impl Tracer {
         } else {
             None
         };
-        filter.ct_probes = if probes { ct_signal::PROBES } else { 0 } | if hook_abi.is_some() { ct_signal::HOOKS } else { 0 };
+        filter.ct_probes = if probes { ct_signal::PROBES } else { 0 }
+            | if hook_abi.is_some() {
+                ct_signal::HOOKS
+            } else {
+                0
+            };
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("OFFSETS", &opts.offsets, true)
@@ -101,9 +109,22 @@ impl Tracer {
             .map_max_entries("HOOK_MARKS", super::nfhook::mark_map_entries())
             // Count mode's counter arrays take memory on every CPU: one
             // set each unless counting.
-            .map_max_entries("FLOW_SET_ARRAY", if filter.count_only != 0 { FLOW_SETS } else { 1 })
-            .map_max_entries("FLOW_TAG_ARRAY", if filter.count_only != 0 { FLOW_SETS } else { 1 })
-            .map_max_entries("GROUP_SET_ARRAY", if filter.count_only != 0 { GROUP_SETS } else { 1 })
+            .map_max_entries(
+                "FLOW_SET_ARRAY",
+                if filter.count_only != 0 { FLOW_SETS } else { 1 },
+            )
+            .map_max_entries(
+                "FLOW_TAG_ARRAY",
+                if filter.count_only != 0 { FLOW_SETS } else { 1 },
+            )
+            .map_max_entries(
+                "GROUP_SET_ARRAY",
+                if filter.count_only != 0 {
+                    GROUP_SETS
+                } else {
+                    1
+                },
+            )
             .load(TRACER_OBJ)
             .map_err(explain_load_error)?;
         let prog: &mut BtfTracePoint = ebpf
@@ -112,25 +133,38 @@ impl Tracer {
             .try_into()?;
         prog.load("kfree_skb", &btf)
             .map_err(|e| anyhow!("{e}"))
-            .context("the kernel refused the kfree_skb tp_btf program (needs BTF tracepoints, kernel 5.5+)")?;
+            .context(
+            "the kernel refused the kfree_skb tp_btf program (needs BTF tracepoints, kernel 5.5+)",
+        )?;
         // Producers first, the consumer last: a drop recorded before its
         // conntrack signal was attached would be called a rule drop.
-        let mut mechanisms = vec![Mechanism { signal: "drops", chosen: Some("tp_btf/kfree_skb".into()), note: String::new() }];
+        let mut mechanisms = vec![Mechanism {
+            signal: "drops",
+            chosen: Some("tp_btf/kfree_skb".into()),
+            note: String::new(),
+        }];
         let mut hooks = None;
         if probes {
             mechanisms.extend(tier::attach_ct_probes(&mut ebpf, opts.mode)?);
         } else if let Some(abi) = hook_abi {
             let marks = match ebpf.map("HOOK_MARKS") {
-                Some(aya::maps::Map::LruHashMap(m)) => m.fd().as_fd().try_clone_to_owned().context("duplicating the HOOK_MARKS fd")?,
+                Some(aya::maps::Map::LruHashMap(m)) => m
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("duplicating the HOOK_MARKS fd")?,
                 _ => return Err(anyhow!("embedded object lacks the HOOK_MARKS map")),
             };
-            let only = (filter.n_netns != 0).then(|| filter.netns[..filter.n_netns as usize].to_vec());
+            let only =
+                (filter.n_netns != 0).then(|| filter.netns[..filter.n_netns as usize].to_vec());
             match NfHooks::start(abi, &marks, only) {
                 Ok(h) => {
                     mechanisms.extend(tier::hook_mechanisms(h.namespaces_at_start));
                     hooks = Some(h);
                 }
-                Err(e) if opts.mode == Mode::NetfilterHook => return Err(e.context("--mode netfilter-hook")),
+                Err(e) if opts.mode == Mode::NetfilterHook => {
+                    return Err(e.context("--mode netfilter-hook"))
+                }
                 Err(e) => hook_refused = Some(format!("{e:#}")),
             }
         }
@@ -138,32 +172,68 @@ impl Tracer {
         // before attaching, and again after (then the marks of drops freed
         // while the attach was under way count as stale too).
         let set_epoch = |ebpf: &mut aya::Ebpf| -> Result<()> {
-            let mut epoch: aya::maps::Array<_, u64> =
-                aya::maps::Array::try_from(ebpf.map_mut("HOOK_EPOCH").ok_or_else(|| anyhow!("no HOOK_EPOCH map"))?)?;
-            epoch.set(0, crate::probe::mono_ns(), 0).context("writing HOOK_EPOCH")
+            let mut epoch: aya::maps::Array<_, u64> = aya::maps::Array::try_from(
+                ebpf.map_mut("HOOK_EPOCH")
+                    .ok_or_else(|| anyhow!("no HOOK_EPOCH map"))?,
+            )?;
+            epoch
+                .set(0, crate::probe::mono_ns(), 0)
+                .context("writing HOOK_EPOCH")
         };
         if hooks.is_some() {
             set_epoch(&mut ebpf)?;
         } else if !probes {
             let why = match (opts.mode, &hook_refused) {
                 (Mode::Tracepoint, _) => "--mode tracepoint".to_string(),
-                (_, Some(e)) => format!("no kprobe support in this kernel; netfilter hook programs unavailable: {e}"),
+                (_, Some(e)) => format!(
+                    "no kprobe support in this kernel; netfilter hook programs unavailable: {e}"
+                ),
                 _ => "no kprobe support in this kernel".to_string(),
             };
             mechanisms.extend(tier::tracepoint_mechanisms(&why));
         }
-        let prog: &mut BtfTracePoint = ebpf.program_mut("kfree_skb").ok_or_else(|| anyhow!("no kfree_skb program"))?.try_into()?;
-        prog.attach().map_err(|e| anyhow!("{e}")).context("cannot attach to tracepoint kfree_skb")?;
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut("kfree_skb")
+            .ok_or_else(|| anyhow!("no kfree_skb program"))?
+            .try_into()?;
+        prog.attach()
+            .map_err(|e| anyhow!("{e}"))
+            .context("cannot attach to tracepoint kfree_skb")?;
         if hooks.is_some() {
             set_epoch(&mut ebpf)?;
         }
         let attach_time = start.elapsed();
-        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or_else(|| anyhow!("no STATS map"))?)?;
-        let ct_events = ebpf.take_map("CT_EVENTS").map(PerCpuHashMap::try_from).transpose()?;
-        let flow_sets = ebpf.take_map("FLOW_SET_ARRAY").map(PerCpuArray::try_from).transpose()?;
-        let group_sets = ebpf.take_map("GROUP_SET_ARRAY").map(PerCpuArray::try_from).transpose()?;
-        let groups = ebpf.take_map("GROUPS").map(PerCpuHashMap::try_from).transpose()?;
-        Ok(Tracer { ebpf: Some(ebpf), stats, ct_events, flow_sets, group_sets, groups, hooks, attach_time, mechanisms })
+        let stats = PerCpuArray::try_from(
+            ebpf.take_map("STATS")
+                .ok_or_else(|| anyhow!("no STATS map"))?,
+        )?;
+        let ct_events = ebpf
+            .take_map("CT_EVENTS")
+            .map(PerCpuHashMap::try_from)
+            .transpose()?;
+        let flow_sets = ebpf
+            .take_map("FLOW_SET_ARRAY")
+            .map(PerCpuArray::try_from)
+            .transpose()?;
+        let group_sets = ebpf
+            .take_map("GROUP_SET_ARRAY")
+            .map(PerCpuArray::try_from)
+            .transpose()?;
+        let groups = ebpf
+            .take_map("GROUPS")
+            .map(PerCpuHashMap::try_from)
+            .transpose()?;
+        Ok(Tracer {
+            ebpf: Some(ebpf),
+            stats,
+            ct_events,
+            flow_sets,
+            group_sets,
+            groups,
+            hooks,
+            attach_time,
+            mechanisms,
+        })
     }
 
     /// Detaches and unloads every program. The counters keep their final
@@ -185,10 +255,16 @@ impl Tracer {
     /// accept fentry at all?
     pub fn try_fentry(btf_path: &Path) -> Result<()> {
         let btf = Btf::parse_file(btf_path, aya::Endianness::default()).context("parsing BTF")?;
-        let mut ebpf = EbpfLoader::new().btf(Some(&btf)).load(TRACER_OBJ).map_err(explain_load_error)?;
-        let prog: &mut aya::programs::FEntry =
-            ebpf.program_mut("fentry_probe").ok_or_else(|| anyhow!("no fentry_probe program"))?.try_into()?;
-        prog.load("nf_hook_slow", &btf).map_err(|e| anyhow!("{e}"))?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .load(TRACER_OBJ)
+            .map_err(explain_load_error)?;
+        let prog: &mut aya::programs::FEntry = ebpf
+            .program_mut("fentry_probe")
+            .ok_or_else(|| anyhow!("no fentry_probe program"))?
+            .try_into()?;
+        prog.load("nf_hook_slow", &btf)
+            .map_err(|e| anyhow!("{e}"))?;
         Ok(())
     }
 
@@ -196,12 +272,18 @@ impl Tracer {
     pub fn probes_drop_paths(&self) -> bool {
         ["table_full", "insert_failed", "conntrack_in"]
             .iter()
-            .all(|s| self.mechanisms.iter().any(|m| m.signal == *s && m.chosen.as_deref().is_some_and(|c| c.contains("probe"))))
+            .all(|s| {
+                self.mechanisms.iter().any(|m| {
+                    m.signal == *s && m.chosen.as_deref().is_some_and(|c| c.contains("probe"))
+                })
+            })
     }
 
     /// Conntrack path events per namespace inode (probe tier only).
     pub fn ct_events(&self) -> Result<Vec<(u32, CtEventCounts)>> {
-        let Some(map) = &self.ct_events else { return Ok(Vec::new()) };
+        let Some(map) = &self.ct_events else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
         for item in map.iter() {
             let (ns, per_cpu) = item.context("reading CT_EVENTS map")?;
@@ -223,8 +305,13 @@ impl Tracer {
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
-        let ebpf = self.ebpf.as_mut().ok_or_else(|| anyhow!("programs already detached"))?;
-        let map = ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("no EVENTS map"))?;
+        let ebpf = self
+            .ebpf
+            .as_mut()
+            .ok_or_else(|| anyhow!("programs already detached"))?;
+        let map = ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| anyhow!("no EVENTS map"))?;
         Ok(RingBuf::try_from(map)?)
     }
 
@@ -246,8 +333,14 @@ impl Tracer {
     /// Per-group drop counts of count mode (cumulative), summed over slots
     /// and CPUs, plus the overflow hash.
     pub fn group_counts(&self) -> Result<Vec<(GroupKey, u64)>> {
-        let sets = self.group_sets.as_ref().ok_or_else(|| anyhow!("no GROUP_SET_ARRAY map"))?;
-        let map = self.groups.as_ref().ok_or_else(|| anyhow!("no GROUPS map"))?;
+        let sets = self
+            .group_sets
+            .as_ref()
+            .ok_or_else(|| anyhow!("no GROUP_SET_ARRAY map"))?;
+        let map = self
+            .groups
+            .as_ref()
+            .ok_or_else(|| anyhow!("no GROUPS map"))?;
         let mut sum: std::collections::HashMap<GroupKey, u64> = std::collections::HashMap::new();
         for i in 0..sets.len() {
             for set in sets.get(&i, 0).context("reading GROUP_SET_ARRAY")?.iter() {
@@ -265,8 +358,12 @@ impl Tracer {
 
     /// Per-flow counters of count mode, summed over slots and CPUs.
     pub fn flow_counts(&self) -> Result<Vec<(FlowKey, FlowCount)>> {
-        let sets = self.flow_sets.as_ref().ok_or_else(|| anyhow!("no FLOW_SET_ARRAY map"))?;
-        let mut sum: std::collections::HashMap<FlowKey, FlowCount> = std::collections::HashMap::new();
+        let sets = self
+            .flow_sets
+            .as_ref()
+            .ok_or_else(|| anyhow!("no FLOW_SET_ARRAY map"))?;
+        let mut sum: std::collections::HashMap<FlowKey, FlowCount> =
+            std::collections::HashMap::new();
         for i in 0..sets.len() {
             for set in sets.get(&i, 0).context("reading FLOW_SET_ARRAY")?.iter() {
                 for slot in set.slots.iter().filter(|s| s.count.packets != 0) {
@@ -282,7 +379,11 @@ impl Tracer {
 fn merge_flow(total: &mut FlowCount, c: &FlowCount) {
     total.packets += c.packets;
     total.bytes += c.bytes;
-    total.first_ns = if total.first_ns == 0 { c.first_ns } else { total.first_ns.min(c.first_ns) };
+    total.first_ns = if total.first_ns == 0 {
+        c.first_ns
+    } else {
+        total.first_ns.min(c.first_ns)
+    };
     total.last_ns = total.last_ns.max(c.last_ns);
 }
 

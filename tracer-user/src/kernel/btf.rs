@@ -26,7 +26,8 @@ impl KernelBtf {
         // Types that only a module defines (nf_conn on kernels with conntrack
         // as a module) live in its split BTF beside vmlinux.
         if let Some(dir) = vmlinux.parent() {
-            for m in ["nf_conntrack"] {
+            {
+                let m = "nf_conntrack";
                 let p = dir.join(m);
                 if p.exists() {
                     if let Ok(b) = Btf::from_split_file(&p, &vmlinux_btf) {
@@ -35,7 +36,10 @@ impl KernelBtf {
                 }
             }
         }
-        Ok(KernelBtf { vmlinux: vmlinux_btf, modules })
+        Ok(KernelBtf {
+            vmlinux: vmlinux_btf,
+            modules,
+        })
     }
 
     fn all(&self) -> impl Iterator<Item = &Btf> {
@@ -60,7 +64,9 @@ impl KernelBtf {
 
     /// Byte offset of `path` (dot-separated, e.g. `ns.inum`) inside struct `name`.
     pub fn offset(&self, name: &str, path: &str) -> Result<u32> {
-        let (btf, s) = self.find_struct(name).ok_or_else(|| anyhow!("struct {name} not in BTF"))?;
+        let (btf, s) = self
+            .find_struct(name)
+            .ok_or_else(|| anyhow!("struct {name} not in BTF"))?;
         let mut total_bits = 0u32;
         let mut cur = s;
         let parts: Vec<&str> = path.split('.').collect();
@@ -75,7 +81,7 @@ impl KernelBtf {
                 };
             }
         }
-        if total_bits % 8 != 0 {
+        if !total_bits.is_multiple_of(8) {
             bail!("{name}.{path} is a bitfield");
         }
         Ok(total_bits / 8)
@@ -89,13 +95,18 @@ impl KernelBtf {
     /// Values of an enum, by name.
     pub fn enum_values(&self, name: &str) -> Result<HashMap<String, u64>> {
         for btf in self.all() {
-            let Ok(types) = btf.resolve_types_by_name(name) else { continue };
+            let Ok(types) = btf.resolve_types_by_name(name) else {
+                continue;
+            };
             for t in types {
                 let mut out = HashMap::new();
                 match t {
                     Type::Enum(e) => {
                         for m in &e.members {
-                            out.insert(btf.resolve_name(m).map_err(|e| anyhow!("{e}"))?, m.val() as u64);
+                            out.insert(
+                                btf.resolve_name(m).map_err(|e| anyhow!("{e}"))?,
+                                m.val() as u64,
+                            );
                         }
                     }
                     Type::Enum64(e) => {
@@ -124,7 +135,10 @@ impl KernelBtf {
 
     /// Every offset the kernel programs need.
     pub fn offsets(&self) -> Result<Offsets> {
-        let req = |s: &str, f: &str| self.offset(s, f).with_context(|| "kernel BTF lacks a field ctdrop needs");
+        let req = |s: &str, f: &str| {
+            self.offset(s, f)
+                .with_context(|| "kernel BTF lacks a field ctdrop needs")
+        };
         let ns = self.offset("net", "ns")?;
         let inum = self.offset("ns_common", "inum")?;
         Ok(Offsets {
@@ -155,15 +169,22 @@ pub struct DropReasons {
 
 impl DropReasons {
     pub fn from_btf(btf: &KernelBtf) -> Result<Self> {
-        let values = btf.enum_values("skb_drop_reason").context("kernel BTF has no enum skb_drop_reason")?;
-        Ok(Self::from_pairs(values.into_iter().map(|(k, v)| (k, v as u32))))
+        let values = btf
+            .enum_values("skb_drop_reason")
+            .context("kernel BTF has no enum skb_drop_reason")?;
+        Ok(Self::from_pairs(
+            values.into_iter().map(|(k, v)| (k, v as u32)),
+        ))
     }
 
     pub fn from_pairs(pairs: impl IntoIterator<Item = (String, u32)>) -> Self {
         let mut names = HashMap::new();
         let mut by_name = HashMap::new();
         for (full, v) in pairs {
-            let short = full.strip_prefix("SKB_DROP_REASON_").unwrap_or(&full).to_string();
+            let short = full
+                .strip_prefix("SKB_DROP_REASON_")
+                .unwrap_or(&full)
+                .to_string();
             names.insert(v, short.clone());
             by_name.insert(short, v);
         }
@@ -172,7 +193,10 @@ impl DropReasons {
 
     /// Short name (`NETFILTER_DROP`), or the number when unknown.
     pub fn name(&self, v: u32) -> String {
-        self.names.get(&v).cloned().unwrap_or_else(|| format!("reason_{v}"))
+        self.names
+            .get(&v)
+            .cloned()
+            .unwrap_or_else(|| format!("reason_{v}"))
     }
 
     pub fn value(&self, short: &str) -> Option<u32> {
@@ -189,7 +213,9 @@ fn strip(btf: &Btf, mut t: Type) -> Result<Type> {
     loop {
         t = match t {
             Type::Typedef(ref x) | Type::TypeTag(ref x) => btf.resolve_chained_type(x),
-            Type::Volatile(ref x) | Type::Const(ref x) | Type::Restrict(ref x) => btf.resolve_chained_type(x),
+            Type::Volatile(ref x) | Type::Const(ref x) | Type::Restrict(ref x) => {
+                btf.resolve_chained_type(x)
+            }
             other => return Ok(other),
         }
         .map_err(|e| anyhow!("{e}"))?;
@@ -229,7 +255,10 @@ mod tests {
         let Some(btf) = host() else { return };
         let o = btf.offsets().unwrap();
         // Cross-checked with `bpftool btf dump` on this machine's 6.18.
-        if std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().starts_with("6.18") {
+        if std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap()
+            .starts_with("6.18")
+        {
             assert_eq!(o.skb_dev, 16);
             assert_eq!(o.skb_nfct, 104);
             assert_eq!(o.skb_len, 112);
@@ -257,6 +286,9 @@ mod tests {
     fn unknown_field_is_an_error() {
         let Some(btf) = host() else { return };
         assert!(btf.offset("sk_buff", "no_such_field").is_err());
-        assert_eq!(btf.offset_or_absent("sk_buff", "no_such_field"), OFFSET_ABSENT);
+        assert_eq!(
+            btf.offset_or_absent("sk_buff", "no_such_field"),
+            OFFSET_ABSENT
+        );
     }
 }

@@ -115,12 +115,22 @@ pub fn conntrack_loaded() -> bool {
 /// tracefs is only needed by classic tracepoints and legacy kprobe
 /// attachment; mount it when it is missing so those tiers can be tried.
 pub fn ensure_tracefs() -> Result<()> {
-    if Path::new("/sys/kernel/tracing/events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+    if Path::new("/sys/kernel/tracing/events").exists()
+        || Path::new("/sys/kernel/debug/tracing/events").exists()
+    {
         return Ok(());
     }
     let target = std::ffi::CString::new("/sys/kernel/tracing").unwrap();
     let fstype = std::ffi::CString::new("tracefs").unwrap();
-    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         bail!(
             "tracefs is not mounted and mounting it failed ({}): mount -t tracefs tracefs /sys/kernel/tracing",

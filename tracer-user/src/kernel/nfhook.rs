@@ -630,8 +630,8 @@ impl Attacher {
         let progs = self.progs.clone();
         let links = crate::conntrack::netns::in_netns(path, move || {
             let _keep = progs; // the raw fds in `plan` stay open meanwhile
-            // A /proc/PID path may name another namespace by now (the pid
-            // exited and was reused): links there would vouch for `ns`.
+                               // A /proc/PID path may name another namespace by now (the pid
+                               // exited and was reused): links there would vouch for `ns`.
             let here = crate::conntrack::netns::thread_netns()?;
             if here != ns {
                 bail!("namespace {ns} changed under its path (now {here})");
@@ -690,7 +690,9 @@ fn namespaces(only: Option<&[u32]>, pids: &mut PidNamespaces) -> HashMap<u32, Pa
     let mut alive = HashMap::with_capacity(pids.by_pid.len());
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
             let path = e.path().join("ns/net");
             let ns = match pids.by_pid.get(&pid) {
                 Some(ns) if !full => Some(*ns),
@@ -795,17 +797,26 @@ const CLOSERS: usize = 32;
 impl Drop for NfHooks {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let Some(Ok(attacher)) = self.thread.take().map(|t| t.join()) else { return };
+        let Some(Ok(attacher)) = self.thread.take().map(|t| t.join()) else {
+            return;
+        };
         // Each link's release unregisters its hook and waits out an RCU
         // grace period: closed one after another, 80 namespaces' links took
         // over 20 s. Closed from many threads at once, the waits overlap.
-        let mut links: Vec<OwnedFd> = attacher.links.into_values().flat_map(|l| l._links).collect();
+        let mut links: Vec<OwnedFd> = attacher
+            .links
+            .into_values()
+            .flat_map(|l| l._links)
+            .collect();
         let per = links.len().div_ceil(CLOSERS).max(1);
         let mut closers = Vec::new();
         while !links.is_empty() {
             let chunk: Vec<OwnedFd> = links.drain(..per.min(links.len())).collect();
             // On a failed spawn the chunk goes down with the closure: closed here.
-            if let Ok(t) = std::thread::Builder::new().name("ctdrop-unlink".into()).spawn(move || drop(chunk)) {
+            if let Ok(t) = std::thread::Builder::new()
+                .name("ctdrop-unlink".into())
+                .spawn(move || drop(chunk))
+            {
                 closers.push(t);
             }
         }

@@ -45,20 +45,78 @@ pub struct CtProbe {
 
 /// Attached return probes first (see `attach_ct_probes`).
 pub const CT_PROBES: &[CtProbe] = &[
-    CtProbe { program: "ct_in_entry", function: "nf_conntrack_in", ret: false, signal: "conntrack_in" },
-    CtProbe { program: "ct_in_return", function: "nf_conntrack_in", ret: true, signal: "conntrack_in" },
-    CtProbe { program: "ct_alloc_return", function: "__nf_conntrack_alloc", ret: true, signal: "table_full" },
-    CtProbe { program: "ct_confirm_entry", function: "__nf_conntrack_confirm", ret: false, signal: "insert_failed" },
-    CtProbe { program: "ct_confirm_return", function: "__nf_conntrack_confirm", ret: true, signal: "insert_failed" },
-    CtProbe { program: "ct_early_drop_entry", function: "early_drop", ret: false, signal: "early_drop" },
-    CtProbe { program: "ct_early_drop_return", function: "early_drop", ret: true, signal: "early_drop" },
-    CtProbe { program: "ct_clash_entry", function: "nf_ct_resolve_clash", ret: false, signal: "clash_resolve" },
-    CtProbe { program: "ct_clash_return", function: "nf_ct_resolve_clash", ret: true, signal: "clash_resolve" },
-    CtProbe { program: "ct_hash_insert", function: "__nf_conntrack_hash_insert", ret: false, signal: "inserts" },
+    CtProbe {
+        program: "ct_in_entry",
+        function: "nf_conntrack_in",
+        ret: false,
+        signal: "conntrack_in",
+    },
+    CtProbe {
+        program: "ct_in_return",
+        function: "nf_conntrack_in",
+        ret: true,
+        signal: "conntrack_in",
+    },
+    CtProbe {
+        program: "ct_alloc_return",
+        function: "__nf_conntrack_alloc",
+        ret: true,
+        signal: "table_full",
+    },
+    CtProbe {
+        program: "ct_confirm_entry",
+        function: "__nf_conntrack_confirm",
+        ret: false,
+        signal: "insert_failed",
+    },
+    CtProbe {
+        program: "ct_confirm_return",
+        function: "__nf_conntrack_confirm",
+        ret: true,
+        signal: "insert_failed",
+    },
+    CtProbe {
+        program: "ct_early_drop_entry",
+        function: "early_drop",
+        ret: false,
+        signal: "early_drop",
+    },
+    CtProbe {
+        program: "ct_early_drop_return",
+        function: "early_drop",
+        ret: true,
+        signal: "early_drop",
+    },
+    CtProbe {
+        program: "ct_clash_entry",
+        function: "nf_ct_resolve_clash",
+        ret: false,
+        signal: "clash_resolve",
+    },
+    CtProbe {
+        program: "ct_clash_return",
+        function: "nf_ct_resolve_clash",
+        ret: true,
+        signal: "clash_resolve",
+    },
+    CtProbe {
+        program: "ct_hash_insert",
+        function: "__nf_conntrack_hash_insert",
+        ret: false,
+        signal: "inserts",
+    },
 ];
 
 /// Signals in display order.
-pub const SIGNALS: &[&str] = &["drops", "table_full", "insert_failed", "conntrack_in", "early_drop", "clash_resolve", "inserts"];
+pub const SIGNALS: &[&str] = &[
+    "drops",
+    "table_full",
+    "insert_failed",
+    "conntrack_in",
+    "early_drop",
+    "clash_resolve",
+    "inserts",
+];
 
 /// Whether the kernel has a kprobe PMU (perf-based kprobes, no tracefs).
 pub fn kprobes_available() -> bool {
@@ -71,7 +129,9 @@ pub fn kallsyms_functions(wanted: &[&str]) -> HashSet<String> {
     if let Ok(text) = std::fs::read_to_string("/proc/kallsyms") {
         for line in text.lines() {
             let mut it = line.split_whitespace();
-            let (_, Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else { continue };
+            let (_, Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
             if matches!(kind, "t" | "T") && wanted.contains(&name) {
                 found.insert(name.to_string());
             }
@@ -97,7 +157,9 @@ pub fn want_hooks(mode: Mode) -> bool {
 
 /// Mechanisms when the netfilter hook marks are attached.
 pub fn hook_mechanisms(namespaces: usize) -> Vec<Mechanism> {
-    let mark = |what: &str| Some(format!("bpf netfilter hooks: {what} (IPv4+IPv6, {namespaces} namespaces at start, new ones as they appear)"));
+    let mark = |what: &str| {
+        Some(format!("bpf netfilter hooks: {what} (IPv4+IPv6, {namespaces} namespaces at start, new ones as they appear)"))
+    };
     SIGNALS
         .iter()
         .skip(1)
@@ -140,14 +202,26 @@ pub fn attach_ct_probes(ebpf: &mut Ebpf, mode: Mode) -> Result<Vec<Mechanism>> {
     // and no pop: the per-CPU stash stayed too deep for good and every later
     // conntrack drop went without its verdict (all 20,060 table-full drops
     // called rule drops when ctdrop started during a flood on 6.12).
-    let ordered = CT_PROBES.iter().filter(|p| p.ret).chain(CT_PROBES.iter().filter(|p| !p.ret));
+    let ordered = CT_PROBES
+        .iter()
+        .filter(|p| p.ret)
+        .chain(CT_PROBES.iter().filter(|p| !p.ret));
     for p in ordered {
         if !present.contains(p.function) {
-            failures.push((p.signal, format!("{} not in /proc/kallsyms (inlined, renamed or nf_conntrack not loaded)", p.function)));
+            failures.push((
+                p.signal,
+                format!(
+                    "{} not in /proc/kallsyms (inlined, renamed or nf_conntrack not loaded)",
+                    p.function
+                ),
+            ));
             continue;
         }
         let r = (|| -> Result<()> {
-            let prog: &mut KProbe = ebpf.program_mut(p.program).ok_or_else(|| anyhow!("no program {}", p.program))?.try_into()?;
+            let prog: &mut KProbe = ebpf
+                .program_mut(p.program)
+                .ok_or_else(|| anyhow!("no program {}", p.program))?
+                .try_into()?;
             prog.load().map_err(|e| anyhow!("{e}"))?;
             let link = prog.attach(p.function, 0).map_err(|e| anyhow!("{e}"))?;
             links.push((p.program, link));
@@ -155,34 +229,59 @@ pub fn attach_ct_probes(ebpf: &mut Ebpf, mode: Mode) -> Result<Vec<Mechanism>> {
         })();
         match r {
             Ok(()) => attached.push(p.program),
-            Err(e) => failures.push((p.signal, format!("{} on {}: {e:#}", if p.ret { "kretprobe" } else { "kprobe" }, p.function))),
+            Err(e) => failures.push((
+                p.signal,
+                format!(
+                    "{} on {}: {e:#}",
+                    if p.ret { "kretprobe" } else { "kprobe" },
+                    p.function
+                ),
+            )),
         }
     }
     let mut out = Vec::new();
     for signal in SIGNALS.iter().skip(1) {
         let progs: Vec<&CtProbe> = CT_PROBES.iter().filter(|p| p.signal == *signal).collect();
         let all_ok = progs.iter().all(|p| attached.contains(&p.program));
-        let why = failures.iter().find(|(s, _)| s == signal).map(|(_, w)| w.clone());
+        let why = failures
+            .iter()
+            .find(|(s, _)| s == signal)
+            .map(|(_, w)| w.clone());
         if all_ok {
             let kinds: Vec<String> = progs
                 .iter()
-                .map(|p| format!("{}/{}", if p.ret { "kretprobe" } else { "kprobe" }, p.function))
+                .map(|p| {
+                    format!(
+                        "{}/{}",
+                        if p.ret { "kretprobe" } else { "kprobe" },
+                        p.function
+                    )
+                })
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            out.push(Mechanism { signal, chosen: Some(kinds.join(" + ")), note: String::new() });
+            out.push(Mechanism {
+                signal,
+                chosen: Some(kinds.join(" + ")),
+                note: String::new(),
+            });
         } else {
             // Detach the half that did attach, so a stash never fills
             // without its pair.
             for p in &progs {
                 while let Some(i) = links.iter().position(|(name, _)| *name == p.program) {
                     let (_, link) = links.swap_remove(i);
-                    if let Some(Ok(prog)) = ebpf.program_mut(p.program).map(<&mut KProbe>::try_from) {
+                    if let Some(Ok(prog)) = ebpf.program_mut(p.program).map(<&mut KProbe>::try_from)
+                    {
                         let _ = prog.detach(link);
                     }
                 }
             }
-            out.push(Mechanism { signal, chosen: None, note: why.unwrap_or_else(|| "not attached".into()) });
+            out.push(Mechanism {
+                signal,
+                chosen: None,
+                note: why.unwrap_or_else(|| "not attached".into()),
+            });
         }
     }
     if mode == Mode::Kprobe {

@@ -12,7 +12,9 @@ pub struct CsvSink<W: Write> {
 
 impl<W: Write> CsvSink<W> {
     pub fn new(out: W) -> Self {
-        CsvSink { out: csv::Writer::from_writer(out) }
+        CsvSink {
+            out: csv::Writer::from_writer(out),
+        }
     }
 }
 

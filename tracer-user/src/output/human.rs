@@ -2,17 +2,22 @@
 
 use std::fmt::Write;
 
-
 use super::{CountsShown, ProbeShown, Shown, Sink};
-use crate::probe::{SeenDrop, Status, Wire};
 use crate::events::decode::proto_name;
+use crate::probe::{SeenDrop, Status, Wire};
 
 /// Local wall-clock time of day with microseconds.
 pub fn clock(wall_ns: u64) -> String {
     let secs = (wall_ns / 1_000_000_000) as libc::time_t;
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     unsafe { libc::localtime_r(&secs, &mut tm) };
-    format!("{:02}:{:02}:{:02}.{:06}", tm.tm_hour, tm.tm_min, tm.tm_sec, (wall_ns % 1_000_000_000) / 1000)
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        (wall_ns % 1_000_000_000) / 1000
+    )
 }
 
 pub fn netns_label(netns: Option<u32>, name: Option<&str>) -> String {
@@ -21,7 +26,16 @@ pub fn netns_label(netns: Option<u32>, name: Option<&str>) -> String {
 
 pub fn drop_line(s: &Shown, out: &mut String) {
     let ev = s.ev;
-    let _ = write!(out, "{} ns {} if {}", clock(s.wall_ns), netns_label(ev.netns, s.netns_name), s.ifname.map(str::to_string).unwrap_or_else(|| ev.ifindex.map(|i| format!("#{i}")).unwrap_or_else(|| "-".into())));
+    let _ = write!(
+        out,
+        "{} ns {} if {}",
+        clock(s.wall_ns),
+        netns_label(ev.netns, s.netns_name),
+        s.ifname.map(str::to_string).unwrap_or_else(|| ev
+            .ifindex
+            .map(|i| format!("#{i}"))
+            .unwrap_or_else(|| "-".into()))
+    );
     match &ev.flow {
         Some(f) => {
             let _ = write!(out, " {}", proto_name(f.proto));
@@ -39,7 +53,15 @@ pub fn drop_line(s: &Shown, out: &mut String) {
     if let Some(i) = ev.icmp {
         match i.echo {
             Some((id, seq)) => {
-                let _ = write!(out, " {} id {id} seq {seq}", if i.ty == 8 || i.ty == 128 { "echo-request" } else { "echo-reply" });
+                let _ = write!(
+                    out,
+                    " {} id {id} seq {seq}",
+                    if i.ty == 8 || i.ty == 128 {
+                        "echo-request"
+                    } else {
+                        "echo-reply"
+                    }
+                );
             }
             None => {
                 let _ = write!(out, " type {} code {}", i.ty, i.code);
@@ -65,11 +87,19 @@ fn sock(a: &std::net::IpAddr, port: u16) -> String {
 
 /// Why a lost probe was lost, in one phrase.
 pub fn verdict(d: &SeenDrop) -> String {
-    let mut v = format!("{}{}", d.cause, if d.reply_path { " (reply dropped)" } else { "" });
+    let mut v = format!(
+        "{}{}",
+        d.cause,
+        if d.reply_path { " (reply dropped)" } else { "" }
+    );
     if d.cause == crate::cause::Cause::Other {
         let _ = write!(v, " {}", d.reason);
     }
-    let _ = write!(v, " in ns {}", netns_label(d.netns, d.netns_name.as_deref()));
+    let _ = write!(
+        v,
+        " in ns {}",
+        netns_label(d.netns, d.netns_name.as_deref())
+    );
     if let Some(i) = &d.ifname {
         let _ = write!(v, " on {i}");
     }
@@ -81,7 +111,12 @@ pub fn verdict(d: &SeenDrop) -> String {
 
 /// One line when a full table was snapshotted; the summary has the rest.
 pub fn occupancy_line(o: &crate::conntrack::occupancy::Occupancy) -> String {
-    let mut l = format!("table full in ns {}: {} entries, {} unreplied", o.label(), o.entries, o.unreplied);
+    let mut l = format!(
+        "table full in ns {}: {} entries, {} unreplied",
+        o.label(),
+        o.entries,
+        o.unreplied
+    );
     if let Some(p) = o.top_dst_ports.first() {
         let _ = write!(l, "; top {} port {} ({})", p.proto, p.port, p.entries);
     }
@@ -91,7 +126,11 @@ pub fn occupancy_line(o: &crate::conntrack::occupancy::Occupancy) -> String {
 /// Human lines on stdout; colours only on a terminal.
 /// Count mode's periodic line: `12:00:01.000000 +312345 drops (conntrack_table_full 312345) in 1.0 s, 1234567 total; rx: 312345 ct 64/64`.
 pub fn counts_line(c: &CountsShown, out: &mut String) {
-    let causes: Vec<String> = c.by_cause.iter().map(|(cause, n)| format!("{cause} {n}")).collect();
+    let causes: Vec<String> = c
+        .by_cause
+        .iter()
+        .map(|(cause, n)| format!("{cause} {n}"))
+        .collect();
     let _ = write!(out, "{} +{} drops", clock(c.wall_ns), c.drops);
     if !causes.is_empty() {
         let _ = write!(out, " ({})", causes.join(", "));
@@ -173,7 +212,8 @@ impl<W: std::io::Write> Sink for HumanSink<W> {
 
     fn tick(&mut self, p: &super::Progress) -> std::io::Result<()> {
         // A fold line also comes when the flood has stopped.
-        self.folder.due(p.mono_ns + self.boot_offset_ns, &mut self.folded);
+        self.folder
+            .due(p.mono_ns + self.boot_offset_ns, &mut self.folded);
         self.write_folded()
     }
 
@@ -183,12 +223,30 @@ impl<W: std::io::Write> Sink for HumanSink<W> {
             Wire::Echo { id, seq } => format!("id {id} seq {seq}"),
             Wire::Port { local, .. } => format!("port {local}"),
         };
-        let head = format!("{}/{}  {}  {}  #{} {}", p.lost, p.sent, clock(p.wall_ns), p.label, o.number, wire);
+        let head = format!(
+            "{}/{}  {}  {}  #{} {}",
+            p.lost,
+            p.sent,
+            clock(p.wall_ns),
+            p.label,
+            o.number,
+            wire
+        );
         let tail = match &o.status {
-            Status::Ok { rtt_ns } => format!("{} {:.2} ms", self.paint("32", "ok"), *rtt_ns as f64 / 1e6),
-            Status::Late { rtt_ns } => format!("{} reply after {:.2} s (already counted lost)", self.paint("33", "late"), *rtt_ns as f64 / 1e9),
-            Status::Lost { drop: Some(d) } => format!("{}  {}", self.paint("31", "down"), verdict(d)),
-            Status::Lost { drop: None } => format!("{}  no drop seen on this host", self.paint("31", "down")),
+            Status::Ok { rtt_ns } => {
+                format!("{} {:.2} ms", self.paint("32", "ok"), *rtt_ns as f64 / 1e6)
+            }
+            Status::Late { rtt_ns } => format!(
+                "{} reply after {:.2} s (already counted lost)",
+                self.paint("33", "late"),
+                *rtt_ns as f64 / 1e9
+            ),
+            Status::Lost { drop: Some(d) } => {
+                format!("{}  {}", self.paint("31", "down"), verdict(d))
+            }
+            Status::Lost { drop: None } => {
+                format!("{}  no drop seen on this host", self.paint("31", "down"))
+            }
         };
         writeln!(self.out, "{head}  {tail}")
     }

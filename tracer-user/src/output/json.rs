@@ -6,8 +6,8 @@ use serde::Serialize;
 use std::io::Write;
 
 use super::{CountsShown, ProbeShown, Shown, Sink};
-use crate::probe::{Status, Wire};
 use crate::events::decode::proto_name;
+use crate::probe::{Status, Wire};
 
 #[derive(Serialize)]
 pub struct DropJson<'a> {
@@ -67,7 +67,9 @@ impl<'a> DropJson<'a> {
             icmp_seq: echo.map(|e| e.1),
             ct_count: ev.ct_fill.map(|c| c.count),
             ct_max: ev.ct_fill.map(|c| c.max),
-            ct_fill: ev.ct_fill.map(|c| if c.sampled { "sampled" } else { "kernel" }),
+            ct_fill: ev
+                .ct_fill
+                .map(|c| if c.sampled { "sampled" } else { "kernel" }),
             has_ct: ev.ct.is_some(),
             untracked: ev.ct.map(|c| c.untracked()).unwrap_or(false),
             location: s.location,
@@ -136,11 +138,19 @@ pub fn write_drop(out: &mut Vec<u8>, s: &Shown) {
     out.extend_from_slice(b",\"ct_max\":");
     opt_num(out, ev.ct_fill.map(|c| c.max));
     out.extend_from_slice(b",\"ct_fill\":");
-    opt_string(out, ev.ct_fill.map(|c| if c.sampled { "sampled" } else { "kernel" }));
+    opt_string(
+        out,
+        ev.ct_fill
+            .map(|c| if c.sampled { "sampled" } else { "kernel" }),
+    );
     out.extend_from_slice(b",\"has_ct\":");
     out.extend_from_slice(if ev.ct.is_some() { b"true" } else { b"false" });
     out.extend_from_slice(b",\"untracked\":");
-    out.extend_from_slice(if ev.ct.map(|c| c.untracked()).unwrap_or(false) { b"true" } else { b"false" });
+    out.extend_from_slice(if ev.ct.map(|c| c.untracked()).unwrap_or(false) {
+        b"true"
+    } else {
+        b"false"
+    });
     out.extend_from_slice(b",\"location\":");
     string(out, s.location);
     out.extend_from_slice(b",\"evidence\":");
@@ -165,7 +175,9 @@ fn opt_num(out: &mut Vec<u8>, n: Option<impl itoa::Integer>) {
 
 fn string(out: &mut Vec<u8>, s: &str) {
     // Names from the kernel are plain ASCII; anything else takes serde's path.
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f) {
+    if s.bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
+    {
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
@@ -211,7 +223,12 @@ pub fn probe_json(p: &ProbeShown) -> serde_json::Value {
     };
     let (kind, icmp_id, icmp_seq, local_port) = match o.wire {
         Wire::Echo { id, seq } => ("icmp", Some(id), Some(seq), None),
-        Wire::Port { proto, local, .. } => (if proto == 6 { "tcp" } else { "udp" }, None, None, Some(local)),
+        Wire::Port { proto, local, .. } => (
+            if proto == 6 { "tcp" } else { "udp" },
+            None,
+            None,
+            Some(local),
+        ),
     };
     let verdict = match (&o.status, drop) {
         (Status::Lost { .. }, Some(d)) => Some(crate::output::human::verdict(d)),
@@ -236,8 +253,11 @@ pub fn probe_json(p: &ProbeShown) -> serde_json::Value {
 }
 
 pub fn counts_json(c: &CountsShown) -> serde_json::Value {
-    let by_cause: serde_json::Map<String, serde_json::Value> =
-        c.by_cause.iter().map(|(cause, n)| (cause.as_str().to_string(), (*n).into())).collect();
+    let by_cause: serde_json::Map<String, serde_json::Value> = c
+        .by_cause
+        .iter()
+        .map(|(cause, n)| (cause.as_str().to_string(), (*n).into()))
+        .collect();
     let by_netns: Vec<serde_json::Value> = c
         .by_netns
         .iter()
@@ -268,7 +288,10 @@ pub struct JsonSink<W: Write> {
 
 impl<W: Write> JsonSink<W> {
     pub fn new(out: W) -> Self {
-        JsonSink { out, line: Vec::with_capacity(512) }
+        JsonSink {
+            out,
+            line: Vec::with_capacity(512),
+        }
     }
 }
 
@@ -327,33 +350,67 @@ mod tests {
             netns: Some(4026532000),
             ifindex: Some(3),
             skb_len: 40,
-            flow: Some(Flow { src: "198.18.0.1".parse().unwrap(), dst: "198.18.255.2".parse().unwrap(), proto: 17, ports: Some((5000, 65535)) }),
+            flow: Some(Flow {
+                src: "198.18.0.1".parse().unwrap(),
+                dst: "198.18.255.2".parse().unwrap(),
+                proto: 17,
+                ports: Some((5000, 65535)),
+            }),
             icmp: None,
             ct: None,
-            ct_fill: Some(CtFill { count: 64, max: 64, sampled: true, counted_drop: None }),
+            ct_fill: Some(CtFill {
+                count: 64,
+                max: 64,
+                sampled: true,
+                counted_drop: None,
+            }),
             truncated: false,
             header: None,
         }
     }
 
     fn same_as_serde(ev: &DropEvent, name: Option<&str>, ifname: Option<&str>, location: &str) {
-        let s = Shown { ev, cause: Cause::ConntrackTableFull, wall_ns: 1_700_000_000_000_000_000, reason: "NETFILTER_DROP", netns_name: name, ifname, location };
+        let s = Shown {
+            ev,
+            cause: Cause::ConntrackTableFull,
+            wall_ns: 1_700_000_000_000_000_000,
+            reason: "NETFILTER_DROP",
+            netns_name: name,
+            ifname,
+            location,
+        };
         let mut out = Vec::new();
         write_drop(&mut out, &s);
         let ours: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
         let theirs = serde_json::to_value(DropJson::from_shown(&s)).unwrap();
         assert_eq!(ours, theirs);
         // Field order is part of what readers see.
-        assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&DropJson::from_shown(&s)).unwrap());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            serde_json::to_string(&DropJson::from_shown(&s)).unwrap()
+        );
     }
 
     #[test]
     fn hand_written_drop_lines_equal_serde_ones() {
         same_as_serde(&ev(), Some("rx"), Some("veth0"), "nf_hook_slow+0x9a");
         let mut e = ev();
-        e.flow = Some(Flow { src: "2001:db8::1".parse().unwrap(), dst: "::ffff:1.2.3.4".parse().unwrap(), proto: 58, ports: None });
-        e.icmp = Some(Icmp { ty: 128, code: 0, echo: Some((7, 65535)) });
-        e.ct = Some(CtRef { info: 7, status: None, zone: 0 });
+        e.flow = Some(Flow {
+            src: "2001:db8::1".parse().unwrap(),
+            dst: "::ffff:1.2.3.4".parse().unwrap(),
+            proto: 58,
+            ports: None,
+        });
+        e.icmp = Some(Icmp {
+            ty: 128,
+            code: 0,
+            echo: Some((7, 65535)),
+        });
+        e.ct = Some(CtRef {
+            info: 7,
+            status: None,
+            zone: 0,
+        });
         e.ct_fill = None;
         e.netns = None;
         e.ifindex = None;
@@ -362,7 +419,12 @@ mod tests {
         e.icmp = None;
         // Names needing escapes take serde's path and still match.
         same_as_serde(&e, Some("we\"ird\\ns\u{1}"), Some("é"), "x");
-        e.flow = Some(Flow { src: "0.0.0.0".parse().unwrap(), dst: "255.255.255.255".parse().unwrap(), proto: 47, ports: None });
+        e.flow = Some(Flow {
+            src: "0.0.0.0".parse().unwrap(),
+            dst: "255.255.255.255".parse().unwrap(),
+            proto: 47,
+            ports: None,
+        });
         same_as_serde(&e, None, None, "x");
     }
 }

@@ -17,8 +17,10 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use super::{Progress, ProbeShown, Shown, Sink};
-use crate::{cause::Cause, conntrack::stats::CtCounters, events::decode::proto_name, probe::Status};
+use super::{ProbeShown, Progress, Shown, Sink};
+use crate::{
+    cause::Cause, conntrack::stats::CtCounters, events::decode::proto_name, probe::Status,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
@@ -117,14 +119,46 @@ impl Metrics {
             watch: WatchMetrics::default(),
             ct_fill: Family::default(),
         };
-        m.registry.register("ctdrop_drops", "Dropped packets traced, by cause, network namespace and L4 protocol", m.drops.clone());
-        m.registry.register("ctdrop_events_lost", "Drop records the kernel could not queue (ring buffer full)", m.events_lost.clone());
-        m.registry.register("ctdrop_probes_sent", "Probes sent by ctdrop, by target", m.probes_sent.clone());
-        m.registry.register("ctdrop_probes_lost", "Probes lost, by target and by the cause of the drop that ate them", m.probes_lost.clone());
-        m.registry.register("ctdrop_conntrack_entries", "Conntrack table entries in the namespace", m.ct_entries.clone());
-        m.registry.register("ctdrop_conntrack_max", "nf_conntrack_max (a global limit), per namespace", m.ct_max.clone());
-        m.registry.register("ctdrop_conntrack_stat", "Kernel conntrack statistics of the namespace (/proc/net/stat/nf_conntrack)", m.ct_stat.clone());
-        m.registry.register("ctdrop_conntrack_fill_ratio", "Conntrack table entries of the namespace over nf_conntrack_max (0 to 1)", m.ct_fill.clone());
+        m.registry.register(
+            "ctdrop_drops",
+            "Dropped packets traced, by cause, network namespace and L4 protocol",
+            m.drops.clone(),
+        );
+        m.registry.register(
+            "ctdrop_events_lost",
+            "Drop records the kernel could not queue (ring buffer full)",
+            m.events_lost.clone(),
+        );
+        m.registry.register(
+            "ctdrop_probes_sent",
+            "Probes sent by ctdrop, by target",
+            m.probes_sent.clone(),
+        );
+        m.registry.register(
+            "ctdrop_probes_lost",
+            "Probes lost, by target and by the cause of the drop that ate them",
+            m.probes_lost.clone(),
+        );
+        m.registry.register(
+            "ctdrop_conntrack_entries",
+            "Conntrack table entries in the namespace",
+            m.ct_entries.clone(),
+        );
+        m.registry.register(
+            "ctdrop_conntrack_max",
+            "nf_conntrack_max (a global limit), per namespace",
+            m.ct_max.clone(),
+        );
+        m.registry.register(
+            "ctdrop_conntrack_stat",
+            "Kernel conntrack statistics of the namespace (/proc/net/stat/nf_conntrack)",
+            m.ct_stat.clone(),
+        );
+        m.registry.register(
+            "ctdrop_conntrack_fill_ratio",
+            "Conntrack table entries of the namespace over nf_conntrack_max (0 to 1)",
+            m.ct_fill.clone(),
+        );
         m
     }
 
@@ -133,42 +167,109 @@ impl Metrics {
         let mut m = Metrics::new();
         let w = &m.watch;
         let r = &mut m.registry;
-        r.register("ctdrop_watch_triggers", "Incidents that started a recording, by trigger and namespace", w.triggers.clone());
-        r.register("ctdrop_watch_recording", "1 while an incident in the namespace is being recorded (trigger state)", w.recording.clone());
-        r.register("ctdrop_watch_captures_written", "Capture files written", w.captures_written.clone());
-        r.register("ctdrop_watch_capture_bytes", "Bytes of capture files written", w.capture_bytes.clone());
-        r.register("ctdrop_watch_captures_deleted", "Old capture files deleted for --max-files/--max-bytes", w.captures_deleted.clone());
-        r.register("ctdrop_watch_captures_not_written", "Captures not written (disk nearly full, write error), by reason", w.captures_not_written.clone());
-        r.register("ctdrop_watch_disk_full", "1 while the capture directory is too full to write to", w.disk_full.clone());
-        r.register("ctdrop_watch_buffered_records", "Drop records held in memory for the pre-trigger window", w.buffered_records.clone());
-        r.register("ctdrop_watch_buffer_not_kept", "Drop records not kept because the in-memory buffer was at its cap", w.buffer_not_kept.clone());
-        r.register("ctdrop_watch_last_capture_timestamp_seconds", "Unix time of the last capture written", w.last_capture_time.clone());
+        r.register(
+            "ctdrop_watch_triggers",
+            "Incidents that started a recording, by trigger and namespace",
+            w.triggers.clone(),
+        );
+        r.register(
+            "ctdrop_watch_recording",
+            "1 while an incident in the namespace is being recorded (trigger state)",
+            w.recording.clone(),
+        );
+        r.register(
+            "ctdrop_watch_captures_written",
+            "Capture files written",
+            w.captures_written.clone(),
+        );
+        r.register(
+            "ctdrop_watch_capture_bytes",
+            "Bytes of capture files written",
+            w.capture_bytes.clone(),
+        );
+        r.register(
+            "ctdrop_watch_captures_deleted",
+            "Old capture files deleted for --max-files/--max-bytes",
+            w.captures_deleted.clone(),
+        );
+        r.register(
+            "ctdrop_watch_captures_not_written",
+            "Captures not written (disk nearly full, write error), by reason",
+            w.captures_not_written.clone(),
+        );
+        r.register(
+            "ctdrop_watch_disk_full",
+            "1 while the capture directory is too full to write to",
+            w.disk_full.clone(),
+        );
+        r.register(
+            "ctdrop_watch_buffered_records",
+            "Drop records held in memory for the pre-trigger window",
+            w.buffered_records.clone(),
+        );
+        r.register(
+            "ctdrop_watch_buffer_not_kept",
+            "Drop records not kept because the in-memory buffer was at its cap",
+            w.buffer_not_kept.clone(),
+        );
+        r.register(
+            "ctdrop_watch_last_capture_timestamp_seconds",
+            "Unix time of the last capture written",
+            w.last_capture_time.clone(),
+        );
         // Shown at 0 from the start: a family without samples is absent
         // from the scrape, and alerts and dashboards need the series.
         for reason in ["disk_full", "write_error"] {
-            let _ = w.captures_not_written.get_or_create(&ReasonLabels { reason: reason.into() });
+            let _ = w.captures_not_written.get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            });
         }
         m
     }
 
     pub fn watch_trigger(&self, trigger: &str, netns: &str) {
-        self.watch.triggers.get_or_create(&TriggerLabels { trigger: trigger.into(), netns: netns.into() }).inc();
-        self.watch.recording.get_or_create(&NsLabels { netns: netns.into() }).set(1);
+        self.watch
+            .triggers
+            .get_or_create(&TriggerLabels {
+                trigger: trigger.into(),
+                netns: netns.into(),
+            })
+            .inc();
+        self.watch
+            .recording
+            .get_or_create(&NsLabels {
+                netns: netns.into(),
+            })
+            .set(1);
     }
 
     pub fn watch_recorded(&self, netns: &str) {
-        self.watch.recording.get_or_create(&NsLabels { netns: netns.into() }).set(0);
+        self.watch
+            .recording
+            .get_or_create(&NsLabels {
+                netns: netns.into(),
+            })
+            .set(0);
     }
 
     pub fn watch_not_written(&self, reason: &str) {
-        self.watch.captures_not_written.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+        self.watch
+            .captures_not_written
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     /// The counter of one (cause, namespace, protocol); callers keep it to
     /// skip the label lookup on every drop.
     fn drop_counter(&self, cause: Cause, netns: String, proto: Option<u8>) -> Counter {
         let proto = proto.map(proto_name).unwrap_or_else(|| "none".into());
-        self.drops.get_or_create_owned(&DropLabels { cause: cause.as_str().into(), netns, proto })
+        self.drops.get_or_create_owned(&DropLabels {
+            cause: cause.as_str().into(),
+            netns,
+            proto,
+        })
     }
 
     pub fn add_drops(&self, cause: Cause, netns: String, proto: Option<u8>, n: u64) {
@@ -188,25 +289,44 @@ impl Metrics {
     }
 
     pub fn probe_sent(&self, host: &str, n: u64) {
-        self.probes_sent.get_or_create(&HostLabels { host: host.into() }).inc_by(n);
+        self.probes_sent
+            .get_or_create(&HostLabels { host: host.into() })
+            .inc_by(n);
     }
 
     pub fn probe_lost(&self, host: &str, cause: Option<&str>, n: u64) {
         let cause = cause.unwrap_or("unexplained").to_string();
-        self.probes_lost.get_or_create(&LostLabels { host: host.into(), cause }).inc_by(n);
+        self.probes_lost
+            .get_or_create(&LostLabels {
+                host: host.into(),
+                cause,
+            })
+            .inc_by(n);
     }
 
     pub fn set_conntrack(&self, netns: &str, counters: &CtCounters, max: Option<u64>) {
-        let ns = NsLabels { netns: netns.into() };
-        self.ct_entries.get_or_create(&ns).set(counters.entries() as i64);
+        let ns = NsLabels {
+            netns: netns.into(),
+        };
+        self.ct_entries
+            .get_or_create(&ns)
+            .set(counters.entries() as i64);
         if let Some(m) = max {
             self.ct_max.get_or_create(&ns).set(m as i64);
             if m > 0 {
-                self.ct_fill.get_or_create(&ns).set(counters.entries() as f64 / m as f64);
+                self.ct_fill
+                    .get_or_create(&ns)
+                    .set(counters.entries() as f64 / m as f64);
             }
         }
         for (k, v) in counters.columns.iter().filter(|(k, _)| *k != "entries") {
-            Self::raise(&self.ct_stat.get_or_create(&StatLabels { netns: netns.into(), counter: k.clone() }), *v);
+            Self::raise(
+                &self.ct_stat.get_or_create(&StatLabels {
+                    netns: netns.into(),
+                    counter: k.clone(),
+                }),
+                *v,
+            );
         }
     }
 
@@ -230,14 +350,18 @@ impl Metrics {
 /// `_total` suffix in `# HELP`/`# TYPE` (the samples carry it in both),
 /// and ends with `# EOF`.
 pub fn to_classic(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> =
-        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
     let mut out = String::with_capacity(openmetrics.len() + 64);
     for line in openmetrics.lines() {
         if line == "# EOF" {
             continue;
         }
-        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
         match meta.and_then(|(p, rest)| Some((p, rest.split_once(' ')?))) {
             Some((p, (name, tail))) if counters.contains(name) => {
                 out.push_str(&format!("{p}{name}_total {tail}"));
@@ -257,7 +381,10 @@ pub struct MetricsSink {
 
 impl MetricsSink {
     pub fn new(m: Arc<Metrics>) -> Self {
-        MetricsSink { m, counters: HashMap::new() }
+        MetricsSink {
+            m,
+            counters: HashMap::new(),
+        }
     }
 }
 
@@ -266,7 +393,12 @@ impl Sink for MetricsSink {
         let proto = s.ev.flow.as_ref().map(|f| f.proto);
         let key = (s.cause, s.ev.netns, proto);
         let m = &self.m;
-        self.counters.entry(key).or_insert_with(|| m.drop_counter(s.cause, netns_label(s.ev.netns, s.netns_name), proto)).inc();
+        self.counters
+            .entry(key)
+            .or_insert_with(|| {
+                m.drop_counter(s.cause, netns_label(s.ev.netns, s.netns_name), proto)
+            })
+            .inc();
         Ok(())
     }
 
@@ -275,7 +407,8 @@ impl Sink for MetricsSink {
             Status::Ok { .. } => self.m.probe_sent(p.label, 1),
             Status::Lost { drop } => {
                 self.m.probe_sent(p.label, 1);
-                self.m.probe_lost(p.label, drop.as_ref().map(|d| d.cause.as_str()), 1);
+                self.m
+                    .probe_lost(p.label, drop.as_ref().map(|d| d.cause.as_str()), 1);
             }
             // Already counted when it was declared lost.
             Status::Late { .. } => {}
@@ -299,7 +432,8 @@ impl Sink for MetricsSink {
         self.m.set_events_lost(p.stats.lost);
         let max = crate::conntrack::stats::CtLimits::read().map(|l| l.max);
         for (ns, (name, c)) in p.counters {
-            self.m.set_conntrack(&netns_label(Some(*ns), name.as_deref()), c, max);
+            self.m
+                .set_conntrack(&netns_label(Some(*ns), name.as_deref()), c, max);
         }
         Ok(())
     }
@@ -312,12 +446,18 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr> {
     if let Ok(port) = port_only.parse::<u16>() {
         return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
     }
-    s.parse::<SocketAddr>().map_err(|_| anyhow!("--metrics takes ADDR:PORT or PORT (e.g. 127.0.0.1:9477, [::1]:9477, 9477), got {s:?}"))
+    s.parse::<SocketAddr>().map_err(|_| {
+        anyhow!(
+            "--metrics takes ADDR:PORT or PORT (e.g. 127.0.0.1:9477, [::1]:9477, 9477), got {s:?}"
+        )
+    })
 }
 
 pub async fn bind(s: &str) -> Result<TcpListener> {
     let addr = parse_listen(s)?;
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for --metrics"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for --metrics"))
 }
 
 /// Answers `GET /metrics` until the runtime ends (hyper, with limits: see
@@ -336,9 +476,18 @@ mod tests {
 
     #[test]
     fn listen_addresses_default_to_loopback() {
-        assert_eq!(parse_listen("9477").unwrap(), "127.0.0.1:9477".parse().unwrap());
-        assert_eq!(parse_listen(":9477").unwrap(), "127.0.0.1:9477".parse().unwrap());
-        assert_eq!(parse_listen("0.0.0.0:80").unwrap(), "0.0.0.0:80".parse().unwrap());
+        assert_eq!(
+            parse_listen("9477").unwrap(),
+            "127.0.0.1:9477".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen(":9477").unwrap(),
+            "127.0.0.1:9477".parse().unwrap()
+        );
+        assert_eq!(
+            parse_listen("0.0.0.0:80").unwrap(),
+            "0.0.0.0:80".parse().unwrap()
+        );
         assert_eq!(parse_listen("[::1]:9").unwrap(), "[::1]:9".parse().unwrap());
         assert!(parse_listen("localhost").is_err());
     }
@@ -360,17 +509,47 @@ mod tests {
         tokio::spawn(serve(l, m));
         let classic = ask(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         // Header names are case-insensitive (hyper writes them in lower case).
-        assert!(classic.starts_with("HTTP/1.1 200 OK\r\n") && classic.to_ascii_lowercase().contains("\r\ncontent-type: text/plain; version=0.0.4"), "{classic}");
-        assert!(classic.contains("\r\n\r\n# HELP ctdrop_events_lost_total ") && classic.contains("ctdrop_events_lost_total 7\n"), "{classic}");
+        assert!(
+            classic.starts_with("HTTP/1.1 200 OK\r\n")
+                && classic
+                    .to_ascii_lowercase()
+                    .contains("\r\ncontent-type: text/plain; version=0.0.4"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("\r\n\r\n# HELP ctdrop_events_lost_total ")
+                && classic.contains("ctdrop_events_lost_total 7\n"),
+            "{classic}"
+        );
         let om = ask(addr, "GET /metrics?x=1 HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0\r\n\r\n").await;
-        assert!(om.to_ascii_lowercase().contains("content-type: application/openmetrics-text") && om.ends_with("# EOF\n"), "{om}");
+        assert!(
+            om.to_ascii_lowercase()
+                .contains("content-type: application/openmetrics-text")
+                && om.ends_with("# EOF\n"),
+            "{om}"
+        );
         let lf = ask(addr, "GET /metrics HTTP/1.0\n\n").await;
         assert!(lf.starts_with("HTTP/1.0 200 OK"), "bare LF: {lf}");
-        assert!(ask(addr, "GET /metrics\n\n").await.starts_with("HTTP/1.1 400"), "no HTTP version: malformed");
-        let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(64 << 10));
-        assert!(ask(addr, &huge).await.starts_with("HTTP/1.1 431"), "a 64 KiB header is refused");
-        assert!(ask(addr, "GET / HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
-        assert!(ask(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
+        assert!(
+            ask(addr, "GET /metrics\n\n")
+                .await
+                .starts_with("HTTP/1.1 400"),
+            "no HTTP version: malformed"
+        );
+        let huge = format!(
+            "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(64 << 10)
+        );
+        assert!(
+            ask(addr, &huge).await.starts_with("HTTP/1.1 431"),
+            "a 64 KiB header is refused"
+        );
+        assert!(ask(addr, "GET / HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 404"));
+        assert!(ask(addr, "POST /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .starts_with("HTTP/1.1 405"));
     }
 
     #[test]
@@ -384,16 +563,39 @@ mod tests {
         c.columns.insert("drop".into(), 3);
         m.set_conntrack("recv", &c, Some(64));
         let text = m.encode();
-        assert!(text.contains(r#"ctdrop_drops_total{cause="conntrack_table_full",netns="recv",proto="udp"} 3"#), "{text}");
+        assert!(
+            text.contains(
+                r#"ctdrop_drops_total{cause="conntrack_table_full",netns="recv",proto="udp"} 3"#
+            ),
+            "{text}"
+        );
         assert!(text.contains("ctdrop_events_lost_total 2"), "{text}");
-        assert!(text.contains(r#"ctdrop_conntrack_entries{netns="recv"} 64"#), "{text}");
-        assert!(text.contains(r#"ctdrop_conntrack_stat_total{netns="recv",counter="drop"} 3"#), "{text}");
+        assert!(
+            text.contains(r#"ctdrop_conntrack_entries{netns="recv"} 64"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"ctdrop_conntrack_stat_total{netns="recv",counter="drop"} 3"#),
+            "{text}"
+        );
         assert!(text.trim_end().ends_with("# EOF"));
         let classic = m.encode_classic();
-        assert!(classic.contains("# TYPE ctdrop_drops_total counter\n"), "{classic}");
-        assert!(classic.contains("# HELP ctdrop_events_lost_total Drop records"), "{classic}");
-        assert!(classic.contains("# TYPE ctdrop_conntrack_entries gauge\n"), "{classic}");
+        assert!(
+            classic.contains("# TYPE ctdrop_drops_total counter\n"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# HELP ctdrop_events_lost_total Drop records"),
+            "{classic}"
+        );
+        assert!(
+            classic.contains("# TYPE ctdrop_conntrack_entries gauge\n"),
+            "{classic}"
+        );
         assert!(!classic.contains("# EOF"));
-        assert_eq!(classic.lines().filter(|l| !l.starts_with('#')).count(), text.lines().filter(|l| !l.starts_with('#')).count());
+        assert_eq!(
+            classic.lines().filter(|l| !l.starts_with('#')).count(),
+            text.lines().filter(|l| !l.starts_with('#')).count()
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! How drops, probe verdicts and summaries reach the operator. Each output
 //! is a [`Sink`]; the session hands every event to each sink it was given.
 pub mod csv;
+pub mod fold;
 pub mod http;
 pub mod human;
 pub mod json;
@@ -8,11 +9,13 @@ pub mod metrics;
 pub mod pcapng;
 pub mod symbols;
 pub mod writer;
-pub mod fold;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use crate::{cause::Cause, conntrack::stats::CtCounters, events::DropEvent, flows::Tally, kernel::attach::KernelStats, probe::Outcome, summary::Summary};
+use crate::{
+    cause::Cause, conntrack::stats::CtCounters, events::DropEvent, flows::Tally,
+    kernel::attach::KernelStats, probe::Outcome, summary::Summary,
+};
 
 /// A decoded drop with everything resolved that an output shows.
 pub struct Shown<'a> {

@@ -51,10 +51,18 @@ impl<W: Write> PcapngWriter<W> {
         body.extend_from_slice(&1u16.to_le_bytes());
         body.extend_from_slice(&0u16.to_le_bytes());
         body.extend_from_slice(&(-1i64).to_le_bytes()); // section length unknown
-        option(&mut body, SHB_USERAPPL, format!("ctdrop {}", env!("CARGO_PKG_VERSION")).as_bytes());
+        option(
+            &mut body,
+            SHB_USERAPPL,
+            format!("ctdrop {}", env!("CARGO_PKG_VERSION")).as_bytes(),
+        );
         end_options(&mut body);
         write_block(&mut out, SHB, &body)?;
-        Ok(PcapngWriter { out, interfaces: Vec::new(), packets: 0 })
+        Ok(PcapngWriter {
+            out,
+            interfaces: Vec::new(),
+            packets: 0,
+        })
     }
 
     /// Index of the interface named `name`, declaring it on first use.
@@ -75,7 +83,14 @@ impl<W: Write> PcapngWriter<W> {
     }
 
     /// One dropped packet: `header` starts at its network header.
-    pub fn packet(&mut self, interface: &str, wall_ns: u64, header: &[u8; HEADER_CAPTURE_LEN], skb_len: u32, comment: &str) -> io::Result<()> {
+    pub fn packet(
+        &mut self,
+        interface: &str,
+        wall_ns: u64,
+        header: &[u8; HEADER_CAPTURE_LEN],
+        skb_len: u32,
+        comment: &str,
+    ) -> io::Result<()> {
         let iface = self.interface(interface)?;
         let (cap, orig) = lengths(header, skb_len);
         let mut body = Vec::with_capacity(64 + cap + comment.len());
@@ -126,7 +141,8 @@ mod tests {
     fn ipv4_udp() -> [u8; HEADER_CAPTURE_LEN] {
         let mut h = [0xee; HEADER_CAPTURE_LEN];
         h[..28].copy_from_slice(&[
-            0x45, 0, 0, 29, 0, 1, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2, 0x9c, 0x40, 0, 53, 0, 9, 0, 0,
+            0x45, 0, 0, 29, 0, 1, 0, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2, 0x9c, 0x40, 0,
+            53, 0, 9, 0, 0,
         ]);
         h
     }
@@ -143,8 +159,16 @@ mod tests {
     #[test]
     fn blocks_are_aligned_and_lengths_mirror() {
         let mut w = PcapngWriter::new(Vec::new()).unwrap();
-        w.packet("ns1/veth0", 1_700_000_000_123_456_789, &ipv4_udp(), 29, "conntrack_table_full odd").unwrap();
-        w.packet("ns1/veth0", 1_700_000_000_223_456_789, &ipv4_udp(), 29, "x").unwrap();
+        w.packet(
+            "ns1/veth0",
+            1_700_000_000_123_456_789,
+            &ipv4_udp(),
+            29,
+            "conntrack_table_full odd",
+        )
+        .unwrap();
+        w.packet("ns1/veth0", 1_700_000_000_223_456_789, &ipv4_udp(), 29, "x")
+            .unwrap();
         let out = w.finish().unwrap();
         let mut at = 0;
         let mut types = Vec::new();
@@ -152,7 +176,10 @@ mod tests {
             let ty = u32::from_le_bytes(out[at..at + 4].try_into().unwrap());
             let len = u32::from_le_bytes(out[at + 4..at + 8].try_into().unwrap()) as usize;
             assert_eq!(len % 4, 0);
-            assert_eq!(u32::from_le_bytes(out[at + len - 4..at + len].try_into().unwrap()) as usize, len);
+            assert_eq!(
+                u32::from_le_bytes(out[at + len - 4..at + len].try_into().unwrap()) as usize,
+                len
+            );
             types.push(ty);
             at += len;
         }

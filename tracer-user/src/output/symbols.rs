@@ -14,7 +14,9 @@ impl Symbols {
         if let Ok(text) = std::fs::read_to_string("/proc/kallsyms") {
             for line in text.lines() {
                 let mut it = line.split_whitespace();
-                let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else { continue };
+                let (Some(addr), Some(kind), Some(name)) = (it.next(), it.next(), it.next()) else {
+                    continue;
+                };
                 if !matches!(kind, "t" | "T") {
                     continue;
                 }
@@ -26,11 +28,17 @@ impl Symbols {
             }
         }
         table.sort_unstable_by_key(|(a, _)| *a);
-        Symbols { table, cache: HashMap::new() }
+        Symbols {
+            table,
+            cache: HashMap::new(),
+        }
     }
 
     pub fn empty() -> Symbols {
-        Symbols { table: Vec::new(), cache: HashMap::new() }
+        Symbols {
+            table: Vec::new(),
+            cache: HashMap::new(),
+        }
     }
 
     pub fn resolve(&mut self, addr: u64) -> &str {
@@ -57,7 +65,10 @@ mod tests {
 
     #[test]
     fn symbol_plus_offset() {
-        let t = vec![(0x1000, "a".to_string()), (0x2000, "nf_hook_slow".to_string())];
+        let t = vec![
+            (0x1000, "a".to_string()),
+            (0x2000, "nf_hook_slow".to_string()),
+        ];
         assert_eq!(lookup(&t, 0x209a), "nf_hook_slow+0x9a");
         assert_eq!(lookup(&t, 0x1000), "a+0x0");
         assert_eq!(lookup(&t, 0x10), "0x10");

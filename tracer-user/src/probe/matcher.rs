@@ -150,7 +150,13 @@ impl Matcher {
         if let Wire::Echo { id, .. } = wire {
             self.own_echo_ids.insert((self.hosts[target], id));
         }
-        self.pending.insert((target, wire), Pending { number, sent_ns: now_ns });
+        self.pending.insert(
+            (target, wire),
+            Pending {
+                number,
+                sent_ns: now_ns,
+            },
+        );
     }
 
     /// An answer arrived. None for answers to nothing we sent (duplicates
@@ -159,12 +165,24 @@ impl Matcher {
         if let Some(p) = self.pending.remove(&(target, wire)) {
             self.stats[target].answered += 1;
             let rtt_ns = now_ns.saturating_sub(p.sent_ns);
-            return Some(Outcome { target, number: p.number, wire, sent_ns: p.sent_ns, status: Status::Ok { rtt_ns } });
+            return Some(Outcome {
+                target,
+                number: p.number,
+                wire,
+                sent_ns: p.sent_ns,
+                status: Status::Ok { rtt_ns },
+            });
         }
         if let Some((number, sent_ns)) = self.expired.remove(&(target, wire)) {
             self.stats[target].late += 1;
             let rtt_ns = now_ns.saturating_sub(sent_ns);
-            return Some(Outcome { target, number, wire, sent_ns, status: Status::Late { rtt_ns } });
+            return Some(Outcome {
+                target,
+                number,
+                wire,
+                sent_ns,
+                status: Status::Late { rtt_ns },
+            });
         }
         None
     }
@@ -172,10 +190,19 @@ impl Matcher {
     /// An echo request from `src` to `dst` was dropped: kept for the passive
     /// report of pings ctdrop did not send (its own are filtered out when
     /// read).
-    pub fn echo_request_dropped(&mut self, src: IpAddr, dst: IpAddr, id: u16, seq: u16, cause: Cause) {
+    pub fn echo_request_dropped(
+        &mut self,
+        src: IpAddr,
+        dst: IpAddr,
+        id: u16,
+        seq: u16,
+        cause: Cause,
+    ) {
         let key = (src, dst, id);
         let new_group = !self.passive.contains_key(&key);
-        if self.passive_seqs >= PASSIVE_TOTAL_SEQS || (new_group && self.passive.len() >= PASSIVE_GROUPS) {
+        if self.passive_seqs >= PASSIVE_TOTAL_SEQS
+            || (new_group && self.passive.len() >= PASSIVE_GROUPS)
+        {
             self.passive_overflow += 1;
             return;
         }
@@ -205,7 +232,9 @@ impl Matcher {
 
     fn evict_oldest_drop(&mut self) {
         while let Some((_, key)) = self.drop_order.pop_front() {
-            let Some(v) = self.drops.get_mut(&key) else { continue };
+            let Some(v) = self.drops.get_mut(&key) else {
+                continue;
+            };
             // Drops of one key arrive in ring order: the first is the oldest.
             if !v.is_empty() {
                 v.remove(0);
@@ -221,8 +250,12 @@ impl Matcher {
 
     /// Declares every probe past its timeout lost, with its explanation.
     pub fn expire(&mut self, now_ns: u64) -> Vec<Outcome> {
-        let due: Vec<(usize, Wire)> =
-            self.pending.iter().filter(|(_, p)| now_ns >= p.sent_ns + self.timeout_ns).map(|(k, _)| *k).collect();
+        let due: Vec<(usize, Wire)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now_ns >= p.sent_ns + self.timeout_ns)
+            .map(|(k, _)| *k)
+            .collect();
         let mut out = Vec::new();
         for key in due {
             let p = self.pending.remove(&key).unwrap();
@@ -242,7 +275,13 @@ impl Matcher {
             }
             self.expired.insert(key, (p.number, p.sent_ns));
             self.expired_order.push_back((now_ns, key));
-            out.push(Outcome { target, number: p.number, wire, sent_ns: p.sent_ns, status: Status::Lost { drop } });
+            out.push(Outcome {
+                target,
+                number: p.number,
+                wire,
+                sent_ns: p.sent_ns,
+                status: Status::Lost { drop },
+            });
         }
         out.sort_by_key(|o| (o.target, o.number));
         self.forget(now_ns);
@@ -355,7 +394,10 @@ mod tests {
         assert_eq!(lost[0].status, Status::Lost { drop: None });
         let late = m.replied(0, echo(10, 1), 2 * S).unwrap();
         assert_eq!(late.status, Status::Late { rtt_ns: 2 * S });
-        assert_eq!((m.stats[0].lost, m.stats[0].late, m.stats[0].answered), (1, 1, 0));
+        assert_eq!(
+            (m.stats[0].lost, m.stats[0].late, m.stats[0].answered),
+            (1, 1, 0)
+        );
         assert_eq!(m.stats[0].lost_unexplained, 1);
     }
 
@@ -364,11 +406,23 @@ mod tests {
         let mut m = Matcher::new(vec![host()], S);
         m.sent(0, 1, echo(10, 1), 0);
         m.sent(0, 2, echo(11, 1), 0);
-        m.dropped(host(), echo(10, 1), drop_at(S / 100, Cause::ConntrackTableFull, false));
-        m.dropped(host(), echo(11, 1), drop_at(S / 100, Cause::NetfilterRule, true));
+        m.dropped(
+            host(),
+            echo(10, 1),
+            drop_at(S / 100, Cause::ConntrackTableFull, false),
+        );
+        m.dropped(
+            host(),
+            echo(11, 1),
+            drop_at(S / 100, Cause::NetfilterRule, true),
+        );
         let lost = m.expire(S);
-        let Status::Lost { drop: Some(d1) } = &lost[0].status else { panic!() };
-        let Status::Lost { drop: Some(d2) } = &lost[1].status else { panic!() };
+        let Status::Lost { drop: Some(d1) } = &lost[0].status else {
+            panic!()
+        };
+        let Status::Lost { drop: Some(d2) } = &lost[1].status else {
+            panic!()
+        };
         assert_eq!(d1.cause, Cause::ConntrackTableFull);
         assert_eq!(d2.cause, Cause::NetfilterRule);
         assert!(d2.reply_path);
@@ -380,8 +434,15 @@ mod tests {
     fn answered_probe_never_takes_a_drop() {
         let mut m = Matcher::new(vec![host()], S);
         m.sent(0, 1, echo(10, 1), 0);
-        m.dropped(host(), echo(10, 1), drop_at(1, Cause::ConntrackTableFull, false));
-        assert!(matches!(m.replied(0, echo(10, 1), 2).unwrap().status, Status::Ok { .. }));
+        m.dropped(
+            host(),
+            echo(10, 1),
+            drop_at(1, Cause::ConntrackTableFull, false),
+        );
+        assert!(matches!(
+            m.replied(0, echo(10, 1), 2).unwrap().status,
+            Status::Ok { .. }
+        ));
         assert!(m.expire(10 * S).is_empty());
         assert_eq!(m.stats[0].lost, 0);
     }
@@ -402,7 +463,11 @@ mod tests {
     fn drop_outside_the_probe_window_is_not_its_explanation() {
         // An operator's ping with the same id and seq, dropped long before.
         let mut m = Matcher::new(vec![host()], S);
-        m.dropped(host(), echo(10, 1), drop_at(0, Cause::ConntrackTableFull, false));
+        m.dropped(
+            host(),
+            echo(10, 1),
+            drop_at(0, Cause::ConntrackTableFull, false),
+        );
         m.sent(0, 1, echo(10, 1), 5 * S);
         let lost = m.expire(6 * S);
         assert_eq!(lost[0].status, Status::Lost { drop: None });
@@ -419,7 +484,10 @@ mod tests {
         let groups: Vec<_> = m.passive_groups().collect();
         assert_eq!(groups.len(), 1);
         assert_eq!((groups[0].0, groups[0].1, groups[0].2), (me, other, 500));
-        assert_eq!(groups[0].3.seqs.iter().map(|s| s.0).collect::<Vec<_>>(), vec![3, 4, 9]);
+        assert_eq!(
+            groups[0].3.seqs.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![3, 4, 9]
+        );
     }
 
     #[test]
@@ -427,7 +495,11 @@ mod tests {
         let mut m = Matcher::new(vec![host()], S);
         let me: IpAddr = "198.18.0.1".parse().unwrap();
         m.echo_request_dropped(me, host(), 10, 1, Cause::ConntrackTableFull);
-        m.dropped(host(), echo(10, 1), drop_at(5, Cause::ConntrackTableFull, false));
+        m.dropped(
+            host(),
+            echo(10, 1),
+            drop_at(5, Cause::ConntrackTableFull, false),
+        );
         m.sent(0, 1, echo(10, 1), 4);
         assert_eq!(m.passive_groups().count(), 0);
         let lost = m.expire(2 * S);
@@ -440,7 +512,11 @@ mod tests {
         let other: IpAddr = "198.18.0.9".parse().unwrap();
         m.sent(0, 1, echo(10, 1), 0);
         m.echo_request_dropped(host(), other, 10, 1, Cause::ConntrackTableFull);
-        m.dropped(other, echo(10, 1), drop_at(5, Cause::ConntrackTableFull, false));
+        m.dropped(
+            other,
+            echo(10, 1),
+            drop_at(5, Cause::ConntrackTableFull, false),
+        );
         assert_eq!(m.passive_groups().count(), 1);
         assert_eq!(m.expire(S)[0].status, Status::Lost { drop: None });
     }
@@ -448,12 +524,26 @@ mod tests {
     #[test]
     fn tcp_probe_matched_by_local_port() {
         let mut m = Matcher::new(vec![host()], S);
-        let w = Wire::Port { proto: 6, local: 40000, remote: 80 };
+        let w = Wire::Port {
+            proto: 6,
+            local: 40000,
+            remote: 80,
+        };
         m.sent(0, 1, w, 0);
         m.dropped(host(), w, drop_at(10, Cause::ConntrackTableFull, false));
-        m.dropped(host(), Wire::Port { proto: 6, local: 40001, remote: 80 }, drop_at(10, Cause::NetfilterRule, false));
+        m.dropped(
+            host(),
+            Wire::Port {
+                proto: 6,
+                local: 40001,
+                remote: 80,
+            },
+            drop_at(10, Cause::NetfilterRule, false),
+        );
         let lost = m.expire(S);
-        let Status::Lost { drop: Some(d) } = &lost[0].status else { panic!() };
+        let Status::Lost { drop: Some(d) } = &lost[0].status else {
+            panic!()
+        };
         assert_eq!(d.cause, Cause::ConntrackTableFull);
     }
 
@@ -462,11 +552,19 @@ mod tests {
         let mut m = Matcher::new(vec![host()], S);
         let other: IpAddr = "198.18.0.9".parse().unwrap();
         for id in 0..1000 {
-            m.dropped(other, echo(id, 1), drop_at(5, Cause::ConntrackTableFull, false));
+            m.dropped(
+                other,
+                echo(id, 1),
+                drop_at(5, Cause::ConntrackTableFull, false),
+            );
         }
         assert_eq!(m.stored_drops(), 0);
         let mut none = Matcher::new(vec![], S);
-        none.dropped(host(), echo(1, 1), drop_at(5, Cause::ConntrackTableFull, false));
+        none.dropped(
+            host(),
+            echo(1, 1),
+            drop_at(5, Cause::ConntrackTableFull, false),
+        );
         assert_eq!(none.stored_drops(), 0);
     }
 
@@ -475,14 +573,24 @@ mod tests {
         let mut m = Matcher::new(vec![host()], S);
         m.sent(0, 1, echo(7, 1), S);
         for i in 0..MAX_DROPS as u64 + 10 {
-            m.dropped(host(), echo(1000 + (i % 50_000) as u16, 1), drop_at(S + i, Cause::ConntrackTableFull, false));
+            m.dropped(
+                host(),
+                echo(1000 + (i % 50_000) as u16, 1),
+                drop_at(S + i, Cause::ConntrackTableFull, false),
+            );
         }
         assert_eq!(m.stored_drops(), MAX_DROPS);
         assert_eq!(m.drops_evicted, 10);
         // The newest drops are the ones kept: the probe's own still explains it.
-        m.dropped(host(), echo(7, 1), drop_at(S + S / 2, Cause::NetfilterRule, false));
+        m.dropped(
+            host(),
+            echo(7, 1),
+            drop_at(S + S / 2, Cause::NetfilterRule, false),
+        );
         let lost = m.expire(2 * S);
-        let Status::Lost { drop: Some(d) } = &lost[0].status else { panic!("{lost:?}") };
+        let Status::Lost { drop: Some(d) } = &lost[0].status else {
+            panic!("{lost:?}")
+        };
         assert_eq!(d.cause, Cause::NetfilterRule);
     }
 
@@ -490,7 +598,11 @@ mod tests {
     fn drops_are_forgotten_once_no_probe_can_use_them() {
         let mut m = Matcher::new(vec![host()], S);
         for i in 0..100 {
-            m.dropped(host(), echo(i, 1), drop_at(i as u64, Cause::ConntrackTableFull, false));
+            m.dropped(
+                host(),
+                echo(i, 1),
+                drop_at(i as u64, Cause::ConntrackTableFull, false),
+            );
         }
         m.expire(S + DROP_SLACK_NS - 1);
         assert_eq!(m.stored_drops(), 100);
@@ -502,7 +614,8 @@ mod tests {
     #[test]
     fn passive_table_is_bounded() {
         let mut m = Matcher::new(vec![], S);
-        let (a, b): (IpAddr, IpAddr) = ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
+        let (a, b): (IpAddr, IpAddr) =
+            ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
         for id in 0..=u16::MAX {
             m.echo_request_dropped(a, b, id, 1, Cause::ConntrackTableFull);
         }
@@ -511,7 +624,10 @@ mod tests {
         }
         assert_eq!(m.passive_groups().count(), PASSIVE_GROUPS);
         assert!(m.passive_groups().all(|g| g.3.seqs.len() <= PASSIVE_SEQS));
-        assert_eq!(m.passive_overflow, (65536 - PASSIVE_GROUPS) as u64 + PASSIVE_SEQS as u64 + 1);
+        assert_eq!(
+            m.passive_overflow,
+            (65536 - PASSIVE_GROUPS) as u64 + PASSIVE_SEQS as u64 + 1
+        );
         // Ids that wrap: each group gets another seq per wrap, up to the
         // total over all groups.
         let mut m = Matcher::new(vec![], S);
@@ -522,6 +638,9 @@ mod tests {
         }
         let kept: usize = m.passive_groups().map(|g| g.3.seqs.len()).sum();
         assert_eq!(kept, PASSIVE_TOTAL_SEQS);
-        assert_eq!(m.passive_overflow, (50 * PASSIVE_GROUPS - PASSIVE_TOTAL_SEQS) as u64);
+        assert_eq!(
+            m.passive_overflow,
+            (50 * PASSIVE_GROUPS - PASSIVE_TOTAL_SEQS) as u64
+        );
     }
 }

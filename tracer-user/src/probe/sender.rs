@@ -30,8 +30,17 @@ pub struct ProberConfig {
 
 #[derive(Debug)]
 pub enum ProbeEvent {
-    Sent { target: usize, number: u64, wire: Wire, mono_ns: u64 },
-    Reply { target: usize, wire: Wire, mono_ns: u64 },
+    Sent {
+        target: usize,
+        number: u64,
+        wire: Wire,
+        mono_ns: u64,
+    },
+    Reply {
+        target: usize,
+        wire: Wire,
+        mono_ns: u64,
+    },
     /// Sending failed (e.g. no route); the probe counts as sent and lost.
     Failed { target: usize, error: String },
 }
@@ -48,7 +57,9 @@ pub fn spawn(cfg: ProberConfig) -> Result<mpsc::UnboundedReceiver<ProbeEvent>> {
                 if let Some(ns) = &cfg.netns {
                     enter_netns(ns)?;
                 }
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
                 let sockets = rt.block_on(async { Sockets::open(&cfg.targets) })?;
                 Ok((rt, sockets))
             })();
@@ -63,14 +74,21 @@ pub fn spawn(cfg: ProberConfig) -> Result<mpsc::UnboundedReceiver<ProbeEvent>> {
             }
         })
         .context("starting the prober thread")?;
-    ready_rx.recv().map_err(|_| anyhow!("prober thread died"))??;
+    ready_rx
+        .recv()
+        .map_err(|_| anyhow!("prober thread died"))??;
     Ok(rx)
 }
 
 fn enter_netns(path: &PathBuf) -> Result<()> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening namespace {}", path.display()))?;
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("opening namespace {}", path.display()))?;
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("entering namespace {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "entering namespace {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -83,25 +101,49 @@ struct Sockets {
 
 impl Sockets {
     fn open(targets: &[TargetSpec]) -> Result<Sockets> {
-        let need = |v6: bool| targets.iter().any(|t| matches!(t.target, Target::Echo(a) if a.is_ipv6() == v6));
+        let need = |v6: bool| {
+            targets
+                .iter()
+                .any(|t| matches!(t.target, Target::Echo(a) if a.is_ipv6() == v6))
+        };
         let open = |fam, proto| -> Result<AsyncFd<OwnedFd>> {
-            let fd = unsafe { libc::socket(fam, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, proto) };
+            let fd = unsafe {
+                libc::socket(
+                    fam,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    proto,
+                )
+            };
             if fd < 0 {
-                bail!("cannot open a raw ICMP socket for --ping: {}", std::io::Error::last_os_error());
+                bail!(
+                    "cannot open a raw ICMP socket for --ping: {}",
+                    std::io::Error::last_os_error()
+                );
             }
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             // SAFETY: the AsyncFd owns the fd.
             unsafe { AsyncFd::register(fd) }.map_err(|e| anyhow!("registering ICMP socket: {e}"))
         };
         Ok(Sockets {
-            v4: if need(false) { Some(open(libc::AF_INET, libc::IPPROTO_ICMP)?) } else { None },
-            v6: if need(true) { Some(open(libc::AF_INET6, libc::IPPROTO_ICMPV6)?) } else { None },
+            v4: if need(false) {
+                Some(open(libc::AF_INET, libc::IPPROTO_ICMP)?)
+            } else {
+                None
+            },
+            v6: if need(true) {
+                Some(open(libc::AF_INET6, libc::IPPROTO_ICMPV6)?)
+            } else {
+                None
+            },
         })
     }
 }
 
 async fn run(cfg: ProberConfig, sockets: Sockets, tx: mpsc::UnboundedSender<ProbeEvent>) {
-    let base_id = (std::process::id() as u16).wrapping_mul(31).wrapping_add(mono_ns() as u16) | 1;
+    let base_id = (std::process::id() as u16)
+        .wrapping_mul(31)
+        .wrapping_add(mono_ns() as u16)
+        | 1;
     let mut tick = tokio::time::interval(cfg.interval);
     let mut number = 0u64;
     let targets = cfg.targets.clone();
@@ -140,11 +182,21 @@ async fn run(cfg: ProberConfig, sockets: Sockets, tx: mpsc::UnboundedSender<Prob
     }
 }
 
-fn report_reply(targets: &[TargetSpec], from: IpAddr, id: u16, seq: u16, tx: &mpsc::UnboundedSender<ProbeEvent>) {
+fn report_reply(
+    targets: &[TargetSpec],
+    from: IpAddr,
+    id: u16,
+    seq: u16,
+    tx: &mpsc::UnboundedSender<ProbeEvent>,
+) {
     let now = mono_ns();
     for (i, t) in targets.iter().enumerate() {
         if t.target == Target::Echo(from) {
-            let _ = tx.send(ProbeEvent::Reply { target: i, wire: Wire::Echo { id, seq }, mono_ns: now });
+            let _ = tx.send(ProbeEvent::Reply {
+                target: i,
+                wire: Wire::Echo { id, seq },
+                mono_ns: now,
+            });
         }
     }
 }
@@ -163,28 +215,59 @@ fn send_one(
             // A new id opens a new conntrack flow; a fixed id keeps reusing
             // one entry and never notices a full table.
             let (id, seq) = if cfg.same_id {
-                (base_id.wrapping_add(i as u16), (number as u16).wrapping_sub(1))
+                (
+                    base_id.wrapping_add(i as u16),
+                    (number as u16).wrapping_sub(1),
+                )
             } else {
-                let id = base_id.wrapping_add((number as u16).wrapping_mul(64)).wrapping_add(i as u16);
+                let id = base_id
+                    .wrapping_add((number as u16).wrapping_mul(64))
+                    .wrapping_add(i as u16);
                 (if id == 0 { 1 } else { id }, 1)
             };
             let wire = Wire::Echo { id, seq };
-            let sock = if addr.is_ipv6() { sockets.v6.as_ref() } else { sockets.v4.as_ref() };
+            let sock = if addr.is_ipv6() {
+                sockets.v6.as_ref()
+            } else {
+                sockets.v4.as_ref()
+            };
             let sock = sock.ok_or_else(|| anyhow!("no ICMP socket"))?;
-            let _ = tx.send(ProbeEvent::Sent { target: i, number, wire, mono_ns: mono_ns() });
+            let _ = tx.send(ProbeEvent::Sent {
+                target: i,
+                number,
+                wire,
+                mono_ns: mono_ns(),
+            });
             send_echo(sock.get_ref().as_raw_fd(), addr, id, seq)
         }
         Target::Tcp(addr) => {
-            let sock = if addr.is_ipv6() { tokio::net::TcpSocket::new_v6()? } else { tokio::net::TcpSocket::new_v4()? };
+            let sock = if addr.is_ipv6() {
+                tokio::net::TcpSocket::new_v6()?
+            } else {
+                tokio::net::TcpSocket::new_v4()?
+            };
             sock.bind(SocketAddr::new(unspecified(addr.ip()), 0))?;
             let local = sock.local_addr()?.port();
-            let wire = Wire::Port { proto: 6, local, remote: addr.port() };
-            let _ = tx.send(ProbeEvent::Sent { target: i, number, wire, mono_ns: mono_ns() });
+            let wire = Wire::Port {
+                proto: 6,
+                local,
+                remote: addr.port(),
+            };
+            let _ = tx.send(ProbeEvent::Sent {
+                target: i,
+                number,
+                wire,
+                mono_ns: mono_ns(),
+            });
             let tx = tx.clone();
             let limit = cfg.timeout * 3;
             tokio::spawn(async move {
                 if answered(tokio::time::timeout(limit, sock.connect(addr)).await) {
-                    let _ = tx.send(ProbeEvent::Reply { target: i, wire, mono_ns: mono_ns() });
+                    let _ = tx.send(ProbeEvent::Reply {
+                        target: i,
+                        wire,
+                        mono_ns: mono_ns(),
+                    });
                 }
             });
             Ok(())
@@ -195,8 +278,17 @@ fn send_one(
             std_sock.set_nonblocking(true)?;
             let sock = tokio::net::UdpSocket::from_std(std_sock)?;
             let local = sock.local_addr()?.port();
-            let wire = Wire::Port { proto: 17, local, remote: addr.port() };
-            let _ = tx.send(ProbeEvent::Sent { target: i, number, wire, mono_ns: mono_ns() });
+            let wire = Wire::Port {
+                proto: 17,
+                local,
+                remote: addr.port(),
+            };
+            let _ = tx.send(ProbeEvent::Sent {
+                target: i,
+                number,
+                wire,
+                mono_ns: mono_ns(),
+            });
             let tx = tx.clone();
             let limit = cfg.timeout * 3;
             tokio::spawn(async move {
@@ -205,7 +297,11 @@ fn send_one(
                 }
                 let mut buf = [0u8; 512];
                 if answered(tokio::time::timeout(limit, sock.recv(&mut buf)).await) {
-                    let _ = tx.send(ProbeEvent::Reply { target: i, wire, mono_ns: mono_ns() });
+                    let _ = tx.send(ProbeEvent::Reply {
+                        target: i,
+                        wire,
+                        mono_ns: mono_ns(),
+                    });
                 }
             });
             Ok(())
@@ -234,7 +330,11 @@ fn unspecified(a: IpAddr) -> IpAddr {
 fn checksum(data: &[u8]) -> u16 {
     let mut sum = 0u32;
     for c in data.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
         sum += w as u32;
     }
     while sum >> 16 != 0 {
@@ -261,28 +361,79 @@ fn send_echo(fd: i32, addr: IpAddr, id: u16, seq: u16) -> Result<()> {
     let pkt = echo_packet(addr.is_ipv6(), id, seq);
     let rc = match addr {
         IpAddr::V4(a) => {
-            let sa = libc::sockaddr_in { sin_family: libc::AF_INET as u16, sin_port: 0, sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) }, sin_zero: [0; 8] };
-            unsafe { libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, (&sa as *const libc::sockaddr_in).cast(), std::mem::size_of_val(&sa) as u32) }
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            unsafe {
+                libc::sendto(
+                    fd,
+                    pkt.as_ptr().cast(),
+                    pkt.len(),
+                    0,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of_val(&sa) as u32,
+                )
+            }
         }
         IpAddr::V6(a) => {
-            let sa = libc::sockaddr_in6 { sin6_family: libc::AF_INET6 as u16, sin6_port: 0, sin6_flowinfo: 0, sin6_addr: libc::in6_addr { s6_addr: a.octets() }, sin6_scope_id: 0 };
-            unsafe { libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, (&sa as *const libc::sockaddr_in6).cast(), std::mem::size_of_val(&sa) as u32) }
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            unsafe {
+                libc::sendto(
+                    fd,
+                    pkt.as_ptr().cast(),
+                    pkt.len(),
+                    0,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of_val(&sa) as u32,
+                )
+            }
         }
     };
     if rc < 0 {
-        bail!("sending echo request to {addr}: {}", std::io::Error::last_os_error());
+        bail!(
+            "sending echo request to {addr}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
 
 /// Next echo reply on `sock`: (from, id, seq). Pends forever without a socket.
-async fn recv_echo(sock: Option<&AsyncFd<OwnedFd>>, buf: &mut [u8], v6: bool) -> Option<(IpAddr, u16, u16)> {
-    let Some(sock) = sock else { return std::future::pending().await };
+async fn recv_echo(
+    sock: Option<&AsyncFd<OwnedFd>>,
+    buf: &mut [u8],
+    v6: bool,
+) -> Option<(IpAddr, u16, u16)> {
+    let Some(sock) = sock else {
+        return std::future::pending().await;
+    };
     loop {
         let mut guard = sock.readable().await.ok()?;
         let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of_val(&from) as u32;
-        let n = unsafe { libc::recvfrom(sock.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, (&mut from as *mut libc::sockaddr_storage).cast(), &mut len) };
+        let n = unsafe {
+            libc::recvfrom(
+                sock.get_ref().as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::WouldBlock {
@@ -298,7 +449,11 @@ async fn recv_echo(sock: Option<&AsyncFd<OwnedFd>>, buf: &mut [u8], v6: bool) ->
 }
 
 /// Raw IPv4 sockets deliver the IP header; raw ICMPv6 sockets do not.
-pub fn parse_reply(pkt: &[u8], from: &libc::sockaddr_storage, v6: bool) -> Option<(IpAddr, u16, u16)> {
+pub fn parse_reply(
+    pkt: &[u8],
+    from: &libc::sockaddr_storage,
+    v6: bool,
+) -> Option<(IpAddr, u16, u16)> {
     let (icmp, src) = if v6 {
         let sa: &libc::sockaddr_in6 = unsafe { &*(from as *const _ as *const libc::sockaddr_in6) };
         (pkt, IpAddr::from(sa.sin6_addr.s6_addr))
@@ -311,7 +466,11 @@ pub fn parse_reply(pkt: &[u8], from: &libc::sockaddr_storage, v6: bool) -> Optio
     if icmp.len() < 8 || icmp[0] != reply_type {
         return None;
     }
-    Some((src, u16::from_be_bytes([icmp[4], icmp[5]]), u16::from_be_bytes([icmp[6], icmp[7]])))
+    Some((
+        src,
+        u16::from_be_bytes([icmp[4], icmp[5]]),
+        u16::from_be_bytes([icmp[6], icmp[7]]),
+    ))
 }
 
 #[cfg(test)]
@@ -333,7 +492,10 @@ mod tests {
         icmp[0] = 0;
         pkt.extend_from_slice(&icmp);
         let from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        assert_eq!(parse_reply(&pkt, &from, false), Some(("198.18.0.2".parse().unwrap(), 9, 3)));
+        assert_eq!(
+            parse_reply(&pkt, &from, false),
+            Some(("198.18.0.2".parse().unwrap(), 9, 3))
+        );
         pkt[20] = 8;
         assert_eq!(parse_reply(&pkt, &from, false), None);
         assert_eq!(parse_reply(&pkt[..10], &from, false), None);

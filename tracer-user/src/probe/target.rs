@@ -35,7 +35,11 @@ fn never_resolves(host: &str) -> bool {
 }
 
 fn resolve(host: &str) -> Result<IpAddr> {
-    if let Ok(a) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+    if let Ok(a) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
         return Ok(a);
     }
     if never_resolves(host) {
@@ -53,13 +57,24 @@ pub fn parse_ping(s: &str) -> Result<TargetSpec> {
     if s.is_empty() {
         bail!("--ping needs a host");
     }
-    Ok(TargetSpec { label: s.to_string(), target: Target::Echo(resolve(s)?) })
+    Ok(TargetSpec {
+        label: s.to_string(),
+        target: Target::Echo(resolve(s)?),
+    })
 }
 
 pub fn parse_probe(s: &str) -> Result<TargetSpec> {
-    let (kind, rest) = s.split_once(':').ok_or_else(|| anyhow!("--probe takes tcp:HOST:PORT or udp:HOST:PORT, got {s:?}"))?;
-    let (host, port) = rest.rsplit_once(':').ok_or_else(|| anyhow!("--probe {s:?} lacks a port (tcp:HOST:PORT)"))?;
-    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| anyhow!("bad port in --probe {s:?}"))?;
+    let (kind, rest) = s
+        .split_once(':')
+        .ok_or_else(|| anyhow!("--probe takes tcp:HOST:PORT or udp:HOST:PORT, got {s:?}"))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--probe {s:?} lacks a port (tcp:HOST:PORT)"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| anyhow!("bad port in --probe {s:?}"))?;
     let addr = SocketAddr::new(resolve(host)?, port);
     let target = match kind {
         "tcp" => Target::Tcp(addr),
@@ -67,7 +82,10 @@ pub fn parse_probe(s: &str) -> Result<TargetSpec> {
         "icmp" | "ping" => bail!("use --ping HOST for ICMP echo probes"),
         other => bail!("unknown probe kind {other:?} in {s:?} (tcp or udp)"),
     };
-    Ok(TargetSpec { label: s.to_string(), target })
+    Ok(TargetSpec {
+        label: s.to_string(),
+        target,
+    })
 }
 
 #[cfg(test)]
@@ -76,9 +94,18 @@ mod tests {
 
     #[test]
     fn parses_targets() {
-        assert_eq!(parse_ping("198.18.0.2").unwrap().target, Target::Echo("198.18.0.2".parse().unwrap()));
-        assert_eq!(parse_probe("tcp:198.18.0.2:80").unwrap().target, Target::Tcp("198.18.0.2:80".parse().unwrap()));
-        assert_eq!(parse_probe("udp:[2001:db8::2]:53").unwrap().target, Target::Udp("[2001:db8::2]:53".parse().unwrap()));
+        assert_eq!(
+            parse_ping("198.18.0.2").unwrap().target,
+            Target::Echo("198.18.0.2".parse().unwrap())
+        );
+        assert_eq!(
+            parse_probe("tcp:198.18.0.2:80").unwrap().target,
+            Target::Tcp("198.18.0.2:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_probe("udp:[2001:db8::2]:53").unwrap().target,
+            Target::Udp("[2001:db8::2]:53".parse().unwrap())
+        );
         assert!(parse_probe("tcp:198.18.0.2").is_err());
         assert!(parse_probe("sctp:198.18.0.2:1").is_err());
         assert!(parse_probe("tcp:198.18.0.2:0").is_err());
@@ -95,6 +122,9 @@ mod tests {
             assert!(!never_resolves(h), "{h}");
         }
         let e = format!("{:#}", parse_probe("tcp:db.invalid:5432").unwrap_err());
-        assert!(e.contains("db.invalid") && e.contains("not asking DNS"), "{e}");
+        assert!(
+            e.contains("db.invalid") && e.contains("not asking DNS"),
+            "{e}"
+        );
     }
 }

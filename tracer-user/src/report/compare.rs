@@ -52,12 +52,23 @@ pub struct Comparison<'a> {
 }
 
 fn kernel_drops(r: &Report) -> Option<u64> {
-    Some(r.counter_checks()?.iter().map(|c| c.delta.get("drop")).sum())
+    Some(
+        r.counter_checks()?
+            .iter()
+            .map(|c| c.delta.get("drop"))
+            .sum(),
+    )
 }
 
 impl<'a> Comparison<'a> {
     pub fn new(before: &'a Report, after: &'a Report) -> Self {
-        let row = |what: String, b: u64, a: u64| Row { what, before: b, after: a, before_per_s: before.rate(b), after_per_s: after.rate(a) };
+        let row = |what: String, b: u64, a: u64| Row {
+            what,
+            before: b,
+            after: a,
+            before_per_s: before.rate(b),
+            after_per_s: after.rate(a),
+        };
         let causes = Cause::ALL
             .iter()
             .filter(|c| before.tally.count(**c) + after.tally.count(**c) > 0)
@@ -76,12 +87,27 @@ impl<'a> Comparison<'a> {
                 after: after.probes.get(h).cloned().unwrap_or_default(),
             })
             .collect();
-        Comparison { before, after, causes, kernel_drop, probes }
+        Comparison {
+            before,
+            after,
+            causes,
+            kernel_drop,
+            probes,
+        }
     }
 
     fn conntrack_rates(&self) -> (f64, f64) {
-        let n = |r: &Report| Cause::ALL.iter().filter(|c| c.is_conntrack()).map(|c| r.tally.count(*c)).sum::<u64>();
-        (self.before.rate(n(self.before)), self.after.rate(n(self.after)))
+        let n = |r: &Report| {
+            Cause::ALL
+                .iter()
+                .filter(|c| c.is_conntrack())
+                .map(|c| r.tally.count(*c))
+                .sum::<u64>()
+        };
+        (
+            self.before.rate(n(self.before)),
+            self.after.rate(n(self.after)),
+        )
     }
 
     /// One sentence: what the operator came to learn.
@@ -90,12 +116,34 @@ impl<'a> Comparison<'a> {
         let mut v = match change(b, a).as_str() {
             "none" => "no conntrack drops before or after".to_string(),
             "stopped" => format!("conntrack drops stopped ({}/s before, none after)", rate(b)),
-            other => format!("conntrack drops {other} ({}/s before, {}/s after)", rate(b), rate(a)),
+            other => format!(
+                "conntrack drops {other} ({}/s before, {}/s after)",
+                rate(b),
+                rate(a)
+            ),
         };
-        let (sb, lb, sa, la) = self.probes.iter().fold((0, 0, 0, 0), |acc, p| (acc.0 + p.before.sent, acc.1 + p.before.lost, acc.2 + p.after.sent, acc.3 + p.after.lost));
+        let (sb, lb, sa, la) = self.probes.iter().fold((0, 0, 0, 0), |acc, p| {
+            (
+                acc.0 + p.before.sent,
+                acc.1 + p.before.lost,
+                acc.2 + p.after.sent,
+                acc.3 + p.after.lost,
+            )
+        });
         if sb + sa > 0 {
-            let pct = |l: u64, s: u64| if s == 0 { 0.0 } else { 100.0 * l as f64 / s as f64 };
-            let _ = write!(v, "; probe loss {:.1}% before, {:.1}% after", pct(lb, sb), pct(la, sa));
+            let pct = |l: u64, s: u64| {
+                if s == 0 {
+                    0.0
+                } else {
+                    100.0 * l as f64 / s as f64
+                }
+            };
+            let _ = write!(
+                v,
+                "; probe loss {:.1}% before, {:.1}% after",
+                pct(lb, sb),
+                pct(la, sa)
+            );
         }
         for r in [self.before, self.after] {
             if !r.complete() {
@@ -118,7 +166,11 @@ impl<'a> Comparison<'a> {
                 "change": change(r.before_per_s, r.after_per_s),
             })
         };
-        let causes: serde_json::Map<String, Value> = self.causes.iter().map(|r| (r.what.clone(), row(r))).collect();
+        let causes: serde_json::Map<String, Value> = self
+            .causes
+            .iter()
+            .map(|r| (r.what.clone(), row(r)))
+            .collect();
         let probes: serde_json::Map<String, Value> = self
             .probes
             .iter()
@@ -162,32 +214,71 @@ impl<'a> Comparison<'a> {
                 r.duration_s(),
                 super::text::date(r.header.started_wall_ns),
                 r.tally.total,
-                if r.complete() { "" } else { ", INCOMPLETE: trailer missing" }
+                if r.complete() {
+                    ""
+                } else {
+                    ", INCOMPLETE: trailer missing"
+                }
             );
         }
         let _ = writeln!(o);
-        let mut rows = vec![vec!["drops per second".to_string(), "before".into(), "after".into(), "change".into()]];
+        let mut rows = vec![vec![
+            "drops per second".to_string(),
+            "before".into(),
+            "after".into(),
+            "change".into(),
+        ]];
         for r in self.causes.iter().chain(self.kernel_drop.as_ref()) {
-            rows.push(vec![r.what.clone(), rate(r.before_per_s), rate(r.after_per_s), change(r.before_per_s, r.after_per_s)]);
+            rows.push(vec![
+                r.what.clone(),
+                rate(r.before_per_s),
+                rate(r.after_per_s),
+                change(r.before_per_s, r.after_per_s),
+            ]);
         }
         if rows.len() == 1 {
-            rows.push(vec!["(no drops)".into(), "0".into(), "0".into(), "none".into()]);
+            rows.push(vec![
+                "(no drops)".into(),
+                "0".into(),
+                "0".into(),
+                "none".into(),
+            ]);
         }
         o += &grid(&rows, md);
         if !self.probes.is_empty() {
             let _ = writeln!(o);
-            let mut rows = vec![vec!["probe loss".to_string(), "before".into(), "after".into(), "change".into()]];
+            let mut rows = vec![vec![
+                "probe loss".to_string(),
+                "before".into(),
+                "after".into(),
+                "change".into(),
+            ]];
             for p in &self.probes {
                 rows.push(vec![
                     p.host.clone(),
-                    format!("{:.1}% ({}/{})", p.before.loss_pct(), p.before.lost, p.before.sent),
-                    format!("{:.1}% ({}/{})", p.after.loss_pct(), p.after.lost, p.after.sent),
+                    format!(
+                        "{:.1}% ({}/{})",
+                        p.before.loss_pct(),
+                        p.before.lost,
+                        p.before.sent
+                    ),
+                    format!(
+                        "{:.1}% ({}/{})",
+                        p.after.loss_pct(),
+                        p.after.lost,
+                        p.after.sent
+                    ),
                     change(p.before.loss_pct(), p.after.loss_pct()),
                 ]);
             }
             o += &grid(&rows, md);
         }
-        let _ = writeln!(o, "\n{}{}", if md { "**Verdict:** " } else { "verdict: " }, self.verdict());
+        let _ = writeln!(
+            o,
+            "\n{}{}",
+            if md { "**Verdict:** " } else { "verdict: " },
+            self.verdict()
+        );
         o
     }
 }

@@ -11,9 +11,21 @@ use crate::{cause::Cause, events::decode::proto_name};
 pub fn to_json(r: &Report, top: usize) -> Value {
     let h = &r.header;
     let t = &r.tally;
-    let by_cause: Map<String, Value> = Cause::ALL.iter().map(|c| (c.as_str().to_string(), t.count(*c).into())).collect();
-    let by_netns: Map<String, Value> =
-        t.by_netns.iter().map(|(ns, n)| (ns.map(|x| x.to_string()).unwrap_or_else(|| "unknown".into()), n.total.into())).collect();
+    let by_cause: Map<String, Value> = Cause::ALL
+        .iter()
+        .map(|c| (c.as_str().to_string(), t.count(*c).into()))
+        .collect();
+    let by_netns: Map<String, Value> = t
+        .by_netns
+        .iter()
+        .map(|(ns, n)| {
+            (
+                ns.map(|x| x.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                n.total.into(),
+            )
+        })
+        .collect();
     let by_interface: Vec<Value> = t
         .by_ifindex
         .iter()

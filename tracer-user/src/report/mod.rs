@@ -5,10 +5,10 @@ pub mod compare;
 pub mod export;
 pub mod html;
 pub mod json;
-pub mod text;
-pub mod timeline;
 #[cfg(test)]
 mod tests;
+pub mod text;
+pub mod timeline;
 
 use std::{
     collections::BTreeMap,
@@ -97,9 +97,14 @@ pub struct Report {
 
 impl Report {
     /// Reads every record; `each` sees every drop as the live outputs did.
-    pub fn build<R: Read>(path: &Path, mut reader: CaptureReader<R>, mut each: impl FnMut(&Shown)) -> Report {
+    pub fn build<R: Read>(
+        path: &Path,
+        mut reader: CaptureReader<R>,
+        mut each: impl FnMut(&Shown),
+    ) -> Report {
         let header = reader.header.clone();
-        let reasons = DropReasons::from_pairs(header.drop_reasons.iter().map(|(v, n)| (n.clone(), *v)));
+        let reasons =
+            DropReasons::from_pairs(header.drop_reasons.iter().map(|(v, n)| (n.clone(), *v)));
         let mut r = Report {
             path: path.to_path_buf(),
             tally: Tally::new(header.max_flows.unwrap_or(DEFAULT_MAX_FLOWS)),
@@ -124,14 +129,18 @@ impl Report {
                 Item::Drop(d) => {
                     let ev = &d.ev;
                     r.tally.record(ev, d.cause);
-                    *r.by_ns_cause_proto.entry((ev.netns, d.cause, ev.flow.as_ref().map(|f| f.proto))).or_default() += 1;
-                    let sec = (ev.ts_ns.saturating_sub(r.header.started_mono_ns) / 1_000_000_000) as usize;
+                    *r.by_ns_cause_proto
+                        .entry((ev.netns, d.cause, ev.flow.as_ref().map(|f| f.proto)))
+                        .or_default() += 1;
+                    let sec = (ev.ts_ns.saturating_sub(r.header.started_mono_ns) / 1_000_000_000)
+                        as usize;
                     let sec = sec.min(MAX_SECONDS - 1);
                     if r.per_second.len() <= sec {
                         r.per_second.resize(sec + 1, 0);
                     }
                     r.per_second[sec] += 1;
-                    r.timeline.drop(sec, d.cause, ev.netns, ev.ct_fill.map(|f| (f.count, f.max)));
+                    r.timeline
+                        .drop(sec, d.cause, ev.netns, ev.ct_fill.map(|f| (f.count, f.max)));
                     r.last_drop_ts = Some(r.last_drop_ts.unwrap_or(0).max(ev.ts_ns));
                     r.drops_with_headers += ev.header.is_some() as u64;
                     let netns_name = d.netns_name.map(|id| reader.string(id));
@@ -140,7 +149,9 @@ impl Report {
                         r.netns_names.entry(ns).or_insert_with(|| n.to_string());
                     }
                     if let (Some(i), Some(n)) = (ev.ifindex, ifname) {
-                        r.ifnames.entry((ev.netns, i)).or_insert_with(|| n.to_string());
+                        r.ifnames
+                            .entry((ev.netns, i))
+                            .or_insert_with(|| n.to_string());
                     }
                     let reason = reasons.name(ev.reason);
                     let shown = Shown {
@@ -164,7 +175,12 @@ impl Report {
         }
         r.end = reader.end().cloned().unwrap_or(End::NoTrailer { at: 0 });
         r.occupancy = std::mem::take(&mut reader.occupancy);
-        for c in r.header.counters_at_start.iter().chain(r.end.trailer().map(|t| &t.counters_at_end[..]).unwrap_or(&[])) {
+        for c in r.header.counters_at_start.iter().chain(
+            r.end
+                .trailer()
+                .map(|t| &t.counters_at_end[..])
+                .unwrap_or(&[]),
+        ) {
             if let Some(n) = &c.netns_name {
                 r.netns_names.entry(c.netns).or_insert_with(|| n.clone());
             }
@@ -183,17 +199,31 @@ impl Report {
     /// flows to untrack. The module's kind and entry size are the capturing
     /// host's, unknown here.
     pub fn advice(&self) -> Vec<crate::advice::Advice> {
-        let limits = self.header.conntrack_max.map(|max| crate::conntrack::stats::CtLimits { max, buckets: self.header.conntrack_buckets.unwrap_or(0) });
-        let host = crate::advice::Host { module: crate::advice::ModuleKind::Unknown, entry_bytes: None };
+        let limits = self
+            .header
+            .conntrack_max
+            .map(|max| crate::conntrack::stats::CtLimits {
+                max,
+                buckets: self.header.conntrack_buckets.unwrap_or(0),
+            });
+        let host = crate::advice::Host {
+            module: crate::advice::ModuleKind::Unknown,
+            entry_bytes: None,
+        };
         // Per namespace, the fullest snapshot (as the live run keeps them).
         let mut snaps = BTreeMap::new();
         for o in &self.occupancy {
             let Some(ns) = o.netns else { continue };
-            if snaps.get(&ns).is_none_or(|old: &crate::conntrack::occupancy::Occupancy| o.entries >= old.entries) {
+            if snaps
+                .get(&ns)
+                .is_none_or(|old: &crate::conntrack::occupancy::Occupancy| o.entries >= old.entries)
+            {
                 snaps.insert(ns, o.clone());
             }
         }
-        crate::advice::from_run(&self.tally, &snaps, limits, &host, |ns| self.netns_names.get(&ns).cloned())
+        crate::advice::from_run(&self.tally, &snaps, limits, &host, |ns| {
+            self.netns_names.get(&ns).cloned()
+        })
     }
 
     pub fn trailer(&self) -> Option<&crate::capture::meta::Trailer> {
@@ -209,7 +239,11 @@ impl Report {
         if let Some(t) = self.trailer() {
             return t.duration_s;
         }
-        let last = self.last_checkpoint.map(|c| c.mono_ns).unwrap_or(0).max(self.last_drop_ts.unwrap_or(0));
+        let last = self
+            .last_checkpoint
+            .map(|c| c.mono_ns)
+            .unwrap_or(0)
+            .max(self.last_drop_ts.unwrap_or(0));
         last.saturating_sub(self.header.started_mono_ns) as f64 / 1e9
     }
 
@@ -232,7 +266,9 @@ impl Report {
 
     /// Events lost: exact from the trailer, else as of the last checkpoint.
     pub fn events_lost(&self) -> Option<u64> {
-        self.trailer().map(|t| t.events_lost).or(self.last_checkpoint.map(|c| c.events_lost))
+        self.trailer()
+            .map(|t| t.events_lost)
+            .or(self.last_checkpoint.map(|c| c.events_lost))
     }
 
     /// None without a trailer: the counters at the end were never read.
@@ -243,8 +279,13 @@ impl Report {
                 .iter()
                 .map(|k| CounterCheck {
                     netns: k.netns,
-                    netns_name: k.netns_name.clone().or_else(|| self.netns_names.get(&k.netns).cloned()),
-                    delta: CtCounters { columns: k.delta.clone() },
+                    netns_name: k
+                        .netns_name
+                        .clone()
+                        .or_else(|| self.netns_names.get(&k.netns).cloned()),
+                    delta: CtCounters {
+                        columns: k.delta.clone(),
+                    },
                     table_full: self.tally.count_in(k.netns, Cause::ConntrackTableFull),
                     insert_failed: self.tally.count_in(k.netns, Cause::ConntrackInsertFailed),
                 })
@@ -264,14 +305,26 @@ impl Report {
     }
 
     pub fn ifname(&self, ns: Option<u32>, ifindex: u32) -> String {
-        self.ifnames.get(&(ns, ifindex)).cloned().unwrap_or_else(|| format!("#{ifindex}"))
+        self.ifnames
+            .get(&(ns, ifindex))
+            .cloned()
+            .unwrap_or_else(|| format!("#{ifindex}"))
     }
 
     /// The same families `live --metrics` serves, from this capture.
     pub fn metrics(&self) -> Metrics {
         let m = Metrics::new();
         for (&(ns, cause, proto), &n) in &self.by_ns_cause_proto {
-            m.add_drops(cause, crate::output::metrics::netns_label(ns, ns.and_then(|i| self.netns_names.get(&i)).map(String::as_str)), proto, n);
+            m.add_drops(
+                cause,
+                crate::output::metrics::netns_label(
+                    ns,
+                    ns.and_then(|i| self.netns_names.get(&i))
+                        .map(String::as_str),
+                ),
+                proto,
+                n,
+            );
         }
         if let Some(l) = self.events_lost() {
             m.set_events_lost(l);
@@ -285,10 +338,20 @@ impl Report {
                 m.probe_lost(host, None, p.lost_unexplained);
             }
         }
-        let end = self.trailer().map(|t| &t.counters_at_end[..]).unwrap_or(&self.header.counters_at_start[..]);
+        let end = self
+            .trailer()
+            .map(|t| &t.counters_at_end[..])
+            .unwrap_or(&self.header.counters_at_start[..]);
         for c in end {
-            let name = c.netns_name.clone().or_else(|| self.netns_names.get(&c.netns).cloned());
-            m.set_conntrack(&crate::output::metrics::netns_label(Some(c.netns), name.as_deref()), &c.ct(), self.header.conntrack_max);
+            let name = c
+                .netns_name
+                .clone()
+                .or_else(|| self.netns_names.get(&c.netns).cloned());
+            m.set_conntrack(
+                &crate::output::metrics::netns_label(Some(c.netns), name.as_deref()),
+                &c.ct(),
+                self.header.conntrack_max,
+            );
         }
         m
     }
@@ -296,7 +359,9 @@ impl Report {
 
 pub fn run(args: &ReportArgs) -> Result<()> {
     let mut out: std::io::BufWriter<Box<dyn Write>> = std::io::BufWriter::new(match &args.output {
-        Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?),
+        Some(p) => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
         None => Box::new(std::io::stdout().lock()),
     });
     if let (Some(b), Some(a)) = (&args.before, &args.after) {
@@ -317,7 +382,10 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         }
         return out.flush().context("writing the report");
     }
-    let path = args.file.as_ref().expect("clap requires FILE without --before/--after");
+    let path = args
+        .file
+        .as_ref()
+        .expect("clap requires FILE without --before/--after");
     match args.format {
         ReportFormat::Csv => {
             let mut csv = CsvSink::new(&mut out);
@@ -354,7 +422,9 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         }
         ReportFormat::Table | ReportFormat::Markdown => {
             let r = load(path, |_| {})?;
-            out.write_all(text::render(&r, args.top, args.format == ReportFormat::Markdown).as_bytes())?;
+            out.write_all(
+                text::render(&r, args.top, args.format == ReportFormat::Markdown).as_bytes(),
+            )?;
         }
     }
     out.flush().context("writing the report")

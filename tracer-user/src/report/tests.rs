@@ -20,7 +20,11 @@ fn report(end: Option<Trailer>) -> Report {
 
 fn report_of(n: u64, end: Option<Trailer>) -> Report {
     let bytes = capture_with(n, 6, end);
-    Report::build(Path::new("t.ctdrop"), CaptureReader::new(&bytes[..]).unwrap(), |_| {})
+    Report::build(
+        Path::new("t.ctdrop"),
+        CaptureReader::new(&bytes[..]).unwrap(),
+        |_| {},
+    )
 }
 
 #[test]
@@ -28,12 +32,21 @@ fn counts_by_cause_namespace_interface_second_and_probe() {
     let r = report(Some(trailer(20, 15)));
     assert!(r.complete());
     assert_eq!(r.tally.total, 20);
-    assert_eq!((r.tally.count(Cause::ConntrackTableFull), r.tally.count(Cause::NetfilterRule)), (15, 5));
+    assert_eq!(
+        (
+            r.tally.count(Cause::ConntrackTableFull),
+            r.tally.count(Cause::NetfilterRule)
+        ),
+        (15, 5)
+    );
     assert_eq!(r.per_second, vec![4, 3, 3, 4, 3, 3]);
     assert_eq!(r.netns_label(Some(7)), "recv (7)");
     assert_eq!(r.ifname(Some(7), 7), "veth1");
     let p = &r.probes["198.18.0.2"];
-    assert_eq!((p.sent, p.lost, p.lost_by_cause["conntrack_table_full"]), (1, 1, 1));
+    assert_eq!(
+        (p.sent, p.lost, p.lost_by_cause["conntrack_table_full"]),
+        (1, 1, 1)
+    );
     let checks = r.counter_checks().unwrap();
     assert_eq!(checks.len(), 1);
     assert!(checks[0].agrees());
@@ -63,7 +76,10 @@ fn without_trailer_the_records_give_duration_and_events_lost() {
     assert!(r.counter_checks().is_none());
     let t = render(&r, 10, false);
     assert!(t.contains("WARNING: trailer missing"), "{t}");
-    assert!(t.contains("unknown: the trailer with the counters at the end is missing"), "{t}");
+    assert!(
+        t.contains("unknown: the trailer with the counters at the end is missing"),
+        "{t}"
+    );
     let j = to_json(&r, 10);
     assert!(j["stopped"].as_str().unwrap().contains("trailer missing"));
     assert_eq!(j["kernel_counters"], serde_json::Value::Null);
@@ -72,10 +88,16 @@ fn without_trailer_the_records_give_duration_and_events_lost() {
 #[test]
 fn markdown_is_a_ticket_ready_table() {
     let md = render(&report(Some(trailer(20, 15))), 10, true);
-    assert!(md.starts_with("## ctdrop capture report: `t.ctdrop`"), "{md}");
+    assert!(
+        md.starts_with("## ctdrop capture report: `t.ctdrop`"),
+        "{md}"
+    );
     assert!(md.contains("| conntrack_table_full | 15 | 75.0% |"), "{md}");
     assert!(md.contains("### Kernel counters"), "{md}");
-    assert!(!md.contains("\n  "), "no terminal indentation in markdown:\n{md}");
+    assert!(
+        !md.contains("\n  "),
+        "no terminal indentation in markdown:\n{md}"
+    );
 }
 
 #[test]
@@ -83,7 +105,11 @@ fn a_fix_that_ends_the_drops_reads_stopped() {
     let before = report(Some(trailer(20, 15)));
     let after = report_of(0, Some(trailer(0, 0)));
     let c = Comparison::new(&before, &after);
-    assert!(c.verdict().starts_with("conntrack drops stopped"), "{}", c.verdict());
+    assert!(
+        c.verdict().starts_with("conntrack drops stopped"),
+        "{}",
+        c.verdict()
+    );
     let j = c.to_json();
     assert_eq!(j["causes"]["conntrack_table_full"]["before"], 15);
     assert_eq!(j["causes"]["conntrack_table_full"]["change"], "stopped");
@@ -91,7 +117,11 @@ fn a_fix_that_ends_the_drops_reads_stopped() {
     assert_eq!(j["kernel_drop_counter"]["after"], 0);
     assert_eq!(j["probes"]["198.18.0.2"]["before"]["loss_pct"], 100.0);
     let same = Comparison::new(&before, &before);
-    assert!(same.verdict().starts_with("conntrack drops unchanged"), "{}", same.verdict());
+    assert!(
+        same.verdict().starts_with("conntrack drops unchanged"),
+        "{}",
+        same.verdict()
+    );
 }
 
 #[test]
@@ -111,6 +141,14 @@ fn metrics_from_a_capture_carry_the_drop_counts() {
     let text = r.metrics().encode_classic();
     assert!(text.contains(&format!("ctdrop_drops_total{{cause=\"conntrack_table_full\",netns=\"recv\",proto=\"udp\"}} {udp}\n")), "{text}");
     assert!(text.contains(&format!("ctdrop_drops_total{{cause=\"conntrack_table_full\",netns=\"recv\",proto=\"none\"}} {none}\n")), "{text}");
-    assert!(text.contains("ctdrop_probes_lost_total{host=\"198.18.0.2\",cause=\"conntrack_table_full\"} 1\n"), "{text}");
-    assert!(text.contains("ctdrop_conntrack_stat_total{netns=\"recv\",counter=\"drop\"} 20\n"), "end value: {text}");
+    assert!(
+        text.contains(
+            "ctdrop_probes_lost_total{host=\"198.18.0.2\",cause=\"conntrack_table_full\"} 1\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("ctdrop_conntrack_stat_total{netns=\"recv\",counter=\"drop\"} 20\n"),
+        "end value: {text}"
+    );
 }

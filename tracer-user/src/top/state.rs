@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::{cause::Cause, flows::cause_index, probe::matcher::Status};
 
+/// (namespace, L4 protocol, destination port) of a port turning up in drops.
+pub type PortKey = (Option<u32>, u8, u16);
+
 /// Seconds of history kept for the sparklines.
 pub const HISTORY: usize = 60;
 /// Distinct (namespace, proto, port) keys counted; drops beyond land in
@@ -109,7 +112,7 @@ pub struct TopState {
     /// Seconds completed so far (history length before trimming).
     seconds: u64,
     pub max: Option<u64>,
-    ports: HashMap<(Option<u32>, u8, u16), PortStat>,
+    ports: HashMap<PortKey, PortStat>,
     pub ports_untracked: u64,
     pub probes: BTreeMap<String, ProbeRow>,
     pub events_lost: u64,
@@ -347,7 +350,7 @@ impl TopState {
     }
 
     /// Ports drops turn up on (in the shown namespaces), busiest first.
-    pub fn top_ports(&self, n: usize) -> Vec<((Option<u32>, u8, u16), PortStat)> {
+    pub fn top_ports(&self, n: usize) -> Vec<(PortKey, PortStat)> {
         let mut v: Vec<_> = self
             .ports
             .iter()

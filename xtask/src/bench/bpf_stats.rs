@@ -35,18 +35,32 @@ impl StatsOn {
         attr[..4].copy_from_slice(&BPF_STATS_RUN_TIME.to_ne_bytes());
         // SAFETY: bpf(2) reads `attr.len()` bytes from a buffer we own and
         // returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, attr.as_mut_ptr(), attr.len()) };
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_ENABLE_STATS,
+                attr.as_mut_ptr(),
+                attr.len(),
+            )
+        };
         if fd < 0 {
-            bail!("bpf(BPF_ENABLE_STATS) failed: {} (needs root, Linux 5.8+)", std::io::Error::last_os_error());
+            bail!(
+                "bpf(BPF_ENABLE_STATS) failed: {} (needs root, Linux 5.8+)",
+                std::io::Error::last_os_error()
+            );
         }
         // SAFETY: the kernel just returned this descriptor; we are its only owner.
-        Ok(StatsOn { _fd: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
+        Ok(StatsOn {
+            _fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+        })
     }
 }
 
 /// Current `kernel.bpf_stats_enabled`, for the printed header.
 pub fn sysctl_value() -> Option<String> {
-    std::fs::read_to_string(SYSCTL).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(SYSCTL)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Run time and run count summed over the BPF programs process `pid`
@@ -74,12 +88,21 @@ pub fn of_process(pid: u32) -> Result<ProgStats> {
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
         let entry = entry?;
         // A descriptor closed between readdir and here is simply skipped.
-        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
         if target.as_os_str() != "anon_inode:bpf-prog" {
             continue;
         }
-        let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy())) else { continue };
-        let Some(p) = parse_fdinfo(&info) else { continue };
+        let Ok(info) = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        )) else {
+            continue;
+        };
+        let Some(p) = parse_fdinfo(&info) else {
+            continue;
+        };
         if seen.insert(p.0) {
             total.run_time_ns += p.1;
             total.run_cnt += p.2;
@@ -92,7 +115,9 @@ pub fn of_process(pid: u32) -> Result<ProgStats> {
 /// (prog_id, run_time_ns, run_cnt) of a BPF program descriptor's fdinfo.
 fn parse_fdinfo(text: &str) -> Option<(u64, u64, u64)> {
     let field = |name: &str| -> Option<u64> {
-        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).and_then(|v| v.trim().parse().ok())
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
     };
     Some((field("prog_id")?, field("run_time_ns")?, field("run_cnt")?))
 }

@@ -22,7 +22,7 @@ const PAYLOAD: &[u8] = b"ctdrop-bench";
 /// Destination ports FIRST_PORT..=65535: 64512 of them, a multiple of
 /// BATCH, so a batch never straddles a change of source socket.
 const FIRST_PORT: u16 = 1024;
-const _: () = assert!((65536 - FIRST_PORT as usize) % BATCH == 0);
+const _: () = assert!((65536 - FIRST_PORT as usize).is_multiple_of(BATCH));
 
 /// Distinct flows one source socket opens before its ports repeat.
 pub const FLOWS_PER_SOCKET: u64 = 65536 - FIRST_PORT as u64;
@@ -53,7 +53,10 @@ pub fn run(netns: &Path, spec: &FloodSpec) -> Result<FloodResult> {
     let spec = spec.clone();
     std::thread::spawn(move || -> Result<FloodResult> {
         if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("entering the sender namespace: {}", std::io::Error::last_os_error());
+            bail!(
+                "entering the sender namespace: {}",
+                std::io::Error::last_os_error()
+            );
         }
         if let Some(cpu) = spec.cpu {
             pin(cpu)?;
@@ -68,7 +71,10 @@ fn pin(cpu: usize) -> Result<()> {
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     unsafe { libc::CPU_SET(cpu, &mut set) };
     if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        bail!("pinning the flood to CPU {cpu}: {}", std::io::Error::last_os_error());
+        bail!(
+            "pinning the flood to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -82,7 +88,11 @@ fn udp_socket() -> Result<OwnedFd> {
     // Bound to an ephemeral port now, so every socket's source port differs.
     let any = sockaddr(Ipv4Addr::UNSPECIFIED, 0);
     let rc = unsafe {
-        libc::bind(fd.as_raw_fd(), &any as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as u32)
+        libc::bind(
+            fd.as_raw_fd(),
+            &any as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
     };
     if rc != 0 {
         bail!("bind: {}", std::io::Error::last_os_error());
@@ -94,15 +104,22 @@ fn sockaddr(ip: Ipv4Addr, port: u16) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip.octets()) },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
         sin_zero: [0; 8],
     }
 }
 
 fn send(spec: &FloodSpec) -> Result<FloodResult> {
-    let sockets: Vec<OwnedFd> = (0..spec.sockets.max(1)).map(|_| udp_socket()).collect::<Result<_>>()?;
+    let sockets: Vec<OwnedFd> = (0..spec.sockets.max(1))
+        .map(|_| udp_socket())
+        .collect::<Result<_>>()?;
     let mut addrs = [sockaddr(spec.dst, 1); BATCH];
-    let mut iov = libc::iovec { iov_base: PAYLOAD.as_ptr() as *mut _, iov_len: PAYLOAD.len() };
+    let mut iov = libc::iovec {
+        iov_base: PAYLOAD.as_ptr() as *mut _,
+        iov_len: PAYLOAD.len(),
+    };
     let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
     for (m, a) in msgs.iter_mut().zip(addrs.iter_mut()) {
         m.msg_hdr.msg_name = a as *mut _ as *mut libc::c_void;
@@ -139,5 +156,8 @@ fn send(spec: &FloodSpec) -> Result<FloodResult> {
         }
         sent += rc as u64;
     }
-    Ok(FloodResult { sent, elapsed: start.elapsed() })
+    Ok(FloodResult {
+        sent,
+        elapsed: start.elapsed(),
+    })
 }

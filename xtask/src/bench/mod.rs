@@ -96,21 +96,42 @@ pub fn run(opts: &Options) -> Result<()> {
         configs.push(c);
     }
     for spec in &opts.ctdrop_configs {
-        let (key, args) = spec.split_once('=').ok_or_else(|| anyhow!("--ctdrop-config wants KEY=ARGS, got {spec:?}"))?;
+        let (key, args) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--ctdrop-config wants KEY=ARGS, got {spec:?}"))?;
         let mut c = Config::new(key, Kind::CtdropCustom);
         c.extra = args.split_whitespace().map(String::from).collect();
         configs.push(c);
     }
     if !opts.only.is_empty() {
-        configs.retain(|c| c.key == "a" || opts.only.iter().any(|o| c.key == *o || c.key.starts_with(&format!("{o}@"))));
+        configs.retain(|c| {
+            c.key == "a"
+                || opts
+                    .only
+                    .iter()
+                    .any(|o| c.key == *o || c.key.starts_with(&format!("{o}@")))
+        });
     }
-    if configs.iter().any(|c| matches!(c.kind, Kind::BpftraceCount | Kind::BpftracePrintf)) && crate::proc::probe(std::process::Command::new("bpftrace").arg("--version")).is_none() {
+    if configs
+        .iter()
+        .any(|c| matches!(c.kind, Kind::BpftraceCount | Kind::BpftracePrintf))
+        && crate::proc::probe(std::process::Command::new("bpftrace").arg("--version")).is_none()
+    {
         bail!("bpftrace is not installed: run `cargo xtask setup`");
     }
-    let env = Env { ctdrop: opts.ctdrop.clone(), netfilter_drop, ctdrop_args: opts.ctdrop_args.clone() };
+    let env = Env {
+        ctdrop: opts.ctdrop.clone(),
+        netfilter_drop,
+        ctdrop_args: opts.ctdrop_args.clone(),
+    };
 
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
     }
     let ct_max = ConntrackMax::set(BENCH_CONNTRACK_MAX)?;
     let stats_on = bpf_stats::StatsOn::enable()?;
@@ -118,7 +139,11 @@ pub fn run(opts: &Options) -> Result<()> {
         "bench: BPF run-time statistics on through BPF_ENABLE_STATS (kernel.bpf_stats_enabled untouched, reads {}; off when this process exits, however it exits)",
         bpf_stats::sysctl_value().unwrap_or_default()
     );
-    println!("bench: holding {} with nf_conntrack_max={BENCH_CONNTRACK_MAX} (was {}; restored at exit)", topology::LOCK_PATH, ct_max.previous());
+    println!(
+        "bench: holding {} with nf_conntrack_max={BENCH_CONNTRACK_MAX} (was {}; restored at exit)",
+        topology::LOCK_PATH,
+        ct_max.previous()
+    );
     let topo = Topology::create()?;
     let mut counter = DropCounter::open(RECEIVER)?;
     let sender = Topology::netns_path(SENDER);
@@ -135,8 +160,15 @@ pub fn run(opts: &Options) -> Result<()> {
     for round in 0..opts.rounds {
         for cfg in &configs {
             check_stop()?;
-            let r = one_round(cfg, &env, &sender, &flood, &mut counter, round)
-                .with_context(|| format!("round {} of ({}) {}", round + 1, cfg.key, cfg.describe(&env)))?;
+            let r =
+                one_round(cfg, &env, &sender, &flood, &mut counter, round).with_context(|| {
+                    format!(
+                        "round {} of ({}) {}",
+                        round + 1,
+                        cfg.key,
+                        cfg.describe(&env)
+                    )
+                })?;
             println!("{}", report::progress_line(&r));
             results.push(r);
         }
@@ -166,7 +198,15 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let summary = report::summarize(&configs, &results);
     report::print_table(&configs, &env, &summary, &scale, opts);
-    let path = report::write_json(&opts.out_dir, &configs, &env, &summary, &results, &scale, opts)?;
+    let path = report::write_json(
+        &opts.out_dir,
+        &configs,
+        &env,
+        &summary,
+        &results,
+        &scale,
+        opts,
+    )?;
     println!("bench: results in {}", path.display());
     Ok(())
 }
@@ -181,7 +221,11 @@ fn check_stop() -> Result<()> {
 /// Sends until the receiver's table is at its limit, so every later new
 /// flow is a table-full drop.
 fn fill_table(sender: &Path, flood: &FloodSpec, counter: &mut DropCounter) -> Result<()> {
-    let spec = FloodSpec { max_packets: Some(4 * BENCH_CONNTRACK_MAX), duration: Duration::from_secs(5), ..flood.clone() };
+    let spec = FloodSpec {
+        max_packets: Some(4 * BENCH_CONNTRACK_MAX),
+        duration: Duration::from_secs(5),
+        ..flood.clone()
+    };
     flood::run(sender, &spec)?;
     let (_, entries) = counter.read()?;
     if entries < BENCH_CONNTRACK_MAX {
@@ -190,7 +234,14 @@ fn fill_table(sender: &Path, flood: &FloodSpec, counter: &mut DropCounter) -> Re
     Ok(())
 }
 
-fn one_round(cfg: &Config, env: &Env, sender: &Path, flood: &FloodSpec, counter: &mut DropCounter, round: usize) -> Result<RoundResult> {
+fn one_round(
+    cfg: &Config,
+    env: &Env,
+    sender: &Path,
+    flood: &FloodSpec,
+    counter: &mut DropCounter,
+    round: usize,
+) -> Result<RoundResult> {
     let mut running = tracer::start(cfg, env)?;
     if let Some(r) = running.as_mut() {
         r.wait_attached(Duration::from_secs(60))?;
@@ -225,19 +276,30 @@ fn one_round(cfg: &Config, env: &Env, sender: &Path, flood: &FloodSpec, counter:
 /// SKB_DROP_REASON_NETFILTER_DROP on this kernel, read off the tracepoint's
 /// own format (its `__print_symbolic` table).
 fn netfilter_drop_reason() -> Result<u32> {
-    let paths = ["/sys/kernel/tracing/events/skb/kfree_skb/format", "/sys/kernel/debug/tracing/events/skb/kfree_skb/format"];
+    let paths = [
+        "/sys/kernel/tracing/events/skb/kfree_skb/format",
+        "/sys/kernel/debug/tracing/events/skb/kfree_skb/format",
+    ];
     let text = paths
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok())
-        .ok_or_else(|| anyhow!("cannot read the skb:kfree_skb tracepoint format (is tracefs mounted?)"))?;
-    parse_reason(&text, "NETFILTER_DROP").ok_or_else(|| anyhow!("kfree_skb's format names no NETFILTER_DROP reason"))
+        .ok_or_else(|| {
+            anyhow!("cannot read the skb:kfree_skb tracepoint format (is tracefs mounted?)")
+        })?;
+    parse_reason(&text, "NETFILTER_DROP")
+        .ok_or_else(|| anyhow!("kfree_skb's format names no NETFILTER_DROP reason"))
 }
 
 fn parse_reason(format: &str, name: &str) -> Option<u32> {
     let needle = format!("\"{name}\" }}");
     let end = format.find(&needle)?;
     let open = format[..end].rfind('{')?;
-    format[open + 1..end].trim().trim_end_matches(',').trim().parse().ok()
+    format[open + 1..end]
+        .trim()
+        .trim_end_matches(',')
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
-use super::{tracer::{Config, Env}, Options, RoundResult};
+use super::{
+    tracer::{Config, Env},
+    Options, RoundResult,
+};
 
 /// Medians and totals of one configuration over its rounds.
 #[derive(Clone, Debug, Default)]
@@ -43,11 +46,21 @@ impl Spread {
     pub fn of(v: Vec<f64>) -> Option<Spread> {
         let min = v.iter().copied().reduce(f64::min)?;
         let max = v.iter().copied().reduce(f64::max)?;
-        Some(Spread { median: median(v)?, min, max })
+        Some(Spread {
+            median: median(v)?,
+            min,
+            max,
+        })
     }
 
     fn show(&self, decimals: usize) -> String {
-        format!("{:.d$} [{:.d$}-{:.d$}]", self.median, self.min, self.max, d = decimals)
+        format!(
+            "{:.d$} [{:.d$}-{:.d$}]",
+            self.median,
+            self.min,
+            self.max,
+            d = decimals
+        )
     }
 }
 
@@ -57,7 +70,11 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 pub fn summarize(configs: &[Config], results: &[RoundResult]) -> Vec<ConfigSummary> {
@@ -75,21 +92,55 @@ pub fn summarize(configs: &[Config], results: &[RoundResult]) -> Vec<ConfigSumma
                 ratio: None,
                 delivered: opt_sum(&|r| r.tracer.delivered),
                 kernel_drops: rs.iter().map(|r| r.kernel_drops).sum(),
-                exact_rounds: rs.iter().filter(|r| r.tracer.delivered == Some(r.kernel_drops)).count(),
+                exact_rounds: rs
+                    .iter()
+                    .filter(|r| r.tracer.delivered == Some(r.kernel_drops))
+                    .count(),
                 lost: opt_sum(&|r| r.tracer.lost),
                 cpu_per_million: median(
-                    rs.iter().filter_map(|r| r.tracer.cpu_s.map(|c| c / (r.kernel_drops.max(1) as f64 / 1e6))).collect(),
+                    rs.iter()
+                        .filter_map(|r| {
+                            r.tracer
+                                .cpu_s
+                                .map(|c| c / (r.kernel_drops.max(1) as f64 / 1e6))
+                        })
+                        .collect(),
                 ),
-                peak_rss_mb: rs.iter().filter_map(|r| r.tracer.peak_rss_kb).max().map(|k| k as f64 / 1024.0),
+                peak_rss_mb: rs
+                    .iter()
+                    .filter_map(|r| r.tracer.peak_rss_kb)
+                    .max()
+                    .map(|k| k as f64 / 1024.0),
                 attach_ms: median(rs.iter().filter_map(|r| r.tracer.attach_ms).collect()),
                 bpf_ns: Spread::of(rs.iter().filter_map(|r| r.bpf_ns_per_drop()).collect()),
                 round_ratio: Spread::of(
-                    rs.iter().filter_map(|r| same_round(results, "a", r.round).filter(|a| a.rate() > 0.0).map(|a| r.rate() / a.rate())).collect(),
+                    rs.iter()
+                        .filter_map(|r| {
+                            same_round(results, "a", r.round)
+                                .filter(|a| a.rate() > 0.0)
+                                .map(|a| r.rate() / a.rate())
+                        })
+                        .collect(),
                 ),
-                cpu_spread: Spread::of(rs.iter().filter_map(|r| r.tracer.cpu_s.map(|c| c / (r.kernel_drops.max(1) as f64 / 1e6))).collect()),
+                cpu_spread: Spread::of(
+                    rs.iter()
+                        .filter_map(|r| {
+                            r.tracer
+                                .cpu_s
+                                .map(|c| c / (r.kernel_drops.max(1) as f64 / 1e6))
+                        })
+                        .collect(),
+                ),
                 bpf_vs_d: median(
                     rs.iter()
-                        .filter_map(|r| Some(r.bpf_ns_per_drop()? / same_round(results, "d", r.round)?.bpf_ns_per_drop().filter(|d| *d > 0.0)?))
+                        .filter_map(|r| {
+                            Some(
+                                r.bpf_ns_per_drop()?
+                                    / same_round(results, "d", r.round)?
+                                        .bpf_ns_per_drop()
+                                        .filter(|d| *d > 0.0)?,
+                            )
+                        })
                         .collect(),
                 ),
             }
@@ -127,7 +178,13 @@ fn dash<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map(f).unwrap_or_else(|| "-".into())
 }
 
-pub fn print_table(configs: &[Config], env: &Env, summary: &[ConfigSummary], scale: &[RoundResult], opts: &Options) {
+pub fn print_table(
+    configs: &[Config],
+    env: &Env,
+    summary: &[ConfigSummary],
+    scale: &[RoundResult],
+    opts: &Options,
+) {
     println!();
     println!(
         "bench: {} rounds x {:.1} s per configuration, medians; flood = 1 sender, sendmmsg, a new UDP flow per packet, receiver's conntrack table full",
@@ -137,7 +194,17 @@ pub fn print_table(configs: &[Config], env: &Env, summary: &[ConfigSummary], sca
     println!("bench: load at end   {}", load());
     println!(
         "{:<4} {:<44} {:>18} {:>6} {:>10} {:>19} {:>26} {:>7} {:>17} {:>9} {:>7}",
-        "", "configuration", "BPF ns/drop", "vs (d)", "drops/s", "vs (a)", "delivered / kernel drop", "lost", "CPU s/Mdrop", "peak RSS", "attach"
+        "",
+        "configuration",
+        "BPF ns/drop",
+        "vs (d)",
+        "drops/s",
+        "vs (a)",
+        "delivered / kernel drop",
+        "lost",
+        "CPU s/Mdrop",
+        "peak RSS",
+        "attach"
     );
     for (c, s) in configs.iter().zip(summary) {
         let mut d = c.describe(env);
@@ -150,7 +217,10 @@ pub fn print_table(configs: &[Config], env: &Env, summary: &[ConfigSummary], sca
             dash(s.bpf_vs_d, |r| format!("{r:.2}")),
             s.rate,
             dash(s.round_ratio, |r| r.show(3)),
-            dash(s.delivered, |d| format!("{d} / {} ({}/{})", s.kernel_drops, s.exact_rounds, s.rounds)),
+            dash(s.delivered, |d| format!(
+                "{d} / {} ({}/{})",
+                s.kernel_drops, s.exact_rounds, s.rounds
+            )),
             dash(s.lost, |l| l.to_string()),
             dash(s.cpu_spread, |c| c.show(2)),
             dash(s.peak_rss_mb, |m| format!("{m:.1} MB")),
@@ -161,14 +231,22 @@ pub fn print_table(configs: &[Config], env: &Env, summary: &[ConfigSummary], sca
     println!("(vs (d): median over rounds of BPF ns/drop / bpftrace map-count's in the same round; vs (a): drops/s / the same round's untraced rate)");
     println!("(delivered / kernel drop: summed over rounds, then (rounds where they were equal / rounds))");
     for r in scale {
-        let notes: Vec<String> = r.tracer.notes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let notes: Vec<String> = r
+            .tracer
+            .notes
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
         println!(
             "scale ({}): {} distinct flows dropped at {:.0}/s, delivered {}, peak RSS {}, {}",
             r.key,
             r.kernel_drops,
             r.rate(),
             dash(r.tracer.delivered, |d| d.to_string()),
-            dash(r.tracer.peak_rss_kb, |k| format!("{:.1} MB", k as f64 / 1024.0)),
+            dash(r.tracer.peak_rss_kb, |k| format!(
+                "{:.1} MB",
+                k as f64 / 1024.0
+            )),
             notes.join(", ")
         );
     }
@@ -197,7 +275,10 @@ pub fn write_json(
     opts: &Options,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let path = dir.join(format!("results-{ts}.json"));
     let cfgs: Vec<Value> = configs
         .iter()
@@ -226,7 +307,8 @@ pub fn write_json(
         "runs": results.iter().map(round_json).collect::<Vec<_>>(),
         "scale": scale.iter().map(round_json).collect::<Vec<_>>(),
     });
-    std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
@@ -242,10 +324,18 @@ pub fn load() -> String {
 }
 
 fn machine() -> Value {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']).to_string());
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string());
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     json!({ "kernel": kernel, "cpus": cpus, "cpu_model": model })
 }
 

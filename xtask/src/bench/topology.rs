@@ -28,12 +28,16 @@ pub const SENDER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 60, 1);
 pub const RECEIVER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 60, 2);
 
 fn read_max() -> Result<u64> {
-    let s = std::fs::read_to_string(CONNTRACK_MAX).with_context(|| format!("reading {CONNTRACK_MAX} (is nf_conntrack loaded?)"))?;
-    s.trim().parse().with_context(|| format!("parsing {CONNTRACK_MAX}"))
+    let s = std::fs::read_to_string(CONNTRACK_MAX)
+        .with_context(|| format!("reading {CONNTRACK_MAX} (is nf_conntrack loaded?)"))?;
+    s.trim()
+        .parse()
+        .with_context(|| format!("parsing {CONNTRACK_MAX}"))
 }
 
 fn write_max(v: u64) -> Result<()> {
-    std::fs::write(CONNTRACK_MAX, format!("{v}\n")).with_context(|| format!("setting nf_conntrack_max to {v}"))
+    std::fs::write(CONNTRACK_MAX, format!("{v}\n"))
+        .with_context(|| format!("setting nf_conntrack_max to {v}"))
 }
 
 /// Exclusive hold on the lock and on `nf_conntrack_max`.
@@ -58,7 +62,8 @@ impl ConntrackMax {
             }
         }
         let mut pending = String::new();
-        lock.read_to_string(&mut pending).context("reading the lock file")?;
+        lock.read_to_string(&mut pending)
+            .context("reading the lock file")?;
         if let Ok(v) = pending.trim().parse::<u64>() {
             println!("bench: restoring nf_conntrack_max={v} left over by a killed run");
             write_max(v)?;
@@ -84,7 +89,10 @@ impl Drop for ConntrackMax {
             Ok(()) => {
                 let _ = self.lock.set_len(0);
             }
-            Err(e) => eprintln!("bench: cannot restore nf_conntrack_max={}: {e:#}", self.previous),
+            Err(e) => eprintln!(
+                "bench: cannot restore nf_conntrack_max={}: {e:#}",
+                self.previous
+            ),
         }
     }
 }
@@ -114,19 +122,52 @@ impl Topology {
             t.made.push(ns);
         }
         let (a, b) = ("ctdb-a", "ctdb-b");
-        ip(&["link", "add", a, "netns", SENDER, "type", "veth", "peer", "name", b, "netns", RECEIVER])?;
+        ip(&[
+            "link", "add", a, "netns", SENDER, "type", "veth", "peer", "name", b, "netns", RECEIVER,
+        ])?;
         for (ns, dev, addr) in [(SENDER, a, SENDER_ADDR), (RECEIVER, b, RECEIVER_ADDR)] {
             in_ns(ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
-            in_ns(ns, &["ip", "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            in_ns(
+                ns,
+                &["ip", "addr", "add", &format!("{addr}/24"), "dev", dev],
+            )?;
             in_ns(ns, &["ip", "link", "set", dev, "up"])?;
             in_ns(ns, &["ip", "link", "set", "lo", "up"])?;
         }
         // A static neighbour entry: no ARP exchange in the middle of a flood.
         let mac = mac_in(RECEIVER, b)?;
-        in_ns(SENDER, &["ip", "neigh", "replace", &RECEIVER_ADDR.to_string(), "lladdr", mac.trim(), "dev", a, "nud", "permanent"])?;
+        in_ns(
+            SENDER,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &RECEIVER_ADDR.to_string(),
+                "lladdr",
+                mac.trim(),
+                "dev",
+                a,
+                "nud",
+                "permanent",
+            ],
+        )?;
         // Any conntrack match turns conntrack on in the receiver; only new
         // flows then need an entry, and a full table drops them.
-        in_ns(RECEIVER, &["iptables", "-w", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])?;
+        in_ns(
+            RECEIVER,
+            &[
+                "iptables",
+                "-w",
+                "-A",
+                "INPUT",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ],
+        )?;
         Ok(t)
     }
 
@@ -136,8 +177,14 @@ impl Topology {
 }
 
 fn mac_in(ns: &str, dev: &str) -> Result<String> {
-    let out = proc::probe(Command::new("ip").args(["netns", "exec", ns, "cat", &format!("/sys/class/net/{dev}/address")]))
-        .ok_or_else(|| anyhow!("cannot read the MAC address of {dev} in {ns}"))?;
+    let out = proc::probe(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns,
+        "cat",
+        &format!("/sys/class/net/{dev}/address"),
+    ]))
+    .ok_or_else(|| anyhow!("cannot read the MAC address of {dev} in {ns}"))?;
     Ok(out.trim().to_string())
 }
 
@@ -159,12 +206,14 @@ pub struct DropCounter {
 
 impl DropCounter {
     pub fn open(ns: &str) -> Result<DropCounter> {
-        let ns_file = File::open(Topology::netns_path(ns)).with_context(|| format!("opening netns {ns}"))?;
+        let ns_file =
+            File::open(Topology::netns_path(ns)).with_context(|| format!("opening netns {ns}"))?;
         let file = std::thread::spawn(move || -> Result<File> {
             if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 bail!("entering netns: {}", std::io::Error::last_os_error());
             }
-            File::open("/proc/thread-self/net/stat/nf_conntrack").context("opening /proc/net/stat/nf_conntrack in the receiver")
+            File::open("/proc/thread-self/net/stat/nf_conntrack")
+                .context("opening /proc/net/stat/nf_conntrack in the receiver")
         })
         .join()
         .map_err(|_| anyhow!("netns thread panicked"))??;
@@ -175,7 +224,9 @@ impl DropCounter {
     pub fn read(&mut self) -> Result<(u64, u64)> {
         let mut s = String::new();
         self.file.seek(SeekFrom::Start(0))?;
-        self.file.read_to_string(&mut s).context("reading the receiver's conntrack stats")?;
+        self.file
+            .read_to_string(&mut s)
+            .context("reading the receiver's conntrack stats")?;
         parse_drop(&s)
     }
 }
@@ -183,8 +234,17 @@ impl DropCounter {
 /// The `drop` column summed over the per-CPU lines, and `entries`.
 pub fn parse_drop(text: &str) -> Result<(u64, u64)> {
     let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().ok_or_else(|| anyhow!("empty conntrack stat file"))?.split_whitespace().collect();
-    let col = |name: &str| header.iter().position(|h| *h == name).ok_or_else(|| anyhow!("no {name:?} column in conntrack stats"));
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| anyhow!("empty conntrack stat file"))?
+        .split_whitespace()
+        .collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .ok_or_else(|| anyhow!("no {name:?} column in conntrack stats"))
+    };
     let (di, ei) = (col("drop")?, col("entries")?);
     let (mut drop, mut entries) = (0u64, 0u64);
     for line in lines {

@@ -41,7 +41,11 @@ pub struct Config {
 
 impl Config {
     pub fn new(key: &str, kind: Kind) -> Config {
-        Config { key: key.to_string(), kind, extra: Vec::new() }
+        Config {
+            key: key.to_string(),
+            kind,
+            extra: Vec::new(),
+        }
     }
 
     pub fn describe(&self, env: &Env) -> String {
@@ -51,7 +55,10 @@ impl Config {
             Kind::CtdropCount => "ctdrop live --count-only > /dev/null".to_string(),
             Kind::CtdropCustom => "ctdrop".to_string(),
             Kind::BpftraceCount => format!("bpftrace '{}'", bpftrace_count_script()),
-            Kind::BpftracePrintf => format!("bpftrace '{}' | wc -l", bpftrace_printf_script(env.netfilter_drop)),
+            Kind::BpftracePrintf => format!(
+                "bpftrace '{}' | wc -l",
+                bpftrace_printf_script(env.netfilter_drop)
+            ),
         };
         for a in &self.extra {
             s.push(' ');
@@ -59,7 +66,6 @@ impl Config {
         }
         s
     }
-
 }
 
 /// What every tracer run needs to know.
@@ -130,7 +136,11 @@ pub fn start(cfg: &Config, env: &Env) -> Result<Option<Running>> {
         }
         Kind::CtdropJson | Kind::CtdropCount => {
             let mut c = Command::new(&env.ctdrop);
-            c.arg("live").arg(if cfg.kind == Kind::CtdropJson { "--json" } else { "--count-only" });
+            c.arg("live").arg(if cfg.kind == Kind::CtdropJson {
+                "--json"
+            } else {
+                "--count-only"
+            });
             c.args(&env.ctdrop_args).args(&cfg.extra);
             c.stdout(Stdio::null());
             c
@@ -148,7 +158,9 @@ pub fn start(cfg: &Config, env: &Env) -> Result<Option<Running>> {
     };
     cmd.stderr(Stdio::piped()).stdin(Stdio::null());
     let started = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", cfg.describe(env)))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", cfg.describe(env)))?;
     let (tx, rx) = mpsc::channel();
     let mut readers = Vec::new();
     if let Some(out) = child.stdout.take() {
@@ -156,11 +168,23 @@ pub fn start(cfg: &Config, env: &Env) -> Result<Option<Running>> {
         // Event lines are counted here, not forwarded: a million channel
         // sends a second would cost this process more than the count.
         let is_event = cfg.kind == Kind::BpftracePrintf;
-        readers.push(std::thread::spawn(move || read_lines(out, |l| is_event && l.starts_with("0x"), |l| tx.send((Line::Out(l), Instant::now())).is_ok())));
+        readers.push(std::thread::spawn(move || {
+            read_lines(
+                out,
+                |l| is_event && l.starts_with("0x"),
+                |l| tx.send((Line::Out(l), Instant::now())).is_ok(),
+            )
+        }));
     }
     if let Some(err) = child.stderr.take() {
         let tx = tx.clone();
-        readers.push(std::thread::spawn(move || read_lines(err, |_| false, |l| tx.send((Line::Err(l), Instant::now())).is_ok())));
+        readers.push(std::thread::spawn(move || {
+            read_lines(
+                err,
+                |_| false,
+                |l| tx.send((Line::Err(l), Instant::now())).is_ok(),
+            )
+        }));
     }
     Ok(Some(Running {
         child,
@@ -178,7 +202,11 @@ pub fn start(cfg: &Config, env: &Env) -> Result<Option<Running>> {
 }
 
 /// Reads lines; those `counted` are only counted, the rest go to `forward`.
-fn read_lines(r: impl Read, counted: impl Fn(&str) -> bool, forward: impl Fn(String) -> bool) -> u64 {
+fn read_lines(
+    r: impl Read,
+    counted: impl Fn(&str) -> bool,
+    forward: impl Fn(String) -> bool,
+) -> u64 {
     let mut r = BufReader::with_capacity(1 << 16, r);
     let mut line = String::new();
     let mut n = 0;
@@ -209,7 +237,10 @@ impl Running {
                 Ok(Some((l, false, t)))
             }
             Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => bail!("the tracer exited before it was attached: {}", self.err.join(" | ")),
+            Err(RecvTimeoutError::Disconnected) => bail!(
+                "the tracer exited before it was attached: {}",
+                self.err.join(" | ")
+            ),
         }
     }
 
@@ -217,9 +248,13 @@ impl Running {
     pub fn wait_attached(&mut self, limit: Duration) -> Result<()> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            let Some((l, stdout, t)) = self.take_line(Duration::from_millis(100))? else { continue };
+            let Some((l, stdout, t)) = self.take_line(Duration::from_millis(100))? else {
+                continue;
+            };
             let ready = match self.kind {
-                Kind::CtdropJson | Kind::CtdropCount | Kind::CtdropCustom => !stdout && unlevelled(&l).starts_with("ctdrop: attached"),
+                Kind::CtdropJson | Kind::CtdropCount | Kind::CtdropCustom => {
+                    !stdout && unlevelled(&l).starts_with("ctdrop: attached")
+                }
                 _ => stdout && l == "ready",
             };
             if ready {
@@ -228,7 +263,11 @@ impl Running {
                 return Ok(());
             }
         }
-        bail!("the tracer did not attach within {} s: {}", limit.as_secs(), self.err.join(" | "))
+        bail!(
+            "the tracer did not attach within {} s: {}",
+            limit.as_secs(),
+            self.err.join(" | ")
+        )
     }
 
     pub fn mark_flood_start(&mut self) {
@@ -264,8 +303,16 @@ impl Running {
         }
         let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
         // bpftrace exits non-zero after SIGINT on some versions; judge it by its output.
-        if !ok && matches!(self.kind, Kind::CtdropJson | Kind::CtdropCount | Kind::CtdropCustom) {
-            bail!("ctdrop failed (status {status:#x}): {}", self.err.join(" | "));
+        if !ok
+            && matches!(
+                self.kind,
+                Kind::CtdropJson | Kind::CtdropCount | Kind::CtdropCustom
+            )
+        {
+            bail!(
+                "ctdrop failed (status {status:#x}): {}",
+                self.err.join(" | ")
+            );
         }
         match self.kind {
             Kind::CtdropJson | Kind::CtdropCount | Kind::CtdropCustom => self.parse_ctdrop()?,
@@ -275,7 +322,12 @@ impl Running {
             }
             Kind::BpftracePrintf => {
                 self.report.delivered = Some(counted);
-                let lost = self.out.iter().chain(self.err.iter()).filter_map(|l| lost_events(l)).sum();
+                let lost = self
+                    .out
+                    .iter()
+                    .chain(self.err.iter())
+                    .filter_map(|l| lost_events(l))
+                    .sum();
                 self.report.lost = Some(lost);
             }
             Kind::None => {}
@@ -288,14 +340,25 @@ impl Running {
             .err
             .iter()
             .find(|l| unlevelled(l).starts_with("ctdrop: stopped"))
-            .ok_or_else(|| anyhow!("ctdrop printed no `ctdrop: stopped` line: {}", self.err.join(" | ")))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "ctdrop printed no `ctdrop: stopped` line: {}",
+                    self.err.join(" | ")
+                )
+            })?
             .clone();
         self.report.delivered = number_before(&line, " drops");
         self.report.lost = Some(number_before(&line, " events lost").unwrap_or(0));
         for (key, label) in [
             ("flows_tracked", " flows tracked"),
-            ("drops_beyond_max_flows", " drops in flows beyond --max-flows"),
-            ("flows_beyond_kernel_map", " drops in flows beyond the kernel flow map"),
+            (
+                "drops_beyond_max_flows",
+                " drops in flows beyond --max-flows",
+            ),
+            (
+                "flows_beyond_kernel_map",
+                " drops in flows beyond the kernel flow map",
+            ),
         ] {
             if let Some(n) = number_before(&line, label) {
                 self.report.notes.push((key.to_string(), n));
@@ -313,7 +376,6 @@ impl Running {
             .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
             .unwrap_or(0))
     }
-
 }
 
 fn lost_events(l: &str) -> Option<u64> {
@@ -325,7 +387,10 @@ fn lost_events(l: &str) -> Option<u64> {
 pub fn number_before(line: &str, suffix: &str) -> Option<u64> {
     let end = line.find(suffix)?;
     let head = &line[..end];
-    let start = head.rfind(|c: char| !c.is_ascii_digit()).map(|i| i + 1).unwrap_or(0);
+    let start = head
+        .rfind(|c: char| !c.is_ascii_digit())
+        .map(|i| i + 1)
+        .unwrap_or(0);
     head[start..].parse().ok()
 }
 
@@ -335,12 +400,17 @@ fn tv(t: libc::timeval) -> f64 {
 
 /// utime + stime of a running process, from /proc/<pid>/stat.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).context("reading /proc/<pid>/stat")?;
+    let s =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).context("reading /proc/<pid>/stat")?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let rest = &s[s.rfind(')').ok_or_else(|| anyhow!("odd /proc/<pid>/stat"))? + 2..];
+    let rest = &s[s
+        .rfind(')')
+        .ok_or_else(|| anyhow!("odd /proc/<pid>/stat"))?
+        + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // Fields 14 and 15 of the file are the 12th and 13th after the name.
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks as f64 / hz)
 }
@@ -349,11 +419,21 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 /// forked copy of this process before exec.
 fn vm_hwm_kb(pid: i32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Waits for exit, sampling VmHWM meanwhile (it is gone once the process is).
-fn wait_with_timeout(pid: i32, limit: Duration, peak: &mut Option<u64>) -> Result<(i32, libc::rusage)> {
+fn wait_with_timeout(
+    pid: i32,
+    limit: Duration,
+    peak: &mut Option<u64>,
+) -> Result<(i32, libc::rusage)> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(kb) = vm_hwm_kb(pid) {
@@ -370,7 +450,10 @@ fn wait_with_timeout(pid: i32, limit: Duration, peak: &mut Option<u64>) -> Resul
         }
         if Instant::now() > deadline {
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            bail!("the tracer did not exit within {} s of SIGINT (killed)", limit.as_secs());
+            bail!(
+                "the tracer did not exit within {} s of SIGINT (killed)",
+                limit.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -383,6 +466,14 @@ impl Drop for Running {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// `ctdrop: info: x` (`watch` logs with a level) read as `ctdrop: x`.
+fn unlevelled(l: &str) -> std::borrow::Cow<'_, str> {
+    match l.strip_prefix("ctdrop: info: ") {
+        Some(rest) => format!("ctdrop: {rest}").into(),
+        None => l.into(),
     }
 }
 
@@ -399,13 +490,5 @@ mod tests {
         assert_eq!(number_before(l, " nothing"), None);
         assert_eq!(number_before("attached in 41 ms", " ms"), Some(41));
         assert_eq!(lost_events("Lost 1234 events"), Some(1234));
-    }
-}
-
-/// `ctdrop: info: x` (`watch` logs with a level) read as `ctdrop: x`.
-fn unlevelled(l: &str) -> std::borrow::Cow<'_, str> {
-    match l.strip_prefix("ctdrop: info: ") {
-        Some(rest) => format!("ctdrop: {rest}").into(),
-        None => l.into(),
     }
 }
