@@ -536,8 +536,9 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     let mut collector = Collector::new(&p, args.trace.max_flows, &targets, args.probe.timeout);
     // Before attaching: a Ctrl-C right after the `attached` line must end
     // the run with its summary, not kill the process.
-    let _sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let _sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    // (SIGUSR1 for `watch` likewise, below, before the `attached` line.)
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut tracer = Tracer::load(&LoadOptions {
         btf_path: &args.trace.btf,
         offsets: p.offsets,
@@ -552,8 +553,6 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     // Before the `attached` line: a signal sent as soon as it shows must
     // not meet the default action, which ends the process with no summary
     // (and, for a capture, no trailer).
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigusr1 = if args.service {
         Some(signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?)
     } else {
