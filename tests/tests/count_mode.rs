@@ -66,6 +66,10 @@ fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
         Ctdrop::spawn(&["live", "--json", "--count-only", "--report-every", "200ms"]).unwrap();
     send_many_flows(&topo.sender, topo.receiver_addr, FLOWS);
     let delta = settled_drops(&topo.receiver) - before;
+    // An idle machine floods in less than one 200 ms period: let a few
+    // periods pass so the run has periodic lines to add up, whatever the
+    // flood's speed (a wait, not a timed assertion).
+    std::thread::sleep(std::time::Duration::from_secs(1));
     let out = ctdrop.stop().unwrap();
     assert!(
         out.status.success(),

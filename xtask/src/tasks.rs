@@ -157,6 +157,8 @@ fn integration_tests(args: &[String], bin: &std::path::Path) -> Command {
         "--release",
         "-p",
         "ctdrop-tests",
+        // Every test file runs even after one fails: CI shows all failures.
+        "--no-fail-fast",
         "--",
         "--test-threads=1",
     ])
