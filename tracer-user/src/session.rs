@@ -114,6 +114,10 @@ pub struct Collector {
     /// Verdicts held until every earlier probe has its own.
     pub order: crate::probe::order::InOrder,
     pub probe_labels: Vec<String>,
+    /// Some probe is TCP or UDP: only then can a port drop explain one. A
+    /// flood of UDP to a pinged host would otherwise have every drop
+    /// serialised for the matcher, slow the reader and lose ring events.
+    port_probes: bool,
     baselines: BTreeMap<u32, CtCounters>,
     /// Table snapshots taken when a namespace's table was full.
     pub snapshots: Snapshots,
@@ -177,6 +181,9 @@ impl Collector {
             ),
             order: crate::probe::order::InOrder::new(probes.len()),
             probe_labels: probes.iter().map(|t| t.label.clone()).collect(),
+            port_probes: probes
+                .iter()
+                .any(|t| !matches!(t.target, crate::probe::target::Target::Echo(_))),
             baselines,
             labels: Labels::default(),
             snapshots: Snapshots::new(SNAPSHOT_GAP),
@@ -238,6 +245,9 @@ impl Collector {
                     self.matcher.dropped(flow.src, wire, seen(true));
                 }
             }
+            return;
+        }
+        if !self.port_probes {
             return;
         }
         if let Some((sp, dp)) = flow.ports {
