@@ -187,11 +187,14 @@ impl Tmux {
             "-p",
             "-t",
             "see",
-            "#{pane_dead} #{pane_dead_status}",
+            "#{pane_dead} #{pane_dead_status} #{pane_dead_signal}",
         ]);
-        let mut it = s.split_whitespace();
-        match (it.next(), it.next()) {
-            (Some("1"), Some(code)) => code.parse().ok(),
+        // A pane killed by a signal has no status, only the signal: 128 + it,
+        // as a shell says, so such a death fails the test at once by name.
+        let f: Vec<&str> = s.split_whitespace().collect();
+        match f.as_slice() {
+            ["1", code, ..] if code.parse::<i32>().is_ok() && f.len() == 2 => code.parse().ok(),
+            ["1", sig] | ["1", _, sig] => sig.parse::<i32>().ok().map(|n| 128 + n),
             _ => None,
         }
     }
