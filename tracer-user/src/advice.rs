@@ -386,34 +386,7 @@ fn limit_origin(e: &NsEvidence, c: &Concentration) -> Advice {
             } else {
                 "iptables"
             };
-            let rate = format!("{SOURCE_RATE}/sec");
-            let burst = (SOURCE_RATE * 2).to_string();
-            steps.push(Step::run(
-                &[
-                    ipt,
-                    "-I",
-                    "INPUT",
-                    "-s",
-                    &a,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "NEW",
-                    "-m",
-                    "hashlimit",
-                    "--hashlimit-above",
-                    &rate,
-                    "--hashlimit-burst",
-                    &burst,
-                    "--hashlimit-mode",
-                    "srcip",
-                    "--hashlimit-name",
-                    "ctdrop_src",
-                    "-j",
-                    "DROP",
-                ],
-                true,
-            ));
+            steps.push(new_flow_limit(ipt, &["-s", &a], "ctdrop_src"));
             steps.push(Step::run(
                 &[
                     ipt,
@@ -455,36 +428,11 @@ fn limit_origin(e: &NsEvidence, c: &Concentration) -> Advice {
         } => {
             let p = proto_name(*proto);
             let port_s = port.to_string();
-            let rate = format!("{SOURCE_RATE}/sec");
-            let burst = (SOURCE_RATE * 2).to_string();
             let name = format!("ctdrop_port_{port}");
-            steps.push(Step::run(
-                &[
-                    "iptables",
-                    "-I",
-                    "INPUT",
-                    "-p",
-                    &p,
-                    "--dport",
-                    &port_s,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "NEW",
-                    "-m",
-                    "hashlimit",
-                    "--hashlimit-above",
-                    &rate,
-                    "--hashlimit-burst",
-                    &burst,
-                    "--hashlimit-mode",
-                    "srcip",
-                    "--hashlimit-name",
-                    &name,
-                    "-j",
-                    "DROP",
-                ],
-                true,
+            steps.push(new_flow_limit(
+                "iptables",
+                &["-p", &p, "--dport", &port_s],
+                &name,
             ));
             notes.push(format!("the rule drops new {p}/{port} flows beyond {SOURCE_RATE} a second per source; if the service is stateless, untracking it (NOTRACK) removes the pressure instead."));
             let from = if *sources > 1 {
@@ -1036,6 +984,35 @@ pub fn write_markdown(advice: &[Advice], out: &mut dyn Write) -> std::io::Result
 
 pub fn to_json(advice: &[Advice]) -> serde_json::Value {
     serde_json::to_value(advice).unwrap_or_default()
+}
+
+/// `ipt -I INPUT <matches> ...`: drops each source's new flows beyond
+/// [`SOURCE_RATE`] a second (burst twice that), counted in hashlimit table
+/// `name`. The one shape of both the per-source and the per-port advice.
+fn new_flow_limit(ipt: &str, matches: &[&str], name: &str) -> Step {
+    let rate = format!("{SOURCE_RATE}/sec");
+    let burst = (SOURCE_RATE * 2).to_string();
+    let mut argv = vec![ipt, "-I", "INPUT"];
+    argv.extend_from_slice(matches);
+    argv.extend_from_slice(&[
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-m",
+        "hashlimit",
+        "--hashlimit-above",
+        &rate,
+        "--hashlimit-burst",
+        &burst,
+        "--hashlimit-mode",
+        "srcip",
+        "--hashlimit-name",
+        name,
+        "-j",
+        "DROP",
+    ]);
+    Step::run(&argv, true)
 }
 
 #[cfg(test)]
