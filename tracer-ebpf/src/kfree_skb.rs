@@ -26,6 +26,7 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     }
     if filt!(count_only) != 0 {
         let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+            crate::log::no_scratch(ctx);
             return;
         };
         let rec = &mut *rec;
@@ -96,7 +97,11 @@ unsafe fn build(ctx: &BtfTracePointContext, reason: u32, rec: &mut DropRecord) -
             rec.source = src;
         }
     }
-    matches(rec)
+    let keep = matches(rec);
+    if keep {
+        crate::log::unparsed(ctx, rec);
+    }
+    keep
 }
 
 /// The ring is full: the record is built aside only to learn whether the
@@ -105,6 +110,7 @@ unsafe fn build(ctx: &BtfTracePointContext, reason: u32, rec: &mut DropRecord) -
 #[inline(never)]
 unsafe fn no_room(ctx: &BtfTracePointContext, reason: u32) {
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        crate::log::no_scratch(ctx);
         return;
     };
     if build(ctx, reason, &mut *rec) {

@@ -33,6 +33,7 @@ mod count;
 mod filter;
 mod hooks;
 mod kfree_skb;
+mod log;
 mod skb;
 
 use aya_ebpf::{

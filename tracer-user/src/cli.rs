@@ -16,6 +16,30 @@ use crate::{flows::DEFAULT_MAX_FLOWS, kernel::capabilities::DEFAULT_BTF};
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Command,
+    /// More diagnostics on stderr: -v debug, -vv trace and the kernel
+    /// programs' own (--bpf-log). RUST_LOG, when set, decides instead.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only warnings and errors on stderr; results, the `attached` line and
+    /// an error that ends the run still show. (live --quiet is another
+    /// thing: no per-drop lines on stdout.)
+    #[arg(short = 'q', long = "log-quiet", global = true, conflicts_with = "verbose")]
+    pub log_quiet: bool,
+    /// Diagnostics of the kernel programs (drops whose packet they could
+    /// not parse, failed map lookups) as `ctdrop: debug: bpf:` lines. Off,
+    /// they cost nothing: the verifier removes them.
+    #[arg(long, global = true)]
+    pub bpf_log: bool,
+}
+
+impl Cli {
+    pub fn verbosity(&self) -> crate::logging::Verbosity {
+        crate::logging::Verbosity {
+            verbose: self.verbose,
+            quiet: self.log_quiet,
+            bpf_log: self.bpf_log,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -12,6 +12,10 @@ fn main() {
         return;
     }
     let cli = Cli::parse();
+    let rust_log = std::env::var("RUST_LOG").ok();
+    if let Err(e) = ctdrop::logging::init(cli.verbosity(), rust_log.as_deref()) {
+        fail(e);
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -66,6 +66,9 @@ pub struct Tracer {
     groups: Option<PerCpuHashMap<MapData, GroupKey, u64>>,
     /// Netfilter hook marks (after `ebpf`: dropped after the consumer).
     hooks: Option<NfHooks>,
+    /// Reader of the programs' own diagnostics (`--bpf-log`), last: what
+    /// they logged until detached is read before it stops.
+    kernel_log: Option<crate::logging::KernelLog>,
     /// Wall time from load start until every program is attached.
     pub attach_time: std::time::Duration,
     /// How each signal is served on this kernel.
@@ -101,10 +104,16 @@ impl Tracer {
             } else {
                 0
             };
+        // 0 unless asked for (logging.rs): the verifier then removes the
+        // programs' logging code. Both names may be absent (no log call
+        // left in the programs): nothing to switch off then.
+        let log_level = crate::logging::kernel_log_level();
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .override_global("OFFSETS", &opts.offsets, true)
             .override_global("FILTER", &filter, true)
+            .override_global(aya_log::LEVEL, &log_level, false)
+            .override_global("BPF_LOG", &log_level, false)
             .map_max_entries("EVENTS", opts.ring_size)
             .map_max_entries("HOOK_MARKS", super::nfhook::mark_map_entries())
             // Count mode's counter arrays take memory on every CPU: one
@@ -127,6 +136,7 @@ impl Tracer {
             )
             .load(TRACER_OBJ)
             .map_err(explain_load_error)?;
+        let kernel_log = crate::logging::KernelLog::start(&mut ebpf)?;
         let prog: &mut BtfTracePoint = ebpf
             .program_mut("kfree_skb")
             .ok_or_else(|| anyhow!("embedded object lacks the kfree_skb program"))?
@@ -203,6 +213,16 @@ impl Tracer {
             set_epoch(&mut ebpf)?;
         }
         let attach_time = start.elapsed();
+        log::trace!("struct offsets from BTF: {:?}", opts.offsets);
+        for m in &mechanisms {
+            let note = if m.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", m.note)
+            };
+            let how = m.chosen.as_deref().unwrap_or("not watched");
+            log::debug!("{} signal: {how}{note}", m.signal);
+        }
         let stats = PerCpuArray::try_from(
             ebpf.take_map("STATS")
                 .ok_or_else(|| anyhow!("no STATS map"))?,
@@ -231,6 +251,7 @@ impl Tracer {
             group_sets,
             groups,
             hooks,
+            kernel_log,
             attach_time,
             mechanisms,
         })
@@ -244,6 +265,7 @@ impl Tracer {
         // ran, conntrack drops would look like rule drops.
         self.ebpf = None;
         self.hooks = None;
+        self.kernel_log = None;
     }
 
     /// Where and since when netfilter hook marks decide conntrack drops.
