@@ -26,7 +26,7 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     }
     if filt!(count_only) != 0 {
         let Some(rec) = SCRATCH.get_ptr_mut(0) else {
-            crate::log::no_scratch(ctx);
+            crate::log::no_scratch();
             return;
         };
         let rec = &mut *rec;
@@ -99,7 +99,7 @@ unsafe fn build(ctx: &BtfTracePointContext, reason: u32, rec: &mut DropRecord) -
     }
     let keep = matches(rec);
     if keep {
-        crate::log::unparsed(ctx, rec);
+        crate::log::unparsed(rec);
     }
     keep
 }
@@ -110,7 +110,7 @@ unsafe fn build(ctx: &BtfTracePointContext, reason: u32, rec: &mut DropRecord) -
 #[inline(never)]
 unsafe fn no_room(ctx: &BtfTracePointContext, reason: u32) {
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
-        crate::log::no_scratch(ctx);
+        crate::log::no_scratch();
         return;
     };
     if build(ctx, reason, &mut *rec) {
