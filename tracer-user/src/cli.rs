@@ -23,7 +23,12 @@ pub struct Cli {
     /// Only warnings and errors on stderr; results, the `attached` line and
     /// an error that ends the run still show. (live --quiet is another
     /// thing: no per-drop lines on stdout.)
-    #[arg(short = 'q', long = "log-quiet", global = true, conflicts_with = "verbose")]
+    #[arg(
+        short = 'q',
+        long = "log-quiet",
+        global = true,
+        conflicts_with = "verbose"
+    )]
     pub log_quiet: bool,
     /// Diagnostics of the kernel programs (drops whose packet they could
     /// not parse, failed map lookups) as `ctdrop: debug: bpf:` lines. Off,

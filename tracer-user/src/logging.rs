@@ -207,7 +207,10 @@ impl KernelLog {
                 }
             })
             .context("starting the kernel log reader")?;
-        log::debug!("kernel programs' diagnostics on (aya-log level {})", kernel_log_level());
+        log::debug!(
+            "kernel programs' diagnostics on (aya-log level {})",
+            kernel_log_level()
+        );
         Ok(Some(KernelLog {
             stop,
             thread: Some(thread),
@@ -232,7 +235,12 @@ mod tests {
         f.enabled(&Metadata::builder().target(target).level(level).build())
     }
 
-    fn filter(verbose: u8, quiet: bool, bpf_log: bool, rust_log: Option<&str>) -> env_filter::Filter {
+    fn filter(
+        verbose: u8,
+        quiet: bool,
+        bpf_log: bool,
+        rust_log: Option<&str>,
+    ) -> env_filter::Filter {
         build_filter(
             Verbosity {
                 verbose,
@@ -324,6 +332,9 @@ mod tests {
         assert_eq!(rec("ctdrop::kernel", Level::Warn), "ctdrop: warning: hello");
         assert_eq!(rec("ctdrop", Level::Info), "ctdrop: info: hello");
         assert_eq!(rec("bpf", Level::Debug), "ctdrop: debug: bpf: hello");
-        assert_eq!(rec("aya::bpf", Level::Trace), "ctdrop: trace: aya::bpf: hello");
+        assert_eq!(
+            rec("aya::bpf", Level::Trace),
+            "ctdrop: trace: aya::bpf: hello"
+        );
     }
 }

@@ -62,7 +62,7 @@ impl Drop for Namespaces {
     fn drop(&mut self) {
         for ns in self.0.iter().rev() {
             if let Err(e) = run(&["ip", "netns", "del", ns]) {
-                eprintln!("ctdrop: demo: cleanup: {e:#}");
+                log::warn!("demo: cleanup: {e:#}");
             }
         }
     }
@@ -251,8 +251,8 @@ impl Stage {
             .name("ctdemo-flood".into())
             .spawn(move || {
                 if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    eprintln!(
-                        "ctdrop: demo: flood cannot enter {CLIENTS}: {}",
+                    log::error!(
+                        "demo: flood cannot enter {CLIENTS}: {}",
                         std::io::Error::last_os_error()
                     );
                     return;

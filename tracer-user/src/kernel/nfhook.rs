@@ -590,8 +590,8 @@ impl Attacher {
             if self.links.len() >= link_budget() {
                 if !self.over_budget {
                     self.over_budget = true;
-                    eprintln!(
-                        "ctdrop: note: netfilter hook marks in {} namespaces only (file descriptor limit, {} links each); conntrack causes in the others are inferred from their counters",
+                    log::warn!(
+                        "netfilter hook marks in {} namespaces only (file descriptor limit, {} links each); conntrack causes in the others are inferred from their counters",
                         self.links.len(),
                         LINKS_PER_NS
                     );
@@ -603,7 +603,7 @@ impl Attacher {
                     continue; // gone meanwhile, or out of descriptors: not a refusal
                 }
                 // Said once; that namespace's records fall back to the counters.
-                eprintln!("ctdrop: note: netfilter hook marks not attached in network namespace {ns}: {e:#}; its conntrack causes are inferred");
+                log::warn!("netfilter hook marks not attached in network namespace {ns}: {e:#}; its conntrack causes are inferred");
                 self.refused.insert(*ns, format!("{e:#}"));
             }
         }
@@ -648,7 +648,9 @@ impl Attacher {
         self.coverage
             .set(ns, Some(crate::probe::mono_ns() + SETTLE_NS));
         if self.started {
-            eprintln!("ctdrop: netfilter hook marks attached in new network namespace {ns}");
+            log::info!("netfilter hook marks attached in new network namespace {ns}");
+        } else {
+            log::debug!("netfilter hook marks attached in network namespace {ns}");
         }
         Ok(())
     }

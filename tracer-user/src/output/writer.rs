@@ -198,7 +198,7 @@ impl QueuedOut {
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
             {
                 self.warned_at = Some(Instant::now());
-                eprintln!("ctdrop: warning: stdout is not being read: {total} lines not written so far (tracing and counting go on)");
+                log::warn!("stdout is not being read: {total} lines not written so far (tracing and counting go on)");
             }
             return;
         }

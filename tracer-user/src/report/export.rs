@@ -93,7 +93,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     w.finish()
         .with_context(|| format!("writing {}", args.pcap.display()))?;
     if let Some(d) = reader.end().and_then(|e| e.describe()) {
-        eprintln!("ctdrop: {}: {d}", args.file.display());
+        log::warn!("{}: {d}", args.file.display());
     }
     eprintln!(
         "ctdrop: wrote {}: {packets} packets{}",

@@ -401,7 +401,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             csv.flush().context("writing CSV")?;
             drop(csv);
             if let Some(d) = r.end.describe() {
-                eprintln!("ctdrop: {}: {d}", path.display());
+                log::warn!("{}: {d}", path.display());
             }
         }
         ReportFormat::Json => {
@@ -413,7 +413,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             let r = load(path, |_| {})?;
             out.write_all(r.metrics().encode_classic().as_bytes())?;
             if let Some(d) = r.end.describe() {
-                eprintln!("ctdrop: {}: {d}", path.display());
+                log::warn!("{}: {d}", path.display());
             }
         }
         ReportFormat::Html => {

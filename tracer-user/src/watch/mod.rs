@@ -26,11 +26,6 @@ use crate::{
 /// flood; past it drops are counted (metric, capture trailer), not kept.
 pub const DEFAULT_BUFFER_RECORDS: usize = 200_000;
 
-/// One service log line: `ctdrop: LEVEL: message`, no colours.
-pub fn log(level: &str, msg: impl std::fmt::Display) {
-    eprintln!("ctdrop: {level}: {msg}");
-}
-
 pub async fn run(args: &WatchArgs) -> Result<()> {
     // Bad input is refused before attaching anything.
     args.probe.targets()?;

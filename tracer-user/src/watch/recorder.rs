@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use super::{files, log};
+use super::files;
 use crate::{
     capture::{
         meta::{CounterDelta, Header, NsCounters, Trailer, WatchTrailer},
@@ -274,13 +274,10 @@ impl Recorder {
             ),
             _ => format!("netns {label}, table fill unknown"),
         };
-        log(
-            "info",
-            format_args!(
-                "trigger {trigger}: {what}; recording from {:.1} s before, until {} s after the last conntrack drop",
-                now.saturating_sub(start.mono_ns) as f64 / 1e9,
-                self.cfg.post.as_secs_f64()
-            ),
+        log::info!(
+            "trigger {trigger}: {what}; recording from {:.1} s before, until {} s after the last conntrack drop",
+            now.saturating_sub(start.mono_ns) as f64 / 1e9,
+            self.cfg.post.as_secs_f64()
         );
         self.metrics.watch_trigger(trigger, &label);
         self.open.push(Incident {
@@ -397,7 +394,7 @@ impl Recorder {
             }
         }
         for e in &self.snaps.errors[self.snap_errors_seen..] {
-            log("error", format_args!("table snapshot failed: {e}"));
+            log::error!("table snapshot failed: {e}");
         }
         self.snap_errors_seen = self.snaps.errors.len();
     }
@@ -448,13 +445,10 @@ impl Recorder {
             }
             self.disk_full = true;
             self.metrics.watch_not_written("disk_full");
-            log(
-                "error",
-                format_args!(
-                    "capture of {} not written to {}: {why}; tracing and metrics go on",
-                    inc.label,
-                    self.cfg.dir.display()
-                ),
+            log::error!(
+                "capture of {} not written to {}: {why}; tracing and metrics go on",
+                inc.label,
+                self.cfg.dir.display()
             );
             return;
         }
@@ -476,14 +470,11 @@ impl Recorder {
                 let kernel = kernel
                     .map(|k| format!(", kernel drop +{k} in {}", inc.label))
                     .unwrap_or_default();
-                log(
-                    "info",
-                    format_args!(
-                        "capture written: {} ({drops} drops over {:.1} s{kernel}, {} table snapshot(s), {bytes} bytes)",
-                        path.display(),
-                        (to - from) as f64 / 1e9,
-                        inc.snapshots.len()
-                    ),
+                log::info!(
+                    "capture written: {} ({drops} drops over {:.1} s{kernel}, {} table snapshot(s), {bytes} bytes)",
+                    path.display(),
+                    (to - from) as f64 / 1e9,
+                    inc.snapshots.len()
                 );
             }
             Err(e) => {
@@ -494,13 +485,10 @@ impl Recorder {
                 }
                 self.metrics
                     .watch_not_written(if full { "disk_full" } else { "write_error" });
-                log(
-                    "error",
-                    format_args!(
-                        "capture of {} to {}: {e}; tracing and metrics go on",
-                        inc.label,
-                        path.display()
-                    ),
+                log::error!(
+                    "capture of {} to {}: {e}; tracing and metrics go on",
+                    inc.label,
+                    path.display()
                 );
             }
         }
@@ -510,20 +498,14 @@ impl Recorder {
             match r {
                 Ok(()) => {
                     self.metrics.watch.captures_deleted.inc();
-                    log(
-                        "info",
-                        format_args!(
-                            "deleted old capture {} ({len} bytes): over --max-files {} or --max-bytes {}",
-                            p.display(),
-                            self.cfg.max_files,
-                            self.cfg.max_bytes
-                        ),
+                    log::info!(
+                        "deleted old capture {} ({len} bytes): over --max-files {} or --max-bytes {}",
+                        p.display(),
+                        self.cfg.max_files,
+                        self.cfg.max_bytes
                     );
                 }
-                Err(e) => log(
-                    "error",
-                    format_args!("cannot delete old capture {}: {e}", p.display()),
-                ),
+                Err(e) => log::error!("cannot delete old capture {}: {e}", p.display()),
             }
         }
     }
