@@ -1,14 +1,39 @@
 //! End-of-run summary: totals, top flows, kernel counter cross-check,
-//! probe verdicts. One value, rendered as text or JSON.
+//! probe verdicts. One value, rendered as text or JSON; built once by the
+//! session's `finish()` for every mode.
+//!
+//! It borrows the parts of the run it reports (tally, matcher, snapshots,
+//! advice), not the session's collector: outputs render it, and the session
+//! drives outputs, so this module stays below both.
 
-use std::{io::Write, time::Duration};
+use std::{collections::BTreeMap, io::Write, time::Duration};
 
 use crate::{
-    cause::Cause, conntrack::stats::CounterCheck, kernel::attach::KernelStats, session::Collector,
+    advice::Advice,
+    cause::Cause,
+    conntrack::{netns::NsRegistry, occupancy::Occupancy, stats::CounterCheck},
+    flows::Tally,
+    kernel::attach::KernelStats,
+    probe::Matcher,
 };
 
 pub struct Summary<'a> {
-    pub collector: &'a Collector,
+    pub tally: &'a Tally,
+    /// Names namespaces, as every output does.
+    pub names: &'a NsRegistry,
+    /// Probe verdict counts and passive echo-loss groups.
+    pub matcher: &'a Matcher,
+    pub probe_labels: &'a [String],
+    /// Per namespace, the fullest table snapshot taken.
+    pub occupancy: &'a BTreeMap<u32, Occupancy>,
+    pub advice: &'a [Advice],
+    /// Records whose cause the `drop` counter budget decided.
+    pub inferred_by_budget: u64,
+    pub decode_errors: u64,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC.
+    pub boot_offset: u64,
+    /// Conntrack probes were attached (tier kprobe).
+    pub probes_attached: bool,
     pub stats: KernelStats,
     pub elapsed: Duration,
     pub checks: &'a [CounterCheck],
@@ -21,7 +46,7 @@ pub struct Summary<'a> {
 
 impl Summary<'_> {
     pub fn to_json(&self) -> serde_json::Value {
-        let t = &self.collector.tally;
+        let t = &self.tally;
         let by_cause: serde_json::Map<String, serde_json::Value> = Cause::ALL
             .iter()
             .map(|c| (c.as_str().to_string(), t.count(*c).into()))
@@ -38,7 +63,7 @@ impl Summary<'_> {
             })
             .collect();
         // Keys above stay inodes (a contract); names, as every output shows them:
-        let names = &self.collector.sampler.registry;
+        let names = self.names;
         let netns_names: serde_json::Map<String, serde_json::Value> = t
             .by_netns
             .keys()
@@ -53,7 +78,7 @@ impl Summary<'_> {
                     "netns": id.netns, "proto": crate::events::decode::proto_name(id.proto),
                     "src": id.src.map(|a| a.to_string()), "dst": id.dst.map(|a| a.to_string()),
                     "sport": id.sport, "dport": id.dport, "drops": s.drops, "cause": s.main_cause().as_str(),
-                    "first_ts_ns": s.first_ns + self.collector.boot_offset, "last_ts_ns": s.last_ns + self.collector.boot_offset,
+                    "first_ts_ns": s.first_ns + self.boot_offset, "last_ts_ns": s.last_ns + self.boot_offset,
                 })
             })
             .collect();
@@ -76,18 +101,18 @@ impl Summary<'_> {
             "drops_total": t.total,
             "drops_by_cause": by_cause,
             "drops_by_netns": by_netns,
-            "inferred_by_budget": self.collector.inferred_by_budget,
+            "inferred_by_budget": self.inferred_by_budget,
             "netns_names": netns_names,
             "events_lost": self.stats.lost,
             "events_sent": self.stats.sent,
-            "decode_errors": self.collector.decode_errors,
+            "decode_errors": self.decode_errors,
             "flows_tracked": t.flows_tracked(),
             "flows_untracked": t.flows_untracked,
             "top_flows": top,
             "kernel_counters": checks,
             "filtered": self.filtered,
             "probes": self.probes_json(),
-            "tier": if self.collector.classifier.probes { "kprobe" } else { "tracepoint" },
+            "tier": if self.probes_attached { "kprobe" } else { "tracepoint" },
             "mechanisms": self.mechanisms.iter().map(|m| serde_json::json!({"signal": m.signal, "mechanism": m.chosen, "note": m.note})).collect::<Vec<_>>(),
             "conntrack_events": self.ct_events.iter().map(|(ns, c)| serde_json::json!({
                 "netns": ns, "inserts": c.inserts, "early_drop_evicted": c.early_drop_evicted,
@@ -96,14 +121,14 @@ impl Summary<'_> {
                 "in_dropped": c.in_dropped, "invalid": c.invalid,
             })).collect::<Vec<_>>(),
             "echo_losses": self.echo_losses_json(),
-            "echo_losses_not_kept": self.collector.matcher().passive_overflow,
-            "occupancy": self.collector.snapshots.taken.values().map(|o| o.to_json()).collect::<Vec<_>>(),
-            "advice": crate::advice::to_json(&self.collector.advice),
+            "echo_losses_not_kept": self.matcher.passive_overflow,
+            "occupancy": self.occupancy.values().map(|o| o.to_json()).collect::<Vec<_>>(),
+            "advice": crate::advice::to_json(self.advice),
         })
     }
 
     pub fn write_human(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        let t = &self.collector.tally;
+        let t = &self.tally;
         writeln!(out)?;
         writeln!(
             out,
@@ -124,11 +149,11 @@ impl Summary<'_> {
                 writeln!(out, "  {:<26} {n:>10}", c.as_str())?;
             }
         }
-        if self.collector.inferred_by_budget > 0 {
+        if self.inferred_by_budget > 0 {
             writeln!(
                 out,
                 "  ({} records' cause decided by the namespace's `drop` counter budget, not per packet: evidence inferred:drop_counter)",
-                self.collector.inferred_by_budget
+                self.inferred_by_budget
             )?;
         }
         if !t.by_netns.is_empty() {
@@ -137,7 +162,7 @@ impl Summary<'_> {
                 writeln!(
                     out,
                     "  {:<26} {:>10}",
-                    self.collector.sampler.registry.label(*ns),
+                    self.names.label(*ns),
                     n.total
                 )?;
             }
@@ -175,7 +200,7 @@ impl Summary<'_> {
             writeln!(
                 out,
                 "conntrack events in {}: {} inserted, {} evicted by early_drop ({} found nothing), {} allocations failed, {} confirm drops, {} clashes resolved, {} invalid",
-                self.collector.sampler.registry.label(Some(*ns)),
+                self.names.label(Some(*ns)),
                 c.inserts, c.early_drop_evicted, c.early_drop_failed, c.alloc_failed, c.confirm_dropped, c.clash_resolved, c.invalid
             )?;
         }
@@ -207,21 +232,20 @@ impl Summary<'_> {
                 c.delta.entries()
             )?;
         }
-        for o in self.collector.snapshots.taken.values() {
+        for o in self.occupancy.values() {
             o.write_human(out)?;
         }
-        crate::advice::write_human(&self.collector.advice, out)?;
+        crate::advice::write_human(self.advice, out)?;
         Ok(())
     }
 
     fn probes_json(&self) -> serde_json::Value {
-        let c = self.collector;
-        if c.probe_labels.is_empty() {
+        if self.probe_labels.is_empty() {
             return serde_json::Value::Null;
         }
         let mut obj = serde_json::Map::new();
-        for (i, label) in c.probe_labels.iter().enumerate() {
-            let s = &c.matcher.stats[i];
+        for (i, label) in self.probe_labels.iter().enumerate() {
+            let s = &self.matcher.stats[i];
             obj.insert(
                 label.clone(),
                 serde_json::json!({
@@ -237,8 +261,7 @@ impl Summary<'_> {
     /// (src, dst, id) the lost seqs and their causes.
     fn echo_losses_json(&self) -> serde_json::Value {
         let groups: Vec<serde_json::Value> = self
-            .collector
-            .matcher()
+            .matcher
             .passive_groups()
             .map(|(src, dst, id, g)| {
                 let mut causes = std::collections::BTreeMap::<&str, u64>::new();
@@ -255,12 +278,11 @@ impl Summary<'_> {
     }
 
     fn write_probes_human(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        let c = self.collector;
-        if !c.probe_labels.is_empty() {
+        if !self.probe_labels.is_empty() {
             writeln!(out, "probes:")?;
         }
-        for (i, label) in c.probe_labels.iter().enumerate() {
-            let s = &c.matcher.stats[i];
+        for (i, label) in self.probe_labels.iter().enumerate() {
+            let s = &self.matcher.stats[i];
             let mut parts: Vec<String> = s
                 .lost_by_cause
                 .iter()
@@ -290,7 +312,7 @@ impl Summary<'_> {
                 }
             )?;
         }
-        for (src, dst, id, g) in c.matcher().passive_groups() {
+        for (src, dst, id, g) in self.matcher.passive_groups() {
             let seqs: Vec<String> = g.seqs.iter().map(|s| s.0.to_string()).collect();
             writeln!(
                 out,

@@ -191,7 +191,7 @@ impl<W: std::io::Write> HumanSink<W> {
 }
 
 impl<W: std::io::Write> Sink for HumanSink<W> {
-    fn start(&mut self, info: &crate::session::SessionInfo) -> std::io::Result<()> {
+    fn start(&mut self, info: &super::SessionInfo) -> std::io::Result<()> {
         self.boot_offset_ns = info.boot_offset_ns;
         Ok(())
     }
