@@ -40,6 +40,22 @@ pub struct SessionInfo<'a> {
     pub namespaces: &'a NsRegistry,
 }
 
+/// Local wall-clock time of day with microseconds.
+pub fn clock(wall_ns: u64) -> String {
+    let secs = (wall_ns / 1_000_000_000) as libc::time_t;
+    // SAFETY: an all-zero tm is a valid value; localtime_r only writes it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals of the right types.
+    unsafe { libc::localtime_r(&secs, &mut tm) };
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        (wall_ns % 1_000_000_000) / 1000
+    )
+}
+
 /// A decoded drop with everything resolved that an output shows.
 pub struct Shown<'a> {
     pub ev: &'a DropEvent,

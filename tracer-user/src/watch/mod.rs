@@ -24,11 +24,6 @@ use crate::{
 /// Defined with the option (the command line imports no mode).
 pub use crate::cli::DEFAULT_BUFFER_RECORDS;
 
-/// One service log line: `ctdrop: LEVEL: message`, no colours.
-pub fn log(level: &str, msg: impl std::fmt::Display) {
-    eprintln!("ctdrop: {level}: {msg}");
-}
-
 pub async fn run(args: &WatchArgs) -> Result<()> {
     // Bad input is refused before attaching anything.
     args.probe.targets()?;
