@@ -45,7 +45,10 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> Result<(
         if path.extension().is_none_or(|e| e != "rs") {
             continue;
         }
-        let rel = path.strip_prefix(root).expect("under root").with_extension("");
+        let rel = path
+            .strip_prefix(root)
+            .expect("under root")
+            .with_extension("");
         let mut parts: Vec<String> = rel
             .components()
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
@@ -59,7 +62,8 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> Result<(
             }
             _ => {}
         }
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         out.insert(parts.join("::"), text);
     }
     Ok(())
@@ -123,7 +127,12 @@ pub fn graph(files: &BTreeMap<String, String>) -> Graph {
                 first => {
                     let child = join(m, first);
                     if modules.contains(&child) {
-                        Some(split(&child).into_iter().chain(p[1..].iter().cloned()).collect())
+                        Some(
+                            split(&child)
+                                .into_iter()
+                                .chain(p[1..].iter().cloned())
+                                .collect(),
+                        )
                     } else if let Some(a) = aliases.get(first) {
                         Some(split(a).into_iter().chain(p[1..].iter().cloned()).collect())
                     } else {
@@ -368,7 +377,9 @@ fn use_items(code: &str) -> Vec<UseItem> {
     while i < toks.len() {
         if toks[i] == "use" {
             let public = i > 0 && (toks[i - 1] == "pub" || toks[i - 1] == ")");
-            let end = (i..toks.len()).find(|&j| toks[j] == ";").unwrap_or(toks.len());
+            let end = (i..toks.len())
+                .find(|&j| toks[j] == ";")
+                .unwrap_or(toks.len());
             let mut leaves = Vec::new();
             tree(&toks[i + 1..end], &mut Vec::new(), &mut leaves);
             for (path, name) in leaves {
@@ -468,7 +479,9 @@ fn code_paths(code: &str) -> Vec<Vec<String>> {
     let mut i = 0;
     while i < toks.len() {
         if toks[i] == "use" {
-            i = (i..toks.len()).find(|&j| toks[j] == ";").unwrap_or(toks.len());
+            i = (i..toks.len())
+                .find(|&j| toks[j] == ";")
+                .unwrap_or(toks.len());
             continue;
         }
         // A path starts at an identifier not itself after `::`.
@@ -492,7 +505,9 @@ fn code_paths(code: &str) -> Vec<Vec<String>> {
 }
 
 fn is_ident(t: &str) -> bool {
-    t.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_')
+    t.chars()
+        .next()
+        .is_some_and(|c| c.is_alphabetic() || c == '_')
 }
 
 /// Identifiers, `::` and single punctuation characters.
