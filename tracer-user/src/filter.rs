@@ -156,7 +156,7 @@ pub fn fill(args: &Wanted, f: &mut FilterConfig) -> Result<()> {
         nss.push((inode, path));
     }
     f.n_netns = nss.len() as u8;
-    let ifs = resolve_ifnames(&args.ifname, &nss)?;
+    let ifs = resolve_ifnames(args.ifname, &nss)?;
     too_many(
         "--ifname (one per namespace it names an interface in)",
         ifs.len(),

@@ -125,19 +125,19 @@ pub fn graph(files: &BTreeMap<String, String>) -> Graph {
             let abs = match p[0].as_str() {
                 "crate" | "super" | "self" => absolute(m, &p, &modules),
                 first => {
+                    // A declared child, else a module brought in by `use`.
                     let child = join(m, first);
-                    if modules.contains(&child) {
-                        Some(
-                            split(&child)
-                                .into_iter()
-                                .chain(p[1..].iter().cloned())
-                                .collect(),
-                        )
-                    } else if let Some(a) = aliases.get(first) {
-                        Some(split(a).into_iter().chain(p[1..].iter().cloned()).collect())
+                    let base = if modules.contains(&child) {
+                        Some(child)
                     } else {
-                        None
-                    }
+                        aliases.get(first).cloned()
+                    };
+                    base.map(|b| {
+                        split(&b)
+                            .into_iter()
+                            .chain(p[1..].iter().cloned())
+                            .collect()
+                    })
                 }
             };
             if let Some(abs) = abs {
