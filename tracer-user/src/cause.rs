@@ -410,6 +410,66 @@ mod tests {
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
     }
 
+    /// Count mode classifies a group key, not a record: every kind of
+    /// kfree_skb record must get the cause its group gets.
+    #[test]
+    fn a_count_group_gets_the_cause_of_its_records() {
+        let full = Some(CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: None,
+        });
+        let room = Some(CtFill {
+            count: 3,
+            max: 64,
+            sampled: true,
+            counted_drop: Some(false),
+        });
+        let mut seen = std::collections::BTreeSet::new();
+        for reason in [NF, 2] {
+            for (proto, icmp) in [
+                (17, None),
+                (6, None),
+                (1, Some((3, 4))),
+                (1, Some((8, 0))),
+                (58, Some((2, 0))),
+                (0, None),
+            ] {
+                for has_ct in [false, true] {
+                    for fill in [None, full, room] {
+                        let mut e = ev(reason);
+                        match proto {
+                            0 => e.flow = None,
+                            p => e.flow.as_mut().unwrap().proto = p,
+                        }
+                        e.icmp = icmp.map(|(ty, code)| Icmp { ty, code, echo: None });
+                        e.ct = has_ct.then_some(CtRef {
+                            info: 0,
+                            status: None,
+                            zone: 0,
+                        });
+                        e.ct_fill = fill;
+                        let (ty, code) = icmp.unwrap_or((0, 0));
+                        let g = GroupKey {
+                            netns: 1,
+                            reason,
+                            l4_proto: proto,
+                            has_ct: has_ct as u8,
+                            icmp_type: ty,
+                            icmp_code: code,
+                        };
+                        let cause = c().classify(&e);
+                        assert_eq!(c().classify_group(&g, fill), cause, "{e:?}");
+                        seen.insert(cause);
+                    }
+                }
+            }
+        }
+        // The cases above reach every cause a kfree_skb record can get.
+        assert_eq!(seen.len(), 4, "{seen:?}");
+    }
+
     #[test]
     fn names_round_trip() {
         for cause in Cause::ALL {
