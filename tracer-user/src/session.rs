@@ -365,7 +365,10 @@ pub async fn run_with(
                 collector.sampler.sample_all();
                 let s = tracer.stats()?;
                 if s.lost > last_lost {
-                    log::warn!("{} events lost in the last second (ring buffer full): raise --ring-size", s.lost - last_lost);
+                    // Read by tests (reliability.rs) in this exact form, which
+                    // is also what the logger prints for a warning: a plain
+                    // line, so it shows whether or not a logger is installed.
+                    eprintln!("ctdrop: warning: {} events lost in the last second (ring buffer full): raise --ring-size", s.lost - last_lost);
                     last_lost = s.lost;
                 }
                 let counters = if sinks.iter().any(|k| k.wants_counters()) { collector.counters_now() } else { BTreeMap::new() };
@@ -445,7 +448,8 @@ fn finish(
         }
     }
     if closed {
-        log::info!("output closed (broken pipe): stopped tracing");
+        // Read by tests (reliability.rs): a plain line, like `stopped` below.
+        eprintln!("ctdrop: output closed (broken pipe): stopped tracing");
     }
     // On stderr too, at every log level (tests and scripts read it): with
     // stdout redirected, the operator still sees whether every drop made it out.
