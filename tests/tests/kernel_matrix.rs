@@ -460,12 +460,7 @@ fn widen_race_window(ns: &ctdrop_tests::Netns) {
     let _ = std::fs::remove_file(&path);
 }
 
-/// setns for helper threads that must send from the namespace at `p`.
-fn enter(p: &Path) {
-    let f = std::fs::File::open(p).unwrap();
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-}
+use ctdrop_tests::clash::enter;
 
 /// The first datagram of the same UDP flow from two CPUs at once: two
 /// SO_REUSEPORT sockets bound to one source port, connected to one peer.
