@@ -24,10 +24,12 @@ pub use max::{
     namespaces_with_entries, read_max, write_max, MaxGuard, NsEntries, LOCK_PATH, MAX_SYSCTL,
 };
 pub use ns::{
-    enter, enter_file, in_netns, netns_path, next_id, remove_leftover, run, spawn_in, Netns,
+    accept_ct_rule, enter, enter_file, in_netns, netns_path, next_id, remove_leftover, run,
+    spawn_in, Netns,
 };
 pub use stats::{
-    ct_stats, ct_stats_at, parse_ct_stats, parse_entries, settled_ct_stats, CtStats, StatFile,
+    ct_stats, ct_stats_at, parse_ct_stats, parse_entries, settled_ct_stats,
+    settled_ct_stats_within, CtStats, StatFile,
 };
 pub use topo::{PairSpec, Topology, VethPair};
 pub use traffic::{

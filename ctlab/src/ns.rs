@@ -104,6 +104,24 @@ pub fn remove_leftover(name: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// `TOOL -w -A CHAIN -m conntrack --ctstate STATES -j ACCEPT` (`iptables`
+/// or `ip6tables`): any conntrack match turns conntrack on in the
+/// namespace it is added in.
+pub fn accept_ct_rule<'a>(tool: &'a str, chain: &'a str, states: &'a str) -> [&'a str; 10] {
+    [
+        tool,
+        "-w",
+        "-A",
+        chain,
+        "-m",
+        "conntrack",
+        "--ctstate",
+        states,
+        "-j",
+        "ACCEPT",
+    ]
+}
+
 /// A named network namespace with loopback up and IPv6 off (no router
 /// solicitations or DAD packets to muddy the counts), deleted on drop.
 pub struct Netns {
@@ -159,6 +177,12 @@ impl Netns {
         let mut full = vec!["ip", "netns", "exec", &self.name];
         full.extend_from_slice(cmd);
         run(&full)
+    }
+
+    /// Adds [`accept_ct_rule`] here.
+    pub fn accept_ct(&self, tool: &str, chain: &str, states: &str) -> Result<()> {
+        self.exec(&accept_ct_rule(tool, chain, states))?;
+        Ok(())
     }
 
     /// [`in_netns`] for this namespace.

@@ -72,8 +72,13 @@ pub fn ct_stats(ns: &Netns) -> Result<CtStats> {
 /// `ns`'s counters once column `col` stops moving (packets on a veth are
 /// delivered asynchronously): read every 100 ms, at most 5 s.
 pub fn settled_ct_stats(ns: &Netns, col: &str) -> Result<CtStats> {
+    settled_ct_stats_within(ns, col, Duration::from_secs(5))
+}
+
+/// [`settled_ct_stats`] waiting at most `limit`.
+pub fn settled_ct_stats_within(ns: &Netns, col: &str, limit: Duration) -> Result<CtStats> {
     let mut last = ct_stats(ns)?;
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + limit;
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let now = ct_stats(ns)?;

@@ -127,19 +127,8 @@ impl Topology {
     /// in the receiver: any conntrack match is what turns conntrack on
     /// there; only new flows then need an entry, and a full table drops them.
     pub fn track_receiver(&self) -> Result<()> {
-        self.receiver.exec(&[
-            "iptables",
-            "-w",
-            "-A",
-            "INPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED,RELATED",
-            "-j",
-            "ACCEPT",
-        ])?;
-        Ok(())
+        self.receiver
+            .accept_ct("iptables", "INPUT", "ESTABLISHED,RELATED")
     }
 
     /// A permanent neighbour entry for the receiver in the sender: no ARP

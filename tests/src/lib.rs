@@ -49,7 +49,7 @@ pub fn ctdrop_bin() -> PathBuf {
 // ctlab, shared with `xtask bench` and `ctdrop demo`.
 pub use ctlab::{
     ct_stats, flood, in_netns, next_id, parse_ct_stats, ping, read_max as read_conntrack_max,
-    run, send_udp, send_udp_flows, set_icmp_checksum, settled_ct_stats,
+    run, send_udp, send_udp_flows, set_icmp_checksum, settled_ct_stats, settled_ct_stats_within,
     write_max as write_conntrack_max, EchoProbe, Netns, Topology, UdpSink, VethPair,
 };
 
@@ -281,6 +281,16 @@ impl Ctdrop {
         }
     }
 
+    /// Gives the last events 300 ms to come through the ring, stops
+    /// ([`Ctdrop::stop`]) and asserts ctdrop exited 0.
+    #[track_caller]
+    pub fn stop_drained(self) -> CtdropOutput {
+        std::thread::sleep(Duration::from_millis(300));
+        let out = self.stop().unwrap();
+        out.assert_success();
+        out
+    }
+
     /// SIGINT, then waits (20 s at most) for the summary and the exit.
     pub fn stop(self) -> Result<CtdropOutput> {
         self.stop_with(libc::SIGINT)
@@ -465,6 +475,17 @@ pub fn parse_json_lines(stdout: &str) -> Result<Vec<Value>> {
 }
 
 impl CtdropOutput {
+    /// Asserts ctdrop exited 0, with its stderr when it did not.
+    #[track_caller]
+    pub fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "ctdrop failed: {:?}\n{}",
+            self.status,
+            self.stderr
+        );
+    }
+
     /// The `kind: drop` records.
     pub fn drops(&self) -> Vec<&Value> {
         self.records

@@ -13,6 +13,8 @@ use std::{
 
 use serde_json::Value;
 
+use ctlab::CtStats;
+
 use crate::{
     ct_stats,
     flood::{Flood, FloodKind},
@@ -71,17 +73,7 @@ impl Scene {
                 }
             }
             topo.receiver
-                .exec(&[
-                    "ip6tables",
-                    "-A",
-                    "INPUT",
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "ESTABLISHED,RELATED",
-                    "-j",
-                    "ACCEPT",
-                ])
+                .accept_ct("ip6tables", "INPUT", "ESTABLISHED,RELATED")
                 .unwrap();
         }
         topo.receiver
@@ -117,6 +109,34 @@ impl Scene {
         assert_eq!(s["entries"], MAX, "table not full after the fill: {s:?}");
     }
 
+    /// Runs `traffic` between two readings of the receiver's counters:
+    /// its `drop` counter (settled) and the rule's packet counter.
+    pub fn measure<T>(&self, traffic: impl FnOnce() -> T) -> Measured<T> {
+        let before = ct_stats(&self.topo.receiver).unwrap();
+        let rule_before = self.rule_packets();
+        let sent = traffic();
+        let after = settled_ct_stats(&self.topo.receiver, "drop").unwrap();
+        let rule_delta = self.rule_packets() - rule_before;
+        Measured {
+            sent,
+            drop_delta: after["drop"] - before["drop"],
+            rule_delta,
+            before,
+            after,
+        }
+    }
+
+    /// [`send_mixed`] from the sender, [`Scene::measure`]d: (flood, ruled)
+    /// datagrams sent.
+    pub fn mixed_round(&self) -> Measured<(u64, u64)> {
+        self.measure(|| send_mixed(&self.topo.sender.path(), self.dst))
+    }
+
+    /// [`judge`] of a measured round.
+    pub fn judge<T>(&self, out: &CtdropOutput, m: &Measured<T>) -> usize {
+        judge(self, out, m.drop_delta, m.rule_delta)
+    }
+
     pub fn rule_packets(&self) -> u64 {
         let tool = if self.dst.is_ipv6() {
             "ip6tables"
@@ -134,6 +154,18 @@ impl Scene {
             .unwrap_or_else(|| panic!("rule not listed: {out}"));
         line.split_whitespace().next().unwrap().parse().unwrap()
     }
+}
+
+/// What [`Scene::measure`] saw around the traffic.
+pub struct Measured<T> {
+    /// What the traffic returned.
+    pub sent: T,
+    pub before: CtStats,
+    pub after: CtStats,
+    /// The receiver's `drop` counter's rise.
+    pub drop_delta: u64,
+    /// The raw-table rule's packet counter's rise.
+    pub rule_delta: u64,
 }
 
 /// From one socket in `ns`: a new flow to each `FLOOD` port, and after
@@ -253,14 +285,7 @@ pub fn ctdrop_started_during_a_flood(args: &[&str]) -> (u32, CtdropOutput) {
     let ctdrop = Ctdrop::spawn_tail(args, 2_000_000).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     flood.stop().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    let out = ctdrop.stop_drained();
     (rx, out)
 }
 

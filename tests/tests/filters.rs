@@ -195,17 +195,7 @@ fn an_ipv6_prefix_selects_exactly_the_ipv6_drops() {
     let topo = Topology::pair_with_prefix("ctdflt").unwrap();
     topo.track_receiver().unwrap();
     topo.receiver
-        .exec(&[
-            "ip6tables",
-            "-A",
-            "INPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED,RELATED",
-            "-j",
-            "ACCEPT",
-        ])
+        .accept_ct("ip6tables", "INPUT", "ESTABLISHED,RELATED")
         .unwrap();
     // IPv6 benchmarking addresses (RFC 5180, 2001:2::/48), no DAD, no router solicitations.
     let n = topo.sender_addr.octets()[2] as u16;

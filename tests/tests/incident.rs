@@ -29,16 +29,7 @@ fn count_by_cause<'a>(recs: impl IntoIterator<Item = &'a Value>) -> BTreeMap<Str
 /// Waits until `ns`'s stat counter `col` stops moving (packets on a veth
 /// are delivered asynchronously), at most 2 s.
 fn settle(ns: &Netns, col: &str) -> BTreeMap<String, u64> {
-    let mut last = ct_stats(ns).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = ct_stats(ns).unwrap();
-        if now[col] == last[col] || Instant::now() > deadline {
-            return now;
-        }
-        last = now;
-    }
+    ctdrop_tests::settled_ct_stats_within(ns, col, Duration::from_secs(2)).unwrap()
 }
 
 #[test]
@@ -82,12 +73,7 @@ fn table_full_drops_match_kernel_drop_counter_and_explain_each_lost_ping() {
     let arrived = sink.received();
     let out = ctdrop.stop().unwrap();
     let traffic_s = t0.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    out.assert_success();
 
     let drop_delta = after["drop"] - before["drop"];
     let mine = out.drops_in(rx);
@@ -258,12 +244,7 @@ fn filter_rule_drop_is_not_table_full() {
     std::thread::sleep(Duration::from_millis(500));
     let after = ct_stats(&topo.receiver).unwrap();
     let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    out.assert_success();
 
     let mine = out.drops_in(rx);
     eprintln!(

@@ -58,12 +58,7 @@ fn tiny_ring_under_flood_delivered_plus_lost_equals_kernel_drop_counter() {
     .unwrap();
     let after = settled_ct_stats(&topo.receiver, "drop").unwrap();
     let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    out.assert_success();
 
     let drop_delta = after["drop"] - before["drop"];
     let summary = out.summary().unwrap();
