@@ -475,6 +475,25 @@ pub fn parse_json_lines(stdout: &str) -> Result<Vec<Value>> {
 }
 
 impl CtdropOutput {
+    /// An error as a user should see it: no panic or backtrace on stderr,
+    /// nothing on stdout.
+    #[track_caller]
+    pub fn assert_clean_error(&self) {
+        let out = self;
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
+        assert!(
+            !out.stderr.contains(bad),
+            "stderr mentions {bad:?}: {}",
+            out.stderr
+        );
+    }
+    assert!(
+        out.stdout.trim().is_empty(),
+        "stdout on error: {}",
+        out.stdout
+    );
+    }
+
     /// Asserts ctdrop exited 0, with its stderr when it did not.
     #[track_caller]
     pub fn assert_success(&self) {
@@ -578,6 +597,16 @@ impl Drop for Scratch {
 /// returned guard): every new flow into it is a `conntrack_table_full` drop.
 pub fn full_table_pair(max: u64) -> (Topology, ConntrackMaxGuard) {
     full_pair_with_prefix("ctdt", max).unwrap()
+}
+
+/// Most of `sent` new flows into `rx`'s full table were dropped (at least
+/// 90%; the kernel's `drop_delta`), and [`assert_table_full_exact`].
+pub fn assert_flows_dropped_exact(out: &CtdropOutput, rx: u32, drop_delta: u64, sent: u16) {
+    assert!(
+        drop_delta >= sent as u64 * 9 / 10,
+        "only {drop_delta} of {sent} dropped"
+    );
+    assert_table_full_exact(out, rx, drop_delta);
 }
 
 /// One `conntrack_table_full` record in namespace `rx` per drop the kernel
