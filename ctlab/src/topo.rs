@@ -1,7 +1,7 @@
 //! Two namespaces joined by a veth pair: the scene every test, the bench
 //! and the demo start from.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{anyhow, Result};
 
@@ -129,6 +129,34 @@ impl Topology {
     pub fn track_receiver(&self) -> Result<()> {
         self.receiver
             .accept_ct("iptables", "INPUT", "ESTABLISHED,RELATED")
+    }
+
+    /// Turns IPv6 on for the veth ends only (loopback and the rest stay
+    /// off), without router solicitations, and adds `sender`/`receiver`
+    /// as /64 addresses without DAD, so they are usable at once.
+    pub fn add_ipv6(&self, sender: Ipv6Addr, receiver: Ipv6Addr) -> Result<()> {
+        for (ns, dev, a) in [
+            (&self.sender, &self.veth.sender_if, sender),
+            (&self.receiver, &self.veth.receiver_if, receiver),
+        ] {
+            ns.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{dev}.router_solicitations=0"),
+                &format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
+            ])?;
+            ns.exec(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
+        }
+        Ok(())
     }
 
     /// A permanent neighbour entry for the receiver in the sender: no ARP

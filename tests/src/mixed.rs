@@ -45,33 +45,11 @@ impl Scene {
         let mut dst = IpAddr::V4(topo.receiver_addr);
         let tool = if v6 { "ip6tables" } else { "iptables" };
         if v6 {
-            let n = topo.receiver_addr.octets()[2];
-            for (ns, dev, host) in [
-                (&topo.sender, &topo.veth.sender_if, 1u16),
-                (&topo.receiver, &topo.veth.receiver_if, 2),
-            ] {
-                ns.exec(&[
-                    "sysctl",
-                    "-qw",
-                    &format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
-                ])
+            let n = topo.receiver_addr.octets()[2] as u16;
+            let r6 = Ipv6Addr::new(0xfd00, 0x18, n, 0, 0, 0, 0, 2);
+            topo.add_ipv6(Ipv6Addr::new(0xfd00, 0x18, n, 0, 0, 0, 0, 1), r6)
                 .unwrap();
-                let a = Ipv6Addr::new(0xfd00, 0x18, n as u16, 0, 0, 0, 0, host);
-                ns.exec(&[
-                    "ip",
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{a}/64"),
-                    "dev",
-                    dev,
-                    "nodad",
-                ])
-                .unwrap();
-                if host == 2 {
-                    dst = IpAddr::V6(a);
-                }
-            }
+            dst = IpAddr::V6(r6);
             topo.receiver
                 .accept_ct("ip6tables", "INPUT", "ESTABLISHED,RELATED")
                 .unwrap();
