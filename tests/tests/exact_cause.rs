@@ -102,9 +102,7 @@ fn ctdrop_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
 fn insert_clash_drops_are_named_insert_failed_per_packet() {
     let t = Topology::pair().unwrap();
     // Conntrack on in the sender: its OUTPUT creates, POSTROUTING confirms.
-    t.sender
-        .accept_ct("iptables", "OUTPUT", "NEW")
-        .unwrap();
+    t.sender.accept_ct("iptables", "OUTPUT", "NEW").unwrap();
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json"]).unwrap();
     let before = ct_stats(&t.sender).unwrap();

@@ -336,7 +336,6 @@ fn short(args: &[&str]) -> CtdropOutput {
     run_ctdrop(&[], args, Duration::from_secs(15)).unwrap()
 }
 
-
 #[test]
 fn unknown_flag_exits_2_with_usage_error() {
     let out = short(&["live", "--no-such-flag"]);

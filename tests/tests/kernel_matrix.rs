@@ -264,9 +264,7 @@ fn guest_table_full_records_equal_the_drop_increase_via_alloc_probe() {
 fn guest_insert_failed_records_equal_the_insert_failed_increase() {
     let t = Topology::pair().unwrap();
     // Conntrack on in the sender: its OUTPUT creates, POSTROUTING confirms.
-    t.sender
-        .accept_ct("iptables", "OUTPUT", "NEW")
-        .unwrap();
+    t.sender.accept_ct("iptables", "OUTPUT", "NEW").unwrap();
     widen_race_window(&t.sender);
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
@@ -311,9 +309,7 @@ fn guest_insert_failed_records_equal_the_insert_failed_increase() {
 #[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
 fn guest_udp_clashes_are_resolved_and_counted_not_dropped() {
     let t = Topology::pair().unwrap();
-    t.sender
-        .accept_ct("iptables", "OUTPUT", "NEW")
-        .unwrap();
+    t.sender.accept_ct("iptables", "OUTPUT", "NEW").unwrap();
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
     let before = ct_stats(&t.sender).unwrap();

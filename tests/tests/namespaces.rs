@@ -70,7 +70,11 @@ impl ManyNetns {
                     for p in paths {
                         ctlab::in_netns(&p, || {
                             run_here(&["ip", "link", "set", "lo", "up"])?;
-                            run_here(&ctlab::accept_ct_rule("iptables", "OUTPUT", "ESTABLISHED,RELATED"))
+                            run_here(&ctlab::accept_ct_rule(
+                                "iptables",
+                                "OUTPUT",
+                                "ESTABLISHED,RELATED",
+                            ))
                         })?;
                     }
                     Ok(())
@@ -242,7 +246,11 @@ fn the_harness_refuses_to_lower_the_limit_while_another_namespace_holds_entries(
     let r = std::panic::catch_unwind(|| {
         ctlab::in_netns(&path, || {
             run_here(&["ip", "link", "set", "lo", "up"])?;
-            run_here(&ctlab::accept_ct_rule("iptables", "OUTPUT", "ESTABLISHED,RELATED"))?;
+            run_here(&ctlab::accept_ct_rule(
+                "iptables",
+                "OUTPUT",
+                "ESTABLISHED,RELATED",
+            ))?;
             let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
             for port in 0..50u16 {
                 sock.send_to(b"busy", (Ipv4Addr::LOCALHOST, 30000 + port))?;

@@ -179,23 +179,23 @@ impl Stage {
         let last_port = self.flood_port.clone();
         let s = stop.clone();
         let handle = ctlab::spawn_in(&ns_path(CLIENTS), "ctdemo-flood", move || {
-                let gap = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-                let mut port = last_port.load(Ordering::Relaxed) as u16;
-                while !s.load(Ordering::Relaxed) {
-                    port = if port >= 60000 { 20000 } else { port + 1 };
-                    last_port.store(port as u64, Ordering::Relaxed);
-                    if let Ok(sock) = UdpSocket::bind((CLIENT_ADDR, port)) {
-                        if sock
-                            .send_to(b"ctdemo flood", (SERVER_ADDR, SERVICE_PORT))
-                            .is_ok()
-                        {
-                            sent.fetch_add(1, Ordering::Relaxed);
-                        }
+            let gap = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+            let mut port = last_port.load(Ordering::Relaxed) as u16;
+            while !s.load(Ordering::Relaxed) {
+                port = if port >= 60000 { 20000 } else { port + 1 };
+                last_port.store(port as u64, Ordering::Relaxed);
+                if let Ok(sock) = UdpSocket::bind((CLIENT_ADDR, port)) {
+                    if sock
+                        .send_to(b"ctdemo flood", (SERVER_ADDR, SERVICE_PORT))
+                        .is_ok()
+                    {
+                        sent.fetch_add(1, Ordering::Relaxed);
                     }
-                    std::thread::sleep(gap);
                 }
-                Ok(())
-            })?;
+                std::thread::sleep(gap);
+            }
+            Ok(())
+        })?;
         self.flood = Some(Worker {
             stop,
             handle: Some(handle),
@@ -215,30 +215,30 @@ fn service(received: Arc<AtomicU64>) -> Result<Worker> {
     let s = stop.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
     let handle = ctlab::spawn_in(&ns_path(SERVER), "ctdemo-service", move || {
-            let setup = (|| -> Result<UdpSocket> {
-                let sock = UdpSocket::bind((SERVER_ADDR, SERVICE_PORT))
-                    .context("binding the demo service")?;
-                sock.set_read_timeout(Some(Duration::from_millis(100)))?;
-                Ok(sock)
-            })();
-            let sock = match setup {
-                Ok(s) => {
-                    let _ = ready_tx.send(Ok(()));
-                    s
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return Ok(());
-                }
-            };
-            let mut buf = [0u8; 2048];
-            while !s.load(Ordering::Relaxed) {
-                if sock.recv_from(&mut buf).is_ok() {
-                    received.fetch_add(1, Ordering::Relaxed);
-                }
+        let setup = (|| -> Result<UdpSocket> {
+            let sock =
+                UdpSocket::bind((SERVER_ADDR, SERVICE_PORT)).context("binding the demo service")?;
+            sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok(sock)
+        })();
+        let sock = match setup {
+            Ok(s) => {
+                let _ = ready_tx.send(Ok(()));
+                s
             }
-            Ok(())
-        })?;
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return Ok(());
+            }
+        };
+        let mut buf = [0u8; 2048];
+        while !s.load(Ordering::Relaxed) {
+            if sock.recv_from(&mut buf).is_ok() {
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    })?;
     let worker = Worker {
         stop,
         handle: Some(handle),

@@ -286,10 +286,14 @@ mod tests {
             }
             None
         }
-        let mut cur = b.resolve_types_by_name(name).ok()?.into_iter().find_map(|t| match t {
-            Type::Struct(s) if !s.members.is_empty() => Some(s),
-            _ => None,
-        })?;
+        let mut cur = b
+            .resolve_types_by_name(name)
+            .ok()?
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Struct(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })?;
         let (mut bits, parts) = (0, path.split('.').collect::<Vec<_>>());
         for (i, p) in parts.iter().enumerate() {
             let (o, t) = member(b, &cur, p)?;
@@ -360,7 +364,13 @@ mod tests {
         let mut b = Vec::new();
         b.extend_from_slice(&0xeb9fu16.to_ne_bytes());
         b.extend_from_slice(&[1, 0]);
-        for v in [24u32, 0, types.len() as u32 * 4, types.len() as u32 * 4, strings.len() as u32] {
+        for v in [
+            24u32,
+            0,
+            types.len() as u32 * 4,
+            types.len() as u32 * 4,
+            strings.len() as u32,
+        ] {
             b.extend_from_slice(&v.to_ne_bytes());
         }
         for t in types {
@@ -376,10 +386,19 @@ mod tests {
         let base_str = b"\0u32\0inner\0a\0b\0";
         let base = blob(
             &[
-                1, 1 << 24, 4, 32, // int u32, 32 bits
-                5, 4 << 24 | 2, 8, // struct inner, 2 members
-                11, 1, 0, // a
-                13, 1, 32, // b
+                1,
+                1 << 24,
+                4,
+                32, // int u32, 32 bits
+                5,
+                4 << 24 | 2,
+                8, // struct inner, 2 members
+                11,
+                1,
+                0, // a
+                13,
+                1,
+                32, // b
             ],
             base_str,
         );
@@ -388,11 +407,21 @@ mod tests {
         let o = base_str.len() as u32;
         let split = blob(
             &[
-                o + 1, 4 << 24 | 2, 16, // struct outer
-                o + 7, 1, 0, // x
-                0, 4, 64, // anonymous member of type 4
-                0, 5 << 24 | 1, 8, // union, 1 member
-                o + 9, 2, 0, // y: inner
+                o + 1,
+                4 << 24 | 2,
+                16, // struct outer
+                o + 7,
+                1,
+                0, // x
+                0,
+                4,
+                64, // anonymous member of type 4
+                0,
+                5 << 24 | 1,
+                8, // union, 1 member
+                o + 9,
+                2,
+                0, // y: inner
             ],
             b"\0outer\0x\0y\0",
         );

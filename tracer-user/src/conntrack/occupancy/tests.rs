@@ -6,8 +6,8 @@ use std::{
 use netlink_packet_core::{NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_netfilter::{
     conntrack::{
-        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
-        Status, Tuple,
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Status,
+        Tuple,
     },
     NetfilterHeader, NetfilterMessage, NetfilterProtoFamily,
 };
