@@ -15,7 +15,7 @@
 use std::{
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::PathBuf,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -74,7 +74,7 @@ fn datagram(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> [u8; 36] {
 
 /// A raw IPv4 socket (IP_HDRINCL) created inside the namespace at `ns`
 /// (the socket keeps the namespace it was made in).
-fn raw_socket_in(ns: &PathBuf) -> Result<OwnedFd> {
+fn raw_socket_in(ns: &Path) -> Result<OwnedFd> {
     ctlab::in_netns(ns, || {
         // SAFETY: plain socket(2); checked, then owned.
         let fd = unsafe {
@@ -159,8 +159,8 @@ fn send_all(sock: &OwnedFd, packets: &[[u8; 36]]) -> Result<()> {
 /// answered by `server_ns`, and makes them ASSURED. `stop` ends it early.
 pub fn fill(
     flows: u64,
-    client_ns: &PathBuf,
-    server_ns: &PathBuf,
+    client_ns: &Path,
+    server_ns: &Path,
     server: (Ipv4Addr, u16),
     stop: &dyn Fn() -> bool,
 ) -> Result<Filled> {

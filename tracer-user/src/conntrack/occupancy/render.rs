@@ -5,7 +5,6 @@ use super::model::{Occupancy, SOURCES_PER_PORT};
 
 impl Occupancy {
     /// Lines of at most 80 columns.
-
     pub fn write_human(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         let pct = |n: u64| {
             if self.entries == 0 {
