@@ -32,6 +32,17 @@ fn assert_results_shown(out: &CtdropOutput, what: &str) {
     }
 }
 
+/// ctdrop's own debug records: how each signal is watched, one line each
+/// (`check` prints the same table on stdout).
+fn assert_debug_shown(out: &CtdropOutput, what: &str) {
+    assert!(
+        out.stderr
+            .contains("ctdrop: debug: drops signal: tp_btf/kfree_skb"),
+        "{what}: no debug line:\n{}",
+        out.stderr
+    );
+}
+
 /// `ctdrop live --duration 1s` in `ns` with extra arguments and
 /// environment, to the end.
 fn short_live(ns: &Netns, env: &[&str], flags: &[&str]) -> CtdropOutput {
@@ -199,14 +210,7 @@ fn v_shows_debug_lines_that_the_default_hides() {
     );
     let v = short_live(&ns, &[], &["-v"]);
     assert_results_shown(&v, "-v");
-    // How each signal is watched, one debug line each (`check` has the
-    // same table on stdout).
-    assert!(
-        v.stderr
-            .contains("ctdrop: debug: drops signal: tp_btf/kfree_skb"),
-        "-v:\n{}",
-        v.stderr
-    );
+    assert_debug_shown(&v, "-v");
     // -v is ctdrop's own debug: neither the libraries' nor the kernel's.
     for l in lines_with(&v.stderr, "ctdrop: debug:") {
         assert!(!l.contains(": aya"), "library line with -v: {l}");
@@ -220,12 +224,7 @@ fn rust_log_decides_over_v_and_q() {
     // RUST_LOG=debug beats -q: debug lines, the libraries' (aya) included.
     let out = short_live(&ns, &["RUST_LOG=debug"], &["-q"]);
     assert_results_shown(&out, "RUST_LOG=debug -q");
-    assert!(
-        out.stderr
-            .contains("ctdrop: debug: drops signal: tp_btf/kfree_skb"),
-        "RUST_LOG=debug -q:\n{}",
-        out.stderr
-    );
+    assert_debug_shown(&out, "RUST_LOG=debug -q");
     assert!(
         !lines_with(&out.stderr, "ctdrop: debug: aya").is_empty(),
         "no library debug line with RUST_LOG=debug:\n{}",

@@ -37,7 +37,7 @@ pub struct Cli {
     pub log_quiet: bool,
     /// Diagnostics of the kernel programs (drops whose packet they could
     /// not parse, failed map lookups) as `ctdrop: debug: bpf:` lines. Off,
-    /// they cost nothing: the verifier removes them.
+    /// the verifier removes them from the programs.
     #[arg(long, global = true)]
     pub bpf_log: bool,
 }
