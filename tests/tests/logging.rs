@@ -168,7 +168,8 @@ fn kernel_log_is_silent_by_default_even_with_v() {
 
 #[test]
 fn kernel_log_says_each_drop_the_parser_gave_up_on_with_bpf_log_vv_or_rust_log() {
-    let runs: [(&[(&str, &str)], &[&str]); 3] = [
+    type Env<'a> = &'a [(&'a str, &'a str)];
+    let runs: [(Env, &[&str]); 3] = [
         (&[], &["--bpf-log"]),
         (&[], &["-vv"]),
         (&[("RUST_LOG", "bpf=debug")], &[]),
