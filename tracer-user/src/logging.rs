@@ -183,6 +183,11 @@ impl KernelLog {
         if kernel_log_level() == 0 {
             return Ok(None);
         }
+        // aya-log's ring exists only in programs that have a log call left.
+        if ebpf.map("AYA_LOGS").is_none() {
+            log::warn!("kernel diagnostics asked for, but the kernel programs have no log calls");
+            return Ok(None);
+        }
         let mut logger =
             aya_log::EbpfLogger::init(ebpf).context("reading the kernel programs' log")?;
         let stop = Arc::new(AtomicBool::new(false));
