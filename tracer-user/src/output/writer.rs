@@ -390,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stalled_reader_costs_at_most_the_bound_in_whole_line_chunks_however_small_the_flushes() {
+    fn a_stalled_reader_costs_at_most_the_bound_in_fixed_chunks_however_small_the_flushes() {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let got = Arc::new(Mutex::new(Vec::new()));
         let max = 8 * CHUNK as u64;
@@ -422,10 +422,7 @@ mod tests {
                 "{chunks} chunks for a bound of {}",
                 q.max_chunks
             );
-            for c in &queue.full {
-                assert_eq!(c.capacity(), CHUNK);
-                assert_eq!(c.last(), Some(&b'\n'), "a chunk ends mid-line");
-            }
+            assert!(queue.full.iter().all(|c| c.capacity() == CHUNK));
         }
         *gate.0.lock().unwrap() = true;
         gate.1.notify_all();
@@ -441,6 +438,31 @@ mod tests {
             assert!(last.is_none_or(|p| n > p), "{n} after {last:?}");
             last = Some(n);
         }
+    }
+
+    #[test]
+    fn chunks_handed_over_when_full_end_with_a_whole_line() {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let (mut q, h) = queued(
+            Stalled {
+                gate: gate.clone(),
+                got: Default::default(),
+            },
+            MAX_QUEUED_BYTES,
+        );
+        // No flush: every hand-over is a full chunk, cut by `write`.
+        for i in 0..30_000u32 {
+            write!(q, "{{\"n\":{i},").unwrap();
+            q.write_all(b"\"x\":1}\n").unwrap();
+        }
+        let queue = h.shared.queue.lock().unwrap();
+        assert!(queue.full.len() > 2);
+        for c in &queue.full {
+            assert_eq!(c.last(), Some(&b'\n'), "a chunk ends mid-line");
+        }
+        drop(queue);
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
     }
 
     #[test]
