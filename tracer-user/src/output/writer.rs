@@ -218,7 +218,7 @@ impl QueuedOut {
             let mut q = s.queue.lock().unwrap();
             // Counted before the writer can see it, so its subtraction
             // never comes first.
-            let mut count = || s.queued_bytes.fetch_add(cut as u64, Ordering::Relaxed);
+            let count = || s.queued_bytes.fetch_add(cut as u64, Ordering::Relaxed);
             let chunks = q.full.len();
             match q.full.back_mut() {
                 Some(last) if last.len() + cut <= CHUNK => {
