@@ -305,7 +305,14 @@ impl OutHandle {
         {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let queued: u64 = s.queue.lock().unwrap().full.iter().map(|c| lines_in(c)).sum();
+        let queued: u64 = s
+            .queue
+            .lock()
+            .unwrap()
+            .full
+            .iter()
+            .map(|c| lines_in(c))
+            .sum();
         let in_flight = match &*s.in_flight.lock().unwrap() {
             (Some(d), pos) => lines_in(&d[*pos..]),
             (None, _) => 0,
