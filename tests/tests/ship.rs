@@ -429,6 +429,21 @@ fn daemonset_passes_the_kubernetes_schemas_and_asks_for_exactly_ctdrops_capabili
         mounts.iter().any(|m| m["mountPath"] == "/var/lib/ctdrop"),
         "no hostPath for captures"
     );
+    // The kubelet's pods directory, read-only where ctdrop looks for it
+    // (pod names, conntrack/owner.rs), from the node's own.
+    let pods = mounts
+        .iter()
+        .find(|m| m["mountPath"] == "/var/log/pods")
+        .expect("no /var/log/pods mount");
+    assert_eq!(pods["readOnly"], true);
+    assert!(
+        pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == pods["name"] && v["hostPath"]["path"] == "/var/log/pods"),
+        "the pods mount is not the node's /var/log/pods"
+    );
     // What ctdrop asks for: its refusal with no capability at all lists them.
     let bin = ctdrop_bin().to_string_lossy().into_owned();
     let o = Command::new("setpriv")

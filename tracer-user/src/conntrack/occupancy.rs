@@ -1016,7 +1016,8 @@ pub fn snapshot_arg(netns: Option<&str>) -> Result<Occupancy> {
     match netns {
         None => {
             let own = super::netns::own_netns().ok();
-            snapshot(Path::new("/proc/self/ns/net"), own, None)
+            let name = own.and_then(|i| super::netns::NsRegistry::new().display_name(i));
+            snapshot(Path::new("/proc/self/ns/net"), own, name)
         }
         Some(arg) => {
             let (inum, path) = super::netns::resolve_netns(arg)?;
