@@ -17,24 +17,20 @@
 //! `/var/log/pods/<namespace>_<name>_<uid>` (no API server, no credentials:
 //! what the node itself knows).
 //!
-//! Cost: a namespace's owner is looked up once and kept. Looking it up
-//! reads `/proc/*/ns/net` once for all namespaces at a time (a scan), and
-//! the cgroup files of a few processes of the one namespace asked for. A
-//! scan runs only for an inode the last scan did not see, at most once per
-//! [`RESCAN_GAP`]; drops never cause one by themselves.
+//! Cost: a namespace's owner is looked up once, when it is first named,
+//! and kept (so every output names it alike for the whole run). Looking it
+//! up reads the cgroup files of a few of its processes; which processes
+//! are in which namespace comes from one read of `/proc/*/ns/net` for all
+//! namespaces at once (a scan), made again only for an inode the last scan
+//! did not see: a namespace created since, or one with no process (each of
+//! those costs one scan, once). Drops of a named namespace cost nothing.
 
-use std::{
-    collections::HashMap,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, path::PathBuf, time::Instant};
 
 /// Where the kubelet keeps one directory per pod, `<ns>_<name>_<uid>`.
 const PODS_DIR: &str = "/var/log/pods";
 /// Overrides [`PODS_DIR`] (a kubelet with another `podLogsDir`, tests).
 pub const PODS_DIR_ENV: &str = "CTDROP_PODS_DIR";
-/// Scans of `/proc` for inodes not seen yet are at least this far apart.
-const RESCAN_GAP: Duration = Duration::from_secs(1);
 /// Processes per namespace whose cgroups are read (a pod's processes all
 /// share its cgroup; a few cover a guest that entered with `nsenter`).
 const PIDS_PER_NS: usize = 8;
@@ -258,8 +254,6 @@ pub struct Owners {
     pods: HashMap<String, String>,
     pods_read: Option<Instant>,
     scan: Option<Scan>,
-    /// When each inode not answered yet was first asked for.
-    asked: HashMap<u32, Instant>,
 }
 
 impl Default for Owners {
@@ -281,7 +275,6 @@ impl Owners {
             pods: HashMap::new(),
             pods_read: None,
             scan: None,
-            asked: HashMap::new(),
         }
     }
 
@@ -292,46 +285,34 @@ impl Owners {
     }
 
     /// The name of namespace `inum`, whose `ip netns` name (if any) is
-    /// `netns_name`; see [`choose`] for the order.
+    /// `netns_name`; see [`choose`] for the order. The first answer is
+    /// kept: every output shows the same name for the whole run.
     pub fn name(&mut self, inum: u32, netns_name: Option<&str>) -> Option<String> {
         if let Some(n) = self.known(inum) {
             return n;
         }
-        let host = *self.host.get_or_insert_with(initial_netns) == Some(inum);
-        if host {
-            return self.settle(inum, Some("host".into()));
-        }
-        let asked = *self.asked.entry(inum).or_insert_with(Instant::now);
-        let seen = |s: &Option<Scan>| s.as_ref().is_some_and(|s| s.pids.contains_key(&inum));
-        let fresh = |s: &Option<Scan>| s.as_ref().is_some_and(|s| s.at >= asked);
-        let due = self
-            .scan
-            .as_ref()
-            .is_none_or(|s| s.at.elapsed() >= RESCAN_GAP);
-        if !seen(&self.scan) && !fresh(&self.scan) && due {
-            self.scan = Some(Scan::now());
-        }
-        let pids = self
-            .scan
-            .as_ref()
-            .and_then(|s| s.pids.get(&inum))
-            .cloned()
-            .unwrap_or_default();
-        let hints = pids_hints(&pids);
-        let pod_name = hints.pod_uid.as_deref().and_then(|u| self.pod_name(u));
-        let name = choose(false, &hints, pod_name.as_deref(), netns_name);
-        // Final once a scan made after the first question has looked (a
-        // namespace with no process keeps its name then); until then the
-        // answer is provisional and not kept.
-        if seen(&self.scan) || fresh(&self.scan) {
-            self.settle(inum, name)
+        let name = if *self.host.get_or_insert_with(initial_netns) == Some(inum) {
+            Some("host".into())
         } else {
-            name
-        }
-    }
-
-    fn settle(&mut self, inum: u32, name: Option<String>) -> Option<String> {
-        self.asked.remove(&inum);
+            // A namespace the last scan saw has processes to ask; any
+            // other (new since, or with no process at all) needs a scan.
+            if !self
+                .scan
+                .as_ref()
+                .is_some_and(|s| s.pids.contains_key(&inum))
+            {
+                self.scan = Some(Scan::now());
+            }
+            let pids = self
+                .scan
+                .as_ref()
+                .and_then(|s| s.pids.get(&inum))
+                .cloned()
+                .unwrap_or_default();
+            let hints = pids_hints(&pids);
+            let pod_name = hints.pod_uid.as_deref().and_then(|u| self.pod_name(u));
+            choose(false, &hints, pod_name.as_deref(), netns_name)
+        };
         self.names.insert(inum, name.clone());
         name
     }
