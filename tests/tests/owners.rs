@@ -139,17 +139,8 @@ impl Held {
         exec(&["ip", "link", "set", "lo", "up"])?;
         exec(&["ip", "addr", "add", &format!("{}/32", me.addr), "dev", "lo"])?;
         // A state rule turns conntrack on in the namespace.
-        exec(&[
-            "iptables",
-            "-A",
-            "OUTPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED,RELATED",
-            "-j",
-            "ACCEPT",
-        ])?;
+        let rule = "iptables -A OUTPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT";
+        exec(&rule.split(' ').collect::<Vec<_>>())?;
         let ns = File::open(&me.path)?;
         let fd = ns.as_raw_fd();
         let mut cmd = Command::new("sleep");

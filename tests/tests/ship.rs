@@ -420,10 +420,13 @@ fn daemonset_passes_the_kubernetes_schemas_and_asks_for_exactly_ctdrops_capabili
         .collect();
     added.sort();
     let mounts = c["volumeMounts"].as_array().unwrap();
-    let btf = mounts
-        .iter()
-        .find(|m| m["mountPath"] == "/sys/kernel/btf")
-        .expect("no /sys/kernel/btf mount");
+    let mount = |path: &str| {
+        mounts
+            .iter()
+            .find(|m| m["mountPath"] == path)
+            .unwrap_or_else(|| panic!("no {path} mount"))
+    };
+    let btf = mount("/sys/kernel/btf");
     assert_eq!(btf["readOnly"], true);
     assert!(
         mounts.iter().any(|m| m["mountPath"] == "/var/lib/ctdrop"),
@@ -431,10 +434,7 @@ fn daemonset_passes_the_kubernetes_schemas_and_asks_for_exactly_ctdrops_capabili
     );
     // The kubelet's pods directory, read-only where ctdrop looks for it
     // (pod names, conntrack/owner.rs), from the node's own.
-    let pods = mounts
-        .iter()
-        .find(|m| m["mountPath"] == "/var/log/pods")
-        .expect("no /var/log/pods mount");
+    let pods = mount("/var/log/pods");
     assert_eq!(pods["readOnly"], true);
     assert!(
         pod["spec"]["volumes"]
