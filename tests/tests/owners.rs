@@ -450,7 +450,7 @@ fn pods_containers_netns_names_host_and_unknown_namespaces_are_named_alike_in_ev
             "{what}: records vs kernel; {}",
             out.stderr
         );
-        let want = e.name.as_deref().map_or(Value::Null, |n| Value::from(n));
+        let want = e.name.as_deref().map_or(Value::Null, Value::from);
         for r in &recs {
             assert_eq!(r["netns_name"], want, "{what}: {r}");
         }
