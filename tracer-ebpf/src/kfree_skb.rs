@@ -12,6 +12,7 @@ use crate::{bump, count::count, filter::matches, skb, EVENTS, SCRATCH};
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: `ctx` is this tp_btf program's own context; `handle` reads kernel memory only through BTF-checked loads and helpers.
     unsafe { handle(&ctx) };
     0
 }
@@ -21,10 +22,10 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     let reason: u32 = ctx.arg::<u64>(2) as u32;
     // Cheapest test first, before even a counter: most drops on a busy
     // host are not netfilter's, and they should cost no more than this.
-    if filt!(all_reasons) == 0 && reason != filt!(netfilter_drop_reason) {
+    if ro!(FILTER.all_reasons) == 0 && reason != ro!(FILTER.netfilter_drop_reason) {
         return;
     }
-    if filt!(count_only) != 0 {
+    if ro!(FILTER.count_only) != 0 {
         // No SEEN here: count mode's COUNTED already counts what passed
         // the filter, and every counter is a map update per drop.
         let Some(rec) = SCRATCH.get_ptr_mut(0) else {
@@ -40,7 +41,7 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     // The record is built where it is sent: reserved in the ring and filled
     // in place, no scratch copy. A drop the filter rejects gives its slot
     // back (discarded slots are skipped by the reader).
-    if filt!(capture_headers) != 0 {
+    if ro!(FILTER.capture_headers) != 0 {
         let wake = wakeup_flags(core::mem::size_of::<DropRecordWithHeader>() as u64);
         let Some(mut entry) = EVENTS.reserve::<DropRecordWithHeader>(0) else {
             no_room(ctx, reason);
@@ -112,7 +113,7 @@ unsafe fn build(
     // would otherwise outlive it and be read for the next skb at its
     // address. A .rodata flag: with no producer of a kind attached the
     // verifier sees its branch is never taken and removes the lookup.
-    let signals = filt!(ct_probes);
+    let signals = ro!(FILTER.ct_probes);
     if signals & ct_signal::PROBES != 0 {
         if let Some(src) = crate::conntrack::take_verdict(skb_ptr as u64, rec.ts_ns) {
             rec.source = src;
