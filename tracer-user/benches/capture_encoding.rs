@@ -29,7 +29,6 @@ fn drop_no(i: u64, header: bool) -> DropEvent {
         location: 0,
         skb: 0,
         source: 1,
-        detail: 0,
         netns: Some(4026532521),
         ifindex: Some(2),
         skb_len: if ping { 84 } else { 29 },

@@ -43,7 +43,6 @@ pub fn group_event(g: &GroupKey, fill: Option<CtFill>) -> DropEvent {
         location: 0,
         skb: 0,
         source: tracer_common::source::KFREE_SKB,
-        detail: 0,
         netns: (g.netns != 0).then_some(g.netns),
         ifindex: None,
         skb_len: 0,

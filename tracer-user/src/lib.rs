@@ -12,6 +12,7 @@ pub mod events;
 pub mod filter;
 pub mod flows;
 pub mod kernel;
+pub mod model;
 pub mod output;
 pub mod probe;
 pub mod report;

@@ -12,7 +12,7 @@ use std::{
     net::IpAddr,
 };
 
-use crate::cause::Cause;
+use crate::{cause::Cause, model::DropLine};
 
 /// What identifies a probe's packets on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -23,22 +23,21 @@ pub enum Wire {
     Port { proto: u8, local: u16, remote: u16 },
 }
 
-/// A drop record reduced to what a probe verdict shows.
+/// A drop that may explain a probe: its line, kept typed as it will be
+/// shown in the probe's verdict, and which way the packet went. Reads as
+/// its [`DropLine`] (`d.cause`, `d.mono_ns`, `d.netns_name`, ...).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SeenDrop {
-    pub mono_ns: u64,
-    pub cause: Cause,
-    pub reason: String,
-    pub netns: Option<u32>,
-    pub netns_name: Option<String>,
-    pub ifname: Option<String>,
-    pub ct_count: Option<u64>,
-    pub ct_max: Option<u64>,
+    pub line: DropLine<'static>,
     /// true when the dropped packet was the answer coming back.
     pub reply_path: bool,
-    /// The drop's JSON object, serialized (a tenth of a `Value`'s size),
-    /// for `--json` probe lines.
-    pub json: String,
+}
+
+impl std::ops::Deref for SeenDrop {
+    type Target = DropLine<'static>;
+    fn deref(&self) -> &DropLine<'static> {
+        &self.line
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -346,16 +345,36 @@ mod tests {
     }
     fn drop_at(t: u64, cause: Cause, reply: bool) -> SeenDrop {
         SeenDrop {
-            mono_ns: t,
-            cause,
-            reason: "NETFILTER_DROP".into(),
-            netns: Some(1),
-            netns_name: None,
-            ifname: None,
-            ct_count: Some(64),
-            ct_max: Some(64),
+            line: DropLine {
+                kind: Default::default(),
+                ts_ns: t,
+                mono_ns: t,
+                cause,
+                reason: "NETFILTER_DROP".into(),
+                netns: Some(1),
+                netns_name: None,
+                ifindex: None,
+                ifname: None,
+                proto: Some("icmp".into()),
+                src: None,
+                dst: None,
+                sport: None,
+                dport: None,
+                icmp_type: Some(8),
+                icmp_code: Some(0),
+                icmp_id: None,
+                icmp_seq: None,
+                ct_count: Some(64),
+                ct_max: Some(64),
+                ct_fill: Some(crate::model::FillOrigin::Sampled),
+                has_ct: false,
+                untracked: false,
+                location: "nf_hook_slow".into(),
+                evidence: "inferred".into(),
+                cpu: 0,
+                len: 84,
+            },
             reply_path: reply,
-            json: String::new(),
         }
     }
     fn echo(id: u16, seq: u16) -> Wire {

@@ -25,6 +25,7 @@ use crate::{
     conntrack::stats::{CounterCheck, CtCounters},
     flows::{Tally, DEFAULT_MAX_FLOWS},
     kernel::btf::DropReasons,
+    model::{ProbeStatus, ProbeVerdict},
     output::{csv::CsvSink, metrics::Metrics, Shown, Sink},
 };
 
@@ -40,8 +41,8 @@ pub struct ProbeTally {
     pub late: u64,
     pub lost_by_cause: BTreeMap<String, u64>,
     pub lost_unexplained: u64,
-    /// Each lost probe's JSON line (seq, time, verdict, the drop).
-    pub lost_probes: Vec<serde_json::Value>,
+    /// Each lost probe's verdict (seq, time, verdict, the drop).
+    pub lost_probes: Vec<ProbeVerdict>,
 }
 
 impl ProbeTally {
@@ -53,23 +54,22 @@ impl ProbeTally {
         }
     }
 
-    fn add(&mut self, p: &serde_json::Value) {
-        match p.get("status").and_then(|s| s.as_str()) {
-            Some("ok") => {
+    fn add(&mut self, p: ProbeVerdict) {
+        match p.status {
+            ProbeStatus::Ok => {
                 self.sent += 1;
                 self.answered += 1;
             }
-            Some("lost") => {
+            ProbeStatus::Lost => {
                 self.sent += 1;
                 self.lost += 1;
-                match p.get("cause").and_then(|c| c.as_str()) {
-                    Some(c) => *self.lost_by_cause.entry(c.to_string()).or_default() += 1,
+                match p.cause {
+                    Some(c) => *self.lost_by_cause.entry(c.as_str().to_string()).or_default() += 1,
                     None => self.lost_unexplained += 1,
                 }
-                self.lost_probes.push(p.clone());
+                self.lost_probes.push(p);
             }
-            Some("late") => self.late += 1,
-            _ => {}
+            ProbeStatus::Late => self.late += 1,
         }
     }
 }
@@ -165,11 +165,7 @@ impl Report {
                     };
                     each(&shown);
                 }
-                Item::Probe(p) => {
-                    if let Some(host) = p.get("host").and_then(|h| h.as_str()) {
-                        r.probes.entry(host.to_string()).or_default().add(&p);
-                    }
-                }
+                Item::Probe(p) => r.probes.entry(p.host.clone()).or_default().add(p),
                 Item::Checkpoint(c) => r.last_checkpoint = Some(c),
             }
         }

@@ -138,15 +138,10 @@ pub fn lost_probes(
         .iter()
         .flat_map(|(host, p)| {
             p.lost_probes.iter().map(move |l| LostProbe {
-                at_s: l
-                    .get("ts_ns")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(started_wall_ns)
-                    .saturating_sub(started_wall_ns) as f64
-                    / 1e9,
+                at_s: l.ts_ns.saturating_sub(started_wall_ns) as f64 / 1e9,
                 host: host.clone(),
-                seq: l.get("seq").and_then(Value::as_u64).unwrap_or(0),
-                cause: l.get("cause").and_then(Value::as_str).map(str::to_string),
+                seq: l.seq,
+                cause: l.cause.map(|c| c.as_str().to_string()),
             })
         })
         .collect();

@@ -1,0 +1,51 @@
+//! The objects ctdrop emits, defined once: their serde form is what JSON
+//! lines, capture files and reports carry. Renderers (`output/`,
+//! `report/`) build and read these types; this module depends on no
+//! renderer. Constructors from live session values (`Shown`, `ProbeShown`)
+//! live beside the outputs that own those values.
+//!
+//! - [`DropLine`]: one dropped packet (`kind: "drop"`).
+//! - [`ProbeVerdict`]: one probe's outcome (`kind: "probe"`), stored typed
+//!   in captures from format 3 on.
+//! - [`Occupancy`]: a conntrack table snapshot (who held the table).
+//! - The end-of-run summary is `crate::summary::Summary` (being reshaped
+//!   with the session engine); the report is `crate::report::Report`.
+pub mod drop;
+pub mod probe;
+
+pub use crate::conntrack::occupancy::Occupancy;
+pub use drop::{DropLine, FillOrigin};
+pub use probe::{ProbeKind, ProbeStatus, ProbeVerdict};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::cause::Cause;
+
+/// A JSON line's `"kind"`: a value with one spelling, so a typed line
+/// cannot carry the wrong kind and a line of another kind does not parse.
+macro_rules! kind_tag {
+    ($name:ident, $s:literal) => {
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name {
+            #[default]
+            #[serde(rename = $s)]
+            Tag,
+        }
+    };
+}
+kind_tag!(DropKind, "drop");
+kind_tag!(ProbeLineKind, "probe");
+
+/// Causes are written by name (`conntrack_table_full`), as everywhere else.
+impl Serialize for Cause {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Cause {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Cause, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Cause::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown cause {s:?}")))
+    }
+}
