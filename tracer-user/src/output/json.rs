@@ -358,13 +358,37 @@ mod tests {
         let mut out = Vec::new();
         write_drop(&mut out, &s);
         let ours: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
-        let theirs = serde_json::to_value(DropJson::from_shown(&s)).unwrap();
+        let theirs = serde_json::to_value(DropLine::from_shown(&s)).unwrap();
         assert_eq!(ours, theirs);
         // Field order is part of what readers see.
+        let line = String::from_utf8(out).unwrap();
         assert_eq!(
-            String::from_utf8(out).unwrap(),
-            serde_json::to_string(&DropJson::from_shown(&s)).unwrap()
+            line,
+            serde_json::to_string(&DropLine::from_shown(&s)).unwrap()
         );
+        // A reader of the line gets the typed drop back, whole.
+        let back: DropLine = serde_json::from_str(&line).expect("the model reads the line");
+        assert_eq!(back, DropLine::from_shown(&s));
+        // The drop inside a lost probe's verdict is the same bytes.
+        let verdict = ProbeVerdict {
+            kind: Default::default(),
+            ts_ns: 1,
+            host: "198.18.0.2".into(),
+            probe: ProbeKind::Udp,
+            seq: 1,
+            icmp_id: None,
+            icmp_seq: None,
+            local_port: Some(40000),
+            status: ProbeStatus::Lost,
+            rtt_ms: None,
+            cause: Some(s.cause),
+            verdict: Some("v".into()),
+            drop: Some(DropLine::from_shown(&s).into_owned()),
+        };
+        let v = serde_json::to_string(&verdict).unwrap();
+        assert!(v.ends_with(&format!(",\"drop\":{line}}}")), "{v}");
+        let back: ProbeVerdict = serde_json::from_str(&v).expect("the model reads the verdict");
+        assert_eq!(back, verdict);
     }
 
     #[test]
