@@ -457,10 +457,11 @@ fn format_1_files_from_before_snapshots_still_read_whole() {
 /// (`ctdrop capture --ping` against a receiver whose 64-entry table was
 /// full): 15 table-full drops (the kernel's `drop` +15), 6 probes all lost,
 /// each explained by one of the drops, and one table snapshot. Its lost
-/// probes as that version's `report --format json` printed them are in
-/// `v2-table-full-ping.lost-probes.json`.
+/// `report --format json` of that version on it is
+/// `v2-table-full-ping.report.json`.
 const V2_FILE: &[u8] = include_bytes!("testdata/v2-table-full-ping.ctdrop");
-const V2_LOST_PROBES: &str = include_str!("testdata/v2-table-full-ping.lost-probes.json");
+const V2_PATH: &str = "tracer-user/src/capture/testdata/v2-table-full-ping.ctdrop";
+const V2_REPORT: &str = include_str!("testdata/v2-table-full-ping.report.json");
 
 #[test]
 fn format_2_files_read_whole_with_their_probe_verdicts_typed_and_exact() {
@@ -505,8 +506,9 @@ fn format_2_files_read_whole_with_their_probe_verdicts_typed_and_exact() {
         .all(|d| d.0.icmp.is_some_and(|i| i.is_echo_request(1))));
 
     // The verdicts, typed, equal what ctdrop 5dc84d0 reported from them.
-    let want: serde_json::Value = serde_json::from_str(V2_LOST_PROBES).unwrap();
-    assert_eq!(serde_json::to_value(&r.probes).unwrap(), want);
+    let want: serde_json::Value = serde_json::from_str(V2_REPORT).unwrap();
+    let want = &want["probes"]["198.18.2.2"]["lost_probes"];
+    assert_eq!(&serde_json::to_value(&r.probes).unwrap(), want);
     assert_eq!(r.probes.len(), 6);
     for (i, p) in r.probes.iter().enumerate() {
         assert_eq!((p.host.as_str(), p.seq), ("198.18.2.2", i as u64 + 1));
@@ -555,6 +557,34 @@ fn format_2_files_read_whole_with_their_probe_verdicts_typed_and_exact() {
     assert_eq!(p.lost_probes, r.probes);
     let checks = rep.counter_checks().unwrap();
     assert!(checks[0].agrees() && checks[0].table_full == 15);
+}
+
+#[test]
+fn a_format_2_file_reports_exactly_what_the_version_that_wrote_it_reported() {
+    let rep = crate::report::Report::build(
+        std::path::Path::new(V2_PATH),
+        CaptureReader::new(V2_FILE).unwrap(),
+        |_| {},
+    );
+    let ours = crate::report::json::to_json(&rep, 10);
+    let want: serde_json::Value = serde_json::from_str(V2_REPORT).unwrap();
+    // Key by key, so a difference names its key.
+    let (ours, want) = (ours.as_object().unwrap(), want.as_object().unwrap());
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in want {
+        assert_eq!(&ours[k], v, "report key {k}");
+    }
+    // And the typed report reads its own JSON back.
+    let doc = crate::report::json::doc(&rep, 10);
+    let back: crate::model::ReportDoc =
+        serde_json::from_value(serde_json::to_value(&doc).unwrap()).unwrap();
+    assert_eq!(
+        serde_json::to_value(back).unwrap(),
+        serde_json::to_value(doc).unwrap()
+    );
 }
 
 #[test]

@@ -8,14 +8,20 @@
 //! - [`ProbeVerdict`]: one probe's outcome (`kind: "probe"`), stored typed
 //!   in captures from format 3 on.
 //! - [`Occupancy`]: a conntrack table snapshot (who held the table).
+//! - [`capture`]: a capture file's header and trailer.
+//! - [`ReportDoc`]: a capture's report, with the pieces it shares with the
+//!   live summary.
 //! - The end-of-run summary is `crate::summary::Summary` (being reshaped
-//!   with the session engine); the report is `crate::report::Report`.
+//!   with the session engine).
+pub mod capture;
 pub mod drop;
 pub mod probe;
+pub mod report;
 
 pub use crate::conntrack::occupancy::Occupancy;
 pub use drop::{DropLine, FillOrigin};
 pub use probe::{ProbeKind, ProbeStatus, ProbeVerdict};
+pub use report::ReportDoc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
