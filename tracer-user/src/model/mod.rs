@@ -20,7 +20,7 @@ pub mod report;
 
 pub use crate::conntrack::occupancy::Occupancy;
 pub use drop::{DropLine, FillOrigin};
-pub use probe::{ProbeKind, ProbeStatus, ProbeVerdict};
+pub use probe::{ProbeCounts, ProbeKind, ProbeStatus, ProbeVerdict};
 pub use report::ReportDoc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};

@@ -1,6 +1,8 @@
 //! A probe's outcome as ctdrop emits it: a `live --json` line, a capture
 //! record (typed from format 3 on), a report's lost probe.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::{DropLine, ProbeLineKind};
@@ -29,6 +31,40 @@ pub struct ProbeVerdict {
     /// Why it was lost, in one phrase (lost probes only).
     pub verdict: Option<String>,
     pub drop: Option<DropLine<'static>>,
+}
+
+/// One probed host's counts over a run: kept live by the matcher, rebuilt
+/// from the verdicts by a report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeCounts {
+    pub sent: u64,
+    pub answered: u64,
+    /// Declared lost at their timeout.
+    pub lost: u64,
+    /// Answered after their timeout (already counted lost).
+    pub late: u64,
+    /// Lost probes explained by a drop, per cause name.
+    pub lost_by_cause: BTreeMap<String, u64>,
+    pub lost_unexplained: u64,
+}
+
+impl ProbeCounts {
+    /// A probe declared lost, explained by a drop of `cause` or by none.
+    pub fn count_lost(&mut self, cause: Option<Cause>) {
+        self.lost += 1;
+        match cause {
+            Some(c) => *self.lost_by_cause.entry(c.as_str().to_string()).or_default() += 1,
+            None => self.lost_unexplained += 1,
+        }
+    }
+
+    pub fn loss_pct(&self) -> f64 {
+        if self.sent == 0 {
+            0.0
+        } else {
+            100.0 * self.lost as f64 / self.sent as f64
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

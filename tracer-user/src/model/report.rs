@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     capture::{CaptureFilter, WatchTrailer},
-    Occupancy, ProbeVerdict,
+    Occupancy, ProbeCounts, ProbeVerdict,
 };
 use crate::cause::Cause;
 
@@ -122,12 +122,8 @@ pub struct CounterAgreement {
 /// One probed host's verdicts over a run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProbeTotals {
-    pub sent: u64,
-    pub answered: u64,
-    pub lost: u64,
-    pub late: u64,
-    pub lost_by_cause: BTreeMap<String, u64>,
-    pub lost_unexplained: u64,
+    #[serde(flatten)]
+    pub counts: ProbeCounts,
     pub loss_pct: f64,
     pub lost_probes: Vec<ProbeVerdict>,
 }

@@ -12,7 +12,10 @@ use std::{
     net::IpAddr,
 };
 
-use crate::{cause::Cause, model::DropLine};
+use crate::{
+    cause::Cause,
+    model::{DropLine, ProbeCounts},
+};
 
 /// What identifies a probe's packets on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,15 +60,6 @@ pub struct Outcome {
     pub status: Status,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TargetStats {
-    pub sent: u64,
-    pub answered: u64,
-    pub lost: u64,
-    pub late: u64,
-    pub lost_by_cause: BTreeMap<&'static str, u64>,
-    pub lost_unexplained: u64,
-}
 
 struct Pending {
     number: u64,
@@ -88,7 +82,7 @@ pub struct Matcher {
     drops: HashMap<(IpAddr, Wire), Vec<SeenDrop>>,
     drop_order: VecDeque<(u64, (IpAddr, Wire))>,
     hosts: Vec<IpAddr>,
-    pub stats: Vec<TargetStats>,
+    pub stats: Vec<ProbeCounts>,
     /// Every dropped echo request, per (src, dst, id); ctdrop's own are
     /// filtered out when read (a drop can be seen before its send is).
     passive: BTreeMap<(IpAddr, IpAddr, u16), PassiveLoss>,
@@ -130,7 +124,7 @@ impl Matcher {
             drops: HashMap::new(),
             drop_order: VecDeque::new(),
             hosts,
-            stats: vec![TargetStats::default(); n],
+            stats: vec![ProbeCounts::default(); n],
             passive: BTreeMap::new(),
             own_echo_ids: Default::default(),
             passive_overflow: 0,
@@ -266,12 +260,7 @@ impl Matcher {
                 .get(&(host, wire))
                 .and_then(|ds| ds.iter().find(|d| window.contains(&d.mono_ns)))
                 .cloned();
-            let s = &mut self.stats[target];
-            s.lost += 1;
-            match &drop {
-                Some(d) => *s.lost_by_cause.entry(d.cause.as_str()).or_default() += 1,
-                None => s.lost_unexplained += 1,
-            }
+            self.stats[target].count_lost(drop.as_ref().map(|d| d.cause));
             self.expired.insert(key, (p.number, p.sent_ns));
             self.expired_order.push_back((now_ns, key));
             out.push(Outcome {

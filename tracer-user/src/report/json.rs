@@ -126,12 +126,7 @@ pub fn agreement(c: &CounterCheck) -> CounterAgreement {
 
 fn totals(p: &ProbeTally) -> ProbeTotals {
     ProbeTotals {
-        sent: p.sent,
-        answered: p.answered,
-        lost: p.lost,
-        late: p.late,
-        lost_by_cause: p.lost_by_cause.clone(),
-        lost_unexplained: p.lost_unexplained,
+        counts: p.counts.clone(),
         loss_pct: p.loss_pct(),
         lost_probes: p.lost_probes.clone(),
     }

@@ -25,51 +25,43 @@ use crate::{
     conntrack::stats::{CounterCheck, CtCounters},
     flows::{Tally, DEFAULT_MAX_FLOWS},
     kernel::btf::DropReasons,
-    model::{ProbeStatus, ProbeVerdict},
+    model::{ProbeCounts, ProbeStatus, ProbeVerdict},
     output::{csv::CsvSink, metrics::Metrics, Shown, Sink},
 };
 
 /// Longest drops-per-second series kept (a day); later drops count in the last second.
 const MAX_SECONDS: usize = 86_400;
 
-/// One host's probe verdicts, rebuilt from the recorded probe lines.
+/// One host's probe verdicts, rebuilt from the recorded verdicts: the
+/// counts the live run kept (reads as its [`ProbeCounts`]) and each lost
+/// probe's verdict (seq, time, verdict, the drop).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProbeTally {
-    pub sent: u64,
-    pub answered: u64,
-    pub lost: u64,
-    pub late: u64,
-    pub lost_by_cause: BTreeMap<String, u64>,
-    pub lost_unexplained: u64,
-    /// Each lost probe's verdict (seq, time, verdict, the drop).
+    pub counts: ProbeCounts,
     pub lost_probes: Vec<ProbeVerdict>,
 }
 
-impl ProbeTally {
-    pub fn loss_pct(&self) -> f64 {
-        if self.sent == 0 {
-            0.0
-        } else {
-            100.0 * self.lost as f64 / self.sent as f64
-        }
+impl std::ops::Deref for ProbeTally {
+    type Target = ProbeCounts;
+    fn deref(&self) -> &ProbeCounts {
+        &self.counts
     }
+}
 
+impl ProbeTally {
     fn add(&mut self, p: ProbeVerdict) {
+        let c = &mut self.counts;
         match p.status {
             ProbeStatus::Ok => {
-                self.sent += 1;
-                self.answered += 1;
+                c.sent += 1;
+                c.answered += 1;
             }
             ProbeStatus::Lost => {
-                self.sent += 1;
-                self.lost += 1;
-                match p.cause {
-                    Some(c) => *self.lost_by_cause.entry(c.as_str().to_string()).or_default() += 1,
-                    None => self.lost_unexplained += 1,
-                }
+                c.sent += 1;
+                c.count_lost(p.cause);
                 self.lost_probes.push(p);
             }
-            ProbeStatus::Late => self.late += 1,
+            ProbeStatus::Late => c.late += 1,
         }
     }
 }
