@@ -8,44 +8,20 @@ use std::time::Instant;
 
 use ctdrop::{
     cause::Cause,
-    events::{CtFill, DropEvent, Flow},
+    events::DropEvent,
     model::DropLine,
     output::{json::write_drop, Shown},
 };
+
+mod common;
+use common::drop_no;
 
 fn main() {
     let n: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(1_000_000);
-    let ev = |i: u64| DropEvent {
-        ts_ns: 5_000_000_000_000 + i * 3_333,
-        cpu: (i % 2) as u32,
-        reason: 12,
-        location: 0,
-        skb: 0,
-        source: 1,
-        netns: Some(4026532521),
-        ifindex: Some(2),
-        skb_len: 29,
-        flow: Some(Flow {
-            src: "198.18.0.1".parse().unwrap(),
-            dst: "198.18.0.2".parse().unwrap(),
-            proto: 17,
-            ports: Some((32768 + (i % 28000) as u16, 20000 + (i % 40000) as u16)),
-        }),
-        icmp: None,
-        ct: None,
-        ct_fill: Some(CtFill {
-            count: 64,
-            max: 64,
-            sampled: true,
-            counted_drop: Some(true),
-        }),
-        truncated: false,
-        header: None,
-    };
-    let events: Vec<DropEvent> = (0..1024).map(ev).collect();
+    let events: Vec<DropEvent> = (0..1024).map(|i| drop_no(i, false)).collect();
     let shown = |e| Shown {
         ev: e,
         cause: Cause::ConntrackTableFull,
