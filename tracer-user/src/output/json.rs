@@ -191,7 +191,7 @@ impl ProbeVerdict {
         let (status, rtt_ns, drop) = match &o.status {
             Status::Ok { rtt_ns } => (ProbeStatus::Ok, Some(*rtt_ns), None),
             Status::Late { rtt_ns } => (ProbeStatus::Late, Some(*rtt_ns), None),
-            Status::Lost { drop } => (ProbeStatus::Lost, None, drop.as_ref()),
+            Status::Lost { drop } => (ProbeStatus::Lost, None, drop.as_deref()),
         };
         let (probe, icmp_id, icmp_seq, local_port) = match o.wire {
             Wire::Echo { id, seq } => (ProbeKind::Icmp, Some(id), Some(seq), None),

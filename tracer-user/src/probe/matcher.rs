@@ -46,7 +46,8 @@ impl std::ops::Deref for SeenDrop {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Status {
     Ok { rtt_ns: u64 },
-    Lost { drop: Option<SeenDrop> },
+    /// Boxed: a drop line is large, and most outcomes carry none.
+    Lost { drop: Option<Box<SeenDrop>> },
     Late { rtt_ns: u64 },
 }
 
@@ -259,7 +260,7 @@ impl Matcher {
                 .drops
                 .get(&(host, wire))
                 .and_then(|ds| ds.iter().find(|d| window.contains(&d.mono_ns)))
-                .cloned();
+                .map(|d| Box::new(d.clone()));
             self.stats[target].count_lost(drop.as_ref().map(|d| d.cause));
             self.expired.insert(key, (p.number, p.sent_ns));
             self.expired_order.push_back((now_ns, key));
