@@ -7,7 +7,11 @@
 //! - [`DropLine`]: one dropped packet (`kind: "drop"`).
 //! - [`ProbeVerdict`]: one probe's outcome (`kind: "probe"`), stored typed
 //!   in captures from format 3 on.
-//! - [`Occupancy`]: a conntrack table snapshot (who held the table).
+//! - A conntrack table snapshot (who held the table) is
+//!   `crate::conntrack::occupancy::Occupancy`, typed there; it is not
+//!   re-exported so that this module depends on nothing above `cause`
+//!   (conntrack reaches back to `probe`, which uses this module). Its
+//!   serde part belongs here once `conntrack/occupancy.rs` is split.
 //! - [`capture`]: a capture file's header and trailer.
 //! - [`ReportDoc`]: a capture's report, with the pieces it shares with the
 //!   live summary.
@@ -18,7 +22,6 @@ pub mod drop;
 pub mod probe;
 pub mod report;
 
-pub use crate::conntrack::occupancy::Occupancy;
 pub use drop::{DropLine, FillOrigin};
 pub use probe::{ProbeCounts, ProbeKind, ProbeStatus, ProbeVerdict};
 pub use report::ReportDoc;

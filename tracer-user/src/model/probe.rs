@@ -53,7 +53,12 @@ impl ProbeCounts {
     pub fn count_lost(&mut self, cause: Option<Cause>) {
         self.lost += 1;
         match cause {
-            Some(c) => *self.lost_by_cause.entry(c.as_str().to_string()).or_default() += 1,
+            Some(c) => {
+                *self
+                    .lost_by_cause
+                    .entry(c.as_str().to_string())
+                    .or_default() += 1
+            }
             None => self.lost_unexplained += 1,
         }
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     capture::{CaptureFilter, WatchTrailer},
-    Occupancy, ProbeCounts, ProbeVerdict,
+    ProbeCounts, ProbeVerdict,
 };
 use crate::cause::Cause;
 
@@ -22,7 +22,7 @@ pub enum ReportKind {
     Tag,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReportDoc {
     pub kind: ReportKind,
     pub file: String,
@@ -55,7 +55,10 @@ pub struct ReportDoc {
     pub probes: Option<BTreeMap<String, ProbeTotals>>,
     /// Advice items (their shape is the advice renderer's).
     pub advice: serde_json::Value,
-    pub occupancy: Vec<Occupancy>,
+    /// Table snapshots: each the serde form of
+    /// `conntrack::occupancy::Occupancy` (see the module doc for why not
+    /// the type itself, yet).
+    pub occupancy: Vec<serde_json::Value>,
     pub watch: Option<WatchTrailer>,
 }
 

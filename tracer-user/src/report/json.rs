@@ -85,7 +85,11 @@ pub fn doc(r: &Report, top: usize) -> ReportDoc {
                 .collect()
         }),
         advice: crate::advice::to_json(&r.advice()),
-        occupancy: r.occupancy.clone(),
+        occupancy: r
+            .occupancy
+            .iter()
+            .map(|o| serde_json::to_value(o).expect("a snapshot serializes"))
+            .collect(),
         watch: tr.and_then(|t| t.watch.as_deref()).cloned(),
     }
 }
