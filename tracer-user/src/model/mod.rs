@@ -12,12 +12,14 @@
 //!   re-exported so that this module depends on nothing above `cause`
 //!   (conntrack reaches back to `probe`, which uses this module). Its
 //!   serde part belongs here once `conntrack/occupancy.rs` is split.
+//! - [`counts::CountsLine`]: count mode's periodic line (`kind: "counts"`).
 //! - [`capture`]: a capture file's header and trailer.
 //! - [`ReportDoc`]: a capture's report, with the pieces it shares with the
 //!   live summary.
 //! - The end-of-run summary is `crate::summary::Summary` (being reshaped
 //!   with the session engine).
 pub mod capture;
+pub mod counts;
 pub mod drop;
 pub mod probe;
 pub mod report;

@@ -5,7 +5,10 @@ use std::{borrow::Cow, io::Write};
 
 use super::{CountsShown, ProbeShown, Shown, Sink};
 use crate::events::decode::proto_name;
-use crate::model::{DropLine, FillOrigin, ProbeKind, ProbeStatus, ProbeVerdict};
+use crate::model::{
+    counts::{CountsLine, NetnsCounts},
+    DropLine, FillOrigin, ProbeKind, ProbeStatus, ProbeVerdict,
+};
 use crate::probe::{Status, Wire};
 
 impl<'a> DropLine<'a> {
@@ -229,31 +232,33 @@ impl ProbeVerdict {
     }
 }
 
-pub fn counts_json(c: &CountsShown) -> serde_json::Value {
-    let by_cause: serde_json::Map<String, serde_json::Value> = c
-        .by_cause
-        .iter()
-        .map(|(cause, n)| (cause.as_str().to_string(), (*n).into()))
-        .collect();
-    let by_netns: Vec<serde_json::Value> = c
-        .by_netns
-        .iter()
-        .map(|(ns, name, n, fill)| {
-            serde_json::json!({
-                "netns": ns, "netns_name": name, "drops": n,
-                "ct_count": fill.map(|f| f.count), "ct_max": fill.map(|f| f.max),
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "kind": "counts",
-        "ts_ns": c.wall_ns,
-        "interval_s": c.interval_s,
-        "drops": c.drops,
-        "drops_total": c.drops_total,
-        "drops_by_cause": by_cause,
-        "drops_by_netns": by_netns,
-    })
+impl CountsLine {
+    /// Count mode's line for one period.
+    pub fn from_shown(c: &CountsShown) -> CountsLine {
+        CountsLine {
+            kind: Default::default(),
+            ts_ns: c.wall_ns,
+            interval_s: c.interval_s,
+            drops: c.drops,
+            drops_total: c.drops_total,
+            drops_by_cause: c
+                .by_cause
+                .iter()
+                .map(|(cause, n)| (cause.as_str().to_string(), *n))
+                .collect(),
+            drops_by_netns: c
+                .by_netns
+                .iter()
+                .map(|(ns, name, n, fill)| NetnsCounts {
+                    netns: *ns,
+                    netns_name: name.clone(),
+                    drops: *n,
+                    ct_count: fill.map(|f| f.count),
+                    ct_max: fill.map(|f| f.max),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// JSON lines on a writer (stdout for `live --json`).
@@ -286,7 +291,7 @@ impl<W: Write> Sink for JsonSink<W> {
     }
 
     fn counts(&mut self, c: &CountsShown) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, &counts_json(c))?;
+        serde_json::to_writer(&mut self.out, &CountsLine::from_shown(c))?;
         self.out.write_all(b"\n")
     }
 
