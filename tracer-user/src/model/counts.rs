@@ -5,12 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum CountsKind {
-    #[default]
-    #[serde(rename = "counts")]
-    Tag,
-}
+use super::CountsKind;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CountsLine {

@@ -46,6 +46,8 @@ macro_rules! kind_tag {
 }
 kind_tag!(DropKind, "drop");
 kind_tag!(ProbeLineKind, "probe");
+kind_tag!(CountsKind, "counts");
+kind_tag!(ReportKind, "report");
 
 /// Causes are written by name (`conntrack_table_full`), as everywhere else.
 impl Serialize for Cause {

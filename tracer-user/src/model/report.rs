@@ -11,16 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     capture::{CaptureFilter, WatchTrailer},
-    ProbeCounts, ProbeVerdict,
+    ProbeCounts, ProbeVerdict, ReportKind,
 };
 use crate::cause::Cause;
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ReportKind {
-    #[default]
-    #[serde(rename = "report")]
-    Tag,
-}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReportDoc {
