@@ -150,12 +150,9 @@ pub fn race_until_insert_failed(
     Ok(())
 }
 
-/// setns for a helper thread that must send from the namespace at `p`.
-fn enter(p: &std::path::Path) {
-    let f = std::fs::File::open(p).unwrap();
-    // SAFETY: setns changes only this thread's namespace; f is a valid fd.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+/// Puts a helper thread that must send from the namespace at `p` there.
+pub fn enter(p: &std::path::Path) {
+    ctlab::enter(p).unwrap();
 }
 
 #[cfg(test)]

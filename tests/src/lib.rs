@@ -15,24 +15,13 @@
 
 pub mod bpf;
 pub mod clash;
-pub mod flood;
 pub mod mixed;
 
 use std::{
-    collections::BTreeMap,
-    fs::File,
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, UdpSocket},
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::fs::MetadataExt,
-    },
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        mpsc, Arc, Mutex,
-    },
+    sync::{mpsc, Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -54,205 +43,15 @@ pub fn ctdrop_bin() -> PathBuf {
     }
 }
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+// ------------------------------------------------------------------ scenes
 
-/// A number unique within this process (namespace names, subnets, ids).
-pub fn next_id() -> u32 {
-    COUNTER.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Runs `cmd` and returns its stdout; an error (with stderr) unless it exits 0.
-pub fn run(cmd: &[&str]) -> Result<String> {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `f` on a fresh thread that has entered the network namespace at
-/// `ns_path` (the calling thread stays where it is).
-pub fn in_netns<T: Send + 'static>(
-    ns_path: &Path,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let ns = File::open(ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
-    std::thread::spawn(move || {
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns: {}", std::io::Error::last_os_error());
-        }
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow!("namespace worker panicked"))?
-}
-
-// ---------------------------------------------------------------- namespaces
-
-/// A named network namespace, deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    /// Creates `ctdt-<pid>-<n>` with loopback up and IPv6 off (no router
-    /// solicitations or DAD packets to muddy the counts).
-    pub fn new() -> Result<Netns> {
-        Netns::with_prefix("ctdt")
-    }
-
-    /// `<prefix>-<pid>-<n>`: a suite's own prefix, so a leftover says whose it is.
-    pub fn with_prefix(prefix: &str) -> Result<Netns> {
-        let name = format!("{prefix}-{}-{}", std::process::id(), next_id());
-        run(&["ip", "netns", "add", &name])?;
-        let ns = Netns { name };
-        ns.exec(&[
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ])?;
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    pub fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
-    }
-
-    /// The namespace's inode: what ctdrop reports as `netns`.
-    pub fn inode(&self) -> Result<u32> {
-        Ok(std::fs::metadata(self.path())?.ino() as u32)
-    }
-
-    /// `ip netns exec NAME cmd...`; stdout, or an error with stderr.
-    pub fn exec(&self, cmd: &[&str]) -> Result<String> {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(cmd);
-        run(&full)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = run(&["ip", "netns", "del", &self.name]) {
-            eprintln!("ctdrop-tests: cleanup: {e:#}");
-        }
-    }
-}
-
-/// The two ends of a veth pair, each created directly in its namespace
-/// (never in the initial one, so names cannot collide); they go away with
-/// the namespaces.
-pub struct VethPair {
-    pub sender_if: String,
-    pub receiver_if: String,
-}
-
-impl VethPair {
-    pub fn create(sender: &Netns, receiver: &Netns) -> Result<VethPair> {
-        let (s, r) = ("ctdt-tx".to_string(), "ctdt-rx".to_string());
-        run(&[
-            "ip",
-            "link",
-            "add",
-            &s,
-            "netns",
-            &sender.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &r,
-            "netns",
-            &receiver.name,
-        ])?;
-        Ok(VethPair {
-            sender_if: s,
-            receiver_if: r,
-        })
-    }
-}
-
-/// Sender and receiver namespaces on one /24 of 198.18.0.0/15.
-pub struct Topology {
-    pub veth: VethPair,
-    pub sender_addr: Ipv4Addr,
-    pub receiver_addr: Ipv4Addr,
-    // Declared last: dropped after everything that refers to them.
-    pub sender: Netns,
-    pub receiver: Netns,
-}
-
-impl Topology {
-    /// `sender` 198.18.<n>.1/24 -- veth -- `receiver` 198.18.<n>.2/24, both up.
-    pub fn pair() -> Result<Topology> {
-        Topology::pair_with_prefix("ctdt")
-    }
-
-    /// [`Topology::pair`] with namespaces named `<prefix>-...`.
-    pub fn pair_with_prefix(prefix: &str) -> Result<Topology> {
-        let sender = Netns::with_prefix(prefix)?;
-        let receiver = Netns::with_prefix(prefix)?;
-        let veth = VethPair::create(&sender, &receiver)?;
-        let n = (next_id() % 256) as u8;
-        let sender_addr = Ipv4Addr::new(198, 18, n, 1);
-        let receiver_addr = Ipv4Addr::new(198, 18, n, 2);
-        for (ns, dev, addr) in [
-            (&sender, &veth.sender_if, sender_addr),
-            (&receiver, &veth.receiver_if, receiver_addr),
-        ] {
-            ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ns.exec(&["ip", "link", "set", dev, "up"])?;
-        }
-        Ok(Topology {
-            veth,
-            sender_addr,
-            receiver_addr,
-            sender,
-            receiver,
-        })
-    }
-
-    /// `iptables -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT`
-    /// in the receiver: this is what turns conntrack on there.
-    pub fn track_receiver(&self) -> Result<()> {
-        self.receiver.exec(&[
-            "iptables",
-            "-A",
-            "INPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED,RELATED",
-            "-j",
-            "ACCEPT",
-        ])?;
-        Ok(())
-    }
-}
-
-// ------------------------------------------------------------------ sysctl
-
-pub fn read_conntrack_max() -> Result<u64> {
-    let s = std::fs::read_to_string(CONNTRACK_MAX).context("reading nf_conntrack_max")?;
-    s.trim()
-        .parse()
-        .with_context(|| format!("parsing nf_conntrack_max {s:?}"))
-}
-
-pub fn write_conntrack_max(v: u64) -> Result<()> {
-    std::fs::write(CONNTRACK_MAX, format!("{v}\n"))
-        .with_context(|| format!("setting nf_conntrack_max to {v}"))
-}
+// Namespaces, veths, the conntrack counters, traffic and floods come from
+// ctlab, shared with `xtask bench` and `ctdrop demo`.
+pub use ctlab::{
+    ct_stats, flood, in_netns, next_id, parse_ct_stats, ping, read_max as read_conntrack_max, run,
+    send_udp, send_udp_flows, set_icmp_checksum, settled_ct_stats, settled_ct_stats_within,
+    write_max as write_conntrack_max, EchoProbe, Netns, Topology, UdpSink, VethPair,
+};
 
 /// Holds the lock on [`LOCK_PATH`] and the global `nf_conntrack_max`
 /// (through `ctlab`, the same guard `ctdrop demo` uses: one lock, one wait
@@ -270,11 +69,8 @@ impl ConntrackMaxGuard {
     /// would start dropping packets.
     pub fn set(value: u64) -> Result<ConntrackMaxGuard> {
         let mut inner = ctlab::MaxGuard::lock(&|| false)?;
-        let mine = format!("-{}-", std::process::id());
         inner
-            .set(value, &|n| {
-                n.name.as_deref().is_some_and(|name| name.contains(&mine))
-            })
+            .set(value, &|n| n.name.as_deref().is_some_and(Netns::is_ours))
             .map_err(|e| anyhow!("ctdrop-tests: {e:#}"))?;
         Ok(ConntrackMaxGuard { inner })
     }
@@ -285,48 +81,6 @@ impl ConntrackMaxGuard {
     }
 }
 
-// ------------------------------------------------------------ ct counters
-
-/// `/proc/net/stat/nf_conntrack` inside `ns`, by the header's column names:
-/// every column summed over CPUs, except `entries` (the table count, the
-/// same on every line).
-pub fn ct_stats(ns: &Netns) -> Result<BTreeMap<String, u64>> {
-    parse_ct_stats(&ns.exec(&["cat", "/proc/net/stat/nf_conntrack"])?)
-}
-
-pub fn parse_ct_stats(text: &str) -> Result<BTreeMap<String, u64>> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines
-        .next()
-        .ok_or_else(|| anyhow!("empty stat file"))?
-        .split_whitespace()
-        .collect();
-    let mut out: BTreeMap<String, u64> = header.iter().map(|h| (h.to_string(), 0)).collect();
-    for (i, line) in lines.enumerate() {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() != header.len() {
-            bail!(
-                "stat line {line:?} has {} columns, header {}",
-                cols.len(),
-                header.len()
-            );
-        }
-        for (name, v) in header.iter().zip(cols) {
-            let v = u64::from_str_radix(v, 16).with_context(|| format!("hex {v:?}"))?;
-            if *name == "entries" {
-                if i == 0 {
-                    out.insert(name.to_string(), v);
-                }
-            } else {
-                *out.get_mut(*name).unwrap() += v;
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// A `<prefix>-…` pair whose receiver's table is full at `max` entries
-/// (the global limit lowered under the guard): every new flow into it is a
 /// `conntrack_table_full` drop from now on, for the 30 s the fill lives.
 pub fn full_pair_with_prefix(prefix: &str, max: u64) -> Result<(Topology, ConntrackMaxGuard)> {
     let topo = Topology::pair_with_prefix(prefix)?;
@@ -338,209 +92,6 @@ pub fn full_pair_with_prefix(prefix: &str, max: u64) -> Result<(Topology, Conntr
         bail!("table not full after the fill: {s:?}");
     }
     Ok((topo, guard))
-}
-
-/// `ns`'s counters once column `col` stops moving (packets on a veth are
-/// delivered asynchronously): read every 100 ms, at most 5 s.
-pub fn settled_ct_stats(ns: &Netns, col: &str) -> Result<BTreeMap<String, u64>> {
-    let mut last = ct_stats(ns)?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = ct_stats(ns)?;
-        if now[col] == last[col] || Instant::now() > deadline {
-            return Ok(now);
-        }
-        last = now;
-    }
-}
-
-// ----------------------------------------------------------------- traffic
-
-/// Sends one 16-byte datagram to each of `dst:first_port .. first_port+n`
-/// from inside `ns`: `n` new conntrack flows.
-pub fn send_udp_flows(ns: &Netns, dst: Ipv4Addr, first_port: u16, n: u16) -> Result<Vec<u16>> {
-    let last = first_port
-        .checked_add(n)
-        .ok_or_else(|| anyhow!("port overflow"))?;
-    send_udp(ns, dst, (first_port..last).collect())
-}
-
-/// Sends one 16-byte datagram to each `dst:port` in `dports` from inside
-/// `ns`, each from its own socket. The sockets stay open until all are
-/// sent, so every datagram has a distinct source port (a new flow even
-/// when ports repeat). Returns those source ports, in order.
-pub fn send_udp(ns: &Netns, dst: Ipv4Addr, dports: Vec<u16>) -> Result<Vec<u16>> {
-    in_netns(&ns.path(), move || {
-        let mut socks = Vec::with_capacity(dports.len());
-        for port in dports {
-            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-            sock.send_to(b"ctdrop-tests udp", (dst, port))
-                .with_context(|| format!("sending to {dst}:{port}"))?;
-            socks.push(sock);
-        }
-        socks.iter().map(|s| Ok(s.local_addr()?.port())).collect()
-    })
-}
-
-/// UDP sockets bound inside a namespace, one per port, to tell which
-/// datagrams arrived (and so were not dropped on the way in).
-pub struct UdpSink {
-    socks: Vec<(u16, UdpSocket)>,
-}
-
-impl UdpSink {
-    /// Binds `addr:port` for each port, inside `ns`.
-    pub fn bind(ns: &Netns, addr: Ipv4Addr, ports: Vec<u16>) -> Result<UdpSink> {
-        let socks = in_netns(&ns.path(), move || {
-            ports
-                .into_iter()
-                .map(|p| {
-                    let s = UdpSocket::bind((addr, p))
-                        .with_context(|| format!("binding {addr}:{p}"))?;
-                    s.set_nonblocking(true)?;
-                    Ok((p, s))
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        Ok(UdpSink { socks })
-    }
-
-    /// Ports that received at least one datagram since the last call.
-    pub fn received(&self) -> Vec<u16> {
-        let mut buf = [0u8; 2048];
-        let mut ports = Vec::new();
-        for (port, sock) in &self.socks {
-            let mut got = false;
-            while sock.recv_from(&mut buf).is_ok() {
-                got = true;
-            }
-            if got {
-                ports.push(*port);
-            }
-        }
-        ports
-    }
-}
-
-/// One ICMP echo request and whether its reply came back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EchoProbe {
-    pub id: u16,
-    pub seq: u16,
-    pub replied: bool,
-}
-
-/// Sends `count` ICMP echo requests from inside `ns` on a raw socket, with
-/// ids `first_id + i` (so each is a new conntrack flow) and seq `i + 1`,
-/// then waits up to `wait` for the replies.
-pub fn ping(
-    ns: &Netns,
-    dst: Ipv4Addr,
-    first_id: u16,
-    count: u16,
-    wait: Duration,
-) -> Result<Vec<EchoProbe>> {
-    in_netns(&ns.path(), move || {
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_ICMP,
-            )
-        };
-        if fd < 0 {
-            bail!("raw ICMP socket: {}", std::io::Error::last_os_error());
-        }
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 50_000,
-        };
-        let tv_len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                tv_len,
-            )
-        };
-        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        addr.sin_family = libc::AF_INET as libc::sa_family_t;
-        addr.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
-        let mut probes = Vec::new();
-        for i in 0..count {
-            let (id, seq) = (first_id.wrapping_add(i), i + 1);
-            let pkt = echo_request(id, seq);
-            let sent = unsafe {
-                libc::sendto(
-                    sock.as_raw_fd(),
-                    pkt.as_ptr() as *const libc::c_void,
-                    pkt.len(),
-                    0,
-                    &addr as *const _ as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                )
-            };
-            if sent != pkt.len() as isize {
-                bail!("sending echo request: {}", std::io::Error::last_os_error());
-            }
-            probes.push(EchoProbe {
-                id,
-                seq,
-                replied: false,
-            });
-        }
-        let deadline = Instant::now() + wait;
-        let mut buf = [0u8; 1500];
-        while Instant::now() < deadline && probes.iter().any(|p| !p.replied) {
-            let n = unsafe {
-                libc::recv(
-                    sock.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                )
-            };
-            if n <= 0 {
-                continue; // timeout tick
-            }
-            let pkt = &buf[..n as usize];
-            let ihl = ((pkt[0] & 0x0f) as usize) * 4;
-            if pkt.len() < ihl + 8 || pkt[12..16] != dst.octets() || pkt[ihl] != 0 {
-                continue; // not an echo reply from dst
-            }
-            let id = u16::from_be_bytes([pkt[ihl + 4], pkt[ihl + 5]]);
-            let seq = u16::from_be_bytes([pkt[ihl + 6], pkt[ihl + 7]]);
-            if let Some(p) = probes.iter_mut().find(|p| p.id == id && p.seq == seq) {
-                p.replied = true;
-            }
-        }
-        Ok(probes)
-    })
-}
-
-pub(crate) fn echo_request(id: u16, seq: u16) -> Vec<u8> {
-    let mut p = vec![8u8, 0, 0, 0];
-    p.extend_from_slice(&id.to_be_bytes());
-    p.extend_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(b"ctdrop-tests pin");
-    set_icmp_checksum(&mut p);
-    p
-}
-
-/// Fills in the checksum (bytes 2-3, zero before) of the ICMP message `p`.
-pub fn set_icmp_checksum(p: &mut [u8]) {
-    let mut sum = 0u32;
-    for c in p.chunks(2) {
-        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    p[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
 
 // ------------------------------------------------------------------ ctdrop
@@ -730,6 +281,16 @@ impl Ctdrop {
         }
     }
 
+    /// Gives the last events 300 ms to come through the ring, stops
+    /// ([`Ctdrop::stop`]) and asserts ctdrop exited 0.
+    #[track_caller]
+    pub fn stop_drained(self) -> CtdropOutput {
+        std::thread::sleep(Duration::from_millis(300));
+        let out = self.stop().unwrap();
+        out.assert_success();
+        out
+    }
+
     /// SIGINT, then waits (20 s at most) for the summary and the exit.
     pub fn stop(self) -> Result<CtdropOutput> {
         self.stop_with(libc::SIGINT)
@@ -914,6 +475,36 @@ pub fn parse_json_lines(stdout: &str) -> Result<Vec<Value>> {
 }
 
 impl CtdropOutput {
+    /// An error as a user should see it: no panic or backtrace on stderr,
+    /// nothing on stdout.
+    #[track_caller]
+    pub fn assert_clean_error(&self) {
+        let out = self;
+        for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
+            assert!(
+                !out.stderr.contains(bad),
+                "stderr mentions {bad:?}: {}",
+                out.stderr
+            );
+        }
+        assert!(
+            out.stdout.trim().is_empty(),
+            "stdout on error: {}",
+            out.stdout
+        );
+    }
+
+    /// Asserts ctdrop exited 0, with its stderr when it did not.
+    #[track_caller]
+    pub fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "ctdrop failed: {:?}\n{}",
+            self.status,
+            self.stderr
+        );
+    }
+
     /// The `kind: drop` records.
     pub fn drops(&self) -> Vec<&Value> {
         self.records
@@ -1005,13 +596,17 @@ impl Drop for Scratch {
 /// A pair whose receiver's table is full (`max` entries, held by the
 /// returned guard): every new flow into it is a `conntrack_table_full` drop.
 pub fn full_table_pair(max: u64) -> (Topology, ConntrackMaxGuard) {
-    let topo = Topology::pair().unwrap();
-    topo.track_receiver().unwrap();
-    let guard = ConntrackMaxGuard::set(max).unwrap();
-    send_udp_flows(&topo.sender, topo.receiver_addr, 10_000, max as u16 + 16).unwrap();
-    let s = settled_ct_stats(&topo.receiver, "drop").unwrap();
-    assert_eq!(s["entries"], max, "table not full after the fill: {s:?}");
-    (topo, guard)
+    full_pair_with_prefix("ctdt", max).unwrap()
+}
+
+/// Most of `sent` new flows into `rx`'s full table were dropped (at least
+/// 90%; the kernel's `drop_delta`), and [`assert_table_full_exact`].
+pub fn assert_flows_dropped_exact(out: &CtdropOutput, rx: u32, drop_delta: u64, sent: u16) {
+    assert!(
+        drop_delta >= sent as u64 * 9 / 10,
+        "only {drop_delta} of {sent} dropped"
+    );
+    assert_table_full_exact(out, rx, drop_delta);
 }
 
 /// One `conntrack_table_full` record in namespace `rx` per drop the kernel
@@ -1036,32 +631,4 @@ pub fn assert_table_full_exact(out: &CtdropOutput, rx: u32, drop_delta: u64) {
         .unwrap()
         .unwrap_or_else(|| panic!("no kernel_counters for {rx}: {s}"));
     assert_eq!(kc["agree"], true, "kernel counters {kc}");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stats_sum_cpus_but_not_entries() {
-        let t = "entries  clashres drop early_drop\n00000040  00000001 0000000a 00000000\n00000040  00000002 00000005 00000001\n";
-        let s = parse_ct_stats(t).unwrap();
-        assert_eq!(s["entries"], 64);
-        assert_eq!(s["clashres"], 3);
-        assert_eq!(s["drop"], 15);
-        assert_eq!(s["early_drop"], 1);
-    }
-
-    #[test]
-    fn echo_checksum_verifies() {
-        let p = echo_request(0x1234, 7);
-        let mut sum = 0u32;
-        for c in p.chunks(2) {
-            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-        }
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        assert_eq!(sum, 0xffff);
-    }
 }

@@ -13,6 +13,8 @@ use std::{
 
 use serde_json::Value;
 
+use ctlab::CtStats;
+
 use crate::{
     ct_stats,
     flood::{Flood, FloodKind},
@@ -43,45 +45,13 @@ impl Scene {
         let mut dst = IpAddr::V4(topo.receiver_addr);
         let tool = if v6 { "ip6tables" } else { "iptables" };
         if v6 {
-            let n = topo.receiver_addr.octets()[2];
-            for (ns, dev, host) in [
-                (&topo.sender, &topo.veth.sender_if, 1u16),
-                (&topo.receiver, &topo.veth.receiver_if, 2),
-            ] {
-                ns.exec(&[
-                    "sysctl",
-                    "-qw",
-                    &format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
-                ])
+            let n = topo.receiver_addr.octets()[2] as u16;
+            let r6 = Ipv6Addr::new(0xfd00, 0x18, n, 0, 0, 0, 0, 2);
+            topo.add_ipv6(Ipv6Addr::new(0xfd00, 0x18, n, 0, 0, 0, 0, 1), r6)
                 .unwrap();
-                let a = Ipv6Addr::new(0xfd00, 0x18, n as u16, 0, 0, 0, 0, host);
-                ns.exec(&[
-                    "ip",
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{a}/64"),
-                    "dev",
-                    dev,
-                    "nodad",
-                ])
-                .unwrap();
-                if host == 2 {
-                    dst = IpAddr::V6(a);
-                }
-            }
+            dst = IpAddr::V6(r6);
             topo.receiver
-                .exec(&[
-                    "ip6tables",
-                    "-A",
-                    "INPUT",
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "ESTABLISHED,RELATED",
-                    "-j",
-                    "ACCEPT",
-                ])
+                .accept_ct("ip6tables", "INPUT", "ESTABLISHED,RELATED")
                 .unwrap();
         }
         topo.receiver
@@ -117,6 +87,34 @@ impl Scene {
         assert_eq!(s["entries"], MAX, "table not full after the fill: {s:?}");
     }
 
+    /// Runs `traffic` between two readings of the receiver's counters:
+    /// its `drop` counter (settled) and the rule's packet counter.
+    pub fn measure<T>(&self, traffic: impl FnOnce() -> T) -> Measured<T> {
+        let before = ct_stats(&self.topo.receiver).unwrap();
+        let rule_before = self.rule_packets();
+        let sent = traffic();
+        let after = settled_ct_stats(&self.topo.receiver, "drop").unwrap();
+        let rule_delta = self.rule_packets() - rule_before;
+        Measured {
+            sent,
+            drop_delta: after["drop"] - before["drop"],
+            rule_delta,
+            before,
+            after,
+        }
+    }
+
+    /// [`send_mixed`] from the sender, [`Scene::measure`]d: (flood, ruled)
+    /// datagrams sent.
+    pub fn mixed_round(&self) -> Measured<(u64, u64)> {
+        self.measure(|| send_mixed(&self.topo.sender.path(), self.dst))
+    }
+
+    /// [`judge`] of a measured round.
+    pub fn judge<T>(&self, out: &CtdropOutput, m: &Measured<T>) -> usize {
+        judge(self, out, m.drop_delta, m.rule_delta)
+    }
+
     pub fn rule_packets(&self) -> u64 {
         let tool = if self.dst.is_ipv6() {
             "ip6tables"
@@ -134,6 +132,18 @@ impl Scene {
             .unwrap_or_else(|| panic!("rule not listed: {out}"));
         line.split_whitespace().next().unwrap().parse().unwrap()
     }
+}
+
+/// What [`Scene::measure`] saw around the traffic.
+pub struct Measured<T> {
+    /// What the traffic returned.
+    pub sent: T,
+    pub before: CtStats,
+    pub after: CtStats,
+    /// The receiver's `drop` counter's rise.
+    pub drop_delta: u64,
+    /// The raw-table rule's packet counter's rise.
+    pub rule_delta: u64,
 }
 
 /// From one socket in `ns`: a new flow to each `FLOOD` port, and after
@@ -253,14 +263,7 @@ pub fn ctdrop_started_during_a_flood(args: &[&str]) -> (u32, CtdropOutput) {
     let ctdrop = Ctdrop::spawn_tail(args, 2_000_000).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     flood.stop().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    let out = ctdrop.stop_drained();
     (rx, out)
 }
 

@@ -83,16 +83,7 @@ impl Incident {
 /// Waits until `ns`'s stat counter `col` stops moving (veth delivery is
 /// asynchronous), at most 2 s.
 fn settle(ns: &Netns, col: &str) -> BTreeMap<String, u64> {
-    let mut last = ct_stats(ns).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = ct_stats(ns).unwrap();
-        if now[col] == last[col] || Instant::now() > deadline {
-            return now;
-        }
-        last = now;
-    }
+    ctdrop_tests::settled_ct_stats_within(ns, col, Duration::from_secs(2)).unwrap()
 }
 
 /// A short ctdrop command run to its end; its stdout need not be JSON lines.

@@ -71,12 +71,7 @@ fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
     // flood's speed (a wait, not a timed assertion).
     std::thread::sleep(std::time::Duration::from_secs(1));
     let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    out.assert_success();
     assert!(
         delta >= FLOWS as u64 * 9 / 10,
         "the table did not stay full: drop +{delta} for {FLOWS} flows"
@@ -189,12 +184,7 @@ fn count_only_totals_equal_kernel_drop_counter_under_a_new_flow_flood_past_every
     send_many_flows(&topo.sender, topo.receiver_addr, flows);
     let delta = settled_drops(&topo.receiver) - before;
     let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    out.assert_success();
     assert!(
         delta >= flows as u64 * 9 / 10,
         "the table did not stay full: drop +{delta} for {flows} flows"

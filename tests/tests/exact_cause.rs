@@ -16,29 +16,16 @@ fn mixed(v6: bool) {
     let _max = ConntrackMaxGuard::set(MAX).unwrap();
     s.fill();
     let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
-    let before = ct_stats(&s.topo.receiver).unwrap();
-    let rule_before = s.rule_packets();
-    let (flood, ruled) = send_mixed(&s.topo.sender.path(), s.dst);
-    let after = settled_ct_stats(&s.topo.receiver, "drop").unwrap();
-    let rule_after = s.rule_packets();
-    std::thread::sleep(Duration::from_millis(300));
-    let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    let m = s.mixed_round();
+    let out = ctdrop.stop_drained();
+    let (flood, ruled) = m.sent;
     eprintln!("sent {flood} flood + {ruled} ruled datagrams");
-    let wrong = judge(
-        &s,
-        &out,
-        after["drop"] - before["drop"],
-        rule_after - rule_before,
-    );
+    let wrong = s.judge(&out, &m);
     assert!(
-        after["drop"] - before["drop"] > 1000 && rule_after - rule_before == ruled,
-        "the scene did not happen: {before:?} -> {after:?}"
+        m.drop_delta > 1000 && m.rule_delta == ruled,
+        "the scene did not happen: {:?} -> {:?}",
+        m.before,
+        m.after
     );
     assert_eq!(wrong, 0, "records whose cause is not their packet's");
     let summary = out.summary().unwrap();
@@ -81,14 +68,7 @@ fn two_namespaces_full_at_once_each_record_exact() {
         settled_ct_stats(&b.topo.receiver, "drop").unwrap(),
     );
     let (ra2, rb2) = (a.rule_packets(), b.rule_packets());
-    std::thread::sleep(Duration::from_millis(300));
-    let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    let out = ctdrop.stop_drained();
     eprintln!("sent {fa:?} and {fb:?}");
     let wa = judge(&a, &out, aa["drop"] - ba["drop"], ra2 - ra);
     let wb = judge(&b, &out, ab["drop"] - bb["drop"], rb2 - rb);
@@ -122,32 +102,13 @@ fn ctdrop_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
 fn insert_clash_drops_are_named_insert_failed_per_packet() {
     let t = Topology::pair().unwrap();
     // Conntrack on in the sender: its OUTPUT creates, POSTROUTING confirms.
-    t.sender
-        .exec(&[
-            "iptables",
-            "-A",
-            "OUTPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-j",
-            "ACCEPT",
-        ])
-        .unwrap();
+    t.sender.accept_ct("iptables", "OUTPUT", "NEW").unwrap();
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json"]).unwrap();
     let before = ct_stats(&t.sender).unwrap();
     clash::race_until_insert_failed(&t.sender, t.sender_addr, t.receiver_addr, 80, 20).unwrap();
     let after = settled_ct_stats(&t.sender, "insert_failed").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let out = c.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    let out = c.stop_drained();
     let failed = after["insert_failed"] - before["insert_failed"];
     let mine = out.drops_in(tx);
     let causes = mixed::by_cause(mine.iter().copied());
@@ -222,27 +183,13 @@ fn a_namespace_created_after_start_gets_marks_and_exact_causes() {
         "no hook marks in the new namespace: {}",
         ctdrop.stderr_so_far()
     );
-    let before = ct_stats(&s.topo.receiver).unwrap();
-    let rule_before = s.rule_packets();
     // Everything from here on, the fill's own overflow included, is judged.
-    s.fill();
-    send_mixed(&s.topo.sender.path(), s.dst);
-    let after = settled_ct_stats(&s.topo.receiver, "drop").unwrap();
-    let rule_after = s.rule_packets();
-    std::thread::sleep(Duration::from_millis(300));
-    let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
-    let wrong = judge(
-        &s,
-        &out,
-        after["drop"] - before["drop"],
-        rule_after - rule_before,
-    );
+    let m = s.measure(|| {
+        s.fill();
+        send_mixed(&s.topo.sender.path(), s.dst)
+    });
+    let out = ctdrop.stop_drained();
+    let wrong = s.judge(&out, &m);
     assert_eq!(wrong, 0, "records whose cause is not their packet's");
     let hooked = out
         .drops_in(s.rx)
@@ -268,27 +215,11 @@ fn without_marks_each_budget_decided_record_says_so_and_is_counted() {
     let _max = ConntrackMaxGuard::set(MAX).unwrap();
     s.fill();
     let ctdrop = Ctdrop::spawn(&["live", "--json", "--mode", "tracepoint"]).unwrap();
-    let before = ct_stats(&s.topo.receiver).unwrap();
-    let rule_before = s.rule_packets();
-    send_mixed(&s.topo.sender.path(), s.dst);
-    let after = settled_ct_stats(&s.topo.receiver, "drop").unwrap();
-    let rule_after = s.rule_packets();
-    std::thread::sleep(Duration::from_millis(300));
-    let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    let m = s.mixed_round();
+    let out = ctdrop.stop_drained();
     // The wrong records of the inference are the point of issue #13; here
     // only their honesty is checked.
-    let wrong = judge(
-        &s,
-        &out,
-        after["drop"] - before["drop"],
-        rule_after - rule_before,
-    );
+    let wrong = s.judge(&out, &m);
     eprintln!("--mode tracepoint: {wrong} records carry the other packet's cause");
     let mine = out.drops_in(s.rx);
     let budget = mine

@@ -195,17 +195,7 @@ fn an_ipv6_prefix_selects_exactly_the_ipv6_drops() {
     let topo = Topology::pair_with_prefix("ctdflt").unwrap();
     topo.track_receiver().unwrap();
     topo.receiver
-        .exec(&[
-            "ip6tables",
-            "-A",
-            "INPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED,RELATED",
-            "-j",
-            "ACCEPT",
-        ])
+        .accept_ct("ip6tables", "INPUT", "ESTABLISHED,RELATED")
         .unwrap();
     // IPv6 benchmarking addresses (RFC 5180, 2001:2::/48), no DAD, no router solicitations.
     let n = topo.sender_addr.octets()[2] as u16;
@@ -213,30 +203,11 @@ fn an_ipv6_prefix_selects_exactly_the_ipv6_drops() {
         Ipv6Addr::new(0x2001, 2, 0, n, 0, 0, 0, 1),
         Ipv6Addr::new(0x2001, 2, 0, n, 0, 0, 0, 2),
     );
-    for (ns, dev, a) in [
-        (&topo.sender, &topo.veth.sender_if, s6),
-        (&topo.receiver, &topo.veth.receiver_if, r6),
-    ] {
-        ns.exec(&[
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=0",
-            &format!("net.ipv6.conf.{dev}.router_solicitations=0"),
-            &format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
-        ])
-        .unwrap();
-        ns.exec(&[
-            "ip",
-            "-6",
-            "addr",
-            "add",
-            &format!("{a}/64"),
-            "dev",
-            dev,
-            "nodad",
-        ])
-        .unwrap();
+    for ns in [&topo.sender, &topo.receiver] {
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"])
+            .unwrap();
     }
+    topo.add_ipv6(s6, r6).unwrap();
     let _max = ConntrackMaxGuard::set(MAX).unwrap();
     fill(&topo);
     // Link-local chatter (MLD) after enabling IPv6 settles first.

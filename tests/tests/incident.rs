@@ -29,16 +29,7 @@ fn count_by_cause<'a>(recs: impl IntoIterator<Item = &'a Value>) -> BTreeMap<Str
 /// Waits until `ns`'s stat counter `col` stops moving (packets on a veth
 /// are delivered asynchronously), at most 2 s.
 fn settle(ns: &Netns, col: &str) -> BTreeMap<String, u64> {
-    let mut last = ct_stats(ns).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = ct_stats(ns).unwrap();
-        if now[col] == last[col] || Instant::now() > deadline {
-            return now;
-        }
-        last = now;
-    }
+    ctdrop_tests::settled_ct_stats_within(ns, col, Duration::from_secs(2)).unwrap()
 }
 
 #[test]
@@ -82,12 +73,7 @@ fn table_full_drops_match_kernel_drop_counter_and_explain_each_lost_ping() {
     let arrived = sink.received();
     let out = ctdrop.stop().unwrap();
     let traffic_s = t0.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    out.assert_success();
 
     let drop_delta = after["drop"] - before["drop"];
     let mine = out.drops_in(rx);
@@ -258,12 +244,7 @@ fn filter_rule_drop_is_not_table_full() {
     std::thread::sleep(Duration::from_millis(500));
     let after = ct_stats(&topo.receiver).unwrap();
     let out = ctdrop.stop().unwrap();
-    assert!(
-        out.status.success(),
-        "ctdrop failed: {:?}\n{}",
-        out.status,
-        out.stderr
-    );
+    out.assert_success();
 
     let mine = out.drops_in(rx);
     eprintln!(
@@ -355,21 +336,6 @@ fn short(args: &[&str]) -> CtdropOutput {
     run_ctdrop(&[], args, Duration::from_secs(15)).unwrap()
 }
 
-fn assert_clean_error(out: &CtdropOutput) {
-    for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
-        assert!(
-            !out.stderr.contains(bad),
-            "stderr mentions {bad:?}: {}",
-            out.stderr
-        );
-    }
-    assert!(
-        out.stdout.trim().is_empty(),
-        "stdout on error: {}",
-        out.stdout
-    );
-}
-
 #[test]
 fn unknown_flag_exits_2_with_usage_error() {
     let out = short(&["live", "--no-such-flag"]);
@@ -379,7 +345,7 @@ fn unknown_flag_exits_2_with_usage_error() {
         "stderr: {}",
         out.stderr
     );
-    assert_clean_error(&out);
+    out.assert_clean_error();
 }
 
 #[test]
@@ -394,7 +360,7 @@ fn missing_btf_exits_1_with_one_line_naming_btf() {
         "stderr: {}",
         out.stderr
     );
-    assert_clean_error(&out);
+    out.assert_clean_error();
 }
 
 #[test]
@@ -406,7 +372,7 @@ fn bogus_duration_is_refused_with_a_clear_message() {
         "stderr: {}",
         out.stderr
     );
-    assert_clean_error(&out);
+    out.assert_clean_error();
 }
 
 #[test]
@@ -418,7 +384,7 @@ fn ring_size_not_a_power_of_two_is_refused() {
         "stderr: {}",
         out.stderr
     );
-    assert_clean_error(&out);
+    out.assert_clean_error();
 }
 
 #[test]
@@ -443,5 +409,5 @@ fn non_root_exits_1_and_says_root_is_needed() {
         "stderr: {}",
         out.stderr
     );
-    assert_clean_error(&out);
+    out.assert_clean_error();
 }

@@ -264,19 +264,7 @@ fn guest_table_full_records_equal_the_drop_increase_via_alloc_probe() {
 fn guest_insert_failed_records_equal_the_insert_failed_increase() {
     let t = Topology::pair().unwrap();
     // Conntrack on in the sender: its OUTPUT creates, POSTROUTING confirms.
-    t.sender
-        .exec(&[
-            "iptables",
-            "-A",
-            "OUTPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-j",
-            "ACCEPT",
-        ])
-        .unwrap();
+    t.sender.accept_ct("iptables", "OUTPUT", "NEW").unwrap();
     widen_race_window(&t.sender);
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
@@ -321,19 +309,7 @@ fn guest_insert_failed_records_equal_the_insert_failed_increase() {
 #[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
 fn guest_udp_clashes_are_resolved_and_counted_not_dropped() {
     let t = Topology::pair().unwrap();
-    t.sender
-        .exec(&[
-            "iptables",
-            "-A",
-            "OUTPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW",
-            "-j",
-            "ACCEPT",
-        ])
-        .unwrap();
+    t.sender.accept_ct("iptables", "OUTPUT", "NEW").unwrap();
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
     let before = ct_stats(&t.sender).unwrap();
@@ -408,20 +384,11 @@ fn guest_netfilter_hook_mode_is_exact_or_refused_in_one_line() {
         let _max = ConntrackMaxGuard::set(mixed::MAX).unwrap();
         s.fill();
         let c = Ctdrop::spawn(&["live", "--json", "--mode", "netfilter-hook"]).unwrap();
-        let before = ct_stats(&s.topo.receiver).unwrap();
-        let rule_before = s.rule_packets();
-        mixed::send_mixed(&s.topo.sender.path(), s.dst);
-        let after = ctdrop_tests::settled_ct_stats(&s.topo.receiver, "drop").unwrap();
-        let rule_after = s.rule_packets();
+        let m = s.mixed_round();
         std::thread::sleep(Duration::from_millis(500));
         let out = c.stop().unwrap();
         assert!(out.status.success(), "{}", out.stderr);
-        let wrong = mixed::judge(
-            &s,
-            &out,
-            after["drop"] - before["drop"],
-            rule_after - rule_before,
-        );
+        let wrong = s.judge(&out, &m);
         assert_eq!(wrong, 0, "records whose cause is not their packet's");
     } else {
         let out = Command::new(ctdrop_bin())
@@ -460,12 +427,7 @@ fn widen_race_window(ns: &ctdrop_tests::Netns) {
     let _ = std::fs::remove_file(&path);
 }
 
-/// setns for helper threads that must send from the namespace at `p`.
-fn enter(p: &Path) {
-    let f = std::fs::File::open(p).unwrap();
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-}
+use ctdrop_tests::clash::enter;
 
 /// The first datagram of the same UDP flow from two CPUs at once: two
 /// SO_REUSEPORT sockets bound to one source port, connected to one peer.

@@ -4,17 +4,16 @@
 
 use std::{
     collections::BTreeMap,
-    fs::File,
     io::Write,
     net::{Ipv4Addr, UdpSocket},
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::unix::fs::MetadataExt,
     path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
-use ctdrop_tests::{parse_ct_stats, run_ctdrop, ConntrackMaxGuard, Ctdrop};
+use anyhow::{bail, Result};
+use ctdrop_tests::{run_ctdrop, ConntrackMaxGuard, Ctdrop};
 
 const NAMESPACES: usize = 600;
 /// Entries each namespace may hold: every datagram past them is a
@@ -69,19 +68,13 @@ impl ManyNetns {
             .map(|paths| {
                 std::thread::spawn(move || -> Result<()> {
                     for p in paths {
-                        in_ns(&p, || {
+                        ctlab::in_netns(&p, || {
                             run_here(&["ip", "link", "set", "lo", "up"])?;
-                            run_here(&[
+                            run_here(&ctlab::accept_ct_rule(
                                 "iptables",
-                                "-A",
                                 "OUTPUT",
-                                "-m",
-                                "conntrack",
-                                "--ctstate",
                                 "ESTABLISHED,RELATED",
-                                "-j",
-                                "ACCEPT",
-                            ])
+                            ))
                         })?;
                     }
                     Ok(())
@@ -134,34 +127,11 @@ fn run_here(cmd: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f` on this thread's own child thread inside the namespace at `p`
-/// (programs it starts inherit the namespace).
-fn in_ns<T: Send>(p: &PathBuf, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let ns = File::open(p).with_context(|| format!("opening {}", p.display()))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on an open namespace file, for this thread only.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns: {}", std::io::Error::last_os_error());
-            }
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 /// Every namespace's kernel `drop` counter.
 fn drop_counters(paths: &[PathBuf]) -> Result<Vec<u64>> {
     paths
         .iter()
-        .map(|p| {
-            in_ns(p, || {
-                Ok(parse_ct_stats(&std::fs::read_to_string(
-                    "/proc/thread-self/net/stat/nf_conntrack",
-                )?)?["drop"])
-            })
-        })
+        .map(|p| Ok(ctlab::ct_stats_at(p)?["drop"]))
         .collect()
 }
 
@@ -169,7 +139,7 @@ fn drop_counters(paths: &[PathBuf]) -> Result<Vec<u64>> {
 /// `MAX` fill the table, the rest are dropped on the way out.
 fn flood_each(paths: &[PathBuf]) -> Result<()> {
     for p in paths {
-        in_ns(p, || {
+        ctlab::in_netns(p, || {
             let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
             for port in 0..DATAGRAMS {
                 let _ = sock.send_to(b"ctdrop-tests ns", (Ipv4Addr::LOCALHOST, 20000 + port));
@@ -274,19 +244,13 @@ fn the_harness_refuses_to_lower_the_limit_while_another_namespace_holds_entries(
     run_here(&["ip", "netns", "add", &name]).unwrap();
     let path = PathBuf::from("/run/netns").join(&name);
     let r = std::panic::catch_unwind(|| {
-        in_ns(&path, || {
+        ctlab::in_netns(&path, || {
             run_here(&["ip", "link", "set", "lo", "up"])?;
-            run_here(&[
+            run_here(&ctlab::accept_ct_rule(
                 "iptables",
-                "-A",
                 "OUTPUT",
-                "-m",
-                "conntrack",
-                "--ctstate",
                 "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ])?;
+            ))?;
             let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
             for port in 0..50u16 {
                 sock.send_to(b"busy", (Ipv4Addr::LOCALHOST, 30000 + port))?;

@@ -84,6 +84,16 @@ fn tcp_connections(topo: &Topology, port: u16, m: usize) -> (Vec<TcpStream>, Vec
     (clients, server.join().unwrap())
 }
 
+/// `ctdrop check --json --occupancy --netns NS`, killed after `secs`.
+fn check_occupancy(ns: &Netns, secs: u64) -> CtdropOutput {
+    run_ctdrop(
+        &[],
+        &["check", "--json", "--occupancy", "--netns", &ns.name],
+        Duration::from_secs(secs),
+    )
+    .unwrap()
+}
+
 fn occupancy_of(out: &CtdropOutput) -> Value {
     let rec = out
         .records
@@ -135,18 +145,7 @@ fn occupancy_counts_unreplied_udp_and_assured_tcp_exactly_and_advice_names_the_p
     // 45 entries in a 50-entry table: near full (advice starts at 80%).
     let _max = ConntrackMaxGuard::set(50).unwrap();
 
-    let out = run_ctdrop(
-        &[],
-        &[
-            "check",
-            "--json",
-            "--occupancy",
-            "--netns",
-            &topo.receiver.name,
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let out = check_occupancy(&topo.receiver, 60);
     assert!(out.status.success(), "check failed: {}", out.stderr);
     let o = occupancy_of(&out);
     let kernel = ct_stats(&topo.receiver).unwrap();
@@ -350,38 +349,8 @@ fn frag_needed_dropped_by_a_filter_rule_is_icmp_error_blocked() {
     let n = (next_id() % 200) as u8 + 20;
     let (s_addr, r1) = (format!("198.19.{n}.1"), format!("198.19.{n}.2"));
     let (r2, f_addr) = (format!("198.19.{}.1", n + 1), format!("198.19.{}.2", n + 1));
-    run(&[
-        "ip",
-        "link",
-        "add",
-        "ctdo-s",
-        "netns",
-        &sender.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ctdo-r1",
-        "netns",
-        &router.name,
-    ])
-    .unwrap();
-    run(&[
-        "ip",
-        "link",
-        "add",
-        "ctdo-r2",
-        "netns",
-        &router.name,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ctdo-f",
-        "netns",
-        &far.name,
-    ])
-    .unwrap();
+    VethPair::create_named(&sender, "ctdo-s", &router, "ctdo-r1").unwrap();
+    VethPair::create_named(&router, "ctdo-r2", &far, "ctdo-f").unwrap();
     for (ns, dev, addr, mtu) in [
         (&sender, "ctdo-s", &s_addr, "1500"),
         (&router, "ctdo-r1", &r1, "1500"),
@@ -526,18 +495,7 @@ fn a_full_size_table_is_counted_entry_for_entry() {
         kernel >= FULL * 9 / 10,
         "only {kernel} entries after the fill"
     );
-    let out = run_ctdrop(
-        &[],
-        &[
-            "check",
-            "--json",
-            "--occupancy",
-            "--netns",
-            &topo.receiver.name,
-        ],
-        Duration::from_secs(120),
-    )
-    .unwrap();
+    let out = check_occupancy(&topo.receiver, 120);
     assert!(out.status.success(), "{}", out.stderr);
     let o = occupancy_of(&out);
     assert_eq!(o["entries"], kernel, "snapshot vs the kernel's own count");
@@ -576,18 +534,7 @@ fn nat_in_the_namespace_is_named_and_conntrack_kept() {
         .unwrap();
     let _sink = Counter::bind(&topo.receiver, topo.receiver_addr, 5354);
     send_udp(&topo.sender, topo.receiver_addr, vec![P; 10]).unwrap();
-    let out = run_ctdrop(
-        &[],
-        &[
-            "check",
-            "--json",
-            "--occupancy",
-            "--netns",
-            &topo.receiver.name,
-        ],
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    let out = check_occupancy(&topo.receiver, 60);
     let o = occupancy_of(&out);
     assert_eq!(o["entries"], 10);
     assert_eq!(o["nat"], 10, "{o}");

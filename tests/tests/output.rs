@@ -206,15 +206,7 @@ fn a_flood_in_human_mode_folds_to_bounded_lines_per_second_and_every_lost_ping_s
                 .starts_with(&format!("{}:", topo.receiver_addr))
         })
         .expect("probe summary");
-    let pings_lost: u64 = summary_line
-        .split("lost ")
-        .nth(1)
-        .unwrap()
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pings_lost = lost_in(summary_line);
     assert!(pings_lost >= 5, "{summary_line}");
     assert_eq!(downs.len() as u64, pings_lost, "{}", out.stdout);
     // Each with its cause, unless its drop record was among those the ring
@@ -287,15 +279,7 @@ fn quiet_and_metrics_without_json_print_no_drop_lines_but_the_pings() {
             .lines()
             .find(|l| l.trim_start().starts_with(&format!("{addr}: sent")))
             .expect("probe summary");
-        let pings_lost: usize = probe_line
-            .split("lost ")
-            .nth(1)
-            .unwrap()
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let pings_lost = lost_in(probe_line) as usize;
         assert!(pings_lost >= 1, "{probe_line}");
         assert_eq!(
             out.stdout
@@ -374,4 +358,16 @@ fn a_namespace_has_the_same_name_in_drop_records_summary_and_kernel_counters() {
                 .all(|a| a["netns_name"] == topo.receiver.name.as_str()),
         "{adv:?}"
     );
+}
+
+/// The count after "lost " in a probe summary line.
+fn lost_in(line: &str) -> u64 {
+    line.split("lost ")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }

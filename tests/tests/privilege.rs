@@ -57,11 +57,7 @@ fn live_as_nobody_with_exactly_the_tracing_capabilities_counts_a_full_table_exac
     assert!(out.status.success(), "{:?}\n{}", out.status, out.stderr);
     let rx = topo.receiver.inode().unwrap();
     let drop_delta = after["drop"] - before["drop"];
-    assert!(
-        drop_delta >= N as u64 * 9 / 10,
-        "only {drop_delta} of {N} dropped"
-    );
-    assert_table_full_exact(&out, rx, drop_delta);
+    assert_flows_dropped_exact(&out, rx, drop_delta, N);
 }
 
 #[test]

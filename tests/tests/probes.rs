@@ -185,9 +185,7 @@ fn slow_and_fast_echo_responder(
         .unwrap();
     let path = ns.path();
     std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns on an open namespace file, for this thread only.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        ctlab::enter(&path).unwrap();
         // SAFETY: plain socket(2), checked and owned right after.
         let fd = unsafe {
             libc::socket(

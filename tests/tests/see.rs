@@ -83,10 +83,7 @@ impl Trickle {
         let flag = stop.clone();
         let nsf = File::open(ns.path()).unwrap();
         let handle = std::thread::spawn(move || {
-            // SAFETY: setns on this thread only, with a namespace fd we hold.
-            if unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                panic!("setns: {}", std::io::Error::last_os_error());
-            }
+            ctlab::enter_file(&nsf).unwrap();
             let mut port = 20_000u16;
             while !flag.load(Ordering::Relaxed) {
                 for _ in 0..10 {

@@ -220,11 +220,7 @@ fn traced_in_root(root: &Root, topo: &Topology, args: &[&str]) -> CtdropOutput {
     );
     let rx = topo.receiver.inode().unwrap();
     let drop_delta = after["drop"] - before["drop"];
-    assert!(
-        drop_delta >= N as u64 * 9 / 10,
-        "only {drop_delta} of {N} dropped"
-    );
-    assert_table_full_exact(&out, rx, drop_delta);
+    assert_flows_dropped_exact(&out, rx, drop_delta, N);
     out
 }
 

@@ -1,8 +1,8 @@
 //! The one place where a drop's reason, conntrack state and table fill
 //! become a named cause. Every output names causes through [`Cause::as_str`].
 
-use crate::events::DropEvent;
-use tracer_common::source;
+use crate::events::{CtFill, DropEvent};
+use tracer_common::{source, GroupKey};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Cause {
@@ -86,8 +86,61 @@ pub struct Classifier {
     pub probes: bool,
 }
 
+/// What the classifier looks at. A ring record has it, and so has a count
+/// group key (namespace, reason, protocol, ICMP type, conntrack reference):
+/// count mode classifies its groups without a made-up record.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts {
+    /// Which program saw the drop (`tracer_common::source`).
+    pub source: u8,
+    pub reason: u32,
+    /// IP protocol, when the packet was parsed that far.
+    pub proto: Option<u8>,
+    /// ICMP (v4 or v6) type and code.
+    pub icmp: Option<(u8, u8)>,
+    /// The packet had a conntrack entry attached.
+    pub has_ct: bool,
+    pub fill: Option<CtFill>,
+}
+
+impl Facts {
+    pub fn of(ev: &DropEvent) -> Facts {
+        Facts {
+            source: ev.source,
+            reason: ev.reason,
+            proto: ev.flow.as_ref().map(|f| f.proto),
+            icmp: ev.icmp.as_ref().map(|i| (i.ty, i.code)),
+            has_ct: ev.ct.is_some(),
+            fill: ev.ct_fill,
+        }
+    }
+
+    /// A count group, with its namespace's table fill when it was read.
+    pub fn of_group(g: &GroupKey, fill: Option<CtFill>) -> Facts {
+        let is_icmp = g.l4_proto == 1 || g.l4_proto == 58;
+        Facts {
+            // Count mode counts at kfree_skb only.
+            source: source::KFREE_SKB,
+            reason: g.reason,
+            proto: (g.l4_proto != 0).then_some(g.l4_proto),
+            icmp: is_icmp.then_some((g.icmp_type, g.icmp_code)),
+            has_ct: g.has_ct != 0,
+            fill,
+        }
+    }
+}
+
 impl Classifier {
     pub fn classify(&self, ev: &DropEvent) -> Cause {
+        self.classify_facts(&Facts::of(ev))
+    }
+
+    /// A count group's cause, as one of its records would have been given.
+    pub fn classify_group(&self, g: &GroupKey, fill: Option<CtFill>) -> Cause {
+        self.classify_facts(&Facts::of_group(g, fill))
+    }
+
+    pub fn classify_facts(&self, ev: &Facts) -> Cause {
         match ev.source {
             source::CT_ALLOC_FAIL => return Cause::ConntrackTableFull,
             source::CT_CONFIRM_DROP => return Cause::ConntrackInsertFailed,
@@ -120,11 +173,11 @@ impl Classifier {
         // the tracepoint tier (with conntrack probes attached, a real
         // allocation failure arrives as CT_ALLOC_FAIL above); the collector
         // cross-checks it with the `drop` counter.
-        let no_entry = ev.ct.is_none();
+        let no_entry = !ev.has_ct;
         // Hook marks covered the packet and it carried none: conntrack's
         // hooks did not drop it, whatever the counters did meanwhile.
         if !self.probes && no_entry && ev.source != source::HOOK_NOT_CONNTRACK {
-            if let Some(fill) = ev.ct_fill {
+            if let Some(fill) = ev.fill {
                 // The namespace's own drop counter is the better witness;
                 // the table fill only stands in when there is no history.
                 let counted = fill.counted_drop.unwrap_or_else(|| fill.full());
@@ -137,11 +190,11 @@ impl Classifier {
     }
 }
 
-fn is_pmtu_icmp_error(ev: &DropEvent) -> bool {
-    let (Some(flow), Some(icmp)) = (&ev.flow, &ev.icmp) else {
+fn is_pmtu_icmp_error(ev: &Facts) -> bool {
+    let (Some(proto), Some((ty, code))) = (ev.proto, ev.icmp) else {
         return false;
     };
-    (flow.proto == 1 && icmp.ty == 3 && icmp.code == 4) || (flow.proto == 58 && icmp.ty == 2)
+    (proto == 1 && ty == 3 && code == 4) || (proto == 58 && ty == 2)
 }
 
 #[cfg(test)]
@@ -354,6 +407,66 @@ mod tests {
             echo: None,
         });
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
+    }
+
+    /// Count mode classifies a group key, not a record: every kind of
+    /// kfree_skb record must get the cause its group gets.
+    #[test]
+    fn a_count_group_gets_the_cause_of_its_records() {
+        let full = Some(CtFill {
+            count: 64,
+            max: 64,
+            sampled: true,
+            counted_drop: None,
+        });
+        let room = Some(CtFill {
+            count: 3,
+            max: 64,
+            sampled: true,
+            counted_drop: Some(false),
+        });
+        let mut seen = std::collections::BTreeSet::new();
+        for reason in [NF, 2] {
+            for (proto, icmp) in [
+                (17, None),
+                (6, None),
+                (1, Some((3, 4))),
+                (1, Some((8, 0))),
+                (58, Some((2, 0))),
+                (0, None),
+            ] {
+                for has_ct in [false, true] {
+                    for fill in [None, full, room] {
+                        let mut e = ev(reason);
+                        match proto {
+                            0 => e.flow = None,
+                            p => e.flow.as_mut().unwrap().proto = p,
+                        }
+                        e.icmp = icmp.map(|(ty, code)| Icmp { ty, code, echo: None });
+                        e.ct = has_ct.then_some(CtRef {
+                            info: 0,
+                            status: None,
+                            zone: 0,
+                        });
+                        e.ct_fill = fill;
+                        let (ty, code) = icmp.unwrap_or((0, 0));
+                        let g = GroupKey {
+                            netns: 1,
+                            reason,
+                            l4_proto: proto,
+                            has_ct: has_ct as u8,
+                            icmp_type: ty,
+                            icmp_code: code,
+                        };
+                        let cause = c().classify(&e);
+                        assert_eq!(c().classify_group(&g, fill), cause, "{e:?}");
+                        seen.insert(cause);
+                    }
+                }
+            }
+        }
+        // The cases above reach every cause a kfree_skb record can get.
+        assert_eq!(seen.len(), 4, "{seen:?}");
     }
 
     #[test]

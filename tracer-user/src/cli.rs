@@ -7,6 +7,11 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{flows::DEFAULT_MAX_FLOWS, kernel::capabilities::DEFAULT_BTF};
 
+/// Default cap on drop records held in memory. A record costs about 200
+/// bytes there, so the cap bounds the recorder at about 40 MB whatever the
+/// flood; past it drops are counted (metric, capture trailer), not kept.
+pub const DEFAULT_BUFFER_RECORDS: usize = 200_000;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ctdrop",
@@ -75,6 +80,19 @@ pub struct TraceArgs {
     /// How to watch conntrack: auto picks the best this kernel allows.
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: crate::kernel::tier::Mode,
+}
+
+impl TraceArgs {
+    /// The filter options, for `filter::fill`.
+    pub fn filters(&self) -> crate::filter::Wanted<'_> {
+        crate::filter::Wanted {
+            host: &self.host,
+            port: &self.port,
+            netns: &self.netns,
+            ifname: &self.ifname,
+            proto: self.proto,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -298,7 +316,7 @@ pub struct WatchArgs {
     /// Drop records held in memory at most (pre-trigger window and the
     /// incident being recorded); past it, drops are counted, not kept, and
     /// each capture's trailer says how many of its drops were not kept.
-    #[arg(long, default_value_t = crate::watch::DEFAULT_BUFFER_RECORDS)]
+    #[arg(long, default_value_t = DEFAULT_BUFFER_RECORDS)]
     pub buffer_records: usize,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics (a bare PORT
     /// listens on 127.0.0.1 only).

@@ -14,59 +14,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
-use tracer_common::{FlowCount, FlowKey, GroupKey};
+use anyhow::Result;
+use tracer_common::{FilterConfig, FlowCount, FlowKey, GroupKey};
 
 use crate::{
     cause::Cause,
-    events::{CtFill, CtRef, DropEvent, Flow, Icmp},
+    collector::{boot_offset_ns, Collector},
+    events::CtFill,
     flows::{cause_index, FlowId, FlowStat},
     kernel::{
         attach::{LoadOptions, Tracer},
         tier::Mode,
     },
     output::{CountsShown, Sink},
-    session::{boot_offset_ns, prepare, Collector, SessionOptions},
-    summary::Summary,
+    session::{reasons_word, End, Source},
 };
-
-/// A drop event standing for every drop of one group: what the classifier
-/// needs (reason, protocol, ICMP type, conntrack reference, table fill).
-pub fn group_event(g: &GroupKey, fill: Option<CtFill>) -> DropEvent {
-    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    let is_icmp = g.l4_proto == 1 || g.l4_proto == 58;
-    DropEvent {
-        ts_ns: 0,
-        cpu: 0,
-        reason: g.reason,
-        location: 0,
-        skb: 0,
-        source: tracer_common::source::KFREE_SKB,
-        netns: (g.netns != 0).then_some(g.netns),
-        ifindex: None,
-        skb_len: 0,
-        flow: (g.l4_proto != 0).then_some(Flow {
-            src: any,
-            dst: any,
-            proto: g.l4_proto,
-            ports: None,
-        }),
-        icmp: is_icmp.then_some(Icmp {
-            ty: g.icmp_type,
-            code: g.icmp_code,
-            echo: None,
-        }),
-        ct: (g.has_ct != 0).then_some(CtRef {
-            info: 0,
-            status: None,
-            zone: 0,
-        }),
-        ct_fill: fill,
-        truncated: false,
-        header: None,
-    }
-}
 
 /// The group part of a flow key, to find the causes its drops were given.
 fn group_of(k: &FlowKey) -> (u32, u32, u8, u8) {
@@ -159,111 +121,121 @@ impl GroupCounter {
     }
 }
 
-pub async fn run(
-    opts: &SessionOptions<'_>,
+/// The in-kernel counts as a session source: every `every` the group
+/// counters are read and one `counts` line goes out; at the end the last
+/// period and the per-flow map.
+pub struct CountSource {
     every: Duration,
-    mut sinks: Vec<Box<dyn Sink>>,
-) -> Result<()> {
-    let p = prepare(opts.trace, false)?;
-    if !p.conntrack_loaded {
-        eprintln!("ctdrop: nf_conntrack is not loaded on this host: no conntrack drops can happen; counting other netfilter drops");
-    }
-    let mut filter = p.filter;
-    filter.count_only = 1;
-    let mut collector = Collector::new(&p, opts.trace.max_flows, &[], Duration::from_secs(1));
-    // No records cross: the smallest ring the kernel accepts.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u32;
-    // The conntrack-path probes report through the ring, which count mode
-    // does not read: it counts at kfree_skb only.
-    if !matches!(opts.trace.mode, Mode::Auto | Mode::Tracepoint) {
-        anyhow::bail!("--count-only counts at the kfree_skb tracepoint only: drop --mode or use --mode tracepoint");
-    }
-    let tracer = Tracer::load(&LoadOptions {
-        btf_path: &opts.trace.btf,
-        offsets: p.offsets,
-        filter,
-        ring_size: page,
-        mode: Mode::Tracepoint,
-    })?;
-    crate::session::release_freed_memory();
-    eprintln!(
-        "ctdrop: attached tp_btf/kfree_skb in {} ms (tier tracepoint; count mode; {}); Ctrl-C to stop",
-        tracer.attach_time.as_millis(),
-        if filter.all_reasons != 0 { "all drop reasons" } else { "netfilter drops" }
-    );
-    let info = crate::session::SessionInfo {
-        reasons: &collector.reasons,
-        mechanisms: tracer.mechanisms.clone(),
-        boot_offset_ns: collector.boot_offset,
-        limits: crate::conntrack::stats::CtLimits::read(),
-        counters_at_start: collector.baselines(),
-        filter: &filter,
-        namespaces: &collector.sampler.registry,
-    };
-    for s in sinks.iter_mut() {
-        s.start(&info).context("starting output")?;
-    }
-    let started = Instant::now();
-    let mut groups = GroupCounter::default();
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let mut last = Instant::now();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                report_period(&tracer, &mut groups, &mut collector, &mut sinks, last.elapsed())?;
-                last = Instant::now();
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = crate::session::sleep_until(deadline) => break,
+    groups: GroupCounter,
+    tick: Option<tokio::time::Interval>,
+    /// When the period being counted began.
+    last: Instant,
+}
+
+impl CountSource {
+    pub fn new(every: Duration) -> CountSource {
+        CountSource {
+            every,
+            groups: GroupCounter::default(),
+            tick: None,
+            last: Instant::now(),
         }
     }
-    // Counts up to the stop belong to this run: one last period, then detach.
-    report_period(
-        &tracer,
-        &mut groups,
-        &mut collector,
-        &mut sinks,
-        last.elapsed(),
-    )?;
-    let stats = tracer.stats()?;
-    let flows = tracer.flow_counts()?;
-    let mechanisms = tracer.mechanisms.clone();
-    drop(tracer);
-    for (k, c) in &flows {
-        collector.tally.add_flow(flow_id(k), groups.flow_stat(k, c));
+
+    /// Reads the counters, turns the increases into one period's drops and
+    /// shows them.
+    fn period(
+        &mut self,
+        tracer: &Tracer,
+        c: &mut Collector,
+        sinks: &mut [Box<dyn Sink>],
+    ) -> Result<()> {
+        report_period(tracer, &mut self.groups, c, sinks, self.last.elapsed())?;
+        self.last = Instant::now();
+        Ok(())
     }
-    let checks = collector.counter_checks();
-    collector.conclude(&mut sinks);
-    let summary = Summary {
-        collector: &collector,
-        stats,
-        elapsed: started.elapsed(),
-        checks: &checks,
-        filtered: crate::session::filtered(&filter),
-        ct_events: &[],
-        mechanisms: &mechanisms,
-    };
-    for s in sinks.iter_mut() {
-        s.summary(&summary).context("writing the summary")?;
-        s.flush().context("flushing output")?;
+}
+
+impl Source for CountSource {
+    fn verb(&self) -> &'static str {
+        "counting"
     }
-    let t = &collector.tally;
-    if t.total != stats.counted {
-        // Only when the group map itself was full; say so rather than pretend.
-        eprintln!("ctdrop: warning: the kernel counted {} drops but only {} were grouped ({} hit a full group map)", stats.counted, t.total, stats.group_map_full);
+
+    fn configure(&mut self, load: &mut LoadOptions) -> Result<()> {
+        // The conntrack-path probes report through the ring, which count
+        // mode does not read: it counts at kfree_skb only.
+        if !matches!(load.mode, Mode::Auto | Mode::Tracepoint) {
+            anyhow::bail!("--count-only counts at the kfree_skb tracepoint only: drop --mode or use --mode tracepoint");
+        }
+        load.mode = Mode::Tracepoint;
+        load.filter.count_only = 1;
+        // No records cross: the smallest ring the kernel accepts.
+        // SAFETY: sysconf only reads a system constant.
+        load.ring_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u32;
+        Ok(())
     }
-    eprintln!(
-        "ctdrop: stopped after {:.1} s: {} drops counted, 0 events lost, {} flows tracked, {} drops in flows beyond the kernel flow map",
-        started.elapsed().as_secs_f64(),
-        stats.counted,
-        t.flows_tracked(),
-        stats.flow_map_full
-    );
-    Ok(())
+
+    fn attached(&mut self, _tracer: &mut Tracer, _c: &mut Collector) -> Result<()> {
+        let start = tokio::time::Instant::now() + self.every;
+        self.tick = Some(tokio::time::interval_at(start, self.every));
+        self.last = Instant::now();
+        Ok(())
+    }
+
+    fn describe(&self, _c: &Collector, filter: &FilterConfig) -> String {
+        format!("tier tracepoint; count mode; {}", reasons_word(filter))
+    }
+
+    async fn next(
+        &mut self,
+        tracer: &Tracer,
+        c: &mut Collector,
+        sinks: &mut [Box<dyn Sink>],
+    ) -> Result<()> {
+        self.tick
+            .as_mut()
+            .expect("attached before reading")
+            .tick()
+            .await;
+        self.period(tracer, c, sinks)
+    }
+
+    fn drain(
+        &mut self,
+        tracer: &Tracer,
+        c: &mut Collector,
+        sinks: &mut [Box<dyn Sink>],
+    ) -> Result<()> {
+        // Counts up to the stop belong to this run: one last period, then
+        // the flows, read after detaching so both are final.
+        self.period(tracer, c, sinks)?;
+        for (k, n) in &tracer.flow_counts()? {
+            c.tally.add_flow(flow_id(k), self.groups.flow_stat(k, n));
+        }
+        Ok(())
+    }
+
+    fn stopped(&self, end: &End) -> String {
+        let t = &end.collector.tally;
+        let s = &end.stats;
+        if t.total != s.counted {
+            // Only when the group map itself was full; say so rather than pretend.
+            log::warn!(
+                "the kernel counted {} drops but only {} were grouped ({} hit a full group map)",
+                s.counted,
+                t.total,
+                s.group_map_full
+            );
+        }
+        format!(
+            "ctdrop: {}stopped after {:.1} s: {} drops counted, 0 events lost, {} flows tracked, {} drops in flows beyond the kernel flow map",
+            end.level,
+            end.elapsed.as_secs_f64(),
+            s.counted,
+            t.flows_tracked(),
+            s.flow_map_full
+        )
+    }
 }
 
 fn report_period(
@@ -283,12 +255,7 @@ fn report_period(
         } = c;
         groups.absorb(
             &now,
-            |g| {
-                classifier.classify(&group_event(
-                    g,
-                    (g.netns != 0).then(|| sampler.fill(g.netns)).flatten(),
-                ))
-            },
+            |g| classifier.classify_group(g, (g.netns != 0).then(|| sampler.fill(g.netns)).flatten()),
             tally,
         )
     };
@@ -365,7 +332,7 @@ mod tests {
         };
         let p1 = g.absorb(
             &[(key(7, 17, 0), 1000)],
-            |k| c.classify(&group_event(k, Some(full))),
+            |k| c.classify_group(k, Some(full)),
             &mut t,
         );
         assert_eq!(p1.drops, 1000);
@@ -373,13 +340,13 @@ mod tests {
         // Same cumulative value: nothing new. Then 10 more while the table had room.
         let p2 = g.absorb(
             &[(key(7, 17, 0), 1000)],
-            |k| c.classify(&group_event(k, Some(full))),
+            |k| c.classify_group(k, Some(full)),
             &mut t,
         );
         assert_eq!(p2, Period::default());
         let p3 = g.absorb(
             &[(key(7, 17, 0), 1010), (key(7, 6, 1), 4)],
-            |k| c.classify(&group_event(k, Some(room))),
+            |k| c.classify_group(k, Some(room)),
             &mut t,
         );
         assert_eq!(p3.drops, 14);
@@ -398,7 +365,7 @@ mod tests {
         let mut k = key(7, 1, 0);
         k.icmp_type = 3;
         k.icmp_code = 4;
-        assert_eq!(c.classify(&group_event(&k, None)), Cause::IcmpErrorBlocked);
+        assert_eq!(c.classify_group(&k, None), Cause::IcmpErrorBlocked);
         k.has_ct = 1;
         k.icmp_type = 8;
         let full = CtFill {
@@ -408,7 +375,7 @@ mod tests {
             counted_drop: None,
         };
         assert_eq!(
-            c.classify(&group_event(&k, Some(full))),
+            c.classify_group(&k, Some(full)),
             Cause::NetfilterRule
         );
     }
@@ -429,7 +396,7 @@ mod tests {
         };
         g.absorb(
             &[(key(7, 17, 0), 50)],
-            |k| c.classify(&group_event(k, Some(full))),
+            |k| c.classify_group(k, Some(full)),
             &mut t,
         );
         let mut fk: FlowKey = bytemuck::Zeroable::zeroed();

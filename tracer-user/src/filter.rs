@@ -10,8 +10,6 @@ use std::{net::IpAddr, path::PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use tracer_common::{FilterConfig, FilterIf, FILTER_MAX};
 
-use crate::cli::TraceArgs;
-
 /// An address with a prefix length: `10.0.0.0/8`, `2001:db8::/32`, or a
 /// bare address (all bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,8 +117,19 @@ fn word(b: &[u8]) -> u32 {
     u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// The filter options as given on the command line (`cli::TraceArgs`
+/// lends them; this module does not import the command line, which uses
+/// its parsers).
+pub struct Wanted<'a> {
+    pub host: &'a [Net],
+    pub port: &'a [u16],
+    pub netns: &'a [String],
+    pub ifname: &'a [String],
+    pub proto: Option<u8>,
+}
+
 /// Fills the filter part of `f` from the command line.
-pub fn fill(args: &TraceArgs, f: &mut FilterConfig) -> Result<()> {
+pub fn fill(args: &Wanted, f: &mut FilterConfig) -> Result<()> {
     too_many("--host", args.host.len())?;
     too_many("--port", args.port.len())?;
     too_many("--netns", args.netns.len())?;
@@ -147,7 +156,7 @@ pub fn fill(args: &TraceArgs, f: &mut FilterConfig) -> Result<()> {
         nss.push((inode, path));
     }
     f.n_netns = nss.len() as u8;
-    let ifs = resolve_ifnames(&args.ifname, &nss)?;
+    let ifs = resolve_ifnames(args.ifname, &nss)?;
     too_many(
         "--ifname (one per namespace it names an interface in)",
         ifs.len(),
@@ -288,7 +297,7 @@ mod tests {
         ])
         .unwrap();
         let mut f: FilterConfig = bytemuck::Zeroable::zeroed();
-        fill(&args.trace, &mut f).unwrap();
+        fill(&args.trace.filters(), &mut f).unwrap();
         assert_eq!(
             nets(&f),
             vec!["198.18.0.0/15", "2001:db8::/32", "198.18.3.4"]
@@ -308,7 +317,7 @@ mod tests {
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
         let args = crate::cli::LiveArgs::from_args(&refs).unwrap();
         let mut f: FilterConfig = bytemuck::Zeroable::zeroed();
-        assert!(fill(&args.trace, &mut f)
+        assert!(fill(&args.trace.filters(), &mut f)
             .unwrap_err()
             .to_string()
             .contains("at most 8 --port"));

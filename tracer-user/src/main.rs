@@ -21,7 +21,7 @@ fn main() {
     };
     let result = rt.block_on(async {
         match &cli.cmd {
-            Command::Live(a) => ctdrop::session::run_live(a).await,
+            Command::Live(a) => ctdrop::live::run(a).await,
             Command::Top(a) => ctdrop::top::run(a).await,
             Command::Check(a) => ctdrop::check::run(a),
             Command::Capture(a) => ctdrop::capture::run(a).await,

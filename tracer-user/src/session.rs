@@ -1,480 +1,32 @@
-//! A tracing session: attach, drain, classify, show, summarize.
+//! The session engine, one for every mode: a [`Source`] (ring records, or
+//! the kernel's in-kernel counts) feeds the [`Collector`], which shows each
+//! drop to the sinks; [`finish`] does the end of every run. Modes are wiring
+//! (`live`, `capture`, `watch`, `top`, `demo` pick a source and sinks).
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    rc::Rc,
+    collections::BTreeMap,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
-use tracer_common::{source, FilterConfig};
+use tracer_common::FilterConfig;
 
 use crate::{
-    advice::{Advice, Host},
-    cause::{Cause, Classifier},
     cli::TraceArgs,
-    conntrack::{
-        netns::{find_namespace, NsRegistry},
-        occupancy::{Snapshots, SNAPSHOT_GAP},
-        stats::{CounterCheck, CtCounters},
-        FillSampler,
-    },
-    events::{decode, ring::RingReader, DropEvent},
-    flows::Tally,
+    collector::{prepare, release_freed_memory, Collector},
+    events::ring::RingReader,
     kernel::{
-        attach::{validate_ring_size, LoadOptions, Tracer},
-        btf::{DropReasons, KernelBtf},
+        attach::{KernelStats, LoadOptions, Tracer},
         capabilities,
     },
-    output::{
-        human::HumanSink,
-        json::JsonSink,
-        symbols::Symbols,
-        ProbeShown, Progress, Shown, Sink,
-    },
-    probe::{
-        sender::{self, ProbeEvent, ProberConfig},
-        Matcher, SeenDrop, TargetSpec, Wire,
-    },
+    output::{ProbeShown, Progress, Sink},
+    probe::sender::{self, ProbeEvent, ProberConfig},
     summary::Summary,
 };
-use crate::model::DropLine;
 
-/// CLOCK_REALTIME minus CLOCK_MONOTONIC, to put kernel timestamps on the wall.
-pub fn boot_offset_ns() -> u64 {
-    let now = |clk| {
-        let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-        unsafe { libc::clock_gettime(clk, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-    };
-    now(libc::CLOCK_REALTIME).saturating_sub(now(libc::CLOCK_MONOTONIC))
-}
-
-/// Hands memory freed after parsing BTF back to the kernel: glibc keeps
-/// small freed blocks in its heap otherwise, and the parsed BTF is tens of
-/// megabytes of them.
-pub fn release_freed_memory() {
-    // SAFETY: malloc_trim only walks glibc's own heap; no pointer of ours is involved.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::malloc_trim(0)
-    };
-    // musl (the static release build) has no malloc_trim: its allocator
-    // returns freed spans to the kernel by itself.
-}
-
-/// Everything found out before attaching.
-pub struct Prepared {
-    /// Struct offsets for the kernel programs. The parsed BTF they come
-    /// from is not kept: it was most of ctdrop's memory for the whole run.
-    pub offsets: tracer_common::Offsets,
-    pub reasons: DropReasons,
-    pub filter: FilterConfig,
-    pub ring_size: u32,
-    pub conntrack_loaded: bool,
-}
-
-/// `capture_headers`: the kernel appends the packet's first network-header
-/// bytes to each record (for pcap-ng export; costs ring space and a copy).
-pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
-    let ring_size = validate_ring_size(args.ring_size)?;
-    capabilities::require("tracing", capabilities::TRACING)?;
-    capabilities::require_btf(&args.btf)?;
-    let btf = KernelBtf::open(&args.btf)?;
-    let reasons = DropReasons::from_btf(&btf)?;
-    let offsets = btf.offsets()?;
-    drop(btf);
-    release_freed_memory();
-    let nf = reasons.value("NETFILTER_DROP");
-    let mut filter: FilterConfig = bytemuck::Zeroable::zeroed();
-    filter.netfilter_drop_reason = nf.unwrap_or(u32::MAX);
-    filter.all_reasons = args.all_reasons as u8;
-    filter.capture_headers = capture_headers as u8;
-    crate::filter::fill(args, &mut filter)?;
-    Ok(Prepared {
-        offsets,
-        reasons,
-        filter,
-        ring_size,
-        conntrack_loaded: capabilities::conntrack_loaded(),
-    })
-}
-
-pub struct Collector {
-    pub classifier: Classifier,
-    pub reasons: DropReasons,
-    pub sampler: FillSampler,
-    pub symbols: Symbols,
-    pub tally: Tally,
-    pub boot_offset: u64,
-    pub decode_errors: u64,
-    /// Probe verdicts and passive echo-loss grouping (always on: an
-    /// operator's own ping loop is matched even without `--ping`).
-    pub matcher: Matcher,
-    /// Verdicts held until every earlier probe has its own.
-    pub order: crate::probe::order::InOrder,
-    pub probe_labels: Vec<String>,
-    /// Some probe is TCP or UDP: only then can a port drop explain one. A
-    /// flood of UDP to a pinged host would otherwise have every drop
-    /// serialised for the matcher, slow the reader and lose ring events.
-    port_probes: bool,
-    baselines: BTreeMap<u32, CtCounters>,
-    /// Table snapshots taken when a namespace's table was full.
-    pub snapshots: Snapshots,
-    /// Filled by [`Collector::conclude`] at the end of a run.
-    pub advice: Vec<Advice>,
-    labels: Labels,
-    /// Namespaces where netfilter hook marks tell conntrack drops apart.
-    pub hooks: Option<crate::kernel::nfhook::HookCoverage>,
-    /// Records whose cause the `drop` counter budget decided.
-    pub inferred_by_budget: u64,
-}
-
-type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
-/// (namespace name, interface name) of one (netns, ifindex).
-type Place = (Option<Rc<str>>, Option<Rc<str>>);
-
-/// Names shown with every drop, looked up once and then shared: copying
-/// them per drop was a visible cost under a flood.
-#[derive(Default)]
-struct Labels {
-    reasons: Fast<u32, Rc<str>>,
-    locations: Fast<u64, Rc<str>>,
-    /// (netns, ifindex) to (namespace name, interface name); only for
-    /// namespaces the registry found, so a late one still gets its names.
-    places: Fast<(u32, Option<u32>), Place>,
-}
-
-impl Collector {
-    pub fn new(
-        p: &Prepared,
-        max_flows: usize,
-        probes: &[TargetSpec],
-        probe_timeout: Duration,
-    ) -> Collector {
-        let mut registry = NsRegistry::new();
-        registry.discover_all();
-        let mut sampler = FillSampler::new(registry, Duration::from_millis(50));
-        let mut baselines = BTreeMap::new();
-        for ns in sampler.registry.inodes() {
-            let t = crate::probe::mono_ns();
-            if let Some(c) = sampler.counters(ns) {
-                sampler.seed(ns, crate::conntrack::Sample::new(t, &c));
-                baselines.insert(ns, c);
-            }
-        }
-        Collector {
-            classifier: Classifier {
-                netfilter_drop: p.reasons.value("NETFILTER_DROP"),
-                probes: false,
-            },
-            reasons: DropReasons::from_pairs(p.reasons.pairs().map(|(v, n)| (n.to_string(), v))),
-            sampler,
-            symbols: Symbols::load(),
-            tally: Tally::new(max_flows),
-            boot_offset: boot_offset_ns(),
-            decode_errors: 0,
-            matcher: Matcher::new(
-                probes.iter().map(|t| t.target.addr()).collect(),
-                probe_timeout.as_nanos() as u64,
-            ),
-            order: crate::probe::order::InOrder::new(probes.len()),
-            probe_labels: probes.iter().map(|t| t.label.clone()).collect(),
-            port_probes: probes
-                .iter()
-                .any(|t| !matches!(t.target, crate::probe::target::Target::Echo(_))),
-            baselines,
-            labels: Labels::default(),
-            snapshots: Snapshots::new(SNAPSHOT_GAP),
-            advice: Vec::new(),
-            hooks: None,
-            inferred_by_budget: 0,
-        }
-    }
-
-    /// Kernel counters per namespace when the run started.
-    pub fn baselines(&self) -> &BTreeMap<u32, CtCounters> {
-        &self.baselines
-    }
-
-    /// Conntrack counters of every namespace we hold, read now.
-    pub fn counters_now(&mut self) -> BTreeMap<u32, (Option<String>, CtCounters)> {
-        let mut out = BTreeMap::new();
-        for ns in self.sampler.registry.inodes() {
-            if let Some(c) = self.sampler.counters(ns) {
-                out.insert(ns, (self.sampler.registry.display_name(ns), c));
-            }
-        }
-        out
-    }
-
-    pub fn matcher(&self) -> &Matcher {
-        &self.matcher
-    }
-
-    /// Hands a drop to the matcher when it can explain a probe or belongs
-    /// to someone's ping: echo packets, and TCP/UDP to or from a probed host.
-    fn feed_matcher(&mut self, s: &Shown) {
-        let ev = s.ev;
-        let Some(flow) = &ev.flow else { return };
-        // Built only for drops that may explain one of our probes: a flood
-        // of echo drops must cost no memory beyond the passive table.
-        let seen = |reply_path: bool| SeenDrop {
-            line: DropLine::from_shown(s).into_owned(),
-            reply_path,
-        };
-        if let Some(icmp) = ev.icmp {
-            if let Some((id, seq)) = icmp.echo {
-                let wire = Wire::Echo { id, seq };
-                if icmp.is_echo_request(flow.proto) {
-                    self.matcher
-                        .echo_request_dropped(flow.src, flow.dst, id, seq, s.cause);
-                    if self.matcher.has_host(flow.dst) {
-                        self.matcher.dropped(flow.dst, wire, seen(false));
-                    }
-                } else if self.matcher.has_host(flow.src) {
-                    self.matcher.dropped(flow.src, wire, seen(true));
-                }
-            }
-            return;
-        }
-        if !self.port_probes {
-            return;
-        }
-        if let Some((sp, dp)) = flow.ports {
-            if self.matcher.has_host(flow.dst) {
-                self.matcher.dropped(
-                    flow.dst,
-                    Wire::Port {
-                        proto: flow.proto,
-                        local: sp,
-                        remote: dp,
-                    },
-                    seen(false),
-                );
-            }
-            if self.matcher.has_host(flow.src) {
-                self.matcher.dropped(
-                    flow.src,
-                    Wire::Port {
-                        proto: flow.proto,
-                        local: dp,
-                        remote: sp,
-                    },
-                    seen(true),
-                );
-            }
-        }
-    }
-
-    /// Decodes, classifies and shows one raw record to every sink.
-    pub fn handle(&mut self, bytes: &[u8], sinks: &mut [Box<dyn Sink>]) {
-        let Some((ev, cause)) = self.ingest(bytes) else {
-            return;
-        };
-        self.show(&ev, cause, |me, s| {
-            me.feed_matcher(s);
-            for sink in sinks.iter_mut() {
-                let _ = sink.drop_event(s);
-            }
-        });
-    }
-
-    /// Decodes and classifies one raw record; None when it was malformed.
-    pub fn ingest(&mut self, bytes: &[u8]) -> Option<(DropEvent, Cause)> {
-        let mut ev = match decode(bytes) {
-            Ok(ev) => ev,
-            Err(_) => {
-                self.decode_errors += 1;
-                return None;
-            }
-        };
-        if ev.ct_fill.is_none() {
-            if let Some(ns) = ev.netns {
-                // A netfilter drop of a packet without an entry may be a
-                // conntrack drop: the hook marks know where they cover the
-                // namespace; elsewhere ask the namespace's drop counter.
-                let mut candidate = ev.ct.is_none()
-                    && !self.classifier.probes
-                    && Some(ev.reason) == self.classifier.netfilter_drop
-                    && !matches!(ev.source, source::CT_HOOK_IN | source::CT_HOOK_CONFIRM);
-                if candidate
-                    && ev.source == source::KFREE_SKB
-                    && self.hooks.as_ref().is_some_and(|h| h.covers(ns, ev.ts_ns))
-                {
-                    ev.source = source::HOOK_NOT_CONNTRACK;
-                    candidate = false;
-                }
-                ev.ct_fill = if candidate {
-                    self.sampler.judge(ns, ev.ts_ns)
-                } else {
-                    self.sampler.fill(ns)
-                };
-                if candidate && ev.ct_fill.is_some_and(|f| f.counted_drop.is_some()) {
-                    ev.source = source::INFERRED_BY_BUDGET;
-                    self.inferred_by_budget += 1;
-                }
-            }
-        }
-        let cause = self.classifier.classify(&ev);
-        self.tally.record(&ev, cause);
-        if let (Cause::ConntrackTableFull, Some(ns)) = (cause, ev.netns) {
-            let registry = &self.sampler.registry;
-            self.snapshots.table_full(ns, || {
-                find_namespace(ns).map(|(_, path)| (registry.display_name(ns), path))
-            });
-        }
-        Some((ev, cause))
-    }
-
-    pub fn show<R>(
-        &mut self,
-        ev: &DropEvent,
-        cause: Cause,
-        f: impl FnOnce(&mut Self, &Shown) -> R,
-    ) -> R {
-        let Collector {
-            labels,
-            reasons,
-            symbols,
-            sampler,
-            ..
-        } = self;
-        let reason = labels
-            .reasons
-            .entry(ev.reason)
-            .or_insert_with(|| reasons.name(ev.reason).into())
-            .clone();
-        let location = labels
-            .locations
-            .entry(ev.location)
-            .or_insert_with(|| symbols.resolve(ev.location).into())
-            .clone();
-        let (name, ifname) = match ev.netns {
-            Some(ns) => match labels.places.get(&(ns, ev.ifindex)) {
-                Some(p) => p.clone(),
-                None => match sampler.registry.get(ns) {
-                    Some(h) => {
-                        let ifname = ev
-                            .ifindex
-                            .and_then(|i| h.ifname(i))
-                            .map(|n| Rc::from(n.as_str()));
-                        let p = (
-                            sampler.registry.display_name(ns).as_deref().map(Rc::from),
-                            ifname,
-                        );
-                        labels.places.insert((ns, ev.ifindex), p.clone());
-                        p
-                    }
-                    None => (None, None),
-                },
-            },
-            None => (None, None),
-        };
-        let shown = Shown {
-            ev,
-            cause,
-            wall_ns: ev.ts_ns + self.boot_offset,
-            reason: &reason,
-            netns_name: name.as_deref(),
-            ifname: ifname.as_deref(),
-            location: &location,
-        };
-        f(self, &shown)
-    }
-
-    /// Shows snapshots that finished since the last call.
-    pub fn poll_snapshots(&mut self, sinks: &mut [Box<dyn Sink>]) {
-        for o in self.snapshots.poll() {
-            for s in sinks.iter_mut() {
-                let _ = s.occupancy(&o);
-            }
-        }
-    }
-
-    /// End of a run: waits for snapshots still being taken, then works out
-    /// the advice from everything seen.
-    pub fn conclude(&mut self, sinks: &mut [Box<dyn Sink>]) {
-        for o in self.snapshots.finish(Duration::from_secs(5)) {
-            for s in sinks.iter_mut() {
-                let _ = s.occupancy(&o);
-            }
-        }
-        for e in &self.snapshots.errors {
-            eprintln!("ctdrop: note: {e}");
-        }
-        let limits = self.sampler.limits();
-        let registry = &self.sampler.registry;
-        self.advice = crate::advice::from_run(
-            &self.tally,
-            &self.snapshots.taken,
-            limits,
-            &Host::detect(),
-            |ns| registry.display_name(ns),
-        );
-    }
-
-    /// Kernel counters now against the baselines, for every namespace that
-    /// had a baseline and either saw drops here or counted some itself.
-    pub fn counter_checks(&mut self) -> Vec<CounterCheck> {
-        let mut out = Vec::new();
-        let nss: Vec<u32> = self.baselines.keys().copied().collect();
-        for ns in nss {
-            let Some(now) = self.sampler.counters(ns) else {
-                continue;
-            };
-            let delta = now.delta(&self.baselines[&ns]);
-            let table_full = self.tally.count_in(ns, Cause::ConntrackTableFull);
-            let insert_failed = self.tally.count_in(ns, Cause::ConntrackInsertFailed);
-            if delta.get("drop") == 0 && table_full + insert_failed == 0 {
-                continue;
-            }
-            let netns_name = self.sampler.registry.display_name(ns);
-            out.push(CounterCheck {
-                netns: ns,
-                netns_name,
-                delta,
-                table_full,
-                insert_failed,
-            });
-        }
-        out
-    }
-}
-
-pub async fn run_live(args: &crate::cli::LiveArgs) -> Result<()> {
-    let color = args.color.resolve(unsafe { libc::isatty(1) } == 1);
-    // Never a blocking stdout: a reader that stops reading must not stall tracing.
-    let (out, out_handle) = crate::output::writer::stdout();
-    // Metrics are for scraping: per-drop lines on a terminal only bury them.
-    let quiet = args.quiet || (args.metrics.is_some() && !args.json);
-    let mut sinks: Vec<Box<dyn Sink>> = if args.json {
-        vec![Box::new(JsonSink::new(out))]
-    } else {
-        vec![Box::new(HumanSink::new(out, color).quiet(quiet))]
-    };
-    if let Some(addr) = &args.metrics {
-        let metrics = std::sync::Arc::new(crate::output::metrics::Metrics::new());
-        serve_metrics(addr, metrics.clone(), "").await?;
-        sinks.push(Box::new(crate::output::metrics::MetricsSink::new(metrics)));
-    }
-    let opts = SessionOptions {
-        trace: &args.trace,
-        probe: &args.probe,
-        duration: args.duration,
-        capture_headers: false,
-        service: false,
-    };
-    let r = if args.count_only {
-        crate::counting::run(&opts, args.report_every, sinks).await
-    } else {
-        run(&opts, sinks).await
-    };
-    out_handle.finish_and_report(OUTPUT_GRACE);
-    r
-}
+/// Sinks take it in `start`; defined with them.
+pub use crate::output::SessionInfo;
 
 /// How long the end of a run waits for a slow stdout reader to take the
 /// rest (the summary): long enough for a reader that keeps up, short
@@ -490,6 +42,7 @@ pub async fn serve_metrics(
     level: &str,
 ) -> Result<()> {
     let listener = crate::output::metrics::bind(addr).await?;
+    // Printed as before at every level: it tells where to scrape.
     eprintln!(
         "ctdrop: {level}metrics on http://{}/metrics",
         listener
@@ -512,29 +65,165 @@ pub struct SessionOptions<'a> {
     /// namespaces created after the start are looked for every 10 s.
     pub service: bool,
 }
-
-/// Facts about the run that a sink may record before any event.
-pub struct SessionInfo<'a> {
-    pub reasons: &'a DropReasons,
-    /// Mechanism per signal (or why none).
-    pub mechanisms: Vec<crate::kernel::tier::Mechanism>,
-    pub boot_offset_ns: u64,
-    pub limits: Option<crate::conntrack::stats::CtLimits>,
-    pub counters_at_start: &'a BTreeMap<u32, CtCounters>,
-    pub filter: &'a FilterConfig,
-    /// Names namespaces, as every output does.
-    pub namespaces: &'a NsRegistry,
+/// Where a session's drops come from. Two kinds: [`RingSource`] (one record
+/// per drop) and `counting::CountSource` (the kernel counts per group and
+/// per flow; nothing per packet crosses).
+// Not `Send`-bound futures on purpose: the session runs on one thread.
+#[allow(async_fn_in_trait)]
+pub trait Source {
+    /// What the run says it does: "tracing" or "counting".
+    fn verb(&self) -> &'static str;
+    /// Adjusts how the kernel side is loaded; an error is bad input.
+    fn configure(&mut self, _load: &mut LoadOptions) -> Result<()> {
+        Ok(())
+    }
+    /// Takes what it reads from the freshly attached programs.
+    fn attached(&mut self, tracer: &mut Tracer, c: &mut Collector) -> Result<()>;
+    /// The `attached` line's words after the attach time.
+    fn describe(&self, c: &Collector, filter: &FilterConfig) -> String;
+    /// Waits for drops and hands them to the collector and the sinks.
+    async fn next(
+        &mut self,
+        tracer: &Tracer,
+        c: &mut Collector,
+        sinks: &mut [Box<dyn Sink>],
+    ) -> Result<()>;
+    /// Takes what is ready without waiting (every 50 ms).
+    fn poll(&mut self, _c: &mut Collector, _sinks: &mut [Box<dyn Sink>]) {}
+    /// After detaching: the rest, so that the totals are final (the maps
+    /// stay readable).
+    fn drain(
+        &mut self,
+        tracer: &Tracer,
+        c: &mut Collector,
+        sinks: &mut [Box<dyn Sink>],
+    ) -> Result<()>;
+    /// The end-of-run stderr line; also says what does not add up.
+    fn stopped(&self, end: &End) -> String;
 }
 
-pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Result<()> {
+/// What every source's end-of-run line may report.
+pub struct End<'a> {
+    pub elapsed: Duration,
+    pub stats: KernelStats,
+    pub collector: &'a Collector,
+    /// `info: ` for a service, else empty.
+    pub level: &'static str,
+}
+
+/// Ring records: one per drop, decoded and classified here.
+#[derive(Default)]
+pub struct RingSource {
+    ring: Option<RingReader>,
+}
+
+impl RingSource {
+    fn ring(&mut self) -> &mut RingReader {
+        self.ring.as_mut().expect("attached before reading")
+    }
+}
+
+impl Source for RingSource {
+    fn verb(&self) -> &'static str {
+        "tracing"
+    }
+
+    fn attached(&mut self, tracer: &mut Tracer, c: &mut Collector) -> Result<()> {
+        c.classifier.probes = tracer.probes_drop_paths();
+        c.hooks = tracer.hook_coverage();
+        self.ring = Some(RingReader::new(tracer.take_ring()?)?);
+        Ok(())
+    }
+
+    fn describe(&self, c: &Collector, filter: &FilterConfig) -> String {
+        format!(
+            "{}; {}",
+            if c.classifier.probes {
+                "tier kprobe: conntrack paths probed"
+            } else if c.hooks.is_some() {
+                "tier tracepoint + netfilter hooks: conntrack drops marked per packet"
+            } else {
+                "tier tracepoint: conntrack causes inferred"
+            },
+            reasons_word(filter)
+        )
+    }
+
+    async fn next(
+        &mut self,
+        _tracer: &Tracer,
+        c: &mut Collector,
+        sinks: &mut [Box<dyn Sink>],
+    ) -> Result<()> {
+        self.ring()
+            .wait_and_drain(|b| c.handle(b, sinks))
+            .await
+            .map(|_| ())
+    }
+
+    fn poll(&mut self, c: &mut Collector, sinks: &mut [Box<dyn Sink>]) {
+        // Drops already in the ring may explain a probe about to expire. The
+        // kernel wakes us only per 1/16 of the ring, so this is also what
+        // bounds the delay of a lone drop.
+        self.ring()
+            .drain(crate::events::ring::BATCH, |b| c.handle(b, sinks));
+    }
+
+    fn drain(
+        &mut self,
+        _tracer: &Tracer,
+        c: &mut Collector,
+        sinks: &mut [Box<dyn Sink>],
+    ) -> Result<()> {
+        // Detached: nothing more arrives, so this ends even under a flood.
+        self.ring().drain(usize::MAX, |b| c.handle(b, sinks));
+        Ok(())
+    }
+
+    fn stopped(&self, end: &End) -> String {
+        let t = &end.collector.tally;
+        format!(
+            "ctdrop: {}stopped after {:.1} s: {} drops recorded, {} events lost, {} flows tracked, {} drops in flows beyond --max-flows",
+            end.level,
+            end.elapsed.as_secs_f64(),
+            t.total,
+            end.stats.lost,
+            t.flows_tracked(),
+            t.flows_untracked
+        )
+    }
+}
+
+/// The `attached` line's last words: which drops are traced.
+pub fn reasons_word(filter: &FilterConfig) -> &'static str {
+    if filter.all_reasons != 0 {
+        "all drop reasons"
+    } else {
+        "netfilter drops"
+    }
+}
+
+/// A session on ring records (`capture`, `watch`, `top`, `demo`, `live`).
+pub async fn run(opts: &SessionOptions<'_>, sinks: Vec<Box<dyn Sink>>) -> Result<()> {
+    run_with(opts, RingSource::default(), sinks).await
+}
+
+pub async fn run_with(
+    opts: &SessionOptions<'_>,
+    mut source: impl Source,
+    mut sinks: Vec<Box<dyn Sink>>,
+) -> Result<()> {
     let args = opts;
     let targets = args.probe.targets()?;
     let p = prepare(args.trace, args.capture_headers)?;
     if !p.conntrack_loaded {
-        eprintln!("ctdrop: nf_conntrack is not loaded on this host: no conntrack drops can happen; tracing other netfilter drops");
+        log::warn!(
+            "nf_conntrack is not loaded on this host: no conntrack drops can happen; {} other netfilter drops",
+            source.verb()
+        );
     }
     if let Err(e) = capabilities::ensure_tracefs() {
-        eprintln!("ctdrop: note: {e:#}");
+        log::info!("{e:#}");
     }
     let mut collector = Collector::new(&p, args.trace.max_flows, &targets, args.probe.timeout);
     // Before attaching: a Ctrl-C right after the `attached` line must end
@@ -542,17 +231,18 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     // (SIGUSR1 for `watch` likewise, below, before the `attached` line.)
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut tracer = Tracer::load(&LoadOptions {
+    let mut load = LoadOptions {
         btf_path: &args.trace.btf,
         offsets: p.offsets,
         filter: p.filter,
         ring_size: p.ring_size,
         mode: args.trace.mode,
-    })?;
+    };
+    source.configure(&mut load)?;
+    let filter = load.filter;
+    let mut tracer = Tracer::load(&load)?;
     release_freed_memory();
-    collector.classifier.probes = tracer.probes_drop_paths();
-    collector.hooks = tracer.hook_coverage();
-    let mut ring = RingReader::new(tracer.take_ring()?)?;
+    source.attached(&mut tracer, &mut collector)?;
     // Before the `attached` line: a signal sent as soon as it shows must
     // not meet the default action, which ends the process with no summary
     // (and, for a capture, no trailer).
@@ -561,22 +251,12 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     } else {
         None
     };
+    // A line tests and scripts wait for: printed as it is at every log level.
     eprintln!(
-        "ctdrop: {}attached tp_btf/kfree_skb in {} ms ({}; {}); Ctrl-C to stop",
+        "ctdrop: {}attached tp_btf/kfree_skb in {} ms ({}); Ctrl-C to stop",
         if args.service { "info: " } else { "" },
         tracer.attach_time.as_millis(),
-        if collector.classifier.probes {
-            "tier kprobe: conntrack paths probed"
-        } else if collector.hooks.is_some() {
-            "tier tracepoint + netfilter hooks: conntrack drops marked per packet"
-        } else {
-            "tier tracepoint: conntrack causes inferred"
-        },
-        if p.filter.all_reasons != 0 {
-            "all drop reasons"
-        } else {
-            "netfilter drops"
-        }
+        source.describe(&collector, &filter),
     );
     // Test hook (tests/tests/reliability.rs): a bug in userspace while
     // programs are attached must still leave nothing attached.
@@ -601,8 +281,8 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         },
         boot_offset_ns: collector.boot_offset,
         limits: crate::conntrack::stats::CtLimits::read(),
-        counters_at_start: &collector.baselines,
-        filter: &p.filter,
+        counters_at_start: collector.baselines(),
+        filter: &filter,
         namespaces: &collector.sampler.registry,
     };
     for s in sinks.iter_mut() {
@@ -643,7 +323,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
 
     loop {
         tokio::select! {
-            r = ring.wait_and_drain(|b| collector.handle(b, &mut sinks)) => {
+            r = source.next(&tracer, &mut collector, &mut sinks) => {
                 r?;
                 if output_closed(&mut sinks) { closed = true; break; }
             }
@@ -653,10 +333,7 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                 None => { probes = None; if stopping.is_none() { stopping = Some(tokio::time::Instant::now()); } }
             },
             _ = expire_tick.tick() => {
-                // Drops already in the ring may explain a probe about to
-                // expire. The kernel wakes us only per 1/16 of the ring, so
-                // this tick is also what bounds the delay of a lone drop.
-                ring.drain(crate::events::ring::BATCH, |b| collector.handle(b, &mut sinks));
+                source.poll(&mut collector, &mut sinks);
                 // Also with nothing new: stdout's writer thread may have met
                 // a closed pipe since the last drain (flushes are cheap).
                 if output_closed(&mut sinks) {
@@ -688,6 +365,9 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
                 collector.sampler.sample_all();
                 let s = tracer.stats()?;
                 if s.lost > last_lost {
+                    // Read by tests (reliability.rs) in this exact form, which
+                    // is also what the logger prints for a warning: a plain
+                    // line, so it shows whether or not a logger is installed.
                     eprintln!("ctdrop: warning: {} events lost in the last second (ring buffer full): raise --ring-size", s.lost - last_lost);
                     last_lost = s.lost;
                 }
@@ -709,10 +389,28 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
             }
         }
     }
-    // Detach first: then nothing more arrives, the drain ends even under a
-    // flood, and the records in the ring plus the lost count are final.
+    finish(tracer, &mut source, collector, sinks, filter, started, closed, args.service)
+}
+
+/// The end of every run, whatever the source: detach, take the rest,
+/// release held verdicts, read the kernel's totals, check the counters,
+/// conclude (snapshots, advice), build the one summary, hand it to every
+/// sink, and say on stderr how the run ended.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    mut tracer: Tracer,
+    source: &mut impl Source,
+    mut collector: Collector,
+    mut sinks: Vec<Box<dyn Sink>>,
+    filter: FilterConfig,
+    started: Instant,
+    closed: bool,
+    service: bool,
+) -> Result<()> {
+    // Detach first: then nothing more arrives and what the source reads
+    // now (ring records plus the lost count, or the counts) is final.
     tracer.detach();
-    ring.drain(usize::MAX, |b| collector.handle(b, &mut sinks));
+    source.drain(&tracer, &mut collector, &mut sinks)?;
     // Verdicts still waiting for a probe the run ended before judging.
     let held = collector.order.flush();
     show_released(&collector, held, &mut sinks);
@@ -722,12 +420,23 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
     drop(tracer);
     let checks = collector.counter_checks();
     collector.conclude(&mut sinks);
+    let elapsed = started.elapsed();
+    let c = &collector;
     let summary = Summary {
-        collector: &collector,
+        tally: &c.tally,
+        names: &c.sampler.registry,
+        matcher: &c.matcher,
+        probe_labels: &c.probe_labels,
+        occupancy: &c.snapshots.taken,
+        advice: &c.advice,
+        inferred_by_budget: c.inferred_by_budget,
+        decode_errors: c.decode_errors,
+        boot_offset: c.boot_offset,
+        probes_attached: c.classifier.probes,
         stats,
-        elapsed: started.elapsed(),
+        elapsed,
         checks: &checks,
-        filtered: filtered(&p.filter),
+        filtered: filtered(&filter),
         ct_events: &ct_events,
         mechanisms: &mechanisms,
     };
@@ -739,19 +448,19 @@ pub async fn run(opts: &SessionOptions<'_>, mut sinks: Vec<Box<dyn Sink>>) -> Re
         }
     }
     if closed {
+        // Read by tests (reliability.rs): a plain line, like `stopped` below.
         eprintln!("ctdrop: output closed (broken pipe): stopped tracing");
     }
-    // On stderr too: with stdout redirected, the operator still sees whether
-    // every drop made it out.
-    let t = &collector.tally;
+    // On stderr too, at every log level (tests and scripts read it): with
+    // stdout redirected, the operator still sees whether every drop made it out.
     eprintln!(
-        "ctdrop: {}stopped after {:.1} s: {} drops recorded, {} events lost, {} flows tracked, {} drops in flows beyond --max-flows",
-        if args.service { "info: " } else { "" },
-        started.elapsed().as_secs_f64(),
-        t.total,
-        stats.lost,
-        t.flows_tracked(),
-        t.flows_untracked
+        "{}",
+        source.stopped(&End {
+            elapsed,
+            stats,
+            collector: &collector,
+            level: if service { "info: " } else { "" },
+        })
     );
     Ok(())
 }
@@ -818,10 +527,7 @@ fn handle_probe(c: &mut Collector, ev: ProbeEvent, sinks: &mut [Box<dyn Sink>]) 
             }
         }
         ProbeEvent::Failed { target, error } => {
-            eprintln!(
-                "ctdrop: probe to {} failed: {error}",
-                c.probe_labels[target]
-            );
+            log::warn!("probe to {} failed: {error}", c.probe_labels[target]);
         }
     }
 }

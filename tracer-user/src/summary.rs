@@ -1,14 +1,41 @@
 //! End-of-run summary: totals, top flows, kernel counter cross-check,
-//! probe verdicts. One value, rendered as text or JSON.
+//! probe verdicts. One value, rendered as text or JSON; built once by the
+//! session's `finish()` for every mode.
+//!
+//! It borrows the parts of the run it reports (tally, matcher, snapshots,
+//! advice), not the session's collector: outputs render it, and the session
+//! drives outputs, so this module stays below both.
 
-use std::{io::Write, time::Duration};
+use std::{collections::BTreeMap, io::Write, time::Duration};
+
+use serde::Serialize;
 
 use crate::{
-    cause::Cause, conntrack::stats::CounterCheck, kernel::attach::KernelStats, session::Collector,
+    advice::Advice,
+    cause::Cause,
+    conntrack::{netns::NsRegistry, occupancy::Occupancy, stats::CounterCheck},
+    flows::Tally,
+    kernel::attach::KernelStats,
+    probe::Matcher,
 };
 
 pub struct Summary<'a> {
-    pub collector: &'a Collector,
+    pub tally: &'a Tally,
+    /// Names namespaces, as every output does.
+    pub names: &'a NsRegistry,
+    /// Probe verdict counts and passive echo-loss groups.
+    pub matcher: &'a Matcher,
+    pub probe_labels: &'a [String],
+    /// Per namespace, the fullest table snapshot taken.
+    pub occupancy: &'a BTreeMap<u32, Occupancy>,
+    pub advice: &'a [Advice],
+    /// Records whose cause the `drop` counter budget decided.
+    pub inferred_by_budget: u64,
+    pub decode_errors: u64,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC.
+    pub boot_offset: u64,
+    /// Conntrack probes were attached (tier kprobe).
+    pub probes_attached: bool,
     pub stats: KernelStats,
     pub elapsed: Duration,
     pub checks: &'a [CounterCheck],
@@ -20,90 +47,133 @@ pub struct Summary<'a> {
 }
 
 impl Summary<'_> {
+    /// The JSON object (`kind: summary`): [`SummaryLine`] as a value, so
+    /// its keys come out sorted as they always have.
     pub fn to_json(&self) -> serde_json::Value {
-        let t = &self.collector.tally;
-        let by_cause: serde_json::Map<String, serde_json::Value> = Cause::ALL
-            .iter()
-            .map(|c| (c.as_str().to_string(), t.count(*c).into()))
-            .collect();
-        let by_netns: serde_json::Map<String, serde_json::Value> = t
-            .by_netns
-            .iter()
-            .map(|(ns, n)| {
-                (
-                    ns.map(|x| x.to_string())
-                        .unwrap_or_else(|| "unknown".into()),
-                    n.total.into(),
-                )
-            })
-            .collect();
-        // Keys above stay inodes (a contract); names, as every output shows them:
-        let names = &self.collector.sampler.registry;
-        let netns_names: serde_json::Map<String, serde_json::Value> = t
-            .by_netns
-            .keys()
-            .flatten()
-            .map(|ns| (ns.to_string(), names.display_name(*ns).into()))
-            .collect();
-        let top: Vec<serde_json::Value> = t
-            .top_flows(10)
-            .into_iter()
-            .map(|(id, s)| {
-                serde_json::json!({
-                    "netns": id.netns, "proto": crate::events::decode::proto_name(id.proto),
-                    "src": id.src.map(|a| a.to_string()), "dst": id.dst.map(|a| a.to_string()),
-                    "sport": id.sport, "dport": id.dport, "drops": s.drops, "cause": s.main_cause().as_str(),
-                    "first_ts_ns": s.first_ns + self.collector.boot_offset, "last_ts_ns": s.last_ns + self.collector.boot_offset,
+        serde_json::to_value(self.line()).unwrap_or_default()
+    }
+
+    /// The typed summary object every JSON output writes.
+    pub fn line(&self) -> SummaryLine<'_> {
+        let t = self.tally;
+        let names = self.names;
+        SummaryLine {
+            kind: "summary",
+            duration_s: self.elapsed.as_secs_f64(),
+            drops_total: t.total,
+            drops_by_cause: Cause::ALL
+                .iter()
+                .map(|c| (c.as_str(), t.count(*c)))
+                .collect(),
+            drops_by_netns: t
+                .by_netns
+                .iter()
+                .map(|(ns, n)| {
+                    let key = ns.map(|x| x.to_string());
+                    (key.unwrap_or_else(|| "unknown".into()), n.total)
                 })
-            })
-            .collect();
-        let checks: Vec<serde_json::Value> = self
-            .checks
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "netns": c.netns, "netns_name": c.netns_name,
-                    "drop": c.delta.get("drop"), "insert_failed": c.delta.get("insert_failed"),
-                    "early_drop": c.delta.get("early_drop"), "entries": c.delta.entries(),
-                    "table_full_records": c.table_full, "insert_failed_records": c.insert_failed,
-                    "agree": c.agrees(), "unrecorded": c.unrecorded(),
+                .collect(),
+            inferred_by_budget: self.inferred_by_budget,
+            // Keys above stay inodes (a contract); names, as every output shows them:
+            netns_names: t
+                .by_netns
+                .keys()
+                .flatten()
+                .map(|ns| (ns.to_string(), names.display_name(*ns)))
+                .collect(),
+            events_lost: self.stats.lost,
+            events_sent: self.stats.sent,
+            decode_errors: self.decode_errors,
+            flows_tracked: t.flows_tracked(),
+            flows_untracked: t.flows_untracked,
+            top_flows: t
+                .top_flows(10)
+                .into_iter()
+                .map(|(id, s)| TopFlow {
+                    netns: id.netns,
+                    proto: crate::events::decode::proto_name(id.proto),
+                    src: id.src.map(|a| a.to_string()),
+                    dst: id.dst.map(|a| a.to_string()),
+                    sport: id.sport,
+                    dport: id.dport,
+                    drops: s.drops,
+                    cause: s.main_cause().as_str(),
+                    first_ts_ns: s.first_ns + self.boot_offset,
+                    last_ts_ns: s.last_ns + self.boot_offset,
                 })
-            })
-            .collect();
-        serde_json::json!({
-            "kind": "summary",
-            "duration_s": self.elapsed.as_secs_f64(),
-            "drops_total": t.total,
-            "drops_by_cause": by_cause,
-            "drops_by_netns": by_netns,
-            "inferred_by_budget": self.collector.inferred_by_budget,
-            "netns_names": netns_names,
-            "events_lost": self.stats.lost,
-            "events_sent": self.stats.sent,
-            "decode_errors": self.collector.decode_errors,
-            "flows_tracked": t.flows_tracked(),
-            "flows_untracked": t.flows_untracked,
-            "top_flows": top,
-            "kernel_counters": checks,
-            "filtered": self.filtered,
-            "probes": self.probes_json(),
-            "tier": if self.collector.classifier.probes { "kprobe" } else { "tracepoint" },
-            "mechanisms": self.mechanisms.iter().map(|m| serde_json::json!({"signal": m.signal, "mechanism": m.chosen, "note": m.note})).collect::<Vec<_>>(),
-            "conntrack_events": self.ct_events.iter().map(|(ns, c)| serde_json::json!({
-                "netns": ns, "inserts": c.inserts, "early_drop_evicted": c.early_drop_evicted,
-                "early_drop_failed": c.early_drop_failed, "alloc_failed": c.alloc_failed,
-                "confirm_dropped": c.confirm_dropped, "clash_resolved": c.clash_resolved,
-                "in_dropped": c.in_dropped, "invalid": c.invalid,
-            })).collect::<Vec<_>>(),
-            "echo_losses": self.echo_losses_json(),
-            "echo_losses_not_kept": self.collector.matcher().passive_overflow,
-            "occupancy": self.collector.snapshots.taken.values().map(|o| o.to_json()).collect::<Vec<_>>(),
-            "advice": crate::advice::to_json(&self.collector.advice),
-        })
+                .collect(),
+            kernel_counters: self
+                .checks
+                .iter()
+                .map(|c| KernelCounters {
+                    netns: c.netns,
+                    netns_name: c.netns_name.as_deref(),
+                    drop: c.delta.get("drop"),
+                    insert_failed: c.delta.get("insert_failed"),
+                    early_drop: c.delta.get("early_drop"),
+                    entries: c.delta.entries(),
+                    table_full_records: c.table_full,
+                    insert_failed_records: c.insert_failed,
+                    agree: c.agrees(),
+                    unrecorded: c.unrecorded(),
+                })
+                .collect(),
+            filtered: self.filtered,
+            probes: (!self.probe_labels.is_empty()).then(|| {
+                self.probe_labels
+                    .iter()
+                    .zip(&self.matcher.stats)
+                    .map(|(label, s)| {
+                        let p = ProbeCounts {
+                            sent: s.sent,
+                            answered: s.answered,
+                            lost: s.lost,
+                            late: s.late,
+                            lost_by_cause: &s.lost_by_cause,
+                            lost_unexplained: s.lost_unexplained,
+                        };
+                        (label.as_str(), p)
+                    })
+                    .collect()
+            }),
+            tier: if self.probes_attached {
+                "kprobe"
+            } else {
+                "tracepoint"
+            },
+            mechanisms: self
+                .mechanisms
+                .iter()
+                .map(|m| MechanismLine {
+                    signal: m.signal,
+                    mechanism: m.chosen.as_deref(),
+                    note: &m.note,
+                })
+                .collect(),
+            conntrack_events: self
+                .ct_events
+                .iter()
+                .map(|(ns, c)| CtEvents {
+                    netns: *ns,
+                    inserts: c.inserts,
+                    early_drop_evicted: c.early_drop_evicted,
+                    early_drop_failed: c.early_drop_failed,
+                    alloc_failed: c.alloc_failed,
+                    confirm_dropped: c.confirm_dropped,
+                    clash_resolved: c.clash_resolved,
+                    in_dropped: c.in_dropped,
+                    invalid: c.invalid,
+                })
+                .collect(),
+            echo_losses: self.echo_losses(),
+            echo_losses_not_kept: self.matcher.passive_overflow,
+            occupancy: self.occupancy.values().collect(),
+            advice: self.advice,
+        }
     }
 
     pub fn write_human(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        let t = &self.collector.tally;
+        let t = &self.tally;
         writeln!(out)?;
         writeln!(
             out,
@@ -124,11 +194,11 @@ impl Summary<'_> {
                 writeln!(out, "  {:<26} {n:>10}", c.as_str())?;
             }
         }
-        if self.collector.inferred_by_budget > 0 {
+        if self.inferred_by_budget > 0 {
             writeln!(
                 out,
                 "  ({} records' cause decided by the namespace's `drop` counter budget, not per packet: evidence inferred:drop_counter)",
-                self.collector.inferred_by_budget
+                self.inferred_by_budget
             )?;
         }
         if !t.by_netns.is_empty() {
@@ -137,7 +207,7 @@ impl Summary<'_> {
                 writeln!(
                     out,
                     "  {:<26} {:>10}",
-                    self.collector.sampler.registry.label(*ns),
+                    self.names.label(*ns),
                     n.total
                 )?;
             }
@@ -175,7 +245,7 @@ impl Summary<'_> {
             writeln!(
                 out,
                 "conntrack events in {}: {} inserted, {} evicted by early_drop ({} found nothing), {} allocations failed, {} confirm drops, {} clashes resolved, {} invalid",
-                self.collector.sampler.registry.label(Some(*ns)),
+                self.names.label(Some(*ns)),
                 c.inserts, c.early_drop_evicted, c.early_drop_failed, c.alloc_failed, c.confirm_dropped, c.clash_resolved, c.invalid
             )?;
         }
@@ -207,60 +277,40 @@ impl Summary<'_> {
                 c.delta.entries()
             )?;
         }
-        for o in self.collector.snapshots.taken.values() {
+        for o in self.occupancy.values() {
             o.write_human(out)?;
         }
-        crate::advice::write_human(&self.collector.advice, out)?;
+        crate::advice::write_human(self.advice, out)?;
         Ok(())
-    }
-
-    fn probes_json(&self) -> serde_json::Value {
-        let c = self.collector;
-        if c.probe_labels.is_empty() {
-            return serde_json::Value::Null;
-        }
-        let mut obj = serde_json::Map::new();
-        for (i, label) in c.probe_labels.iter().enumerate() {
-            let s = &c.matcher.stats[i];
-            obj.insert(
-                label.clone(),
-                serde_json::json!({
-                    "sent": s.sent, "answered": s.answered, "lost": s.lost, "late": s.late,
-                    "lost_by_cause": s.lost_by_cause, "lost_unexplained": s.lost_unexplained,
-                }),
-            );
-        }
-        obj.into()
     }
 
     /// Echo requests of pings ctdrop did not send, dropped here: per
     /// (src, dst, id) the lost seqs and their causes.
-    fn echo_losses_json(&self) -> serde_json::Value {
-        let groups: Vec<serde_json::Value> = self
-            .collector
-            .matcher()
+    fn echo_losses(&self) -> Vec<EchoLoss> {
+        self.matcher
             .passive_groups()
             .map(|(src, dst, id, g)| {
-                let mut causes = std::collections::BTreeMap::<&str, u64>::new();
+                let mut causes = BTreeMap::<&str, u64>::new();
                 for (_, c) in &g.seqs {
                     *causes.entry(c.as_str()).or_default() += 1;
                 }
-                serde_json::json!({
-                    "src": src.to_string(), "dst": dst.to_string(), "icmp_id": id,
-                    "lost_seqs": g.seqs.iter().map(|s| s.0).collect::<Vec<_>>(), "causes": causes,
-                })
+                EchoLoss {
+                    src: src.to_string(),
+                    dst: dst.to_string(),
+                    icmp_id: id,
+                    lost_seqs: g.seqs.iter().map(|s| s.0).collect(),
+                    causes,
+                }
             })
-            .collect();
-        groups.into()
+            .collect()
     }
 
     fn write_probes_human(&self, out: &mut dyn Write) -> std::io::Result<()> {
-        let c = self.collector;
-        if !c.probe_labels.is_empty() {
+        if !self.probe_labels.is_empty() {
             writeln!(out, "probes:")?;
         }
-        for (i, label) in c.probe_labels.iter().enumerate() {
-            let s = &c.matcher.stats[i];
+        for (i, label) in self.probe_labels.iter().enumerate() {
+            let s = &self.matcher.stats[i];
             let mut parts: Vec<String> = s
                 .lost_by_cause
                 .iter()
@@ -290,7 +340,7 @@ impl Summary<'_> {
                 }
             )?;
         }
-        for (src, dst, id, g) in c.matcher().passive_groups() {
+        for (src, dst, id, g) in self.matcher.passive_groups() {
             let seqs: Vec<String> = g.seqs.iter().map(|s| s.0.to_string()).collect();
             writeln!(
                 out,
@@ -301,4 +351,199 @@ impl Summary<'_> {
         }
         Ok(())
     }
+}
+
+/// The summary object of the JSON outputs (one line, `kind: summary`). Its
+/// one definition: every field an output writes is here, typed.
+#[derive(Serialize)]
+pub struct SummaryLine<'a> {
+    pub kind: &'static str,
+    pub duration_s: f64,
+    pub drops_total: u64,
+    /// Every cause, also those with none.
+    pub drops_by_cause: BTreeMap<&'static str, u64>,
+    /// Namespace inode (or `unknown`) to drops.
+    pub drops_by_netns: BTreeMap<String, u64>,
+    pub inferred_by_budget: u64,
+    /// Namespace inode to its name, where it has one.
+    pub netns_names: BTreeMap<String, Option<String>>,
+    pub events_lost: u64,
+    pub events_sent: u64,
+    pub decode_errors: u64,
+    pub flows_tracked: usize,
+    pub flows_untracked: u64,
+    pub top_flows: Vec<TopFlow>,
+    pub kernel_counters: Vec<KernelCounters<'a>>,
+    pub filtered: bool,
+    /// Per probe label; null when no probe was sent.
+    pub probes: Option<BTreeMap<&'a str, ProbeCounts<'a>>>,
+    pub tier: &'static str,
+    pub mechanisms: Vec<MechanismLine<'a>>,
+    pub conntrack_events: Vec<CtEvents>,
+    pub echo_losses: Vec<EchoLoss>,
+    pub echo_losses_not_kept: u64,
+    pub occupancy: Vec<&'a Occupancy>,
+    pub advice: &'a [Advice],
+}
+
+#[derive(Serialize)]
+pub struct TopFlow {
+    pub netns: Option<u32>,
+    pub proto: String,
+    pub src: Option<String>,
+    pub dst: Option<String>,
+    pub sport: u16,
+    pub dport: u16,
+    pub drops: u64,
+    pub cause: &'static str,
+    pub first_ts_ns: u64,
+    pub last_ts_ns: u64,
+}
+
+/// One namespace's kernel counters against what ctdrop attributed.
+#[derive(Serialize)]
+pub struct KernelCounters<'a> {
+    pub netns: u32,
+    pub netns_name: Option<&'a str>,
+    pub drop: u64,
+    pub insert_failed: u64,
+    pub early_drop: u64,
+    pub entries: u64,
+    pub table_full_records: u64,
+    pub insert_failed_records: u64,
+    pub agree: bool,
+    pub unrecorded: u64,
+}
+
+#[derive(Serialize)]
+pub struct ProbeCounts<'a> {
+    pub sent: u64,
+    pub answered: u64,
+    pub lost: u64,
+    pub late: u64,
+    pub lost_by_cause: &'a BTreeMap<String, u64>,
+    pub lost_unexplained: u64,
+}
+
+#[derive(Serialize)]
+pub struct MechanismLine<'a> {
+    pub signal: &'static str,
+    pub mechanism: Option<&'a str>,
+    pub note: &'a str,
+}
+
+/// Conntrack path events in one namespace (probe tier).
+#[derive(Serialize)]
+pub struct CtEvents {
+    pub netns: u32,
+    pub inserts: u64,
+    pub early_drop_evicted: u64,
+    pub early_drop_failed: u64,
+    pub alloc_failed: u64,
+    pub confirm_dropped: u64,
+    pub clash_resolved: u64,
+    pub in_dropped: u64,
+    pub invalid: u64,
+}
+
+/// Lost echo requests of one ping ctdrop did not send.
+#[derive(Serialize)]
+pub struct EchoLoss {
+    pub src: String,
+    pub dst: String,
+    pub icmp_id: u16,
+    pub lost_seqs: Vec<u16>,
+    pub causes: BTreeMap<&'static str, u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        conntrack::stats::CtCounters,
+        flows::{FlowId, FlowStat},
+        kernel::tier::Mechanism,
+    };
+
+    /// A run with a drop of every kind the summary reports on.
+    fn with_summary<R>(f: impl FnOnce(&Summary) -> R) -> R {
+        let mut tally = Tally::new(10);
+        tally.add_counted(Some(7), 12, Cause::ConntrackTableFull, 5);
+        tally.add_counted(None, 2, Cause::Other, 1);
+        let mut by_cause = [0u64; Cause::ALL.len()];
+        by_cause[0] = 5;
+        tally.add_flow(
+            FlowId {
+                netns: Some(7),
+                proto: 17,
+                src: Some("198.18.0.1".parse().unwrap()),
+                dst: Some("198.18.0.2".parse().unwrap()),
+                sport: 1000,
+                dport: 53,
+            },
+            FlowStat {
+                drops: 5,
+                bytes: 300,
+                first_ns: 10,
+                last_ns: 20,
+                by_cause,
+            },
+        );
+        let names = NsRegistry::new();
+        let matcher = Matcher::new(vec!["198.18.0.2".parse().unwrap()], 1_000_000_000);
+        let labels = vec!["198.18.0.2".to_string()];
+        let occupancy = BTreeMap::new();
+        let delta = CtCounters {
+            columns: [("drop", 5), ("insert_failed", 0), ("early_drop", 1), ("entries", 64)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        };
+        let checks = [CounterCheck {
+            netns: 7,
+            netns_name: Some("recv".into()),
+            delta,
+            table_full: 5,
+            insert_failed: 0,
+        }];
+        let ct_events = [(7, tracer_common::CtEventCounts::default())];
+        let mechanisms = [Mechanism {
+            signal: "drops",
+            chosen: Some("tp_btf/kfree_skb".into()),
+            note: String::new(),
+        }];
+        let s = Summary {
+            tally: &tally,
+            names: &names,
+            matcher: &matcher,
+            probe_labels: &labels,
+            occupancy: &occupancy,
+            advice: &[],
+            inferred_by_budget: 2,
+            decode_errors: 0,
+            boot_offset: 1000,
+            probes_attached: false,
+            stats: KernelStats {
+                sent: 6,
+                ..Default::default()
+            },
+            elapsed: Duration::from_millis(1500),
+            checks: &checks,
+            filtered: false,
+            ct_events: &ct_events,
+            mechanisms: &mechanisms,
+        };
+        f(&s)
+    }
+
+    /// The line the pre-typed `json!` code wrote for this run (checked
+    /// byte for byte against it when the struct replaced it): keys sorted,
+    /// nulls kept.
+    #[test]
+    fn the_summary_object_keeps_its_keys_and_values() {
+        let j = with_summary(|s| serde_json::to_string(&s.to_json()).unwrap());
+        assert_eq!(j, GOLDEN);
+    }
+
+    const GOLDEN: &str = r#"{"advice":[],"conntrack_events":[{"alloc_failed":0,"clash_resolved":0,"confirm_dropped":0,"early_drop_evicted":0,"early_drop_failed":0,"in_dropped":0,"inserts":0,"invalid":0,"netns":7}],"decode_errors":0,"drops_by_cause":{"conntrack_insert_failed":0,"conntrack_invalid":0,"conntrack_table_full":5,"icmp_error_blocked":0,"netfilter_rule":0,"other":1},"drops_by_netns":{"7":5,"unknown":1},"drops_total":6,"duration_s":1.5,"echo_losses":[],"echo_losses_not_kept":0,"events_lost":0,"events_sent":6,"filtered":false,"flows_tracked":1,"flows_untracked":0,"inferred_by_budget":2,"kernel_counters":[{"agree":true,"drop":5,"early_drop":1,"entries":64,"insert_failed":0,"insert_failed_records":0,"netns":7,"netns_name":"recv","table_full_records":5,"unrecorded":0}],"kind":"summary","mechanisms":[{"mechanism":"tp_btf/kfree_skb","note":"","signal":"drops"}],"netns_names":{"7":null},"occupancy":[],"probes":{"198.18.0.2":{"answered":0,"late":0,"lost":0,"lost_by_cause":{},"lost_unexplained":0,"sent":0}},"tier":"tracepoint","top_flows":[{"cause":"conntrack_table_full","dport":53,"drops":5,"dst":"198.18.0.2","first_ts_ns":1010,"last_ts_ns":1020,"netns":7,"proto":"udp","sport":1000,"src":"198.18.0.1"}]}"#;
 }

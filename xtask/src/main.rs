@@ -6,6 +6,7 @@ mod bpf_linker;
 mod dist;
 mod env;
 mod image;
+mod modcycles;
 mod proc;
 mod setup;
 mod tasks;
@@ -88,9 +89,15 @@ enum Task {
     /// Setup and build, then flood drops under no tracer, ctdrop and bpftrace
     /// in alternating rounds and print the table (root; several minutes).
     Bench(BenchArgs),
-    /// rustfmt and clippy (warnings as errors) over every crate, the eBPF one
-    /// on its bpf target; `test` runs these first.
+    /// No module import circles, then rustfmt and clippy (warnings as
+    /// errors) over every crate, the eBPF one on its bpf target; `test` runs
+    /// these first.
     Lint,
+    /// Print a crate's module import graph and its circles (default: tracer-user).
+    Modules {
+        /// The crate's src directory.
+        src: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -115,5 +122,6 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Demo { args } => tasks::demo(&args),
         Task::Bench(a) => tasks::bench(&a).map(|()| ExitCode::SUCCESS),
         Task::Lint => tasks::lint_task(),
+        Task::Modules { src } => tasks::modules(src),
     }
 }

@@ -255,7 +255,7 @@ impl Sink for CaptureSink {
             duration_s: s.elapsed.as_secs_f64(),
             events_sent: s.stats.sent,
             events_lost: s.stats.lost,
-            decode_errors: s.collector.decode_errors,
+            decode_errors: s.decode_errors,
             drops_written: self.w.drops,
             probes_written: self.w.probes,
             kernel_counters,

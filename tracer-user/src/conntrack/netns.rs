@@ -125,18 +125,25 @@ fn in_netns_file<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     std::thread::spawn(move || {
-        // SAFETY: setns on an open namespace file; it changes only this
-        // short-lived thread's network namespace.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "entering network namespace: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        enter_file(&ns)?;
         f()
     })
     .join()
     .map_err(|_| anyhow!("namespace worker panicked"))?
+}
+
+/// Moves the calling thread (only it) into the namespace open as `ns`:
+/// the tracer's one `setns`.
+pub fn enter_file(ns: &File) -> Result<()> {
+    // SAFETY: setns on an open namespace file; it changes only the calling
+    // thread's network namespace.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!(
+            "entering network namespace: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// What we know of one namespace. Its counter file is opened lazily and

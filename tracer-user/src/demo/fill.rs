@@ -13,14 +13,13 @@
 //! Three passes of `sendmmsg` on raw sockets, one new flow per datagram.
 
 use std::{
-    fs::File,
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::PathBuf,
+    path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 
 /// Source addresses of the streams' clients: routed to the client namespace.
 pub const CLIENT_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(198, 19, 0, 0), 16);
@@ -73,19 +72,10 @@ fn datagram(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> [u8; 36] {
     p
 }
 
-/// A raw IPv4 socket (IP_HDRINCL) created inside the namespace at `ns`.
-fn raw_socket_in(ns: &PathBuf) -> Result<OwnedFd> {
-    let f = File::open(ns).with_context(|| format!("opening {}", ns.display()))?;
-    std::thread::spawn(move || {
-        // SAFETY: setns on an open namespace file, for this short-lived
-        // thread only; the socket keeps the namespace it was made in.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "entering {}: {}",
-                "the namespace",
-                std::io::Error::last_os_error()
-            );
-        }
+/// A raw IPv4 socket (IP_HDRINCL) created inside the namespace at `ns`
+/// (the socket keeps the namespace it was made in).
+fn raw_socket_in(ns: &Path) -> Result<OwnedFd> {
+    ctlab::in_netns(ns, || {
         // SAFETY: plain socket(2); checked, then owned.
         let fd = unsafe {
             libc::socket(
@@ -100,8 +90,6 @@ fn raw_socket_in(ns: &PathBuf) -> Result<OwnedFd> {
         // SAFETY: `fd` is a fresh socket nobody else owns.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     })
-    .join()
-    .map_err(|_| anyhow!("raw socket thread panicked"))?
 }
 
 /// Sends every packet to the destination in its header, `BATCH` at a time.
@@ -171,8 +159,8 @@ fn send_all(sock: &OwnedFd, packets: &[[u8; 36]]) -> Result<()> {
 /// answered by `server_ns`, and makes them ASSURED. `stop` ends it early.
 pub fn fill(
     flows: u64,
-    client_ns: &PathBuf,
-    server_ns: &PathBuf,
+    client_ns: &Path,
+    server_ns: &Path,
     server: (Ipv4Addr, u16),
     stop: &dyn Fn() -> bool,
 ) -> Result<Filled> {

@@ -48,7 +48,7 @@ fn wall_ns() -> u64 {
 
 /// The server's conntrack counters, read inside its namespace.
 fn server_counters() -> Result<CtCounters> {
-    crate::conntrack::netns::in_netns(&ns_path(SERVER), || {
+    ctlab::in_netns(&ns_path(SERVER), || {
         let s = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack")
             .context("reading conntrack stats")?;
         CtCounters::parse(&s)

@@ -1,15 +1,13 @@
-//! The demo's throwaway world: two namespaces joined by a veth, the lock on
+//! The demo's throwaway world, built with ctlab (the scenes the tests and
+//! `xtask bench` use too): two namespaces joined by a veth, the lock on
 //! `nf_conntrack_max` (lowered only on request, and only when no other
 //! namespace holds entries), a quiet UDP service, the streams that fill its
 //! table and a flood. Everything is undone by `Drop`, on every exit path
 //! that unwinds.
 
 use std::{
-    fs::File,
     net::{Ipv4Addr, UdpSocket},
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -29,56 +27,27 @@ pub const SERVER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 2);
 /// The stateless service the flood hits (a game or DNS-like UDP port).
 pub const SERVICE_PORT: u16 = 5353;
 
-fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", args[0]))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 pub fn in_ns(ns: &str, args: &[&str]) -> Result<String> {
     let mut full = vec!["ip", "netns", "exec", ns];
     full.extend_from_slice(args);
-    run(&full)
+    ctlab::run(&full)
 }
 
 pub fn ns_path(ns: &str) -> PathBuf {
-    Path::new("/run/netns").join(ns)
-}
-
-/// Namespaces that exist until drop.
-struct Namespaces(Vec<&'static str>);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in self.0.iter().rev() {
-            if let Err(e) = run(&["ip", "netns", "del", ns]) {
-                eprintln!("ctdrop: demo: cleanup: {e:#}");
-            }
-        }
-    }
+    ctlab::netns_path(ns)
 }
 
 /// A thread that stops when asked and is joined on drop.
 struct Worker {
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+    handle: Option<JoinHandle<Result<()>>>,
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+        if let Some(Ok(Err(e))) = self.handle.take().map(|h| h.join()) {
+            eprintln!("ctdrop: demo: {e:#}");
         }
     }
 }
@@ -87,8 +56,7 @@ impl Drop for Worker {
 pub fn remove_leftovers() -> Result<Vec<String>> {
     let mut gone = Vec::new();
     for ns in [SERVER, CLIENTS] {
-        if ns_path(ns).exists() {
-            run(&["ip", "netns", "del", ns])?;
+        if ctlab::remove_leftover(ns)? {
             gone.push(ns.to_string());
         }
     }
@@ -100,7 +68,7 @@ pub struct Stage {
     // namespaces alive), then the namespaces, then the sysctl and lock.
     flood: Option<Worker>,
     _service: Worker,
-    _namespaces: Namespaces,
+    _namespaces: ctlab::Topology,
     /// The lock on nf_conntrack_max, held for the whole demo (a test must
     /// not lower the limit under it), and the limit put back if lowered.
     _max: ctlab::MaxGuard,
@@ -144,36 +112,14 @@ impl Stage {
             })?;
         }
         let limit = lower_to.unwrap_or(previous_max);
-        let mut namespaces = Namespaces(Vec::new());
-        for ns in [CLIENTS, SERVER] {
-            run(&["ip", "netns", "add", ns])?;
-            namespaces.0.push(ns);
-            // Only our packets: no IPv6 router solicitations or DAD.
-            in_ns(
-                ns,
-                &[
-                    "sysctl",
-                    "-qw",
-                    "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1",
-                ],
-            )?;
-            in_ns(ns, &["ip", "link", "set", "lo", "up"])?;
-        }
-        run(&[
-            "ip", "link", "add", CLIENT_IF, "netns", CLIENTS, "type", "veth", "peer", "name",
-            SERVER_IF, "netns", SERVER,
-        ])?;
-        for (ns, dev, addr) in [
-            (CLIENTS, CLIENT_IF, CLIENT_ADDR),
-            (SERVER, SERVER_IF, SERVER_ADDR),
-        ] {
-            in_ns(
-                ns,
-                &["ip", "addr", "add", &format!("{addr}/24"), "dev", dev],
-            )?;
-            in_ns(ns, &["ip", "link", "set", dev, "up"])?;
-        }
+        let namespaces = ctlab::Topology::build(&ctlab::PairSpec {
+            sender: CLIENTS,
+            receiver: SERVER,
+            sender_if: CLIENT_IF,
+            receiver_if: SERVER_IF,
+            sender_addr: CLIENT_ADDR,
+            receiver_addr: SERVER_ADDR,
+        })?;
         // The fill's clients live behind the client namespace.
         let (net, bits) = super::fill::CLIENT_NET;
         in_ns(
@@ -189,20 +135,7 @@ impl Stage {
         )?;
         // A state rule, as on the incident's host: it is what makes the
         // server track every connection.
-        in_ns(
-            SERVER,
-            &[
-                "iptables",
-                "-A",
-                "INPUT",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-        )?;
+        namespaces.track_receiver()?;
         let service_received = Arc::new(AtomicU64::new(0));
         let service = service(service_received.clone())?;
         Ok(Stage {
@@ -231,11 +164,10 @@ impl Stage {
         )?;
         // The fill's datagrams are not the flood's.
         self.service_received.store(0, Ordering::Relaxed);
-        let entries = crate::conntrack::netns::in_netns(&ns_path(SERVER), || {
-            let s = std::fs::read_to_string("/proc/thread-self/net/stat/nf_conntrack")
-                .context("reading conntrack stats")?;
-            ctlab::parse_entries(&s).ok_or_else(|| anyhow!("no entries column"))
-        })?;
+        let entries = ctlab::ct_stats_at(&ns_path(SERVER))?
+            .get("entries")
+            .copied()
+            .ok_or_else(|| anyhow!("no entries column in the server's conntrack stats"))?;
         Ok((f, entries))
     }
 
@@ -246,34 +178,24 @@ impl Stage {
         let sent = self.flood_sent.clone();
         let last_port = self.flood_port.clone();
         let s = stop.clone();
-        let ns = File::open(ns_path(CLIENTS)).context("opening the clients' namespace")?;
-        let handle = std::thread::Builder::new()
-            .name("ctdemo-flood".into())
-            .spawn(move || {
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    eprintln!(
-                        "ctdrop: demo: flood cannot enter {CLIENTS}: {}",
-                        std::io::Error::last_os_error()
-                    );
-                    return;
-                }
-                let gap = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-                let mut port = last_port.load(Ordering::Relaxed) as u16;
-                while !s.load(Ordering::Relaxed) {
-                    port = if port >= 60000 { 20000 } else { port + 1 };
-                    last_port.store(port as u64, Ordering::Relaxed);
-                    if let Ok(sock) = UdpSocket::bind((CLIENT_ADDR, port)) {
-                        if sock
-                            .send_to(b"ctdemo flood", (SERVER_ADDR, SERVICE_PORT))
-                            .is_ok()
-                        {
-                            sent.fetch_add(1, Ordering::Relaxed);
-                        }
+        let handle = ctlab::spawn_in(&ns_path(CLIENTS), "ctdemo-flood", move || {
+            let gap = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+            let mut port = last_port.load(Ordering::Relaxed) as u16;
+            while !s.load(Ordering::Relaxed) {
+                port = if port >= 60000 { 20000 } else { port + 1 };
+                last_port.store(port as u64, Ordering::Relaxed);
+                if let Ok(sock) = UdpSocket::bind((CLIENT_ADDR, port)) {
+                    if sock
+                        .send_to(b"ctdemo flood", (SERVER_ADDR, SERVICE_PORT))
+                        .is_ok()
+                    {
+                        sent.fetch_add(1, Ordering::Relaxed);
                     }
-                    std::thread::sleep(gap);
                 }
-            })
-            .context("starting the flood")?;
+                std::thread::sleep(gap);
+            }
+            Ok(())
+        })?;
         self.flood = Some(Worker {
             stop,
             handle: Some(handle),
@@ -292,37 +214,31 @@ fn service(received: Arc<AtomicU64>) -> Result<Worker> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
-    let ns = File::open(ns_path(SERVER)).context("opening the server's namespace")?;
-    let handle = std::thread::Builder::new()
-        .name("ctdemo-service".into())
-        .spawn(move || {
-            let setup = (|| -> Result<UdpSocket> {
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("entering {SERVER}: {}", std::io::Error::last_os_error());
-                }
-                let sock = UdpSocket::bind((SERVER_ADDR, SERVICE_PORT))
-                    .context("binding the demo service")?;
-                sock.set_read_timeout(Some(Duration::from_millis(100)))?;
-                Ok(sock)
-            })();
-            let sock = match setup {
-                Ok(s) => {
-                    let _ = ready_tx.send(Ok(()));
-                    s
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let mut buf = [0u8; 2048];
-            while !s.load(Ordering::Relaxed) {
-                if sock.recv_from(&mut buf).is_ok() {
-                    received.fetch_add(1, Ordering::Relaxed);
-                }
+    let handle = ctlab::spawn_in(&ns_path(SERVER), "ctdemo-service", move || {
+        let setup = (|| -> Result<UdpSocket> {
+            let sock =
+                UdpSocket::bind((SERVER_ADDR, SERVICE_PORT)).context("binding the demo service")?;
+            sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok(sock)
+        })();
+        let sock = match setup {
+            Ok(s) => {
+                let _ = ready_tx.send(Ok(()));
+                s
             }
-        })
-        .context("starting the demo service")?;
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return Ok(());
+            }
+        };
+        let mut buf = [0u8; 2048];
+        while !s.load(Ordering::Relaxed) {
+            if sock.recv_from(&mut buf).is_ok() {
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    })?;
     let worker = Worker {
         stop,
         handle: Some(handle),

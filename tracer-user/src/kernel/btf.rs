@@ -5,80 +5,68 @@
 //! anonymous unions and struct groups (`sk_buff` is full of them), so the
 //! lookup walks those.
 
+mod raw;
+
 use std::{collections::HashMap, path::Path};
 
 use anyhow::{anyhow, bail, Context, Result};
-use btf_rs::{Btf, Type};
 use tracer_common::{Offsets, OFFSET_ABSENT};
 
-/// The kernel's BTF: vmlinux plus, where conntrack is a module, its split BTF.
+use raw::Raw;
+
+/// The kernel's BTF: vmlinux plus, where conntrack is a module, its split
+/// BTF (read as one table).
 pub struct KernelBtf {
-    vmlinux: Btf,
-    modules: Vec<Btf>,
+    raw: Raw,
 }
 
 impl KernelBtf {
     pub fn open(vmlinux: &Path) -> Result<Self> {
-        let vmlinux_btf = Btf::from_file(vmlinux)
-            .map_err(|e| anyhow!("{e}"))
+        let read = |p: &Path| {
+            std::fs::read(p).with_context(|| format!("cannot read kernel BTF at {}", p.display()))
+        };
+        let mut raw = Raw::parse(&read(vmlinux)?)
             .with_context(|| format!("cannot read kernel BTF at {}", vmlinux.display()))?;
-        let mut modules = Vec::new();
         // Types that only a module defines (nf_conn on kernels with conntrack
         // as a module) live in its split BTF beside vmlinux.
         if let Some(dir) = vmlinux.parent() {
-            {
-                let m = "nf_conntrack";
-                let p = dir.join(m);
-                if p.exists() {
-                    if let Ok(b) = Btf::from_split_file(&p, &vmlinux_btf) {
-                        modules.push(b);
-                    }
+            let p = dir.join("nf_conntrack");
+            if p.exists() {
+                // Unreadable split BTF leaves vmlinux's types as they were.
+                if let Ok(bytes) = std::fs::read(&p) {
+                    let _ = raw.add_split(&bytes);
                 }
             }
         }
-        Ok(KernelBtf {
-            vmlinux: vmlinux_btf,
-            modules,
-        })
+        Ok(KernelBtf { raw })
     }
 
-    fn all(&self) -> impl Iterator<Item = &Btf> {
-        std::iter::once(&self.vmlinux).chain(self.modules.iter())
-    }
-
-    /// The named struct with its BTF (first definition that has members).
-    fn find_struct(&self, name: &str) -> Option<(&Btf, btf_rs::Struct)> {
-        for btf in self.all() {
-            if let Ok(types) = btf.resolve_types_by_name(name) {
-                for t in types {
-                    if let Type::Struct(s) = t {
-                        if !s.members.is_empty() {
-                            return Some((btf, s));
-                        }
-                    }
-                }
-            }
-        }
-        None
+    /// The named struct (first definition that has members).
+    fn find_struct(&self, name: &str) -> Option<raw::TypeRec> {
+        self.raw
+            .find(name, raw::STRUCT)
+            .filter_map(|id| self.raw.rec(id).ok())
+            .find(|r| r.vlen > 0)
     }
 
     /// Byte offset of `path` (dot-separated, e.g. `ns.inum`) inside struct `name`.
     pub fn offset(&self, name: &str, path: &str) -> Result<u32> {
-        let (btf, s) = self
+        let s = self
             .find_struct(name)
             .ok_or_else(|| anyhow!("struct {name} not in BTF"))?;
         let mut total_bits = 0u32;
         let mut cur = s;
         let parts: Vec<&str> = path.split('.').collect();
         for (i, part) in parts.iter().enumerate() {
-            let (bits, ty) = member_offset(btf, &cur, part)?
+            let (bits, ty) = self
+                .member_offset(&cur, part)?
                 .ok_or_else(|| anyhow!("{name} has no field {path}"))?;
             total_bits += bits;
             if i + 1 < parts.len() {
-                cur = match strip(btf, ty)? {
-                    Type::Struct(s) | Type::Union(s) => s,
-                    _ => bail!("{name}.{part} is not a struct"),
-                };
+                cur = self.raw.rec(self.raw.strip(ty)?)?;
+                if !matches!(cur.kind, raw::STRUCT | raw::UNION) {
+                    bail!("{name}.{part} is not a struct");
+                }
             }
         }
         if !total_bits.is_multiple_of(8) {
@@ -87,38 +75,48 @@ impl KernelBtf {
         Ok(total_bits / 8)
     }
 
+    /// Bit offset and type id of member `name`, searching anonymous
+    /// members (unions and struct groups) too.
+    fn member_offset(&self, s: &raw::TypeRec, name: &str) -> Result<Option<(u32, u32)>> {
+        for m in self.raw.members(s)? {
+            let mname = self.raw.name(m.name_off);
+            if mname == name {
+                return Ok(Some((m.bit_offset, m.type_id)));
+            }
+            if mname.is_empty() {
+                let inner = self.raw.rec(self.raw.strip(m.type_id)?)?;
+                if matches!(inner.kind, raw::STRUCT | raw::UNION) {
+                    if let Some((off, t)) = self.member_offset(&inner, name)? {
+                        return Ok(Some((m.bit_offset + off, t)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Offset or [`OFFSET_ABSENT`] when this kernel lacks the field.
     pub fn offset_or_absent(&self, name: &str, path: &str) -> u32 {
         self.offset(name, path).unwrap_or(OFFSET_ABSENT)
     }
 
-    /// Values of an enum, by name.
+    /// Values of an enum, by name (the first ENUM or ENUM64 of that
+    /// name that has values).
     pub fn enum_values(&self, name: &str) -> Result<HashMap<String, u64>> {
-        for btf in self.all() {
-            let Ok(types) = btf.resolve_types_by_name(name) else {
-                continue;
-            };
-            for t in types {
-                let mut out = HashMap::new();
-                match t {
-                    Type::Enum(e) => {
-                        for m in &e.members {
-                            out.insert(
-                                btf.resolve_name(m).map_err(|e| anyhow!("{e}"))?,
-                                m.val() as u64,
-                            );
-                        }
-                    }
-                    Type::Enum64(e) => {
-                        for m in &e.members {
-                            out.insert(btf.resolve_name(m).map_err(|e| anyhow!("{e}"))?, m.val());
-                        }
-                    }
-                    _ => continue,
-                }
-                if !out.is_empty() {
-                    return Ok(out);
-                }
+        let ids = self
+            .raw
+            .find(name, raw::ENUM)
+            .chain(self.raw.find(name, raw::ENUM64));
+        for id in ids {
+            let r = self.raw.rec(id)?;
+            let out: HashMap<String, u64> = self
+                .raw
+                .enumerators(&r)?
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v))
+                .collect();
+            if !out.is_empty() {
+                return Ok(out);
             }
         }
         bail!("enum {name} not in BTF")
@@ -126,14 +124,10 @@ impl KernelBtf {
 
     /// Whether a function of that name has BTF (a precondition for fentry).
     pub fn has_func(&self, name: &str) -> bool {
-        self.all().any(|btf| {
-            btf.resolve_types_by_name(name)
-                .map(|ts| ts.iter().any(|t| matches!(t, Type::Func(_))))
-                .unwrap_or(false)
-        })
+        self.raw.find(name, raw::FUNC).next().is_some()
     }
 
-    /// Every offset the kernel programs need.
+    /// The struct offsets the kernel programs use.
     pub fn offsets(&self) -> Result<Offsets> {
         let req = |s: &str, f: &str| {
             self.offset(s, f)
@@ -208,39 +202,6 @@ impl DropReasons {
     }
 }
 
-/// Strips typedefs and qualifiers down to the underlying type.
-fn strip(btf: &Btf, mut t: Type) -> Result<Type> {
-    loop {
-        t = match t {
-            Type::Typedef(ref x) | Type::TypeTag(ref x) => btf.resolve_chained_type(x),
-            Type::Volatile(ref x) | Type::Const(ref x) | Type::Restrict(ref x) => {
-                btf.resolve_chained_type(x)
-            }
-            other => return Ok(other),
-        }
-        .map_err(|e| anyhow!("{e}"))?;
-    }
-}
-
-/// Bit offset and type of member `name`, searching anonymous members too.
-fn member_offset(btf: &Btf, s: &btf_rs::Struct, name: &str) -> Result<Option<(u32, Type)>> {
-    for m in &s.members {
-        let mname = btf.resolve_name(m).unwrap_or_default();
-        let ty = btf.resolve_chained_type(m).map_err(|e| anyhow!("{e}"))?;
-        if mname == name {
-            return Ok(Some((m.bit_offset(), ty)));
-        }
-        if mname.is_empty() {
-            if let Type::Struct(inner) | Type::Union(inner) = strip(btf, ty)? {
-                if let Some((off, t)) = member_offset(btf, &inner, name)? {
-                    return Ok(Some((m.bit_offset() + off, t)));
-                }
-            }
-        }
-    }
-    Ok(None)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +251,190 @@ mod tests {
             btf.offset_or_absent("sk_buff", "no_such_field"),
             OFFSET_ABSENT
         );
+    }
+
+    /// The general parser's answer, walked the same way (anonymous
+    /// members included), for the cross-check below.
+    fn btf_rs_offset(b: &btf_rs::Btf, name: &str, path: &str) -> Option<u32> {
+        use btf_rs::Type;
+        fn strip(b: &btf_rs::Btf, mut t: Type) -> Option<Type> {
+            loop {
+                t = match t {
+                    Type::Typedef(ref x) | Type::TypeTag(ref x) => b.resolve_chained_type(x),
+                    Type::Volatile(ref x) | Type::Const(ref x) | Type::Restrict(ref x) => {
+                        b.resolve_chained_type(x)
+                    }
+                    other => return Some(other),
+                }
+                .ok()?;
+            }
+        }
+        fn member(b: &btf_rs::Btf, s: &btf_rs::Struct, name: &str) -> Option<(u32, Type)> {
+            for m in &s.members {
+                let n = b.resolve_name(m).unwrap_or_default();
+                let ty = b.resolve_chained_type(m).ok()?;
+                if n == name {
+                    return Some((m.bit_offset(), ty));
+                }
+                if n.is_empty() {
+                    if let Some(Type::Struct(i) | Type::Union(i)) = strip(b, ty) {
+                        if let Some((o, t)) = member(b, &i, name) {
+                            return Some((m.bit_offset() + o, t));
+                        }
+                    }
+                }
+            }
+            None
+        }
+        let mut cur = b
+            .resolve_types_by_name(name)
+            .ok()?
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Struct(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })?;
+        let (mut bits, parts) = (0, path.split('.').collect::<Vec<_>>());
+        for (i, p) in parts.iter().enumerate() {
+            let (o, t) = member(b, &cur, p)?;
+            bits += o;
+            if i + 1 < parts.len() {
+                cur = match strip(b, t)? {
+                    Type::Struct(s) | Type::Union(s) => s,
+                    _ => return None,
+                };
+            }
+        }
+        Some(bits / 8)
+    }
+
+    #[test]
+    fn own_reader_agrees_with_a_general_btf_parser() {
+        let path = Path::new("/sys/kernel/btf/vmlinux");
+        let ours = KernelBtf::open(path).unwrap();
+        let theirs = btf_rs::Btf::from_file(path).unwrap();
+        for (s, f) in [
+            ("sk_buff", "dev"),
+            ("sk_buff", "_nfct"),
+            ("sk_buff", "len"),
+            ("sk_buff", "protocol"),
+            ("sk_buff", "head"),
+            ("sk_buff", "network_header"),
+            ("sk_buff", "transport_header"),
+            ("sk_buff", "sk"),
+            ("sock", "__sk_common.skc_net"),
+            ("net_device", "ifindex"),
+            ("net_device", "nd_net"),
+            ("net", "ns"),
+            ("ns_common", "inum"),
+            ("nf_conn", "status"),
+            ("nf_conn", "ct_net.net"),
+            ("nf_conn", "zone.id"),
+        ] {
+            assert_eq!(
+                ours.offset(s, f).ok(),
+                btf_rs_offset(&theirs, s, f),
+                "{s}.{f}"
+            );
+        }
+        for e in [
+            "skb_drop_reason",
+            "bpf_prog_type",
+            "bpf_attach_type",
+            "nf_inet_hooks",
+            "ip_conntrack_status",
+        ] {
+            let mut want = HashMap::new();
+            for t in theirs.resolve_types_by_name(e).unwrap() {
+                if let btf_rs::Type::Enum(en) = t {
+                    for m in &en.members {
+                        want.insert(theirs.resolve_name(m).unwrap(), m.val() as u64);
+                    }
+                }
+            }
+            assert!(!want.is_empty(), "{e}");
+            assert_eq!(ours.enum_values(e).unwrap(), want, "enum {e}");
+        }
+        assert!(ours.has_func("nf_hook_slow"));
+        assert!(!ours.has_func("no_such_function_here"));
+    }
+
+    /// Little-endian (host order here) BTF with the given types and strings.
+    fn blob(types: &[u32], strings: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&0xeb9fu16.to_ne_bytes());
+        b.extend_from_slice(&[1, 0]);
+        for v in [
+            24u32,
+            0,
+            types.len() as u32 * 4,
+            types.len() as u32 * 4,
+            strings.len() as u32,
+        ] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        for t in types {
+            b.extend_from_slice(&t.to_ne_bytes());
+        }
+        b.extend_from_slice(strings);
+        b
+    }
+
+    #[test]
+    fn split_btf_continues_the_base_ids_and_strings() {
+        // Base: [1] int "u32"; [2] struct "inner" { u32 a @0; u32 b @32 }.
+        let base_str = b"\0u32\0inner\0a\0b\0";
+        let base = blob(
+            &[
+                1,
+                1 << 24,
+                4,
+                32, // int u32, 32 bits
+                5,
+                4 << 24 | 2,
+                8, // struct inner, 2 members
+                11,
+                1,
+                0, // a
+                13,
+                1,
+                32, // b
+            ],
+            base_str,
+        );
+        // Split: [3] struct "outer" { u32 x @0; anonymous union @64 { inner y } },
+        // [4] union (anonymous) { inner y @0 }; strings after the base's.
+        let o = base_str.len() as u32;
+        let split = blob(
+            &[
+                o + 1,
+                4 << 24 | 2,
+                16, // struct outer
+                o + 7,
+                1,
+                0, // x
+                0,
+                4,
+                64, // anonymous member of type 4
+                0,
+                5 << 24 | 1,
+                8, // union, 1 member
+                o + 9,
+                2,
+                0, // y: inner
+            ],
+            b"\0outer\0x\0y\0",
+        );
+        let mut raw = Raw::parse(&base).unwrap();
+        raw.add_split(&split).unwrap();
+        let k = KernelBtf { raw };
+        assert_eq!(k.offset("outer", "x").unwrap(), 0);
+        assert_eq!(k.offset("outer", "y.b").unwrap(), 12);
+        assert_eq!(k.offset("inner", "b").unwrap(), 4);
+        assert!(k.offset("outer", "z").is_err());
+        // A broken split leaves the base as it was.
+        let mut raw = Raw::parse(&base).unwrap();
+        assert!(raw.add_split(&split[..40]).is_err());
+        assert!(raw.rec(3).is_err());
     }
 }

@@ -4,7 +4,8 @@
 //! while groups under the rate still print drop by drop. Used by human
 //! `live` and by the demo (which folds all of its flood).
 
-use super::{human::netns_label, Shown};
+use super::Shown;
+use crate::conntrack::netns::label as netns_label;
 use crate::{cause::Cause, events::decode::proto_name};
 
 /// Drop lines per group and second printed one by one before folding.
@@ -147,7 +148,7 @@ pub fn fold_line(
 ) -> String {
     let mut l = format!(
         "{} + {n} drops: {cause} in ns {ns}",
-        super::human::clock(wall_ns)
+        super::clock(wall_ns)
     );
     if let Some((proto, port, k)) = top {
         l += &format!(", top port {}/{port} ({k})", proto_name(proto));

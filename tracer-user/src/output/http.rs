@@ -18,7 +18,14 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
 
-use super::metrics::Metrics;
+/// What the endpoint serves: the metrics in both text formats. A trait so
+/// that this transport does not import the metrics it carries.
+pub trait Exposition: Send + Sync + 'static {
+    /// OpenMetrics text.
+    fn encode(&self) -> String;
+    /// The classic Prometheus text format.
+    fn encode_classic(&self) -> String;
+}
 
 /// The whole request head must arrive within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,7 +37,7 @@ const MAX_HEAD: usize = 8 << 10;
 const MAX_CONNECTIONS: usize = 32;
 
 /// Answers `GET /metrics` until the runtime ends.
-pub async fn serve(listener: TcpListener, m: Arc<Metrics>) {
+pub async fn serve<M: Exposition>(listener: TcpListener, m: Arc<M>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -61,9 +68,9 @@ pub async fn serve(listener: TcpListener, m: Arc<Metrics>) {
     }
 }
 
-async fn answer(
+async fn answer<M: Exposition>(
     req: Request<Incoming>,
-    m: Arc<Metrics>,
+    m: Arc<M>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET {
         return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n"));

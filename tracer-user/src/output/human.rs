@@ -6,19 +6,8 @@ use super::{CountsShown, ProbeShown, Shown, Sink};
 use crate::events::decode::proto_name;
 use crate::probe::{SeenDrop, Status, Wire};
 
-/// Local wall-clock time of day with microseconds.
-pub fn clock(wall_ns: u64) -> String {
-    let secs = (wall_ns / 1_000_000_000) as libc::time_t;
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    unsafe { libc::localtime_r(&secs, &mut tm) };
-    format!(
-        "{:02}:{:02}:{:02}.{:06}",
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec,
-        (wall_ns % 1_000_000_000) / 1000
-    )
-}
+/// Defined beside the sinks (the fold lines use it too).
+pub use super::clock;
 
 pub fn netns_label(netns: Option<u32>, name: Option<&str>) -> String {
     crate::conntrack::netns::label(netns, name)
@@ -191,7 +180,7 @@ impl<W: std::io::Write> HumanSink<W> {
 }
 
 impl<W: std::io::Write> Sink for HumanSink<W> {
-    fn start(&mut self, info: &crate::session::SessionInfo) -> std::io::Result<()> {
+    fn start(&mut self, info: &super::SessionInfo) -> std::io::Result<()> {
         self.boot_offset_ns = info.boot_offset_ns;
         Ok(())
     }

@@ -60,7 +60,7 @@ fn fill_origin(c: crate::events::CtFill) -> FillOrigin {
 /// Writes the same object as serializing [`DropLine`] (same fields, same
 /// order, `null` for unknowns), without building it: under a flood this is
 /// the per-drop path, and serde's generic string escaping and the Strings
-/// DropJson holds were the largest costs in its profile.
+/// DropLine holds were the largest costs in its profile.
 pub fn write_drop(out: &mut Vec<u8>, s: &Shown) {
     let ev = s.ev;
     let f = ev.flow.as_ref();

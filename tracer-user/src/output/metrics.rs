@@ -466,6 +466,16 @@ pub async fn serve(listener: TcpListener, m: Arc<Metrics>) {
     super::http::serve(listener, m).await
 }
 
+impl super::http::Exposition for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+
+    fn encode_classic(&self) -> String {
+        Metrics::encode_classic(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,10 +12,49 @@ pub mod writer;
 
 use std::{collections::BTreeMap, time::Duration};
 
+use tracer_common::FilterConfig;
+
 use crate::{
-    cause::Cause, conntrack::stats::CtCounters, events::DropEvent, flows::Tally,
-    kernel::attach::KernelStats, probe::Outcome, summary::Summary,
+    cause::Cause,
+    conntrack::{
+        netns::NsRegistry,
+        stats::{CtCounters, CtLimits},
+    },
+    events::DropEvent,
+    flows::Tally,
+    kernel::{attach::KernelStats, btf::DropReasons, tier::Mechanism},
+    probe::Outcome,
+    summary::Summary,
 };
+
+/// Facts about the run that a sink may record before any event.
+pub struct SessionInfo<'a> {
+    pub reasons: &'a DropReasons,
+    /// Mechanism per signal (or why none).
+    pub mechanisms: Vec<Mechanism>,
+    pub boot_offset_ns: u64,
+    pub limits: Option<CtLimits>,
+    pub counters_at_start: &'a BTreeMap<u32, CtCounters>,
+    pub filter: &'a FilterConfig,
+    /// Names namespaces, as every output does.
+    pub namespaces: &'a NsRegistry,
+}
+
+/// Local wall-clock time of day with microseconds.
+pub fn clock(wall_ns: u64) -> String {
+    let secs = (wall_ns / 1_000_000_000) as libc::time_t;
+    // SAFETY: an all-zero tm is a valid value; localtime_r only writes it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals of the right types.
+    unsafe { libc::localtime_r(&secs, &mut tm) };
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        (wall_ns % 1_000_000_000) / 1000
+    )
+}
 
 /// A decoded drop with everything resolved that an output shows.
 pub struct Shown<'a> {
@@ -69,7 +108,7 @@ pub struct Progress<'a> {
 
 pub trait Sink {
     /// Called once after attaching, before any event.
-    fn start(&mut self, _info: &crate::session::SessionInfo) -> std::io::Result<()> {
+    fn start(&mut self, _info: &SessionInfo) -> std::io::Result<()> {
         Ok(())
     }
     fn drop_event(&mut self, s: &Shown) -> std::io::Result<()>;

@@ -83,14 +83,8 @@ pub fn spawn(cfg: ProberConfig) -> Result<mpsc::UnboundedReceiver<ProbeEvent>> {
 fn enter_netns(path: &PathBuf) -> Result<()> {
     let f = std::fs::File::open(path)
         .with_context(|| format!("opening namespace {}", path.display()))?;
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!(
-            "entering namespace {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
+    crate::conntrack::netns::enter_file(&f)
+        .with_context(|| format!("entering namespace {}", path.display()))
 }
 
 /// One raw ICMP socket per address family, shared by all echo targets.

@@ -1,6 +1,7 @@
 //! Reports from capture files: one pass over the records builds a
 //! [`Report`]; `text` renders it for people (table, markdown), `json` for
 //! tools; `compare` puts two side by side; `export` writes pcap-ng.
+mod command;
 pub mod compare;
 pub mod export;
 pub mod html;
@@ -12,22 +13,25 @@ pub mod timeline;
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
+    io::Read,
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::{
     capture::{meta::Header, record::Checkpoint, CaptureReader, End, Item},
     cause::Cause,
-    cli::{ReportArgs, ReportFormat},
     conntrack::stats::{CounterCheck, CtCounters},
     flows::{Tally, DEFAULT_MAX_FLOWS},
     kernel::btf::DropReasons,
     model::{ProbeCounts, ProbeStatus, ProbeVerdict},
-    output::{csv::CsvSink, metrics::Metrics, Shown, Sink},
+    output::{metrics::Metrics, Shown},
 };
+
+/// `ctdrop report`: in a child of its own, so that the renderers below,
+/// which read [`Report`], are not imported back by the module defining it.
+pub use command::run;
 
 /// Longest drops-per-second series kept (a day); later drops count in the last second.
 const MAX_SECONDS: usize = 86_400;
@@ -177,7 +181,7 @@ impl Report {
         let secs = (r.duration_s().ceil() as usize).clamp(r.per_second.len(), MAX_SECONDS);
         r.per_second.resize(secs, 0);
         r.timeline.grow(secs);
-        r.timeline.lost_probes = timeline::lost_probes(&r.probes, r.header.started_wall_ns);
+        r.timeline.lost_probes = lost_probes(&r.probes, r.header.started_wall_ns);
         r
     }
 
@@ -345,80 +349,28 @@ impl Report {
     }
 }
 
-pub fn run(args: &ReportArgs) -> Result<()> {
-    let mut out: std::io::BufWriter<Box<dyn Write>> = std::io::BufWriter::new(match &args.output {
-        Some(p) => {
-            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
-        }
-        None => Box::new(std::io::stdout().lock()),
-    });
-    if let (Some(b), Some(a)) = (&args.before, &args.after) {
-        let before = load(b, |_| {})?;
-        let after = load(a, |_| {})?;
-        let c = compare::Comparison::new(&before, &after);
-        match args.format {
-            ReportFormat::Json => {
-                serde_json::to_writer_pretty(&mut out, &c.to_json())?;
-                writeln!(out)?;
-            }
-            ReportFormat::Table => out.write_all(c.render(false).as_bytes())?,
-            ReportFormat::Markdown => out.write_all(c.render(true).as_bytes())?,
-            ReportFormat::Html => out.write_all(html::render_comparison(&c).as_bytes())?,
-            ReportFormat::Csv | ReportFormat::Prometheus => {
-                anyhow::bail!("--before/--after compares for people or tools: use --format table, markdown or json")
-            }
-        }
-        return out.flush().context("writing the report");
-    }
-    let path = args
-        .file
-        .as_ref()
-        .expect("clap requires FILE without --before/--after");
-    match args.format {
-        ReportFormat::Csv => {
-            let mut csv = CsvSink::new(&mut out);
-            let mut err = None;
-            let r = load(path, |s| {
-                if err.is_none() {
-                    err = csv.drop_event(s).err();
-                }
-            })?;
-            if let Some(e) = err {
-                return Err(e).context("writing CSV");
-            }
-            csv.flush().context("writing CSV")?;
-            drop(csv);
-            if let Some(d) = r.end.describe() {
-                eprintln!("ctdrop: {}: {d}", path.display());
-            }
-        }
-        ReportFormat::Json => {
-            let r = load(path, |_| {})?;
-            serde_json::to_writer_pretty(&mut out, &json::to_json(&r, args.top))?;
-            writeln!(out)?;
-        }
-        ReportFormat::Prometheus => {
-            let r = load(path, |_| {})?;
-            out.write_all(r.metrics().encode_classic().as_bytes())?;
-            if let Some(d) = r.end.describe() {
-                eprintln!("ctdrop: {}: {d}", path.display());
-            }
-        }
-        ReportFormat::Html => {
-            let r = load(path, |_| {})?;
-            out.write_all(html::render(&r, args.top).as_bytes())?;
-        }
-        ReportFormat::Table | ReportFormat::Markdown => {
-            let r = load(path, |_| {})?;
-            out.write_all(
-                text::render(&r, args.top, args.format == ReportFormat::Markdown).as_bytes(),
-            )?;
-        }
-    }
-    out.flush().context("writing the report")
-}
-
 pub fn load(path: &Path, each: impl FnMut(&Shown)) -> Result<Report> {
     let reader = CaptureReader::open(path)?;
     Ok(Report::build(path, reader, each))
+}
+
+/// Every lost probe of every host, in time order, from the recorded probe
+/// lines (their `ts_ns` is the wall-clock send time).
+fn lost_probes(
+    probes: &BTreeMap<String, ProbeTally>,
+    started_wall_ns: u64,
+) -> Vec<timeline::LostProbe> {
+    let mut out: Vec<timeline::LostProbe> = probes
+        .iter()
+        .flat_map(|(host, p)| {
+            p.lost_probes.iter().map(move |l| timeline::LostProbe {
+                at_s: l.ts_ns.saturating_sub(started_wall_ns) as f64 / 1e9,
+                host: host.clone(),
+                seq: l.seq,
+                cause: l.cause.map(|c| c.as_str().to_string()),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    out
 }

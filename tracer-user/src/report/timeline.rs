@@ -128,27 +128,6 @@ impl Timeline {
     }
 }
 
-/// Every lost probe of every host, in time order, from the recorded probe
-/// lines (their `ts_ns` is the wall-clock send time).
-pub fn lost_probes(
-    probes: &BTreeMap<String, super::ProbeTally>,
-    started_wall_ns: u64,
-) -> Vec<LostProbe> {
-    let mut out: Vec<LostProbe> = probes
-        .iter()
-        .flat_map(|(host, p)| {
-            p.lost_probes.iter().map(move |l| LostProbe {
-                at_s: l.ts_ns.saturating_sub(started_wall_ns) as f64 / 1e9,
-                host: host.clone(),
-                seq: l.seq,
-                cause: l.cause.map(|c| c.as_str().to_string()),
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,15 +21,8 @@ use crate::{
     session::{self, SessionOptions},
 };
 
-/// Default cap on drop records held in memory. A record costs about 200
-/// bytes there, so the cap bounds the recorder at about 40 MB whatever the
-/// flood; past it drops are counted (metric, capture trailer), not kept.
-pub const DEFAULT_BUFFER_RECORDS: usize = 200_000;
-
-/// One service log line: `ctdrop: LEVEL: message`, no colours.
-pub fn log(level: &str, msg: impl std::fmt::Display) {
-    eprintln!("ctdrop: {level}: {msg}");
-}
+/// Defined with the option (the command line imports no mode).
+pub use crate::cli::DEFAULT_BUFFER_RECORDS;
 
 pub async fn run(args: &WatchArgs) -> Result<()> {
     // Bad input is refused before attaching anything.

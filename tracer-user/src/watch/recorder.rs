@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use super::{files, log};
+use super::files;
 use crate::{
     capture::{
         meta::{CounterDelta, Header, NsCounters, Trailer, WatchTrailer},
@@ -38,6 +38,11 @@ use crate::{
     session::SessionInfo,
     summary::Summary,
 };
+
+/// One service log line: `ctdrop: LEVEL: message`, no colours.
+fn log(level: &str, msg: impl std::fmt::Display) {
+    eprintln!("ctdrop: {level}: {msg}");
+}
 
 pub struct Config {
     pub dir: PathBuf,

@@ -52,12 +52,7 @@ pub fn run(netns: &Path, spec: &FloodSpec) -> Result<FloodResult> {
     let ns = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
     let spec = spec.clone();
     std::thread::spawn(move || -> Result<FloodResult> {
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "entering the sender namespace: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        ctlab::enter_file(&ns).context("entering the sender namespace")?;
         if let Some(cpu) = spec.cpu {
             pin(cpu)?;
         }

@@ -7,7 +7,6 @@
 //! dropped; the sender's count is only informative.
 
 use std::{
-    fs::File,
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
@@ -17,9 +16,9 @@ use std::{
     thread::JoinHandle,
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 
-use crate::Netns;
+use crate::{ns::spawn_in, traffic::echo_request, Netns};
 
 /// Messages per `sendmmsg` call.
 const BATCH: usize = 64;
@@ -46,19 +45,12 @@ impl Flood {
     /// Floods `dst` from inside `ns` until [`Flood::stop`], or until
     /// `limit` packets went out when given.
     pub fn start(ns: &Netns, dst: Ipv4Addr, kind: FloodKind, limit: Option<u64>) -> Result<Flood> {
-        let nsf =
-            File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            if unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns: {}", std::io::Error::last_os_error());
-            }
-            match kind {
-                FloodKind::Udp => flood_udp(dst, &flag, limit),
-                FloodKind::Echo => flood_echo(dst, &flag, limit),
-            }
-        });
+        let handle = spawn_in(&ns.path(), "ctlab-flood", move || match kind {
+            FloodKind::Udp => flood_udp(dst, &flag, limit),
+            FloodKind::Echo => flood_echo(dst, &flag, limit),
+        })?;
         Ok(Flood {
             stop,
             handle: Some(handle),
@@ -95,6 +87,7 @@ impl Drop for Flood {
 }
 
 fn sockaddr(dst: Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is valid.
     let mut a: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     a.sin_family = libc::AF_INET as libc::sa_family_t;
     a.sin_port = port.to_be();
@@ -103,10 +96,12 @@ fn sockaddr(dst: Ipv4Addr, port: u16) -> libc::sockaddr_in {
 }
 
 fn socket(ty: i32, proto: i32) -> Result<OwnedFd> {
+    // SAFETY: plain socket(2); checked, then owned.
     let fd = unsafe { libc::socket(libc::AF_INET, ty | libc::SOCK_CLOEXEC, proto) };
     if fd < 0 {
         bail!("socket: {}", std::io::Error::last_os_error());
     }
+    // SAFETY: `fd` is a fresh socket nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -129,6 +124,7 @@ fn send_batch(
         .iter_mut()
         .zip(addrs.iter_mut())
         .map(|(iov, addr)| {
+            // SAFETY: msghdr is plain old data; all-zero is valid.
             let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
             h.msg_name = addr as *mut _ as *mut libc::c_void;
             h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
@@ -140,6 +136,7 @@ fn send_batch(
             }
         })
         .collect();
+    // SAFETY: every header points into `payloads`/`addrs`, alive for the call.
     let n = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0) };
     if n < 0 {
         let e = std::io::Error::last_os_error();
@@ -182,7 +179,7 @@ fn flood_echo(dst: Ipv4Addr, stop: &AtomicBool, limit: Option<u64>) -> Result<u6
             .map(|_| {
                 id = id.wrapping_add(1);
                 // A new id is a new conntrack flow; seq says how often the id wrapped.
-                crate::echo_request(id as u16, (id >> 16) as u16)
+                echo_request(id as u16, (id >> 16) as u16)
             })
             .collect();
         let mut addrs = vec![sockaddr(dst, 0); n];
