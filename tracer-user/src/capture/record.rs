@@ -518,7 +518,9 @@ pub mod tests {
         let mut bad = vec![];
         put_varint(&mut bad, 1 << 15);
         assert_eq!(
-            get_drop(&mut Cursor::new(&bad), 0, FORMAT_VERSION, |_| Some(Cause::Other)),
+            get_drop(&mut Cursor::new(&bad), 0, FORMAT_VERSION, |_| Some(
+                Cause::Other
+            )),
             Err(CodecError("drop with unknown field bits"))
         );
     }

@@ -209,7 +209,11 @@ fn everything_written_reads_back_in_order() {
         assert_eq!(loc, "nf_hook_slow+0x9a");
         assert_eq!(ifname.as_deref(), Some("veth1"));
     }
-    assert_eq!(r.probes, vec![lost_probe()], "the typed verdict reads back as written");
+    assert_eq!(
+        r.probes,
+        vec![lost_probe()],
+        "the typed verdict reads back as written"
+    );
     assert_eq!(r.checkpoints, 1);
     assert_eq!(r.end, End::Complete(trailer(25, 25)));
     assert_eq!(CaptureReader::new(&bytes[..]).unwrap().header, header());
@@ -537,7 +541,10 @@ fn format_2_files_read_whole_with_their_probe_verdicts_typed_and_exact() {
             Some((p.icmp_id.unwrap(), p.icmp_seq.unwrap()))
         );
         assert_eq!((d.icmp_id, d.icmp_seq), (p.icmp_id, p.icmp_seq));
-        assert_eq!((d.cause, d.netns, d.ct_count), (Cause::ConntrackTableFull, Some(rx), Some(64)));
+        assert_eq!(
+            (d.cause, d.netns, d.ct_count),
+            (Cause::ConntrackTableFull, Some(rx), Some(64))
+        );
     }
 
     // The table snapshot, and the report built from it all.
@@ -548,11 +555,18 @@ fn format_2_files_read_whole_with_their_probe_verdicts_typed_and_exact() {
     );
     assert_eq!(rep.occupancy.len(), 1);
     assert_eq!(
-        (rep.occupancy[0].netns, rep.occupancy[0].entries, rep.occupancy[0].max),
+        (
+            rep.occupancy[0].netns,
+            rep.occupancy[0].entries,
+            rep.occupancy[0].max
+        ),
         (Some(rx), 64, Some(64))
     );
     let p = &rep.probes["198.18.2.2"];
-    assert_eq!((p.sent, p.answered, p.lost, p.lost_unexplained), (6, 0, 6, 0));
+    assert_eq!(
+        (p.sent, p.answered, p.lost, p.lost_unexplained),
+        (6, 0, 6, 0)
+    );
     assert_eq!(p.lost_by_cause["conntrack_table_full"], 6);
     assert_eq!(p.lost_probes, r.probes);
     let checks = rep.counter_checks().unwrap();

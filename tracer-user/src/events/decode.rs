@@ -361,12 +361,7 @@ mod tests {
 #[cfg(test)]
 mod fuzz {
     use super::*;
-    use crate::{
-        cause::Classifier,
-        flows::Tally,
-        model::DropLine,
-        output::Shown,
-    };
+    use crate::{cause::Classifier, flows::Tally, model::DropLine, output::Shown};
     use proptest::prelude::*;
 
     const CASES: u32 = 512;

@@ -45,10 +45,16 @@ impl std::ops::Deref for SeenDrop {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Status {
-    Ok { rtt_ns: u64 },
+    Ok {
+        rtt_ns: u64,
+    },
     /// Boxed: a drop line is large, and most outcomes carry none.
-    Lost { drop: Option<Box<SeenDrop>> },
-    Late { rtt_ns: u64 },
+    Lost {
+        drop: Option<Box<SeenDrop>>,
+    },
+    Late {
+        rtt_ns: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -60,7 +66,6 @@ pub struct Outcome {
     pub sent_ns: u64,
     pub status: Status,
 }
-
 
 struct Pending {
     number: u64,

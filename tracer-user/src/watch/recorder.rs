@@ -706,8 +706,10 @@ impl Sink for Recorder {
         if self.probes.len() >= self.cfg.buffer_records {
             self.probes.pop_front();
         }
-        self.probes
-            .push_back((p.wall_ns.saturating_sub(self.boot_offset), ProbeVerdict::from_shown(p)));
+        self.probes.push_back((
+            p.wall_ns.saturating_sub(self.boot_offset),
+            ProbeVerdict::from_shown(p),
+        ));
         Ok(())
     }
 
