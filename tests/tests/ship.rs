@@ -416,14 +416,29 @@ fn daemonset_passes_the_kubernetes_schemas_and_asks_for_exactly_ctdrops_capabili
         .collect();
     added.sort();
     let mounts = c["volumeMounts"].as_array().unwrap();
-    let btf = mounts
-        .iter()
-        .find(|m| m["mountPath"] == "/sys/kernel/btf")
-        .expect("no /sys/kernel/btf mount");
+    let mount = |path: &str| {
+        mounts
+            .iter()
+            .find(|m| m["mountPath"] == path)
+            .unwrap_or_else(|| panic!("no {path} mount"))
+    };
+    let btf = mount("/sys/kernel/btf");
     assert_eq!(btf["readOnly"], true);
     assert!(
         mounts.iter().any(|m| m["mountPath"] == "/var/lib/ctdrop"),
         "no hostPath for captures"
+    );
+    // The kubelet's pods directory, read-only where ctdrop looks for it
+    // (pod names, conntrack/owner.rs), from the node's own.
+    let pods = mount("/var/log/pods");
+    assert_eq!(pods["readOnly"], true);
+    assert!(
+        pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == pods["name"] && v["hostPath"]["path"] == "/var/log/pods"),
+        "the pods mount is not the node's /var/log/pods"
     );
     // What ctdrop asks for: its refusal with no capability at all lists them.
     let bin = ctdrop_bin().to_string_lossy().into_owned();

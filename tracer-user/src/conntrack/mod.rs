@@ -2,6 +2,7 @@
 //! per namespace.
 pub mod netns;
 pub mod occupancy;
+pub mod owner;
 pub mod stats;
 
 use std::{

@@ -359,8 +359,8 @@ fn handle_budget() -> usize {
 pub struct NsRegistry {
     handles: HashMap<u32, NsHandle>,
     unknown: HashMap<u32, Instant>,
-    /// What [`NsRegistry::display_name`] found, per inode (None: no name).
-    names: std::cell::RefCell<HashMap<u32, Option<String>>>,
+    /// Who owns each namespace: what [`NsRegistry::display_name`] says.
+    owners: std::cell::RefCell<super::owner::Owners>,
     /// Last use of each namespace, for closing the least recently used.
     used: HashMap<u32, u64>,
     clock: u64,
@@ -389,7 +389,7 @@ impl NsRegistry {
         NsRegistry {
             handles: HashMap::new(),
             unknown: HashMap::new(),
-            names: Default::default(),
+            owners: Default::default(),
             used: HashMap::new(),
             clock: 0,
             open: Arc::new(AtomicUsize::new(0)),
@@ -398,16 +398,17 @@ impl NsRegistry {
     }
 
     /// The one name of a namespace in every output (drop lines, JSON,
-    /// summary, captures and reports, metrics, advice): today its `ip netns`
-    /// name; None when it has none (outputs then show the inode, see
-    /// [`label`]). Looked up once per inode.
+    /// summary, captures and reports, metrics, advice): `host`, its pod,
+    /// its `ip netns` name or its container (see [`super::owner`]); None
+    /// when nothing is known (outputs then show the inode, see [`label`]).
+    /// Looked up once per inode.
     pub fn display_name(&self, inum: u32) -> Option<String> {
-        if let Some(n) = self.names.borrow().get(&inum) {
-            return n.clone();
+        let mut owners = self.owners.borrow_mut();
+        if let Some(known) = owners.known(inum) {
+            return known;
         }
-        let name = named_namespaces().remove(&inum).map(|(n, _)| n);
-        self.names.borrow_mut().insert(inum, name.clone());
-        name
+        let netns_name = named_namespaces().remove(&inum).map(|(n, _)| n);
+        owners.name(inum, netns_name.as_deref())
     }
 
     /// [`NsRegistry::display_name`] rendered: the name, else the inode.

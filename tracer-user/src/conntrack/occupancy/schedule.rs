@@ -202,7 +202,8 @@ pub fn snapshot_arg(netns: Option<&str>) -> Result<Occupancy> {
     match netns {
         None => {
             let own = crate::conntrack::netns::own_netns().ok();
-            snapshot(Path::new("/proc/self/ns/net"), own, None)
+            let name = own.and_then(|i| crate::conntrack::netns::NsRegistry::new().display_name(i));
+            snapshot(Path::new("/proc/self/ns/net"), own, name)
         }
         Some(arg) => {
             let (inum, path) = crate::conntrack::netns::resolve_netns(arg)?;
