@@ -9,6 +9,14 @@
 //! reader does not take piles up to [`MAX_QUEUED_BYTES`]; past that, chunks
 //! are dropped and their lines counted, with a warning on stderr at most
 //! once a second, and the count at the end ([`OutHandle::finish`]).
+//!
+//! The queue is made of fixed-size chunks that go back to a free list once
+//! written, never of buffers that grow: its memory is at most
+//! [`MAX_QUEUED_BYTES`] plus two chunks, reached once and then reused. (One
+//! growing `Vec` per hand-over slot used to cost up to three 4 MiB buffers,
+//! each touched for the first time whenever the reader happened to fall
+//! behind while it was the pending one, and a `realloc` copy on top: RSS
+//! stepped up by 4 MiB at random moments of a flood.)
 
 use std::{
     io::{self, Write},
@@ -20,8 +28,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The buffer goes to the writer thread once it holds this much (and at
-/// every flush).
+/// The buffer goes to the writer thread once the next write would take it
+/// past this (and at every flush); the size of every chunk of the queue.
 const CHUNK: usize = 1 << 16;
 /// Output held for a slow reader before lines are dropped: a few seconds
 /// of a flood's JSON, and a bound on the memory a stalled reader costs.
@@ -32,9 +40,17 @@ pub const MAX_QUEUED_BYTES: u64 = 4 << 20;
 /// on the way through: that keeps the tracing thread's cost per line a
 /// copy, as with a `BufWriter`.
 #[derive(Default)]
+struct Queue {
+    /// Handed over, not yet taken by the writer, oldest first; each ends
+    /// with a whole line.
+    full: std::collections::VecDeque<Vec<u8>>,
+    /// Written chunks (capacity [`CHUNK`], empty) for the next hand-overs.
+    free: Vec<Vec<u8>>,
+}
+
+#[derive(Default)]
 struct Shared {
-    /// Handed over, not yet taken by the writer.
-    pending: Mutex<Vec<u8>>,
+    queue: Mutex<Queue>,
     wake: Condvar,
     /// The writer waits on `wake`: only then is a notify worth a syscall.
     writer_idle: AtomicBool,
@@ -53,6 +69,9 @@ pub struct QueuedOut {
     buf: Vec<u8>,
     shared: Arc<Shared>,
     max_queued: u64,
+    /// Chunks the queue may hold: `max_queued` in whole chunks, so that
+    /// small hand-overs (a flush per line) cannot multiply its memory.
+    max_chunks: usize,
     warned_at: Option<Instant>,
 }
 
@@ -130,43 +149,47 @@ fn queued_pieces<W: Write + Send + 'static>(
     let s = shared.clone();
     std::thread::Builder::new()
         .name("ctdrop-stdout".into())
-        .spawn(move || {
-            let mut spare = Vec::with_capacity(CHUNK);
-            loop {
-                let data = {
-                    let mut p = s.pending.lock().unwrap();
-                    while p.is_empty() {
-                        s.writer_idle.store(true, Ordering::SeqCst);
-                        p = s.wake.wait(p).unwrap();
+        .spawn(move || loop {
+            let data = {
+                let mut q = s.queue.lock().unwrap();
+                loop {
+                    if let Some(c) = q.full.pop_front() {
+                        break c;
                     }
-                    s.writer_idle.store(false, Ordering::SeqCst);
-                    Arc::new(std::mem::replace(&mut *p, std::mem::take(&mut spare)))
-                };
-                *s.in_flight.lock().unwrap() = (Some(data.clone()), 0);
-                let mut pos = 0;
-                while pos < data.len() && !s.closed.load(Ordering::Relaxed) {
-                    let end = pos + piece_end(&data[pos..], piece);
-                    match out.write(&data[pos..end]) {
-                        Ok(0) => s.closed.store(true, Ordering::Relaxed),
-                        Ok(n) => {
-                            pos += n;
-                            s.in_flight.lock().unwrap().1 = pos;
-                            s.queued_bytes.fetch_sub(n as u64, Ordering::Relaxed);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => s.closed.store(true, Ordering::Relaxed),
+                    s.writer_idle.store(true, Ordering::SeqCst);
+                    q = s.wake.wait(q).unwrap();
+                }
+            };
+            s.writer_idle.store(false, Ordering::SeqCst);
+            let data = Arc::new(data);
+            *s.in_flight.lock().unwrap() = (Some(data.clone()), 0);
+            let mut pos = 0;
+            while pos < data.len() && !s.closed.load(Ordering::Relaxed) {
+                let end = pos + piece_end(&data[pos..], piece);
+                match out.write(&data[pos..end]) {
+                    Ok(0) => s.closed.store(true, Ordering::Relaxed),
+                    Ok(n) => {
+                        pos += n;
+                        s.in_flight.lock().unwrap().1 = pos;
+                        s.queued_bytes.fetch_sub(n as u64, Ordering::Relaxed);
                     }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => s.closed.store(true, Ordering::Relaxed),
                 }
-                *s.in_flight.lock().unwrap() = (None, 0);
-                if pos < data.len() {
-                    s.dropped_lines
-                        .fetch_add(lines_in(&data[pos..]), Ordering::Relaxed);
-                    s.queued_bytes
-                        .fetch_sub((data.len() - pos) as u64, Ordering::Relaxed);
-                }
-                if let Ok(mut v) = Arc::try_unwrap(data) {
+            }
+            *s.in_flight.lock().unwrap() = (None, 0);
+            if pos < data.len() {
+                s.dropped_lines
+                    .fetch_add(lines_in(&data[pos..]), Ordering::Relaxed);
+                s.queued_bytes
+                    .fetch_sub((data.len() - pos) as u64, Ordering::Relaxed);
+            }
+            // Back to the free list; one that a line longer than a chunk
+            // made grow is let go, so every pooled chunk stays CHUNK.
+            if let Ok(mut v) = Arc::try_unwrap(data) {
+                if v.capacity() <= CHUNK {
                     v.clear();
-                    spare = v;
+                    s.queue.lock().unwrap().free.push(v);
                 }
             }
         })
@@ -175,45 +198,63 @@ fn queued_pieces<W: Write + Send + 'static>(
         buf: Vec::with_capacity(CHUNK),
         shared: shared.clone(),
         max_queued,
+        max_chunks: (max_queued as usize / CHUNK).max(1),
         warned_at: None,
     };
     (q, OutHandle { shared })
 }
 
 impl QueuedOut {
-    fn hand_over(&mut self) {
-        if self.buf.is_empty() {
+    /// Queues `buf[..cut]` for the writer (or drops and counts its lines
+    /// when the queue is full); what follows `cut` stays in `buf`.
+    fn hand_over(&mut self, cut: usize) {
+        if cut == 0 {
             return;
         }
-        let len = self.buf.len() as u64;
         let s = &self.shared;
         let closed = s.closed.load(Ordering::Relaxed);
-        if closed || s.queued_bytes.load(Ordering::Relaxed) + len > self.max_queued {
-            let n = lines_in(&self.buf);
-            let total = s.dropped_lines.fetch_add(n, Ordering::Relaxed) + n;
-            self.buf.clear();
-            if !closed
-                && self
-                    .warned_at
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-            {
-                self.warned_at = Some(Instant::now());
-                eprintln!("ctdrop: warning: stdout is not being read: {total} lines not written so far (tracing and counting go on)");
+        let mut queued = false;
+        if !closed && s.queued_bytes.load(Ordering::Relaxed) + cut as u64 <= self.max_queued {
+            let mut q = s.queue.lock().unwrap();
+            // Counted before the writer can see it, so its subtraction
+            // never comes first.
+            let count = || s.queued_bytes.fetch_add(cut as u64, Ordering::Relaxed);
+            let chunks = q.full.len();
+            match q.full.back_mut() {
+                Some(last) if last.len() + cut <= CHUNK => {
+                    count();
+                    last.extend_from_slice(&self.buf[..cut]);
+                    self.buf.drain(..cut);
+                    queued = true;
+                }
+                _ if chunks < self.max_chunks => {
+                    count();
+                    let mut next = q.free.pop().unwrap_or_else(|| Vec::with_capacity(CHUNK));
+                    next.extend_from_slice(&self.buf[cut..]);
+                    let mut full = std::mem::replace(&mut self.buf, next);
+                    full.truncate(cut);
+                    q.full.push_back(full);
+                    queued = true;
+                }
+                _ => {}
+            }
+        }
+        if queued {
+            if s.writer_idle.load(Ordering::SeqCst) {
+                s.wake.notify_one();
             }
             return;
         }
-        s.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        let n = lines_in(&self.buf[..cut]);
+        let total = s.dropped_lines.fetch_add(n, Ordering::Relaxed) + n;
+        self.buf.drain(..cut);
+        if !closed
+            && self
+                .warned_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
         {
-            let mut p = s.pending.lock().unwrap();
-            if p.is_empty() {
-                std::mem::swap(&mut *p, &mut self.buf);
-            } else {
-                p.extend_from_slice(&self.buf);
-                self.buf.clear();
-            }
-        }
-        if s.writer_idle.load(Ordering::SeqCst) {
-            s.wake.notify_one();
+            self.warned_at = Some(Instant::now());
+            eprintln!("ctdrop: warning: stdout is not being read: {total} lines not written so far (tracing and counting go on)");
         }
     }
 }
@@ -221,10 +262,17 @@ impl QueuedOut {
 impl Write for QueuedOut {
     #[inline]
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= CHUNK {
-            self.hand_over();
+        if self.buf.len() + data.len() > CHUNK {
+            // Whole lines go; a line being written (a JSON value written
+            // piece by piece) moves on to the next chunk.
+            let cut = self
+                .buf
+                .iter()
+                .rposition(|c| *c == b'\n')
+                .map_or(self.buf.len(), |i| i + 1);
+            self.hand_over(cut);
         }
+        self.buf.extend_from_slice(data);
         Ok(data.len())
     }
 
@@ -236,7 +284,7 @@ impl Write for QueuedOut {
     /// Hands what is buffered to the writer thread; never waits for it.
     /// Fails with `BrokenPipe` once the reader has gone away.
     fn flush(&mut self) -> io::Result<()> {
-        self.hand_over();
+        self.hand_over(self.buf.len());
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(io::Error::from(io::ErrorKind::BrokenPipe));
         }
@@ -257,7 +305,14 @@ impl OutHandle {
         {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let queued = lines_in(&s.pending.lock().unwrap());
+        let queued: u64 = s
+            .queue
+            .lock()
+            .unwrap()
+            .full
+            .iter()
+            .map(|c| lines_in(c))
+            .sum();
         let in_flight = match &*s.in_flight.lock().unwrap() {
             (Some(d), pos) => lines_in(&d[*pos..]),
             (None, _) => 0,
@@ -339,6 +394,82 @@ mod tests {
             written > 0 && written <= (256 << 10) / 100 + 1,
             "only what fit in the queue: {written}"
         );
+    }
+
+    #[test]
+    fn a_stalled_reader_costs_at_most_the_bound_in_fixed_chunks_however_small_the_flushes() {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let max = 8 * CHUNK as u64;
+        let (mut q, h) = queued(
+            Stalled {
+                gate: gate.clone(),
+                got: got.clone(),
+            },
+            max,
+        );
+        // Lines of ~20 bytes written piece by piece (as serde_json does);
+        // first flushed every 1700 lines (hand-overs just over half a chunk:
+        // two never share one), then every 7.
+        for i in 0..200_000u32 {
+            write!(q, "{{\"n\":{i},").unwrap();
+            q.write_all(&b"yyyyyyyy"[..(i % 8) as usize]).unwrap();
+            q.write_all(b"}\n").unwrap();
+            if i % if i < 100_000 { 1700 } else { 7 } == 0 {
+                q.flush().unwrap();
+            }
+        }
+        q.flush().unwrap();
+        {
+            let queue = h.shared.queue.lock().unwrap();
+            let in_flight = h.shared.in_flight.lock().unwrap().0.is_some() as usize;
+            let chunks = queue.full.len() + queue.free.len() + in_flight + 1;
+            assert!(
+                chunks <= q.max_chunks + 2,
+                "{chunks} chunks for a bound of {}",
+                q.max_chunks
+            );
+            assert!(queue.full.iter().all(|c| c.capacity() == CHUNK));
+        }
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        let unwritten = h.finish(Duration::from_secs(30));
+        let got = got.lock().unwrap();
+        assert_eq!(lines_in(&got) + unwritten, 200_000);
+        // What was written is whole lines, in order.
+        let mut last = None;
+        for l in got.split(|c| *c == b'\n').filter(|l| !l.is_empty()) {
+            let l = std::str::from_utf8(l).unwrap();
+            assert!(l.starts_with("{\"n\":") && l.ends_with('}'), "{l:?}");
+            let n: u32 = l[5..].split(',').next().unwrap().parse().unwrap();
+            assert!(last.is_none_or(|p| n > p), "{n} after {last:?}");
+            last = Some(n);
+        }
+    }
+
+    #[test]
+    fn chunks_handed_over_when_full_end_with_a_whole_line() {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let (mut q, h) = queued(
+            Stalled {
+                gate: gate.clone(),
+                got: Default::default(),
+            },
+            MAX_QUEUED_BYTES,
+        );
+        // No flush: every hand-over is a full chunk, cut by `write`.
+        for i in 0..30_000u32 {
+            write!(q, "{{\"n\":{i},").unwrap();
+            q.write_all(b"\"x\":1}\n").unwrap();
+        }
+        let queue = h.shared.queue.lock().unwrap();
+        assert!(queue.full.len() > 2);
+        for c in &queue.full {
+            assert_eq!(c.last(), Some(&b'\n'), "a chunk ends mid-line");
+        }
+        drop(queue);
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
     }
 
     #[test]
