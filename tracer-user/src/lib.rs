@@ -14,6 +14,7 @@ pub mod filter;
 pub mod flows;
 pub mod kernel;
 pub mod live;
+pub mod model;
 pub mod output;
 pub mod probe;
 pub mod report;
