@@ -89,8 +89,8 @@ pub mod flags {
     pub const HAS_CT: u16 = 1 << 4;
     /// `icmp_id`/`icmp_seq` hold an echo request/reply's identifiers.
     pub const ICMP_ECHO: u16 = 1 << 5;
-    /// `ct_count`/`ct_max` were read in the kernel at the drop instant.
-    pub const CT_FILL_KERNEL: u16 = 1 << 6;
+    // Bit 6 is free: it meant "table fill read in the kernel", which no
+    // program ever did (the fill is sampled in userspace).
     /// The L3/L4 headers could not be read completely.
     pub const TRUNCATED: u16 = 1 << 7;
     /// `ct_status` holds the entry's status bits.
@@ -120,8 +120,6 @@ pub struct DropRecord {
     pub reason: u32,
     /// `nf_conn.status` bits when `HAS_CT_STATUS`.
     pub ct_status: u32,
-    pub ct_count: u32,
-    pub ct_max: u32,
     pub skb_len: u32,
     pub cpu: u32,
     /// Ethertype in host order (0x0800, 0x86dd), 0 when unknown.
@@ -141,12 +139,12 @@ pub struct DropRecord {
     pub source: u8,
     /// `ctinfo` (low three bits of `_nfct`); 7 is IP_CT_UNTRACKED (NOTRACK).
     pub ct_info: u8,
-    /// Kernel-side verdict detail for conntrack-path records (e.g. the
-    /// `early_drop` result); 0 otherwise.
-    pub detail: u8,
-    pub _pad: [u8; 4],
+    pub _pad: [u8; 5],
 }
-const _: () = assert!(core::mem::size_of::<DropRecord>() == 112);
+// Every field above is written by `kfree_skb` (tracer-ebpf): a field no
+// program sets does not belong here (the table fill, for one, is sampled
+// in userspace and joined to the event there).
+const _: () = assert!(core::mem::size_of::<DropRecord>() == 104);
 
 /// A record followed by the first bytes of the packet's network header.
 #[repr(C)]
@@ -255,7 +253,8 @@ pub const FLOW_SETS: u32 = 4096;
 
 /// Indices of the per-CPU statistics array.
 pub mod stat {
-    /// `kfree_skb` hits seen by the program (before filtering).
+    /// Drops with a wanted reason seen by the program in record mode,
+    /// before the user's filter (count mode counts only `COUNTED`).
     pub const SEEN: u32 = 0;
     /// Records written to the ring buffer.
     pub const SENT: u32 = 1;

@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use tracer_common::{source, stash, CtEventCounts, SkbVerdict};
 
-use crate::skb::{net_inum, read};
+use crate::skb::{self, net_inum, read, Via};
 
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
@@ -56,6 +56,7 @@ fn push(which: u32, arg: u64) {
     let Some(depth) = STASH_DEPTH.get_ptr_mut(which) else {
         return;
     };
+    // SAFETY: a per-CPU slot from the map; programs run with migration disabled.
     let mut d = unsafe { *depth };
     // Far deeper than any nesting: pushes without pops (a missed kretprobe
     // instance) piled up. Start over rather than lose every later verdict.
@@ -64,6 +65,7 @@ fn push(which: u32, arg: u64) {
     }
     if d < DEPTH {
         if let Some(f) = STASH_FRAMES.get_ptr_mut(which * DEPTH + d) {
+            // SAFETY: `f` is a per-CPU frame slot returned by the map lookup.
             unsafe {
                 *f = Frame {
                     arg,
@@ -73,16 +75,19 @@ fn push(which: u32, arg: u64) {
         }
     }
     // Past the bottom we still count, so pops stay paired with pushes.
+    // SAFETY: as above: this CPU's depth slot.
     unsafe { *depth = d.saturating_add(1) };
 }
 
 #[inline(always)]
 fn pop(which: u32) -> Option<Frame> {
     let depth = STASH_DEPTH.get_ptr_mut(which)?;
+    // SAFETY: a per-CPU slot from the map; programs run with migration disabled.
     let d = unsafe { *depth };
     if d == 0 {
         return None;
     }
+    // SAFETY: as above: this CPU's depth slot.
     unsafe { *depth = d - 1 };
     if d - 1 < DEPTH {
         STASH_FRAMES.get(which * DEPTH + d - 1).copied()
@@ -104,19 +109,15 @@ fn top(which: u32) -> Option<*mut Frame> {
 #[inline(always)]
 fn mark_alloc_failed() {
     if let Some(f) = top(stash::CONNTRACK_IN) {
+        // SAFETY: `f` is this CPU's innermost frame slot (from `top`).
         unsafe { (*f).alloc_failed = 1 };
     }
 }
 
 #[inline(always)]
 unsafe fn skb_netns(skb: u64) -> u32 {
-    let dev = read::<u64>(skb as *const u8, off!(skb_dev)).unwrap_or(0) as *const u8;
-    let mut net = read::<u64>(dev, off!(dev_nd_net)).unwrap_or(0) as *const u8;
-    if net.is_null() {
-        let sk = read::<u64>(skb as *const u8, off!(skb_sk)).unwrap_or(0) as *const u8;
-        net = read::<u64>(sk, off!(sk_net)).unwrap_or(0) as *const u8;
-    }
-    net_netns(net as u64)
+    let skb = skb as *const u8;
+    skb::skb_netns(skb, skb::skb_dev(skb, Via::Helper), Via::Helper).unwrap_or(0)
 }
 
 #[inline(always)]
@@ -127,6 +128,7 @@ unsafe fn net_netns(net: u64) -> u32 {
 #[inline(always)]
 fn count(netns: u32, f: impl FnOnce(&mut CtEventCounts)) {
     if let Some(c) = CT_EVENTS.get_ptr_mut(&netns) {
+        // SAFETY: `c` points into this CPU's map value, valid for the program run.
         f(unsafe { &mut *c });
         return;
     }
@@ -138,6 +140,7 @@ fn count(netns: u32, f: impl FnOnce(&mut CtEventCounts)) {
 #[inline(always)]
 fn verdict(skb: u64, src: u8) {
     let v = SkbVerdict {
+        // SAFETY: a helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         source: src,
         _pad: [0; 7],
@@ -158,6 +161,7 @@ pub fn ct_in_return(ctx: RetProbeContext) -> u32 {
     };
     let ret: u64 = ctx.ret();
     let skb = f.arg;
+    // SAFETY: `skb` is the kprobe's sk_buff argument; read only through bpf_probe_read_kernel.
     let ns = unsafe { skb_netns(skb) };
     if (ret as u32) & 0xff == NF_DROP {
         if f.alloc_failed != 0 {
@@ -167,7 +171,8 @@ pub fn ct_in_return(ctx: RetProbeContext) -> u32 {
         }
         count(ns, |c| c.in_dropped += 1);
     } else if (ret as u32) & 0xff == NF_ACCEPT {
-        let nfct = unsafe { read::<u64>(skb as *const u8, off!(skb_nfct)) }.unwrap_or(1);
+        // SAFETY: as above: a helper read of the skb's `_nfct`.
+        let nfct = unsafe { read::<u64>(skb as *const u8, ro!(OFFSETS.skb_nfct)) }.unwrap_or(1);
         if nfct == 0 {
             verdict(skb, source::CT_INVALID);
             count(ns, |c| c.invalid += 1);
@@ -182,8 +187,10 @@ pub fn ct_alloc_return(ctx: RetProbeContext) -> u32 {
     if ret >= 0u64.wrapping_sub(MAX_ERRNO) {
         mark_alloc_failed();
         let skb = top(stash::CONNTRACK_IN)
+            // SAFETY: `f` is this CPU's innermost frame slot (from `top`).
             .map(|f| unsafe { (*f).arg })
             .unwrap_or(0);
+        // SAFETY: `skb` was stashed from nf_conntrack_in's argument; helper reads only.
         let ns = unsafe { skb_netns(skb) };
         count(ns, |c| c.alloc_failed += 1);
     }
@@ -204,6 +211,7 @@ pub fn ct_confirm_return(ctx: RetProbeContext) -> u32 {
     let ret: u64 = ctx.ret();
     if (ret as u32) & 0xff == NF_DROP {
         verdict(f.arg, source::CT_CONFIRM_DROP);
+        // SAFETY: `f.arg` is the stashed skb argument; helper reads only.
         let ns = unsafe { skb_netns(f.arg) };
         count(ns, |c| c.confirm_dropped += 1);
     }
@@ -222,6 +230,7 @@ pub fn ct_early_drop_return(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let ret: u64 = ctx.ret();
+    // SAFETY: `f.arg` is the stashed `struct net *`; helper reads only.
     let ns = unsafe { net_netns(f.arg) };
     if ret as u32 != 0 {
         count(ns, |c| c.early_drop_evicted += 1);
@@ -244,6 +253,7 @@ pub fn ct_clash_return(ctx: RetProbeContext) -> u32 {
     };
     let ret: u64 = ctx.ret();
     if (ret as u32) & 0xff == NF_ACCEPT {
+        // SAFETY: `f.arg` is the stashed skb argument; helper reads only.
         let ns = unsafe { skb_netns(f.arg) };
         count(ns, |c| c.clash_resolved += 1);
     }
@@ -253,7 +263,9 @@ pub fn ct_clash_return(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn ct_hash_insert(ctx: ProbeContext) -> u32 {
     let ct: u64 = ctx.arg(0).unwrap_or(0);
-    let net = unsafe { read::<u64>(ct as *const u8, off!(conn_net)) }.unwrap_or(0);
+    // SAFETY: `ct` is the kprobe's nf_conn argument; helper read only.
+    let net = unsafe { read::<u64>(ct as *const u8, ro!(OFFSETS.conn_net)) }.unwrap_or(0);
+    // SAFETY: `net` came from a helper read; helper reads only.
     let ns = unsafe { net_netns(net) };
     count(ns, |c| c.inserts += 1);
     0
@@ -262,6 +274,7 @@ pub fn ct_hash_insert(ctx: ProbeContext) -> u32 {
 /// The conntrack verdict left for this skb, if fresh.
 #[inline(always)]
 pub fn take_verdict(skb: u64, now: u64) -> Option<u8> {
+    // SAFETY: the value is copied out before the entry is removed.
     let v = unsafe { VERDICTS.get(&skb) }.copied()?;
     let _ = VERDICTS.remove(&skb);
     if now.wrapping_sub(v.ts_ns) > tracer_common::VERDICT_MAX_AGE_NS {

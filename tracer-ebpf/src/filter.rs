@@ -10,15 +10,6 @@
 
 use tracer_common::{flags, DropRecord, FILTER_MAX};
 
-/// One element of a `FILTER` array, read without copying the struct.
-macro_rules! filt_at {
-    ($($place:tt)*) => {
-        // SAFETY: FILTER is a static; every index is below FILTER_MAX (or 4)
-        // by its loop bound.
-        unsafe { core::ptr::read_volatile(&crate::FILTER.$($place)*) }
-    };
-}
-
 /// Address words as the filter holds them (native-endian reads of the bytes).
 #[inline(always)]
 fn words(a: &[u8; 16]) -> [u32; 4] {
@@ -35,7 +26,7 @@ fn in_net(w: &[u32; 4], i: usize, v6: bool) -> bool {
     let mut eq = true;
     for k in 0..4 {
         if k == 0 || v6 {
-            eq &= (w[k] & filt_at!(nets[i].mask[k])) == filt_at!(nets[i].addr[k]);
+            eq &= (w[k] & ro!(FILTER.nets[i].mask[k])) == ro!(FILTER.nets[i].addr[k]);
         }
     }
     eq
@@ -44,42 +35,42 @@ fn in_net(w: &[u32; 4], i: usize, v6: bool) -> bool {
 /// Whether a drop passes every filter the user set.
 #[inline(always)]
 pub fn matches(r: &DropRecord) -> bool {
-    let n = filt!(n_netns) as usize;
+    let n = ro!(FILTER.n_netns) as usize;
     if n != 0 {
         let mut hit = false;
         for i in 0..FILTER_MAX {
             if i < n {
-                hit |= r.flags & flags::HAS_NETNS != 0 && filt_at!(netns[i]) == r.netns;
+                hit |= r.flags & flags::HAS_NETNS != 0 && ro!(FILTER.netns[i]) == r.netns;
             }
         }
         if !hit {
             return false;
         }
     }
-    let n = filt!(n_ifs) as usize;
+    let n = ro!(FILTER.n_ifs) as usize;
     if n != 0 {
         let mut hit = false;
         for i in 0..FILTER_MAX {
             if i < n {
                 hit |= r.flags & flags::HAS_DEV != 0
-                    && filt_at!(ifs[i].netns) == r.netns
-                    && filt_at!(ifs[i].ifindex) == r.ifindex;
+                    && ro!(FILTER.ifs[i].netns) == r.netns
+                    && ro!(FILTER.ifs[i].ifindex) == r.ifindex;
             }
         }
         if !hit {
             return false;
         }
     }
-    let proto = filt!(l4_proto);
+    let proto = ro!(FILTER.l4_proto);
     if proto != 0 && r.l4_proto != proto {
         return false;
     }
-    let n = filt!(n_ports) as usize;
+    let n = ro!(FILTER.n_ports) as usize;
     if n != 0 {
         let mut hit = false;
         for i in 0..FILTER_MAX {
             if i < n {
-                let p = filt_at!(ports[i]);
+                let p = ro!(FILTER.ports[i]);
                 hit |= r.sport == p || r.dport == p;
             }
         }
@@ -87,9 +78,9 @@ pub fn matches(r: &DropRecord) -> bool {
             return false;
         }
     }
-    let n = filt!(n_nets) as usize;
+    let n = ro!(FILTER.n_nets) as usize;
     if n != 0 {
-        let v6_bits = filt!(nets_v6);
+        let v6_bits = ro!(FILTER.nets_v6);
         let is_v6 = r.l3_proto == 0x86dd;
         if !is_v6 && r.l3_proto != 0x0800 {
             return false;

@@ -48,7 +48,7 @@ pub fn take_mark(skb: *const u8, now: u64) -> Option<u8> {
         // this one, so conntrack's hooks did not drop it.
         // SAFETY: skb is the tracepoint's sk_buff pointer; read() goes
         // through bpf_probe_read_kernel.
-        let nfct = unsafe { read::<u64>(skb, off!(skb_nfct)) }.unwrap_or(0);
+        let nfct = unsafe { read::<u64>(skb, ro!(OFFSETS.skb_nfct)) }.unwrap_or(0);
         if nfct != m.nfct {
             return None;
         }

@@ -7,23 +7,18 @@
 // follow: both are kept on purpose, as what the verifier accepted on 6.1.
 #![allow(clippy::needless_borrows_for_generic_args, clippy::needless_range_loop)]
 
-/// One field of `OFFSETS`. Volatile so the compiler cannot fold the
-/// placeholder values in; per field so no copy of the struct lands on the
-/// stack (6.1's verifier caps the stack of a program and its callees).
-macro_rules! off {
-    ($f:ident) => {{
+/// One field (or element) of a `.rodata` global, `OFFSETS` or `FILTER`:
+/// `ro!(OFFSETS.skb_len)`, `ro!(FILTER.nets[i].mask[k])`. Volatile so the
+/// compiler cannot fold the placeholder values in; per field so no copy of
+/// the struct lands on the stack (6.1's verifier caps the stack of a
+/// program and its callees).
+macro_rules! ro {
+    ($($place:tt)*) => {{
         #[allow(unused_unsafe)]
+        // SAFETY: a read of a field of an immutable static; indices are
+        // below the array lengths by their loop bounds.
         unsafe {
-            core::ptr::read_volatile(&crate::OFFSETS.$f)
-        }
-    }};
-}
-
-macro_rules! filt {
-    ($f:ident) => {{
-        #[allow(unused_unsafe)]
-        unsafe {
-            core::ptr::read_volatile(&crate::FILTER.$f)
+            core::ptr::read_volatile(&crate::$($place)*)
         }
     }};
 }
@@ -103,6 +98,7 @@ static SCRATCH: PerCpuArray<tracer_common::DropRecord> = PerCpuArray::with_max_e
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: this CPU's counter slot; programs run with migration disabled and do not re-enter on a CPU.
         unsafe { *p += 1 };
     }
 }

@@ -55,7 +55,52 @@ pub unsafe fn load<T: Copy>(base: *const u8, off: u32) -> Option<T> {
 /// Network namespace inode of a `struct net *`.
 #[inline(always)]
 pub unsafe fn net_inum(net: *const u8) -> Option<u32> {
-    read::<u32>(net, off!(net_inum))
+    read::<u32>(net, ro!(OFFSETS.net_inum))
+}
+
+/// How kernel fields are read: [`load`] where the pointer is BTF-typed
+/// (`tp_btf`), [`read`] elsewhere (kprobes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Btf,
+    Helper,
+}
+
+#[inline(always)]
+unsafe fn get<T: Copy>(via: Via, base: *const u8, off: u32) -> Option<T> {
+    match via {
+        Via::Btf => load(base, off),
+        Via::Helper => read(base, off),
+    }
+}
+
+/// The network namespace inode of an skb: its device's namespace, or for
+/// a packet without one (locally generated, not yet routed) its socket's.
+/// `dev` is `skb->dev` (callers read it anyway, for the ifindex).
+#[inline(always)]
+pub unsafe fn skb_netns(skb: *const u8, dev: *const u8, via: Via) -> Option<u32> {
+    let net = get_ptr(via, dev, ro!(OFFSETS.dev_nd_net));
+    if let Some(inum) = get::<u32>(via, net, ro!(OFFSETS.net_inum)) {
+        return Some(inum);
+    }
+    let sk = get_ptr(via, skb, ro!(OFFSETS.skb_sk));
+    get::<u32>(
+        via,
+        get_ptr(via, sk, ro!(OFFSETS.sk_net)),
+        ro!(OFFSETS.net_inum),
+    )
+}
+
+/// A pointer field; null when the base is null or the field absent.
+#[inline(always)]
+unsafe fn get_ptr(via: Via, base: *const u8, off: u32) -> *const u8 {
+    get::<*const u8>(via, base, off).unwrap_or(core::ptr::null())
+}
+
+/// `skb->dev` read the way `via` says; null when absent.
+#[inline(always)]
+pub unsafe fn skb_dev(skb: *const u8, via: Via) -> *const u8 {
+    get_ptr(via, skb, ro!(OFFSETS.skb_dev))
 }
 
 /// Fills device, namespace, conntrack and header fields of `rec` from
@@ -63,46 +108,35 @@ pub unsafe fn net_inum(net: *const u8) -> Option<u32> {
 #[inline(always)]
 pub unsafe fn fill(skb: *const u8, rec: &mut DropRecord, conn_status: bool) {
     rec.skb = skb as u64;
-    if let Some(len) = load::<u32>(skb, off!(skb_len)) {
+    if let Some(len) = load::<u32>(skb, ro!(OFFSETS.skb_len)) {
         rec.skb_len = len;
     }
-    let dev: *const u8 = load::<*const u8>(skb, off!(skb_dev)).unwrap_or(core::ptr::null());
-    if !dev.is_null() {
-        if let Some(ifindex) = load::<u32>(dev, off!(dev_ifindex)) {
-            rec.ifindex = ifindex;
-            rec.flags |= flags::HAS_DEV;
-        }
-        let net = load::<*const u8>(dev, off!(dev_nd_net)).unwrap_or(core::ptr::null());
-        if let Some(inum) = load::<u32>(net, off!(net_inum)) {
-            rec.netns = inum;
-            rec.flags |= flags::HAS_NETNS;
-        }
+    let dev = skb_dev(skb, Via::Btf);
+    if let Some(ifindex) = load::<u32>(dev, ro!(OFFSETS.dev_ifindex)) {
+        rec.ifindex = ifindex;
+        rec.flags |= flags::HAS_DEV;
     }
-    if rec.flags & flags::HAS_NETNS == 0 {
-        let sk = load::<*const u8>(skb, off!(skb_sk)).unwrap_or(core::ptr::null());
-        let net = load::<*const u8>(sk, off!(sk_net)).unwrap_or(core::ptr::null());
-        if let Some(inum) = load::<u32>(net, off!(net_inum)) {
-            rec.netns = inum;
-            rec.flags |= flags::HAS_NETNS;
-        }
+    if let Some(inum) = skb_netns(skb, dev, Via::Btf) {
+        rec.netns = inum;
+        rec.flags |= flags::HAS_NETNS;
     }
-    let nfct = load::<u64>(skb, off!(skb_nfct)).unwrap_or(0);
+    let nfct = load::<u64>(skb, ro!(OFFSETS.skb_nfct)).unwrap_or(0);
     if nfct != 0 {
         rec.flags |= flags::HAS_CT;
         rec.ct_info = (nfct & 7) as u8;
         // `_nfct` is an integer to the verifier: the entry is read with the helper.
         let ct = (nfct & !7) as *const u8;
         if conn_status && rec.ct_info != 7 {
-            if let Some(status) = read::<u64>(ct, off!(conn_status)) {
+            if let Some(status) = read::<u64>(ct, ro!(OFFSETS.conn_status)) {
                 rec.ct_status = status as u32;
                 rec.flags |= flags::HAS_CT_STATUS;
             }
-            if let Some(zone) = read::<u16>(ct, off!(conn_zone_id)) {
+            if let Some(zone) = read::<u16>(ct, ro!(OFFSETS.conn_zone_id)) {
                 rec.zone = zone;
             }
         }
     }
-    rec.l3_proto = u16::from_be(load::<u16>(skb, off!(skb_protocol)).unwrap_or(0));
+    rec.l3_proto = u16::from_be(load::<u16>(skb, ro!(OFFSETS.skb_protocol)).unwrap_or(0));
     let Some(l3) = network_header(skb) else {
         return;
     };
@@ -112,8 +146,8 @@ pub unsafe fn fill(skb: *const u8, rec: &mut DropRecord, conn_status: bool) {
 /// `skb->head + skb->network_header`, when set.
 #[inline(always)]
 unsafe fn network_header(skb: *const u8) -> Option<*const u8> {
-    let head = load::<*const u8>(skb, off!(skb_head)).unwrap_or(core::ptr::null());
-    let nh = load::<u16>(skb, off!(skb_network_header)).unwrap_or(0xffff);
+    let head = load::<*const u8>(skb, ro!(OFFSETS.skb_head)).unwrap_or(core::ptr::null());
+    let nh = load::<u16>(skb, ro!(OFFSETS.skb_network_header)).unwrap_or(0xffff);
     if head.is_null() || nh == 0xffff {
         return None;
     }
@@ -134,7 +168,9 @@ unsafe fn parse_l3(l3: *const u8, rec: &mut DropRecord) {
     // Uninitialised on purpose: zeroing it first became a call to the
     // linker's byte-wise memset. The helper writes every byte (zeroes on
     // failure), and the verifier accepts uninitialised stack as its target.
-    let mut buf = MaybeUninit::<[u8; L3_L4_READ]>::uninit();
+    // u64 elements: 8-aligned, so copy_words can move addresses a word at
+    // a time.
+    let mut buf = MaybeUninit::<[u64; L3_L4_READ / 8]>::uninit();
     let p = buf.as_mut_ptr() as *mut u8;
     if probe(l3, p, L3_L4_READ) {
         // SAFETY: the helper wrote all L3_L4_READ bytes.
@@ -193,8 +229,8 @@ unsafe fn probe(src: *const u8, dst: *mut u8, len: usize) -> bool {
 #[inline(always)]
 fn ipv4(h: &[u8; L3_L4_READ], rec: &mut DropRecord) -> Option<usize> {
     rec.l3_proto = ETH_P_IP;
-    rec.saddr[..4].copy_from_slice(&h[12..16]);
-    rec.daddr[..4].copy_from_slice(&h[16..20]);
+    copy_words::<1>(h, 12, &mut rec.saddr);
+    copy_words::<1>(h, 16, &mut rec.daddr);
     rec.l4_proto = h[9];
     rec.flags |= flags::HAS_L3;
     // Fragments after the first carry no L4 header.
@@ -213,10 +249,28 @@ fn ipv4(h: &[u8; L3_L4_READ], rec: &mut DropRecord) -> Option<usize> {
 #[inline(always)]
 fn ipv6(h: &[u8; L3_L4_READ], rec: &mut DropRecord) {
     rec.l3_proto = ETH_P_IPV6;
-    rec.saddr.copy_from_slice(&h[8..24]);
-    rec.daddr.copy_from_slice(&h[24..40]);
+    copy_words::<4>(h, 8, &mut rec.saddr);
+    copy_words::<4>(h, 24, &mut rec.daddr);
     rec.l4_proto = h[6];
     rec.flags |= flags::HAS_L3;
+}
+
+/// `N` address words from `h[at..]` into the front of `dst`, a word at a
+/// time: a slice copy became a byte load and store per byte (64
+/// instructions for an IPv6 pair).
+#[inline(always)]
+fn copy_words<const N: usize>(h: &[u8; L3_L4_READ], at: usize, dst: &mut [u8; 16]) {
+    const { assert!(N <= 4) };
+    assert!(at.is_multiple_of(4) && at + 4 * N <= L3_L4_READ);
+    let s = h.as_ptr() as *const u32;
+    let d = dst.as_mut_ptr() as *mut u32;
+    for i in 0..N {
+        // SAFETY: in bounds (checked above); both 4-aligned: `h` is the
+        // 8-aligned read buffer of parse_l3 and `at` a multiple of 4, and
+        // the address fields sit at 8-aligned offsets of the 8-aligned
+        // DropRecord.
+        unsafe { core::ptr::write(d.add(i), core::ptr::read(s.add(at / 4 + i))) };
+    }
 }
 
 #[inline(always)]

@@ -28,7 +28,8 @@ use crate::{
         btf::{DropReasons, KernelBtf},
         capabilities,
     },
-    output::{json::DropJson, symbols::Symbols, Shown, Sink},
+    model::DropLine,
+    output::{symbols::Symbols, Shown, Sink},
     probe::{Matcher, SeenDrop, TargetSpec, Wire},
 };
 
@@ -213,16 +214,8 @@ impl Collector {
         // Built only for drops that may explain one of our probes: a flood
         // of echo drops must cost no memory beyond the passive table.
         let seen = |reply_path: bool| SeenDrop {
-            mono_ns: ev.ts_ns,
-            cause: s.cause,
-            reason: s.reason.to_string(),
-            netns: ev.netns,
-            netns_name: s.netns_name.map(str::to_string),
-            ifname: s.ifname.map(str::to_string),
-            ct_count: ev.ct_fill.map(|c| c.count),
-            ct_max: ev.ct_fill.map(|c| c.max),
+            line: DropLine::from_shown(s).into_owned(),
             reply_path,
-            json: serde_json::to_string(&DropJson::from_shown(s)).unwrap_or_default(),
         };
         if let Some(icmp) = ev.icmp {
             if let Some((id, seq)) = icmp.echo {

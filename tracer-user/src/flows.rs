@@ -333,7 +333,6 @@ mod tests {
             location: 0,
             skb: 0,
             source: source::KFREE_SKB,
-            detail: 0,
             netns: Some(netns),
             ifindex: Some(2),
             skb_len: 100,

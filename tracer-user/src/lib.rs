@@ -15,6 +15,7 @@ pub mod flows;
 pub mod kernel;
 pub mod live;
 pub mod logging;
+pub mod model;
 pub mod output;
 pub mod probe;
 pub mod report;

@@ -421,7 +421,7 @@ pub struct ProbeCounts<'a> {
     pub answered: u64,
     pub lost: u64,
     pub late: u64,
-    pub lost_by_cause: &'a BTreeMap<&'static str, u64>,
+    pub lost_by_cause: &'a BTreeMap<String, u64>,
     pub lost_unexplained: u64,
 }
 

@@ -288,7 +288,6 @@ fn a_run_advises_per_namespace_from_its_drops() {
         location: 0,
         skb: 0,
         source: 0,
-        detail: 0,
         netns: Some(ns),
         ifindex: None,
         skb_len: 64,

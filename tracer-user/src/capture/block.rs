@@ -12,8 +12,10 @@
 use std::io::Read;
 
 pub const MAGIC: [u8; 8] = *b"\x89CTDROP\n";
-/// 2 added the occupancy block; files of version 1 read as before.
-pub const FORMAT_VERSION: u32 = 2;
+/// 2 added the occupancy block; 3 dropped the drop record's `detail` byte
+/// (never set by the kernel) and reads probe records as typed verdicts
+/// ([`crate::model::ProbeVerdict`]). Files of versions 1 and 2 read as before.
+pub const FORMAT_VERSION: u32 = 3;
 pub const PREAMBLE_LEN: usize = 12;
 pub const BLOCK_HEADER_LEN: usize = 12;
 /// Far above what the writer produces; a damaged length past it is not

@@ -2,9 +2,10 @@
 //! (`ctdrop capture`), read back by `report` and `export`.
 //!
 //! Layout: a preamble (magic, format version), a JSON header block, record
-//! blocks (binary: drops, interned strings, probe verdicts as JSON,
-//! once-a-second checkpoints), and a JSON trailer block. See `block` for the
-//! framing, `record` for the records, and README.md for why binary.
+//! blocks (binary: drops, interned strings, once-a-second checkpoints;
+//! typed probe verdicts in their serde form), table snapshots (typed, JSON)
+//! and a JSON trailer block. See `block` for the framing, `record` for the
+//! records, and README.md for why binary.
 pub mod block;
 pub mod codec;
 pub mod meta;

@@ -17,12 +17,12 @@ use super::{
     meta::{Header, Trailer},
     record::{self, CapturedDrop, Checkpoint},
 };
-use crate::cause::Cause;
+use crate::{cause::Cause, model::ProbeVerdict};
 
 pub enum Item {
     Drop(CapturedDrop),
-    /// A probe verdict, as the JSON line `live --json` prints.
-    Probe(serde_json::Value),
+    /// A probe verdict, as `live --json` prints it.
+    Probe(ProbeVerdict),
     Checkpoint(Checkpoint),
 }
 
@@ -61,6 +61,8 @@ impl End {
 pub struct CaptureReader<R: Read> {
     r: R,
     pub header: Header,
+    /// The file's capture format version (from its preamble).
+    pub format: u32,
     /// Offset of the next block.
     offset: u64,
     strings: Vec<String>,
@@ -134,6 +136,7 @@ impl<R: Read> CaptureReader<R> {
         Ok(CaptureReader {
             r,
             header,
+            format: version,
             offset: (PREAMBLE_LEN + BLOCK_HEADER_LEN + payload.len()) as u64,
             strings: Vec::new(),
             causes: Vec::new(),
@@ -232,7 +235,7 @@ impl<R: Read> CaptureReader<R> {
                 match c.u8("record kind")? {
                     record::DROP => {
                         let causes = &self.causes;
-                        let d = record::get_drop(&mut c, prev_ts, |id| {
+                        let d = record::get_drop(&mut c, prev_ts, self.format, |id| {
                             causes.get(id as usize).copied().flatten()
                         })?;
                         prev_ts = d.ev.ts_ns;

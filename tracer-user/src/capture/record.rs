@@ -15,6 +15,7 @@ use super::codec::{put_varint, unzigzag, zigzag, CodecError, Cursor};
 use crate::{
     cause::Cause,
     events::{CtFill, CtRef, DropEvent, Flow, Icmp},
+    model::ProbeVerdict,
 };
 
 pub const DROP: u8 = 1;
@@ -77,6 +78,7 @@ pub fn put_string(out: &mut Vec<u8>, id: u32, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
+/// A probe verdict: its serde form ([`crate::model::ProbeVerdict`]) as JSON.
 pub fn put_probe(out: &mut Vec<u8>, json: &[u8]) {
     out.push(PROBE);
     put_varint(out, json.len() as u64);
@@ -132,7 +134,6 @@ pub fn put_drop(out: &mut Vec<u8>, prev_ts: u64, ev: &DropEvent, ids: &DropStrin
     put_varint(out, ids.cause as u64);
     put_varint(out, ev.reason as u64);
     out.push(ev.source);
-    out.push(ev.detail);
     put_varint(out, ev.cpu as u64);
     put_varint(out, ev.skb_len as u64);
     put_varint(out, ids.location as u64);
@@ -197,11 +198,13 @@ fn v6(a: IpAddr) -> Ipv6Addr {
     }
 }
 
-/// Reads a drop body (after its kind byte). `cause_of` turns a string id
-/// into a cause; None when the id is undefined or names no known cause.
+/// Reads a drop body (after its kind byte) of a file in capture format
+/// `format`. `cause_of` turns a string id into a cause; None when the id is
+/// undefined or names no known cause.
 pub fn get_drop(
     c: &mut Cursor,
     prev_ts: u64,
+    format: u32,
     cause_of: impl Fn(u32) -> Option<Cause>,
 ) -> Result<CapturedDrop, CodecError> {
     let b = c.varint("drop field bits")?;
@@ -215,7 +218,11 @@ pub fn get_drop(
     let cause = cause_of(cause_id).ok_or(CodecError("drop with an undefined or unknown cause"))?;
     let reason = c.varint_u32("drop reason")?;
     let source = c.u8("drop source")?;
-    let detail = c.u8("drop detail")?;
+    if format < 3 {
+        // Formats 1 and 2 stored the record's `detail` byte, which no
+        // kernel program ever set (always 0): skipped.
+        c.u8("drop detail")?;
+    }
     let cpu = c.varint_u32("drop cpu")?;
     let skb_len = c.varint_u32("drop length")?;
     let location = c.varint_u32("drop location")?;
@@ -315,7 +322,6 @@ pub fn get_drop(
         location: 0,
         skb: 0,
         source,
-        detail,
         netns,
         ifindex,
         skb_len,
@@ -346,13 +352,15 @@ pub fn get_string(c: &mut Cursor) -> Result<(u32, String), CodecError> {
     Ok((id, s.to_string()))
 }
 
-pub fn get_probe(c: &mut Cursor) -> Result<serde_json::Value, CodecError> {
+/// A probe verdict of any format: formats 1 and 2 stored the `live --json`
+/// probe line, which is the same object.
+pub fn get_probe(c: &mut Cursor) -> Result<ProbeVerdict, CodecError> {
     let len = c.varint("probe length")?;
     let bytes = c.bytes(
         usize::try_from(len).map_err(|_| CodecError("probe length"))?,
         "probe bytes",
     )?;
-    serde_json::from_slice(bytes).map_err(|_| CodecError("probe is not JSON"))
+    serde_json::from_slice(bytes).map_err(|_| CodecError("probe is not a valid probe verdict"))
 }
 
 pub fn get_checkpoint(c: &mut Cursor) -> Result<Checkpoint, CodecError> {
@@ -367,6 +375,7 @@ pub fn get_checkpoint(c: &mut Cursor) -> Result<Checkpoint, CodecError> {
 #[cfg(test)]
 pub mod tests {
     use super::*;
+    use crate::capture::FORMAT_VERSION;
     use tracer_common::source;
 
     /// A drop with every optional part present (or absent), for round trips.
@@ -386,7 +395,6 @@ pub mod tests {
             location: 0,
             skb: 0,
             source: source::KFREE_SKB,
-            detail: 3,
             netns: full.then_some(4026532000),
             ifindex: full.then_some(7),
             skb_len: 84,
@@ -428,7 +436,7 @@ pub mod tests {
         put_drop(&mut out, prev, ev, &ids);
         let mut c = Cursor::new(&out);
         assert_eq!(c.u8("kind").unwrap(), DROP);
-        let d = get_drop(&mut c, prev, |id| {
+        let d = get_drop(&mut c, prev, FORMAT_VERSION, |id| {
             (id == 0).then_some(Cause::ConntrackTableFull)
         })
         .unwrap();
@@ -486,7 +494,7 @@ pub mod tests {
         for cut in 1..out.len() {
             let mut c = Cursor::new(&out[1..cut]);
             assert!(
-                get_drop(&mut c, 0, |_| Some(Cause::Other)).is_err(),
+                get_drop(&mut c, 0, FORMAT_VERSION, |_| Some(Cause::Other)).is_err(),
                 "cut at {cut}"
             );
         }
@@ -506,11 +514,13 @@ pub mod tests {
                 ifname: None,
             },
         );
-        assert!(get_drop(&mut Cursor::new(&out[1..]), 0, |_| None).is_err());
+        assert!(get_drop(&mut Cursor::new(&out[1..]), 0, FORMAT_VERSION, |_| None).is_err());
         let mut bad = vec![];
         put_varint(&mut bad, 1 << 15);
         assert_eq!(
-            get_drop(&mut Cursor::new(&bad), 0, |_| Some(Cause::Other)),
+            get_drop(&mut Cursor::new(&bad), 0, FORMAT_VERSION, |_| Some(
+                Cause::Other
+            )),
             Err(CodecError("drop with unknown field bits"))
         );
     }

@@ -12,7 +12,8 @@ use super::{
 };
 use crate::{
     cause::Cause,
-    output::{json::probe_json, ProbeShown, Progress, Shown, Sink},
+    model::ProbeVerdict,
+    output::{ProbeShown, Progress, Shown, Sink},
     session::SessionInfo,
     summary::Summary,
 };
@@ -170,7 +171,7 @@ impl Sink for CaptureSink {
     }
 
     fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()> {
-        self.w.probe(&probe_json(p))
+        self.w.probe(&ProbeVerdict::from_shown(p))
     }
 
     fn occupancy(&mut self, o: &crate::conntrack::occupancy::Occupancy) -> std::io::Result<()> {

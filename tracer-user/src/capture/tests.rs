@@ -11,7 +11,11 @@ use super::{
     record::{tests::sample, Checkpoint},
     CaptureReader, CaptureWriter, End, Item,
 };
-use crate::{cause::Cause, events::DropEvent};
+use crate::{
+    cause::Cause,
+    events::DropEvent,
+    model::{DropLine, ProbeKind, ProbeStatus, ProbeVerdict},
+};
 
 pub fn header() -> Header {
     Header {
@@ -76,6 +80,35 @@ pub fn trailer(drops: u64, kernel_drop: u64) -> Trailer {
     }
 }
 
+/// A lost probe explained by a table-full drop, as the session makes it.
+pub fn lost_probe() -> ProbeVerdict {
+    let (ev, cause) = drop_no(0);
+    let shown = crate::output::Shown {
+        ev: &ev,
+        cause,
+        wall_ns: ev.ts_ns + header().boot_offset_ns,
+        reason: "NETFILTER_DROP",
+        netns_name: Some("recv"),
+        ifname: Some("veth1"),
+        location: "nf_hook_slow+0x9a",
+    };
+    ProbeVerdict {
+        kind: Default::default(),
+        ts_ns: header().started_wall_ns,
+        host: "198.18.0.2".into(),
+        probe: ProbeKind::Icmp,
+        seq: 1,
+        icmp_id: Some(77),
+        icmp_seq: Some(1),
+        local_port: None,
+        status: ProbeStatus::Lost,
+        rtt_ms: None,
+        cause: Some(cause),
+        verdict: Some("conntrack_table_full in ns recv on veth1, table 64/64".into()),
+        drop: Some(DropLine::from_shown(&shown).into_owned()),
+    }
+}
+
 /// The i-th test drop: a second apart from the start, alternating causes.
 pub fn drop_no(i: u64) -> (DropEvent, Cause) {
     let mut ev = sample(i % 3 != 2, i % 5 == 4);
@@ -113,7 +146,7 @@ pub fn capture_with(n: u64, per_block: u64, end: Option<Trailer>) -> Vec<u8> {
         w.drop_event(&ev, cause, "nf_hook_slow+0x9a", Some("recv"), Some("veth1"))
             .unwrap();
         if i == 0 {
-            w.probe(&serde_json::json!({"kind": "probe", "host": "198.18.0.2", "status": "lost", "cause": "conntrack_table_full", "seq": 1})).unwrap();
+            w.probe(&lost_probe()).unwrap();
             w.checkpoint(&Checkpoint {
                 mono_ns: ev.ts_ns,
                 events_sent: 1,
@@ -136,7 +169,7 @@ pub fn capture_with(n: u64, per_block: u64, end: Option<Trailer>) -> Vec<u8> {
 
 struct Read_ {
     drops: Vec<(DropEvent, Cause, String, Option<String>)>,
-    probes: usize,
+    probes: Vec<ProbeVerdict>,
     checkpoints: usize,
     end: End,
 }
@@ -145,7 +178,7 @@ fn read_all(bytes: &[u8]) -> anyhow::Result<Read_> {
     let mut r = CaptureReader::new(bytes)?;
     let mut out = Read_ {
         drops: vec![],
-        probes: 0,
+        probes: vec![],
         checkpoints: 0,
         end: End::NoTrailer { at: 0 },
     };
@@ -156,7 +189,7 @@ fn read_all(bytes: &[u8]) -> anyhow::Result<Read_> {
                 let ifname = d.ifname.map(|i| r.string(i).to_string());
                 out.drops.push((d.ev, d.cause, loc, ifname));
             }
-            Item::Probe(_) => out.probes += 1,
+            Item::Probe(p) => out.probes.push(p),
             Item::Checkpoint(_) => out.checkpoints += 1,
         }
     }
@@ -176,7 +209,12 @@ fn everything_written_reads_back_in_order() {
         assert_eq!(loc, "nf_hook_slow+0x9a");
         assert_eq!(ifname.as_deref(), Some("veth1"));
     }
-    assert_eq!((r.probes, r.checkpoints), (1, 1));
+    assert_eq!(
+        r.probes,
+        vec![lost_probe()],
+        "the typed verdict reads back as written"
+    );
+    assert_eq!(r.checkpoints, 1);
     assert_eq!(r.end, End::Complete(trailer(25, 25)));
     assert_eq!(CaptureReader::new(&bytes[..]).unwrap().header, header());
 }
@@ -417,6 +455,147 @@ fn format_1_files_from_before_snapshots_still_read_whole() {
     assert!(rep.occupancy.is_empty());
     let checks = rep.counter_checks().unwrap();
     assert!(checks[0].agrees() && checks[0].table_full == 12);
+}
+
+/// Written by ctdrop at format version 2 (commit 5dc84d0) in a real scene
+/// (`ctdrop capture --ping` against a receiver whose 64-entry table was
+/// full): 15 table-full drops (the kernel's `drop` +15), 6 probes all lost,
+/// each explained by one of the drops, and one table snapshot. Its lost
+/// `report --format json` of that version on it is
+/// `v2-table-full-ping.report.json`.
+const V2_FILE: &[u8] = include_bytes!("testdata/v2-table-full-ping.ctdrop");
+const V2_PATH: &str = "tracer-user/src/capture/testdata/v2-table-full-ping.ctdrop";
+const V2_REPORT: &str = include_str!("testdata/v2-table-full-ping.report.json");
+
+#[test]
+fn format_2_files_read_whole_with_their_probe_verdicts_typed_and_exact() {
+    assert_eq!(
+        u32::from_le_bytes(V2_FILE[8..12].try_into().unwrap()),
+        2,
+        "the test file must stay a version 2 file"
+    );
+    let reader = CaptureReader::new(V2_FILE).unwrap();
+    assert_eq!((reader.header.format_version, reader.format), (2, 2));
+    let r = read_all(V2_FILE).unwrap();
+    let End::Complete(t) = &r.end else {
+        panic!("{:?}", r.end)
+    };
+    assert_eq!((t.drops_written, t.probes_written), (15, 6));
+    assert_eq!(t.kernel_counters[0].delta["drop"], 15);
+
+    // Every drop record, field by field where the scene fixes it (format 2
+    // stored a `detail` byte per drop: skipped, and nothing after it shifts).
+    assert_eq!(r.drops.len(), 15);
+    let rx = t.kernel_counters[0].netns;
+    for (ev, cause, loc, ifname) in &r.drops {
+        assert_eq!(*cause, Cause::ConntrackTableFull);
+        assert_eq!(ev.netns, Some(rx));
+        assert_eq!(ifname.as_deref(), Some("ctdt-rx"));
+        assert!(loc.starts_with("nf_hook_slow"), "{loc}");
+        let f = ev.flow.as_ref().expect("a flow");
+        assert_eq!(f.dst, "198.18.2.2".parse::<std::net::IpAddr>().unwrap());
+        let fill = ev.ct_fill.expect("a table fill");
+        assert_eq!((fill.count, fill.max, fill.sampled), (64, 64, true));
+    }
+    // The flood's 8 new flows, then 7 echo requests (the 7th was sent
+    // before the capture stopped, too late to time out).
+    let ports: Vec<Option<(u16, u16)>> = r.drops[..8]
+        .iter()
+        .map(|d| d.0.flow.as_ref().unwrap().ports.map(|p| (17, p.1)))
+        .collect();
+    let want: Vec<_> = (20000..20008).map(|p| Some((17, p))).collect();
+    assert_eq!(ports, want, "the flood's drops");
+    assert!(r.drops[8..]
+        .iter()
+        .all(|d| d.0.icmp.is_some_and(|i| i.is_echo_request(1))));
+
+    // The verdicts, typed, equal what ctdrop 5dc84d0 reported from them.
+    let want: serde_json::Value = serde_json::from_str(V2_REPORT).unwrap();
+    let want = &want["probes"]["198.18.2.2"]["lost_probes"];
+    assert_eq!(&serde_json::to_value(&r.probes).unwrap(), want);
+    assert_eq!(r.probes.len(), 6);
+    for (i, p) in r.probes.iter().enumerate() {
+        assert_eq!((p.host.as_str(), p.seq), ("198.18.2.2", i as u64 + 1));
+        assert_eq!(
+            (p.probe, p.status, p.cause),
+            (
+                ProbeKind::Icmp,
+                ProbeStatus::Lost,
+                Some(Cause::ConntrackTableFull)
+            )
+        );
+        assert_eq!(
+            p.verdict.as_deref(),
+            Some("conntrack_table_full in ns ctdc-20803-1 on ctdt-rx, table 64/64")
+        );
+        // Each verdict's drop is one of the file's drop records: the ping's
+        // own echo request, at the same instant.
+        let d = p.drop.as_ref().expect("the explaining drop");
+        let rec = r
+            .drops
+            .iter()
+            .find(|(ev, ..)| ev.ts_ns == d.mono_ns)
+            .unwrap_or_else(|| panic!("probe {} explained by no record", p.seq));
+        assert_eq!(
+            rec.0.icmp.and_then(|i| i.echo),
+            Some((p.icmp_id.unwrap(), p.icmp_seq.unwrap()))
+        );
+        assert_eq!((d.icmp_id, d.icmp_seq), (p.icmp_id, p.icmp_seq));
+        assert_eq!(
+            (d.cause, d.netns, d.ct_count),
+            (Cause::ConntrackTableFull, Some(rx), Some(64))
+        );
+    }
+
+    // The table snapshot, and the report built from it all.
+    let rep = crate::report::Report::build(
+        std::path::Path::new("v2"),
+        CaptureReader::new(V2_FILE).unwrap(),
+        |_| {},
+    );
+    assert_eq!(rep.occupancy.len(), 1);
+    assert_eq!(
+        (
+            rep.occupancy[0].netns,
+            rep.occupancy[0].entries,
+            rep.occupancy[0].max
+        ),
+        (Some(rx), 64, Some(64))
+    );
+    let p = &rep.probes["198.18.2.2"];
+    assert_eq!(
+        (p.sent, p.answered, p.lost, p.lost_unexplained),
+        (6, 0, 6, 0)
+    );
+    assert_eq!(p.lost_by_cause["conntrack_table_full"], 6);
+    assert_eq!(p.lost_probes, r.probes);
+    let checks = rep.counter_checks().unwrap();
+    assert!(checks[0].agrees() && checks[0].table_full == 15);
+}
+
+#[test]
+fn a_format_2_file_reports_exactly_what_the_version_that_wrote_it_reported() {
+    let rep = crate::report::Report::build(
+        std::path::Path::new(V2_PATH),
+        CaptureReader::new(V2_FILE).unwrap(),
+        |_| {},
+    );
+    let ours = crate::report::json::to_json(&rep, 10);
+    let want: serde_json::Value = serde_json::from_str(V2_REPORT).unwrap();
+    // Key by key, so a difference names its key.
+    let (ours, want) = (ours.as_object().unwrap(), want.as_object().unwrap());
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in want {
+        assert_eq!(&ours[k], v, "report key {k}");
+    }
+    // And the typed report reads its own JSON back.
+    let doc = crate::report::json::doc(&rep, 10);
+    let back: crate::model::ReportDoc =
+        serde_json::from_value(serde_json::to_value(&doc).unwrap()).unwrap();
+    assert_eq!(back, doc);
 }
 
 #[test]

@@ -153,11 +153,11 @@ impl CaptureWriter {
         self.flush_if_full()
     }
 
-    pub fn probe(&mut self, json: &serde_json::Value) -> io::Result<()> {
+    pub fn probe(&mut self, p: &crate::model::ProbeVerdict) -> io::Result<()> {
         if let Some(e) = self.failed() {
             return Err(e);
         }
-        let bytes = serde_json::to_vec(json).map_err(io::Error::other)?;
+        let bytes = serde_json::to_vec(p).map_err(io::Error::other)?;
         record::put_probe(&mut self.buf, &bytes);
         self.probes += 1;
         self.flush_if_full()

@@ -74,7 +74,6 @@ pub struct DropEvent {
     pub location: u64,
     pub skb: u64,
     pub source: u8,
-    pub detail: u8,
     pub netns: Option<u32>,
     pub ifindex: Option<u32>,
     pub skb_len: u32,
@@ -168,12 +167,6 @@ pub fn from_record(r: &DropRecord) -> Result<DropEvent, DecodeError> {
         status: has(flags::HAS_CT_STATUS).then_some(r.ct_status),
         zone: r.zone,
     });
-    let ct_fill = has(flags::CT_FILL_KERNEL).then_some(CtFill {
-        count: r.ct_count as u64,
-        max: r.ct_max as u64,
-        sampled: false,
-        counted_drop: None,
-    });
     Ok(DropEvent {
         ts_ns: r.ts_ns,
         cpu: r.cpu,
@@ -181,14 +174,15 @@ pub fn from_record(r: &DropRecord) -> Result<DropEvent, DecodeError> {
         location: r.location,
         skb: r.skb,
         source: r.source,
-        detail: r.detail,
         netns: has(flags::HAS_NETNS).then_some(r.netns),
         ifindex: has(flags::HAS_DEV).then_some(r.ifindex),
         skb_len: r.skb_len,
         flow,
         icmp,
         ct,
-        ct_fill,
+        // The kernel does not read the table fill; the collector samples
+        // it and joins it to the event (conntrack::FillSampler).
+        ct_fill: None,
         truncated: has(flags::TRUNCATED),
         header: None,
     })
@@ -367,11 +361,7 @@ mod tests {
 #[cfg(test)]
 mod fuzz {
     use super::*;
-    use crate::{
-        cause::Classifier,
-        flows::Tally,
-        output::{json::DropJson, Shown},
-    };
+    use crate::{cause::Classifier, flows::Tally, model::DropLine, output::Shown};
     use proptest::prelude::*;
 
     const CASES: u32 = 512;
@@ -395,7 +385,7 @@ mod fuzz {
             ifname: None,
             location: "",
         };
-        serde_json::to_string(&DropJson::from_shown(&shown)).unwrap();
+        serde_json::to_string(&DropLine::from_shown(&shown)).unwrap();
         let _ = proto_name(ev.flow.as_ref().map_or(0, |f| f.proto));
     }
 
@@ -441,7 +431,7 @@ mod fuzz {
             let ev = decode(&bytes).unwrap();
             let has = |f: u16| r.flags & f != 0;
             prop_assert_eq!((ev.ts_ns, ev.cpu, ev.reason, ev.location, ev.skb), (r.ts_ns, r.cpu, r.reason, r.location, r.skb));
-            prop_assert_eq!((ev.source, ev.detail, ev.skb_len), (r.source, r.detail, r.skb_len));
+            prop_assert_eq!((ev.source, ev.skb_len), (r.source, r.skb_len));
             prop_assert_eq!(ev.netns, has(flags::HAS_NETNS).then_some(r.netns));
             prop_assert_eq!(ev.ifindex, has(flags::HAS_DEV).then_some(r.ifindex));
             prop_assert_eq!(ev.truncated, has(flags::TRUNCATED));
@@ -475,10 +465,8 @@ mod fuzz {
             }
             prop_assert_eq!(ev.ct.map(|c| (c.info, c.zone)), has(flags::HAS_CT).then_some((r.ct_info, r.zone)));
             prop_assert_eq!(ev.ct.and_then(|c| c.status), (has(flags::HAS_CT) && has(flags::HAS_CT_STATUS)).then_some(r.ct_status));
-            prop_assert_eq!(
-                ev.ct_fill,
-                has(flags::CT_FILL_KERNEL).then_some(CtFill { count: r.ct_count as u64, max: r.ct_max as u64, sampled: false, counted_drop: None })
-            );
+            // No record carries a table fill: whatever its bits say, none is made up.
+            prop_assert_eq!(ev.ct_fill, None);
             prop_assert_eq!(ev.header.as_deref().map(|h| &h[..]), has(flags::HAS_HEADER).then_some(&header[..]));
             downstream(&ev);
         }

@@ -1,10 +1,11 @@
 //! CSV: one row per drop, with exactly the fields (and names) of the drop
-//! JSON lines, because both come from [`DropJson`]. Probe verdicts and the
+//! JSON lines, because both come from [`DropLine`]. Probe verdicts and the
 //! summary have other shapes and are left to JSON.
 
 use std::io::Write;
 
-use super::{json::DropJson, ProbeShown, Shown, Sink};
+use super::{ProbeShown, Shown, Sink};
+use crate::model::DropLine;
 
 pub struct CsvSink<W: Write> {
     out: csv::Writer<W>,
@@ -27,7 +28,7 @@ fn io(e: csv::Error) -> std::io::Error {
 
 impl<W: Write> Sink for CsvSink<W> {
     fn drop_event(&mut self, s: &Shown) -> std::io::Result<()> {
-        self.out.serialize(DropJson::from_shown(s)).map_err(io)
+        self.out.serialize(DropLine::from_shown(s)).map_err(io)
     }
 
     fn probe(&mut self, _p: &ProbeShown) -> std::io::Result<()> {

@@ -169,7 +169,6 @@ mod tests {
             location: 0,
             skb: 0,
             source: 0,
-            detail: 0,
             netns: Some(ns),
             ifindex: None,
             skb_len: 64,

@@ -1,64 +1,35 @@
 //! JSON lines. Field names are a contract: later tools read them. Unknown
 //! values are `null`, never a made-up default.
 
-use serde::Serialize;
-
-use std::io::Write;
+use std::{borrow::Cow, io::Write};
 
 use super::{CountsShown, ProbeShown, Shown, Sink};
 use crate::events::decode::proto_name;
+use crate::model::{
+    counts::{CountsLine, NetnsCounts},
+    DropLine, FillOrigin, ProbeKind, ProbeStatus, ProbeVerdict,
+};
 use crate::probe::{Status, Wire};
 
-#[derive(Serialize)]
-pub struct DropJson<'a> {
-    pub kind: &'static str,
-    pub ts_ns: u64,
-    pub mono_ns: u64,
-    pub cause: &'static str,
-    pub reason: &'a str,
-    pub netns: Option<u32>,
-    pub netns_name: Option<&'a str>,
-    pub ifindex: Option<u32>,
-    pub ifname: Option<&'a str>,
-    pub proto: Option<String>,
-    pub src: Option<String>,
-    pub dst: Option<String>,
-    pub sport: Option<u16>,
-    pub dport: Option<u16>,
-    pub icmp_type: Option<u8>,
-    pub icmp_code: Option<u8>,
-    pub icmp_id: Option<u16>,
-    pub icmp_seq: Option<u16>,
-    pub ct_count: Option<u64>,
-    pub ct_max: Option<u64>,
-    pub ct_fill: Option<&'static str>,
-    pub has_ct: bool,
-    pub untracked: bool,
-    pub location: &'a str,
-    /// What the cause rests on: a conntrack probe saw it, or it was inferred.
-    pub evidence: &'static str,
-    pub cpu: u32,
-    pub len: u32,
-}
-
-impl<'a> DropJson<'a> {
-    pub fn from_shown(s: &'a Shown<'a>) -> DropJson<'a> {
+impl<'a> DropLine<'a> {
+    /// The line of a drop the session resolved (borrowing its strings).
+    pub fn from_shown(s: &'a Shown<'a>) -> DropLine<'a> {
         let ev = s.ev;
         let f = ev.flow.as_ref();
         let echo = ev.icmp.and_then(|i| i.echo);
-        DropJson {
-            kind: "drop",
+        DropLine {
+            kind: Default::default(),
             ts_ns: s.wall_ns,
             mono_ns: ev.ts_ns,
-            cause: s.cause.as_str(),
-            reason: s.reason,
+            cause: s.cause,
+            reason: Cow::Borrowed(s.reason),
             netns: ev.netns,
-            netns_name: s.netns_name,
+            netns_name: s.netns_name.map(Cow::Borrowed),
             ifindex: ev.ifindex,
-            ifname: s.ifname,
-            proto: f.map(|f| proto_name(f.proto)),
-            src: f.map(|f| f.src.to_string()),
-            dst: f.map(|f| f.dst.to_string()),
+            ifname: s.ifname.map(Cow::Borrowed),
+            proto: f.map(|f| Cow::Owned(proto_name(f.proto))),
+            src: f.map(|f| f.src),
+            dst: f.map(|f| f.dst),
             sport: f.and_then(|f| f.ports).map(|p| p.0),
             dport: f.and_then(|f| f.ports).map(|p| p.1),
             icmp_type: ev.icmp.map(|i| i.ty),
@@ -67,23 +38,29 @@ impl<'a> DropJson<'a> {
             icmp_seq: echo.map(|e| e.1),
             ct_count: ev.ct_fill.map(|c| c.count),
             ct_max: ev.ct_fill.map(|c| c.max),
-            ct_fill: ev
-                .ct_fill
-                .map(|c| if c.sampled { "sampled" } else { "kernel" }),
+            ct_fill: ev.ct_fill.map(fill_origin),
             has_ct: ev.ct.is_some(),
             untracked: ev.ct.map(|c| c.untracked()).unwrap_or(false),
-            location: s.location,
-            evidence: crate::cause::evidence(ev.source, s.cause),
+            location: Cow::Borrowed(s.location),
+            evidence: Cow::Borrowed(crate::cause::evidence(ev.source, s.cause)),
             cpu: ev.cpu,
             len: ev.skb_len,
         }
     }
 }
 
-/// Writes the same object as serializing [`DropJson`] (same fields, same
+fn fill_origin(c: crate::events::CtFill) -> FillOrigin {
+    if c.sampled {
+        FillOrigin::Sampled
+    } else {
+        FillOrigin::Kernel
+    }
+}
+
+/// Writes the same object as serializing [`DropLine`] (same fields, same
 /// order, `null` for unknowns), without building it: under a flood this is
 /// the per-drop path, and serde's generic string escaping and the Strings
-/// DropJson holds were the largest costs in its profile.
+/// DropLine holds were the largest costs in its profile.
 pub fn write_drop(out: &mut Vec<u8>, s: &Shown) {
     let ev = s.ev;
     let f = ev.flow.as_ref();
@@ -138,11 +115,7 @@ pub fn write_drop(out: &mut Vec<u8>, s: &Shown) {
     out.extend_from_slice(b",\"ct_max\":");
     opt_num(out, ev.ct_fill.map(|c| c.max));
     out.extend_from_slice(b",\"ct_fill\":");
-    opt_string(
-        out,
-        ev.ct_fill
-            .map(|c| if c.sampled { "sampled" } else { "kernel" }),
-    );
+    opt_string(out, ev.ct_fill.map(|c| fill_origin(c).as_str()));
     out.extend_from_slice(b",\"has_ct\":");
     out.extend_from_slice(if ev.ct.is_some() { b"true" } else { b"false" });
     out.extend_from_slice(b",\"untracked\":");
@@ -214,69 +187,78 @@ fn opt_ip(out: &mut Vec<u8>, ip: Option<std::net::IpAddr>) {
     }
 }
 
-pub fn probe_json(p: &ProbeShown) -> serde_json::Value {
-    let o = p.outcome;
-    let (status, rtt_ns, drop) = match &o.status {
-        Status::Ok { rtt_ns } => ("ok", Some(*rtt_ns), None),
-        Status::Late { rtt_ns } => ("late", Some(*rtt_ns), None),
-        Status::Lost { drop } => ("lost", None, drop.as_ref()),
-    };
-    let (kind, icmp_id, icmp_seq, local_port) = match o.wire {
-        Wire::Echo { id, seq } => ("icmp", Some(id), Some(seq), None),
-        Wire::Port { proto, local, .. } => (
-            if proto == 6 { "tcp" } else { "udp" },
-            None,
-            None,
-            Some(local),
-        ),
-    };
-    let verdict = match (&o.status, drop) {
-        (Status::Lost { .. }, Some(d)) => Some(crate::output::human::verdict(d)),
-        (Status::Lost { .. }, None) => Some("no drop seen on this host".to_string()),
-        _ => None,
-    };
-    serde_json::json!({
-        "kind": "probe",
-        "ts_ns": p.wall_ns,
-        "host": p.label,
-        "probe": kind,
-        "seq": o.number,
-        "icmp_id": icmp_id,
-        "icmp_seq": icmp_seq,
-        "local_port": local_port,
-        "status": status,
-        "rtt_ms": rtt_ns.map(|n| n as f64 / 1e6),
-        "cause": drop.map(|d| d.cause.as_str()),
-        "verdict": verdict,
-        "drop": drop.map(|d| serde_json::from_str::<serde_json::Value>(&d.json).unwrap_or_default()),
-    })
+impl ProbeVerdict {
+    /// The verdict of a probe the session matched.
+    pub fn from_shown(p: &ProbeShown) -> ProbeVerdict {
+        let o = p.outcome;
+        let (status, rtt_ns, drop) = match &o.status {
+            Status::Ok { rtt_ns } => (ProbeStatus::Ok, Some(*rtt_ns), None),
+            Status::Late { rtt_ns } => (ProbeStatus::Late, Some(*rtt_ns), None),
+            Status::Lost { drop } => (ProbeStatus::Lost, None, drop.as_deref()),
+        };
+        let (probe, icmp_id, icmp_seq, local_port) = match o.wire {
+            Wire::Echo { id, seq } => (ProbeKind::Icmp, Some(id), Some(seq), None),
+            Wire::Port { proto, local, .. } => (
+                if proto == 6 {
+                    ProbeKind::Tcp
+                } else {
+                    ProbeKind::Udp
+                },
+                None,
+                None,
+                Some(local),
+            ),
+        };
+        let verdict = match (status, drop) {
+            (ProbeStatus::Lost, Some(d)) => Some(crate::output::human::verdict(d)),
+            (ProbeStatus::Lost, None) => Some("no drop seen on this host".to_string()),
+            _ => None,
+        };
+        ProbeVerdict {
+            kind: Default::default(),
+            ts_ns: p.wall_ns,
+            host: p.label.to_string(),
+            probe,
+            seq: o.number,
+            icmp_id,
+            icmp_seq,
+            local_port,
+            status,
+            rtt_ms: rtt_ns.map(|n| n as f64 / 1e6),
+            cause: drop.map(|d| d.cause),
+            verdict,
+            drop: drop.map(|d| d.line.clone()),
+        }
+    }
 }
 
-pub fn counts_json(c: &CountsShown) -> serde_json::Value {
-    let by_cause: serde_json::Map<String, serde_json::Value> = c
-        .by_cause
-        .iter()
-        .map(|(cause, n)| (cause.as_str().to_string(), (*n).into()))
-        .collect();
-    let by_netns: Vec<serde_json::Value> = c
-        .by_netns
-        .iter()
-        .map(|(ns, name, n, fill)| {
-            serde_json::json!({
-                "netns": ns, "netns_name": name, "drops": n,
-                "ct_count": fill.map(|f| f.count), "ct_max": fill.map(|f| f.max),
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "kind": "counts",
-        "ts_ns": c.wall_ns,
-        "interval_s": c.interval_s,
-        "drops": c.drops,
-        "drops_total": c.drops_total,
-        "drops_by_cause": by_cause,
-        "drops_by_netns": by_netns,
-    })
+impl CountsLine {
+    /// Count mode's line for one period.
+    pub fn from_shown(c: &CountsShown) -> CountsLine {
+        CountsLine {
+            kind: Default::default(),
+            ts_ns: c.wall_ns,
+            interval_s: c.interval_s,
+            drops: c.drops,
+            drops_total: c.drops_total,
+            drops_by_cause: c
+                .by_cause
+                .iter()
+                .map(|(cause, n)| (cause.as_str().to_string(), *n))
+                .collect(),
+            drops_by_netns: c
+                .by_netns
+                .iter()
+                .map(|(ns, name, n, fill)| NetnsCounts {
+                    netns: *ns,
+                    netns_name: name.clone(),
+                    drops: *n,
+                    ct_count: fill.map(|f| f.count),
+                    ct_max: fill.map(|f| f.max),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// JSON lines on a writer (stdout for `live --json`).
@@ -304,12 +286,12 @@ impl<W: Write> Sink for JsonSink<W> {
     }
 
     fn probe(&mut self, p: &ProbeShown) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, &probe_json(p))?;
+        serde_json::to_writer(&mut self.out, &ProbeVerdict::from_shown(p))?;
         self.out.write_all(b"\n")
     }
 
     fn counts(&mut self, c: &CountsShown) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, &counts_json(c))?;
+        serde_json::to_writer(&mut self.out, &CountsLine::from_shown(c))?;
         self.out.write_all(b"\n")
     }
 
@@ -346,7 +328,6 @@ mod tests {
             location: 0,
             skb: 0,
             source: tracer_common::source::KFREE_SKB,
-            detail: 0,
             netns: Some(4026532000),
             ifindex: Some(3),
             skb_len: 40,
@@ -382,13 +363,37 @@ mod tests {
         let mut out = Vec::new();
         write_drop(&mut out, &s);
         let ours: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
-        let theirs = serde_json::to_value(DropJson::from_shown(&s)).unwrap();
+        let theirs = serde_json::to_value(DropLine::from_shown(&s)).unwrap();
         assert_eq!(ours, theirs);
         // Field order is part of what readers see.
+        let line = String::from_utf8(out).unwrap();
         assert_eq!(
-            String::from_utf8(out).unwrap(),
-            serde_json::to_string(&DropJson::from_shown(&s)).unwrap()
+            line,
+            serde_json::to_string(&DropLine::from_shown(&s)).unwrap()
         );
+        // A reader of the line gets the typed drop back, whole.
+        let back: DropLine = serde_json::from_str(&line).expect("the model reads the line");
+        assert_eq!(back, DropLine::from_shown(&s));
+        // The drop inside a lost probe's verdict is the same bytes.
+        let verdict = ProbeVerdict {
+            kind: Default::default(),
+            ts_ns: 1,
+            host: "198.18.0.2".into(),
+            probe: ProbeKind::Udp,
+            seq: 1,
+            icmp_id: None,
+            icmp_seq: None,
+            local_port: Some(40000),
+            status: ProbeStatus::Lost,
+            rtt_ms: None,
+            cause: Some(s.cause),
+            verdict: Some("v".into()),
+            drop: Some(DropLine::from_shown(&s).into_owned()),
+        };
+        let v = serde_json::to_string(&verdict).unwrap();
+        assert!(v.ends_with(&format!(",\"drop\":{line}}}")), "{v}");
+        let back: ProbeVerdict = serde_json::from_str(&v).expect("the model reads the verdict");
+        assert_eq!(back, verdict);
     }
 
     #[test]

@@ -12,7 +12,10 @@ use std::{
     net::IpAddr,
 };
 
-use crate::cause::Cause;
+use crate::{
+    cause::Cause,
+    model::{DropLine, ProbeCounts},
+};
 
 /// What identifies a probe's packets on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -23,29 +26,35 @@ pub enum Wire {
     Port { proto: u8, local: u16, remote: u16 },
 }
 
-/// A drop record reduced to what a probe verdict shows.
+/// A drop that may explain a probe: its line, kept typed as it will be
+/// shown in the probe's verdict, and which way the packet went. Reads as
+/// its [`DropLine`] (`d.cause`, `d.mono_ns`, `d.netns_name`, ...).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SeenDrop {
-    pub mono_ns: u64,
-    pub cause: Cause,
-    pub reason: String,
-    pub netns: Option<u32>,
-    pub netns_name: Option<String>,
-    pub ifname: Option<String>,
-    pub ct_count: Option<u64>,
-    pub ct_max: Option<u64>,
+    pub line: DropLine<'static>,
     /// true when the dropped packet was the answer coming back.
     pub reply_path: bool,
-    /// The drop's JSON object, serialized (a tenth of a `Value`'s size),
-    /// for `--json` probe lines.
-    pub json: String,
+}
+
+impl std::ops::Deref for SeenDrop {
+    type Target = DropLine<'static>;
+    fn deref(&self) -> &DropLine<'static> {
+        &self.line
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Status {
-    Ok { rtt_ns: u64 },
-    Lost { drop: Option<SeenDrop> },
-    Late { rtt_ns: u64 },
+    Ok {
+        rtt_ns: u64,
+    },
+    /// Boxed: a drop line is large, and most outcomes carry none.
+    Lost {
+        drop: Option<Box<SeenDrop>>,
+    },
+    Late {
+        rtt_ns: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -56,16 +65,6 @@ pub struct Outcome {
     pub wire: Wire,
     pub sent_ns: u64,
     pub status: Status,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TargetStats {
-    pub sent: u64,
-    pub answered: u64,
-    pub lost: u64,
-    pub late: u64,
-    pub lost_by_cause: BTreeMap<&'static str, u64>,
-    pub lost_unexplained: u64,
 }
 
 struct Pending {
@@ -89,7 +88,7 @@ pub struct Matcher {
     drops: HashMap<(IpAddr, Wire), Vec<SeenDrop>>,
     drop_order: VecDeque<(u64, (IpAddr, Wire))>,
     hosts: Vec<IpAddr>,
-    pub stats: Vec<TargetStats>,
+    pub stats: Vec<ProbeCounts>,
     /// Every dropped echo request, per (src, dst, id); ctdrop's own are
     /// filtered out when read (a drop can be seen before its send is).
     passive: BTreeMap<(IpAddr, IpAddr, u16), PassiveLoss>,
@@ -131,7 +130,7 @@ impl Matcher {
             drops: HashMap::new(),
             drop_order: VecDeque::new(),
             hosts,
-            stats: vec![TargetStats::default(); n],
+            stats: vec![ProbeCounts::default(); n],
             passive: BTreeMap::new(),
             own_echo_ids: Default::default(),
             passive_overflow: 0,
@@ -266,13 +265,8 @@ impl Matcher {
                 .drops
                 .get(&(host, wire))
                 .and_then(|ds| ds.iter().find(|d| window.contains(&d.mono_ns)))
-                .cloned();
-            let s = &mut self.stats[target];
-            s.lost += 1;
-            match &drop {
-                Some(d) => *s.lost_by_cause.entry(d.cause.as_str()).or_default() += 1,
-                None => s.lost_unexplained += 1,
-            }
+                .map(|d| Box::new(d.clone()));
+            self.stats[target].count_lost(drop.as_ref().map(|d| d.cause));
             self.expired.insert(key, (p.number, p.sent_ns));
             self.expired_order.push_back((now_ns, key));
             out.push(Outcome {
@@ -346,16 +340,36 @@ mod tests {
     }
     fn drop_at(t: u64, cause: Cause, reply: bool) -> SeenDrop {
         SeenDrop {
-            mono_ns: t,
-            cause,
-            reason: "NETFILTER_DROP".into(),
-            netns: Some(1),
-            netns_name: None,
-            ifname: None,
-            ct_count: Some(64),
-            ct_max: Some(64),
+            line: DropLine {
+                kind: Default::default(),
+                ts_ns: t,
+                mono_ns: t,
+                cause,
+                reason: "NETFILTER_DROP".into(),
+                netns: Some(1),
+                netns_name: None,
+                ifindex: None,
+                ifname: None,
+                proto: Some("icmp".into()),
+                src: None,
+                dst: None,
+                sport: None,
+                dport: None,
+                icmp_type: Some(8),
+                icmp_code: Some(0),
+                icmp_id: None,
+                icmp_seq: None,
+                ct_count: Some(64),
+                ct_max: Some(64),
+                ct_fill: Some(crate::model::FillOrigin::Sampled),
+                has_ct: false,
+                untracked: false,
+                location: "nf_hook_slow".into(),
+                evidence: "inferred".into(),
+                cpu: 0,
+                len: 84,
+            },
             reply_path: reply,
-            json: String::new(),
         }
     }
     fn echo(id: u16, seq: u16) -> Wire {

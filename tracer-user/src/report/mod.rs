@@ -25,6 +25,7 @@ use crate::{
     conntrack::stats::{CounterCheck, CtCounters},
     flows::{Tally, DEFAULT_MAX_FLOWS},
     kernel::btf::DropReasons,
+    model::{ProbeCounts, ProbeStatus, ProbeVerdict},
     output::{metrics::Metrics, Shown},
 };
 
@@ -35,45 +36,36 @@ pub use command::run;
 /// Longest drops-per-second series kept (a day); later drops count in the last second.
 const MAX_SECONDS: usize = 86_400;
 
-/// One host's probe verdicts, rebuilt from the recorded probe lines.
+/// One host's probe verdicts, rebuilt from the recorded verdicts: the
+/// counts the live run kept (reads as its [`ProbeCounts`]) and each lost
+/// probe's verdict (seq, time, verdict, the drop).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProbeTally {
-    pub sent: u64,
-    pub answered: u64,
-    pub lost: u64,
-    pub late: u64,
-    pub lost_by_cause: BTreeMap<String, u64>,
-    pub lost_unexplained: u64,
-    /// Each lost probe's JSON line (seq, time, verdict, the drop).
-    pub lost_probes: Vec<serde_json::Value>,
+    pub counts: ProbeCounts,
+    pub lost_probes: Vec<ProbeVerdict>,
+}
+
+impl std::ops::Deref for ProbeTally {
+    type Target = ProbeCounts;
+    fn deref(&self) -> &ProbeCounts {
+        &self.counts
+    }
 }
 
 impl ProbeTally {
-    pub fn loss_pct(&self) -> f64 {
-        if self.sent == 0 {
-            0.0
-        } else {
-            100.0 * self.lost as f64 / self.sent as f64
-        }
-    }
-
-    fn add(&mut self, p: &serde_json::Value) {
-        match p.get("status").and_then(|s| s.as_str()) {
-            Some("ok") => {
-                self.sent += 1;
-                self.answered += 1;
+    fn add(&mut self, p: ProbeVerdict) {
+        let c = &mut self.counts;
+        match p.status {
+            ProbeStatus::Ok => {
+                c.sent += 1;
+                c.answered += 1;
             }
-            Some("lost") => {
-                self.sent += 1;
-                self.lost += 1;
-                match p.get("cause").and_then(|c| c.as_str()) {
-                    Some(c) => *self.lost_by_cause.entry(c.to_string()).or_default() += 1,
-                    None => self.lost_unexplained += 1,
-                }
-                self.lost_probes.push(p.clone());
+            ProbeStatus::Lost => {
+                c.sent += 1;
+                c.count_lost(p.cause);
+                self.lost_probes.push(p);
             }
-            Some("late") => self.late += 1,
-            _ => {}
+            ProbeStatus::Late => c.late += 1,
         }
     }
 }
@@ -169,11 +161,7 @@ impl Report {
                     };
                     each(&shown);
                 }
-                Item::Probe(p) => {
-                    if let Some(host) = p.get("host").and_then(|h| h.as_str()) {
-                        r.probes.entry(host.to_string()).or_default().add(&p);
-                    }
-                }
+                Item::Probe(p) => r.probes.entry(p.host.clone()).or_default().add(p),
                 Item::Checkpoint(c) => r.last_checkpoint = Some(c),
             }
         }
@@ -376,15 +364,10 @@ fn lost_probes(
         .iter()
         .flat_map(|(host, p)| {
             p.lost_probes.iter().map(move |l| timeline::LostProbe {
-                at_s: l
-                    .get("ts_ns")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(started_wall_ns)
-                    .saturating_sub(started_wall_ns) as f64
-                    / 1e9,
+                at_s: l.ts_ns.saturating_sub(started_wall_ns) as f64 / 1e9,
                 host: host.clone(),
-                seq: l.get("seq").and_then(serde_json::Value::as_u64).unwrap_or(0),
-                cause: l.get("cause").and_then(serde_json::Value::as_str).map(str::to_string),
+                seq: l.seq,
+                cause: l.cause.map(|c| c.as_str().to_string()),
             })
         })
         .collect();

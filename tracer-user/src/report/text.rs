@@ -446,14 +446,9 @@ pub fn render(r: &Report, top: usize, md: bool) -> String {
         o += &grid(&rows, md);
         for (host, p) in &r.probes {
             for l in p.lost_probes.iter().take(20) {
-                let ts = l
-                    .get("ts_ns")
-                    .and_then(|v| v.as_u64())
-                    .map(clock)
-                    .unwrap_or_default();
-                let seq = l.get("seq").and_then(|v| v.as_u64()).unwrap_or(0);
-                let v = l.get("verdict").and_then(|v| v.as_str()).unwrap_or("");
-                let _ = writeln!(o, "{bullet}{host} #{seq} at {ts}: down, {v}");
+                let ts = clock(l.ts_ns);
+                let v = l.verdict.as_deref().unwrap_or("");
+                let _ = writeln!(o, "{bullet}{host} #{} at {ts}: down, {v}", l.seq);
             }
             if p.lost_probes.len() > 20 {
                 let _ = writeln!(

@@ -33,7 +33,8 @@ use crate::{
         stats::CtCounters,
     },
     events::DropEvent,
-    output::{json::probe_json, metrics::Metrics, ProbeShown, Progress, Shown, Sink},
+    model::ProbeVerdict,
+    output::{metrics::Metrics, ProbeShown, Progress, Shown, Sink},
     session::SessionInfo,
     summary::Summary,
 };
@@ -103,7 +104,7 @@ pub struct Recorder {
     boot_offset: u64,
     baselines: BTreeMap<u32, CtCounters>,
     kept: VecDeque<Kept>,
-    probes: VecDeque<(u64, serde_json::Value)>,
+    probes: VecDeque<(u64, ProbeVerdict)>,
     /// Drops not kept (buffer at its cap), per second of the monotonic clock.
     not_kept: VecDeque<(u64, u64)>,
     readings: VecDeque<Rc<Reading>>,
@@ -682,8 +683,10 @@ impl Sink for Recorder {
         if self.probes.len() >= self.cfg.buffer_records {
             self.probes.pop_front();
         }
-        self.probes
-            .push_back((p.wall_ns.saturating_sub(self.boot_offset), probe_json(p)));
+        self.probes.push_back((
+            p.wall_ns.saturating_sub(self.boot_offset),
+            ProbeVerdict::from_shown(p),
+        ));
         Ok(())
     }
 

@@ -64,21 +64,82 @@ pub fn sysctl_value() -> Option<String> {
 }
 
 /// Run time and run count summed over the BPF programs process `pid`
-/// holds descriptors to (each program once, however many descriptors).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// holds descriptors to (each program once, however many descriptors),
+/// and per program: ctdrop's tracepoint tier also runs netfilter hook
+/// programs on every packet, so the sum is more than kfree_skb's cost and
+/// the breakdown says by how much.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProgStats {
     pub run_time_ns: u64,
     pub run_cnt: u64,
     pub programs: u32,
+    /// Per program, by id (names are filled in by [`ProgStats::name_programs`]).
+    pub by_prog: Vec<ProgRun>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgRun {
+    pub id: u64,
+    pub name: String,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
 }
 
 impl ProgStats {
-    pub fn since(self, earlier: ProgStats) -> ProgStats {
+    pub fn since(&self, earlier: &ProgStats) -> ProgStats {
+        let by_prog = self
+            .by_prog
+            .iter()
+            .map(|p| {
+                let before = earlier.by_prog.iter().find(|e| e.id == p.id);
+                ProgRun {
+                    id: p.id,
+                    name: p.name.clone(),
+                    run_time_ns: p
+                        .run_time_ns
+                        .saturating_sub(before.map_or(0, |b| b.run_time_ns)),
+                    run_cnt: p.run_cnt.saturating_sub(before.map_or(0, |b| b.run_cnt)),
+                }
+            })
+            .collect();
         ProgStats {
             run_time_ns: self.run_time_ns.saturating_sub(earlier.run_time_ns),
             run_cnt: self.run_cnt.saturating_sub(earlier.run_cnt),
             programs: self.programs,
+            by_prog,
         }
+    }
+
+    /// Program names from `bpftool prog show id N` (fdinfo has none); read
+    /// after the flood, so the lookups cost the measurement nothing.
+    pub fn name_programs(&mut self) {
+        for p in &mut self.by_prog {
+            let id = p.id.to_string();
+            let out = crate::proc::probe(
+                std::process::Command::new("bpftool").args(["prog", "show", "id", &id, "--json"]),
+            );
+            p.name = out
+                .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+                .and_then(|v| v.get("name")?.as_str().map(String::from))
+                .unwrap_or_else(|| format!("id{id}"));
+        }
+    }
+
+    /// `name ns/run x runs, ...`, costliest first.
+    pub fn breakdown(&self) -> String {
+        let mut v: Vec<&ProgRun> = self.by_prog.iter().filter(|p| p.run_cnt > 0).collect();
+        v.sort_by_key(|p| std::cmp::Reverse(p.run_time_ns));
+        v.iter()
+            .map(|p| {
+                format!(
+                    "{} {:.0}ns x {}",
+                    p.name,
+                    p.run_time_ns as f64 / p.run_cnt as f64,
+                    p.run_cnt
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -107,6 +168,12 @@ pub fn of_process(pid: u32) -> Result<ProgStats> {
             total.run_time_ns += p.1;
             total.run_cnt += p.2;
             total.programs += 1;
+            total.by_prog.push(ProgRun {
+                id: p.0,
+                name: String::new(),
+                run_time_ns: p.1,
+                run_cnt: p.2,
+            });
         }
     }
     Ok(total)

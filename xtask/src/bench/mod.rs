@@ -73,7 +73,7 @@ impl RoundResult {
 
     /// Kernel run time of the tracer's programs per drop the kernel counted.
     pub fn bpf_ns_per_drop(&self) -> Option<f64> {
-        let b = self.tracer.bpf?;
+        let b = self.tracer.bpf.as_ref()?;
         (self.kernel_drops > 0).then(|| b.run_time_ns as f64 / self.kernel_drops as f64)
     }
 }
@@ -170,6 +170,9 @@ pub fn run(opts: &Options) -> Result<()> {
                     )
                 })?;
             println!("{}", report::progress_line(&r));
+            if let Some(b) = r.tracer.bpf.as_ref().filter(|b| !b.by_prog.is_empty()) {
+                println!("bench:   programs: {}", b.breakdown());
+            }
             results.push(r);
         }
     }

@@ -259,8 +259,11 @@ fn round_json(r: &RoundResult) -> Value {
         "seconds": r.seconds, "drops_per_s": r.rate(), "entries": r.entries,
         "delivered": t.delivered, "lost": t.lost, "cpu_s": t.cpu_s, "peak_rss_kb": t.peak_rss_kb,
         "attach_ms": t.attach_ms, "own_attach_ms": t.own_attach_ms,
-        "bpf_run_time_ns": t.bpf.map(|b| b.run_time_ns), "bpf_run_cnt": t.bpf.map(|b| b.run_cnt),
-        "bpf_programs": t.bpf.map(|b| b.programs), "bpf_ns_per_drop": r.bpf_ns_per_drop(),
+        "bpf_run_time_ns": t.bpf.as_ref().map(|b| b.run_time_ns), "bpf_run_cnt": t.bpf.as_ref().map(|b| b.run_cnt),
+        "bpf_programs": t.bpf.as_ref().map(|b| b.programs),
+        "bpf_by_program": t.bpf.as_ref().map(|b| b.by_prog.iter().map(|p| json!({
+            "id": p.id, "name": p.name, "run_time_ns": p.run_time_ns, "run_cnt": p.run_cnt,
+        })).collect::<Vec<_>>()), "bpf_ns_per_drop": r.bpf_ns_per_drop(),
         "notes": t.notes.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
     })
 }

@@ -279,7 +279,11 @@ impl Running {
     /// are gone once it exits).
     pub fn mark_flood_end(&mut self) {
         let now = super::bpf_stats::of_process(self.child.id()).ok();
-        self.report.bpf = now.zip(self.bpf_at_flood).map(|(n, s)| n.since(s));
+        self.report.bpf = now.zip(self.bpf_at_flood.as_ref()).map(|(n, s)| {
+            let mut d = n.since(s);
+            d.name_programs();
+            d
+        });
     }
 
     /// SIGINT, wait for exit, collect what it printed and its rusage.
