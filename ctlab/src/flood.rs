@@ -153,14 +153,18 @@ fn flood_udp(dst: Ipv4Addr, stop: &AtomicBool, limit: Option<u64>) -> Result<u64
         .map(|_| socket(libc::SOCK_DGRAM, 0))
         .collect::<Result<Vec<_>>>()?;
     let mut payloads = vec![b"ctdrop-tests fld".to_vec(); BATCH];
-    let mut port: u16 = 1024;
+    // Each socket walks the destination ports on its own: one shared walk
+    // with 64 ports a batch gives every socket the same ports (64,512 / 64 is
+    // a multiple of 4), so the flood made only 64,512 distinct flows.
+    let mut ports = [1024u16; UDP_SOURCES];
     let (mut sent, mut round) = (0u64, 0usize);
     while !stop.load(Ordering::Relaxed) && limit.is_none_or(|l| sent < l) {
         let n = limit.map_or(BATCH, |l| BATCH.min((l - sent) as usize));
+        let port = &mut ports[round % UDP_SOURCES];
         let mut addrs: Vec<libc::sockaddr_in> = (0..n)
             .map(|_| {
-                port = if port == u16::MAX { 1024 } else { port + 1 };
-                sockaddr(dst, port)
+                *port = if *port == u16::MAX { 1024 } else { *port + 1 };
+                sockaddr(dst, *port)
             })
             .collect();
         sent += send_batch(&socks[round % UDP_SOURCES], &mut payloads[..n], &mut addrs)?;
