@@ -62,7 +62,9 @@ fn tiny_ring_under_flood_delivered_plus_lost_equals_kernel_drop_counter() {
     // ctdrop before that tick. Wait for it (a wait, not a timed assertion: its
     // absence is reported below with the whole stderr).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !ctdrop.stderr_so_far().contains("events lost in the last second")
+    while !ctdrop
+        .stderr_so_far()
+        .contains("events lost in the last second")
         && std::time::Instant::now() < deadline
     {
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -442,7 +442,11 @@ mod tests {
                             0 => e.flow = None,
                             p => e.flow.as_mut().unwrap().proto = p,
                         }
-                        e.icmp = icmp.map(|(ty, code)| Icmp { ty, code, echo: None });
+                        e.icmp = icmp.map(|(ty, code)| Icmp {
+                            ty,
+                            code,
+                            echo: None,
+                        });
                         e.ct = has_ct.then_some(CtRef {
                             info: 0,
                             status: None,

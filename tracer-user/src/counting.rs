@@ -255,7 +255,10 @@ fn report_period(
         } = c;
         groups.absorb(
             &now,
-            |g| classifier.classify_group(g, (g.netns != 0).then(|| sampler.fill(g.netns)).flatten()),
+            |g| {
+                classifier
+                    .classify_group(g, (g.netns != 0).then(|| sampler.fill(g.netns)).flatten())
+            },
             tally,
         )
     };
@@ -374,10 +377,7 @@ mod tests {
             sampled: true,
             counted_drop: None,
         };
-        assert_eq!(
-            c.classify_group(&k, Some(full)),
-            Cause::NetfilterRule
-        );
+        assert_eq!(c.classify_group(&k, Some(full)), Cause::NetfilterRule);
     }
 
     #[test]

@@ -389,7 +389,16 @@ pub async fn run_with(
             }
         }
     }
-    finish(tracer, &mut source, collector, sinks, filter, started, closed, args.service)
+    finish(
+        tracer,
+        &mut source,
+        collector,
+        sinks,
+        filter,
+        started,
+        closed,
+        args.service,
+    )
 }
 
 /// The end of every run, whatever the source: detach, take the rest,

@@ -204,12 +204,7 @@ impl Summary<'_> {
         if !t.by_netns.is_empty() {
             writeln!(out, "by namespace:")?;
             for (ns, n) in &t.by_netns {
-                writeln!(
-                    out,
-                    "  {:<26} {:>10}",
-                    self.names.label(*ns),
-                    n.total
-                )?;
+                writeln!(out, "  {:<26} {:>10}", self.names.label(*ns), n.total)?;
             }
         }
         let top = t.top_flows(5);
@@ -494,10 +489,15 @@ mod tests {
         let labels = vec!["198.18.0.2".to_string()];
         let occupancy = BTreeMap::new();
         let delta = CtCounters {
-            columns: [("drop", 5), ("insert_failed", 0), ("early_drop", 1), ("entries", 64)]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            columns: [
+                ("drop", 5),
+                ("insert_failed", 0),
+                ("early_drop", 1),
+                ("entries", 64),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
         };
         let checks = [CounterCheck {
             netns: 7,

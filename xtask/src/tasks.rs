@@ -68,15 +68,26 @@ pub fn modules(src: Option<PathBuf>) -> Result<ExitCode> {
     let src = src.unwrap_or_else(|| env::repo_root().join("tracer-user/src"));
     let g = crate::modcycles::graph(&crate::modcycles::load(&src)?);
     for (m, deps) in &g {
-        let deps: Vec<&str> = deps.iter().map(|d| if d.is_empty() { "crate" } else { d }).collect();
-        println!("{} -> {}", if m.is_empty() { "crate" } else { m }, deps.join(", "));
+        let deps: Vec<&str> = deps
+            .iter()
+            .map(|d| if d.is_empty() { "crate" } else { d })
+            .collect();
+        println!(
+            "{} -> {}",
+            if m.is_empty() { "crate" } else { m },
+            deps.join(", ")
+        );
     }
     let circles = crate::modcycles::check(&src)?;
     for c in &circles {
         println!("circle: {c}");
     }
     println!("{} circles", circles.len());
-    Ok(if circles.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if circles.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `cargo xtask lint`: the gates of `test` alone.
@@ -104,7 +115,9 @@ fn lint() -> Result<Vec<String>> {
             eprintln!("lint: {krate}: {c}");
         }
         if !circles.is_empty() {
-            failed.push(format!("module circles in {krate} (see `cargo xtask modules`)"));
+            failed.push(format!(
+                "module circles in {krate} (see `cargo xtask modules`)"
+            ));
         }
     }
     let fmt = Command::new(env::cargo())

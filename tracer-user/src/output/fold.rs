@@ -146,10 +146,7 @@ pub fn fold_line(
     ns: &str,
     top: Option<(u8, u16, u64)>,
 ) -> String {
-    let mut l = format!(
-        "{} + {n} drops: {cause} in ns {ns}",
-        super::clock(wall_ns)
-    );
+    let mut l = format!("{} + {n} drops: {cause} in ns {ns}", super::clock(wall_ns));
     if let Some((proto, port, k)) = top {
         l += &format!(", top port {}/{port} ({k})", proto_name(proto));
     }
