@@ -389,22 +389,9 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     Ok(d)
 }
 
-pub fn parse_proto(s: &str) -> Result<u8> {
-    Ok(match s.to_ascii_lowercase().as_str() {
-        "icmp" => 1,
-        "tcp" => 6,
-        "udp" => 17,
-        "icmpv6" | "ipv6-icmp" => 58,
-        "sctp" => 132,
-        other => other
-            .parse::<u8>()
-            .ok()
-            .filter(|n| *n != 0)
-            .ok_or_else(|| {
-                anyhow!("unknown protocol {s:?} (tcp, udp, icmp, icmpv6, sctp or 1-255)")
-            })?,
-    })
-}
+/// Moved beside its inverse, [`proto_name`](crate::events::decode::proto_name),
+/// so the snapshot model can read protocol names without depending on the CLI.
+pub use crate::events::decode::parse_proto;
 
 /// `4M`, `256k`, `1048576`.
 pub fn parse_size(s: &str) -> Result<u64> {

@@ -76,7 +76,7 @@ fn concentration(e: &NsEvidence) -> Option<Concentration> {
             .filter(|p| share(p.entries, o.entries) && p.unreplied * 2 >= p.entries)
         {
             return Some(Concentration::Port {
-                proto: p.proto_num,
+                proto: p.proto_num(),
                 port: p.port,
                 n: p.entries,
                 of: o.entries,
@@ -448,7 +448,7 @@ pub(super) fn notrack_candidates(o: &Occupancy) -> Vec<&crate::conntrack::occupa
     o.top_dst_ports
         .iter()
         .filter(|p| p.entries as f64 >= o.entries as f64 * NOTRACK_MIN_SHARE)
-        .filter(|p| p.proto_num == 17 || (p.assured == 0 && p.unreplied * 2 >= p.entries))
+        .filter(|p| p.proto_num() == 17 || (p.assured == 0 && p.unreplied * 2 >= p.entries))
         .take(NOTRACK_MAX_RULES)
         .collect()
 }

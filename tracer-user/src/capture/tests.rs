@@ -644,7 +644,7 @@ fn a_table_snapshot_is_stored_as_its_own_block_and_reported() {
     );
     let port = &back.top_dst_ports[0];
     assert_eq!(
-        (port.proto_num, port.port, port.entries),
+        (port.proto_num(), port.port, port.entries),
         (17, 5353, 40),
         "proto_num restored from the name"
     );

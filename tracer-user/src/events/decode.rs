@@ -199,6 +199,28 @@ pub fn proto_name(p: u8) -> String {
     }
 }
 
+/// The inverse of [`proto_name`]: a protocol number from a name as typed
+/// (`UDP`, `47`) or as [`proto_name`] writes it (`proto33`), so a stored
+/// snapshot's protocol reads back as the number it was.
+pub fn parse_proto(s: &str) -> anyhow::Result<u8> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "icmp" => 1,
+        "tcp" => 6,
+        "udp" => 17,
+        "icmpv6" | "ipv6-icmp" => 58,
+        "sctp" => 132,
+        other => other
+            .strip_prefix("proto")
+            .unwrap_or(other)
+            .parse::<u8>()
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| {
+                anyhow::anyhow!("unknown protocol {s:?} (tcp, udp, icmp, icmpv6, sctp or 1-255)")
+            })?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,6 +505,15 @@ mod fuzz {
             } else {
                 prop_assert!(decode(&bytes[..cut]).is_ok());
             }
+        }
+    }
+
+    /// A stored snapshot names ports' protocols with `proto_name`; reading
+    /// one back must give the number it was written from, for every number.
+    #[test]
+    fn every_protocol_name_parses_back_to_its_number() {
+        for n in 1..=255u8 {
+            assert_eq!(parse_proto(&proto_name(n)).unwrap(), n, "{}", proto_name(n));
         }
     }
 }

@@ -7,11 +7,9 @@
 //! - [`DropLine`]: one dropped packet (`kind: "drop"`).
 //! - [`ProbeVerdict`]: one probe's outcome (`kind: "probe"`), stored typed
 //!   in captures from format 3 on.
-//! - A conntrack table snapshot (who held the table) is
-//!   `crate::conntrack::occupancy::Occupancy`, typed there; it is not
-//!   re-exported so that this module depends on nothing above `cause`
-//!   (conntrack reaches back to `probe`, which uses this module). Its
-//!   serde part belongs here once `conntrack/occupancy.rs` is split.
+//! - [`occupancy::Occupancy`]: a conntrack table snapshot (who held the
+//!   table), stored typed in captures and carried by reports; the builder
+//!   that folds dumped entries into one stays in `conntrack::occupancy`.
 //! - [`counts::CountsLine`]: count mode's periodic line (`kind: "counts"`).
 //! - [`capture`]: a capture file's header and trailer.
 //! - [`ReportDoc`]: a capture's report, with the pieces it shares with the
@@ -21,6 +19,7 @@
 pub mod capture;
 pub mod counts;
 pub mod drop;
+pub mod occupancy;
 pub mod probe;
 pub mod report;
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     capture::{CaptureFilter, WatchTrailer},
+    occupancy::Occupancy,
     ProbeCounts, ProbeVerdict, ReportKind,
 };
 use crate::cause::Cause;
@@ -48,10 +49,8 @@ pub struct ReportDoc {
     pub probes: Option<BTreeMap<String, ProbeTotals>>,
     /// Advice items (their shape is the advice renderer's).
     pub advice: serde_json::Value,
-    /// Table snapshots: each the serde form of
-    /// `conntrack::occupancy::Occupancy` (see the module doc for why not
-    /// the type itself, yet).
-    pub occupancy: Vec<serde_json::Value>,
+    /// Table snapshots, the fullest per namespace.
+    pub occupancy: Vec<Occupancy>,
     pub watch: Option<WatchTrailer>,
 }
 

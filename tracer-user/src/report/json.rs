@@ -85,11 +85,7 @@ pub fn doc(r: &Report, top: usize) -> ReportDoc {
                 .collect()
         }),
         advice: crate::advice::to_json(&r.advice()),
-        occupancy: r
-            .occupancy
-            .iter()
-            .map(|o| serde_json::to_value(o).expect("a snapshot serializes"))
-            .collect(),
+        occupancy: r.occupancy.clone(),
         watch: tr.and_then(|t| t.watch.as_deref()).cloned(),
     }
 }

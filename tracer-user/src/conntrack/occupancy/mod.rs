@@ -15,8 +15,8 @@
 //! - [`entry`]: one dumped entry (its tuple, TCP state, status bits).
 //! - [`dump`]: the ctnetlink dump of the calling thread's namespace.
 //! - [`nat`]: whether the namespace has NAT rules (nf_tables, iptables).
-//! - [`model`]: the summary (`Occupancy`) and the builder that folds entries
-//!   into it.
+//! - [`model`]: the builder that folds entries into the summary (`Occupancy`,
+//!   defined in `crate::model::occupancy`).
 //! - [`render`]: the summary as text for an operator.
 //! - [`schedule`]: when snapshots are taken (one per namespace per gap, off
 //!   the tracing loop) and of which namespace.

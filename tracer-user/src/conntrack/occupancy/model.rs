@@ -1,10 +1,10 @@
-//! What a snapshot found: counts by protocol and state, by liveness, and
-//! the sources, destinations and destination ports holding the most
-//! entries; and the one-pass builder that folds dumped entries into it.
+//! The one-pass builder that folds dumped entries into what a snapshot
+//! found: counts by protocol and state, by liveness, and the sources,
+//! destinations and destination ports holding the most entries. The
+//! snapshot itself ([`Occupancy`]) is defined with the other emitted
+//! objects, in `crate::model::occupancy`.
 
 use std::net::IpAddr;
-
-use serde::{Deserialize, Serialize};
 
 use super::entry::{tcp_state_name, CtEntry, Liveness};
 use crate::events::decode::proto_name;
@@ -12,66 +12,7 @@ use crate::events::decode::proto_name;
 /// Rows kept in each top list.
 pub const TOP_N: usize = 5;
 
-/// Entries per (protocol, state).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StateRow {
-    pub proto: String,
-    /// Cow: a name from the tables here, or read back from a capture file.
-    pub state: std::borrow::Cow<'static, str>,
-    pub entries: u64,
-    pub unreplied: u64,
-    pub assured: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AddrRow {
-    pub addr: IpAddr,
-    pub entries: u64,
-    pub unreplied: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortRow {
-    pub proto: String,
-    /// Not in the JSON (`proto` names it); [`Occupancy::from_stored`] puts it back.
-    #[serde(skip)]
-    pub proto_num: u8,
-    pub port: u16,
-    pub entries: u64,
-    pub unreplied: u64,
-    pub assured: u64,
-    /// Distinct sources in this port's entries (capped count, see builder).
-    pub sources: u64,
-}
-
-/// What a snapshot found, ready to show (and, as JSON, stored in captures).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Occupancy {
-    pub netns: Option<u32>,
-    pub netns_name: Option<String>,
-    pub entries: u64,
-    /// Global `nf_conntrack_max` at the time of the snapshot.
-    pub max: Option<u64>,
-    pub unreplied: u64,
-    pub replied: u64,
-    pub assured: u64,
-    /// Entries with source or destination NAT applied.
-    pub nat: u64,
-    /// Whether the namespace has NAT rules (iptables or nft); None when
-    /// neither tool could tell.
-    pub nat_rules: Option<bool>,
-    pub unreadable: u64,
-    pub by_proto_state: Vec<StateRow>,
-    pub top_sources: Vec<AddrRow>,
-    pub top_destinations: Vec<AddrRow>,
-    pub top_dst_ports: Vec<PortRow>,
-    /// Wall-clock (unix ns) when the dump started.
-    pub taken_ns: u64,
-    pub elapsed_ms: f64,
-    /// CPU time of the dump and summary (kernel and user): the part that
-    /// does not depend on how busy the host is.
-    pub cpu_ms: f64,
-}
+pub use crate::model::occupancy::{AddrRow, Occupancy, PortRow, StateRow};
 
 #[derive(Default)]
 struct PortAcc {
@@ -197,12 +138,13 @@ impl OccupancyBuilder {
             v.truncate(top);
             v
         };
-        let mut ports: Vec<PortRow> = self
-            .ports
+        let mut ports: Vec<((u8, u16), PortAcc)> = self.ports.into_iter().collect();
+        ports.sort_by(|(ka, a), (kb, b)| b.entries.cmp(&a.entries).then_with(|| ka.cmp(kb)));
+        ports.truncate(top);
+        let ports: Vec<PortRow> = ports
             .into_iter()
             .map(|((proto_num, port), a)| PortRow {
                 proto: proto_name(proto_num),
-                proto_num,
                 port,
                 entries: a.entries,
                 unreplied: a.unreplied,
@@ -210,12 +152,6 @@ impl OccupancyBuilder {
                 sources: a.sources.len() as u64,
             })
             .collect();
-        ports.sort_by(|a, b| {
-            b.entries
-                .cmp(&a.entries)
-                .then_with(|| (a.proto_num, a.port).cmp(&(b.proto_num, b.port)))
-        });
-        ports.truncate(top);
         Occupancy {
             netns: None,
             netns_name: None,
@@ -240,26 +176,4 @@ impl OccupancyBuilder {
 
 pub(super) fn has_ports(proto: u8) -> bool {
     matches!(proto, 6 | 17 | 33 | 132 | 136)
-}
-
-impl Occupancy {
-    /// A snapshot read back from its JSON (a capture file's block).
-    pub fn from_stored(json: &[u8]) -> serde_json::Result<Occupancy> {
-        let mut o: Occupancy = serde_json::from_slice(json)?;
-        for p in &mut o.top_dst_ports {
-            p.proto_num = crate::cli::parse_proto(&p.proto).unwrap_or(0);
-        }
-        Ok(o)
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-
-    pub fn label(&self) -> String {
-        self.netns_name
-            .clone()
-            .or_else(|| self.netns.map(|n| n.to_string()))
-            .unwrap_or_else(|| "this namespace".into())
-    }
 }
