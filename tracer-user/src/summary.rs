@@ -8,14 +8,18 @@
 
 use std::{collections::BTreeMap, io::Write, time::Duration};
 
-use serde::Serialize;
-
+pub use crate::model::summary::{CtEvents, EchoLoss, MechanismLine, SummaryLine};
 use crate::{
     advice::Advice,
     cause::Cause,
     conntrack::{netns::NsRegistry, occupancy::Occupancy, stats::CounterCheck},
+    events::decode::proto_name,
     flows::Tally,
     kernel::attach::KernelStats,
+    model::{
+        report::{CounterAgreement, TopFlow},
+        SummaryKind,
+    },
     probe::Matcher,
 };
 
@@ -58,7 +62,7 @@ impl Summary<'_> {
         let t = self.tally;
         let names = self.names;
         SummaryLine {
-            kind: "summary",
+            kind: SummaryKind::Tag,
             duration_s: self.elapsed.as_secs_f64(),
             drops_total: t.total,
             drops_by_cause: Cause::ALL
@@ -86,54 +90,14 @@ impl Summary<'_> {
             decode_errors: self.decode_errors,
             flows_tracked: t.flows_tracked(),
             flows_untracked: t.flows_untracked,
-            top_flows: t
-                .top_flows(10)
-                .into_iter()
-                .map(|(id, s)| TopFlow {
-                    netns: id.netns,
-                    proto: crate::events::decode::proto_name(id.proto),
-                    src: id.src.map(|a| a.to_string()),
-                    dst: id.dst.map(|a| a.to_string()),
-                    sport: id.sport,
-                    dport: id.dport,
-                    drops: s.drops,
-                    cause: s.main_cause().as_str(),
-                    first_ts_ns: s.first_ns + self.boot_offset,
-                    last_ts_ns: s.last_ns + self.boot_offset,
-                })
-                .collect(),
-            kernel_counters: self
-                .checks
-                .iter()
-                .map(|c| KernelCounters {
-                    netns: c.netns,
-                    netns_name: c.netns_name.as_deref(),
-                    drop: c.delta.get("drop"),
-                    insert_failed: c.delta.get("insert_failed"),
-                    early_drop: c.delta.get("early_drop"),
-                    entries: c.delta.entries(),
-                    table_full_records: c.table_full,
-                    insert_failed_records: c.insert_failed,
-                    agree: c.agrees(),
-                    unrecorded: c.unrecorded(),
-                })
-                .collect(),
+            top_flows: top_flows(t, 10, self.boot_offset),
+            kernel_counters: self.checks.iter().map(agreement).collect(),
             filtered: self.filtered,
             probes: (!self.probe_labels.is_empty()).then(|| {
                 self.probe_labels
                     .iter()
                     .zip(&self.matcher.stats)
-                    .map(|(label, s)| {
-                        let p = ProbeCounts {
-                            sent: s.sent,
-                            answered: s.answered,
-                            lost: s.lost,
-                            late: s.late,
-                            lost_by_cause: &s.lost_by_cause,
-                            lost_unexplained: s.lost_unexplained,
-                        };
-                        (label.as_str(), p)
-                    })
+                    .map(|(label, s)| (label.as_str(), s))
                     .collect()
             }),
             tier: if self.probes_attached {
@@ -168,7 +132,7 @@ impl Summary<'_> {
             echo_losses: self.echo_losses(),
             echo_losses_not_kept: self.matcher.passive_overflow,
             occupancy: self.occupancy.values().collect(),
-            advice: self.advice,
+            advice: crate::advice::to_json(self.advice),
         }
     }
 
@@ -220,7 +184,7 @@ impl Summary<'_> {
                     out,
                     "  {:>8}  {} {} -> {}{}  {}",
                     s.drops,
-                    crate::events::decode::proto_name(id.proto),
+                    proto_name(id.proto),
                     id.src.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
                     id.dst.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
                     ports,
@@ -348,107 +312,40 @@ impl Summary<'_> {
     }
 }
 
-/// The summary object of the JSON outputs (one line, `kind: summary`). Its
-/// one definition: every field an output writes is here, typed.
-#[derive(Serialize)]
-pub struct SummaryLine<'a> {
-    pub kind: &'static str,
-    pub duration_s: f64,
-    pub drops_total: u64,
-    /// Every cause, also those with none.
-    pub drops_by_cause: BTreeMap<&'static str, u64>,
-    /// Namespace inode (or `unknown`) to drops.
-    pub drops_by_netns: BTreeMap<String, u64>,
-    pub inferred_by_budget: u64,
-    /// Namespace inode to its name, where it has one.
-    pub netns_names: BTreeMap<String, Option<String>>,
-    pub events_lost: u64,
-    pub events_sent: u64,
-    pub decode_errors: u64,
-    pub flows_tracked: usize,
-    pub flows_untracked: u64,
-    pub top_flows: Vec<TopFlow>,
-    pub kernel_counters: Vec<KernelCounters<'a>>,
-    pub filtered: bool,
-    /// Per probe label; null when no probe was sent.
-    pub probes: Option<BTreeMap<&'a str, ProbeCounts<'a>>>,
-    pub tier: &'static str,
-    pub mechanisms: Vec<MechanismLine<'a>>,
-    pub conntrack_events: Vec<CtEvents>,
-    pub echo_losses: Vec<EchoLoss>,
-    pub echo_losses_not_kept: u64,
-    pub occupancy: Vec<&'a Occupancy>,
-    pub advice: &'a [Advice],
+/// The `top` flows by drops, their times on the wall clock: the summary's
+/// and a capture report's `top_flows`.
+pub fn top_flows(t: &Tally, top: usize, boot_offset_ns: u64) -> Vec<TopFlow> {
+    t.top_flows(top)
+        .into_iter()
+        .map(|(id, s)| TopFlow {
+            netns: id.netns,
+            proto: proto_name(id.proto),
+            src: id.src,
+            dst: id.dst,
+            sport: id.sport,
+            dport: id.dport,
+            drops: s.drops,
+            cause: s.main_cause(),
+            first_ts_ns: s.first_ns + boot_offset_ns,
+            last_ts_ns: s.last_ns + boot_offset_ns,
+        })
+        .collect()
 }
 
-#[derive(Serialize)]
-pub struct TopFlow {
-    pub netns: Option<u32>,
-    pub proto: String,
-    pub src: Option<String>,
-    pub dst: Option<String>,
-    pub sport: u16,
-    pub dport: u16,
-    pub drops: u64,
-    pub cause: &'static str,
-    pub first_ts_ns: u64,
-    pub last_ts_ns: u64,
-}
-
-/// One namespace's kernel counters against what ctdrop attributed.
-#[derive(Serialize)]
-pub struct KernelCounters<'a> {
-    pub netns: u32,
-    pub netns_name: Option<&'a str>,
-    pub drop: u64,
-    pub insert_failed: u64,
-    pub early_drop: u64,
-    pub entries: u64,
-    pub table_full_records: u64,
-    pub insert_failed_records: u64,
-    pub agree: bool,
-    pub unrecorded: u64,
-}
-
-#[derive(Serialize)]
-pub struct ProbeCounts<'a> {
-    pub sent: u64,
-    pub answered: u64,
-    pub lost: u64,
-    pub late: u64,
-    pub lost_by_cause: &'a BTreeMap<String, u64>,
-    pub lost_unexplained: u64,
-}
-
-#[derive(Serialize)]
-pub struct MechanismLine<'a> {
-    pub signal: &'static str,
-    pub mechanism: Option<&'a str>,
-    pub note: &'a str,
-}
-
-/// Conntrack path events in one namespace (probe tier).
-#[derive(Serialize)]
-pub struct CtEvents {
-    pub netns: u32,
-    pub inserts: u64,
-    pub early_drop_evicted: u64,
-    pub early_drop_failed: u64,
-    pub alloc_failed: u64,
-    pub confirm_dropped: u64,
-    pub clash_resolved: u64,
-    pub in_dropped: u64,
-    pub invalid: u64,
-}
-
-/// Lost echo requests of one ping ctdrop did not send.
-#[derive(Serialize)]
-pub struct EchoLoss {
-    pub src: String,
-    pub dst: String,
-    pub icmp_id: u16,
-    pub lost_seqs: Vec<u16>,
-    pub causes: BTreeMap<&'static str, u64>,
+/// One namespace's counter check as the summary and a report write it.
+pub fn agreement(c: &CounterCheck) -> CounterAgreement {
+    CounterAgreement {
+        netns: c.netns,
+        netns_name: c.netns_name.clone(),
+        drop: c.delta.get("drop"),
+        insert_failed: c.delta.get("insert_failed"),
+        early_drop: c.delta.get("early_drop"),
+        entries: c.delta.entries(),
+        table_full_records: c.table_full,
+        insert_failed_records: c.insert_failed,
+        agree: c.agrees(),
+        unrecorded: c.unrecorded(),
+    }
 }
 
 #[cfg(test)]

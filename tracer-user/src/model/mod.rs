@@ -14,14 +14,16 @@
 //! - [`capture`]: a capture file's header and trailer.
 //! - [`ReportDoc`]: a capture's report, with the pieces it shares with the
 //!   live summary.
-//! - The end-of-run summary is `crate::summary::Summary` (being reshaped
-//!   with the session engine).
+//! - [`summary::SummaryLine`]: the end-of-run summary (`kind: "summary"`),
+//!   built by `crate::summary::Summary`; it shares its flow, counter and
+//!   probe pieces with [`ReportDoc`].
 pub mod capture;
 pub mod counts;
 pub mod drop;
 pub mod occupancy;
 pub mod probe;
 pub mod report;
+pub mod summary;
 
 pub use drop::{DropLine, FillOrigin};
 pub use probe::{ProbeCounts, ProbeKind, ProbeStatus, ProbeVerdict};
@@ -47,6 +49,7 @@ kind_tag!(DropKind, "drop");
 kind_tag!(ProbeLineKind, "probe");
 kind_tag!(CountsKind, "counts");
 kind_tag!(ReportKind, "report");
+kind_tag!(SummaryKind, "summary");
 
 /// Causes are written by name (`conntrack_table_full`), as everywhere else.
 impl Serialize for Cause {

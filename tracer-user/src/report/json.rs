@@ -5,12 +5,8 @@ use serde_json::Value;
 use super::{ProbeTally, Report};
 use crate::{
     cause::Cause,
-    conntrack::stats::CounterCheck,
-    events::decode::proto_name,
-    flows::Tally,
-    model::report::{
-        CaptureInfo, CounterAgreement, InterfaceDrops, ProbeTotals, ReportDoc, TopFlow,
-    },
+    model::report::{CaptureInfo, InterfaceDrops, ProbeTotals, ReportDoc},
+    summary::{agreement, top_flows},
 };
 
 pub fn to_json(r: &Report, top: usize) -> Value {
@@ -87,40 +83,6 @@ pub fn doc(r: &Report, top: usize) -> ReportDoc {
         advice: crate::advice::to_json(&r.advice()),
         occupancy: r.occupancy.clone(),
         watch: tr.and_then(|t| t.watch.as_deref()).cloned(),
-    }
-}
-
-/// The `top` flows by drops, their times on the wall clock.
-pub fn top_flows(t: &Tally, top: usize, boot_offset_ns: u64) -> Vec<TopFlow> {
-    t.top_flows(top)
-        .into_iter()
-        .map(|(id, s)| TopFlow {
-            netns: id.netns,
-            proto: proto_name(id.proto),
-            src: id.src,
-            dst: id.dst,
-            sport: id.sport,
-            dport: id.dport,
-            drops: s.drops,
-            cause: s.main_cause(),
-            first_ts_ns: s.first_ns + boot_offset_ns,
-            last_ts_ns: s.last_ns + boot_offset_ns,
-        })
-        .collect()
-}
-
-pub fn agreement(c: &CounterCheck) -> CounterAgreement {
-    CounterAgreement {
-        netns: c.netns,
-        netns_name: c.netns_name.clone(),
-        drop: c.delta.get("drop"),
-        insert_failed: c.delta.get("insert_failed"),
-        early_drop: c.delta.get("early_drop"),
-        entries: c.delta.entries(),
-        table_full_records: c.table_full,
-        insert_failed_records: c.insert_failed,
-        agree: c.agrees(),
-        unrecorded: c.unrecorded(),
     }
 }
 
