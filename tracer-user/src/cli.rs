@@ -389,7 +389,7 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     Ok(d)
 }
 
-/// Moved beside its inverse, [`proto_name`](crate::events::decode::proto_name),
+/// Defined beside its inverse, [`proto_name`](crate::events::decode::proto_name),
 /// so the snapshot model can read protocol names without depending on the CLI.
 pub use crate::events::decode::parse_proto;
 
