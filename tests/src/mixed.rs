@@ -228,8 +228,13 @@ pub fn judge(s: &Scene, out: &CtdropOutput, drop_delta: u64, rule_delta: u64) ->
     for r in wrong.iter().take(3) {
         eprintln!("  wrong: {r}");
     }
-    if !wrong.is_empty() {
-        eprintln!("ctdrop stderr: {}", out.stderr);
+    let full = causes.get("conntrack_table_full").copied().unwrap_or(0);
+    let rules = causes.get("netfilter_rule").copied().unwrap_or(0);
+    if !wrong.is_empty() || full != drop_delta || rules != rule_delta {
+        // Missing records and wrong ones have different causes (lost ring
+        // events, a late attach, a mislabel): say which it was.
+        let lost = out.summary().map(|s| s["events_lost"].clone()).ok();
+        eprintln!("events_lost {lost:?}; ctdrop stderr: {}", out.stderr);
     }
     assert_eq!(
         causes.get("conntrack_table_full").copied().unwrap_or(0),
