@@ -80,7 +80,7 @@ pub fn run(args: &CheckArgs) -> Result<()> {
         .and_then(|r| r.value("NETFILTER_DROP"))
         .unwrap_or(u32::MAX);
     let tracer = Tracer::load(&LoadOptions {
-        btf_path: &args.btf,
+        btf: &btf,
         offsets,
         filter,
         ring_size: 4096,
@@ -102,7 +102,7 @@ pub fn run(args: &CheckArgs) -> Result<()> {
             detail: tp_detail,
         },
     );
-    let fentry = Tracer::try_fentry(&args.btf);
+    let fentry = Tracer::try_fentry(&btf);
     caps.push(Capability {
         name: "fentry",
         ok: fentry.is_ok(),

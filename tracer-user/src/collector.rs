@@ -58,8 +58,9 @@ pub fn release_freed_memory() {
 
 /// Everything found out before attaching.
 pub struct Prepared {
-    /// Struct offsets for the kernel programs. The parsed BTF they come
-    /// from is not kept: it was most of ctdrop's memory for the whole run.
+    /// Struct offsets for the kernel programs. The BTF they come from is
+    /// not kept here: `prepare` hands it back beside, to load the programs
+    /// with and drop then (it would be most of ctdrop's memory all run).
     pub offsets: tracer_common::Offsets,
     pub reasons: DropReasons,
     pub filter: FilterConfig,
@@ -69,28 +70,27 @@ pub struct Prepared {
 
 /// `capture_headers`: the kernel appends the packet's first network-header
 /// bytes to each record (for pcap-ng export; costs ring space and a copy).
-pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<Prepared> {
+pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<(Prepared, KernelBtf)> {
     let ring_size = validate_ring_size(args.ring_size)?;
     capabilities::require("tracing", capabilities::TRACING)?;
     capabilities::require_btf(&args.btf)?;
     let btf = KernelBtf::open(&args.btf)?;
     let reasons = DropReasons::from_btf(&btf)?;
     let offsets = btf.offsets()?;
-    drop(btf);
-    release_freed_memory();
     let nf = reasons.value("NETFILTER_DROP");
     let mut filter: FilterConfig = bytemuck::Zeroable::zeroed();
     filter.netfilter_drop_reason = nf.unwrap_or(u32::MAX);
     filter.all_reasons = args.all_reasons as u8;
     filter.capture_headers = capture_headers as u8;
     crate::filter::fill(&args.filters(), &mut filter)?;
-    Ok(Prepared {
+    let p = Prepared {
         offsets,
         reasons,
         filter,
         ring_size,
         conntrack_loaded: capabilities::conntrack_loaded(),
-    })
+    };
+    Ok((p, btf))
 }
 
 pub struct Collector {

@@ -215,7 +215,7 @@ pub async fn run_with(
 ) -> Result<()> {
     let args = opts;
     let targets = args.probe.targets()?;
-    let p = prepare(args.trace, args.capture_headers)?;
+    let (p, btf) = prepare(args.trace, args.capture_headers)?;
     if !p.conntrack_loaded {
         log::warn!(
             "nf_conntrack is not loaded on this host: no conntrack drops can happen; {} other netfilter drops",
@@ -232,7 +232,7 @@ pub async fn run_with(
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut load = LoadOptions {
-        btf_path: &args.trace.btf,
+        btf: &btf,
         offsets: p.offsets,
         filter: p.filter,
         ring_size: p.ring_size,
@@ -241,6 +241,8 @@ pub async fn run_with(
     source.configure(&mut load)?;
     let filter = load.filter;
     let mut tracer = Tracer::load(&load)?;
+    // Loaded: the BTF (and aya's parse of it) is not needed again.
+    drop(btf);
     release_freed_memory();
     source.attached(&mut tracer, &mut collector)?;
     // Before the `attached` line: a signal sent as soon as it shows must

@@ -1,12 +1,12 @@
 //! Loading the embedded kernel programs and attaching them.
 
-use std::{os::fd::AsFd, path::Path, time::Instant};
+use std::{os::fd::AsFd, time::Instant};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePoint,
-    Btf, Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader,
 };
 use tracer_common::{
     ct_signal, stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet, GroupKey, GroupSet,
@@ -35,7 +35,8 @@ pub fn validate_ring_size(bytes: u64) -> Result<u32> {
 }
 
 pub struct LoadOptions<'a> {
-    pub btf_path: &'a Path,
+    /// The run's one read of the kernel's BTF.
+    pub btf: &'a KernelBtf,
     pub offsets: Offsets,
     pub filter: FilterConfig,
     pub ring_size: u32,
@@ -78,14 +79,13 @@ pub struct Tracer {
 impl Tracer {
     pub fn load(opts: &LoadOptions) -> Result<Tracer> {
         let start = Instant::now();
-        let btf = Btf::parse_file(opts.btf_path, aya::Endianness::default())
-            .with_context(|| format!("cannot parse kernel BTF at {}", opts.btf_path.display()))?;
+        let btf = opts.btf.aya()?;
         tier::check_mode(opts.mode)?;
         let mut filter = opts.filter;
         let probes = tier::want_kprobes(opts.mode);
         let mut hook_refused = None;
         let hook_abi = if tier::want_hooks(opts.mode) {
-            match KernelBtf::open(opts.btf_path).and_then(|b| HookAbi::from_btf(&b)) {
+            match HookAbi::from_btf(opts.btf) {
                 Ok(abi) => Some(abi),
                 Err(e) if opts.mode == Mode::NetfilterHook => {
                     return Err(e.context("--mode netfilter-hook"))
@@ -109,7 +109,7 @@ impl Tracer {
         // left in the programs): nothing to switch off then.
         let log_level = crate::logging::kernel_log_level();
         let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
+            .btf(Some(btf))
             .override_global("OFFSETS", &opts.offsets, true)
             .override_global("FILTER", &filter, true)
             .override_global(aya_log::LEVEL, &log_level, false)
@@ -141,7 +141,7 @@ impl Tracer {
             .program_mut("kfree_skb")
             .ok_or_else(|| anyhow!("embedded object lacks the kfree_skb program"))?
             .try_into()?;
-        prog.load("kfree_skb", &btf)
+        prog.load("kfree_skb", btf)
             .map_err(|e| anyhow!("{e}"))
             .context(
             "the kernel refused the kfree_skb tp_btf program (needs BTF tracepoints, kernel 5.5+)",
@@ -275,18 +275,17 @@ impl Tracer {
 
     /// Loads (never attaches) a trivial fentry program: does this kernel
     /// accept fentry at all?
-    pub fn try_fentry(btf_path: &Path) -> Result<()> {
-        let btf = Btf::parse_file(btf_path, aya::Endianness::default()).context("parsing BTF")?;
+    pub fn try_fentry(btf: &KernelBtf) -> Result<()> {
+        let btf = btf.aya()?;
         let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
+            .btf(Some(btf))
             .load(TRACER_OBJ)
             .map_err(explain_load_error)?;
         let prog: &mut aya::programs::FEntry = ebpf
             .program_mut("fentry_probe")
             .ok_or_else(|| anyhow!("no fentry_probe program"))?
             .try_into()?;
-        prog.load("nf_hook_slow", &btf)
-            .map_err(|e| anyhow!("{e}"))?;
+        prog.load("nf_hook_slow", btf).map_err(|e| anyhow!("{e}"))?;
         Ok(())
     }
 

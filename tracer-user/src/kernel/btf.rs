@@ -7,7 +7,7 @@
 
 mod raw;
 
-use std::{collections::HashMap, path::Path};
+use std::{cell::OnceCell, collections::HashMap, path::Path};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tracer_common::{Offsets, OFFSET_ABSENT};
@@ -15,9 +15,15 @@ use tracer_common::{Offsets, OFFSET_ABSENT};
 use raw::Raw;
 
 /// The kernel's BTF: vmlinux plus, where conntrack is a module, its split
-/// BTF (read as one table).
+/// BTF (read as one table). Read from the file once per run: the offsets,
+/// the hook ABI and aya's loader all take it from here.
 pub struct KernelBtf {
     raw: Raw,
+    /// vmlinux's bytes as read, for aya's parser (it cannot use ours).
+    vmlinux: Vec<u8>,
+    /// aya's parse of `vmlinux`, made on first use: tens of MiB, so only
+    /// when programs are loaded, and dropped with this.
+    aya: OnceCell<aya::Btf>,
 }
 
 impl KernelBtf {
@@ -25,7 +31,8 @@ impl KernelBtf {
         let read = |p: &Path| {
             std::fs::read(p).with_context(|| format!("cannot read kernel BTF at {}", p.display()))
         };
-        let mut raw = Raw::parse(&read(vmlinux)?)
+        let bytes = read(vmlinux)?;
+        let mut raw = Raw::parse(&bytes)
             .with_context(|| format!("cannot read kernel BTF at {}", vmlinux.display()))?;
         // Types that only a module defines (nf_conn on kernels with conntrack
         // as a module) live in its split BTF beside vmlinux.
@@ -38,7 +45,22 @@ impl KernelBtf {
                 }
             }
         }
-        Ok(KernelBtf { raw })
+        Ok(KernelBtf {
+            raw,
+            vmlinux: bytes,
+            aya: OnceCell::new(),
+        })
+    }
+
+    /// vmlinux's BTF as aya's loader wants it, parsed from the bytes
+    /// already read (once; later calls share it).
+    pub fn aya(&self) -> Result<&aya::Btf> {
+        if let Some(b) = self.aya.get() {
+            return Ok(b);
+        }
+        let b = aya::Btf::parse(&self.vmlinux, aya::Endianness::default())
+            .context("cannot parse kernel BTF for loading")?;
+        Ok(self.aya.get_or_init(|| b))
     }
 
     /// The named struct (first definition that has members).
@@ -359,6 +381,14 @@ mod tests {
         assert!(!ours.has_func("no_such_function_here"));
     }
 
+    #[test]
+    fn aya_btf_is_parsed_once_from_the_same_read() {
+        let btf = host().unwrap();
+        let a = btf.aya().expect("aya parses the bytes our reader indexed");
+        // Parsed once: a second call hands back the same parse.
+        assert!(std::ptr::eq(a, btf.aya().unwrap()));
+    }
+
     /// Little-endian (host order here) BTF with the given types and strings.
     fn blob(types: &[u32], strings: &[u8]) -> Vec<u8> {
         let mut b = Vec::new();
@@ -427,7 +457,11 @@ mod tests {
         );
         let mut raw = Raw::parse(&base).unwrap();
         raw.add_split(&split).unwrap();
-        let k = KernelBtf { raw };
+        let k = KernelBtf {
+            raw,
+            vmlinux: Vec::new(),
+            aya: OnceCell::new(),
+        };
         assert_eq!(k.offset("outer", "x").unwrap(), 0);
         assert_eq!(k.offset("outer", "y.b").unwrap(), 12);
         assert_eq!(k.offset("inner", "b").unwrap(), 4);
