@@ -204,6 +204,15 @@ fn send_one(
     base_id: u16,
     tx: &mpsc::UnboundedSender<ProbeEvent>,
 ) -> Result<()> {
+    // Stamped before the packet leaves, so its drop can never look earlier.
+    let sent = |wire| {
+        let _ = tx.send(ProbeEvent::Sent {
+            target: i,
+            number,
+            wire,
+            mono_ns: mono_ns(),
+        });
+    };
     match target {
         Target::Echo(addr) => {
             // A new id opens a new conntrack flow; a fixed id keeps reusing
@@ -226,12 +235,7 @@ fn send_one(
                 sockets.v4.as_ref()
             };
             let sock = sock.ok_or_else(|| anyhow!("no ICMP socket"))?;
-            let _ = tx.send(ProbeEvent::Sent {
-                target: i,
-                number,
-                wire,
-                mono_ns: mono_ns(),
-            });
+            sent(wire);
             send_echo(sock.get_ref().as_raw_fd(), addr, id, seq)
         }
         Target::Tcp(addr) => {
@@ -247,12 +251,7 @@ fn send_one(
                 local,
                 remote: addr.port(),
             };
-            let _ = tx.send(ProbeEvent::Sent {
-                target: i,
-                number,
-                wire,
-                mono_ns: mono_ns(),
-            });
+            sent(wire);
             let tx = tx.clone();
             let limit = cfg.timeout * 3;
             tokio::spawn(async move {
@@ -277,12 +276,7 @@ fn send_one(
                 local,
                 remote: addr.port(),
             };
-            let _ = tx.send(ProbeEvent::Sent {
-                target: i,
-                number,
-                wire,
-                mono_ns: mono_ns(),
-            });
+            sent(wire);
             let tx = tx.clone();
             let limit = cfg.timeout * 3;
             tokio::spawn(async move {

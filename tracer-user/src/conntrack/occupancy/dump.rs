@@ -136,6 +136,16 @@ pub(super) fn chunk_is_last(buf: &[u8]) -> bool {
     false
 }
 
+/// The error an `NLMSG_ERROR` message carries; `None` for its code 0, the
+/// acknowledgement that ends a request (ctnetlink and nf_tables alike).
+pub(super) fn nlmsg_error(payload: &[u8]) -> Option<std::io::Error> {
+    let code = payload
+        .get(..4)
+        .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
+        .unwrap_or(0);
+    (code != 0).then(|| std::io::Error::from_raw_os_error(-code))
+}
+
 /// Parses one read of the dump; true at its end.
 pub(super) fn parse_chunk(
     buf: &[u8],
@@ -150,16 +160,8 @@ pub(super) fn parse_chunk(
         match msg.message_type() {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
-                let code = msg
-                    .payload()
-                    .get(..4)
-                    .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
-                    .unwrap_or(0);
-                if code != 0 {
-                    bail!(
-                        "the kernel refused the conntrack dump: {}",
-                        std::io::Error::from_raw_os_error(-code)
-                    );
+                if let Some(e) = nlmsg_error(msg.payload()) {
+                    bail!("the kernel refused the conntrack dump: {e}");
                 }
                 return Ok(true);
             }

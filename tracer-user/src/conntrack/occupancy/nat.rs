@@ -6,7 +6,7 @@ use netlink_packet_core::{
     NetlinkBuffer, NlasIterator, NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP, NLM_F_REQUEST,
 };
 
-use super::dump::{align4, NFGENMSG_LEN};
+use super::dump::{align4, nlmsg_error, NFGENMSG_LEN};
 
 /// Whether the calling thread's namespace has NAT rules: an nf_tables
 /// chain of type `nat` (nft, and iptables-nft once its nat table has a
@@ -63,16 +63,8 @@ fn nft_has_nat_chain() -> Result<bool> {
             match msg.message_type() {
                 NLMSG_DONE => return Ok(nat),
                 NLMSG_ERROR => {
-                    let code = msg
-                        .payload()
-                        .get(..4)
-                        .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
-                        .unwrap_or(0);
-                    if code != 0 {
-                        bail!(
-                            "nf_tables refused: {}",
-                            std::io::Error::from_raw_os_error(-code)
-                        );
+                    if let Some(e) = nlmsg_error(msg.payload()) {
+                        bail!("nf_tables refused: {e}");
                     }
                     return Ok(nat);
                 }
