@@ -70,6 +70,11 @@ impl ProbeCounts {
             100.0 * self.lost as f64 / self.sent as f64
         }
     }
+
+    /// `12.5% (1/8)`: the loss as the text and HTML comparisons show it.
+    pub fn loss_text(&self) -> String {
+        format!("{:.1}% ({}/{})", self.loss_pct(), self.lost, self.sent)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -256,18 +256,8 @@ impl<'a> Comparison<'a> {
             for p in &self.probes {
                 rows.push(vec![
                     p.host.clone(),
-                    format!(
-                        "{:.1}% ({}/{})",
-                        p.before.loss_pct(),
-                        p.before.lost,
-                        p.before.sent
-                    ),
-                    format!(
-                        "{:.1}% ({}/{})",
-                        p.after.loss_pct(),
-                        p.after.lost,
-                        p.after.sent
-                    ),
+                    p.before.loss_text(),
+                    p.after.loss_text(),
                     change(p.before.loss_pct(), p.after.loss_pct()),
                 ]);
             }

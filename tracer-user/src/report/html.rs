@@ -756,18 +756,8 @@ pub fn render_comparison(c: &Comparison) -> String {
             .map(|p| {
                 vec![
                     esc(&p.host),
-                    format!(
-                        "{:.1}% ({}/{})",
-                        p.before.loss_pct(),
-                        p.before.lost,
-                        p.before.sent
-                    ),
-                    format!(
-                        "{:.1}% ({}/{})",
-                        p.after.loss_pct(),
-                        p.after.lost,
-                        p.after.sent
-                    ),
+                    p.before.loss_text(),
+                    p.after.loss_text(),
                     change(p.before.loss_pct(), p.after.loss_pct()),
                 ]
             })
