@@ -331,15 +331,20 @@ fn netns_as_a_path_and_as_a_pid_each_select_exactly_their_namespace() {
     let _ = holder.wait();
     assert!(out.status.success(), "{}", out.stderr);
     let (ia, ib) = (a.receiver.inode().unwrap(), b.receiver.inode().unwrap());
-    assert_eq!(
-        out.drops_in(ia).len() as u64,
-        after_a["drop"] - before_a["drop"]
+    let (da, db) = (
+        after_a["drop"] - before_a["drop"],
+        after_b["drop"] - before_b["drop"],
     );
+    // Not 30 and 20: a fill entry that times out (or is evicted) lets a
+    // packet through; the kernel's counters say how many were dropped.
+    assert!(da > 0 && db > 0, "both namespaces dropped: {da}, {db}");
+    assert_eq!(out.drops_in(ia).len() as u64, da);
+    assert_eq!(out.drops_in(ib).len() as u64, db);
     assert_eq!(
-        out.drops_in(ib).len() as u64,
-        after_b["drop"] - before_b["drop"]
+        out.drops().len() as u64,
+        da + db,
+        "nothing from any other namespace"
     );
-    assert_eq!(out.drops().len(), 50, "nothing from any other namespace");
 }
 
 #[test]
