@@ -1,6 +1,8 @@
 //! `ctdrop live --count-only`: the kernel counts, nothing crosses per drop,
 //! and the totals still equal the kernel's own `drop` counter, also after
-//! the per-flow map has filled up. Needs root; run single-threaded.
+//! the per-flow map has filled up and whether per-flow detail is sampled
+//! (the default, `--flow-sample 16`) or taken from every drop
+//! (`--flow-sample 1`). Needs root; run single-threaded.
 
 use std::time::{Duration, Instant};
 
@@ -62,8 +64,17 @@ fn receiver_with_a_full_table() -> (Topology, u32, ConntrackMaxGuard, u64) {
 fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
     let (topo, rx, _max, before) = receiver_with_a_full_table();
 
-    let ctdrop =
-        Ctdrop::spawn(&["live", "--json", "--count-only", "--report-every", "200ms"]).unwrap();
+    // Per-flow detail from every drop: the flow map overflows.
+    let ctdrop = Ctdrop::spawn(&[
+        "live",
+        "--json",
+        "--count-only",
+        "--flow-sample",
+        "1",
+        "--report-every",
+        "200ms",
+    ])
+    .unwrap();
     send_many_flows(&topo.sender, topo.receiver_addr, FLOWS);
     let delta = settled_drops(&topo.receiver) - before;
     // An idle machine floods in less than one 200 ms period: let a few
@@ -141,8 +152,14 @@ fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
         Some(total),
         "{stopped}"
     );
+    // Every drop in the flows: counts, not estimates.
+    assert_eq!(
+        summary["flow_sampling"]["estimated"], false,
+        "{summary}"
+    );
     let top = summary["top_flows"].as_array().unwrap();
     assert!(!top.is_empty(), "no top flows: {summary}");
+    assert!(top.iter().all(|f| f.get("sampled_drops").is_none()), "{top:?}");
     assert!(
         top.iter()
             .any(|f| f["dst"] == topo.receiver_addr.to_string()
@@ -161,12 +178,37 @@ fn kernel_flow_bound() -> u64 {
     tracer_common::FLOW_SETS as u64 * tracer_common::SET_WAYS as u64 * cpus
 }
 
+/// The stopped line's account of per-flow detail under sampling: (flows
+/// tracked, drops sampled, sampled drops beyond the kernel flow map).
+fn sampled_flow_words(out: &CtdropOutput, one_in: u32) -> (u64, u64, u64) {
+    let stopped = out
+        .stderr_lines()
+        .into_iter()
+        .find(|l| l.starts_with("ctdrop: stopped"))
+        .unwrap_or_else(|| panic!("no stopped line: {}", out.stderr))
+        .to_string();
+    let n = |suffix: &str| {
+        number_before(&stopped, suffix).unwrap_or_else(|| panic!("no {suffix:?}: {stopped}"))
+    };
+    assert!(
+        stopped.contains(&format!("(flow counts are estimates: sampled counts x {one_in})")),
+        "{stopped}"
+    );
+    (
+        n(" flows tracked"),
+        n(&format!(" drops sampled 1 in {one_in}")),
+        n(" sampled drops in flows beyond the kernel flow map"),
+    )
+}
+
 #[test]
 fn count_only_totals_equal_kernel_drop_counter_under_a_new_flow_flood_past_every_flow_bound() {
     let bound = kernel_flow_bound();
-    // Twice what all CPUs together could keep per flow, so the per-flow
-    // path overflows on every CPU whatever the spread.
-    let flows = (2 * bound).max(FLOWS as u64) as u32;
+    // 1 drop in 4 reaches the per-flow path: twice what all CPUs together
+    // could keep per flow, after sampling, so it overflows on every CPU
+    // whatever the spread.
+    const ONE_IN: u32 = 4;
+    let flows = (2 * bound * ONE_IN as u64).max(FLOWS as u64) as u32;
     let (topo, rx, _max, before) = receiver_with_a_full_table();
 
     // Only the receiver's drops: other namespaces on the machine stay out
@@ -175,6 +217,8 @@ fn count_only_totals_equal_kernel_drop_counter_under_a_new_flow_flood_past_every
         "live",
         "--json",
         "--count-only",
+        "--flow-sample",
+        &ONE_IN.to_string(),
         "--netns",
         &rx.to_string(),
         "--report-every",
@@ -203,31 +247,153 @@ fn count_only_totals_equal_kernel_drop_counter_under_a_new_flow_flood_past_every
         summary["drops_by_cause"]
     );
 
-    let stopped = out
-        .stderr_lines()
-        .into_iter()
-        .find(|l| l.starts_with("ctdrop: stopped"))
-        .unwrap_or_else(|| panic!("no stopped line: {}", out.stderr))
-        .to_string();
-    let tracked = number_before(&stopped, " flows tracked").unwrap();
-    let beyond = number_before(&stopped, " drops in flows beyond the kernel flow map").unwrap();
+    let (tracked, sampled, beyond) = sampled_flow_words(&out, ONE_IN);
+    assert_eq!(
+        summary["flow_sampling"]["sampled_drops"].as_u64(),
+        Some(sampled),
+        "{summary}"
+    );
+    // 1 in 4 on average, drawn at random: far inside a factor of two over
+    // this many drops.
+    assert!(
+        sampled >= total / (2 * ONE_IN as u64) && sampled <= 2 * total / ONE_IN as u64,
+        "{sampled} drops sampled of {total} at 1 in {ONE_IN}"
+    );
     assert!(
         tracked <= bound,
-        "{tracked} flows kept in detail, bound {bound}: {stopped}"
+        "{tracked} flows kept in detail, bound {bound}"
     );
     assert!(
         beyond > 0,
-        "no drop past the per-flow bound with {flows} flows: {stopped}"
+        "no sampled drop past the per-flow bound with {flows} flows"
     );
-    // Every flow of the flood is one packet: each drop is either in a kept
-    // flow or counted as beyond the bound, never in neither or both. (A
-    // later sending socket may get an earlier one's port: each such reuse
-    // can make one kept flow two packets.)
+    // Every flow of the flood is one packet: each sampled drop is either in
+    // a kept flow or counted as beyond the bound, never in neither or both.
+    // (A later sending socket may get an earlier one's port: each such
+    // reuse can make one kept flow two packets.)
     let reuses = (flows as u64).div_ceil(u16::MAX as u64) - 1;
     assert!(
-        tracked + beyond <= total && tracked + beyond + reuses >= total,
-        "flows kept {tracked} + drops beyond {beyond} vs total {total}: {stopped}"
+        tracked + beyond <= sampled && tracked + beyond + reuses >= sampled,
+        "flows kept {tracked} + sampled drops beyond {beyond} vs sampled {sampled}"
     );
+}
+
+/// The raw-table rule of [`count_only_names_a_heavy_flow_from_its_sampled_drops`]
+/// drops every datagram to this port, before conntrack.
+const HEAVY_PORT: u16 = 9000;
+
+/// From `ns`: `flows` datagrams each to a new flow (as [`send_many_flows`],
+/// skipping [`HEAVY_PORT`]) and, after every `every`-th, one more from one
+/// other socket to `HEAVY_PORT`: one heavy flow among many light ones.
+/// Returns the heavy flow's source port.
+fn send_flows_and_a_heavy_one(ns: &Netns, dst: std::net::Ipv4Addr, flows: u32, every: u32) -> u16 {
+    in_netns(&ns.path(), move || {
+        let heavy = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+        let mut sent = 0u32;
+        while sent < flows {
+            let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+            for port in (1..=u16::MAX).filter(|p| *p != HEAVY_PORT) {
+                if sent == flows {
+                    break;
+                }
+                sock.send_to(b"ctdrop-tests count", (dst, port))?;
+                sent += 1;
+                if sent % every == 0 {
+                    heavy.send_to(b"ctdrop-tests heavy", (dst, HEAVY_PORT))?;
+                }
+            }
+        }
+        Ok(heavy.local_addr()?.port())
+    })
+    .unwrap()
+}
+
+/// Packets the receiver's raw-table rule for [`HEAVY_PORT`] dropped.
+fn heavy_rule_packets(ns: &Netns) -> u64 {
+    let out = ns
+        .exec(&["iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"])
+        .unwrap();
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("dpt:{HEAVY_PORT}")))
+        .unwrap_or_else(|| panic!("rule not listed: {out}"));
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
+    const FLOWS: u32 = 40_000;
+    const EVERY: u32 = 4;
+    const ONE_IN: u64 = tracer_common::DEFAULT_FLOW_SAMPLE as u64;
+    let (topo, rx, _max, before) = receiver_with_a_full_table();
+    // The heavy flow is dropped by a rule, every datagram of it, so its
+    // true drop count is the rule's counter (a table-full drop of it could
+    // turn into an entry whenever early_drop evicts one for it).
+    topo.receiver
+        .exec(&[
+            "iptables", "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport",
+            &HEAVY_PORT.to_string(), "-j", "DROP",
+        ])
+        .unwrap();
+    let rule_before = heavy_rule_packets(&topo.receiver);
+
+    // Default sampling; fewer flows kept in userspace than were sampled, so
+    // the kept ones must be the heaviest.
+    let ctdrop = Ctdrop::spawn(&[
+        "live",
+        "--json",
+        "--count-only",
+        "--netns",
+        &rx.to_string(),
+        "--max-flows",
+        "200",
+    ])
+    .unwrap();
+    let heavy_sport = send_flows_and_a_heavy_one(&topo.sender, topo.receiver_addr, FLOWS, EVERY);
+    let delta = settled_drops(&topo.receiver) - before;
+    let heavy = heavy_rule_packets(&topo.receiver) - rule_before;
+    let out = ctdrop.stop().unwrap();
+    out.assert_success();
+    assert_eq!(heavy, (FLOWS / EVERY) as u64, "rule drops of the heavy flow");
+
+    // Totals: every drop, of both kinds.
+    let summary = out.summary().unwrap();
+    let total = summary["drops_total"].as_u64().unwrap();
+    assert_eq!(
+        total,
+        delta + heavy,
+        "count-mode total vs the kernel's drop counter +{delta} and rule counter +{heavy}; summary {summary}"
+    );
+
+    let fs = &summary["flow_sampling"];
+    assert_eq!(fs["one_in"].as_u64(), Some(ONE_IN), "{summary}");
+    assert_eq!(fs["estimated"], true, "{summary}");
+    let sampled = fs["sampled_drops"].as_u64().unwrap();
+    assert!(
+        sampled >= total / (2 * ONE_IN) && sampled <= 2 * total / ONE_IN,
+        "{sampled} drops sampled of {total} at 1 in {ONE_IN}"
+    );
+    assert!(
+        summary["flows_untracked"].as_u64().unwrap() > 0,
+        "more sampled flows than --max-flows 200, none beyond: {summary}"
+    );
+
+    // The heavy flow leads, named, its estimate its sampled drops x 16 and
+    // near its true count (~156 drops sampled of 2,500 at 1 in 16: the
+    // factor of two is many standard deviations).
+    let top = &summary["top_flows"][0];
+    assert_eq!(top["dst"], topo.receiver_addr.to_string(), "{top}");
+    assert_eq!(top["dport"].as_u64(), Some(HEAVY_PORT as u64), "{top}");
+    assert_eq!(top["sport"].as_u64(), Some(heavy_sport as u64), "{top}");
+    let est = top["drops"].as_u64().unwrap();
+    let its_sampled = top["sampled_drops"].as_u64().unwrap();
+    assert_eq!(est, its_sampled * ONE_IN, "{top}");
+    assert!(
+        est >= heavy / 2 && est <= heavy * 2,
+        "heavy flow estimated at {est} drops, {heavy} dropped: {top}"
+    );
+    let (_, sampled_line, _) = sampled_flow_words(&out, ONE_IN as u32);
+    assert_eq!(sampled_line, sampled);
 }
 
 #[test]

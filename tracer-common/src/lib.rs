@@ -266,6 +266,9 @@ pub mod stat {
     pub const FLOW_MAP_FULL: u32 = 4;
     /// Count-mode drops whose group found the group map full.
     pub const GROUP_MAP_FULL: u32 = 5;
+    /// Count-mode drops chosen for per-flow detail (1 in
+    /// [`crate::CountConfig::flow_sample`] on average; every one at 1).
+    pub const FLOW_SAMPLED: u32 = 6;
     pub const LEN: u32 = 8;
 }
 
@@ -405,6 +408,33 @@ pub mod stash {
     pub const LEN: u32 = 4;
 }
 
+/// Count mode's settings: a read-only global of the kernel programs
+/// (`COUNT_CONFIG`), set by userspace at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct CountConfig {
+    /// Per-flow detail comes from 1 in this many counted drops on average
+    /// (the gaps between sampled drops are random, mean `flow_sample`);
+    /// 1 = every drop. Group totals count every drop whatever this is.
+    pub flow_sample: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CountConfig>() == 8);
+
+impl CountConfig {
+    /// Per-flow detail from every drop (and what the other modes load).
+    pub const EVERY_DROP: CountConfig = CountConfig {
+        flow_sample: 1,
+        _pad: 0,
+    };
+}
+
+/// Default of `--flow-sample`: per-flow detail from 1 drop in 16.
+pub const DEFAULT_FLOW_SAMPLE: u32 = 16;
+
+/// Largest `--flow-sample` (the gap drawn in the kernel is below 2x this).
+pub const MAX_FLOW_SAMPLE: u32 = 1 << 20;
+
 #[cfg(feature = "user")]
 mod user_pod {
     // aya's own marker trait is separate from bytemuck's: both are needed.
@@ -419,4 +449,5 @@ mod user_pod {
     unsafe impl aya::Pod for super::CtEventCounts {}
     unsafe impl aya::Pod for super::SkbVerdict {}
     unsafe impl aya::Pod for super::HookMark {}
+    unsafe impl aya::Pod for super::CountConfig {}
 }

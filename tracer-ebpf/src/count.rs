@@ -1,20 +1,26 @@
-//! Count mode's per-drop work: one counter per group (namespace, reason,
-//! protocol, conntrack reference, ICMP type/code) and one per flow, with
-//! no hash map and no insert on the common path.
+//! Count mode's per-drop work: every drop in its group's counter (namespace,
+//! reason, protocol, conntrack reference, ICMP type/code), and a sample of
+//! drops, 1 in `COUNT_CONFIG.flow_sample` on average, also in its flow's
+//! counter. No hash map and no insert on the common path.
 //!
-//! Both live in per-CPU arrays of 4-way sets: hash the key, look up its set
-//! (one array lookup), compare with up to four slots. A new key takes the
-//! set's first free slot and keeps it (slots are never freed, so a key is
-//! always found before the first free slot). Under a flood of new flows
-//! the flow sets fill up and every later new flow costs one lookup and four
-//! compares, then is counted only in the totals. Groups are few; a group
-//! whose set is full falls back to the per-CPU group hash, so group totals
-//! stay exact whatever the flood.
+//! Why sampled: the group needs only a few skb fields and the first
+//! header bytes; a flow needs the addresses and ports parsed into a
+//! 48-byte key, hashed, compared and timestamped, which cost as much again
+//! (`cargo xtask bench` (c), README "Performance"). Totals come only from
+//! the groups, so they stay exact; per-flow counts are estimates that
+//! userspace scales by the sampling rate and labels as such.
 //!
-//! Measured in `cargo xtask bench` (c): see README "Performance".
+//! Both counters live in per-CPU arrays of 4-way sets: hash the key, look
+//! up its set (one array lookup), compare with up to four slots. A new key
+//! takes the set's first free slot and keeps it (slots are never freed, so
+//! a key is always found before the first free slot). Under a flood of new
+//! flows the flow sets fill up and every later sampled new flow costs one
+//! lookup and four compares, then is counted only in the totals. Groups are
+//! few; a group whose set is full falls back to the per-CPU group hash, so
+//! group totals stay exact whatever the flood.
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::map,
     maps::{PerCpuArray, PerCpuHashMap},
 };
@@ -23,7 +29,14 @@ use tracer_common::{
     GROUP_SETS, SET_WAYS,
 };
 
-use crate::bump;
+use crate::{
+    bump,
+    skb::{self, Via},
+};
+
+/// Drops left on this CPU until the next one sampled for per-flow detail.
+#[map]
+static FLOW_COUNTDOWN: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static GROUP_SET_ARRAY: PerCpuArray<GroupSet> = PerCpuArray::with_max_entries(GROUP_SETS, 0);
@@ -98,21 +111,65 @@ unsafe fn put<const N: usize>(dst: *mut [u32; N], src: &[u32; N]) {
     }
 }
 
-// Not inlined: its keys get their own stack frame instead of pushing
-// handle()'s past 6.1's 512-byte limit.
-#[inline(never)]
-pub unsafe fn count(rec: &DropRecord) {
-    bump(stat::COUNTED);
-    let has_ct = (rec.flags & flags::HAS_CT != 0) as u8;
-    let group = GroupKey {
+/// The group of a drop read straight from the skb, without building a
+/// record: `None` where the headers are not the common kind (see
+/// [`skb::group_l4`]); the caller then builds the record and takes the
+/// group from it ([`group_of`]), which gives the same key.
+#[inline(always)]
+pub unsafe fn skb_group(skb_ptr: *const u8, reason: u32) -> Option<GroupKey> {
+    let (l4_proto, icmp_type, icmp_code) = skb::group_l4(skb_ptr)?;
+    let dev = skb::skb_dev(skb_ptr, Via::Btf);
+    let netns = skb::skb_netns(skb_ptr, dev, Via::Btf).unwrap_or(0);
+    let nfct = skb::load::<u64>(skb_ptr, ro!(OFFSETS.skb_nfct)).unwrap_or(0);
+    Some(GroupKey {
+        netns,
+        reason,
+        l4_proto,
+        has_ct: (nfct != 0) as u8,
+        icmp_type,
+        icmp_code,
+    })
+}
+
+/// The group of a built record.
+#[inline(always)]
+pub fn group_of(rec: &DropRecord) -> GroupKey {
+    GroupKey {
         netns: rec.netns,
         reason: rec.reason,
         l4_proto: rec.l4_proto,
-        has_ct,
+        has_ct: (rec.flags & flags::HAS_CT != 0) as u8,
         icmp_type: rec.icmp_type,
         icmp_code: rec.icmp_code,
+    }
+}
+
+/// Whether this drop goes into the per-flow counters too. The gap to the
+/// next sampled drop on this CPU is drawn uniformly from 1..=2N-1 (mean
+/// N): a fixed period could line up with a periodic traffic pattern and
+/// see only some flows. The draw is paid once per sampled drop.
+#[inline(always)]
+pub unsafe fn sampled() -> bool {
+    let n = ro!(COUNT_CONFIG.flow_sample);
+    if n <= 1 {
+        return true;
+    }
+    let Some(left) = FLOW_COUNTDOWN.get_ptr_mut(0) else {
+        return false;
     };
-    count_group(&group);
+    if *left > 1 {
+        *left -= 1;
+        return false;
+    }
+    *left = bpf_get_prandom_u32() % (2 * n - 1) + 1;
+    bump(stat::FLOW_SAMPLED);
+    true
+}
+
+// Not inlined: its key gets its own stack frame instead of pushing
+// handle()'s past 6.1's 512-byte limit.
+#[inline(never)]
+pub unsafe fn count_flow(rec: &DropRecord) {
     let key = FlowKey {
         saddr: rec.saddr,
         daddr: rec.daddr,
@@ -122,13 +179,15 @@ pub unsafe fn count(rec: &DropRecord) {
         dport: rec.dport,
         l3_proto: rec.l3_proto,
         l4_proto: rec.l4_proto,
-        has_ct,
+        has_ct: (rec.flags & flags::HAS_CT != 0) as u8,
     };
-    count_flow(&key, rec);
+    count_flow_key(&key, rec);
 }
 
+/// One more drop in `group`'s counter (and in the `COUNTED` total).
 #[inline(always)]
-unsafe fn count_group(group: &GroupKey) {
+pub unsafe fn count_group(group: &GroupKey) {
+    bump(stat::COUNTED);
     // SAFETY: GroupKey is Pod, 12 bytes, 4-aligned: exactly three words.
     let k: [u32; 3] = core::mem::transmute(*group);
     let set = mix(&k) & (GROUP_SETS - 1);
@@ -158,7 +217,7 @@ unsafe fn count_group(group: &GroupKey) {
 }
 
 #[inline(always)]
-unsafe fn count_flow(key: &FlowKey, rec: &DropRecord) {
+unsafe fn count_flow_key(key: &FlowKey, rec: &DropRecord) {
     // SAFETY: FlowKey is Pod, 48 bytes, 4-aligned: exactly twelve words.
     let k: [u32; 12] = core::mem::transmute(*key);
     let h = mix(&k);

@@ -32,20 +32,42 @@ fn in_net(w: &[u32; 4], i: usize, v6: bool) -> bool {
     eq
 }
 
+/// `--netns`: whether a drop in `netns` (`known`: the namespace was read)
+/// passes.
+#[inline(always)]
+pub fn netns_matches(known: bool, netns: u32) -> bool {
+    let n = ro!(FILTER.n_netns) as usize;
+    if n == 0 {
+        return true;
+    }
+    let mut hit = false;
+    for i in 0..FILTER_MAX {
+        if i < n {
+            hit |= known && ro!(FILTER.netns[i]) == netns;
+        }
+    }
+    hit
+}
+
+/// `--proto`: whether a drop of IP protocol `l4_proto` passes.
+#[inline(always)]
+pub fn proto_matches(l4_proto: u8) -> bool {
+    let proto = ro!(FILTER.l4_proto);
+    proto == 0 || l4_proto == proto
+}
+
+/// Whether the filter needs more of a drop than count mode's group key
+/// (namespace, protocol): the device, ports or addresses.
+#[inline(always)]
+pub fn needs_flow_fields() -> bool {
+    ro!(FILTER.n_ifs) != 0 || ro!(FILTER.n_ports) != 0 || ro!(FILTER.n_nets) != 0
+}
+
 /// Whether a drop passes every filter the user set.
 #[inline(always)]
 pub fn matches(r: &DropRecord) -> bool {
-    let n = ro!(FILTER.n_netns) as usize;
-    if n != 0 {
-        let mut hit = false;
-        for i in 0..FILTER_MAX {
-            if i < n {
-                hit |= r.flags & flags::HAS_NETNS != 0 && ro!(FILTER.netns[i]) == r.netns;
-            }
-        }
-        if !hit {
-            return false;
-        }
+    if !netns_matches(r.flags & flags::HAS_NETNS != 0, r.netns) {
+        return false;
     }
     let n = ro!(FILTER.n_ifs) as usize;
     if n != 0 {
@@ -61,8 +83,7 @@ pub fn matches(r: &DropRecord) -> bool {
             return false;
         }
     }
-    let proto = ro!(FILTER.l4_proto);
-    if proto != 0 && r.l4_proto != proto {
+    if !proto_matches(r.l4_proto) {
         return false;
     }
     let n = ro!(FILTER.n_ports) as usize;

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use tracer_common::{ct_signal, flags, source, stat, DropRecord, DropRecordWithHeader};
 
-use crate::{bump, count::count, filter::matches, skb, EVENTS, SCRATCH};
+use crate::{bump, count, filter, filter::matches, skb, EVENTS, SCRATCH};
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
@@ -28,15 +28,7 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     if ro!(FILTER.count_only) != 0 {
         // No SEEN here: count mode's COUNTED already counts what passed
         // the filter, and every counter is a map update per drop.
-        let Some(rec) = SCRATCH.get_ptr_mut(0) else {
-            crate::log::no_scratch();
-            return;
-        };
-        let rec = &mut *rec;
-        if build(ctx, reason, rec, Detail::Count) {
-            crate::log::unparsed(rec);
-            count(rec);
-        }
+        count_drop(ctx, reason);
         return;
     }
     bump(stat::SEEN);
@@ -78,6 +70,53 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     crate::log::unparsed(&*entry.as_ptr());
     entry.submit(wake);
     bump(stat::SENT);
+}
+
+/// Count mode: every drop into its group's counter, a sample of them also
+/// into their flow's (count.rs). The group needs a few skb fields and the
+/// header bytes, not a record: the record is built only for a sampled drop,
+/// or for every drop when the filter looks at ports, addresses or devices.
+#[inline(always)]
+unsafe fn count_drop(ctx: &BtfTracePointContext, reason: u32) {
+    if !filter::needs_flow_fields() {
+        if let Some(group) = count::skb_group(ctx.arg(0), reason) {
+            if !filter::netns_matches(group.netns != 0, group.netns)
+                || !filter::proto_matches(group.l4_proto)
+            {
+                return;
+            }
+            count::count_group(&group);
+            if count::sampled() {
+                if let Some(rec) = count_record(ctx, reason) {
+                    count::count_flow(rec);
+                }
+            }
+            return;
+        }
+    }
+    let Some(rec) = count_record(ctx, reason) else {
+        return;
+    };
+    count::count_group(&count::group_of(rec));
+    if count::sampled() {
+        count::count_flow(rec);
+    }
+}
+
+/// Count mode's record of this drop, built in the per-CPU scratch slot;
+/// `None` when the filter rejects it.
+#[inline(always)]
+unsafe fn count_record(ctx: &BtfTracePointContext, reason: u32) -> Option<&'static DropRecord> {
+    let Some(rec) = SCRATCH.get_ptr_mut(0) else {
+        crate::log::no_scratch();
+        return None;
+    };
+    let rec = &mut *rec;
+    if !build(ctx, reason, rec, Detail::Count) {
+        return None;
+    }
+    crate::log::unparsed(rec);
+    Some(rec)
 }
 
 /// How much of a record a drop needs.

@@ -35,7 +35,9 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use tracer_common::{stat, FilterConfig, FilterIf, FilterNet, Offsets, FILTER_MAX, OFFSET_ABSENT};
+use tracer_common::{
+    stat, CountConfig, FilterConfig, FilterIf, FilterNet, Offsets, FILTER_MAX, OFFSET_ABSENT,
+};
 
 /// Filled in by userspace at load time (`EbpfLoader::set_global`); the
 /// verifier then sees the values as constants.
@@ -82,6 +84,13 @@ static FILTER: FilterConfig = FilterConfig {
     count_only: 0,
     ct_probes: 0,
     _pad: [0; 2],
+};
+
+/// Count mode's settings (`--flow-sample`), set at load like `FILTER`.
+#[no_mangle]
+static COUNT_CONFIG: CountConfig = CountConfig {
+    flow_sample: 1,
+    _pad: 0,
 };
 
 /// Userspace resizes this at load (`--ring-size`).

@@ -219,6 +219,40 @@ unsafe fn parse_l3(l3: *const u8, rec: &mut DropRecord) {
     l4_fields(&*b.as_ptr(), rec);
 }
 
+/// Count mode's group fields from the packet, (IP protocol, ICMP type,
+/// ICMP code), with the one header read of [`fill`] and no parse of
+/// addresses or ports. Only the common cases (IPv6; IPv4 without options):
+/// `None` for anything else, and the caller then builds the whole record,
+/// so a group gets the same fields either way.
+#[inline(always)]
+pub unsafe fn group_l4(skb: *const u8) -> Option<(u8, u8, u8)> {
+    let l3 = network_header(skb)?;
+    let mut buf = MaybeUninit::<[u64; L3_L4_READ / 8]>::uninit();
+    let p = buf.as_mut_ptr() as *mut u8;
+    if !probe(l3, p, L3_L4_READ) {
+        return None;
+    }
+    // SAFETY: the helper wrote all L3_L4_READ bytes.
+    let h = &*(p as *const [u8; L3_L4_READ]);
+    if h[0] >> 4 == 6 {
+        let proto = h[6];
+        if proto == IPPROTO_ICMPV6 {
+            return Some((proto, h[L3_READ], h[L3_READ + 1]));
+        }
+        return Some((proto, 0, 0));
+    }
+    if h[0] != 0x45 {
+        return None;
+    }
+    let proto = h[9];
+    // As in ipv4(): fragments after the first carry no L4 header.
+    let first = (u16::from_be_bytes([h[6], h[7]]) & 0x1fff) == 0;
+    if proto == IPPROTO_ICMP && first {
+        return Some((proto, h[IPV4_PLAIN_HLEN], h[IPV4_PLAIN_HLEN + 1]));
+    }
+    Some((proto, 0, 0))
+}
+
 /// `bpf_probe_read_kernel` of `len` bytes into `dst`; false when it failed.
 #[inline(always)]
 unsafe fn probe(src: *const u8, dst: *mut u8, len: usize) -> bool {

@@ -85,6 +85,7 @@ pub fn run(args: &CheckArgs) -> Result<()> {
         filter,
         ring_size: 4096,
         mode: args.mode,
+        count: tracer_common::CountConfig::EVERY_DROP,
     });
     let (tp_ok, tp_detail, mechanisms) = match &tracer {
         Ok(t) => (

@@ -209,6 +209,15 @@ pub struct LiveArgs {
     /// How often --count-only prints what was counted.
     #[arg(long, value_parser = parse_duration, default_value = "1s", requires = "count_only")]
     pub report_every: Duration,
+    /// --count-only keeps per-flow detail for 1 in N drops on average
+    /// (random gaps), so a flood costs no per-flow work per packet: top
+    /// flows are estimates (sampled counts times N) and say so. Totals per
+    /// cause and namespace count every drop whatever N is. 1 = every drop
+    /// (exact per-flow counts, about twice the kernel time per drop).
+    #[arg(long, value_name = "N", default_value_t = tracer_common::DEFAULT_FLOW_SAMPLE,
+          value_parser = clap::value_parser!(u32).range(1..=tracer_common::MAX_FLOW_SAMPLE as i64),
+          requires = "count_only")]
+    pub flow_sample: u32,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics (a bare PORT
     /// listens on 127.0.0.1 only).
     #[arg(long, value_name = "ADDR:PORT", conflicts_with = "count_only")]

@@ -1,12 +1,15 @@
-//! Count mode: the kernel counts drops per group (namespace, reason,
-//! protocol, conntrack reference) and per flow, and sends no record per
+//! Count mode: the kernel counts every drop per group (namespace, reason,
+//! protocol, conntrack reference, ICMP type/code) and a sample of drops
+//! (1 in `--flow-sample` on average) per flow, and sends no record per
 //! packet. Each period the group counters are read, the new drops get their
 //! cause with the table fill sampled at that moment, and one `counts` line
-//! goes out; at the end the per-flow map supplies the top flows.
+//! goes out; at the end the per-flow map supplies the top flows, their
+//! sampled counts scaled up to estimates and labelled as such.
 //!
 //! Totals are exact whatever the flood: the group map has few keys, and the
 //! kernel's own `COUNTED` total is checked against it. Per-flow detail is
-//! bounded by the kernel map; what did not fit is counted and reported.
+//! bounded by the sampling and by the kernel map; what did not fit is
+//! counted and reported.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,9 +24,9 @@ use crate::{
     cause::Cause,
     collector::{boot_offset_ns, Collector},
     events::CtFill,
-    flows::{cause_index, FlowId, FlowStat},
+    flows::{cause_index, FlowId, FlowSampling, FlowStat},
     kernel::{
-        attach::{LoadOptions, Tracer},
+        attach::{KernelStats, LoadOptions, Tracer},
         tier::Mode,
     },
     output::{CountsShown, Sink},
@@ -95,9 +98,10 @@ impl GroupCounter {
         p
     }
 
-    /// A flow's kernel counters as a flow-table entry; its drops split over
-    /// causes in the proportion its group's drops were.
-    pub fn flow_stat(&self, k: &FlowKey, c: &FlowCount) -> FlowStat {
+    /// A flow's kernel counters as a flow-table entry, drops and bytes
+    /// scaled by `one_in` (the sampling rate: each sampled drop stands for
+    /// that many); all its drops get the cause most of its group's drops had.
+    pub fn flow_stat(&self, k: &FlowKey, c: &FlowCount, one_in: u32) -> FlowStat {
         let mut by_cause = [0u64; Cause::ALL.len()];
         let main = self
             .causes
@@ -110,10 +114,11 @@ impl GroupCounter {
                     .map(|(i, _)| i)
             })
             .unwrap_or(cause_index(Cause::Other));
-        by_cause[main] = c.packets;
+        let drops = c.packets.saturating_mul(one_in as u64);
+        by_cause[main] = drops;
         FlowStat {
-            drops: c.packets,
-            bytes: c.bytes,
+            drops,
+            bytes: c.bytes.saturating_mul(one_in as u64),
             first_ns: c.first_ns,
             last_ns: c.last_ns,
             by_cause,
@@ -126,6 +131,8 @@ impl GroupCounter {
 /// period and the per-flow map.
 pub struct CountSource {
     every: Duration,
+    /// `--flow-sample`: per-flow detail from 1 drop in this many.
+    flow_sample: u32,
     groups: GroupCounter,
     tick: Option<tokio::time::Interval>,
     /// When the period being counted began.
@@ -133,9 +140,10 @@ pub struct CountSource {
 }
 
 impl CountSource {
-    pub fn new(every: Duration) -> CountSource {
+    pub fn new(every: Duration, flow_sample: u32) -> CountSource {
         CountSource {
             every,
+            flow_sample,
             groups: GroupCounter::default(),
             tick: None,
             last: Instant::now(),
@@ -169,6 +177,7 @@ impl Source for CountSource {
         }
         load.mode = Mode::Tracepoint;
         load.filter.count_only = 1;
+        load.count.flow_sample = self.flow_sample;
         // No records cross: the smallest ring the kernel accepts.
         // SAFETY: sysconf only reads a system constant.
         load.ring_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u32;
@@ -209,9 +218,18 @@ impl Source for CountSource {
         // Counts up to the stop belong to this run: one last period, then
         // the flows, read after detaching so both are final.
         self.period(tracer, c, sinks)?;
-        for (k, n) in &tracer.flow_counts()? {
-            c.tally.add_flow(flow_id(k), self.groups.flow_stat(k, n));
+        // Heaviest first: with more kernel flows than --max-flows, the ones
+        // kept in detail are those the top flows come from.
+        let mut flows = tracer.flow_counts()?;
+        flows.sort_unstable_by_key(|(_, n)| std::cmp::Reverse(n.packets));
+        for (k, n) in &flows {
+            c.tally
+                .add_flow(flow_id(k), self.groups.flow_stat(k, n, self.flow_sample));
         }
+        c.tally.flow_sampling = Some(FlowSampling {
+            one_in: self.flow_sample,
+            sampled_drops: tracer.stats()?.flow_sampled,
+        });
         Ok(())
     }
 
@@ -228,14 +246,28 @@ impl Source for CountSource {
             );
         }
         format!(
-            "ctdrop: {}stopped after {:.1} s: {} drops counted, 0 events lost, {} flows tracked, {} drops in flows beyond the kernel flow map",
+            "ctdrop: {}stopped after {:.1} s: {} drops counted, 0 events lost, {}",
             end.level,
             end.elapsed.as_secs_f64(),
             s.counted,
-            t.flows_tracked(),
-            s.flow_map_full
+            flow_words(self.flow_sample, t.flows_tracked(), s)
         )
     }
+}
+
+/// The per-flow part of the `stopped` line: how many flows, from which
+/// drops (all, or a sample), and how many of those found no flow slot.
+fn flow_words(one_in: u32, tracked: usize, s: &KernelStats) -> String {
+    if one_in <= 1 {
+        return format!(
+            "{tracked} flows tracked, {} drops in flows beyond the kernel flow map",
+            s.flow_map_full
+        );
+    }
+    format!(
+        "{tracked} flows tracked from {} drops sampled 1 in {one_in} (flow counts are estimates: sampled counts x {one_in}), {} sampled drops in flows beyond the kernel flow map",
+        s.flow_sampled, s.flow_map_full
+    )
 }
 
 fn report_period(
@@ -406,17 +438,19 @@ mod tests {
         fk.l3_proto = 0x0800;
         fk.saddr[..4].copy_from_slice(&[198, 18, 0, 1]);
         fk.dport = 53;
-        let s = g.flow_stat(
-            &fk,
-            &FlowCount {
-                packets: 3,
-                bytes: 90,
-                first_ns: 1,
-                last_ns: 2,
-            },
-        );
+        let sampled = FlowCount {
+            packets: 3,
+            bytes: 90,
+            first_ns: 1,
+            last_ns: 2,
+        };
+        let s = g.flow_stat(&fk, &sampled, 1);
         assert_eq!(s.main_cause(), Cause::ConntrackTableFull);
-        assert_eq!(s.drops, 3);
+        assert_eq!((s.drops, s.bytes), (3, 90));
+        // Sampled 1 in 16: each sampled drop stands for 16.
+        let s = g.flow_stat(&fk, &sampled, 16);
+        assert_eq!((s.drops, s.bytes), (48, 1440));
+        assert_eq!(s.by_cause[cause_index(Cause::ConntrackTableFull)], 48);
         let id = flow_id(&fk);
         assert_eq!(id.src, Some("198.18.0.1".parse().unwrap()));
         assert_eq!(id.dport, 53);
@@ -428,7 +462,8 @@ mod tests {
                 &FlowCount {
                     packets: 1,
                     ..Default::default()
-                }
+                },
+                16
             )
             .main_cause(),
             Cause::Other

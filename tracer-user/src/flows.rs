@@ -201,6 +201,25 @@ pub struct Tally {
     flows: FlowTable,
     max_flows: usize,
     pub flows_untracked: u64,
+    /// Count mode: how the kernel sampled the drops behind the flows.
+    pub flow_sampling: Option<FlowSampling>,
+}
+
+/// Count mode's per-flow detail comes from a sample of the drops (every
+/// drop at `one_in` 1); the flows' drops and bytes are then the sampled
+/// counts times `one_in`: estimates, whereas every total stays exact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSampling {
+    pub one_in: u32,
+    /// Drops the kernel sampled (those that found no flow slot included).
+    pub sampled_drops: u64,
+}
+
+impl FlowSampling {
+    /// Whether flow counts are estimates rather than counts.
+    pub fn estimated(&self) -> bool {
+        self.one_in > 1
+    }
 }
 
 impl Tally {
@@ -214,6 +233,7 @@ impl Tally {
             flows: FlowTable::new(),
             max_flows,
             flows_untracked: 0,
+            flow_sampling: None,
         }
     }
 

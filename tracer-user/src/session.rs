@@ -237,6 +237,7 @@ pub async fn run_with(
         filter: p.filter,
         ring_size: p.ring_size,
         mode: args.trace.mode,
+        count: tracer_common::CountConfig::EVERY_DROP,
     };
     source.configure(&mut load)?;
     let filter = load.filter;

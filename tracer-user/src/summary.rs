@@ -8,7 +8,9 @@
 
 use std::{collections::BTreeMap, io::Write, time::Duration};
 
-pub use crate::model::summary::{CtEvents, EchoLoss, MechanismLine, SummaryLine};
+pub use crate::model::summary::{
+    CtEvents, EchoLoss, FlowSamplingLine, MechanismLine, SummaryLine,
+};
 use crate::{
     advice::Advice,
     cause::Cause,
@@ -91,6 +93,11 @@ impl Summary<'_> {
             flows_tracked: t.flows_tracked(),
             flows_untracked: t.flows_untracked,
             top_flows: top_flows(t, 10, self.boot_offset),
+            flow_sampling: t.flow_sampling.map(|s| FlowSamplingLine {
+                one_in: s.one_in,
+                sampled_drops: s.sampled_drops,
+                estimated: s.estimated(),
+            }),
             kernel_counters: self.checks.iter().map(agreement).collect(),
             filtered: self.filtered,
             probes: (!self.probe_labels.is_empty()).then(|| {
@@ -172,18 +179,30 @@ impl Summary<'_> {
             }
         }
         let top = t.top_flows(5);
+        let estimated = t.flow_sampling.filter(|f| f.estimated());
         if !top.is_empty() {
-            writeln!(out, "top flows:")?;
+            match estimated {
+                Some(f) => writeln!(
+                    out,
+                    "top flows (estimated from {} drops sampled 1 in {}: ~ = sampled drops x {}; totals above count every drop):",
+                    f.sampled_drops, f.one_in, f.one_in
+                )?,
+                None => writeln!(out, "top flows:")?,
+            }
             for (id, s) in top {
                 let ports = if id.sport != 0 || id.dport != 0 {
                     format!(" {} -> {}", id.sport, id.dport)
                 } else {
                     String::new()
                 };
+                let drops = match estimated {
+                    Some(_) => format!("~{}", s.drops),
+                    None => s.drops.to_string(),
+                };
                 writeln!(
                     out,
                     "  {:>8}  {} {} -> {}{}  {}",
-                    s.drops,
+                    drops,
                     proto_name(id.proto),
                     id.src.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
                     id.dst.map(|a| a.to_string()).unwrap_or_else(|| "?".into()),
@@ -195,7 +214,8 @@ impl Summary<'_> {
         if t.flows_untracked > 0 {
             writeln!(
                 out,
-                "  ({} drops in flows beyond --max-flows, counted in totals only)",
+                "  ({}{} drops in flows beyond --max-flows, counted in totals only)",
+                if estimated.is_some() { "~" } else { "" },
                 t.flows_untracked
             )?;
         }
@@ -328,6 +348,10 @@ pub fn top_flows(t: &Tally, top: usize, boot_offset_ns: u64) -> Vec<TopFlow> {
             cause: s.main_cause(),
             first_ts_ns: s.first_ns + boot_offset_ns,
             last_ts_ns: s.last_ns + boot_offset_ns,
+            sampled_drops: t
+                .flow_sampling
+                .filter(|f| f.estimated())
+                .map(|f| s.drops / f.one_in as u64),
         })
         .collect()
 }
@@ -353,13 +377,21 @@ mod tests {
     use super::*;
     use crate::{
         conntrack::stats::CtCounters,
-        flows::{FlowId, FlowStat},
+        flows::{FlowId, FlowSampling, FlowStat},
         kernel::tier::Mechanism,
     };
 
     /// A run with a drop of every kind the summary reports on.
     fn with_summary<R>(f: impl FnOnce(&Summary) -> R) -> R {
+        with_sampled_summary(None, f)
+    }
+
+    /// The same run in count mode with per-flow detail sampled as `sampling`
+    /// says (the flow's 5 drops sampled, shown scaled).
+    fn with_sampled_summary<R>(sampling: Option<FlowSampling>, f: impl FnOnce(&Summary) -> R) -> R {
+        let scale = sampling.map_or(1, |s| s.one_in as u64);
         let mut tally = Tally::new(10);
+        tally.flow_sampling = sampling;
         tally.add_counted(Some(7), 12, Cause::ConntrackTableFull, 5);
         tally.add_counted(None, 2, Cause::Other, 1);
         let mut by_cause = [0u64; Cause::ALL.len()];
@@ -374,8 +406,8 @@ mod tests {
                 dport: 53,
             },
             FlowStat {
-                drops: 5,
-                bytes: 300,
+                drops: 5 * scale,
+                bytes: 300 * scale,
                 first_ns: 10,
                 last_ns: 20,
                 by_cause,
@@ -440,6 +472,46 @@ mod tests {
     fn the_summary_object_keeps_its_keys_and_values() {
         let j = with_summary(|s| serde_json::to_string(&s.to_json()).unwrap());
         assert_eq!(j, GOLDEN);
+    }
+
+    #[test]
+    fn sampled_flows_are_labelled_estimates_in_json_and_text() {
+        let sampling = FlowSampling {
+            one_in: 16,
+            sampled_drops: 5,
+        };
+        let (j, text) = with_sampled_summary(Some(sampling), |s| {
+            let mut text = Vec::new();
+            s.write_human(&mut text).unwrap();
+            (s.to_json(), String::from_utf8(text).unwrap())
+        });
+        assert_eq!(
+            j["flow_sampling"],
+            serde_json::json!({"one_in": 16, "sampled_drops": 5, "estimated": true})
+        );
+        let top = &j["top_flows"][0];
+        assert_eq!((top["drops"].as_u64(), top["sampled_drops"].as_u64()), (Some(80), Some(5)));
+        // Totals are not scaled: they count every drop.
+        assert_eq!(j["drops_total"], 6);
+        assert!(
+            text.contains("top flows (estimated from 5 drops sampled 1 in 16"),
+            "{text}"
+        );
+        assert!(text.contains("     ~80  udp 198.18.0.1 -> 198.18.0.2"), "{text}");
+
+        // Every drop sampled: exact counts, said so, and no per-flow label.
+        let every = FlowSampling {
+            one_in: 1,
+            sampled_drops: 5,
+        };
+        let (j, text) = with_sampled_summary(Some(every), |s| {
+            let mut text = Vec::new();
+            s.write_human(&mut text).unwrap();
+            (s.to_json(), String::from_utf8(text).unwrap())
+        });
+        assert_eq!(j["flow_sampling"]["estimated"], false);
+        assert!(j["top_flows"][0].get("sampled_drops").is_none(), "{j}");
+        assert!(text.contains("top flows:\n         5  udp"), "{text}");
     }
 
     const GOLDEN: &str = r#"{"advice":[],"conntrack_events":[{"alloc_failed":0,"clash_resolved":0,"confirm_dropped":0,"early_drop_evicted":0,"early_drop_failed":0,"in_dropped":0,"inserts":0,"invalid":0,"netns":7}],"decode_errors":0,"drops_by_cause":{"conntrack_insert_failed":0,"conntrack_invalid":0,"conntrack_table_full":5,"icmp_error_blocked":0,"netfilter_rule":0,"other":1},"drops_by_netns":{"7":5,"unknown":1},"drops_total":6,"duration_s":1.5,"echo_losses":[],"echo_losses_not_kept":0,"events_lost":0,"events_sent":6,"filtered":false,"flows_tracked":1,"flows_untracked":0,"inferred_by_budget":2,"kernel_counters":[{"agree":true,"drop":5,"early_drop":1,"entries":64,"insert_failed":0,"insert_failed_records":0,"netns":7,"netns_name":"recv","table_full_records":5,"unrecorded":0}],"kind":"summary","mechanisms":[{"mechanism":"tp_btf/kfree_skb","note":"","signal":"drops"}],"netns_names":{"7":null},"occupancy":[],"probes":{"198.18.0.2":{"answered":0,"late":0,"lost":0,"lost_by_cause":{},"lost_unexplained":0,"sent":0}},"tier":"tracepoint","top_flows":[{"cause":"conntrack_table_full","dport":53,"drops":5,"dst":"198.18.0.2","first_ts_ns":1010,"last_ts_ns":1020,"netns":7,"proto":"udp","sport":1000,"src":"198.18.0.1"}]}"#;

@@ -9,8 +9,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tracer_common::{
-    ct_signal, stat, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet, GroupKey, GroupSet,
-    Offsets, FLOW_SETS, GROUP_SETS,
+    ct_signal, stat, CountConfig, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet,
+    GroupKey, GroupSet, Offsets, FLOW_SETS, GROUP_SETS,
 };
 
 use super::{
@@ -41,6 +41,8 @@ pub struct LoadOptions<'a> {
     pub filter: FilterConfig,
     pub ring_size: u32,
     pub mode: Mode,
+    /// Count mode's settings (ignored by the other modes).
+    pub count: CountConfig,
 }
 
 /// Counters the kernel programs keep, summed over CPUs.
@@ -52,6 +54,8 @@ pub struct KernelStats {
     pub counted: u64,
     pub flow_map_full: u64,
     pub group_map_full: u64,
+    /// Count-mode drops sampled for per-flow detail.
+    pub flow_sampled: u64,
 }
 
 /// Loaded and attached programs; dropping it detaches everything (links
@@ -112,6 +116,7 @@ impl Tracer {
             .btf(Some(btf))
             .override_global("OFFSETS", &opts.offsets, true)
             .override_global("FILTER", &filter, true)
+            .override_global("COUNT_CONFIG", &opts.count, true)
             .override_global(aya_log::LEVEL, &log_level, false)
             .override_global("BPF_LOG", &log_level, false)
             .map_max_entries("EVENTS", opts.ring_size)
@@ -348,6 +353,7 @@ impl Tracer {
             counted: sum(stat::COUNTED)?,
             flow_map_full: sum(stat::FLOW_MAP_FULL)?,
             group_map_full: sum(stat::GROUP_MAP_FULL)?,
+            flow_sampled: sum(stat::FLOW_SAMPLED)?,
         })
     }
 

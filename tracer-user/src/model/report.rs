@@ -89,11 +89,17 @@ pub struct TopFlow {
     pub dst: Option<IpAddr>,
     pub sport: u16,
     pub dport: u16,
+    /// With `sampled_drops`: an estimate, the sampled drops times the
+    /// summary's `flow_sampling.one_in`.
     pub drops: u64,
     pub cause: Cause,
-    /// Unix-epoch nanoseconds of its first and last drop.
+    /// Unix-epoch nanoseconds of its first and last drop (of its first and
+    /// last sampled drop when sampled).
     pub first_ts_ns: u64,
     pub last_ts_ns: u64,
+    /// Count mode with sampling: the drops of this flow the kernel sampled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampled_drops: Option<u64>,
 }
 
 /// One namespace's conntrack counters against ctdrop's records.

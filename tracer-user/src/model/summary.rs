@@ -30,6 +30,9 @@ pub struct SummaryLine<'a> {
     pub flows_tracked: usize,
     pub flows_untracked: u64,
     pub top_flows: Vec<TopFlow>,
+    /// Count mode only: how the per-flow detail was sampled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow_sampling: Option<FlowSamplingLine>,
     pub kernel_counters: Vec<CounterAgreement>,
     pub filtered: bool,
     /// Per probe label; null when no probe was sent.
@@ -42,6 +45,18 @@ pub struct SummaryLine<'a> {
     pub occupancy: Vec<&'a Occupancy>,
     /// Advice items (their shape is the advice renderer's, as in a report).
     pub advice: serde_json::Value,
+}
+
+/// Count mode's per-flow sampling: flows (`top_flows`, `flows_tracked`,
+/// `flows_untracked`) come from `sampled_drops` drops, 1 in `one_in` on
+/// average; when `estimated`, their drops and bytes are sampled counts
+/// times `one_in`. `drops_total` and the by-cause and by-namespace totals
+/// count every drop.
+#[derive(serde::Serialize)]
+pub struct FlowSamplingLine {
+    pub one_in: u32,
+    pub sampled_drops: u64,
+    pub estimated: bool,
 }
 
 /// How one signal was traced (the attach mechanism chosen, or why none).
