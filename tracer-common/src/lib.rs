@@ -260,7 +260,9 @@ pub mod stat {
     pub const SENT: u32 = 1;
     /// Records that matched the filter but found no room in the ring buffer.
     pub const LOST: u32 = 2;
-    /// Drops counted in the per-flow map (count mode).
+    /// Drops counted in the per-flow map (count mode). No longer written:
+    /// count mode's total is the sum of its groups (one counter per drop,
+    /// not two).
     pub const COUNTED: u32 = 3;
     /// Count-mode flows that found the map full.
     pub const FLOW_MAP_FULL: u32 = 4;

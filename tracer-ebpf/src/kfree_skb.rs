@@ -10,7 +10,10 @@ use tracer_common::{ct_signal, flags, source, stat, DropRecord, DropRecordWithHe
 
 use crate::{bump, count, filter, filter::matches, skb, EVENTS, SCRATCH};
 
+// Inlined into the entry point the macro wraps it in: otherwise every
+// drop paid a BPF-to-BPF call into it.
 #[btf_tracepoint(function = "kfree_skb")]
+#[inline(always)]
 pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     // SAFETY: `ctx` is this tp_btf program's own context; `handle` reads kernel memory only through BTF-checked loads and helpers.
     unsafe { handle(&ctx) };

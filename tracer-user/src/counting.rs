@@ -236,20 +236,21 @@ impl Source for CountSource {
     fn stopped(&self, end: &End) -> String {
         let t = &end.collector.tally;
         let s = &end.stats;
-        if t.total != s.counted {
+        // The kernel keeps no separate total (a second counter per drop):
+        // every counted drop is in a group, or in GROUP_MAP_FULL.
+        let counted = t.total + s.group_map_full;
+        if s.group_map_full > 0 {
             // Only when the group map itself was full; say so rather than pretend.
             log::warn!(
-                "the kernel counted {} drops but only {} were grouped ({} hit a full group map)",
-                s.counted,
+                "the kernel counted {counted} drops but only {} were grouped ({} hit a full group map)",
                 t.total,
                 s.group_map_full
             );
         }
         format!(
-            "ctdrop: {}stopped after {:.1} s: {} drops counted, 0 events lost, {}",
+            "ctdrop: {}stopped after {:.1} s: {counted} drops counted, 0 events lost, {}",
             end.level,
             end.elapsed.as_secs_f64(),
-            s.counted,
             flow_words(self.flow_sample, t.flows_tracked(), s)
         )
     }
