@@ -136,12 +136,7 @@ fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
     }
 
     // The flow map overflowed (more flows than it holds), and says so.
-    let stopped = out
-        .stderr_lines()
-        .into_iter()
-        .find(|l| l.starts_with("ctdrop: stopped"))
-        .unwrap_or_else(|| panic!("no stopped line: {}", out.stderr))
-        .to_string();
+    let stopped = stopped_line(&out);
     let beyond = number_before(&stopped, " drops in flows beyond the kernel flow map").unwrap();
     assert!(
         beyond > 0,
@@ -153,13 +148,13 @@ fn count_only_totals_equal_kernel_drop_counter_even_past_the_flow_map() {
         "{stopped}"
     );
     // Every drop in the flows: counts, not estimates.
-    assert_eq!(
-        summary["flow_sampling"]["estimated"], false,
-        "{summary}"
-    );
+    assert_eq!(summary["flow_sampling"]["estimated"], false, "{summary}");
     let top = summary["top_flows"].as_array().unwrap();
     assert!(!top.is_empty(), "no top flows: {summary}");
-    assert!(top.iter().all(|f| f.get("sampled_drops").is_none()), "{top:?}");
+    assert!(
+        top.iter().all(|f| f.get("sampled_drops").is_none()),
+        "{top:?}"
+    );
     assert!(
         top.iter()
             .any(|f| f["dst"] == topo.receiver_addr.to_string()
@@ -181,17 +176,14 @@ fn kernel_flow_bound() -> u64 {
 /// The stopped line's account of per-flow detail under sampling: (flows
 /// tracked, drops sampled, sampled drops beyond the kernel flow map).
 fn sampled_flow_words(out: &CtdropOutput, one_in: u32) -> (u64, u64, u64) {
-    let stopped = out
-        .stderr_lines()
-        .into_iter()
-        .find(|l| l.starts_with("ctdrop: stopped"))
-        .unwrap_or_else(|| panic!("no stopped line: {}", out.stderr))
-        .to_string();
+    let stopped = stopped_line(out);
     let n = |suffix: &str| {
         number_before(&stopped, suffix).unwrap_or_else(|| panic!("no {suffix:?}: {stopped}"))
     };
     assert!(
-        stopped.contains(&format!("(flow counts are estimates: sampled counts x {one_in})")),
+        stopped.contains(&format!(
+            "(flow counts are estimates: sampled counts x {one_in})"
+        )),
         "{stopped}"
     );
     (
@@ -298,7 +290,7 @@ fn send_flows_and_a_heavy_one(ns: &Netns, dst: std::net::Ipv4Addr, flows: u32, e
                 }
                 sock.send_to(b"ctdrop-tests count", (dst, port))?;
                 sent += 1;
-                if sent % every == 0 {
+                if sent.is_multiple_of(every) {
                     heavy.send_to(b"ctdrop-tests heavy", (dst, HEAVY_PORT))?;
                 }
             }
@@ -311,7 +303,16 @@ fn send_flows_and_a_heavy_one(ns: &Netns, dst: std::net::Ipv4Addr, flows: u32, e
 /// Packets the receiver's raw-table rule for [`HEAVY_PORT`] dropped.
 fn heavy_rule_packets(ns: &Netns) -> u64 {
     let out = ns
-        .exec(&["iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"])
+        .exec(&[
+            "iptables",
+            "-t",
+            "raw",
+            "-L",
+            "PREROUTING",
+            "-v",
+            "-x",
+            "-n",
+        ])
         .unwrap();
     let line = out
         .lines()
@@ -331,8 +332,17 @@ fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
     // turn into an entry whenever early_drop evicts one for it).
     topo.receiver
         .exec(&[
-            "iptables", "-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport",
-            &HEAVY_PORT.to_string(), "-j", "DROP",
+            "iptables",
+            "-t",
+            "raw",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "udp",
+            "--dport",
+            &HEAVY_PORT.to_string(),
+            "-j",
+            "DROP",
         ])
         .unwrap();
     let rule_before = heavy_rule_packets(&topo.receiver);
@@ -354,7 +364,11 @@ fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
     let heavy = heavy_rule_packets(&topo.receiver) - rule_before;
     let out = ctdrop.stop().unwrap();
     out.assert_success();
-    assert_eq!(heavy, (FLOWS / EVERY) as u64, "rule drops of the heavy flow");
+    assert_eq!(
+        heavy,
+        (FLOWS / EVERY) as u64,
+        "rule drops of the heavy flow"
+    );
 
     // Totals: every drop, of both kinds.
     let summary = out.summary().unwrap();
@@ -415,6 +429,15 @@ fn count_only_refuses_probes_with_a_usage_error() {
         "stdout on error: {}",
         out.stdout
     );
+}
+
+/// ctdrop's last stderr line, `ctdrop: stopped after ...`.
+fn stopped_line(out: &CtdropOutput) -> String {
+    out.stderr_lines()
+        .into_iter()
+        .find(|l| l.starts_with("ctdrop: stopped"))
+        .unwrap_or_else(|| panic!("no stopped line: {}", out.stderr))
+        .to_string()
 }
 
 /// The integer just before `suffix` in `line`.

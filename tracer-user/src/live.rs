@@ -35,7 +35,12 @@ pub async fn run(args: &crate::cli::LiveArgs) -> Result<()> {
         service: false,
     };
     let r = if args.count_only {
-        session::run_with(&opts, CountSource::new(args.report_every, args.flow_sample), sinks).await
+        session::run_with(
+            &opts,
+            CountSource::new(args.report_every, args.flow_sample),
+            sinks,
+        )
+        .await
     } else {
         session::run_with(&opts, RingSource::default(), sinks).await
     };

@@ -8,9 +8,7 @@
 
 use std::{collections::BTreeMap, io::Write, time::Duration};
 
-pub use crate::model::summary::{
-    CtEvents, EchoLoss, FlowSamplingLine, MechanismLine, SummaryLine,
-};
+pub use crate::model::summary::{CtEvents, EchoLoss, FlowSamplingLine, MechanismLine, SummaryLine};
 use crate::{
     advice::Advice,
     cause::Cause,
@@ -474,41 +472,48 @@ mod tests {
         assert_eq!(j, GOLDEN);
     }
 
+    /// The sampled run's summary as JSON and as text.
+    fn json_and_text(sampling: FlowSampling) -> (serde_json::Value, String) {
+        with_sampled_summary(Some(sampling), |s| {
+            let mut text = Vec::new();
+            s.write_human(&mut text).unwrap();
+            (s.to_json(), String::from_utf8(text).unwrap())
+        })
+    }
+
     #[test]
     fn sampled_flows_are_labelled_estimates_in_json_and_text() {
         let sampling = FlowSampling {
             one_in: 16,
             sampled_drops: 5,
         };
-        let (j, text) = with_sampled_summary(Some(sampling), |s| {
-            let mut text = Vec::new();
-            s.write_human(&mut text).unwrap();
-            (s.to_json(), String::from_utf8(text).unwrap())
-        });
+        let (j, text) = json_and_text(sampling);
         assert_eq!(
             j["flow_sampling"],
             serde_json::json!({"one_in": 16, "sampled_drops": 5, "estimated": true})
         );
         let top = &j["top_flows"][0];
-        assert_eq!((top["drops"].as_u64(), top["sampled_drops"].as_u64()), (Some(80), Some(5)));
+        assert_eq!(
+            (top["drops"].as_u64(), top["sampled_drops"].as_u64()),
+            (Some(80), Some(5))
+        );
         // Totals are not scaled: they count every drop.
         assert_eq!(j["drops_total"], 6);
         assert!(
             text.contains("top flows (estimated from 5 drops sampled 1 in 16"),
             "{text}"
         );
-        assert!(text.contains("     ~80  udp 198.18.0.1 -> 198.18.0.2"), "{text}");
+        assert!(
+            text.contains("     ~80  udp 198.18.0.1 -> 198.18.0.2"),
+            "{text}"
+        );
 
         // Every drop sampled: exact counts, said so, and no per-flow label.
         let every = FlowSampling {
             one_in: 1,
             sampled_drops: 5,
         };
-        let (j, text) = with_sampled_summary(Some(every), |s| {
-            let mut text = Vec::new();
-            s.write_human(&mut text).unwrap();
-            (s.to_json(), String::from_utf8(text).unwrap())
-        });
+        let (j, text) = json_and_text(every);
         assert_eq!(j["flow_sampling"]["estimated"], false);
         assert!(j["top_flows"][0].get("sampled_drops").is_none(), "{j}");
         assert!(text.contains("top flows:\n         5  udp"), "{text}");
