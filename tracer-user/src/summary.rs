@@ -65,18 +65,8 @@ impl Summary<'_> {
             kind: SummaryKind::Tag,
             duration_s: self.elapsed.as_secs_f64(),
             drops_total: t.total,
-            drops_by_cause: Cause::ALL
-                .iter()
-                .map(|c| (c.as_str(), t.count(*c)))
-                .collect(),
-            drops_by_netns: t
-                .by_netns
-                .iter()
-                .map(|(ns, n)| {
-                    let key = ns.map(|x| x.to_string());
-                    (key.unwrap_or_else(|| "unknown".into()), n.total)
-                })
-                .collect(),
+            drops_by_cause: t.by_cause_map(),
+            drops_by_netns: t.by_netns_map(),
             inferred_by_budget: self.inferred_by_budget,
             // Keys above stay inodes (a contract); names, as every output shows them:
             netns_names: t
