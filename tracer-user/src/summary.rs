@@ -109,14 +109,7 @@ impl Summary<'_> {
                 .iter()
                 .map(|(ns, c)| CtEvents {
                     netns: *ns,
-                    inserts: c.inserts,
-                    early_drop_evicted: c.early_drop_evicted,
-                    early_drop_failed: c.early_drop_failed,
-                    alloc_failed: c.alloc_failed,
-                    confirm_dropped: c.confirm_dropped,
-                    clash_resolved: c.clash_resolved,
-                    in_dropped: c.in_dropped,
-                    invalid: c.invalid,
+                    counts: *c,
                 })
                 .collect(),
             echo_losses: self.echo_losses(),
