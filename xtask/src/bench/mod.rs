@@ -200,16 +200,23 @@ pub fn run(opts: &Options) -> Result<()> {
     for round in 0..opts.rounds {
         for cfg in &configs {
             check_stop()?;
-            let r =
-                one_round(cfg, &env, &sender, &flood, &mut counter, round, Some(&mut stats))
-                    .with_context(|| {
-                    format!(
-                        "round {} of ({}) {}",
-                        round + 1,
-                        cfg.key,
-                        cfg.describe(&env)
-                    )
-                })?;
+            let r = one_round(
+                cfg,
+                &env,
+                &sender,
+                &flood,
+                &mut counter,
+                round,
+                Some(&mut stats),
+            )
+            .with_context(|| {
+                format!(
+                    "round {} of ({}) {}",
+                    round + 1,
+                    cfg.key,
+                    cfg.describe(&env)
+                )
+            })?;
             println!("{}", report::progress_line(&r));
             if let Some(b) = r.tracer.bpf.as_ref().filter(|b| !b.by_prog.is_empty()) {
                 println!("bench:   programs: {}", b.breakdown());
