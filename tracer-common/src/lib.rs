@@ -367,6 +367,8 @@ const _: () = assert!(core::mem::size_of::<FilterConfig>() == 384);
 /// outcomes that are not drops.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+// Serialized as is in the summary's `conntrack_events` (user side only).
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CtEventCounts {
     /// Entries confirmed into the table (`__nf_conntrack_hash_insert`).
     pub inserts: u64,

@@ -236,27 +236,27 @@ mod tests {
         }
     }
 
+    /// A sampled fill of a 64-entry table.
+    fn fill(count: u64, counted_drop: Option<bool>) -> Option<CtFill> {
+        Some(CtFill {
+            count,
+            max: 64,
+            sampled: true,
+            counted_drop,
+        })
+    }
+
     #[test]
     fn no_entry_in_full_table_is_table_full() {
         let mut e = ev(NF);
-        e.ct_fill = Some(CtFill {
-            count: 64,
-            max: 64,
-            sampled: true,
-            counted_drop: None,
-        });
+        e.ct_fill = fill(64, None);
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
     }
 
     #[test]
     fn no_entry_with_room_is_a_rule() {
         let mut e = ev(NF);
-        e.ct_fill = Some(CtFill {
-            count: 10,
-            max: 64,
-            sampled: true,
-            counted_drop: None,
-        });
+        e.ct_fill = fill(10, None);
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
         e.ct_fill = None;
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
@@ -270,24 +270,14 @@ mod tests {
             status: Some(0),
             zone: 0,
         });
-        e.ct_fill = Some(CtFill {
-            count: 64,
-            max: 64,
-            sampled: true,
-            counted_drop: None,
-        });
+        e.ct_fill = fill(64, None);
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
     }
 
     #[test]
     fn with_probes_a_full_table_alone_is_not_table_full() {
         let mut e = ev(NF);
-        e.ct_fill = Some(CtFill {
-            count: 64,
-            max: 64,
-            sampled: true,
-            counted_drop: None,
-        });
+        e.ct_fill = fill(64, None);
         let c = Classifier {
             netfilter_drop: Some(NF),
             probes: true,
@@ -299,20 +289,10 @@ mod tests {
     fn the_drop_counter_outranks_the_table_fill() {
         let mut e = ev(NF);
         // Table flushed right after the drop: fill says room, counter says counted.
-        e.ct_fill = Some(CtFill {
-            count: 0,
-            max: 64,
-            sampled: true,
-            counted_drop: Some(true),
-        });
+        e.ct_fill = fill(0, Some(true));
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
         // Table full but the counter did not move: a rule dropped it.
-        e.ct_fill = Some(CtFill {
-            count: 64,
-            max: 64,
-            sampled: true,
-            counted_drop: Some(false),
-        });
+        e.ct_fill = fill(64, Some(false));
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
     }
 
@@ -349,12 +329,7 @@ mod tests {
     fn hook_marks_decide_without_the_counters() {
         let mut e = ev(NF);
         // Counters say "counted", but the packet left conntrack's hook alive.
-        e.ct_fill = Some(CtFill {
-            count: 64,
-            max: 64,
-            sampled: true,
-            counted_drop: Some(true),
-        });
+        e.ct_fill = fill(64, Some(true));
         e.source = source::HOOK_NOT_CONNTRACK;
         assert_eq!(c().classify(&e), Cause::NetfilterRule);
         assert_eq!(
@@ -362,12 +337,7 @@ mod tests {
             "hook:outside_conntrack"
         );
         // Counters say "not counted", but it was dropped inside the hook.
-        e.ct_fill = Some(CtFill {
-            count: 64,
-            max: 64,
-            sampled: true,
-            counted_drop: Some(false),
-        });
+        e.ct_fill = fill(64, Some(false));
         e.source = source::CT_HOOK_IN;
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
         assert_eq!(
@@ -382,12 +352,7 @@ mod tests {
         );
         // A stale mark leaves it to the counters.
         e.source = source::CT_HOOK_STALE;
-        e.ct_fill = Some(CtFill {
-            count: 64,
-            max: 64,
-            sampled: true,
-            counted_drop: Some(true),
-        });
+        e.ct_fill = fill(64, Some(true));
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
     }
 
@@ -413,18 +378,8 @@ mod tests {
     /// kfree_skb record must get the cause its group gets.
     #[test]
     fn a_count_group_gets_the_cause_of_its_records() {
-        let full = Some(CtFill {
-            count: 64,
-            max: 64,
-            sampled: true,
-            counted_drop: None,
-        });
-        let room = Some(CtFill {
-            count: 3,
-            max: 64,
-            sampled: true,
-            counted_drop: Some(false),
-        });
+        let full = fill(64, None);
+        let room = fill(3, Some(false));
         let mut seen = std::collections::BTreeSet::new();
         for reason in [NF, 2] {
             for (proto, icmp) in [

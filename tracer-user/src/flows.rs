@@ -313,6 +313,27 @@ impl Tally {
             .unwrap_or(0)
     }
 
+    /// Drops per cause, every cause listed (0 where none): the JSON
+    /// summary's and report's `drops_by_cause`.
+    pub fn by_cause_map(&self) -> BTreeMap<&'static str, u64> {
+        Cause::ALL
+            .iter()
+            .map(|c| (c.as_str(), self.count(*c)))
+            .collect()
+    }
+
+    /// Drops per namespace inode ("unknown" for drops without one): the
+    /// JSON summary's and report's `drops_by_netns`.
+    pub fn by_netns_map(&self) -> BTreeMap<String, u64> {
+        self.by_netns
+            .iter()
+            .map(|(ns, n)| {
+                let key = ns.map(|x| x.to_string());
+                (key.unwrap_or_else(|| "unknown".into()), n.total)
+            })
+            .collect()
+    }
+
     /// Every flow kept in detail, in no particular order.
     pub fn flows(&self) -> impl Iterator<Item = (&FlowId, FlowStat)> {
         self.flows.iter().map(|(id, s)| (id, s.to_stat()))

@@ -65,18 +65,8 @@ impl Summary<'_> {
             kind: SummaryKind::Tag,
             duration_s: self.elapsed.as_secs_f64(),
             drops_total: t.total,
-            drops_by_cause: Cause::ALL
-                .iter()
-                .map(|c| (c.as_str(), t.count(*c)))
-                .collect(),
-            drops_by_netns: t
-                .by_netns
-                .iter()
-                .map(|(ns, n)| {
-                    let key = ns.map(|x| x.to_string());
-                    (key.unwrap_or_else(|| "unknown".into()), n.total)
-                })
-                .collect(),
+            drops_by_cause: t.by_cause_map(),
+            drops_by_netns: t.by_netns_map(),
             inferred_by_budget: self.inferred_by_budget,
             // Keys above stay inodes (a contract); names, as every output shows them:
             netns_names: t
@@ -124,14 +114,7 @@ impl Summary<'_> {
                 .iter()
                 .map(|(ns, c)| CtEvents {
                     netns: *ns,
-                    inserts: c.inserts,
-                    early_drop_evicted: c.early_drop_evicted,
-                    early_drop_failed: c.early_drop_failed,
-                    alloc_failed: c.alloc_failed,
-                    confirm_dropped: c.confirm_dropped,
-                    clash_resolved: c.clash_resolved,
-                    in_dropped: c.in_dropped,
-                    invalid: c.invalid,
+                    counts: *c,
                 })
                 .collect(),
             echo_losses: self.echo_losses(),

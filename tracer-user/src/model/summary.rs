@@ -71,14 +71,8 @@ pub struct MechanismLine<'a> {
 #[derive(serde::Serialize)]
 pub struct CtEvents {
     pub netns: u32,
-    pub inserts: u64,
-    pub early_drop_evicted: u64,
-    pub early_drop_failed: u64,
-    pub alloc_failed: u64,
-    pub confirm_dropped: u64,
-    pub clash_resolved: u64,
-    pub in_dropped: u64,
-    pub invalid: u64,
+    #[serde(flatten)]
+    pub counts: tracer_common::CtEventCounts,
 }
 
 /// Lost echo requests of one ping ctdrop did not send.

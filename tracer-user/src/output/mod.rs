@@ -41,6 +41,9 @@ pub struct SessionInfo<'a> {
 }
 
 /// Local wall-clock time of day with microseconds.
+// The libc crate marks musl's `time_t` deprecated ahead of musl's 64-bit
+// time_t change; it is 64 bits on both targets we ship (x86_64, aarch64).
+#[allow(deprecated)]
 pub fn clock(wall_ns: u64) -> String {
     let secs = (wall_ns / 1_000_000_000) as libc::time_t;
     // SAFETY: an all-zero tm is a valid value; localtime_r only writes it.

@@ -4,7 +4,6 @@ use serde_json::Value;
 
 use super::{ProbeTally, Report};
 use crate::{
-    cause::Cause,
     model::report::{CaptureInfo, InterfaceDrops, ProbeTotals, ReportDoc},
     summary::{agreement, top_flows},
 };
@@ -40,18 +39,12 @@ pub fn doc(r: &Report, top: usize) -> ReportDoc {
         duration_s: r.duration_s(),
         drops_total: t.total,
         drops_per_s: r.rate(t.total),
-        drops_by_cause: Cause::ALL
-            .iter()
-            .map(|c| (c.as_str().to_string(), t.count(*c)))
+        drops_by_cause: t
+            .by_cause_map()
+            .into_iter()
+            .map(|(c, n)| (c.to_string(), n))
             .collect(),
-        drops_by_netns: t
-            .by_netns
-            .iter()
-            .map(|(ns, n)| {
-                let key = ns.map(|x| x.to_string());
-                (key.unwrap_or_else(|| "unknown".into()), n.total)
-            })
-            .collect(),
+        drops_by_netns: t.by_netns_map(),
         drops_by_interface: t
             .by_ifindex
             .iter()

@@ -21,6 +21,8 @@ pub struct ConfigSummary {
     pub kernel_drops: u64,
     /// Rounds where delivered == the kernel's drop counter increase.
     pub exact_rounds: usize,
+    /// Rounds whose throughput flood ran with statistics still on.
+    pub stats_on_rounds: usize,
     pub lost: Option<u64>,
     pub cpu_per_million: Option<f64>,
     pub peak_rss_mb: Option<f64>,
@@ -96,6 +98,7 @@ pub fn summarize(configs: &[Config], results: &[RoundResult]) -> Vec<ConfigSumma
                     .iter()
                     .filter(|r| r.tracer.delivered == Some(r.kernel_drops))
                     .count(),
+                stats_on_rounds: rs.iter().filter(|r| !r.stats_off).count(),
                 lost: opt_sum(&|r| r.tracer.lost),
                 cpu_per_million: median(
                     rs.iter()
@@ -187,7 +190,7 @@ pub fn print_table(
 ) {
     println!();
     println!(
-        "bench: {} rounds x {:.1} s per configuration, medians; flood = 1 sender, sendmmsg, a new UDP flow per packet, receiver's conntrack table full",
+        "bench: {} rounds x {:.1} s per flood, medians; flood = 1 sender, sendmmsg, a new UDP flow per packet, receiver's conntrack table full; a tracer's round is two floods: BPF run-time statistics on (BPF ns/drop), then off (drops/s)",
         opts.rounds, opts.seconds
     );
     println!("bench: load at start {}", opts.load_at_start);
@@ -229,7 +232,11 @@ pub fn print_table(
     }
     println!("(BPF ns/drop: kernel run time of the tracer's own programs (bpf_stats run_time_ns) / the receiver's conntrack `drop` increase; median [min-max] over rounds)");
     println!("(vs (d): median over rounds of BPF ns/drop / bpftrace map-count's in the same round; vs (a): drops/s / the same round's untraced rate)");
-    println!("(delivered / kernel drop: summed over rounds, then (rounds where they were equal / rounds))");
+    println!("(delivered / kernel drop: summed over rounds (both floods), then (rounds where they were equal / rounds))");
+    let stats_on: usize = summary.iter().map(|s| s.stats_on_rounds).sum();
+    if stats_on > 0 {
+        println!("(note: in {stats_on} rounds run-time statistics stayed on during the throughput flood, held by someone else: those drops/s include their cost)");
+    }
     for r in scale {
         let notes: Vec<String> = r
             .tracer
@@ -256,7 +263,8 @@ fn round_json(r: &RoundResult) -> Value {
     let t = &r.tracer;
     json!({
         "config": r.key, "round": r.round + 1, "sent": r.sent, "kernel_drops": r.kernel_drops,
-        "seconds": r.seconds, "drops_per_s": r.rate(), "entries": r.entries,
+        "seconds": r.seconds, "drops_per_s": r.rate(), "throughput_drops": r.rate_drops,
+        "bpf_stats_drops": r.bpf_drops, "stats_off_for_throughput": r.stats_off, "entries": r.entries,
         "delivered": t.delivered, "lost": t.lost, "cpu_s": t.cpu_s, "peak_rss_kb": t.peak_rss_kb,
         "attach_ms": t.attach_ms, "own_attach_ms": t.own_attach_ms,
         "bpf_run_time_ns": t.bpf.as_ref().map(|b| b.run_time_ns), "bpf_run_cnt": t.bpf.as_ref().map(|b| b.run_cnt),
