@@ -78,10 +78,11 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
 /// Count mode: every drop into its group's counter, a sample of them also
 /// into their flow's (count.rs). The group needs a few skb fields and the
 /// header bytes, not a record: the record is built only for a sampled drop,
-/// or for every drop when the filter looks at ports, addresses or devices.
+/// or for every drop when the filter looks at ports, addresses or devices
+/// or every drop is sampled (`--flow-sample 1`: one header read, not two).
 #[inline(always)]
 unsafe fn count_drop(ctx: &BtfTracePointContext, reason: u32) {
-    if !filter::needs_flow_fields() {
+    if !filter::needs_flow_fields() && ro!(COUNT_CONFIG.flow_sample) > 1 {
         if let Some(group) = count::skb_group(ctx.arg(0), reason) {
             if !filter::netns_matches(group.netns != 0, group.netns)
                 || !filter::proto_matches(group.l4_proto)
