@@ -393,7 +393,7 @@ fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
     );
 
     // The heavy flow leads, named, its estimate its sampled drops x 16 and
-    // near its true count (~156 drops sampled of 2,500 at 1 in 16: the
+    // near its true count (~625 drops sampled of 10,000 at 1 in 16: the
     // factor of two is many standard deviations).
     let top = &summary["top_flows"][0];
     assert_eq!(top["dst"], topo.receiver_addr.to_string(), "{top}");
@@ -408,6 +408,9 @@ fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
     );
     let (_, sampled_line, _) = sampled_flow_words(&out, ONE_IN as u32);
     assert_eq!(sampled_line, sampled);
+    eprintln!(
+        "heavy flow: {heavy} dropped, estimated {est} ({its_sampled} sampled); {sampled} of {total} drops sampled"
+    );
 }
 
 #[test]
