@@ -300,6 +300,28 @@ fn send_flows_and_a_heavy_one(ns: &Netns, dst: std::net::Ipv4Addr, flows: u32, e
     .unwrap()
 }
 
+/// A raw-table rule in `ns` that drops every datagram to [`HEAVY_PORT`],
+/// so a heavy flow's true drop count is the rule's counter (a table-full
+/// drop of it could turn into an entry whenever early_drop evicts one for
+/// it); returns the counter before.
+fn drop_heavy_port(ns: &Netns) -> u64 {
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "raw",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "udp",
+        "--dport",
+        &HEAVY_PORT.to_string(),
+        "-j",
+        "DROP",
+    ])
+    .unwrap();
+    heavy_rule_packets(ns)
+}
+
 /// Packets the receiver's raw-table rule for [`HEAVY_PORT`] dropped.
 fn heavy_rule_packets(ns: &Netns) -> u64 {
     let out = ns
@@ -327,25 +349,7 @@ fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
     const EVERY: u32 = 4;
     const ONE_IN: u64 = tracer_common::DEFAULT_FLOW_SAMPLE as u64;
     let (topo, rx, _max, before) = receiver_with_a_full_table();
-    // The heavy flow is dropped by a rule, every datagram of it, so its
-    // true drop count is the rule's counter (a table-full drop of it could
-    // turn into an entry whenever early_drop evicts one for it).
-    topo.receiver
-        .exec(&[
-            "iptables",
-            "-t",
-            "raw",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "udp",
-            "--dport",
-            &HEAVY_PORT.to_string(),
-            "-j",
-            "DROP",
-        ])
-        .unwrap();
-    let rule_before = heavy_rule_packets(&topo.receiver);
+    let rule_before = drop_heavy_port(&topo.receiver);
 
     // Default sampling; fewer flows kept in userspace than were sampled, so
     // the kept ones must be the heaviest.
@@ -410,6 +414,44 @@ fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
     assert_eq!(sampled_line, sampled);
     eprintln!(
         "heavy flow: {heavy} dropped, estimated {est} ({its_sampled} sampled); {sampled} of {total} drops sampled"
+    );
+}
+
+#[test]
+fn count_only_with_a_port_filter_counts_exactly_that_ports_drops() {
+    // A filter on ports reads every drop's record (the group's fields do
+    // not hold ports): the other count path, with the same sampling.
+    let (topo, rx, _max, _) = receiver_with_a_full_table();
+    let rule_before = drop_heavy_port(&topo.receiver);
+    let ctdrop = Ctdrop::spawn(&[
+        "live",
+        "--json",
+        "--count-only",
+        "--netns",
+        &rx.to_string(),
+        "--port",
+        &HEAVY_PORT.to_string(),
+    ])
+    .unwrap();
+    let heavy_sport = send_flows_and_a_heavy_one(&topo.sender, topo.receiver_addr, 20_000, 2);
+    settled_drops(&topo.receiver);
+    let heavy = heavy_rule_packets(&topo.receiver) - rule_before;
+    let out = ctdrop.stop().unwrap();
+    out.assert_success();
+    assert_eq!(heavy, 10_000, "rule drops of the heavy flow");
+
+    // Only the port's drops, all of them; the table-full flood beside
+    // them (other ports) not at all.
+    let summary = out.summary().unwrap();
+    assert_eq!(summary["drops_total"].as_u64(), Some(heavy), "{summary}");
+    assert_eq!(summary["flows_tracked"].as_u64(), Some(1), "{summary}");
+    let top = &summary["top_flows"][0];
+    assert_eq!(top["dport"].as_u64(), Some(HEAVY_PORT as u64), "{top}");
+    assert_eq!(top["sport"].as_u64(), Some(heavy_sport as u64), "{top}");
+    let est = top["drops"].as_u64().unwrap();
+    assert!(
+        top["sampled_drops"].as_u64().is_some() && est >= heavy / 2 && est <= heavy * 2,
+        "heavy flow estimated at {est} drops, {heavy} dropped: {top}"
     );
 }
 

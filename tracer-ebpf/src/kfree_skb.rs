@@ -91,36 +91,38 @@ unsafe fn count_drop(ctx: &BtfTracePointContext, reason: u32) {
             }
             count::count_group(&group);
             if count::sampled() {
-                if let Some(rec) = count_record(ctx, reason) {
-                    count::count_flow(rec);
-                }
+                count_by_record(ctx, reason, true);
             }
             return;
         }
     }
-    let Some(rec) = count_record(ctx, reason) else {
-        return;
-    };
-    count::count_group(&count::group_of(rec));
-    if count::sampled() {
-        count::count_flow(rec);
-    }
+    count_by_record(ctx, reason, false);
 }
 
-/// Count mode's record of this drop, built in the per-CPU scratch slot;
-/// `None` when the filter rejects it.
-#[inline(always)]
-unsafe fn count_record(ctx: &BtfTracePointContext, reason: u32) -> Option<&'static DropRecord> {
+/// Count mode through a record of the drop, built in the per-CPU scratch
+/// slot: its flow counted, and unless `grouped` (the caller counted its
+/// group and sampled it) its group counted and the drop offered to the
+/// sampling first. Not inlined: one copy of `build` for both callers (a
+/// smaller program for older verifiers to walk), and the common path
+/// calls it only for a sampled drop.
+#[inline(never)]
+unsafe fn count_by_record(ctx: &BtfTracePointContext, reason: u32, grouped: bool) {
     let Some(rec) = SCRATCH.get_ptr_mut(0) else {
         crate::log::no_scratch();
-        return None;
+        return;
     };
     let rec = &mut *rec;
     if !build(ctx, reason, rec, Detail::Count) {
-        return None;
+        return;
     }
     crate::log::unparsed(rec);
-    Some(rec)
+    if !grouped {
+        count::count_group(&count::group_of(rec));
+        if !count::sampled() {
+            return;
+        }
+    }
+    count::count_flow(rec);
 }
 
 /// How much of a record a drop needs.
