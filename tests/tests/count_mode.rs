@@ -6,7 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use ctdrop_tests::*;
+use ctdrop_tests::{
+    mixed::{self, Scene},
+    *,
+};
 use serde_json::Value;
 
 const MAX: u64 = 64;
@@ -270,12 +273,12 @@ fn count_only_totals_equal_kernel_drop_counter_under_a_new_flow_flood_past_every
     );
 }
 
-/// The raw-table rule of [`count_only_names_a_heavy_flow_from_its_sampled_drops`]
-/// drops every datagram to this port, before conntrack.
+/// The raw-table rule of [`full_table_and_a_drop_rule`] drops every
+/// datagram to this port, before conntrack.
 const HEAVY_PORT: u16 = 9000;
 
 /// From `ns`: `flows` datagrams each to a new flow (as [`send_many_flows`],
-/// skipping [`HEAVY_PORT`]) and, after every `every`-th, one more from one
+/// skipping the ports the rule drops) and, after every `every`-th, one more from one
 /// other socket to `HEAVY_PORT`: one heavy flow among many light ones.
 /// Returns the heavy flow's source port.
 fn send_flows_and_a_heavy_one(ns: &Netns, dst: std::net::Ipv4Addr, flows: u32, every: u32) -> u16 {
@@ -284,7 +287,7 @@ fn send_flows_and_a_heavy_one(ns: &Netns, dst: std::net::Ipv4Addr, flows: u32, e
         let mut sent = 0u32;
         while sent < flows {
             let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
-            for port in (1..=u16::MAX).filter(|p| *p != HEAVY_PORT) {
+            for port in (1..=u16::MAX).filter(|p| !mixed::RULED.contains(p)) {
                 if sent == flows {
                     break;
                 }
@@ -300,47 +303,19 @@ fn send_flows_and_a_heavy_one(ns: &Netns, dst: std::net::Ipv4Addr, flows: u32, e
     .unwrap()
 }
 
-/// A raw-table rule in `ns` that drops every datagram to [`HEAVY_PORT`],
-/// so a heavy flow's true drop count is the rule's counter (a table-full
+/// A receiver whose table is full and whose raw table drops UDP to ports
+/// 9000-9999, [`HEAVY_PORT`] among them (the scene of tests/src/mixed.rs):
+/// a heavy flow's true drop count is then the rule's counter (a table-full
 /// drop of it could turn into an entry whenever early_drop evicts one for
-/// it); returns the counter before.
-fn drop_heavy_port(ns: &Netns) -> u64 {
-    ns.exec(&[
-        "iptables",
-        "-t",
-        "raw",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "udp",
-        "--dport",
-        &HEAVY_PORT.to_string(),
-        "-j",
-        "DROP",
-    ])
-    .unwrap();
-    heavy_rule_packets(ns)
-}
-
-/// Packets the receiver's raw-table rule for [`HEAVY_PORT`] dropped.
-fn heavy_rule_packets(ns: &Netns) -> u64 {
-    let out = ns
-        .exec(&[
-            "iptables",
-            "-t",
-            "raw",
-            "-L",
-            "PREROUTING",
-            "-v",
-            "-x",
-            "-n",
-        ])
-        .unwrap();
-    let line = out
-        .lines()
-        .find(|l| l.contains(&format!("dpt:{HEAVY_PORT}")))
-        .unwrap_or_else(|| panic!("rule not listed: {out}"));
-    line.split_whitespace().next().unwrap().parse().unwrap()
+/// it). (scene, guard, `drop` counter, rule counter.)
+fn full_table_and_a_drop_rule() -> (Scene, ConntrackMaxGuard, u64, u64) {
+    let scene = Scene::new(false);
+    assert!(mixed::RULED.contains(&HEAVY_PORT));
+    let max = ConntrackMaxGuard::set(MAX).unwrap();
+    scene.fill();
+    let before = settled_drops(&scene.topo.receiver);
+    let rule = scene.rule_packets();
+    (scene, max, before, rule)
 }
 
 #[test]
@@ -348,8 +323,8 @@ fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
     const FLOWS: u32 = 40_000;
     const EVERY: u32 = 4;
     const ONE_IN: u64 = tracer_common::DEFAULT_FLOW_SAMPLE as u64;
-    let (topo, rx, _max, before) = receiver_with_a_full_table();
-    let rule_before = drop_heavy_port(&topo.receiver);
+    let (scene, _max, before, rule_before) = full_table_and_a_drop_rule();
+    let (topo, rx) = (&scene.topo, scene.rx);
 
     // Default sampling; fewer flows kept in userspace than were sampled, so
     // the kept ones must be the heaviest.
@@ -365,7 +340,7 @@ fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
     .unwrap();
     let heavy_sport = send_flows_and_a_heavy_one(&topo.sender, topo.receiver_addr, FLOWS, EVERY);
     let delta = settled_drops(&topo.receiver) - before;
-    let heavy = heavy_rule_packets(&topo.receiver) - rule_before;
+    let heavy = scene.rule_packets() - rule_before;
     let out = ctdrop.stop().unwrap();
     out.assert_success();
     assert_eq!(
@@ -421,8 +396,8 @@ fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
 fn count_only_with_a_port_filter_counts_exactly_that_ports_drops() {
     // A filter on ports reads every drop's record (the group's fields do
     // not hold ports): the other count path, with the same sampling.
-    let (topo, rx, _max, _) = receiver_with_a_full_table();
-    let rule_before = drop_heavy_port(&topo.receiver);
+    let (scene, _max, _, rule_before) = full_table_and_a_drop_rule();
+    let (topo, rx) = (&scene.topo, scene.rx);
     let ctdrop = Ctdrop::spawn(&[
         "live",
         "--json",
@@ -435,7 +410,7 @@ fn count_only_with_a_port_filter_counts_exactly_that_ports_drops() {
     .unwrap();
     let heavy_sport = send_flows_and_a_heavy_one(&topo.sender, topo.receiver_addr, 20_000, 2);
     settled_drops(&topo.receiver);
-    let heavy = heavy_rule_packets(&topo.receiver) - rule_before;
+    let heavy = scene.rule_packets() - rule_before;
     let out = ctdrop.stop().unwrap();
     out.assert_success();
     assert_eq!(heavy, 10_000, "rule drops of the heavy flow");
