@@ -318,6 +318,14 @@ fn full_table_and_a_drop_rule() -> (Scene, ConntrackMaxGuard, u64, u64) {
     (scene, max, before, rule)
 }
 
+/// `ctdrop live --json --count-only` on namespace `rx` only, with `extra`.
+fn count_only_in(rx: u32, extra: &[&str]) -> Ctdrop {
+    let ns = rx.to_string();
+    let mut args = vec!["live", "--json", "--count-only", "--netns", &ns];
+    args.extend_from_slice(extra);
+    Ctdrop::spawn(&args).unwrap()
+}
+
 #[test]
 fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
     const FLOWS: u32 = 40_000;
@@ -328,16 +336,7 @@ fn count_only_names_a_heavy_flow_from_its_sampled_drops() {
 
     // Default sampling; fewer flows kept in userspace than were sampled, so
     // the kept ones must be the heaviest.
-    let ctdrop = Ctdrop::spawn(&[
-        "live",
-        "--json",
-        "--count-only",
-        "--netns",
-        &rx.to_string(),
-        "--max-flows",
-        "200",
-    ])
-    .unwrap();
+    let ctdrop = count_only_in(rx, &["--max-flows", "200"]);
     let heavy_sport = send_flows_and_a_heavy_one(&topo.sender, topo.receiver_addr, FLOWS, EVERY);
     let delta = settled_drops(&topo.receiver) - before;
     let heavy = scene.rule_packets() - rule_before;
@@ -398,16 +397,7 @@ fn count_only_with_a_port_filter_counts_exactly_that_ports_drops() {
     // not hold ports): the other count path, with the same sampling.
     let (scene, _max, _, rule_before) = full_table_and_a_drop_rule();
     let (topo, rx) = (&scene.topo, scene.rx);
-    let ctdrop = Ctdrop::spawn(&[
-        "live",
-        "--json",
-        "--count-only",
-        "--netns",
-        &rx.to_string(),
-        "--port",
-        &HEAVY_PORT.to_string(),
-    ])
-    .unwrap();
+    let ctdrop = count_only_in(rx, &["--port", &HEAVY_PORT.to_string()]);
     let heavy_sport = send_flows_and_a_heavy_one(&topo.sender, topo.receiver_addr, 20_000, 2);
     settled_drops(&topo.receiver);
     let heavy = scene.rule_packets() - rule_before;
