@@ -254,7 +254,7 @@ pub const FLOW_SETS: u32 = 4096;
 /// Indices of the per-CPU statistics array.
 pub mod stat {
     /// Drops with a wanted reason seen by the program in record mode,
-    /// before the user's filter (count mode counts only `COUNTED`).
+    /// before the user's filter (count mode counts only in its groups).
     pub const SEEN: u32 = 0;
     /// Records written to the ring buffer.
     pub const SENT: u32 = 1;

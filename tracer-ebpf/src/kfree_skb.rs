@@ -29,7 +29,7 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
         return;
     }
     if ro!(FILTER.count_only) != 0 {
-        // No SEEN here: count mode's COUNTED already counts what passed
+        // No SEEN here: count mode's groups already count what passed
         // the filter, and every counter is a map update per drop.
         count_drop(ctx, reason);
         return;

@@ -6,8 +6,9 @@
 //! goes out; at the end the per-flow map supplies the top flows, their
 //! sampled counts scaled up to estimates and labelled as such.
 //!
-//! Totals are exact whatever the flood: the group map has few keys, and the
-//! kernel's own `COUNTED` total is checked against it. Per-flow detail is
+//! Totals are exact whatever the flood: the group map has few keys, every
+//! counted drop is in a group or in `GROUP_MAP_FULL`, and the total is their
+//! sum (checked against the kernel's `drop` counters). Per-flow detail is
 //! bounded by the sampling and by the kernel map; what did not fit is
 //! counted and reported.
 

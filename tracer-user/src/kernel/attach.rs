@@ -51,7 +51,6 @@ pub struct KernelStats {
     pub seen: u64,
     pub sent: u64,
     pub lost: u64,
-    pub counted: u64,
     pub flow_map_full: u64,
     pub group_map_full: u64,
     /// Count-mode drops sampled for per-flow detail.
@@ -350,7 +349,6 @@ impl Tracer {
             seen: sum(stat::SEEN)?,
             sent: sum(stat::SENT)?,
             lost: sum(stat::LOST)?,
-            counted: sum(stat::COUNTED)?,
             flow_map_full: sum(stat::FLOW_MAP_FULL)?,
             group_map_full: sum(stat::GROUP_MAP_FULL)?,
             flow_sampled: sum(stat::FLOW_SAMPLED)?,
