@@ -79,32 +79,44 @@ fn two_namespaces_full_at_once_each_record_exact() {
     );
 }
 
-#[test]
-fn ctdrop_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
-    let (rx, out) = mixed::ctdrop_started_during_a_flood(&["live", "--json"]);
+/// Started while a flood of table-full drops is under way: none may be
+/// called a rule drop, and all but a few in flight at the attach instant
+/// rest on the mechanism's own evidence (`evidence`), not the totals.
+fn started_during_a_flood(args: &[&str], evidence: &str) {
+    let (rx, out) = mixed::ctdrop_started_during_a_flood(args);
     let causes = mixed::assert_flood_all_table_full(rx, &out);
-    // On this host every record must rest on a mark: the hooks were in
-    // before kfree_skb. A few in flight at the attach instant may be left
-    // to the counters; a consumer attached first would leave many.
     let mine = out.drops_in(rx);
-    let inferred = mine
-        .iter()
-        .filter(|r| r["evidence"] != "hook:conntrack_in")
-        .count();
-    eprintln!("{causes:?}; {inferred} not decided by a mark");
-    assert!(
-        inferred <= 16,
-        "{inferred} records not decided by a hook mark"
-    );
+    let inferred = mine.iter().filter(|r| r["evidence"] != evidence).count();
+    eprintln!("{causes:?}; {inferred} not decided by {evidence}");
+    assert!(inferred <= 16, "{inferred} records not decided by {evidence}");
 }
 
 #[test]
-fn insert_clash_drops_are_named_insert_failed_per_packet() {
+fn ctdrop_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
+    // The counters' seeds move while the flood runs: the first drop on
+    // each CPU is left to the totals, every later one is decided.
+    started_during_a_flood(&["live", "--json"], "cpu_counter:drop");
+}
+
+#[test]
+fn with_hook_marks_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
+    // The hooks were in before kfree_skb: a few marks in flight at the
+    // attach instant may be left to the counters; a consumer attached
+    // first would leave many.
+    started_during_a_flood(
+        &["live", "--json", "--mode", "netfilter-hook"],
+        "hook:conntrack_in",
+    );
+}
+
+/// Insert clashes (TCP, no clash resolution) in the sender: each record is
+/// an insert failure, as many as the kernel's `insert_failed` rose.
+fn insert_clash(args: &[&str], evidence: &str) {
     let t = Topology::pair().unwrap();
     // Conntrack on in the sender: its OUTPUT creates, POSTROUTING confirms.
     t.sender.accept_ct("iptables", "OUTPUT", "NEW").unwrap();
     let tx = t.sender.inode().unwrap();
-    let c = Ctdrop::spawn(&["live", "--json"]).unwrap();
+    let c = Ctdrop::spawn(args).unwrap();
     let before = ct_stats(&t.sender).unwrap();
     clash::race_until_insert_failed(&t.sender, t.sender_addr, t.receiver_addr, 80, 20).unwrap();
     let after = settled_ct_stats(&t.sender, "insert_failed").unwrap();
@@ -124,7 +136,7 @@ fn insert_clash_drops_are_named_insert_failed_per_packet() {
     );
     for r in &mine {
         assert_eq!(r["cause"], "conntrack_insert_failed", "{r}");
-        assert_eq!(r["evidence"], "hook:conntrack_confirm", "{r}");
+        assert_eq!(r["evidence"], evidence, "{r}");
         assert_eq!(
             (r["proto"].as_str(), r["dport"].as_u64()),
             (Some("tcp"), Some(80)),
@@ -134,10 +146,23 @@ fn insert_clash_drops_are_named_insert_failed_per_packet() {
 }
 
 #[test]
+fn insert_clash_drops_are_named_insert_failed_per_packet() {
+    insert_clash(&["live", "--json"], "cpu_counter:insert_failed");
+}
+
+#[test]
+fn with_hook_marks_insert_clash_drops_are_named_insert_failed_per_packet() {
+    insert_clash(
+        &["live", "--json", "--mode", "netfilter-hook"],
+        "hook:conntrack_confirm",
+    );
+}
+
+#[test]
 fn sigkill_leaves_no_hook_link_program_or_map() {
     let _ns = Netns::new().unwrap();
     let since = bpf::high_water().unwrap();
-    let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
+    let ctdrop = Ctdrop::spawn(&["live", "--json", "--mode", "netfilter-hook"]).unwrap();
     let held = bpf::held_by(ctdrop.pid());
     let objs = bpf::still_listed(&held).unwrap();
     let hooks: Vec<&bpf::Object> = objs
@@ -169,7 +194,7 @@ fn sigkill_leaves_no_hook_link_program_or_map() {
 
 #[test]
 fn a_namespace_created_after_start_gets_marks_and_exact_causes() {
-    let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
+    let ctdrop = Ctdrop::spawn(&["live", "--json", "--mode", "netfilter-hook"]).unwrap();
     let s = Scene::new(false);
     let _max = ConntrackMaxGuard::set(MAX).unwrap();
     // The watcher says when the new namespace is covered (bounded wait).
@@ -183,6 +208,30 @@ fn a_namespace_created_after_start_gets_marks_and_exact_causes() {
         "no hook marks in the new namespace: {}",
         ctdrop.stderr_so_far()
     );
+    let undecided = judge_new_namespace(ctdrop, &s, "hook:");
+    assert_eq!(undecided, 0, "records not decided by a mark");
+}
+
+#[test]
+fn a_namespace_created_after_start_gets_exact_causes_from_its_counters() {
+    let ctdrop = Ctdrop::spawn(&["live", "--json"]).unwrap();
+    let s = Scene::new(false);
+    let _max = ConntrackMaxGuard::set(MAX).unwrap();
+    // No seed for it: its first conntrack drop on each CPU finds the
+    // counter already moved and is left to the totals; all others are
+    // decided by the counters.
+    let undecided = judge_new_namespace(ctdrop, &s, "cpu_counter:");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert!(
+        undecided <= cpus,
+        "{undecided} records not decided by the counters ({cpus} CPUs)"
+    );
+}
+
+/// Fills the new namespace's table and sends the mixed round, all judged
+/// per record; returns how many records rest on other evidence than
+/// `evidence` (a prefix).
+fn judge_new_namespace(ctdrop: Ctdrop, s: &Scene, evidence: &str) -> usize {
     // Everything from here on, the fill's own overflow included, is judged.
     let m = s.measure(|| {
         s.fill();
@@ -191,30 +240,26 @@ fn a_namespace_created_after_start_gets_marks_and_exact_causes() {
     let out = ctdrop.stop_drained();
     let wrong = s.judge(&out, &m);
     assert_eq!(wrong, 0, "records whose cause is not their packet's");
-    let hooked = out
-        .drops_in(s.rx)
+    out.drops_in(s.rx)
         .iter()
-        .filter(|r| {
-            r["evidence"]
-                .as_str()
-                .is_some_and(|e| e.starts_with("hook:"))
-        })
-        .count();
-    assert_eq!(
-        hooked,
-        out.drops_in(s.rx).len(),
-        "records not decided by a mark"
-    );
+        .filter(|r| !r["evidence"].as_str().is_some_and(|e| e.starts_with(evidence)))
+        .count()
 }
 
-/// Without marks (`--mode tracepoint`) the counters decide among mixed
-/// candidates: totals stay exact, and every such record says so.
+/// Without marks or per-CPU counters (`--mode tracepoint` where the
+/// counters cannot be read, as CTDROP_CPU_STAT=off pretends) the totals
+/// decide among mixed candidates: totals stay exact, and every such record
+/// says so.
 #[test]
 fn without_marks_each_budget_decided_record_says_so_and_is_counted() {
     let s = Scene::new(false);
     let _max = ConntrackMaxGuard::set(MAX).unwrap();
     s.fill();
-    let ctdrop = Ctdrop::spawn(&["live", "--json", "--mode", "tracepoint"]).unwrap();
+    let ctdrop = Ctdrop::spawn_env(
+        &["live", "--json", "--mode", "tracepoint"],
+        &[("CTDROP_CPU_STAT", "off")],
+    )
+    .unwrap();
     let m = s.mixed_round();
     let out = ctdrop.stop_drained();
     // The wrong records of the inference are the point of issue #13; here
@@ -240,10 +285,11 @@ fn without_marks_each_budget_decided_record_says_so_and_is_counted() {
 }
 
 #[test]
-fn check_names_the_netfilter_hooks_and_mode_can_force_or_refuse_them() {
-    let run = |args: &[&str]| -> serde_json::Value {
+fn check_names_the_cpu_counters_and_mode_can_force_the_hooks_or_the_totals() {
+    let run = |args: &[&str], env: &[(&str, &str)]| -> serde_json::Value {
         let out = std::process::Command::new(ctdrop_tests::ctdrop_bin())
             .args(args)
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         assert!(
@@ -262,17 +308,28 @@ fn check_names_the_netfilter_hooks_and_mode_can_force_or_refuse_them() {
             .unwrap();
         m["mechanism"].as_str().unwrap_or("none").to_string()
     };
-    let auto = run(&["check", "--json"]);
-    assert_eq!(auto["tier"], "tracepoint+netfilter-hook", "{auto}");
+    let auto = run(&["check", "--json"], &[]);
+    assert_eq!(auto["tier"], "tracepoint+cpu-counters", "{auto}");
     for signal in ["table_full", "insert_failed", "conntrack_in"] {
         assert!(
-            mechanism(&auto, signal).starts_with("bpf netfilter hooks"),
+            mechanism(&auto, signal).starts_with("tp_btf/kfree_skb reads"),
             "{signal}: {auto}"
         );
     }
-    let forced = run(&["check", "--json", "--mode", "netfilter-hook"]);
+    let forced = run(&["check", "--json", "--mode", "netfilter-hook"], &[]);
     assert_eq!(forced["tier"], "tracepoint+netfilter-hook");
-    let refused = run(&["check", "--json", "--mode", "tracepoint"]);
+    for signal in ["table_full", "insert_failed", "conntrack_in"] {
+        assert!(
+            mechanism(&forced, signal).starts_with("bpf netfilter hooks"),
+            "{signal}: {forced}"
+        );
+    }
+    // Without the counters, auto falls back to the hooks...
+    let off = [("CTDROP_CPU_STAT", "off")];
+    let fallback = run(&["check", "--json"], &off);
+    assert_eq!(fallback["tier"], "tracepoint+netfilter-hook", "{fallback}");
+    // ...and --mode tracepoint to the totals.
+    let refused = run(&["check", "--json", "--mode", "tracepoint"], &off);
     assert_eq!(refused["tier"], "tracepoint");
     assert!(
         mechanism(&refused, "table_full").starts_with("inferred"),

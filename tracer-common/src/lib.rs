@@ -41,6 +41,21 @@ pub mod source {
     /// Set by userspace: the cause was decided by the namespace's `drop`
     /// counter budget among candidates of both kinds (no mark could tell).
     pub const INFERRED_BY_BUDGET: u8 = 10;
+    /// The namespace's per-CPU conntrack `drop` counter on the dropping CPU
+    /// rose since the last netfilter drop there (and neither
+    /// `insert_failed` nor `invalid` did): `nf_conntrack_in` refused the
+    /// packet, the table-full path (witness.rs in tracer-ebpf).
+    pub const CT_STAT_IN: u8 = 11;
+    /// `drop` and `insert_failed` rose: the insert at confirm failed.
+    pub const CT_STAT_CONFIRM: u8 = 12;
+    /// `drop` and `invalid` rose: an l4 tracker returned `-NF_DROP`.
+    pub const CT_STAT_INVALID: u8 = 13;
+    /// `drop` did not rise: conntrack did not drop this packet, a rule did.
+    pub const CT_STAT_NONE: u8 = 14;
+    /// The first netfilter drop seen in that namespace on that CPU, with
+    /// no seed and its counter past 1: conntrack drops there went unseen,
+    /// the counter cannot tell, the namespace's totals must (userspace).
+    pub const CT_STAT_UNSEEN: u8 = 15;
 }
 
 /// Bits of [`FilterConfig::ct_probes`]: which conntrack signal sources the
@@ -50,6 +65,59 @@ pub mod ct_signal {
     pub const PROBES: u8 = 1;
     /// Netfilter hook programs leave marks in `HOOK_MARKS`.
     pub const HOOKS: u8 = 2;
+    /// `kfree_skb` reads the namespace's per-CPU conntrack counters itself
+    /// (no producer: the drop path only).
+    pub const CPU_STAT: u8 = 4;
+}
+
+/// What `kfree_skb` remembers of one namespace's per-CPU conntrack
+/// counters on one CPU (the `CPU_STAT_LEDGER` map, per-CPU array of
+/// [`CPU_STAT_SETS`] x [`CPU_STAT_WAYS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+pub struct CpuStatWay {
+    /// The namespace's `net_cookie`: unique for the life of the system,
+    /// where inode numbers are reused as soon as a namespace is freed.
+    pub cookie: u64,
+    /// This CPU's `struct ip_conntrack_stat` of that namespace; 0 until a
+    /// drop computed it.
+    pub stat: u64,
+    /// Namespace inode; 0 marks a free way.
+    pub inum: u32,
+    pub drop: u32,
+    pub insert_failed: u32,
+    pub invalid: u32,
+    /// One of [`cpu_stat_way`].
+    pub state: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CpuStatWay>() == 40);
+
+/// [`CpuStatWay::state`].
+pub mod cpu_stat_way {
+    /// Written by userspace before `kfree_skb` was attached, from the
+    /// namespace's `/proc/net/stat/nf_conntrack` line for this CPU.
+    pub const SEEDED: u32 = 1;
+    /// Written by `kfree_skb` at a drop.
+    pub const LIVE: u32 = 2;
+}
+
+/// One set of the ledger: a namespace lives in way 0 or 1 of its set
+/// ([`cpu_stat_set`]); one map lookup reaches both.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+pub struct CpuStatSet {
+    pub ways: [CpuStatWay; 2],
+}
+
+/// Sets of the ledger (per CPU): 1,024 namespaces per CPU before two that
+/// drop on the same CPU may share a set and evict each other (each
+/// eviction costs one record decided by the totals).
+pub const CPU_STAT_SETS: u32 = 512;
+
+/// The set of a namespace in the ledger: kernel and userspace must agree.
+pub fn cpu_stat_set(inum: u32) -> u32 {
+    (inum.wrapping_mul(0x9e37_79b1) >> 23) & (CPU_STAT_SETS - 1)
 }
 
 /// Kinds of [`HookMark`].
@@ -97,6 +165,12 @@ pub mod flags {
     pub const HAS_CT_STATUS: u16 = 1 << 8;
     /// The record is followed by [`crate::HEADER_CAPTURE_LEN`] header bytes.
     pub const HAS_HEADER: u16 = 1 << 9;
+    /// A `CT_STAT_*` source decided at the first netfilter drop in that
+    /// namespace on that CPU, against a baseline: the seed userspace read
+    /// before the attach, or, for a namespace without one, zero (its
+    /// counter stood at 1). Exact only where userspace knows the baseline
+    /// held at the attach; elsewhere the totals decide.
+    pub const CT_STAT_BASELINE: u16 = 1 << 10;
 }
 
 /// One dropped packet (or one conntrack-path event) as seen in the kernel.
@@ -300,6 +374,18 @@ pub struct Offsets {
     pub conn_net: u32,
     /// Offset of `zone.id` inside `struct nf_conn` (u32::MAX without zones).
     pub conn_zone_id: u32,
+    /// `net.ct.stat`: the namespace's per-CPU `struct ip_conntrack_stat *`.
+    pub net_ct_stat: u32,
+    /// Fields of `struct ip_conntrack_stat`; all below 32 (read in one go).
+    pub stat_drop: u32,
+    pub stat_insert_failed: u32,
+    pub stat_invalid: u32,
+    /// `net.net_cookie`.
+    pub net_cookie: u32,
+    /// `bpf_array.pptrs`: where a per-CPU array map keeps its per-CPU
+    /// pointers; the program learns its CPU's per-CPU offset from one of
+    /// its own maps (no `__per_cpu_offset` symbol is needed).
+    pub array_pptrs: u32,
 }
 
 pub const OFFSET_ABSENT: u32 = u32::MAX;
@@ -454,4 +540,5 @@ mod user_pod {
     unsafe impl aya::Pod for super::SkbVerdict {}
     unsafe impl aya::Pod for super::HookMark {}
     unsafe impl aya::Pod for super::CountConfig {}
+    unsafe impl aya::Pod for super::CpuStatSet {}
 }

@@ -176,6 +176,17 @@ unsafe fn build(
             rec.source = src;
         }
     }
+    // Also before the filter: a conntrack drop the filter hides must
+    // still be claimed, or the next rule drop there would take it.
+    if signals & ct_signal::CPU_STAT != 0 && reason == ro!(FILTER.netfilter_drop_reason) {
+        let dev = skb::skb_dev(skb_ptr, skb::Via::Btf);
+        if let Some((src, baseline)) = crate::witness::decide(skb_ptr, dev, rec.netns) {
+            rec.source = src;
+            if baseline {
+                rec.flags |= flags::CT_STAT_BASELINE;
+            }
+        }
+    }
     matches(rec)
 }
 

@@ -30,6 +30,7 @@ mod hooks;
 mod kfree_skb;
 mod log;
 mod skb;
+mod witness;
 
 use aya_ebpf::{
     macros::map,
@@ -58,6 +59,12 @@ static OFFSETS: Offsets = Offsets {
     conn_status: OFFSET_ABSENT,
     conn_net: OFFSET_ABSENT,
     conn_zone_id: OFFSET_ABSENT,
+    net_ct_stat: OFFSET_ABSENT,
+    stat_drop: OFFSET_ABSENT,
+    stat_insert_failed: OFFSET_ABSENT,
+    stat_invalid: OFFSET_ABSENT,
+    net_cookie: OFFSET_ABSENT,
+    array_pptrs: OFFSET_ABSENT,
 };
 
 #[no_mangle]

@@ -74,21 +74,24 @@ unsafe fn get<T: Copy>(via: Via, base: *const u8, off: u32) -> Option<T> {
     }
 }
 
-/// The network namespace inode of an skb: its device's namespace, or for
-/// a packet without one (locally generated, not yet routed) its socket's.
-/// `dev` is `skb->dev` (callers read it anyway, for the ifindex).
+/// The network namespace of an skb (`struct net *`): its device's
+/// namespace, or for a packet without one (locally generated, not yet
+/// routed) its socket's; null when neither is known. `dev` is `skb->dev`
+/// (callers read it anyway, for the ifindex).
 #[inline(always)]
-pub unsafe fn skb_netns(skb: *const u8, dev: *const u8, via: Via) -> Option<u32> {
+pub unsafe fn skb_net(skb: *const u8, dev: *const u8, via: Via) -> *const u8 {
     let net = get_ptr(via, dev, ro!(OFFSETS.dev_nd_net));
-    if let Some(inum) = get::<u32>(via, net, ro!(OFFSETS.net_inum)) {
-        return Some(inum);
+    if !net.is_null() {
+        return net;
     }
     let sk = get_ptr(via, skb, ro!(OFFSETS.skb_sk));
-    get::<u32>(
-        via,
-        get_ptr(via, sk, ro!(OFFSETS.sk_net)),
-        ro!(OFFSETS.net_inum),
-    )
+    get_ptr(via, sk, ro!(OFFSETS.sk_net))
+}
+
+/// The network namespace inode of an skb (see [`skb_net`]).
+#[inline(always)]
+pub unsafe fn skb_netns(skb: *const u8, dev: *const u8, via: Via) -> Option<u32> {
+    get::<u32>(via, skb_net(skb, dev, via), ro!(OFFSETS.net_inum))
 }
 
 /// A pointer field; null when the base is null or the field absent.

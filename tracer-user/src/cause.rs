@@ -73,6 +73,12 @@ pub fn evidence(src: u8, cause: Cause) -> &'static str {
             "hook:conntrack_confirm"
         }
         source::HOOK_NOT_CONNTRACK => "hook:outside_conntrack",
+        source::CT_STAT_IN if cause == Cause::ConntrackTableFull => "cpu_counter:drop",
+        source::CT_STAT_CONFIRM if cause == Cause::ConntrackInsertFailed => {
+            "cpu_counter:insert_failed"
+        }
+        source::CT_STAT_INVALID if cause == Cause::ConntrackInvalid => "cpu_counter:invalid",
+        source::CT_STAT_NONE => "cpu_counter:unchanged",
         source::INFERRED_BY_BUDGET => "inferred:drop_counter",
         _ if cause == Cause::ConntrackTableFull => "inferred:table_fill",
         _ => "drop_reason",
@@ -157,6 +163,17 @@ impl Classifier {
             source::CT_HOOK_IN if Some(ev.reason) == self.netfilter_drop => {
                 return Cause::ConntrackTableFull
             }
+            // Conntrack's own per-CPU counters rose for this drop
+            // (tracer-ebpf/src/witness.rs).
+            source::CT_STAT_IN if Some(ev.reason) == self.netfilter_drop => {
+                return Cause::ConntrackTableFull
+            }
+            source::CT_STAT_CONFIRM if Some(ev.reason) == self.netfilter_drop => {
+                return Cause::ConntrackInsertFailed
+            }
+            source::CT_STAT_INVALID if Some(ev.reason) == self.netfilter_drop => {
+                return Cause::ConntrackInvalid
+            }
             source::CT_HOOK_CONFIRM if Some(ev.reason) == self.netfilter_drop => {
                 return Cause::ConntrackInsertFailed
             }
@@ -176,7 +193,7 @@ impl Classifier {
         let no_entry = !ev.has_ct;
         // Hook marks covered the packet and it carried none: conntrack's
         // hooks did not drop it, whatever the counters did meanwhile.
-        if !self.probes && no_entry && ev.source != source::HOOK_NOT_CONNTRACK {
+        if !self.probes && no_entry && !decided_not_conntrack(ev.source) {
             if let Some(fill) = ev.fill {
                 // The namespace's own drop counter is the better witness;
                 // the table fill only stands in when there is no history.
@@ -188,6 +205,12 @@ impl Classifier {
         }
         Cause::NetfilterRule
     }
+}
+
+/// A drop that hook marks or conntrack's counters show conntrack did not
+/// make: the table fill must not overrule them.
+pub fn decided_not_conntrack(src: u8) -> bool {
+    matches!(src, source::HOOK_NOT_CONNTRACK | source::CT_STAT_NONE)
 }
 
 fn is_pmtu_icmp_error(ev: &Facts) -> bool {
@@ -352,6 +375,46 @@ mod tests {
         );
         // A stale mark leaves it to the counters.
         e.source = source::CT_HOOK_STALE;
+        e.ct_fill = fill(64, Some(true));
+        assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
+    }
+
+    #[test]
+    fn per_cpu_counters_decide_without_the_table_fill() {
+        let mut e = ev(NF);
+        // The table is full, but the counter did not move: a rule.
+        e.ct_fill = fill(64, Some(true));
+        e.source = source::CT_STAT_NONE;
+        assert_eq!(c().classify(&e), Cause::NetfilterRule);
+        assert_eq!(
+            evidence(e.source, Cause::NetfilterRule),
+            "cpu_counter:unchanged"
+        );
+        // The table looks free, but `drop` rose: conntrack refused it.
+        e.ct_fill = fill(0, Some(false));
+        for (src, cause, said) in [
+            (
+                source::CT_STAT_IN,
+                Cause::ConntrackTableFull,
+                "cpu_counter:drop",
+            ),
+            (
+                source::CT_STAT_CONFIRM,
+                Cause::ConntrackInsertFailed,
+                "cpu_counter:insert_failed",
+            ),
+            (
+                source::CT_STAT_INVALID,
+                Cause::ConntrackInvalid,
+                "cpu_counter:invalid",
+            ),
+        ] {
+            e.source = src;
+            assert_eq!(c().classify(&e), cause);
+            assert_eq!(evidence(src, cause), said);
+        }
+        // Unseen: the totals and the fill decide.
+        e.source = source::CT_STAT_UNSEEN;
         e.ct_fill = fill(64, Some(true));
         assert_eq!(c().classify(&e), Cause::ConntrackTableFull);
     }

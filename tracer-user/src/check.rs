@@ -122,6 +122,8 @@ pub fn run(args: &CheckArgs) -> Result<()> {
         "kprobe"
     } else if uses("bpf netfilter hooks") {
         "tracepoint+netfilter-hook"
+    } else if uses("per-CPU conntrack counters") {
+        "tracepoint+cpu-counters"
     } else {
         "tracepoint"
     };

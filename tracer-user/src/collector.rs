@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::Result;
-use tracer_common::{source, FilterConfig};
+use tracer_common::{flags, source, FilterConfig};
 
 use crate::{
     advice::{Advice, Host},
@@ -21,7 +21,7 @@ use crate::{
         stats::{CounterCheck, CtCounters},
         FillSampler,
     },
-    events::{decode, DropEvent},
+    events::{decode, decode::record_flags, DropEvent},
     flows::Tally,
     kernel::{
         attach::validate_ring_size,
@@ -119,6 +119,8 @@ pub struct Collector {
     labels: Labels,
     /// Namespaces where netfilter hook marks tell conntrack drops apart.
     pub hooks: Option<crate::kernel::nfhook::HookCoverage>,
+    /// Seeds of the per-CPU counter witness that moved during the attach.
+    pub cpu_stat_unsure: Option<std::sync::Arc<crate::kernel::cpustat::Unsure>>,
     /// Records whose cause the `drop` counter budget decided.
     pub inferred_by_budget: u64,
 }
@@ -182,6 +184,7 @@ impl Collector {
             snapshots: Snapshots::new(SNAPSHOT_GAP),
             advice: Vec::new(),
             hooks: None,
+            cpu_stat_unsure: None,
             inferred_by_budget: 0,
         }
     }
@@ -283,6 +286,16 @@ impl Collector {
                 return None;
             }
         };
+        // A per-CPU counter decision against a baseline not known to hold
+        // may rest on a drop nobody saw: the totals decide it.
+        if record_flags(bytes) & flags::CT_STAT_BASELINE != 0
+            && self
+                .cpu_stat_unsure
+                .as_ref()
+                .is_some_and(|u| u.contains(ev.netns.unwrap_or(0), ev.cpu))
+        {
+            ev.source = source::CT_STAT_UNSEEN;
+        }
         if ev.ct_fill.is_none() {
             if let Some(ns) = ev.netns {
                 // A netfilter drop of a packet without an entry may be a
@@ -291,7 +304,15 @@ impl Collector {
                 let mut candidate = ev.ct.is_none()
                     && !self.classifier.probes
                     && Some(ev.reason) == self.classifier.netfilter_drop
-                    && !matches!(ev.source, source::CT_HOOK_IN | source::CT_HOOK_CONFIRM);
+                    && !matches!(
+                        ev.source,
+                        source::CT_HOOK_IN
+                            | source::CT_HOOK_CONFIRM
+                            | source::CT_STAT_IN
+                            | source::CT_STAT_CONFIRM
+                            | source::CT_STAT_INVALID
+                            | source::CT_STAT_NONE
+                    );
                 if candidate
                     && ev.source == source::KFREE_SKB
                     && self.hooks.as_ref().is_some_and(|h| h.covers(ns, ev.ts_ns))

@@ -131,6 +131,7 @@ impl Source for RingSource {
     fn attached(&mut self, tracer: &mut Tracer, c: &mut Collector) -> Result<()> {
         c.classifier.probes = tracer.probes_drop_paths();
         c.hooks = tracer.hook_coverage();
+        c.cpu_stat_unsure = tracer.cpu_stat_unsure();
         self.ring = Some(RingReader::new(tracer.take_ring()?)?);
         Ok(())
     }
@@ -142,6 +143,8 @@ impl Source for RingSource {
                 "tier kprobe: conntrack paths probed"
             } else if c.hooks.is_some() {
                 "tier tracepoint + netfilter hooks: conntrack drops marked per packet"
+            } else if c.cpu_stat_unsure.is_some() {
+                "tier tracepoint + per-CPU conntrack counters: conntrack drops told at each drop"
             } else {
                 "tier tracepoint: conntrack causes inferred"
             },

@@ -128,6 +128,14 @@ pub fn decode(bytes: &[u8]) -> Result<DropEvent, DecodeError> {
     Ok(ev)
 }
 
+/// The `flags` of a raw record (0 when too short to hold them).
+pub fn record_flags(bytes: &[u8]) -> u16 {
+    let at = std::mem::offset_of!(DropRecord, flags);
+    bytes
+        .get(at..at + 2)
+        .map_or(0, |b| u16::from_ne_bytes([b[0], b[1]]))
+}
+
 pub fn from_record(r: &DropRecord) -> Result<DropEvent, DecodeError> {
     let has = |f: u16| r.flags & f != 0;
     let flow = if has(flags::HAS_L3) {

@@ -9,12 +9,13 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tracer_common::{
-    ct_signal, stat, CountConfig, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet,
+    ct_signal, stat, CountConfig, CpuStatSet, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet,
     GroupKey, GroupSet, Offsets, FLOW_SETS, GROUP_SETS,
 };
 
 use super::{
     btf::KernelBtf,
+    cpustat,
     nfhook::{HookAbi, HookCoverage, NfHooks},
     tier::{self, Mechanism, Mode},
 };
@@ -70,6 +71,8 @@ pub struct Tracer {
     groups: Option<PerCpuHashMap<MapData, GroupKey, u64>>,
     /// Netfilter hook marks (after `ebpf`: dropped after the consumer).
     hooks: Option<NfHooks>,
+    /// Where the per-CPU counter witness runs: the seeds not to trust.
+    cpu_stat_unsure: Option<std::sync::Arc<cpustat::Unsure>>,
     /// Reader of the programs' own diagnostics (`--bpf-log`), last: what
     /// they logged until detached is read before it stops.
     kernel_log: Option<crate::logging::KernelLog>,
@@ -86,8 +89,15 @@ impl Tracer {
         tier::check_mode(opts.mode)?;
         let mut filter = opts.filter;
         let probes = tier::want_kprobes(opts.mode);
+        // The drop path's own witness (cpustat.rs) wherever no kprobes
+        // serve the conntrack paths, unless hooks are asked for.
+        let cpu_stat = if probes || opts.mode == Mode::NetfilterHook {
+            Err(anyhow!("not wanted"))
+        } else {
+            cpustat::config(&opts.offsets)
+        };
         let mut hook_refused = None;
-        let hook_abi = if tier::want_hooks(opts.mode) {
+        let hook_abi = if tier::want_hooks(opts.mode, cpu_stat.is_ok()) {
             match HookAbi::from_btf(opts.btf) {
                 Ok(abi) => Some(abi),
                 Err(e) if opts.mode == Mode::NetfilterHook => {
@@ -106,7 +116,13 @@ impl Tracer {
                 ct_signal::HOOKS
             } else {
                 0
+            }
+            | if cpu_stat.is_ok() {
+                ct_signal::CPU_STAT
+            } else {
+                0
             };
+
         // 0 unless asked for (logging.rs): the verifier then removes the
         // programs' logging code. Both names may be absent (no log call
         // left in the programs): nothing to switch off then.
@@ -194,9 +210,25 @@ impl Tracer {
                 .set(0, crate::probe::mono_ns(), 0)
                 .context("writing HOOK_EPOCH")
         };
+        // Seeds read before the attach, and read again after it: where
+        // they moved, a first decision may rest on a drop nobody saw.
+        let only = (filter.n_netns != 0).then(|| filter.netns[..filter.n_netns as usize].to_vec());
+        let seeds = if cpu_stat.is_ok() {
+            let present = super::nfhook::namespaces_now(only.as_deref());
+            let seeds = cpustat::snapshot(&present);
+            let mut ledger: PerCpuArray<&mut MapData, CpuStatSet> = PerCpuArray::try_from(
+                ebpf.map_mut("CPU_STAT_LEDGER")
+                    .ok_or_else(|| anyhow!("embedded object lacks the CPU_STAT_LEDGER map"))?,
+            )?;
+            let seeded = cpustat::seed(&mut ledger, &seeds)?;
+            mechanisms.extend(tier::cpu_stat_mechanisms());
+            Some((seeds, seeded, present))
+        } else {
+            None
+        };
         if hooks.is_some() {
             set_epoch(&mut ebpf)?;
-        } else if !probes {
+        } else if !probes && seeds.is_none() {
             let why = match (opts.mode, &hook_refused) {
                 (Mode::Tracepoint, _) => "--mode tracepoint".to_string(),
                 (_, Some(e)) => format!(
@@ -216,6 +248,18 @@ impl Tracer {
         if hooks.is_some() {
             set_epoch(&mut ebpf)?;
         }
+        let cpu_stat_unsure = seeds.map(|(before, seeded, present)| {
+            let after = cpustat::snapshot(&present);
+            let unsure =
+                cpustat::Unsure::between(&before, &after, &seeded, present.keys().copied());
+            let (namespaces, pairs) = unsure.counts();
+            if namespaces + pairs > 0 {
+                log::debug!(
+                    "first drops left to the totals: {namespaces} namespaces without a seed that holds, {pairs} (namespace, CPU) pairs whose counters moved during the attach"
+                );
+            }
+            std::sync::Arc::new(unsure)
+        });
         let attach_time = start.elapsed();
         log::trace!("struct offsets from BTF: {:?}", opts.offsets);
         for m in &mechanisms {
@@ -255,6 +299,7 @@ impl Tracer {
             group_sets,
             groups,
             hooks,
+            cpu_stat_unsure,
             kernel_log,
             attach_time,
             mechanisms,
@@ -273,6 +318,12 @@ impl Tracer {
     }
 
     /// Where and since when netfilter hook marks decide conntrack drops.
+    /// With the per-CPU counter witness: which of its seeded decisions the
+    /// collector must leave to the totals.
+    pub fn cpu_stat_unsure(&self) -> Option<std::sync::Arc<cpustat::Unsure>> {
+        self.cpu_stat_unsure.clone()
+    }
+
     pub fn hook_coverage(&self) -> Option<HookCoverage> {
         self.hooks.as_ref().map(|h| h.coverage())
     }

@@ -173,6 +173,12 @@ impl KernelBtf {
             conn_status: self.offset_or_absent("nf_conn", "status"),
             conn_net: self.offset_or_absent("nf_conn", "ct_net.net"),
             conn_zone_id: self.offset_or_absent("nf_conn", "zone.id"),
+            net_ct_stat: self.offset_or_absent("net", "ct.stat"),
+            stat_drop: self.offset_or_absent("ip_conntrack_stat", "drop"),
+            stat_insert_failed: self.offset_or_absent("ip_conntrack_stat", "insert_failed"),
+            stat_invalid: self.offset_or_absent("ip_conntrack_stat", "invalid"),
+            net_cookie: self.offset_or_absent("net", "net_cookie"),
+            array_pptrs: self.offset_or_absent("bpf_array", "pptrs"),
         })
     }
 }

@@ -2,5 +2,6 @@
 pub mod attach;
 pub mod btf;
 pub mod capabilities;
+pub mod cpustat;
 pub mod nfhook;
 pub mod tier;

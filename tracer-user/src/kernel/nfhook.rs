@@ -668,6 +668,11 @@ struct PidNamespaces {
 
 const FULL_EVERY: u32 = 40;
 
+/// Every network namespace reachable now (see [`namespaces`]), once.
+pub fn namespaces_now(only: Option<&[u32]>) -> HashMap<u32, PathBuf> {
+    namespaces(only, &mut PidNamespaces::default())
+}
+
 /// Every network namespace reachable now: our own, named ones
 /// (`/run/netns`), and those of running processes (`/proc/*/ns/net`),
 /// by inode, each with a path that opens it.

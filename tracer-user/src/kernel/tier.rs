@@ -15,15 +15,17 @@ use aya::{programs::KProbe, Ebpf};
 pub enum Mode {
     /// The best each signal can get on this kernel.
     Auto,
-    /// tp_btf only: conntrack causes inferred and cross-checked.
+    /// tp_btf only: conntrack causes from conntrack's per-CPU counters,
+    /// read at each drop (or, where they cannot be read, inferred from the
+    /// namespace's totals).
     Tracepoint,
     /// kprobes/kretprobes on the conntrack functions (fail if unavailable).
     Kprobe,
     /// fentry/fexit (fail if unavailable).
     Fentry,
     /// BPF netfilter programs marking each packet around conntrack's hooks
-    /// (kernel 6.4+; fail if unavailable). Auto picks them where there are
-    /// no kprobes.
+    /// (kernel 6.4+; fail if unavailable). Auto picks them only where
+    /// neither kprobes nor the per-CPU counters serve.
     NetfilterHook,
 }
 
@@ -146,13 +148,37 @@ pub fn want_kprobes(mode: Mode) -> bool {
 }
 
 /// Whether netfilter hook marks should be tried: where asked for, or in
-/// auto mode when no kprobes serve the conntrack paths.
-pub fn want_hooks(mode: Mode) -> bool {
+/// auto mode when neither kprobes nor the per-CPU counter witness serve
+/// the conntrack paths (the hooks run on every packet; the witness only
+/// on drops).
+pub fn want_hooks(mode: Mode, cpu_stat: bool) -> bool {
     match mode {
         Mode::NetfilterHook => true,
-        Mode::Auto => !kprobes_available(),
+        Mode::Auto => !kprobes_available() && !cpu_stat,
         _ => false,
     }
+}
+
+/// Mechanisms when `kfree_skb` reads conntrack's per-CPU counters.
+pub fn cpu_stat_mechanisms() -> Vec<Mechanism> {
+    let witness = |what: &str| {
+        Some(format!(
+            "tp_btf/kfree_skb reads the namespace's per-CPU conntrack counters at each netfilter drop: {what}"
+        ))
+    };
+    SIGNALS
+        .iter()
+        .skip(1)
+        .map(|s| {
+            let (chosen, note) = match *s {
+                "table_full" => (witness("`drop` rose"), String::new()),
+                "insert_failed" => (witness("`drop` and `insert_failed` rose"), String::new()),
+                "conntrack_in" => (witness("`drop` and `invalid` rose"), String::new()),
+                _ => (None, "no kprobes; per-namespace totals only, from /proc/net/stat/nf_conntrack".to_string()),
+            };
+            Mechanism { signal: s, chosen, note }
+        })
+        .collect()
 }
 
 /// Mechanisms when the netfilter hook marks are attached.
