@@ -88,7 +88,10 @@ fn started_during_a_flood(args: &[&str], evidence: &str) {
     let mine = out.drops_in(rx);
     let inferred = mine.iter().filter(|r| r["evidence"] != evidence).count();
     eprintln!("{causes:?}; {inferred} not decided by {evidence}");
-    assert!(inferred <= 16, "{inferred} records not decided by {evidence}");
+    assert!(
+        inferred <= 16,
+        "{inferred} records not decided by {evidence}"
+    );
 }
 
 #[test]
@@ -242,7 +245,11 @@ fn judge_new_namespace(ctdrop: Ctdrop, s: &Scene, evidence: &str) -> usize {
     assert_eq!(wrong, 0, "records whose cause is not their packet's");
     out.drops_in(s.rx)
         .iter()
-        .filter(|r| !r["evidence"].as_str().is_some_and(|e| e.starts_with(evidence)))
+        .filter(|r| {
+            !r["evidence"]
+                .as_str()
+                .is_some_and(|e| e.starts_with(evidence))
+        })
         .count()
 }
 

@@ -106,7 +106,11 @@ pub unsafe fn decide(skb: *const u8, dev: *const u8, inum: u32) -> Option<(u8, b
     };
     // This CPU's counters: cached in the way, else net->ct.stat plus this
     // CPU's per-CPU offset (both plain numbers: read with the helper).
-    let cached = if hit == NONE { 0 } else { set.ways[hit & 1].stat };
+    let cached = if hit == NONE {
+        0
+    } else {
+        set.ways[hit & 1].stat
+    };
     let stat = if cached != 0 {
         cached
     } else {

@@ -9,8 +9,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use tracer_common::{
-    ct_signal, stat, CountConfig, CpuStatSet, CtEventCounts, FilterConfig, FlowCount, FlowKey, FlowSet,
-    GroupKey, GroupSet, Offsets, FLOW_SETS, GROUP_SETS,
+    ct_signal, stat, CountConfig, CpuStatSet, CtEventCounts, FilterConfig, FlowCount, FlowKey,
+    FlowSet, GroupKey, GroupSet, Offsets, FLOW_SETS, GROUP_SETS,
 };
 
 use super::{

@@ -18,8 +18,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use tracer_common::{
-    cpu_stat_set, cpu_stat_way, CpuStatSet, CpuStatWay, Offsets, CPU_STAT_SETS,
-    OFFSET_ABSENT,
+    cpu_stat_set, cpu_stat_way, CpuStatSet, CpuStatWay, Offsets, CPU_STAT_SETS, OFFSET_ABSENT,
 };
 
 /// `drop`, `insert_failed`, `invalid` of one CPU.
@@ -45,7 +44,10 @@ pub fn config(offsets: &Offsets) -> Result<()> {
     for (name, off) in [
         ("net.ct.stat", offsets.net_ct_stat),
         ("ip_conntrack_stat.drop", offsets.stat_drop),
-        ("ip_conntrack_stat.insert_failed", offsets.stat_insert_failed),
+        (
+            "ip_conntrack_stat.insert_failed",
+            offsets.stat_insert_failed,
+        ),
         ("ip_conntrack_stat.invalid", offsets.stat_invalid),
         ("bpf_array.pptrs", offsets.array_pptrs),
     ] {
@@ -54,9 +56,13 @@ pub fn config(offsets: &Offsets) -> Result<()> {
         }
     }
     // The kernel program reads the struct's first 32 bytes in one go.
-    if [offsets.stat_drop, offsets.stat_insert_failed, offsets.stat_invalid]
-        .iter()
-        .any(|o| *o > 28 || o % 4 != 0)
+    if [
+        offsets.stat_drop,
+        offsets.stat_insert_failed,
+        offsets.stat_invalid,
+    ]
+    .iter()
+    .any(|o| *o > 28 || o % 4 != 0)
     {
         bail!("struct ip_conntrack_stat has an unexpected layout");
     }
@@ -86,7 +92,9 @@ pub fn parse_per_cpu(text: &str) -> Result<Vec<CpuCounters>> {
         }
         let mut c = [0u32; 3];
         for (slot, i) in c.iter_mut().zip(cols) {
-            let v = f.get(i).ok_or_else(|| anyhow!("short conntrack stat line"))?;
+            let v = f
+                .get(i)
+                .ok_or_else(|| anyhow!("short conntrack stat line"))?;
             // The kernel prints the u32 counters as %08x.
             *slot = u32::from_str_radix(v, 16)
                 .map_err(|_| anyhow!("bad hex value {v:?} in conntrack stats"))?;

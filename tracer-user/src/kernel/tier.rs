@@ -174,9 +174,17 @@ pub fn cpu_stat_mechanisms() -> Vec<Mechanism> {
                 "table_full" => (witness("`drop` rose"), String::new()),
                 "insert_failed" => (witness("`drop` and `insert_failed` rose"), String::new()),
                 "conntrack_in" => (witness("`drop` and `invalid` rose"), String::new()),
-                _ => (None, "no kprobes; per-namespace totals only, from /proc/net/stat/nf_conntrack".to_string()),
+                _ => (
+                    None,
+                    "no kprobes; per-namespace totals only, from /proc/net/stat/nf_conntrack"
+                        .to_string(),
+                ),
             };
-            Mechanism { signal: s, chosen, note }
+            Mechanism {
+                signal: s,
+                chosen,
+                note,
+            }
         })
         .collect()
 }
