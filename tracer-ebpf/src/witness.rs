@@ -10,11 +10,15 @@
 //! namespace's `drop` on this CPU either moved since the last one we saw
 //! there (conntrack dropped this packet) or did not (a rule did).
 //!
-//! The ledger keeps, per CPU and namespace, the counters at the last
-//! netfilter drop. Userspace seeds it before attaching (from
-//! `/proc/net/stat/nf_conntrack`); a namespace met without a seed is
-//! decided only when its counter is still 0 (no conntrack drop ever),
-//! otherwise left to the totals (`CT_STAT_UNSEEN`).
+//! The ledger keeps, per CPU and namespace (keyed by `net_cookie`, never
+//! reused, unlike inode numbers), the counters at the last netfilter drop.
+//! Userspace seeds it before attaching (from `/proc/net/stat/nf_conntrack`)
+//! and knows which seeds held through the attach. A namespace met without
+//! a seed is decided against zero: at 0 no conntrack drop ever happened
+//! there; at 1, if the namespace was born after the attach (userspace
+//! knows), this drop made it (`flags::CT_STAT_BASELINE` asks userspace to
+//! check); past 1, drops went unseen and the totals decide
+//! (`CT_STAT_UNSEEN`).
 //!
 //! Where this can be wrong, and only by swapping the causes of two records
 //! (totals stay exact): a task's conntrack drop in LOCAL_OUT or at confirm
@@ -85,9 +89,7 @@ pub unsafe fn decide(skb: *const u8, dev: *const u8, inum: u32) -> Option<(u8, b
     if net.is_null() || inum == 0 {
         return None;
     }
-    let Some(cookie) = skb::load::<u64>(net, ro!(OFFSETS.net_cookie)) else {
-        return None;
-    };
+    let cookie = skb::load::<u64>(net, ro!(OFFSETS.net_cookie))?;
     if cookie == 0 {
         return None;
     }

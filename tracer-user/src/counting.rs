@@ -249,10 +249,11 @@ impl Source for CountSource {
             );
         }
         format!(
-            "ctdrop: {}stopped after {:.1} s: {counted} drops counted, 0 events lost, {}",
+            "ctdrop: {}stopped after {:.1} s: {counted} drops counted, 0 events lost, {}{}",
             end.level,
             end.elapsed.as_secs_f64(),
-            flow_words(self.flow_sample, t.flows_tracked(), s)
+            flow_words(self.flow_sample, t.flows_tracked(), s),
+            crate::session::skipped_words(s)
         )
     }
 }

@@ -186,15 +186,27 @@ impl Source for RingSource {
     fn stopped(&self, end: &End) -> String {
         let t = &end.collector.tally;
         format!(
-            "ctdrop: {}stopped after {:.1} s: {} drops recorded, {} events lost, {} flows tracked, {} drops in flows beyond --max-flows",
+            "ctdrop: {}stopped after {:.1} s: {} drops recorded, {} events lost, {} flows tracked, {} drops in flows beyond --max-flows{}",
             end.level,
             end.elapsed.as_secs_f64(),
             t.total,
             end.stats.lost,
             t.flows_tracked(),
-            t.flows_untracked
+            t.flows_untracked,
+            skipped_words(&end.stats)
         )
     }
+}
+
+/// Said only when it happened: kfree_skb runs the kernel skipped.
+pub fn skipped_words(s: &KernelStats) -> String {
+    if s.skipped_runs == 0 {
+        return String::new();
+    }
+    format!(
+        ", {} kfree_skb runs skipped by the kernel (nested on a busy CPU: those drops are in no count)",
+        s.skipped_runs
+    )
 }
 
 /// The `attached` line's last words: which drops are traced.
@@ -321,6 +333,7 @@ pub async fn run_with(
     let mut sample_tick = tokio::time::interval(Duration::from_millis(10));
     sample_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_lost = 0u64;
+    let mut last_skipped = 0u64;
     // After a stop request, outstanding probes get their timeout to finish.
     let mut stopping: Option<tokio::time::Instant> = None;
     // Whoever read our output went away (`ctdrop live | head`): stop, or we
@@ -376,6 +389,10 @@ pub async fn run_with(
                     // line, so it shows whether or not a logger is installed.
                     eprintln!("ctdrop: warning: {} events lost in the last second (ring buffer full): raise --ring-size", s.lost - last_lost);
                     last_lost = s.lost;
+                }
+                if s.skipped_runs > last_skipped {
+                    eprintln!("ctdrop: warning: the kernel skipped {} kfree_skb runs in the last second (a drop nested inside another on one CPU): those drops are in no count", s.skipped_runs - last_skipped);
+                    last_skipped = s.skipped_runs;
                 }
                 let counters = if sinks.iter().any(|k| k.wants_counters()) { collector.counters_now() } else { BTreeMap::new() };
                 let progress = Progress {

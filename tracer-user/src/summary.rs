@@ -77,6 +77,7 @@ impl Summary<'_> {
                 .collect(),
             events_lost: self.stats.lost,
             events_sent: self.stats.sent,
+            kfree_skb_skipped: self.stats.skipped_runs,
             decode_errors: self.decode_errors,
             flows_tracked: t.flows_tracked(),
             flows_untracked: t.flows_untracked,
@@ -502,5 +503,5 @@ mod tests {
         assert!(text.contains("top flows:\n         5  udp"), "{text}");
     }
 
-    const GOLDEN: &str = r#"{"advice":[],"conntrack_events":[{"alloc_failed":0,"clash_resolved":0,"confirm_dropped":0,"early_drop_evicted":0,"early_drop_failed":0,"in_dropped":0,"inserts":0,"invalid":0,"netns":7}],"decode_errors":0,"drops_by_cause":{"conntrack_insert_failed":0,"conntrack_invalid":0,"conntrack_table_full":5,"icmp_error_blocked":0,"netfilter_rule":0,"other":1},"drops_by_netns":{"7":5,"unknown":1},"drops_total":6,"duration_s":1.5,"echo_losses":[],"echo_losses_not_kept":0,"events_lost":0,"events_sent":6,"filtered":false,"flows_tracked":1,"flows_untracked":0,"inferred_by_budget":2,"kernel_counters":[{"agree":true,"drop":5,"early_drop":1,"entries":64,"insert_failed":0,"insert_failed_records":0,"netns":7,"netns_name":"recv","table_full_records":5,"unrecorded":0}],"kind":"summary","mechanisms":[{"mechanism":"tp_btf/kfree_skb","note":"","signal":"drops"}],"netns_names":{"7":null},"occupancy":[],"probes":{"198.18.0.2":{"answered":0,"late":0,"lost":0,"lost_by_cause":{},"lost_unexplained":0,"sent":0}},"tier":"tracepoint","top_flows":[{"cause":"conntrack_table_full","dport":53,"drops":5,"dst":"198.18.0.2","first_ts_ns":1010,"last_ts_ns":1020,"netns":7,"proto":"udp","sport":1000,"src":"198.18.0.1"}]}"#;
+    const GOLDEN: &str = r#"{"advice":[],"conntrack_events":[{"alloc_failed":0,"clash_resolved":0,"confirm_dropped":0,"early_drop_evicted":0,"early_drop_failed":0,"in_dropped":0,"inserts":0,"invalid":0,"netns":7}],"decode_errors":0,"drops_by_cause":{"conntrack_insert_failed":0,"conntrack_invalid":0,"conntrack_table_full":5,"icmp_error_blocked":0,"netfilter_rule":0,"other":1},"drops_by_netns":{"7":5,"unknown":1},"drops_total":6,"duration_s":1.5,"echo_losses":[],"echo_losses_not_kept":0,"events_lost":0,"events_sent":6,"filtered":false,"flows_tracked":1,"flows_untracked":0,"inferred_by_budget":2,"kernel_counters":[{"agree":true,"drop":5,"early_drop":1,"entries":64,"insert_failed":0,"insert_failed_records":0,"netns":7,"netns_name":"recv","table_full_records":5,"unrecorded":0}],"kfree_skb_skipped":0,"kind":"summary","mechanisms":[{"mechanism":"tp_btf/kfree_skb","note":"","signal":"drops"}],"netns_names":{"7":null},"occupancy":[],"probes":{"198.18.0.2":{"answered":0,"late":0,"lost":0,"lost_by_cause":{},"lost_unexplained":0,"sent":0}},"tier":"tracepoint","top_flows":[{"cause":"conntrack_table_full","dport":53,"drops":5,"dst":"198.18.0.2","first_ts_ns":1010,"last_ts_ns":1020,"netns":7,"proto":"udp","sport":1000,"src":"198.18.0.1"}]}"#;
 }

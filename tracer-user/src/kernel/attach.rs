@@ -56,6 +56,10 @@ pub struct KernelStats {
     pub group_map_full: u64,
     /// Count-mode drops sampled for per-flow detail.
     pub flow_sampled: u64,
+    /// Runs of `kfree_skb` the kernel skipped because the program was
+    /// already running on that CPU (a drop in an interrupt that came while
+    /// it ran): drops no count saw. 0 where the kernel does not say.
+    pub skipped_runs: u64,
 }
 
 /// Loaded and attached programs; dropping it detaches everything (links
@@ -403,7 +407,17 @@ impl Tracer {
             flow_map_full: sum(stat::FLOW_MAP_FULL)?,
             group_map_full: sum(stat::GROUP_MAP_FULL)?,
             flow_sampled: sum(stat::FLOW_SAMPLED)?,
+            skipped_runs: self.kfree_skb_misses().unwrap_or(0),
         })
+    }
+
+    /// `recursion_misses` of the `kfree_skb` program (5.12+); None once
+    /// detached or where the kernel's info is shorter.
+    fn kfree_skb_misses(&self) -> Option<u64> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let prog = self.ebpf.as_ref()?.program("kfree_skb")?;
+        let fd = prog.fd().ok()?.as_fd().as_raw_fd();
+        recursion_misses(fd)
     }
 
     /// Per-group drop counts of count mode (cumulative), summed over slots
@@ -498,4 +512,35 @@ fn resource_cause(text: &str) -> Option<String> {
         );
     }
     None
+}
+
+/// `struct bpf_prog_info.recursion_misses` of the program open as `fd`
+/// (BPF_OBJ_GET_INFO_BY_FD: aya 0.14's ProgramInfo has no accessor).
+fn recursion_misses(fd: std::os::fd::RawFd) -> Option<u64> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    /// uapi offset of `recursion_misses` (u64) in `struct bpf_prog_info`.
+    const AT: usize = 208;
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = [0u64; 32];
+    let mut attr = Attr {
+        bpf_fd: fd as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which
+    // outlives the call, and rewrites `info_len` with what it filled.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    (r == 0 && attr.info_len as usize >= AT + 8).then(|| info[AT / 8])
 }

@@ -26,6 +26,9 @@ pub struct SummaryLine<'a> {
     pub netns_names: BTreeMap<String, Option<String>>,
     pub events_lost: u64,
     pub events_sent: u64,
+    /// `kfree_skb` runs the kernel skipped (the program was already
+    /// running on that CPU): drops no count saw.
+    pub kfree_skb_skipped: u64,
     pub decode_errors: u64,
     pub flows_tracked: usize,
     pub flows_untracked: u64,
