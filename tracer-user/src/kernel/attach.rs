@@ -77,6 +77,8 @@ pub struct Tracer {
     hooks: Option<NfHooks>,
     /// Where the per-CPU counter witness runs: the seeds not to trust.
     cpu_stat_unsure: Option<std::sync::Arc<cpustat::Unsure>>,
+    /// `kfree_skb`'s skipped runs, read when it was detached.
+    skipped_at_detach: u64,
     /// Reader of the programs' own diagnostics (`--bpf-log`), last: what
     /// they logged until detached is read before it stops.
     kernel_log: Option<crate::logging::KernelLog>,
@@ -304,6 +306,7 @@ impl Tracer {
             groups,
             hooks,
             cpu_stat_unsure,
+            skipped_at_detach: 0,
             kernel_log,
             attach_time,
             mechanisms,
@@ -314,6 +317,8 @@ impl Tracer {
     /// values and what is in the ring stays readable, so a drain after this
     /// ends, and delivered + lost adds up exactly.
     pub fn detach(&mut self) {
+        // Read while the program exists: the count goes with it.
+        self.skipped_at_detach = self.kfree_skb_misses().unwrap_or(self.skipped_at_detach);
         // The consumer first: with the marks gone while kfree_skb still
         // ran, conntrack drops would look like rule drops.
         self.ebpf = None;
@@ -321,13 +326,13 @@ impl Tracer {
         self.kernel_log = None;
     }
 
-    /// Where and since when netfilter hook marks decide conntrack drops.
     /// With the per-CPU counter witness: which of its seeded decisions the
     /// collector must leave to the totals.
     pub fn cpu_stat_unsure(&self) -> Option<std::sync::Arc<cpustat::Unsure>> {
         self.cpu_stat_unsure.clone()
     }
 
+    /// Where and since when netfilter hook marks decide conntrack drops.
     pub fn hook_coverage(&self) -> Option<HookCoverage> {
         self.hooks.as_ref().map(|h| h.coverage())
     }
@@ -407,7 +412,7 @@ impl Tracer {
             flow_map_full: sum(stat::FLOW_MAP_FULL)?,
             group_map_full: sum(stat::GROUP_MAP_FULL)?,
             flow_sampled: sum(stat::FLOW_SAMPLED)?,
-            skipped_runs: self.kfree_skb_misses().unwrap_or(0),
+            skipped_runs: self.kfree_skb_misses().unwrap_or(self.skipped_at_detach),
         })
     }
 
