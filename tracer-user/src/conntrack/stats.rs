@@ -11,34 +11,50 @@ pub struct CtCounters {
     pub columns: BTreeMap<String, u64>,
 }
 
+/// The file's column names and each CPU line's values (one line per
+/// possible CPU, in CPU order; the kernel prints them in hex).
+pub fn per_cpu_rows(text: &str) -> Result<(Vec<&str>, Vec<Vec<u64>>)> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| anyhow!("empty conntrack stat file"))?
+        .split_whitespace()
+        .collect();
+    if header.is_empty() {
+        bail!("conntrack stat file has no header");
+    }
+    let mut rows = Vec::new();
+    for line in lines {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.is_empty() {
+            continue;
+        }
+        if fields.len() != header.len() {
+            bail!(
+                "conntrack stat line has {} columns, header has {}",
+                fields.len(),
+                header.len()
+            );
+        }
+        let row = fields
+            .iter()
+            .map(|f| {
+                u64::from_str_radix(f, 16)
+                    .map_err(|_| anyhow!("bad hex value {f:?} in conntrack stats"))
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        rows.push(row);
+    }
+    Ok((header, rows))
+}
+
 impl CtCounters {
     pub fn parse(text: &str) -> Result<Self> {
-        let mut lines = text.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .ok_or_else(|| anyhow!("empty conntrack stat file"))?
-            .split_whitespace()
-            .collect();
-        if header.is_empty() {
-            bail!("conntrack stat file has no header");
-        }
+        let (header, rows) = per_cpu_rows(text)?;
         let mut columns: BTreeMap<String, u64> =
             header.iter().map(|h| (h.to_string(), 0)).collect();
-        for line in lines {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.is_empty() {
-                continue;
-            }
-            if fields.len() != header.len() {
-                bail!(
-                    "conntrack stat line has {} columns, header has {}",
-                    fields.len(),
-                    header.len()
-                );
-            }
-            for (name, f) in header.iter().zip(fields) {
-                let v = u64::from_str_radix(f, 16)
-                    .map_err(|_| anyhow!("bad hex value {f:?} in conntrack stats"))?;
+        for row in rows {
+            for (name, v) in header.iter().zip(row) {
                 let slot = columns.get_mut(*name).unwrap();
                 if *name == "entries" {
                     *slot = v;
@@ -119,13 +135,16 @@ impl CtLimits {
     }
 }
 
+/// Two CPUs' lines as a 6.18 kernel prints them (tests here and in
+/// kernel/cpustat.rs).
+#[cfg(test)]
+pub(crate) const TWO_CPUS: &str = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart\n\
+0000003f  00000000 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000001 0000000a 00000000 00000000  00000000 00000000 00000000 00000000\n\
+0000003f  00000001 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000014 00000000 00000000  00000000 00000000 00000000 00000000\n";
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const TWO_CPUS: &str = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart\n\
-0000003f  00000000 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000001 0000000a 00000000 00000000  00000000 00000000 00000000 00000000\n\
-0000003f  00000001 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000014 00000000 00000000  00000000 00000000 00000000 00000000\n";
 
     #[test]
     fn sums_cpus_but_not_entries() {

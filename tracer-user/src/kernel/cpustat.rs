@@ -71,12 +71,7 @@ pub fn config(offsets: &Offsets) -> Result<()> {
 
 /// One namespace's `/proc/net/stat/nf_conntrack`, per CPU line.
 pub fn parse_per_cpu(text: &str) -> Result<Vec<CpuCounters>> {
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .ok_or_else(|| anyhow!("empty conntrack stat file"))?
-        .split_whitespace()
-        .collect();
+    let (header, rows) = crate::conntrack::stats::per_cpu_rows(text)?;
     let col = |n: &str| {
         header
             .iter()
@@ -84,24 +79,8 @@ pub fn parse_per_cpu(text: &str) -> Result<Vec<CpuCounters>> {
             .ok_or_else(|| anyhow!("conntrack stat file has no {n} column"))
     };
     let cols = [col("drop")?, col("insert_failed")?, col("invalid")?];
-    let mut out = Vec::new();
-    for line in lines {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.is_empty() {
-            continue;
-        }
-        let mut c = [0u32; 3];
-        for (slot, i) in c.iter_mut().zip(cols) {
-            let v = f
-                .get(i)
-                .ok_or_else(|| anyhow!("short conntrack stat line"))?;
-            // The kernel prints the u32 counters as %08x.
-            *slot = u32::from_str_radix(v, 16)
-                .map_err(|_| anyhow!("bad hex value {v:?} in conntrack stats"))?;
-        }
-        out.push(c);
-    }
-    Ok(out)
+    // The counters are u32 in the kernel (printed as %08x).
+    Ok(rows.iter().map(|r| cols.map(|i| r[i] as u32)).collect())
 }
 
 /// The counters of every namespace in `namespaces` (inode -> a path that
@@ -259,14 +238,10 @@ impl Unsure {
 mod tests {
     use super::*;
 
-    const STAT: &str = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart\n\
-00000040  00000000 00000000 00000000 00000003 00000000 00000000 00000000 00000000 00000001 0000001a 00000000 00000000 00000000 00000000 00000000 00000000\n\
-00000040  00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 000000ff 00000000 00000000 00000000 00000000 00000000 00000000\n";
-
     #[test]
     fn per_cpu_lines_give_drop_insert_failed_invalid_by_header_name() {
-        let c = parse_per_cpu(STAT).unwrap();
-        assert_eq!(c, vec![[0x1a, 1, 3], [0xff, 0, 0]]);
+        let c = parse_per_cpu(crate::conntrack::stats::TWO_CPUS).unwrap();
+        assert_eq!(c, vec![[0x0a, 1, 2], [0x14, 0, 0]]);
         assert!(parse_per_cpu("entries found\n1 2\n").is_err());
     }
 
