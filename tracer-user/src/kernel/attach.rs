@@ -97,7 +97,9 @@ impl Tracer {
         let probes = tier::want_kprobes(opts.mode);
         // The drop path's own witness (cpustat.rs) wherever no kprobes
         // serve the conntrack paths, unless hooks are asked for.
-        let cpu_stat = if probes || opts.mode == Mode::NetfilterHook {
+        // Count mode decides no record's cause in the kernel: no seeds
+        // (a walk of every namespace at start) for nothing.
+        let cpu_stat = if probes || opts.mode == Mode::NetfilterHook || filter.count_only != 0 {
             Err(anyhow!("not wanted"))
         } else {
             cpustat::config(&opts.offsets)
