@@ -167,20 +167,25 @@ fn ct_events(out: &ctdrop_tests::CtdropOutput, netns: u32) -> serde_json::Value 
 
 #[test]
 #[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
-fn guest_check_reports_kprobe_tier_for_conntrack_signals() {
+fn guest_check_reports_counters_by_default_and_kprobes_when_asked() {
     // nf_conntrack must be loaded for its functions to be in kallsyms.
     let t = Topology::pair().unwrap();
     t.track_receiver().unwrap();
-    let out = Command::new(ctdrop_bin())
-        .args(["check", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(ctdrop_bin()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Auto takes the per-CPU counters (drop path only) over the kprobes
+    // (every packet conntrack sees)...
+    let auto = check(&["check", "--json"]);
+    assert_eq!(auto["tier"], "tracepoint+cpu-counters", "{auto}");
+    // ...which are there when asked for.
+    let v = check(&["check", "--json", "--mode", "kprobe"]);
     assert_eq!(v["tier"], "kprobe", "{v}");
     for signal in [
         "table_full",
@@ -348,13 +353,13 @@ fn guest_udp_clashes_are_resolved_and_counted_not_dropped() {
 #[test]
 #[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
 fn guest_started_during_a_flood_never_calls_a_table_full_drop_a_rule() {
-    let (rx, out) = mixed::ctdrop_started_during_a_flood(&["live", "--json"]);
+    let (rx, out) = mixed::ctdrop_started_during_a_flood(&["live", "--json", "--mode", "kprobe"]);
     mixed::assert_flood_all_table_full(rx, &out);
 }
 
 /// Netfilter hook marks where the kernel loads them (6.12): the mixed scene
 /// exact per record; where it does not (6.1): refused in one line, and auto
-/// stays on kprobes.
+/// takes the per-CPU counters.
 #[test]
 #[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
 fn guest_netfilter_hook_mode_is_exact_or_refused_in_one_line() {
@@ -377,8 +382,8 @@ fn guest_netfilter_hook_mode_is_exact_or_refused_in_one_line() {
         v["tier"], cap["ok"], cap["detail"]
     );
     assert_eq!(
-        v["tier"], "kprobe",
-        "auto must keep the kprobe tier where kprobes exist"
+        v["tier"], "tracepoint+cpu-counters",
+        "auto must take the per-CPU counters, not hooks, where they can be read"
     );
     if cap["ok"] == true {
         let _max = ConntrackMaxGuard::set(mixed::MAX).unwrap();
@@ -410,17 +415,17 @@ fn guest_netfilter_hook_mode_is_exact_or_refused_in_one_line() {
     }
 }
 
-/// Conntrack's per-CPU counters read at each drop (`--mode tracepoint`,
-/// which leaves the kprobes out): the mixed scene exact per record on
-/// kernels whose conntrack is a module, and every record decided by the
-/// counters themselves (the ledger was seeded before the attach).
+/// Conntrack's per-CPU counters read at each drop (the default, with
+/// kprobes present): the mixed scene exact per record on kernels whose
+/// conntrack is a module, and every record decided by the counters
+/// themselves (the ledger was seeded before the attach).
 #[test]
 #[ignore = "runs inside a VM guest (kernel_matrix host tests)"]
 fn guest_cpu_counter_tier_is_exact_per_record() {
     let s = mixed::Scene::new(false);
     let _max = ConntrackMaxGuard::set(mixed::MAX).unwrap();
     s.fill();
-    let c = Ctdrop::spawn(&["live", "--json", "--mode", "tracepoint"]).unwrap();
+    let c = Ctdrop::spawn(&["live", "--json"]).unwrap();
     let m = s.mixed_round();
     std::thread::sleep(Duration::from_millis(500));
     let out = c.stop().unwrap();

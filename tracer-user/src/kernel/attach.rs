@@ -94,16 +94,18 @@ impl Tracer {
         let btf = opts.btf.aya()?;
         tier::check_mode(opts.mode)?;
         let mut filter = opts.filter;
-        let probes = tier::want_kprobes(opts.mode);
-        // The drop path's own witness (cpustat.rs) wherever no kprobes
-        // serve the conntrack paths, unless hooks are asked for.
-        // Count mode decides no record's cause in the kernel: no seeds
-        // (a walk of every namespace at start) for nothing.
-        let cpu_stat = if probes || opts.mode == Mode::NetfilterHook || filter.count_only != 0 {
-            Err(anyhow!("not wanted"))
-        } else {
-            cpustat::config(&opts.offsets)
-        };
+        // The drop path's own witness (cpustat.rs) first: it runs only on
+        // drops, where kprobes on nf_conntrack_in and hook marks run on
+        // every packet. Not where another mechanism is asked for; not in
+        // count mode, which decides no record's cause in the kernel (the
+        // seeds would cost a walk of every namespace at start for nothing).
+        let cpu_stat =
+            if matches!(opts.mode, Mode::Kprobe | Mode::NetfilterHook) || filter.count_only != 0 {
+                Err(anyhow!("not wanted"))
+            } else {
+                cpustat::config(&opts.offsets)
+            };
+        let probes = tier::want_kprobes(opts.mode, cpu_stat.is_ok());
         let mut hook_refused = None;
         let hook_abi = if tier::want_hooks(opts.mode, cpu_stat.is_ok()) {
             match HookAbi::from_btf(opts.btf) {

@@ -1,10 +1,12 @@
 //! Which mechanism serves each signal on this kernel, found by trying.
 //!
-//! Drops always come from `tp_btf/kfree_skb`. The conntrack paths are
-//! watched by kprobes/kretprobes where the kernel has them (distribution
-//! kernels); elsewhere by BPF netfilter programs marking each packet around
-//! conntrack's hooks (kernel 6.4+, `nfhook.rs`); failing both, the
-//! tracepoint tier infers table-full drops from the namespace's counters.
+//! Drops always come from `tp_btf/kfree_skb`. Which of them conntrack made
+//! is told, by default, at the drop itself from conntrack's own per-CPU
+//! counters (`cpustat.rs`): nothing runs on packets that live. Failing
+//! that, or where asked for: kprobes/kretprobes on the conntrack functions
+//! (distribution kernels; they also count evictions, clashes and inserts),
+//! BPF netfilter programs marking each packet around conntrack's hooks
+//! (kernel 6.4+, `nfhook.rs`), or inference from the namespace's totals.
 
 use std::collections::HashSet;
 
@@ -13,13 +15,17 @@ use aya::{programs::KProbe, Ebpf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// The best each signal can get on this kernel.
+    /// Conntrack's per-CPU counters read at each drop where they can be
+    /// read (nothing runs on packets that live); else kprobes, else
+    /// netfilter hook marks, else inference from the namespace's totals.
     Auto,
     /// tp_btf only: conntrack causes from conntrack's per-CPU counters,
     /// read at each drop (or, where they cannot be read, inferred from the
     /// namespace's totals).
     Tracepoint,
-    /// kprobes/kretprobes on the conntrack functions (fail if unavailable).
+    /// kprobes/kretprobes on the conntrack functions (fail if
+    /// unavailable): also counts early_drop evictions, resolved clashes
+    /// and insertions, at a cost on every packet conntrack sees.
     Kprobe,
     /// fentry/fexit (fail if unavailable).
     Fentry,
@@ -142,13 +148,19 @@ pub fn kallsyms_functions(wanted: &[&str]) -> HashSet<String> {
     found
 }
 
-/// Whether conntrack probes should be tried in this mode on this kernel.
-pub fn want_kprobes(mode: Mode) -> bool {
-    matches!(mode, Mode::Auto | Mode::Kprobe) && kprobes_available()
+/// Whether conntrack probes should be tried in this mode on this kernel:
+/// where asked for, or in auto mode where the per-CPU counter witness
+/// cannot serve (the probes on `nf_conntrack_in` run on every packet).
+pub fn want_kprobes(mode: Mode, cpu_stat: bool) -> bool {
+    match mode {
+        Mode::Kprobe => kprobes_available(),
+        Mode::Auto => kprobes_available() && !cpu_stat,
+        _ => false,
+    }
 }
 
 /// Whether netfilter hook marks should be tried: where asked for, or in
-/// auto mode when neither kprobes nor the per-CPU counter witness serve
+/// auto mode when neither the per-CPU counter witness nor kprobes serve
 /// the conntrack paths (the hooks run on every packet; the witness only
 /// on drops).
 pub fn want_hooks(mode: Mode, cpu_stat: bool) -> bool {
