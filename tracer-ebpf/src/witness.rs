@@ -56,11 +56,15 @@ unsafe fn this_cpu_offset() -> Option<u64> {
     let here = address_of(slot as *const u8)?;
     let map = address_of(&CPU_OFFSET as *const PerCpuArray<u64> as *const u8)?;
     let base = read::<u64>(map as *const u8, ro!(OFFSETS.array_pptrs))?;
-    if base == 0 || here <= base {
+    if base == 0 {
         return None;
     }
-    *slot = here - base;
-    Some(here - base)
+    // Wrapping: on arm64 the offset can be "negative" (a per-CPU pointer
+    // above the area it is resolved into). 0 (a one-CPU kernel) is simply
+    // learnt again next time.
+    let off = here.wrapping_sub(base);
+    *slot = off;
+    Some(off)
 }
 
 /// A pointer's value as a plain number: copied through memory with the
