@@ -105,6 +105,11 @@ impl Tracer {
             } else {
                 cpustat::config(&opts.offsets)
             };
+        if let (Err(e), Mode::Auto | Mode::Tracepoint) = (&cpu_stat, opts.mode) {
+            if filter.count_only == 0 {
+                log::debug!("conntrack's per-CPU counters cannot be read here: {e:#}");
+            }
+        }
         let probes = tier::want_kprobes(opts.mode, cpu_stat.is_ok());
         let mut hook_refused = None;
         let hook_abi = if tier::want_hooks(opts.mode, cpu_stat.is_ok()) {
