@@ -101,6 +101,12 @@ pub struct Ctdrop {
     child: Child,
     own_stdout: Option<std::process::ChildStdout>,
     stdout: Option<JoinHandle<String>>,
+    /// [`Stdout::All`]: a regular file, read once ctdrop has exited. A
+    /// pipe would need this process to keep up with ctdrop's output while
+    /// the test's flood takes both CPUs; when it did not, ctdrop's
+    /// slow-reader policy dropped lines (said on stderr) and per-record
+    /// checks failed for the harness's sake.
+    stdout_file: Option<std::fs::File>,
     stderr: Option<JoinHandle<()>>,
     stderr_text: Arc<Mutex<String>>,
 }
@@ -201,16 +207,25 @@ impl Ctdrop {
     }
 
     fn spawn_command(mut cmd: Command, mode: Stdout) -> Result<Ctdrop> {
+        let stdout_file = if mode == Stdout::All {
+            Some(unlinked_temp_file().context("a file for ctdrop's stdout")?)
+        } else {
+            None
+        };
+        let to = match &stdout_file {
+            Some(f) => Stdio::from(f.try_clone()?),
+            None => Stdio::piped(),
+        };
         let mut child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
+            .stdout(to)
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", cmd.get_program().to_string_lossy()))?;
-        let out = child.stdout.take().unwrap();
+        let out = child.stdout.take();
         let (out, own_stdout) = match mode {
-            Stdout::Caller => (None, Some(out)),
-            _ => (Some(out), None),
+            Stdout::Caller => (None, out),
+            _ => (out, None),
         };
         let stdout = std::thread::spawn(move || match (mode, out) {
             (_, None) => String::new(),
@@ -249,6 +264,7 @@ impl Ctdrop {
             child,
             own_stdout,
             stdout: Some(stdout),
+            stdout_file,
             stderr: Some(stderr),
             stderr_text,
         };
@@ -328,12 +344,18 @@ impl Ctdrop {
 
     fn finish(&mut self, timeout: Duration) -> Result<CtdropOutput> {
         let status = wait_timeout(&mut self.child, timeout)?;
-        let stdout = self
+        let mut stdout = self
             .stdout
             .take()
             .unwrap()
             .join()
             .map_err(|_| anyhow!("stdout reader panicked"))?;
+        if let Some(mut f) = self.stdout_file.take() {
+            use std::io::Seek;
+            f.rewind().context("rewinding ctdrop's stdout file")?;
+            f.read_to_string(&mut stdout)
+                .context("reading ctdrop's stdout file")?;
+        }
         self.stderr
             .take()
             .unwrap()
@@ -357,6 +379,25 @@ impl Ctdrop {
             records,
         })
     }
+}
+
+/// A new file in the temp directory, already unlinked: gone with its
+/// last descriptor, whatever way the test ends.
+fn unlinked_temp_file() -> Result<std::fs::File> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "ctdrop-tests-stdout-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::fs::remove_file(&path).with_context(|| format!("unlinking {}", path.display()))?;
+    Ok(f)
 }
 
 impl Drop for Ctdrop {
@@ -422,6 +463,7 @@ pub fn run_ctdrop(prefix: &[&str], args: &[&str], timeout: Duration) -> Result<C
         child,
         own_stdout: None,
         stdout: None,
+        stdout_file: None,
         stderr: None,
         stderr_text: Arc::new(Mutex::new(String::new())),
     };
