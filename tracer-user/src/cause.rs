@@ -157,27 +157,12 @@ impl Classifier {
             source::CT_INVALID if Some(ev.reason) == self.netfilter_drop => {
                 return Cause::ConntrackInvalid
             }
-            // Dropped between ctdrop's marks around nf_conntrack_in: it
-            // refused the packet for want of an entry (see kernel/nfhook.rs
-            // for the one rarer case this name also covers).
-            source::CT_HOOK_IN if Some(ev.reason) == self.netfilter_drop => {
-                return Cause::ConntrackTableFull
-            }
-            // Conntrack's own per-CPU counters rose for this drop
-            // (tracer-ebpf/src/witness.rs).
-            source::CT_STAT_IN if Some(ev.reason) == self.netfilter_drop => {
-                return Cause::ConntrackTableFull
-            }
-            source::CT_STAT_CONFIRM if Some(ev.reason) == self.netfilter_drop => {
-                return Cause::ConntrackInsertFailed
-            }
-            source::CT_STAT_INVALID if Some(ev.reason) == self.netfilter_drop => {
-                return Cause::ConntrackInvalid
-            }
-            source::CT_HOOK_CONFIRM if Some(ev.reason) == self.netfilter_drop => {
-                return Cause::ConntrackInsertFailed
-            }
             _ => {}
+        }
+        if Some(ev.reason) == self.netfilter_drop {
+            if let Some(cause) = decided_conntrack(ev.source) {
+                return cause;
+            }
         }
         if Some(ev.reason) != self.netfilter_drop {
             return Cause::Other;
@@ -207,10 +192,31 @@ impl Classifier {
     }
 }
 
+/// The conntrack cause that hook marks or conntrack's own per-CPU counters
+/// pinned on a netfilter drop, in the kernel.
+pub fn decided_conntrack(src: u8) -> Option<Cause> {
+    match src {
+        // Dropped between ctdrop's marks around nf_conntrack_in, or
+        // conntrack's `drop` counter rose alone: it refused the packet for
+        // want of an entry (see kernel/nfhook.rs for the one rarer case
+        // the mark also covers).
+        source::CT_HOOK_IN | source::CT_STAT_IN => Some(Cause::ConntrackTableFull),
+        source::CT_HOOK_CONFIRM | source::CT_STAT_CONFIRM => Some(Cause::ConntrackInsertFailed),
+        // `drop` and `invalid` rose: an l4 tracker's `-NF_DROP`.
+        source::CT_STAT_INVALID => Some(Cause::ConntrackInvalid),
+        _ => None,
+    }
+}
+
 /// A drop that hook marks or conntrack's counters show conntrack did not
 /// make: the table fill must not overrule them.
 pub fn decided_not_conntrack(src: u8) -> bool {
     matches!(src, source::HOOK_NOT_CONNTRACK | source::CT_STAT_NONE)
+}
+
+/// The kernel told, one way or the other: nothing for the totals to decide.
+pub fn decided_in_kernel(src: u8) -> bool {
+    decided_conntrack(src).is_some() || decided_not_conntrack(src)
 }
 
 fn is_pmtu_icmp_error(ev: &Facts) -> bool {

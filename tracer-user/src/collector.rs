@@ -304,15 +304,7 @@ impl Collector {
                 let mut candidate = ev.ct.is_none()
                     && !self.classifier.probes
                     && Some(ev.reason) == self.classifier.netfilter_drop
-                    && !matches!(
-                        ev.source,
-                        source::CT_HOOK_IN
-                            | source::CT_HOOK_CONFIRM
-                            | source::CT_STAT_IN
-                            | source::CT_STAT_CONFIRM
-                            | source::CT_STAT_INVALID
-                            | source::CT_STAT_NONE
-                    );
+                    && !crate::cause::decided_in_kernel(ev.source);
                 if candidate
                     && ev.source == source::KFREE_SKB
                     && self.hooks.as_ref().is_some_and(|h| h.covers(ns, ev.ts_ns))
