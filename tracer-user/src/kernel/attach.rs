@@ -99,20 +99,20 @@ impl Tracer {
         // every packet. Not where another mechanism is asked for; not in
         // count mode, which decides no record's cause in the kernel (the
         // seeds would cost a walk of every namespace at start for nothing).
-        let cpu_stat =
-            if matches!(opts.mode, Mode::Kprobe | Mode::NetfilterHook) || filter.count_only != 0 {
-                Err(anyhow!("not wanted"))
-            } else {
-                cpustat::config(&opts.offsets)
+        let cpu_stat = !matches!(opts.mode, Mode::Kprobe | Mode::NetfilterHook)
+            && filter.count_only == 0
+            && match cpustat::config(&opts.offsets) {
+                Ok(()) => true,
+                Err(e) => {
+                    log::debug!("conntrack's per-CPU counters cannot be read here: {e:#}");
+                    false
+                }
             };
-        if let (Err(e), Mode::Auto | Mode::Tracepoint) = (&cpu_stat, opts.mode) {
-            if filter.count_only == 0 {
-                log::debug!("conntrack's per-CPU counters cannot be read here: {e:#}");
-            }
-        }
-        let probes = tier::want_kprobes(opts.mode, cpu_stat.is_ok());
+        // The namespaces asked for with --netns, else every one.
+        let only = (filter.n_netns != 0).then(|| filter.netns[..filter.n_netns as usize].to_vec());
+        let probes = tier::want_kprobes(opts.mode, cpu_stat);
         let mut hook_refused = None;
-        let hook_abi = if tier::want_hooks(opts.mode, cpu_stat.is_ok()) {
+        let hook_abi = if tier::want_hooks(opts.mode, cpu_stat) {
             match HookAbi::from_btf(opts.btf) {
                 Ok(abi) => Some(abi),
                 Err(e) if opts.mode == Mode::NetfilterHook => {
@@ -132,11 +132,7 @@ impl Tracer {
             } else {
                 0
             }
-            | if cpu_stat.is_ok() {
-                ct_signal::CPU_STAT
-            } else {
-                0
-            };
+            | if cpu_stat { ct_signal::CPU_STAT } else { 0 };
 
         // 0 unless asked for (logging.rs): the verifier then removes the
         // programs' logging code. Both names may be absent (no log call
@@ -200,9 +196,7 @@ impl Tracer {
                     .context("duplicating the HOOK_MARKS fd")?,
                 _ => return Err(anyhow!("embedded object lacks the HOOK_MARKS map")),
             };
-            let only =
-                (filter.n_netns != 0).then(|| filter.netns[..filter.n_netns as usize].to_vec());
-            match NfHooks::start(abi, &marks, only) {
+            match NfHooks::start(abi, &marks, only.clone()) {
                 Ok(h) => {
                     mechanisms.extend(tier::hook_mechanisms(h.namespaces_at_start));
                     hooks = Some(h);
@@ -227,8 +221,7 @@ impl Tracer {
         };
         // Seeds read before the attach, and read again after it: where
         // they moved, a first decision may rest on a drop nobody saw.
-        let only = (filter.n_netns != 0).then(|| filter.netns[..filter.n_netns as usize].to_vec());
-        let seeds = if cpu_stat.is_ok() {
+        let seeds = if cpu_stat {
             let present = super::nfhook::namespaces_now(only.as_deref());
             let seeds = cpustat::snapshot(&present);
             let mut ledger: PerCpuArray<&mut MapData, CpuStatSet> = PerCpuArray::try_from(
