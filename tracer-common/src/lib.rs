@@ -71,8 +71,8 @@ pub mod ct_signal {
 }
 
 /// What `kfree_skb` remembers of one namespace's per-CPU conntrack
-/// counters on one CPU (the `CPU_STAT_LEDGER` map, per-CPU array of
-/// [`CPU_STAT_SETS`] x [`CPU_STAT_WAYS`]).
+/// counters on one CPU (a way of a [`CpuStatSet`] in the `CPU_STAT_LEDGER`
+/// map, a per-CPU array of [`CPU_STAT_SETS`] sets).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
 pub struct CpuStatWay {

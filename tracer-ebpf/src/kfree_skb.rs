@@ -157,7 +157,7 @@ unsafe fn build(
         rec.location = ctx.arg::<u64>(1);
         rec.cpu = bpf_get_smp_processor_id();
     }
-    skb::fill(skb_ptr, rec, record);
+    let net = skb::fill(skb_ptr, rec, record);
     if !record {
         return matches(rec);
     }
@@ -179,8 +179,7 @@ unsafe fn build(
     // Also before the filter: a conntrack drop the filter hides must
     // still be claimed, or the next rule drop there would take it.
     if signals & ct_signal::CPU_STAT != 0 && reason == ro!(FILTER.netfilter_drop_reason) {
-        let dev = skb::skb_dev(skb_ptr, skb::Via::Btf);
-        if let Some((src, baseline)) = crate::witness::decide(skb_ptr, dev, rec.netns) {
+        if let Some((src, baseline)) = crate::witness::decide(net, rec.netns) {
             rec.source = src;
             if baseline {
                 rec.flags |= flags::CT_STAT_BASELINE;

@@ -107,9 +107,11 @@ pub unsafe fn skb_dev(skb: *const u8, via: Via) -> *const u8 {
 }
 
 /// Fills device, namespace, conntrack and header fields of `rec` from
-/// `skb`, a BTF-typed `struct sk_buff *` (tp_btf argument).
+/// `skb`, a BTF-typed `struct sk_buff *` (tp_btf argument). Returns the
+/// skb's `struct net *` (see [`skb_net`]) for the callers that need more
+/// of it than the inode.
 #[inline(always)]
-pub unsafe fn fill(skb: *const u8, rec: &mut DropRecord, conn_status: bool) {
+pub unsafe fn fill(skb: *const u8, rec: &mut DropRecord, conn_status: bool) -> *const u8 {
     rec.skb = skb as u64;
     if let Some(len) = load::<u32>(skb, ro!(OFFSETS.skb_len)) {
         rec.skb_len = len;
@@ -119,7 +121,8 @@ pub unsafe fn fill(skb: *const u8, rec: &mut DropRecord, conn_status: bool) {
         rec.ifindex = ifindex;
         rec.flags |= flags::HAS_DEV;
     }
-    if let Some(inum) = skb_netns(skb, dev, Via::Btf) {
+    let net = skb_net(skb, dev, Via::Btf);
+    if let Some(inum) = load::<u32>(net, ro!(OFFSETS.net_inum)) {
         rec.netns = inum;
         rec.flags |= flags::HAS_NETNS;
     }
@@ -140,10 +143,10 @@ pub unsafe fn fill(skb: *const u8, rec: &mut DropRecord, conn_status: bool) {
         }
     }
     rec.l3_proto = u16::from_be(load::<u16>(skb, ro!(OFFSETS.skb_protocol)).unwrap_or(0));
-    let Some(l3) = network_header(skb) else {
-        return;
-    };
-    parse_l3(l3, rec);
+    if let Some(l3) = network_header(skb) {
+        parse_l3(l3, rec);
+    }
+    net
 }
 
 /// `skb->head + skb->network_header`, when set.

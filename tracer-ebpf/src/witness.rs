@@ -31,7 +31,7 @@
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::map, maps::PerCpuArray};
 use tracer_common::{cpu_stat_set, cpu_stat_way, source, CpuStatSet, CpuStatWay, CPU_STAT_SETS};
 
-use crate::skb::{self, read, Via};
+use crate::skb::{self, read};
 
 #[map]
 pub static CPU_STAT_LEDGER: PerCpuArray<CpuStatSet> =
@@ -84,12 +84,27 @@ fn field(c: &[u32; 8], off: u32) -> u32 {
     c[((off / 4) & 7) as usize]
 }
 
-/// The source for a NETFILTER_DROP of `skb` in namespace `inum`, and
-/// whether it rests on a baseline (see `flags::CT_STAT_BASELINE`).
-/// None when the namespace or the counters cannot be read.
+/// The source a move of the counters from `then` to `now` makes
+/// (`drop`, `insert_failed`, `invalid`): `drop` unmoved is a rule's drop.
 #[inline(always)]
-pub unsafe fn decide(skb: *const u8, dev: *const u8, inum: u32) -> Option<(u8, bool)> {
-    let net = skb::skb_net(skb, dev, Via::Btf);
+fn moved(now: [u32; 3], then: [u32; 3]) -> u8 {
+    if now[0] == then[0] {
+        source::CT_STAT_NONE
+    } else if now[1] != then[1] {
+        source::CT_STAT_CONFIRM
+    } else if now[2] != then[2] {
+        source::CT_STAT_INVALID
+    } else {
+        source::CT_STAT_IN
+    }
+}
+
+/// The source for a NETFILTER_DROP in namespace `net` (a BTF-typed
+/// `struct net *`, inode `inum`), and whether it rests on a baseline (see
+/// `flags::CT_STAT_BASELINE`). None when the namespace or the counters
+/// cannot be read.
+#[inline(always)]
+pub unsafe fn decide(net: *const u8, inum: u32) -> Option<(u8, bool)> {
     if net.is_null() || inum == 0 {
         return None;
     }
@@ -128,22 +143,14 @@ pub unsafe fn decide(skb: *const u8, dev: *const u8, inum: u32) -> Option<(u8, b
         base.wrapping_add(this_cpu_offset()?)
     };
     let c: [u32; 8] = bpf_probe_read_kernel(stat as *const [u32; 8]).ok()?;
-    let (drop, insert_failed, invalid) = (
+    let now = [
         field(&c, ro!(OFFSETS.stat_drop)),
         field(&c, ro!(OFFSETS.stat_insert_failed)),
         field(&c, ro!(OFFSETS.stat_invalid)),
-    );
-    let (i, src, seeded) = if hit != NONE {
+    ];
+    let (i, src, baseline) = if hit != NONE {
         let w = &set.ways[hit & 1];
-        let src = if drop == w.drop {
-            source::CT_STAT_NONE
-        } else if insert_failed != w.insert_failed {
-            source::CT_STAT_CONFIRM
-        } else if invalid != w.invalid {
-            source::CT_STAT_INVALID
-        } else {
-            source::CT_STAT_IN
-        };
+        let src = moved(now, [w.drop, w.insert_failed, w.invalid]);
         let seeded = w.state == cpu_stat_way::SEEDED && src != source::CT_STAT_NONE;
         (hit, src, seeded)
     } else {
@@ -155,24 +162,16 @@ pub unsafe fn decide(skb: *const u8, dev: *const u8, inum: u32) -> Option<(u8, b
         } else {
             (inum & 1) as usize
         };
-        // Counter at 0: no conntrack drop ever happened here on this CPU.
-        // At 1, with no seed: if the namespace was born after the attach
-        // (userspace knows), this drop made it. Past 1: drops went unseen.
-        let (src, baseline) = if drop == 0 {
-            (source::CT_STAT_NONE, false)
-        } else if drop == 1 {
-            let src = if insert_failed != 0 {
-                source::CT_STAT_CONFIRM
-            } else if invalid != 0 {
-                source::CT_STAT_INVALID
-            } else {
-                source::CT_STAT_IN
-            };
-            (src, true)
+        // Against zero. Counter at 0: no conntrack drop ever happened here
+        // on this CPU. At 1, with no seed: if the namespace was born after
+        // the attach (userspace knows), this drop made it. Past 1: drops
+        // went unseen.
+        if now[0] > 1 {
+            (i, source::CT_STAT_UNSEEN, false)
         } else {
-            (source::CT_STAT_UNSEEN, false)
-        };
-        (i, src, baseline)
+            let src = moved(now, [0; 3]);
+            (i, src, src != source::CT_STAT_NONE)
+        }
     };
     // All of it claimed: an increment nobody freed with NETFILTER_DROP
     // (see the module comment) then misleads one record, not every later one.
@@ -180,11 +179,11 @@ pub unsafe fn decide(skb: *const u8, dev: *const u8, inum: u32) -> Option<(u8, b
         cookie,
         stat,
         inum,
-        drop,
-        insert_failed,
-        invalid,
+        drop: now[0],
+        insert_failed: now[1],
+        invalid: now[2],
         state: cpu_stat_way::LIVE,
         _pad: 0,
     };
-    Some((src, seeded))
+    Some((src, baseline))
 }
