@@ -145,9 +145,11 @@ impl ArpDrops {
             .filter(|d| d["src"].is_null() && d["reason"] == "NETFILTER_DROP")
             .count() as u64;
         assert_eq!(
-            flowless, dropped,
-            "{flags:?}: records without a flow vs ARP packets the rule dropped; stderr:\n{}",
-            out.stderr
+            flowless,
+            dropped,
+            "{flags:?}: records without a flow vs ARP packets the rule dropped; stderr:\n{}\nstdout:\n{}",
+            out.stderr,
+            out.stdout
         );
         (out, dropped, netns)
     }
