@@ -162,10 +162,7 @@ impl Source for RingSource {
         c: &mut Collector,
         sinks: &mut [Box<dyn Sink>],
     ) -> Result<()> {
-        let n = self
-            .ring()
-            .wait_and_drain(|b| c.handle(b, sinks))
-            .await?;
+        let n = self.ring().wait_and_drain(|b| c.handle(b, sinks)).await?;
         self.read += n as u64;
         Ok(())
     }
