@@ -444,8 +444,25 @@ pub struct FilterConfig {
     pub count_only: u8,
     /// Bits of [`ct_signal`]: which conntrack signal maps to consult.
     pub ct_probes: u8,
-    pub _pad: [u8; 2],
+    /// log2 of the ring's wakeup mark (its size / [`RING_WAKEUP_FRACTION`]),
+    /// set where the ring is sized: the program compares shifted byte
+    /// counts instead of asking the ring its size and dividing by it.
+    pub wake_shift: u8,
+    pub _pad: [u8; 1],
 }
+
+/// The reader is woken each time the ring's unread data crosses a multiple
+/// of this fraction of its size (see `tracer-ebpf/src/kfree_skb.rs`).
+pub const RING_WAKEUP_FRACTION: u32 = 16;
+
+/// [`FilterConfig::wake_shift`] for a ring of `ring_size` bytes (a power
+/// of two, as the kernel requires).
+pub const fn wake_shift(ring_size: u32) -> u8 {
+    (ring_size / RING_WAKEUP_FRACTION).trailing_zeros() as u8
+}
+// The default 4 MiB ring wakes the reader every 256 KiB; the smallest
+// (one 4 KiB page) every 256 bytes.
+const _: () = assert!(wake_shift(4 << 20) == 18 && wake_shift(4096) == 8);
 const _: () = assert!(core::mem::size_of::<FilterConfig>() == 384);
 
 /// Per-namespace conntrack path events counted by the probe tier (keyed

@@ -1,7 +1,7 @@
 //! `tp_btf/kfree_skb`: every freed-as-dropped skb, with its drop reason.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
@@ -203,25 +203,26 @@ unsafe fn no_room(ctx: &BtfTracePointContext, reason: u32) {
     }
 }
 
-/// The reader is woken each time the ring's unread data crosses a multiple
-/// of this fraction of its size.
-const WAKEUP_FRACTION: u64 = 16;
 /// Ring-buffer header in front of every record.
 const RINGBUF_HDR: u64 = 8;
 
 /// Waking the reader costs the dropping CPU an irq_work and a cross-CPU
 /// wakeup; done per record (the kernel's default while the reader keeps up)
 /// it cut the drop path to 0.3-0.4 of its untraced rate in `cargo xtask
-/// bench`. So records go in silently and the reader is woken once per
-/// 1/16 of the ring; userspace also drains every 50 ms, which bounds the
-/// delay when drops are rare. Waking at every multiple, not only the first,
-/// means a crossing missed by two CPUs racing is caught at the next one.
+/// bench`. So records go in silently and the reader is woken each time the
+/// ring's unread data crosses a multiple of 1/RING_WAKEUP_FRACTION of its
+/// size; userspace also drains every 50 ms, which bounds the delay when
+/// drops are rare. Waking at every multiple, not only the first, means a
+/// crossing missed by two CPUs racing is caught at the next one. The mark
+/// is a power of two known at load (`FILTER.wake_shift`): one ring query
+/// and two shifts per record, where asking the ring its size and dividing
+/// by the mark took a second helper call and two 64-bit divisions.
 #[inline(always)]
 fn wakeup_flags(len: u64) -> u64 {
-    let mark = EVENTS.query(BPF_RB_RING_SIZE as u64) / WAKEUP_FRACTION;
+    let shift = ro!(FILTER.wake_shift) as u64;
     let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     let after = avail + ((len + RINGBUF_HDR + 7) & !7);
-    if mark != 0 && avail / mark != after / mark {
+    if shift != 0 && (avail >> shift) != (after >> shift) {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64

@@ -90,7 +90,8 @@ static FILTER: FilterConfig = FilterConfig {
     capture_headers: 0,
     count_only: 0,
     ct_probes: 0,
-    _pad: [0; 2],
+    wake_shift: 0,
+    _pad: [0; 1],
 };
 
 /// Count mode's settings (`--flow-sample`), set at load like `FILTER`.

@@ -126,6 +126,7 @@ impl Tracer {
         } else {
             None
         };
+        filter.wake_shift = tracer_common::wake_shift(opts.ring_size);
         filter.ct_probes = if probes { ct_signal::PROBES } else { 0 }
             | if hook_abi.is_some() {
                 ct_signal::HOOKS
