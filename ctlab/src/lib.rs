@@ -33,5 +33,6 @@ pub use stats::{
 };
 pub use topo::{PairSpec, Topology, VethPair};
 pub use traffic::{
-    echo_request, ping, send_udp, send_udp_flows, set_icmp_checksum, EchoProbe, UdpSink,
+    echo_request, ping, send_arp_requests, send_udp, send_udp_flows, set_icmp_checksum, EchoProbe,
+    UdpSink,
 };

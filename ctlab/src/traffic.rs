@@ -205,6 +205,82 @@ pub fn set_icmp_checksum(p: &mut [u8]) {
     p[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
 
+/// Sends `count` ARP requests for `target` out of `ifname` inside `ns`, as
+/// `arping` would, from the calling thread: each one reaches the peer's
+/// ARP handling before this returns (a veth hands it over in the sender's
+/// own softirq). For tests that need a known number of non-IP packets at
+/// a known time, which the neighbour code's timer-driven retries are not.
+pub fn send_arp_requests(
+    ns: &Netns,
+    ifname: &str,
+    sender: Ipv4Addr,
+    target: Ipv4Addr,
+    count: u32,
+) -> Result<()> {
+    const ETH_P_ARP: u16 = 0x0806;
+    let ifname = ifname.to_string();
+    ns.run_in(move || {
+        // Any unicast source: the frames exist to be dropped. (The device's
+        // own address is not in this thread's /sys, which shows the
+        // namespace /sys was mounted in.)
+        let mac = [0x02, 0, 0x5e, 0, 0x53, 0x01];
+        let index = {
+            let c = std::ffi::CString::new(ifname.clone())?;
+            // SAFETY: a NUL-terminated name.
+            unsafe { libc::if_nametoindex(c.as_ptr()) }
+        };
+        if index == 0 {
+            bail!("no interface {ifname}");
+        }
+        // SAFETY: plain socket call; the descriptor is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                ETH_P_ARP.to_be() as i32,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("AF_PACKET socket");
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut frame = Vec::with_capacity(42);
+        frame.extend_from_slice(&[0xff; 6]); // broadcast
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+        frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet/IPv4, request
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&sender.octets());
+        frame.extend_from_slice(&[0; 6]);
+        frame.extend_from_slice(&target.octets());
+        // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = ETH_P_ARP.to_be();
+        to.sll_ifindex = index as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        for _ in 0..count {
+            // SAFETY: frame and address outlive the call; lengths are theirs.
+            let n = unsafe {
+                libc::sendto(
+                    sock.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&to as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if n != frame.len() as isize {
+                return Err(std::io::Error::last_os_error()).context("sending an ARP request");
+            }
+        }
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

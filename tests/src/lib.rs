@@ -49,8 +49,9 @@ pub fn ctdrop_bin() -> PathBuf {
 // ctlab, shared with `xtask bench` and `ctdrop demo`.
 pub use ctlab::{
     ct_stats, flood, in_netns, next_id, parse_ct_stats, ping, read_max as read_conntrack_max, run,
-    send_udp, send_udp_flows, set_icmp_checksum, settled_ct_stats, settled_ct_stats_within,
-    write_max as write_conntrack_max, EchoProbe, Netns, Topology, UdpSink, VethPair,
+    send_arp_requests, send_udp, send_udp_flows, set_icmp_checksum, settled_ct_stats,
+    settled_ct_stats_within, write_max as write_conntrack_max, EchoProbe, Netns, Topology, UdpSink,
+    VethPair,
 };
 
 /// Holds the lock on [`LOCK_PATH`] and the global `nf_conntrack_max`
