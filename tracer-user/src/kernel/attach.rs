@@ -4,7 +4,7 @@ use std::{os::fd::AsFd, time::Instant};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{MapData, PerCpuArray, PerCpuHashMap},
     programs::BtfTracePoint,
     Ebpf, EbpfLoader,
 };
@@ -392,15 +392,17 @@ impl Tracer {
         Ok(out)
     }
 
-    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
+    /// The record ring, for `events::ring` to map and read.
+    pub fn take_ring(&mut self) -> Result<MapData> {
         let ebpf = self
             .ebpf
             .as_mut()
             .ok_or_else(|| anyhow!("programs already detached"))?;
-        let map = ebpf
-            .take_map("EVENTS")
-            .ok_or_else(|| anyhow!("no EVENTS map"))?;
-        Ok(RingBuf::try_from(map)?)
+        match ebpf.take_map("EVENTS") {
+            Some(aya::maps::Map::RingBuf(map)) => Ok(map),
+            Some(_) => Err(anyhow!("EVENTS is not a ring buffer")),
+            None => Err(anyhow!("no EVENTS map")),
+        }
     }
 
     pub fn stats(&self) -> Result<KernelStats> {
