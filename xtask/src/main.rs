@@ -44,7 +44,10 @@ pub struct BenchArgs {
     pub ring_sweep: Vec<String>,
     /// Another configuration, KEY=ctdrop arguments (repeatable), run like (b)
     /// with stdout to /dev/null, e.g. `--ctdrop-config "w=watch --ring-size 1M"`;
-    /// it must print ctdrop's `attached` and `stopped` lines.
+    /// it must print ctdrop's `attached` and `stopped` lines. Arguments that
+    /// start with an absolute path run that binary instead of this tree's,
+    /// e.g. `--ctdrop-config "old=/tmp/ctdrop-old live --json"` (an A/B of
+    /// two builds in one run).
     #[arg(long = "ctdrop-config")]
     pub ctdrop_configs: Vec<String>,
     /// Extra argument for every ctdrop run (repeatable), e.g. `--ctdrop-arg=--ring-size=1M`.

@@ -135,6 +135,16 @@ pub fn run(opts: &Options) -> Result<()> {
             .ok_or_else(|| anyhow!("--ctdrop-config wants KEY=ARGS, got {spec:?}"))?;
         let mut c = Config::new(key, Kind::CtdropCustom);
         c.extra = args.split_whitespace().map(String::from).collect();
+        if c.extra.first().is_some_and(|a| a.starts_with('/')) {
+            let bin = PathBuf::from(c.extra.remove(0));
+            if !bin.is_file() {
+                bail!(
+                    "--ctdrop-config {key}: no ctdrop binary at {}",
+                    bin.display()
+                );
+            }
+            c.bin = Some(bin);
+        }
         configs.push(c);
     }
     if !opts.only.is_empty() {

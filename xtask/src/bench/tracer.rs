@@ -37,6 +37,11 @@ pub struct Config {
     pub kind: Kind,
     /// Extra ctdrop arguments (e.g. `--ring-size 1M` for a sweep).
     pub extra: Vec<String>,
+    /// Another ctdrop build to run instead of this tree's (custom
+    /// configurations whose arguments start with a path): an A/B of two
+    /// builds in one run, where the machine's drift between runs cannot
+    /// pass for a difference.
+    pub bin: Option<PathBuf>,
 }
 
 impl Config {
@@ -45,6 +50,7 @@ impl Config {
             key: key.to_string(),
             kind,
             extra: Vec::new(),
+            bin: None,
         }
     }
 
@@ -53,7 +59,10 @@ impl Config {
             Kind::None => "no tracer".to_string(),
             Kind::CtdropJson => "ctdrop live --json > /dev/null".to_string(),
             Kind::CtdropCount => "ctdrop live --count-only > /dev/null".to_string(),
-            Kind::CtdropCustom => "ctdrop".to_string(),
+            Kind::CtdropCustom => match &self.bin {
+                Some(bin) => bin.display().to_string(),
+                None => "ctdrop".to_string(),
+            },
             Kind::BpftraceCount => format!("bpftrace '{}'", bpftrace_count_script()),
             Kind::BpftracePrintf => format!(
                 "bpftrace '{}' | wc -l",
@@ -129,7 +138,7 @@ pub fn start(cfg: &Config, env: &Env) -> Result<Option<Running>> {
     let mut cmd = match cfg.kind {
         Kind::None => return Ok(None),
         Kind::CtdropCustom => {
-            let mut c = Command::new(&env.ctdrop);
+            let mut c = Command::new(cfg.bin.as_ref().unwrap_or(&env.ctdrop));
             c.args(&cfg.extra).args(&env.ctdrop_args);
             c.stdout(Stdio::null());
             c
