@@ -327,8 +327,8 @@ pub const FLOW_SETS: u32 = 4096;
 
 /// Indices of the per-CPU statistics array.
 pub mod stat {
-    /// Drops with a wanted reason seen by the program in record mode,
-    /// before the user's filter (count mode counts only in its groups).
+    /// Drops with a wanted reason seen in record mode. No longer written:
+    /// nothing reported it, and it was a map update on every drop.
     pub const SEEN: u32 = 0;
     /// Records written to the ring buffer.
     pub const SENT: u32 = 1;

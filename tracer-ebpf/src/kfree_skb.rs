@@ -39,7 +39,6 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     // the ring reserve and the skb reads it cost ~20 ns more per drop
     // (`cargo xtask bench`, same run: 145 -> 126 ns per drop).
     let ts = bpf_ktime_get_ns();
-    bump(stat::SEEN);
     // The record is built where it is sent: reserved in the ring and filled
     // in place, no scratch copy. A drop the filter rejects gives its slot
     // back (discarded slots are skipped by the reader).

@@ -49,7 +49,6 @@ pub struct LoadOptions<'a> {
 /// Counters the kernel programs keep, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelStats {
-    pub seen: u64,
     pub sent: u64,
     pub lost: u64,
     pub flow_map_full: u64,
@@ -411,7 +410,6 @@ impl Tracer {
             Ok(v.iter().sum())
         };
         Ok(KernelStats {
-            seen: sum(stat::SEEN)?,
             sent: sum(stat::SENT)?,
             lost: sum(stat::LOST)?,
             flow_map_full: sum(stat::FLOW_MAP_FULL)?,
