@@ -37,7 +37,9 @@ const BUSY_BIT: u32 = 1 << 31;
 const DISCARD_BIT: u32 = 1 << 30;
 const HDR_SZ: usize = 8;
 
-/// Publish the consumer position at least this often (bytes read).
+/// Publish the consumer position every this fraction of the ring read...
+const PUBLISH_FRACTION: usize = 16;
+/// ...and at least this often (bytes read).
 const PUBLISH_MAX: usize = 64 << 10;
 
 pub struct RingReader {
@@ -216,11 +218,10 @@ impl AsRawFd for Ring {
 
 impl Records for Ring {
     fn next_into(&mut self, f: &mut dyn FnMut(&[u8])) -> bool {
-        // SAFETY: the view's pointers are into this Ring's live mappings.
-        unsafe { self.view.next_into(f) }
+        self.view.next_into(f)
     }
     fn finish(&mut self) {
-        self.view.publish();
+        self.view.finish();
     }
 }
 
@@ -243,8 +244,9 @@ struct View {
 
 impl View {
     /// # Safety
-    /// `data` must stay readable for `2 * size` bytes laid out as the
-    /// kernel's double mapping, for as long as the View is used.
+    /// For as long as the View is used, both positions must stay valid and
+    /// `data` readable for `2 * size` bytes laid out as the kernel's double
+    /// mapping: every later access relies on this.
     unsafe fn new(
         consumer_pos: &AtomicUsize,
         producer_pos: &AtomicUsize,
@@ -260,7 +262,7 @@ impl View {
             pos,
             published: pos,
             producer_seen: producer_pos.load(Ordering::Acquire),
-            publish_every: (size / 16).clamp(HDR_SZ, PUBLISH_MAX),
+            publish_every: (size / PUBLISH_FRACTION).clamp(HDR_SZ, PUBLISH_MAX),
         }
     }
 
@@ -274,10 +276,10 @@ impl View {
             self.published = self.pos;
         }
     }
+}
 
-    /// # Safety
-    /// The pointers given to [`View::new`] are still valid.
-    unsafe fn next_into(&mut self, f: &mut dyn FnMut(&[u8])) -> bool {
+impl Records for View {
+    fn next_into(&mut self, f: &mut dyn FnMut(&[u8])) -> bool {
         loop {
             if self.pos == self.producer_seen {
                 // Caught up: publish, then look again. The full fence pairs
@@ -285,7 +287,8 @@ impl View {
                 // position, or it sees our consumer position.
                 self.publish();
                 fence(Ordering::SeqCst);
-                self.producer_seen = (*self.producer_pos).load(Ordering::Acquire);
+                // SAFETY: the producer position, valid per `View::new`.
+                self.producer_seen = unsafe { &*self.producer_pos }.load(Ordering::Acquire);
                 if self.pos == self.producer_seen {
                     return false;
                 }
@@ -293,7 +296,8 @@ impl View {
             let off = self.pos & self.mask;
             // Acquire pairs with the kernel's commit (an xchg clearing the
             // busy bit): the record's bytes are visible once it is clear.
-            let hdr = (*(self.data.add(off) as *const AtomicU32)).load(Ordering::Acquire);
+            // SAFETY: `off` is below the ring's size, inside the mapping.
+            let hdr = unsafe { &*(self.data.add(off) as *const AtomicU32) }.load(Ordering::Acquire);
             if hdr & BUSY_BIT != 0 {
                 // Reserved, not yet committed: the next wakeup or poll
                 // reads it. What we did read is released meanwhile.
@@ -307,7 +311,9 @@ impl View {
                 return false;
             }
             if hdr & DISCARD_BIT == 0 {
-                f(std::slice::from_raw_parts(self.data.add(off + HDR_SZ), len));
+                // SAFETY: `len` fits the ring (checked above) and the data is
+                // mapped twice, so `off + HDR_SZ + len` stays inside it.
+                f(unsafe { std::slice::from_raw_parts(self.data.add(off + HDR_SZ), len) });
             }
             self.pos += (HDR_SZ + len).next_multiple_of(8);
             if self.pos - self.published >= self.publish_every {
@@ -317,6 +323,10 @@ impl View {
                 return true;
             }
         }
+    }
+
+    fn finish(&mut self) {
+        self.publish();
     }
 }
 
@@ -431,8 +441,7 @@ mod tests {
 
     fn next(v: &mut View) -> Option<Vec<u8>> {
         let mut got = None;
-        // SAFETY: the views in these tests point into a live Fake.
-        unsafe { v.next_into(&mut |r| got = Some(r.to_vec())) };
+        v.next_into(&mut |r| got = Some(r.to_vec()));
         got
     }
 
@@ -465,7 +474,7 @@ mod tests {
         assert_eq!(next(&mut v), Some(vec![7; 24]));
         assert_eq!(k.consumer(), 256);
         // A batch that ends early still hands back what it read.
-        let (n, more) = drain_into(&mut Viewed(&mut v), 3, &mut |_| {});
+        let (n, more) = drain_into(&mut v, 3, &mut |_| {});
         assert_eq!((n, more), (3, true));
         assert_eq!(k.consumer(), 256 + 3 * 32);
     }
@@ -493,17 +502,5 @@ mod tests {
         assert_eq!(next(&mut v), Some(vec![7; 40]));
         assert_eq!(next(&mut v).as_deref(), Some(&b"after"[..]));
         assert_eq!(next(&mut v), None);
-    }
-
-    struct Viewed<'a>(&'a mut View);
-
-    impl Records for Viewed<'_> {
-        fn next_into(&mut self, f: &mut dyn FnMut(&[u8])) -> bool {
-            // SAFETY: the views in these tests point into a live Fake.
-            unsafe { self.0.next_into(f) }
-        }
-        fn finish(&mut self) {
-            self.0.publish();
-        }
     }
 }
