@@ -68,16 +68,47 @@ impl Scene {
     }
 
     /// `n` new flows to [`FLOOD_PORT`] (distinct source ports); returns the
-    /// receiver's `drop` increase once it settles.
+    /// receiver's `drop` increase once every datagram has been handled.
     fn burst(&self, n: usize) -> u64 {
         let before = self.drops();
+        let unbound = self.no_ports();
         send_udp(
             &self.topo.sender,
             self.topo.receiver_addr,
             vec![FLOOD_PORT; n],
         )
         .unwrap();
+        // The receiver handles them later, in its own softirq (after address
+        // resolution, for the first burst), so `drop` holding still for 100
+        // ms did not mean they had all arrived: the fill test once found 94
+        // entries of its 95. Each one either finds no socket on FLOOD_PORT
+        // (UDP NoPorts) or was dropped by conntrack; wait for all n.
+        wait_for(
+            "every datagram of the burst handled by the receiver",
+            || {
+                let handled = self.no_ports() - unbound + self.drops() - before;
+                (handled >= n as u64).then_some(())
+            },
+            || format!("{:?}", ct_stats(&self.topo.receiver)),
+        );
         settled_ct_stats(&self.topo.receiver, "drop").unwrap()["drop"] - before
+    }
+
+    /// The receiver's UDP `NoPorts` counter: datagrams that passed
+    /// conntrack and found no socket.
+    fn no_ports(&self) -> u64 {
+        let snmp = self
+            .topo
+            .receiver
+            .run_in(|| Ok(std::fs::read_to_string("/proc/thread-self/net/snmp")?))
+            .unwrap();
+        let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+        let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+        let i = names
+            .split_whitespace()
+            .position(|w| w == "NoPorts")
+            .unwrap();
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
     }
 
     fn drops(&self) -> u64 {
