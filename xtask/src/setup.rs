@@ -132,18 +132,18 @@ fn release_toolchain() -> Result<()> {
         "setup: installing {RELEASE} with targets {}",
         DIST_TARGETS.join(" ")
     );
-    proc::check(
-        Command::new("rustup")
-            .args([
-                "toolchain",
-                "install",
-                RELEASE,
-                "--profile",
-                "minimal",
-                "--target",
-            ])
-            .args(DIST_TARGETS),
-    )
+    proc::check(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        RELEASE,
+        "--profile",
+        "minimal",
+        "--target",
+        // One comma-separated value: rustup 1.29 takes a single
+        // value per --target and reads a second word as another
+        // toolchain name ("invalid toolchain name").
+        &DIST_TARGETS.join(","),
+    ]))
 }
 
 fn apt_packages() -> Result<()> {
