@@ -150,6 +150,84 @@ pub fn race_until_insert_failed(
     Ok(())
 }
 
+/// Makes exactly `n` insert clashes in `sender`, deterministically: each
+/// SYN is sent twice and both copies are held in an NFQUEUE at mangle
+/// POSTROUTING (after OUTPUT made an unconfirmed entry for each, before
+/// confirm at the end of POSTROUTING), then let go one after the other.
+/// The first confirms; the second finds its tuple taken, and TCP has no
+/// clash resolution: `insert_failed` and `drop` each rise by one, in the
+/// same `__nf_conntrack_confirm` the two-CPU race reaches (the loser is
+/// freed by `nf_reinject`, not `nf_hook_slow`).
+///
+/// This is the scene for emulated guests: their vCPUs take turns on one
+/// host thread, so the race needs a vCPU switch inside a microsecond
+/// window, and on a busy host 24000 pairs once gave none.
+///
+/// `receiver` listens on `dport`: a SYN to a closed port is answered with
+/// a RST, processed before the second verdict returns, and a RST as the
+/// only reply deletes the winner's entry at once (nf_conntrack_proto_tcp),
+/// so the loser would find no clash. Only SYNs are queued, not the RST
+/// the sender's stack sends for the SYN-ACK.
+pub fn held_clashes(
+    sender: &crate::Netns,
+    receiver: &crate::Netns,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+    first_sport: u16,
+    n: u16,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    const QUEUE: &str = "7";
+    let port = dport.to_string();
+    let rule = |op| {
+        [
+            "iptables",
+            "-w",
+            "-t",
+            "mangle",
+            op,
+            "POSTROUTING",
+            "-p",
+            "tcp",
+            "--syn",
+            "--dport",
+            &port,
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            QUEUE,
+        ]
+    };
+    let listener = receiver
+        .run_in(|| Ok(std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, dport))?))
+        .with_context(|| format!("listening on port {dport} in the receiver"))?;
+    sender.exec(&rule("-A"))?;
+    let held = sender.run_in(|| {
+        let mut q = crate::nfqueue::Queue::bind(QUEUE.parse()?)?;
+        let fd = raw_socket();
+        let r = (|| {
+            for i in 0..n {
+                let pkt = syn_packet(src, dst, first_sport.wrapping_add(i), dport);
+                send(fd, &pkt, dst);
+                send(fd, &pkt, dst);
+                let ids = q.held(2)?;
+                q.verdict(ids[0], crate::nfqueue::NF_ACCEPT)?;
+                q.verdict(ids[1], crate::nfqueue::NF_ACCEPT)?;
+            }
+            Ok(())
+        })();
+        // SAFETY: `fd` is ours and closed once.
+        unsafe { libc::close(fd) };
+        r
+    });
+    let removed = sender.exec(&rule("-D"));
+    drop(listener);
+    held?;
+    removed?;
+    Ok(())
+}
+
 /// Puts a helper thread that must send from the namespace at `p` there.
 pub fn enter(p: &std::path::Path) {
     ctlab::enter(p).unwrap();

@@ -16,6 +16,7 @@
 pub mod bpf;
 pub mod clash;
 pub mod mixed;
+pub mod nfqueue;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},

@@ -115,13 +115,23 @@ fn with_hook_marks_started_during_a_flood_never_calls_a_table_full_drop_a_rule()
 /// Insert clashes (TCP, no clash resolution) in the sender: each record is
 /// an insert failure, as many as the kernel's `insert_failed` rose.
 fn insert_clash(args: &[&str], evidence: &str) {
+    insert_clash_by(args, evidence, |t| {
+        clash::race_until_insert_failed(&t.sender, t.sender_addr, t.receiver_addr, 80, 20)
+    })
+}
+
+fn insert_clash_by(
+    args: &[&str],
+    evidence: &str,
+    scene: impl FnOnce(&Topology) -> anyhow::Result<()>,
+) {
     let t = Topology::pair().unwrap();
     // Conntrack on in the sender: its OUTPUT creates, POSTROUTING confirms.
     t.sender.accept_ct("iptables", "OUTPUT", "NEW").unwrap();
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(args).unwrap();
     let before = ct_stats(&t.sender).unwrap();
-    clash::race_until_insert_failed(&t.sender, t.sender_addr, t.receiver_addr, 80, 20).unwrap();
+    scene(&t).unwrap();
     let after = settled_ct_stats(&t.sender, "insert_failed").unwrap();
     let out = c.stop_drained();
     let failed = after["insert_failed"] - before["insert_failed"];
@@ -156,6 +166,39 @@ fn insert_clash_drops_are_named_insert_failed_per_packet() {
 #[test]
 fn with_hook_marks_insert_clash_drops_are_named_insert_failed_per_packet() {
     insert_clash(
+        &["live", "--json", "--mode", "netfilter-hook"],
+        "hook:conntrack_confirm",
+    );
+}
+
+/// The insert clashes of an inline IPS (an NFQUEUE reader in POSTROUTING):
+/// confirm runs in `nf_reinject` after the verdict, which frees the loser
+/// as NOT_SPECIFIED, not NETFILTER_DROP. Ten clashes made on purpose.
+fn queued_insert_clash(args: &[&str], evidence: &str) {
+    insert_clash_by(args, evidence, |t| {
+        clash::held_clashes(
+            &t.sender,
+            &t.receiver,
+            t.sender_addr,
+            t.receiver_addr,
+            80,
+            2000,
+            10,
+        )?;
+        let failed = ct_stats(&t.sender)?["insert_failed"];
+        anyhow::ensure!(failed == 10, "10 held pairs made {failed} clashes");
+        Ok(())
+    });
+}
+
+#[test]
+fn insert_clashes_after_an_nfqueue_verdict_are_named_insert_failed_per_packet() {
+    queued_insert_clash(&["live", "--json"], "cpu_counter:insert_failed");
+}
+
+#[test]
+fn with_hook_marks_insert_clashes_after_an_nfqueue_verdict_are_named_per_packet() {
+    queued_insert_clash(
         &["live", "--json", "--mode", "netfilter-hook"],
         "hook:conntrack_confirm",
     );

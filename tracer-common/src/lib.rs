@@ -56,7 +56,28 @@ pub mod source {
     /// no seed and its counter past 1: conntrack drops there went unseen,
     /// the counter cannot tell, the namespace's totals must (userspace).
     pub const CT_STAT_UNSEEN: u8 = 15;
+
+    /// A kernel program pinned this drop on conntrack (which failure is
+    /// in the source itself). The stale-mark and unseen sources leave it
+    /// to userspace's totals instead.
+    pub const fn names_conntrack(src: u8) -> bool {
+        matches!(
+            src,
+            CT_ALLOC_FAIL
+                | CT_CONFIRM_DROP
+                | CT_IN_DROP
+                | CT_HOOK_IN
+                | CT_HOOK_CONFIRM
+                | CT_STAT_IN
+                | CT_STAT_CONFIRM
+                | CT_STAT_INVALID
+        )
+    }
 }
+
+/// `IPS_CONFIRMED` in `nf_conn.status` (a uapi bit, the same on every
+/// kernel): the entry is in the table.
+pub const IPS_CONFIRMED: u32 = 1 << 3;
 
 /// Bits of [`FilterConfig::ct_probes`]: which conntrack signal sources the
 /// `kfree_skb` program consults.
@@ -448,7 +469,14 @@ pub struct FilterConfig {
     /// set where the ring is sized: the program compares shifted byte
     /// counts instead of asking the ring its size and dividing by it.
     pub wake_shift: u8,
-    pub _pad: [u8; 1],
+    /// This kernel's SKB_DROP_REASON_NOT_SPECIFIED (0: off). A packet an
+    /// NFQUEUE reader let go runs its remaining hooks in `nf_reinject`,
+    /// which frees it with this reason when one of them drops it: confirm's
+    /// failed insert among them (NFQUEUE in mangle or filter POSTROUTING,
+    /// as inline IPS setups use). Such frees whose packet still holds an
+    /// unconfirmed entry are looked at too, and reported only where a
+    /// conntrack signal names them (see `tracer-ebpf/src/kfree_skb.rs`).
+    pub reinject_reason: u8,
 }
 
 /// The reader is woken each time the ring's unread data crosses a multiple

@@ -25,7 +25,10 @@ unsafe fn handle(ctx: &BtfTracePointContext) {
     let reason: u32 = ctx.arg::<u64>(2) as u32;
     // Cheapest test first, before even a counter: most drops on a busy
     // host are not netfilter's, and they should cost no more than this.
-    if ro!(FILTER.all_reasons) == 0 && reason != ro!(FILTER.netfilter_drop_reason) {
+    if ro!(FILTER.all_reasons) == 0
+        && reason != ro!(FILTER.netfilter_drop_reason)
+        && !(ro!(FILTER.count_only) == 0 && reinjected(ctx, reason))
+    {
         return;
     }
     if ro!(FILTER.count_only) != 0 {
@@ -129,6 +132,18 @@ unsafe fn count_by_record(ctx: &BtfTracePointContext, reason: u32, grouped: bool
     count::count_flow(rec);
 }
 
+/// A free `nf_reinject` may have made for conntrack: NOT_SPECIFIED (see
+/// `FilterConfig::reinject_reason`) and the packet still holds an entry
+/// that never reached the table. Packets die with an unconfirmed entry
+/// only between conntrack's first hook and confirm, so the two reads this
+/// costs are paid by few of a host's NOT_SPECIFIED frees; `build` then
+/// keeps only those a conntrack signal names.
+#[inline(always)]
+unsafe fn reinjected(ctx: &BtfTracePointContext, reason: u32) -> bool {
+    let r = ro!(FILTER.reinject_reason);
+    r != 0 && reason == r as u32 && skb::unconfirmed_ct(ctx.arg(0))
+}
+
 /// How much of a record a drop needs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Detail {
@@ -180,15 +195,33 @@ unsafe fn build(
             rec.source = src;
         }
     }
+    let nf = reason == ro!(FILTER.netfilter_drop_reason);
+    // Freed by nf_reinject (NOT_SPECIFIED) with an entry never confirmed:
+    // confirm may have refused it after an NFQUEUE verdict.
+    let r = ro!(FILTER.reinject_reason);
+    let reinject = !nf
+        && r != 0
+        && reason == r as u32
+        && rec.flags & flags::HAS_CT_STATUS != 0
+        && rec.ct_status & tracer_common::IPS_CONFIRMED == 0;
     // Also before the filter: a conntrack drop the filter hides must
     // still be claimed, or the next rule drop there would take it.
-    if signals & ct_signal::CPU_STAT != 0 && reason == ro!(FILTER.netfilter_drop_reason) {
+    if signals & ct_signal::CPU_STAT != 0 && (nf || reinject) {
         if let Some((src, baseline)) = crate::witness::decide(net, rec.netns) {
-            rec.source = src;
-            if baseline {
-                rec.flags |= flags::CT_STAT_BASELINE;
+            // At a reinject free, counters that did not move say only that
+            // conntrack did not drop it, not that a rule did (a queue
+            // verdict drop frees the same way).
+            if nf || source::names_conntrack(src) {
+                rec.source = src;
+                if baseline {
+                    rec.flags |= flags::CT_STAT_BASELINE;
+                }
             }
         }
+    }
+    // Let through by `reinjected` alone: reported only as conntrack's.
+    if !nf && ro!(FILTER.all_reasons) == 0 && !source::names_conntrack(rec.source) {
+        return false;
     }
     matches(rec)
 }

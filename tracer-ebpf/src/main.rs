@@ -91,7 +91,7 @@ static FILTER: FilterConfig = FilterConfig {
     count_only: 0,
     ct_probes: 0,
     wake_shift: 0,
-    _pad: [0; 1],
+    reinject_reason: 0,
 };
 
 /// Count mode's settings (`--flow-sample`), set at load like `FILTER`.

@@ -149,6 +149,19 @@ pub unsafe fn fill(skb: *const u8, rec: &mut DropRecord, conn_status: bool) -> *
     net
 }
 
+/// The skb holds a conntrack entry (not the untracked template) that is
+/// not in the table yet.
+#[inline(always)]
+pub unsafe fn unconfirmed_ct(skb: *const u8) -> bool {
+    let nfct = load::<u64>(skb, ro!(OFFSETS.skb_nfct)).unwrap_or(0);
+    if nfct == 0 || nfct & 7 == 7 {
+        return false;
+    }
+    // `_nfct` is an integer to the verifier: the entry is read with the helper.
+    read::<u64>((nfct & !7) as *const u8, ro!(OFFSETS.conn_status))
+        .is_some_and(|status| status as u32 & tracer_common::IPS_CONFIRMED == 0)
+}
+
 /// `skb->head + skb->network_header`, when set.
 #[inline(always)]
 unsafe fn network_header(skb: *const u8) -> Option<*const u8> {

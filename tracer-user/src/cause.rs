@@ -88,6 +88,11 @@ pub fn evidence(src: u8, cause: Cause) -> &'static str {
 pub struct Classifier {
     /// This kernel's value of SKB_DROP_REASON_NETFILTER_DROP.
     pub netfilter_drop: Option<u32>,
+    /// This kernel's SKB_DROP_REASON_NOT_SPECIFIED when the kernel side
+    /// looks at `nf_reinject`'s frees (`FilterConfig::reinject_reason`):
+    /// a conntrack source on such a free is conntrack's drop after an
+    /// NFQUEUE verdict.
+    pub reinject: Option<u32>,
     /// Conntrack probes are attached: table fill is no longer evidence.
     pub probes: bool,
 }
@@ -159,7 +164,9 @@ impl Classifier {
             }
             _ => {}
         }
-        if Some(ev.reason) == self.netfilter_drop {
+        if Some(ev.reason) == self.netfilter_drop
+            || (self.reinject.is_some() && Some(ev.reason) == self.reinject)
+        {
             if let Some(cause) = decided_conntrack(ev.source) {
                 return cause;
             }
@@ -261,6 +268,7 @@ mod tests {
     fn c() -> Classifier {
         Classifier {
             netfilter_drop: Some(NF),
+            reinject: None,
             probes: false,
         }
     }
@@ -309,6 +317,7 @@ mod tests {
         e.ct_fill = fill(64, None);
         let c = Classifier {
             netfilter_drop: Some(NF),
+            reinject: None,
             probes: true,
         };
         assert_eq!(c.classify(&e), Cause::NetfilterRule);
@@ -331,6 +340,7 @@ mod tests {
         assert_eq!(
             Classifier {
                 netfilter_drop: None,
+                reinject: None,
                 probes: false
             }
             .classify(&ev(NF)),

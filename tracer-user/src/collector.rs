@@ -81,6 +81,11 @@ pub fn prepare(args: &TraceArgs, capture_headers: bool) -> Result<(Prepared, Ker
     let mut filter: FilterConfig = bytemuck::Zeroable::zeroed();
     filter.netfilter_drop_reason = nf.unwrap_or(u32::MAX);
     filter.all_reasons = args.all_reasons as u8;
+    // Only where it fits the byte (it is 2 on every kernel with reasons).
+    filter.reinject_reason = reasons
+        .value("NOT_SPECIFIED")
+        .and_then(|v| u8::try_from(v).ok())
+        .unwrap_or(0);
     filter.capture_headers = capture_headers as u8;
     crate::filter::fill(&args.filters(), &mut filter)?;
     let p = Prepared {
@@ -162,6 +167,8 @@ impl Collector {
         Collector {
             classifier: Classifier {
                 netfilter_drop: p.reasons.value("NETFILTER_DROP"),
+                reinject: (p.filter.reinject_reason != 0)
+                    .then_some(p.filter.reinject_reason as u32),
                 probes: false,
             },
             reasons: DropReasons::from_pairs(p.reasons.pairs().map(|(v, n)| (n.to_string(), v))),

@@ -352,6 +352,7 @@ mod tests {
     fn periods_count_increases_once_and_classify_with_the_fill_then() {
         let c = Classifier {
             netfilter_drop: Some(NF),
+            reinject: None,
             probes: false,
         };
         let mut g = GroupCounter::default();
@@ -398,6 +399,7 @@ mod tests {
     fn blocked_pmtu_errors_keep_their_cause_in_groups() {
         let c = Classifier {
             netfilter_drop: Some(NF),
+            reinject: None,
             probes: false,
         };
         let mut k = key(7, 1, 0);
@@ -419,6 +421,7 @@ mod tests {
     fn flows_take_their_groups_main_cause() {
         let c = Classifier {
             netfilter_drop: Some(NF),
+            reinject: None,
             probes: false,
         };
         let mut g = GroupCounter::default();

@@ -409,6 +409,7 @@ mod fuzz {
     fn downstream(ev: &DropEvent) {
         let cause = Classifier {
             netfilter_drop: Some(12),
+            reinject: None,
             probes: false,
         }
         .classify(ev);
