@@ -5,7 +5,9 @@
 //! it, in the namespace's per-CPU `struct ip_conntrack_stat`: `drop`
 //! (table full, an l4 tracker's `-NF_DROP`, which also counts `invalid`,
 //! and a failed insert at confirm, which also counts `insert_failed`).
-//! `nf_hook_slow` then frees the skb with NETFILTER_DROP on that same CPU.
+//! `nf_hook_slow` then frees the skb with NETFILTER_DROP on that same CPU
+//! (after an NFQUEUE verdict, `nf_reinject` frees it as NOT_SPECIFIED:
+//! kfree_skb.rs asks here for those too, and takes only "conntrack").
 //! A rule's NF_DROP counts nothing there. So at each NETFILTER_DROP, the
 //! namespace's `drop` on this CPU either moved since the last one we saw
 //! there (conntrack dropped this packet) or did not (a rule did).

@@ -283,6 +283,28 @@ mod tests {
         })
     }
 
+    /// NOT_SPECIFIED on this kernel: how `nf_reinject` frees a packet a
+    /// hook dropped after an NFQUEUE verdict.
+    const NOT_SPECIFIED: u32 = 2;
+
+    #[test]
+    fn a_conntrack_source_on_a_reinject_free_is_conntracks_drop_only_where_looked_for() {
+        let mut e = ev(NOT_SPECIFIED);
+        e.source = source::CT_STAT_CONFIRM;
+        let looked = Classifier {
+            reinject: Some(NOT_SPECIFIED),
+            ..c()
+        };
+        assert_eq!(looked.classify(&e), Cause::ConntrackInsertFailed);
+        e.source = source::CT_HOOK_CONFIRM;
+        assert_eq!(looked.classify(&e), Cause::ConntrackInsertFailed);
+        // Not looked for (count mode, `ctdrop check`): a plain drop.
+        assert_eq!(c().classify(&e), Cause::Other);
+        // No conntrack source: another NOT_SPECIFIED free (--all-reasons).
+        e.source = source::KFREE_SKB;
+        assert_eq!(looked.classify(&e), Cause::Other);
+    }
+
     #[test]
     fn no_entry_in_full_table_is_table_full() {
         let mut e = ev(NF);
