@@ -273,25 +273,38 @@ fn guest_insert_failed_records_equal_the_insert_failed_increase() {
     let tx = t.sender.inode().unwrap();
     let c = Ctdrop::spawn(&["live", "--json", "--mode", "kprobe"]).unwrap();
     let before = ct_stats(&t.sender).unwrap();
-    // Made on purpose, not raced: this guest's vCPUs take turns on one
-    // host thread (vm.sh), and a race there needs a vCPU switch inside the
-    // microsecond between create and confirm; 24000 pairs once gave none.
+    // Made on purpose where the kernel lets us: both copies of a SYN held
+    // in an NFQUEUE, then let go (6.12: 5 pairs, 5 clashes). 6.1's queue
+    // hands a reinjected packet the entry that won meanwhile
+    // (nf_conntrack_update), so no clash is left to make there; it races
+    // two threads instead. This guest's vCPUs take turns on one host
+    // thread (vm.sh), which 300 rules in the window once lost: 24000
+    // pairs, no clash.
     clash::held_clashes(
         &t.sender,
         &t.receiver,
         t.sender_addr,
         t.receiver_addr,
         80,
-        2000,
+        // Below the race's ports (1024 up): those must be new flows.
+        1000,
         5,
     )
     .unwrap();
+    let held = ct_stats(&t.sender).unwrap()["insert_failed"] - before["insert_failed"];
+    eprintln!("guest insert clash: 5 held pairs made {held}");
+    if held == 0 {
+        clash::widen_race_window(&t.sender, 3000).unwrap();
+        clash::race_until_insert_failed(&t.sender, t.sender_addr, t.receiver_addr, 80, 5).unwrap();
+    } else {
+        assert_eq!(held, 5, "5 held SYN pairs, insert clashes made");
+    }
     std::thread::sleep(Duration::from_millis(500));
     let out = c.stop().unwrap();
     let after = ct_stats(&t.sender).unwrap();
     let failed = after["insert_failed"] - before["insert_failed"];
     let drop = after["drop"] - before["drop"];
-    assert_eq!(failed, 5, "5 held SYN pairs, insert clashes made");
+    assert!(failed > 0, "no insert clash, held or raced");
     let rec_failed = count_cause(&out, tx, "conntrack_insert_failed");
     let rec_full = count_cause(&out, tx, "conntrack_table_full");
     eprintln!("guest insert clash: kernel insert_failed +{failed}, drop +{drop}; records insert_failed {rec_failed}, table_full {rec_full}");
