@@ -186,6 +186,11 @@ pub fn widen_race_window(ns: &crate::Netns, rules: usize) -> anyhow::Result<()> 
 /// host thread, so the race needs a vCPU switch inside a microsecond
 /// window, and on a busy host 24000 pairs once gave none.
 ///
+/// Then `refused` more SYNs are held alone and refused by the queue (an
+/// NF_DROP verdict): also freed by `nf_reinject` with an unconfirmed
+/// entry, but conntrack's counters do not move, and they are not
+/// conntrack's drops.
+///
 /// `receiver` listens on `dport`: a SYN to a closed port is answered with
 /// a RST, processed before the second verdict returns, and a RST as the
 /// only reply deletes the winner's entry at once (nf_conntrack_proto_tcp),
@@ -199,6 +204,7 @@ pub fn held_clashes(
     dport: u16,
     first_sport: u16,
     n: u16,
+    refused: u16,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     const QUEUE: &str = "7";
@@ -237,6 +243,12 @@ pub fn held_clashes(
                 let ids = q.held(2)?;
                 q.verdict(ids[0], crate::nfqueue::NF_ACCEPT)?;
                 q.verdict(ids[1], crate::nfqueue::NF_ACCEPT)?;
+            }
+            for i in 0..refused {
+                let pkt = syn_packet(src, dst, first_sport.wrapping_add(n + i), dport);
+                send(fd, &pkt, dst);
+                let ids = q.held(1)?;
+                q.verdict(ids[0], crate::nfqueue::NF_DROP)?;
             }
             Ok(())
         })();

@@ -21,6 +21,8 @@ const NFQNL_COPY_META: u8 = 1;
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
+/// `NF_DROP`: the queue refuses the packet (`nf_reinject` frees it).
+pub const NF_DROP: u32 = 0;
 /// `NF_ACCEPT`: the packet goes on to the hooks after the queueing rule.
 pub const NF_ACCEPT: u32 = 1;
 

@@ -173,7 +173,9 @@ fn with_hook_marks_insert_clash_drops_are_named_insert_failed_per_packet() {
 
 /// The insert clashes of an inline IPS (an NFQUEUE reader in POSTROUTING):
 /// confirm runs in `nf_reinject` after the verdict, which frees the loser
-/// as NOT_SPECIFIED, not NETFILTER_DROP. Ten clashes made on purpose.
+/// as NOT_SPECIFIED, not NETFILTER_DROP. Ten clashes made on purpose,
+/// and five SYNs the queue refuses, freed the same way with an
+/// unconfirmed entry: no record of theirs may appear.
 fn queued_insert_clash(args: &[&str], evidence: &str) {
     insert_clash_by(args, evidence, |t| {
         clash::held_clashes(
@@ -184,6 +186,7 @@ fn queued_insert_clash(args: &[&str], evidence: &str) {
             80,
             2000,
             10,
+            5,
         )?;
         let failed = ct_stats(&t.sender)?["insert_failed"];
         anyhow::ensure!(failed == 10, "10 held pairs made {failed} clashes");

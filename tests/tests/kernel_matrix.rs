@@ -289,6 +289,7 @@ fn guest_insert_failed_records_equal_the_insert_failed_increase() {
         // Below the race's ports (1024 up): those must be new flows.
         1000,
         5,
+        0,
     )
     .unwrap();
     let held = ct_stats(&t.sender).unwrap()["insert_failed"] - before["insert_failed"];
