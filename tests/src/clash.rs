@@ -173,7 +173,7 @@ pub fn widen_race_window(ns: &crate::Netns, rules: usize) -> anyhow::Result<()> 
     r.map(|_| ())
 }
 
-/// Makes exactly `n` insert clashes in `sender`, deterministically: each
+/// Makes exactly `n` insert clashes in `t`'s sender, deterministically: each
 /// SYN is sent twice and both copies are held in an NFQUEUE at mangle
 /// POSTROUTING (after OUTPUT made an unconfirmed entry for each, before
 /// confirm at the end of POSTROUTING), then let go one after the other.
@@ -191,22 +191,21 @@ pub fn widen_race_window(ns: &crate::Netns, rules: usize) -> anyhow::Result<()> 
 /// entry, but conntrack's counters do not move, and they are not
 /// conntrack's drops.
 ///
-/// `receiver` listens on `dport`: a SYN to a closed port is answered with
+/// The receiver listens on `dport`: a SYN to a closed port is answered with
 /// a RST, processed before the second verdict returns, and a RST as the
 /// only reply deletes the winner's entry at once (nf_conntrack_proto_tcp),
 /// so the loser would find no clash. Only SYNs are queued, not the RST
 /// the sender's stack sends for the SYN-ACK.
 pub fn held_clashes(
-    sender: &crate::Netns,
-    receiver: &crate::Netns,
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    t: &crate::Topology,
     dport: u16,
     first_sport: u16,
     n: u16,
     refused: u16,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
+    let (sender, receiver) = (&t.sender, &t.receiver);
+    let (src, dst) = (t.sender_addr, t.receiver_addr);
     const QUEUE: &str = "7";
     let port = dport.to_string();
     let rule = |op| {

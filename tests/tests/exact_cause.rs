@@ -3,7 +3,7 @@
 //! namespace, judged record by record against the port each packet was
 //! sent to. Needs root; run single-threaded under the dev lock.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use ctdrop_tests::{
     bpf, clash, ct_stats,
@@ -178,16 +178,7 @@ fn with_hook_marks_insert_clash_drops_are_named_insert_failed_per_packet() {
 /// unconfirmed entry: no record of theirs may appear.
 fn queued_insert_clash(args: &[&str], evidence: &str) {
     insert_clash_by(args, evidence, |t| {
-        clash::held_clashes(
-            &t.sender,
-            &t.receiver,
-            t.sender_addr,
-            t.receiver_addr,
-            80,
-            2000,
-            10,
-            5,
-        )?;
+        clash::held_clashes(t, 80, 2000, 10, 5)?;
         let failed = ct_stats(&t.sender)?["insert_failed"];
         anyhow::ensure!(failed == 10, "10 held pairs made {failed} clashes");
         Ok(())
@@ -511,11 +502,49 @@ fn task_table_full_drops_under_softirq_rule_drops_on_one_cpu() {
         "too few records to judge: {}",
         out.stderr
     );
-    // Measured: 2-6 per ~59,000 records, each a pair (a rule drop called
-    // table-full, the task's table-full drop right after called a rule).
-    // A broken witness would be wrong by the thousand.
+    // Each wrong record must be half of a swap: on one CPU, a softirq rule
+    // drop nested in the task's conntrack drop takes its counter move
+    // (called table-full), and the task's own free after it finds none
+    // (called a rule). In each CPU's order, every "table-full called a
+    // rule" closes an earlier "rule called table-full"; correct records
+    // may lie between (the softirq may drop several).
+    let mut by_cpu: BTreeMap<u64, Vec<&serde_json::Value>> = BTreeMap::new();
+    for r in &mine {
+        by_cpu
+            .entry(r["cpu"].as_u64().unwrap())
+            .or_default()
+            .push(r);
+    }
+    let mut unpaired = Vec::new();
+    for (cpu, mut rs) in by_cpu {
+        rs.sort_by_key(|r| r["mono_ns"].as_u64().unwrap());
+        let mut open: Vec<&serde_json::Value> = Vec::new();
+        for r in rs {
+            let (expected, got) = (mixed::expected_cause(r), r["cause"].as_str().unwrap());
+            match (expected, got) {
+                ("netfilter_rule", "conntrack_table_full") => open.push(r),
+                ("conntrack_table_full", "netfilter_rule") if open.pop().is_some() => {}
+                (e, g) if e != g => unpaired.push(format!("cpu {cpu}: {r}")),
+                _ => {}
+            }
+        }
+        // A swap the run's end cut in half, at most one per CPU.
+        if open.len() > 1 {
+            unpaired.extend(open.iter().map(|r| format!("cpu {cpu} (open): {r}")));
+        }
+    }
     assert!(
-        wrong.len() * 1000 <= mine.len(),
+        unpaired.is_empty(),
+        "{} wrong records are not half of a nesting swap: {:#?}",
+        unpaired.len(),
+        &unpaired[..unpaired.len().min(4)]
+    );
+    // Measured: 2-6 per ~59,000 records on the VM this was written on,
+    // 68-260 (0.1-0.44%) on a later AMD EPYC one, where the IPI lands in
+    // the window more often. The pairing above is the exact check; this
+    // bound only catches a witness wrong wholesale (12,000 rule drops).
+    assert!(
+        wrong.len() * 20 <= mine.len(),
         "{} of {} records carry the other packet's cause",
         wrong.len(),
         mine.len()

@@ -280,18 +280,8 @@ fn guest_insert_failed_records_equal_the_insert_failed_increase() {
     // two threads instead. This guest's vCPUs take turns on one host
     // thread (vm.sh), which 300 rules in the window once lost: 24000
     // pairs, no clash.
-    clash::held_clashes(
-        &t.sender,
-        &t.receiver,
-        t.sender_addr,
-        t.receiver_addr,
-        80,
-        // Below the race's ports (1024 up): those must be new flows.
-        1000,
-        5,
-        0,
-    )
-    .unwrap();
+    // Source ports below the race's (1024 up): those must be new flows.
+    clash::held_clashes(&t, 80, 1000, 5, 0).unwrap();
     let held = ct_stats(&t.sender).unwrap()["insert_failed"] - before["insert_failed"];
     eprintln!("guest insert clash: 5 held pairs made {held}");
     if held == 0 {
