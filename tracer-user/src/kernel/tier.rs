@@ -184,7 +184,10 @@ pub fn cpu_stat_mechanisms() -> Vec<Mechanism> {
         .map(|s| {
             let (chosen, note) = match *s {
                 "table_full" => (witness("`drop` rose"), String::new()),
-                "insert_failed" => (witness("`drop` and `insert_failed` rose"), String::new()),
+                "insert_failed" => (
+                    witness("`drop` and `insert_failed` rose (also at NOT_SPECIFIED frees of unconfirmed entries: after an NFQUEUE verdict)"),
+                    String::new(),
+                ),
                 "conntrack_in" => (witness("`drop` and `invalid` rose"), String::new()),
                 _ => (
                     None,
@@ -212,7 +215,7 @@ pub fn hook_mechanisms(namespaces: usize) -> Vec<Mechanism> {
         .map(|s| {
             let (chosen, note) = match *s {
                 "table_full" | "conntrack_in" => (mark("marks at priority -201/-199 (or the nearest free) around nf_conntrack_in on PRE_ROUTING and LOCAL_OUT"), String::new()),
-                "insert_failed" => (mark("mark at INT_MAX-2 (or the nearest free below) before confirm on POST_ROUTING and LOCAL_IN"), String::new()),
+                "insert_failed" => (mark("mark at INT_MAX-2 (or the nearest free below) before confirm on POST_ROUTING and LOCAL_IN, also after an NFQUEUE verdict"), String::new()),
                 _ => (None, "no kprobes; per-namespace totals only, from /proc/net/stat/nf_conntrack".to_string()),
             };
             Mechanism { signal: s, chosen, note }
