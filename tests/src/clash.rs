@@ -206,8 +206,8 @@ pub fn held_clashes(
     use anyhow::Context;
     let (sender, receiver) = (&t.sender, &t.receiver);
     let (src, dst) = (t.sender_addr, t.receiver_addr);
-    const QUEUE: &str = "7";
-    let port = dport.to_string();
+    const QUEUE: u16 = 7;
+    let (port, queue) = (dport.to_string(), QUEUE.to_string());
     let rule = |op| {
         [
             "iptables",
@@ -224,7 +224,7 @@ pub fn held_clashes(
             "-j",
             "NFQUEUE",
             "--queue-num",
-            QUEUE,
+            &queue,
         ]
     };
     let listener = receiver
@@ -232,7 +232,7 @@ pub fn held_clashes(
         .with_context(|| format!("listening on port {dport} in the receiver"))?;
     sender.exec(&rule("-A"))?;
     let held = sender.run_in(|| {
-        let mut q = crate::nfqueue::Queue::bind(QUEUE.parse()?)?;
+        let mut q = crate::nfqueue::Queue::bind(QUEUE)?;
         let fd = raw_socket();
         let r = (|| {
             for i in 0..n {

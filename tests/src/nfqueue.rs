@@ -5,7 +5,8 @@
 
 use std::io;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
+use netlink_packet_core::{NetlinkBuffer, NlasIterator, NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST};
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNL_SUBSYS_QUEUE: u16 = 3;
@@ -18,9 +19,6 @@ const NFQA_CFG_CMD: u16 = 1;
 const NFQA_CFG_PARAMS: u16 = 2;
 const NFQNL_CFG_CMD_BIND: u8 = 1;
 const NFQNL_COPY_META: u8 = 1;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
 /// `NF_DROP`: the queue refuses the packet (`nf_reinject` frees it).
 pub const NF_DROP: u32 = 0;
 /// `NF_ACCEPT`: the packet goes on to the hooks after the queueing rule.
@@ -141,15 +139,15 @@ impl Queue {
         let mut out = Vec::new();
         let mut at = 0usize;
         let n = n as usize;
-        while at + 16 <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
-            if len < 16 || at + len > n {
-                bail!("malformed netlink message ({len} bytes at {at} of {n})");
-            }
-            let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
-            let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap());
-            out.push((ty, seq, buf[at + 16..at + len].to_vec()));
-            at += (len + 3) & !3;
+        while at < n {
+            let msg = NetlinkBuffer::new_checked(&buf[at..n])
+                .map_err(|e| anyhow!("malformed netlink message at {at} of {n}: {e}"))?;
+            out.push((
+                msg.message_type(),
+                msg.sequence_number(),
+                msg.payload().to_vec(),
+            ));
+            at += (msg.length() as usize + 3) & !3;
         }
         Ok(out)
     }
@@ -164,17 +162,11 @@ impl Queue {
                     continue;
                 }
                 // After the 4-byte nfgenmsg, attributes.
-                let mut at = 4usize;
-                while at + 4 <= body.len() {
-                    let len = u16::from_ne_bytes([body[at], body[at + 1]]) as usize;
-                    let ty = u16::from_ne_bytes([body[at + 2], body[at + 3]]) & 0x3fff;
-                    if len < 4 || at + len > body.len() {
-                        bail!("malformed NFQUEUE attribute");
+                for a in NlasIterator::new(body.get(4..).unwrap_or(&[])) {
+                    let a = a.map_err(|e| anyhow!("malformed NFQUEUE attribute: {e}"))?;
+                    if a.kind() == NFQA_PACKET_HDR && a.value().len() >= 4 {
+                        ids.push(u32::from_be_bytes(a.value()[..4].try_into().unwrap()));
                     }
-                    if ty == NFQA_PACKET_HDR && len >= 8 {
-                        ids.push(u32::from_be_bytes(body[at + 4..at + 8].try_into().unwrap()));
-                    }
-                    at += (len + 3) & !3;
                 }
             }
         }
