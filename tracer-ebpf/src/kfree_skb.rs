@@ -140,8 +140,14 @@ unsafe fn count_by_record(ctx: &BtfTracePointContext, reason: u32, grouped: bool
 /// keeps only those a conntrack signal names.
 #[inline(always)]
 unsafe fn reinjected(ctx: &BtfTracePointContext, reason: u32) -> bool {
+    reinject_reason(reason) && skb::unconfirmed_ct(ctx.arg(0))
+}
+
+/// `reason` is the one `nf_reinject` frees with (and looking is on).
+#[inline(always)]
+fn reinject_reason(reason: u32) -> bool {
     let r = ro!(FILTER.reinject_reason);
-    r != 0 && reason == r as u32 && skb::unconfirmed_ct(ctx.arg(0))
+    r != 0 && reason == r as u32
 }
 
 /// How much of a record a drop needs.
@@ -198,10 +204,8 @@ unsafe fn build(
     let nf = reason == ro!(FILTER.netfilter_drop_reason);
     // Freed by nf_reinject (NOT_SPECIFIED) with an entry never confirmed:
     // confirm may have refused it after an NFQUEUE verdict.
-    let r = ro!(FILTER.reinject_reason);
     let reinject = !nf
-        && r != 0
-        && reason == r as u32
+        && reinject_reason(reason)
         && rec.flags & flags::HAS_CT_STATUS != 0
         && rec.ct_status & tracer_common::IPS_CONFIRMED == 0;
     // Also before the filter: a conntrack drop the filter hides must
